@@ -1,0 +1,241 @@
+// AVX2 + FMA + F16C column-block kernels of the fused dequant GEMM (see format.h for the layout).
+//
+// Lanes run over the 16 columns of a block (two ymm halves), so every code is one shift away
+// from its lane; no shuffles across lanes. How a code becomes a centred float (q - 2^(b-1)):
+//   b = 2, 3: vpermps with an 8-entry table indexed by the low 3 bits of the shifted word
+//             (garbage above the code's bits is absorbed by the table); 3-bit straddles are
+//             one extra shift+or. 2 uops per 8 weights, then the FMA.
+//   b = 4, 8: the word is XORed once with 0x88888888 / 0x80808080, which turns every field
+//             into the two's complement of q - 2^(b-1); slli + srai sign-extends one field,
+//             cvtdq2ps makes it a float. 3 uops per 8 weights, then the FMA.
+// Centring keeps the partial sums small: no large q*x sums cancelling against z*sum(x), so the
+// fp32 error stays at the level of a dense fp32 matmul. Asymmetric zeros enter once per group
+// as (z - 2^(b-1)) * s * sum(x_group).
+// M == 1 (GEMV) accumulates straight from the unpacked codes, four independent FMA chains per
+// half so the FMA latency is hidden. M > 1 dequantizes one group of a block into an L1 buffer
+// of fp32 weights (w = (q - z) * s, exactly the reference rounding) and runs a register-blocked
+// micro-kernel over up to 6 rows of x at a time.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include <utility>
+#include <vector>
+
+#include "gemm_internal.h"
+#include "tasa/format.h"
+
+namespace tasa {
+namespace {
+
+template <class F, int... I>
+inline __attribute__((always_inline)) void static_for(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+
+template <int B>
+inline __attribute__((always_inline)) __m256i load_word(const uint32_t* p) {
+  __m256i w = _mm256_loadu_si256((const __m256i*)p);
+  if constexpr (B == 4) w = _mm256_xor_si256(w, _mm256_set1_epi32((int)0x88888888u));
+  if constexpr (B == 8) w = _mm256_xor_si256(w, _mm256_set1_epi32((int)0x80808080u));
+  return w;
+}
+
+// Centred code (q - 2^(B-1)) of tile row I for 8 columns; p points at word 0 of the tile for
+// this half-block, consecutive words are 16 uint32 apart.
+template <int B, int I>
+inline __attribute__((always_inline)) __m256 code(const uint32_t* p, __m256 lut) {
+  constexpr int bit = B * I, wi = bit >> 5, sh = bit & 31;
+  const __m256i w = load_word<B>(p + wi * 16);
+  if constexpr (B == 4 || B == 8) {
+    constexpr int top = 32 - B;
+    __m256i v = w;
+    if constexpr (sh != top) v = _mm256_slli_epi32(w, top - sh);
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, top));
+  } else {
+    __m256i idx = w;
+    if constexpr (sh + B > 32)
+      idx = _mm256_or_si256(_mm256_srli_epi32(w, sh),
+                            _mm256_slli_epi32(load_word<B>(p + (wi + 1) * 16), 32 - sh));
+    else if constexpr (sh != 0)
+      idx = _mm256_srli_epi32(w, sh);
+    return _mm256_permutevar8x32_ps(lut, idx);
+  }
+}
+
+template <int B>
+inline __m256 make_lut() {
+  if constexpr (B == 2) return _mm256_setr_ps(-2, -1, 0, 1, -2, -1, 0, 1);
+  else return _mm256_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3);   // b = 3 (unused for 4, 8)
+}
+
+// Loads 16 fp16 values of a block row (clipped to N, zero padded) as two fp32 halves and
+// reports whether any was NaN/Inf.
+inline int load_half16(const uint16_t* row, int64_t n0, int64_t N, __m256& lo, __m256& hi) {
+  __m256i v;
+  if (n0 + 16 <= N) {
+    v = _mm256_loadu_si256((const __m256i*)(row + n0));
+  } else {
+    alignas(32) uint16_t tmp[16] = {0};
+    for (int64_t c = 0; n0 + c < N; ++c) tmp[c] = row[n0 + c];
+    v = _mm256_load_si256((const __m256i*)tmp);
+  }
+  const __m256i e = _mm256_set1_epi16(0x7C00);
+  const int bad = _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_and_si256(v, e), e));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+  return bad != 0;
+}
+
+// ---- M == 1 -------------------------------------------------------------------------------
+template <int B>
+inline void gemv_group(const uint32_t* wp, const float* xg, int64_t tiles, __m256 (&acc)[4][2]) {
+  const __m256 lut = make_lut<B>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint32_t* tp = wp + t * B * 16;
+    const float* xt = xg + t * 32;
+    static_for(std::make_integer_sequence<int, 32>{}, [&](auto I) {
+      constexpr int i = decltype(I)::value;
+      const __m256 xb = _mm256_broadcast_ss(xt + i);
+      acc[i & 3][0] = _mm256_fmadd_ps(code<B, i>(tp, lut), xb, acc[i & 3][0]);
+      acc[i & 3][1] = _mm256_fmadd_ps(code<B, i>(tp + 8, lut), xb, acc[i & 3][1]);
+    });
+  }
+}
+
+// ---- M > 1: dequantize one group of one block into buf [G][16] fp32 ------------------------
+template <int B>
+inline void dequant_group(const uint32_t* wp, int64_t tiles, __m256 s_lo, __m256 s_hi,
+                          __m256 zc_lo, __m256 zc_hi, float* buf) {
+  const __m256 lut = make_lut<B>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint32_t* tp = wp + t * B * 16;
+    float* bt = buf + t * 32 * 16;
+    static_for(std::make_integer_sequence<int, 32>{}, [&](auto I) {
+      constexpr int i = decltype(I)::value;
+      _mm256_storeu_ps(bt + i * 16, _mm256_mul_ps(_mm256_sub_ps(code<B, i>(tp, lut), zc_lo), s_lo));
+      _mm256_storeu_ps(bt + i * 16 + 8,
+                       _mm256_mul_ps(_mm256_sub_ps(code<B, i>(tp + 8, lut), zc_hi), s_hi));
+    });
+  }
+}
+
+// yacc[m] += sum_k buf[k] * x[m, k] for MC rows; yacc [M][16] holds the running block result.
+// The group's sum starts from zero and is added at the end: chains of G terms, not K.
+template <int MC>
+inline void micro(const float* buf, int64_t G, const float* x, int64_t K, float* yacc) {
+  __m256 acc[MC][2];
+  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < G; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(buf + k * 16), w1 = _mm256_loadu_ps(buf + k * 16 + 8);
+    for (int m = 0; m < MC; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
+      acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    _mm256_storeu_ps(yacc + m * 16, _mm256_add_ps(_mm256_loadu_ps(yacc + m * 16), acc[m][0]));
+    _mm256_storeu_ps(yacc + m * 16 + 8, _mm256_add_ps(_mm256_loadu_ps(yacc + m * 16 + 8), acc[m][1]));
+  }
+}
+
+void micro_n(int mc, const float* buf, int64_t G, const float* x, int64_t K, float* yacc) {
+  switch (mc) {
+    case 1: micro<1>(buf, G, x, K, yacc); break;
+    case 2: micro<2>(buf, G, x, K, yacc); break;
+    case 3: micro<3>(buf, G, x, K, yacc); break;
+    case 4: micro<4>(buf, G, x, K, yacc); break;
+    case 5: micro<5>(buf, G, x, K, yacc); break;
+    default: micro<6>(buf, G, x, K, yacc); break;
+  }
+}
+
+}  // namespace
+
+int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const uint32_t* blk = a.qweight + cb * a.R * 16;
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < a.n_groups; ++j) {
+      const int b = a.gtable[j * 3];
+      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+      __m256 acc[4][2];
+      for (auto& r : acc) r[0] = r[1] = _mm256_setzero_ps();
+      const uint32_t* wp = blk + off * 16;
+      const float* xg = a.xl + lg * a.G;
+      switch (b) {
+        case 2: gemv_group<2>(wp, xg, tiles, acc); break;
+        case 3: gemv_group<3>(wp, xg, tiles, acc); break;
+        case 4: gemv_group<4>(wp, xg, tiles, acc); break;
+        default: gemv_group<8>(wp, xg, tiles, acc); break;
+      }
+      const __m256 g0 = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[1][0]),
+                                      _mm256_add_ps(acc[2][0], acc[3][0]));
+      const __m256 g1 = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]),
+                                      _mm256_add_ps(acc[2][1], acc[3][1]));
+      __m256 s0, s1;
+      bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
+      tot0 = _mm256_fmadd_ps(s0, g0, tot0);
+      tot1 = _mm256_fmadd_ps(s1, g1, tot1);
+      if (a.zeros) {
+        __m256 z0, z1;
+        bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, z0, z1);
+        const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
+        const __m256 xs = _mm256_set1_ps(a.xsum[lg]);
+        tot0 = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_sub_ps(z0, c), s0), xs, tot0);
+        tot1 = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_sub_ps(z1, c), s1), xs, tot1);
+      }
+    }
+    alignas(32) float out[16];
+    _mm256_store_ps(out, tot0);
+    _mm256_store_ps(out + 8, tot1);
+    store_block(a, 0, cb * 16, out);
+  }
+  return bad;
+}
+
+int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32, M = a.M;
+  std::vector<float> buf(a.G * 16), yacc(M * 16);
+  const int64_t nchunks = (M + 5) / 6;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const uint32_t* blk = a.qweight + cb * a.R * 16;
+    std::fill(yacc.begin(), yacc.end(), 0.f);
+    for (int64_t j = 0; j < a.n_groups; ++j) {
+      const int b = a.gtable[j * 3];
+      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+      __m256 s0, s1, zc0, zc1;
+      bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
+      const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
+      if (a.zeros) {
+        bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, zc0, zc1);
+        zc0 = _mm256_sub_ps(zc0, c);
+        zc1 = _mm256_sub_ps(zc1, c);
+      } else {
+        zc0 = zc1 = _mm256_setzero_ps();
+      }
+      const uint32_t* wp = blk + off * 16;
+      switch (b) {
+        case 2: dequant_group<2>(wp, tiles, s0, s1, zc0, zc1, buf.data()); break;
+        case 3: dequant_group<3>(wp, tiles, s0, s1, zc0, zc1, buf.data()); break;
+        case 4: dequant_group<4>(wp, tiles, s0, s1, zc0, zc1, buf.data()); break;
+        default: dequant_group<8>(wp, tiles, s0, s1, zc0, zc1, buf.data()); break;
+      }
+      // Even split of the M rows into chunks of at most 6 (6 rows x 2 halves = 12 accumulators).
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t m0 = M * ch / nchunks, m1 = M * (ch + 1) / nchunks;
+        micro_n((int)(m1 - m0), buf.data(), a.G, a.xl + m0 * a.K + lg * a.G, a.K,
+                yacc.data() + m0 * 16);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) store_block(a, m, cb * 16, yacc.data() + m * 16);
+  }
+  return bad;
+}
+
+}  // namespace tasa
+#pragma GCC pop_options

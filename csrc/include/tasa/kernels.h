@@ -1,0 +1,66 @@
+// C-style launchers of the tasa kernels. Torch-free: raw pointers, sizes, and an int status
+// (enum tasa_status in format.h) instead of exceptions. The torch op layer (tasa_ext/csrc)
+// validates tensors, calls these and turns a status into an error message naming the argument.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include "tasa/format.h"
+
+// Activation dtypes understood by the kernels.
+enum tasa_dtype { TASA_F32 = 0, TASA_BF16 = 1, TASA_F16 = 2 };
+
+// CPU instruction-set paths. tasa_cpu_isa() is what the kernels use: the best the CPU has,
+// unless tasa_cpu_set_isa() capped it (tests use this to exercise every path).
+enum tasa_isa { TASA_ISA_SCALAR = 0, TASA_ISA_AVX2 = 1 };
+int tasa_cpu_isa_detected(void);
+int tasa_cpu_isa(void);
+int tasa_cpu_set_isa(int isa);   // returns TASA_ERR_SHAPE if the CPU lacks it
+
+// ---- format helpers (CPU) -------------------------------------------------------------------
+// Builds the stored-order group table from per-logical-group bits; returns packed rows in *rows.
+int tasa_make_gtable(const int32_t* group_bits, int64_t n_groups, int64_t group_size,
+                     int32_t* gtable, int64_t* rows);
+
+// Validates gtable (and perm when not NULL) against K, group_size and R packed rows.
+int tasa_check_layout_cpu(const int32_t* gtable, const int32_t* perm, int64_t K,
+                          int64_t group_size, int64_t R);
+
+// ---- CPU kernels ------------------------------------------------------------------------------
+// codes: uint8 [N, K] in logical row order. qweight: uint32 [NB, R, 16] (zero-filled here).
+int tasa_pack_cpu(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,
+                  int64_t group_size, int64_t R, uint32_t* qweight);
+int tasa_unpack_cpu(const uint32_t* qweight, const int32_t* gtable, int64_t N, int64_t K,
+                    int64_t group_size, int64_t R, uint8_t* codes);
+// W: fp32 [N, K] in input-channel order (perm applied). scales/zeros are fp16 bit patterns
+// [n_groups, N] in stored order; zeros == NULL means symmetric; perm == NULL means identity.
+int tasa_dequant_cpu(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
+                     const int32_t* gtable, const int32_t* perm, int64_t N, int64_t K,
+                     int64_t group_size, int64_t R, float* W);
+// y [M, N] = x [M, K] . W^T, x and y of dtype xdt, fp32 accumulation.
+int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
+                  const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                  const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                  void* y);
+// GPTQ running-mean Hessian for S sources: for each source s with m_s rows of X [T, K]
+// (src[t] == s; src == NULL puts every row in source 0):
+//   H_s <- H_s * count_s / (count_s + m_s) + 2 / (count_s + m_s) * sum_t x_t x_t^T,
+//   count_s <- count_s + m_s.   H: fp32 [S, K, K], fp32 accumulation.
+int tasa_hessian_accumulate_cpu(float* H, int64_t S, const void* X, int xdt, int64_t T,
+                                int64_t K, const int64_t* src, int64_t* count);
+
+// ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
+#ifdef TASA_WITH_CUDA
+int tasa_pack_cuda(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,
+                   int64_t group_size, int64_t R, uint32_t* qweight, void* stream);
+int tasa_unpack_cuda(const uint32_t* qweight, const int32_t* gtable, int64_t N, int64_t K,
+                     int64_t group_size, int64_t R, uint8_t* codes, void* stream);
+int tasa_dequant_cuda(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
+                      const int32_t* gtable, const int32_t* perm, int64_t N, int64_t K,
+                      int64_t group_size, int64_t R, float* W, void* stream);
+int tasa_gemm_cuda(const void* x, int xdt, int64_t M, const uint32_t* qweight,
+                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                   const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                   void* y, void* stream);
+int tasa_hessian_accumulate_cuda(float* H, int64_t S, const void* X, int xdt, int64_t T,
+                                 int64_t K, const int64_t* src, int64_t* count, void* stream);
+#endif

@@ -1,0 +1,132 @@
+// Argument checks shared by the CPU and CUDA shims: each failure names the argument.
+#pragma once
+#include <torch/extension.h>
+
+#include "tasa/kernels.h"
+
+namespace tasa_ext {
+
+inline const char* status_text(int st) {
+  switch (st) {
+    case TASA_ERR_BITS: return "unsupported bit width (supported: 2, 3, 4, 8)";
+    case TASA_ERR_GROUP_SIZE: return "group_size must be a positive multiple of 32 dividing K";
+    case TASA_ERR_GTABLE: return "inconsistent group table (bits not sorted, offsets not cumulative, or logical groups not a permutation)";
+    case TASA_ERR_CODE_RANGE: return "a code does not fit its group's bit width";
+    case TASA_ERR_PERM: return "perm is not a permutation of [0, K)";
+    case TASA_ERR_NONFINITE: return "NaN or Inf found";
+    case TASA_ERR_SHAPE: return "inconsistent sizes or values";
+    case TASA_ERR_CUDA: return "CUDA launch failed";
+    case TASA_ERR_ALLOC: return "allocation failed";
+    default: return "unknown error";
+  }
+}
+
+inline void raise_status(int st, const char* arg) {
+  TORCH_CHECK(st == TASA_OK, "tasa: ", status_text(st), " (argument: ", arg, ")");
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dt) {
+  TORCH_CHECK(t.scalar_type() == dt, "tasa: ", name, " must have dtype ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "tasa: ", name, " must be contiguous");
+}
+
+inline void check_2d(const at::Tensor& t, const char* name, at::ScalarType dt) {
+  TORCH_CHECK(t.dim() == 2, "tasa: ", name, " must be 2-D, got shape ", t.sizes());
+  check_tensor(t, name, dt);
+}
+
+inline void check_1d(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "tasa: ", name, " must have shape [", n, "], got ", t.sizes());
+  check_tensor(t, name, dt);
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "tasa: ", name, " is on ", t.device(), " but qweight is on ",
+              ref.device());
+}
+
+inline void check_group_size(int64_t K, int64_t group_size) {
+  TORCH_CHECK(group_size > 0 && group_size % TASA_TILE_K == 0,
+              "tasa: group_size must be a positive multiple of ", TASA_TILE_K, ", got ", group_size);
+  TORCH_CHECK(K % group_size == 0, "tasa: K=", K, " (input features) is not divisible by group_size=",
+              group_size);
+}
+
+// qweight [NB, R, 16] int32 and gtable [n_groups, 3] int32 on one device; returns K.
+inline int64_t check_layout(const at::Tensor& qweight, const at::Tensor& gtable, int64_t N, int64_t group_size) {
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == TASA_COL_BLOCK,
+              "tasa: qweight must have shape [ceil(N/16), R, 16], got ", qweight.sizes());
+  check_tensor(qweight, "qweight", at::kInt);
+  check_2d(gtable, "gtable", at::kInt);
+  TORCH_CHECK(gtable.size(1) == TASA_GTABLE_COLS, "tasa: gtable must have shape [n_groups, 3], got ", gtable.sizes());
+  check_same_device(gtable, "gtable", qweight);
+  TORCH_CHECK(N > 0 && tasa_num_col_blocks(N) == qweight.size(0), "tasa: qweight has ", qweight.size(0),
+              " column blocks, which does not match N=", N, " output features");
+  TORCH_CHECK(group_size > 0 && group_size % TASA_TILE_K == 0,
+              "tasa: group_size must be a positive multiple of ", TASA_TILE_K, ", got ", group_size);
+  return gtable.size(0) * group_size;
+}
+
+inline const uint16_t* half_ptr(const at::Tensor& t) { return (const uint16_t*)t.data_ptr<at::Half>(); }
+
+inline void check_scales(const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                         const std::optional<at::Tensor>& perm, const at::Tensor& qweight, int64_t n_groups,
+                         int64_t N, int64_t K) {
+  check_2d(scales, "scales", at::kHalf);
+  TORCH_CHECK(scales.size(0) == n_groups, "tasa: scales must have shape [n_groups=", n_groups, ", N], got ",
+              scales.sizes());
+  check_same_device(scales, "scales", qweight);
+  if (zeros) {
+    check_2d(*zeros, "zeros", at::kHalf);
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), "tasa: zeros must have the shape of scales ", scales.sizes(),
+                ", got ", zeros->sizes());
+    check_same_device(*zeros, "zeros", qweight);
+  }
+  if (perm) {
+    check_1d(*perm, "perm", at::kInt, K);
+    check_same_device(*perm, "perm", qweight);
+  }
+}
+
+inline int check_activation(const at::Tensor& x, const char* name, int64_t K, const at::Tensor& qweight) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "tasa: ", name, " must have last dimension K=", K, ", got shape ",
+              x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "tasa: ", name, " must be contiguous");
+  check_same_device(x, name, qweight);
+  switch (x.scalar_type()) {
+    case at::kFloat: return TASA_F32;
+    case at::kBFloat16: return TASA_BF16;
+    case at::kHalf: return TASA_F16;
+    default: TORCH_CHECK(false, "tasa: ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return -1;
+}
+
+inline int check_hessian(const at::Tensor& H, const at::Tensor& X, const std::optional<at::Tensor>& src,
+                         const at::Tensor& count, int64_t* S, int64_t* K, int64_t* T) {
+  TORCH_CHECK(H.dim() == 3 && H.size(1) == H.size(2), "tasa: H must have shape [S, K, K], got ", H.sizes());
+  check_tensor(H, "H", at::kFloat);
+  *S = H.size(0);
+  *K = H.size(1);
+  TORCH_CHECK(X.dim() == 2 && X.size(1) == *K, "tasa: X must have shape [T, K=", *K, "], got ", X.sizes());
+  TORCH_CHECK(X.device() == H.device(), "tasa: X is on ", X.device(), " but H is on ", H.device());
+  *T = X.size(0);
+  check_1d(count, "count", at::kLong, *S);
+  TORCH_CHECK(count.device() == H.device(), "tasa: count is on ", count.device(), " but H is on ", H.device());
+  if (src) {
+    check_1d(*src, "src", at::kLong, *T);
+    TORCH_CHECK(src->device() == H.device(), "tasa: src is on ", src->device(), " but H is on ", H.device());
+  } else {
+    TORCH_CHECK(*S == 1, "tasa: src is required when H holds ", *S, " sources");
+  }
+  TORCH_CHECK(X.is_contiguous(), "tasa: X must be contiguous");
+  switch (X.scalar_type()) {
+    case at::kFloat: return TASA_F32;
+    case at::kBFloat16: return TASA_BF16;
+    case at::kHalf: return TASA_F16;
+    default: TORCH_CHECK(false, "tasa: X must be float32, bfloat16 or float16, got ", X.scalar_type());
+  }
+  return -1;
+}
+
+}  // namespace tasa_ext

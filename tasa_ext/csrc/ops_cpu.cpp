@@ -1,0 +1,126 @@
+// CPU implementations of the tasa ops (schemas are defined once, in tasa_ext/ops.py) and the
+// pybind module tasa_ext._C with the format constants and the exact cost function.
+// This file only checks arguments (naming the tensor) and calls the torch-free launchers.
+#include <torch/extension.h>
+
+#include "check.h"
+#include "tasa/kernels.h"
+
+namespace tasa_ext {
+
+std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& codes, const at::Tensor& group_bits,
+                                            int64_t group_size) {
+  check_2d(codes, "codes", at::kByte);
+  const int64_t N = codes.size(0), K = codes.size(1);
+  check_group_size(K, group_size);
+  check_1d(group_bits, "group_bits", at::kInt, K / group_size);
+  auto gb = group_bits.cpu().contiguous();
+  auto gtable = at::empty({K / group_size, 3}, gb.options());
+  int64_t R = 0;
+  raise_status(tasa_make_gtable(gb.data_ptr<int32_t>(), K / group_size, group_size,
+                                gtable.data_ptr<int32_t>(), &R), "group_bits");
+  auto qweight = at::empty({tasa_num_col_blocks(N), R, TASA_COL_BLOCK}, codes.options().dtype(at::kInt));
+  raise_status(tasa_pack_cpu(codes.data_ptr<uint8_t>(), N, K, gtable.data_ptr<int32_t>(), group_size,
+                             R, (uint32_t*)qweight.data_ptr<int32_t>()), "codes");
+  return {qweight, gtable};
+}
+
+at::Tensor unpack_cpu(const at::Tensor& qweight, const at::Tensor& gtable, int64_t N, int64_t group_size) {
+  const int64_t K = check_layout(qweight, gtable, N, group_size);
+  auto codes = at::empty({N, K}, qweight.options().dtype(at::kByte));
+  raise_status(tasa_unpack_cpu((const uint32_t*)qweight.data_ptr<int32_t>(), gtable.data_ptr<int32_t>(), N,
+                               K, group_size, qweight.size(1), codes.data_ptr<uint8_t>()), "gtable");
+  return codes;
+}
+
+at::Tensor dequant_cpu(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                       const at::Tensor& gtable, const std::optional<at::Tensor>& perm, int64_t group_size) {
+  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
+  const int64_t K = check_layout(qweight, gtable, N, group_size);
+  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
+  auto W = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  raise_status(tasa_dequant_cpu((const uint32_t*)qweight.data_ptr<int32_t>(), half_ptr(scales),
+                                zeros ? half_ptr(*zeros) : nullptr, gtable.data_ptr<int32_t>(),
+                                perm ? perm->data_ptr<int32_t>() : nullptr, N, K, group_size,
+                                qweight.size(1), W.data_ptr<float>()), "scales/zeros/perm");
+  return W;
+}
+
+at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
+                    const std::optional<at::Tensor>& perm, int64_t group_size) {
+  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
+  const int64_t K = check_layout(qweight, gtable, N, group_size);
+  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
+  const int xdt = check_activation(x, "x", K, qweight);
+  const int64_t M = x.numel() / K;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  auto y = at::empty(out_shape, x.options());
+  raise_status(tasa_gemm_cpu(x.data_ptr(), xdt, M, (const uint32_t*)qweight.data_ptr<int32_t>(),
+                             half_ptr(scales), zeros ? half_ptr(*zeros) : nullptr,
+                             gtable.data_ptr<int32_t>(), perm ? perm->data_ptr<int32_t>() : nullptr, N,
+                             K, group_size, qweight.size(1), y.data_ptr()),
+               "scales/zeros/perm");
+  return y;
+}
+
+void hessian_accumulate_cpu(at::Tensor& H, const at::Tensor& X, const std::optional<at::Tensor>& src,
+                            at::Tensor& count) {
+  int64_t S, K, T;
+  const int xdt = check_hessian(H, X, src, count, &S, &K, &T);
+  raise_status(tasa_hessian_accumulate_cpu(H.data_ptr<float>(), S, X.data_ptr(), xdt, T, K,
+                                           src ? src->data_ptr<int64_t>() : nullptr,
+                                           count.data_ptr<int64_t>()), "src");
+}
+
+}  // namespace tasa_ext
+
+TORCH_LIBRARY_IMPL(tasa, CPU, m) {
+  m.impl("pack", &tasa_ext::pack_cpu);
+  m.impl("unpack", &tasa_ext::unpack_cpu);
+  m.impl("dequant", &tasa_ext::dequant_cpu);
+  m.impl("gemm", &tasa_ext::gemm_cpu);
+  m.impl("hessian_accumulate_", &tasa_ext::hessian_accumulate_cpu);
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tasa compiled kernels (CPU" 
+#ifdef TASA_WITH_CUDA
+            " + CUDA"
+#endif
+            ")";
+  m.attr("FORMAT_VERSION") = TASA_FORMAT_VERSION;
+  m.attr("TILE_K") = TASA_TILE_K;
+  m.attr("COL_BLOCK") = TASA_COL_BLOCK;
+  m.attr("GTABLE_COLS") = TASA_GTABLE_COLS;
+  m.attr("SUPPORTED_BITS") = py::make_tuple(2, 3, 4, 8);
+#ifdef TASA_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("cost_bits",
+        [](int64_t N, int64_t K, int64_t group_size, std::vector<int32_t> group_bits, bool has_zeros,
+           bool has_perm) {
+          TORCH_CHECK(group_size > 0 && K % group_size == 0, "tasa: K=", K,
+                      " is not divisible by group_size=", group_size);
+          TORCH_CHECK((int64_t)group_bits.size() == K / group_size, "tasa: group_bits has ",
+                      group_bits.size(), " entries but K / group_size = ", K / group_size);
+          for (auto b : group_bits)
+            TORCH_CHECK(tasa_bits_supported(b), "tasa: group_bits contains unsupported width ", b,
+                        " (supported: 2, 3, 4, 8)");
+          return tasa_cost_bits(N, K, group_size, group_bits.data(), K / group_size, has_zeros, has_perm);
+        },
+        "Exact stored bits of one packed matrix (codes incl. column padding, fp16 scales, fp16 "
+        "zeros if asymmetric, the group table, the permutation if any).",
+        py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("group_bits"), py::arg("has_zeros"),
+        py::arg("has_perm"));
+  m.def("cpu_isa", []() { return tasa_cpu_isa(); });
+  m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
+  m.def("set_cpu_isa", [](int isa) {
+    TORCH_CHECK(tasa_cpu_set_isa(isa) == TASA_OK, "tasa: this CPU does not support ISA level ", isa);
+  });
+}

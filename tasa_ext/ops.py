@@ -1,0 +1,118 @@
+"""The tasa torch ops: schemas (defined here, once), fake kernels, and the Python API.
+
+Ops (namespace ``tasa``):
+  pack(codes u8 [N,K], group_bits i32 [K/G], G) -> (qweight i32 [ceil(N/16), R, 16], gtable i32 [K/G, 3])
+  unpack(qweight, gtable, N, G) -> codes u8 [N, K]                       (logical row order)
+  dequant(qweight, scales f16 [K/G, N], zeros f16? , gtable, perm i32? [K], G) -> W f32 [N, K]
+  gemm(x [..., K] f32|bf16|f16, qweight, scales, zeros?, gtable, perm?, G) -> y [..., N] (x's dtype)
+  hessian_accumulate_(H f32 [S,K,K]!, X [T,K], src i64? [T], count i64 [S]!) -> ()
+See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_lib = torch.library.Library("tasa", "DEF")  # noqa: TOR901 - the library must live as long as the module
+SCHEMAS = {
+    "pack": "pack(Tensor codes, Tensor group_bits, int group_size) -> (Tensor, Tensor)",
+    "unpack": "unpack(Tensor qweight, Tensor gtable, int N, int group_size) -> Tensor",
+    "dequant": "dequant(Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, Tensor? perm, "
+               "int group_size) -> Tensor",
+    "gemm": "gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, Tensor? perm, "
+            "int group_size) -> Tensor",
+    "hessian_accumulate_": "hessian_accumulate_(Tensor(a!) H, Tensor X, Tensor? src, Tensor(b!) count) -> ()",
+}
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+# The implementations register themselves (TORCH_LIBRARY_IMPL) when the extension loads; the
+# schemas above must exist first, hence the import here.
+from ._build import load_extension  # noqa: E402
+
+_C = load_extension()
+
+
+@torch.library.register_fake("tasa::pack")
+def _pack_fake(codes, group_bits, group_size):
+    n, k = codes.shape
+    rows = torch.library.get_ctx().new_dynamic_size()
+    nb = (n + 15) // 16
+    return (codes.new_empty((nb, rows, 16), dtype=torch.int32),
+            group_bits.new_empty((k // group_size, 3), dtype=torch.int32))
+
+
+@torch.library.register_fake("tasa::unpack")
+def _unpack_fake(qweight, gtable, N, group_size):
+    return qweight.new_empty((N, gtable.shape[0] * group_size), dtype=torch.uint8)
+
+
+@torch.library.register_fake("tasa::dequant")
+def _dequant_fake(qweight, scales, zeros, gtable, perm, group_size):
+    return qweight.new_empty((scales.shape[1], gtable.shape[0] * group_size), dtype=torch.float32)
+
+
+@torch.library.register_fake("tasa::gemm")
+def _gemm_fake(x, qweight, scales, zeros, gtable, perm, group_size):
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+@torch.library.register_fake("tasa::hessian_accumulate_")
+def _hessian_fake(H, X, src, count):
+    return None
+
+
+# ---- Python API -----------------------------------------------------------------------------
+
+def pack(codes: torch.Tensor, group_bits: torch.Tensor, group_size: int):
+    """Packs integer codes ``[N, K]`` (uint8, logical row order) whose group ``g`` (rows
+    ``g*G .. (g+1)*G``) has width ``group_bits[g]``. Returns ``(qweight, gtable)``; the scales
+    and zeros of stored group ``j`` are those of logical group ``gtable[j, 2]``."""
+    return torch.ops.tasa.pack(codes, group_bits, group_size)
+
+
+def unpack(qweight, gtable, n_out: int, group_size: int) -> torch.Tensor:
+    return torch.ops.tasa.unpack(qweight, gtable, n_out, group_size)
+
+
+def dequant(qweight, scales, zeros, gtable, perm, group_size: int) -> torch.Tensor:
+    return torch.ops.tasa.dequant(qweight, scales, zeros, gtable, perm, group_size)
+
+
+def gemm(x, qweight, scales, zeros: Optional[torch.Tensor], gtable, perm: Optional[torch.Tensor],
+         group_size: int) -> torch.Tensor:
+    """``y = x @ W.T`` with W the dequantized packed matrix; fp32 accumulation."""
+    return torch.ops.tasa.gemm(x, qweight, scales, zeros, gtable, perm, group_size)
+
+
+def hessian_accumulate_(H, X, src: Optional[torch.Tensor], count) -> None:
+    torch.ops.tasa.hessian_accumulate_(H, X, src, count)
+
+
+_ISA_NAMES = {"scalar": 0, "avx2": 1}
+
+
+def set_cpu_isa(name: str) -> None:
+    """Caps the CPU kernels' instruction set ("scalar", "avx2") or lifts the cap ("auto").
+    For tests and benchmarks; the default is the best the CPU has."""
+    if name == "auto":
+        _C.set_cpu_isa(-1)
+    elif name in _ISA_NAMES:
+        _C.set_cpu_isa(_ISA_NAMES[name])
+    else:
+        raise ValueError(f"tasa: unknown ISA {name!r}; choose from 'auto', {sorted(_ISA_NAMES)}")
+
+
+def cpu_isa() -> str:
+    return {v: k for k, v in _ISA_NAMES.items()}[int(_C.cpu_isa())]
+
+
+def build_info() -> dict:
+    return {
+        "format_version": int(_C.FORMAT_VERSION),
+        "with_cuda": bool(_C.WITH_CUDA),
+        "cpu_isa": cpu_isa(),
+        "cpu_isa_detected": {v: k for k, v in _ISA_NAMES.items()}[int(_C.cpu_isa_detected())],
+        "torch": torch.__version__,
+    }

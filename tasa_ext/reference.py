@@ -1,0 +1,129 @@
+"""Pure-torch twins of the tasa ops: the semantics in plain tensor code, written independently
+of the C++/CUDA kernels (same spec, csrc/include/tasa/format.h), used as the test oracle and
+usable on any device torch supports."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+TILE_K = 32
+COL_BLOCK = 16
+_BITS = (2, 3, 4, 8)
+
+
+def make_gtable(group_bits: torch.Tensor, group_size: int):
+    """Stored-order group table (bits, packed-row offset, logical group) and packed rows R."""
+    gb = group_bits.to(torch.int64).cpu()
+    if not all(int(b) in _BITS for b in gb):
+        raise ValueError(f"group_bits: unsupported width in {sorted(set(gb.tolist()))}")
+    order = torch.sort(gb, stable=True).indices
+    bits = gb[order]
+    rows = bits * (group_size // TILE_K)
+    offsets = torch.cumsum(rows, 0) - rows
+    gtable = torch.stack([bits, offsets, order], 1).to(torch.int32)
+    return gtable, int(rows.sum())
+
+
+def _tile_words(codes: torch.Tensor, b: int) -> torch.Tensor:
+    """codes [..., 32] (int64) -> words [..., b] (int64 holding uint32): code i at bits b*i."""
+    words = torch.zeros(*codes.shape[:-1], b, dtype=torch.int64, device=codes.device)
+    for i in range(TILE_K):
+        bit = b * i
+        w, sh = divmod(bit, 32)
+        words[..., w] |= (codes[..., i] << sh) & 0xFFFFFFFF
+        if sh + b > 32:
+            words[..., w + 1] |= codes[..., i] >> (32 - sh)
+    return words
+
+
+def _tile_codes(words: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of _tile_words: words [..., b] (int64 holding uint32) -> codes [..., 32]."""
+    out = []
+    mask = (1 << b) - 1
+    for i in range(TILE_K):
+        bit = b * i
+        w, sh = divmod(bit, 32)
+        v = words[..., w] >> sh
+        if sh + b > 32:
+            v = v | (words[..., w + 1] << (32 - sh))
+        out.append(v & mask)
+    return torch.stack(out, -1)
+
+
+def _to_i32(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
+
+
+def pack(codes: torch.Tensor, group_bits: torch.Tensor, group_size: int):
+    N, K = codes.shape
+    if K % group_size or group_size % TILE_K:
+        raise ValueError(f"group_size={group_size} must be a multiple of 32 dividing K={K}")
+    gtable, R = make_gtable(group_bits, group_size)
+    NB = (N + COL_BLOCK - 1) // COL_BLOCK
+    c = torch.zeros(NB * COL_BLOCK, K, dtype=torch.int64, device=codes.device)
+    c[:N] = codes.to(torch.int64)
+    q = torch.zeros(NB, R, COL_BLOCK, dtype=torch.int64, device=codes.device)
+    tiles = group_size // TILE_K
+    for b, off, lg in gtable.tolist():
+        if int(c[:, lg * group_size:(lg + 1) * group_size].max()) >= (1 << b):
+            raise ValueError(f"codes: group {lg} has a code >= 2^{b}")
+        g = c[:, lg * group_size:(lg + 1) * group_size].reshape(NB, COL_BLOCK, tiles, TILE_K)
+        words = _tile_words(g, b)                       # [NB, 16, tiles, b]
+        q[:, off:off + tiles * b, :] = words.permute(0, 2, 3, 1).reshape(NB, tiles * b, COL_BLOCK)
+    return _to_i32(q), gtable.to(codes.device)
+
+
+def unpack(qweight: torch.Tensor, gtable: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
+    NB, R, _ = qweight.shape
+    n_groups = gtable.shape[0]
+    K = n_groups * group_size
+    tiles = group_size // TILE_K
+    q = qweight.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros(NB * COL_BLOCK, K, dtype=torch.int64, device=qweight.device)
+    for b, off, lg in gtable.tolist():
+        words = q[:, off:off + tiles * b, :].reshape(NB, tiles, b, COL_BLOCK).permute(0, 3, 1, 2)
+        out[:, lg * group_size:(lg + 1) * group_size] = _tile_codes(words, b).reshape(NB * COL_BLOCK, group_size)
+    return out[:N].to(torch.uint8)
+
+
+def dequant(qweight, scales, zeros, gtable, perm, group_size, dtype=torch.float32) -> torch.Tensor:
+    """W [N, K] in input-channel order, computed in float64 and rounded once to ``dtype``."""
+    N = scales.shape[1]
+    codes = unpack(qweight, gtable, N, group_size).to(torch.float64)       # logical order
+    n_groups = gtable.shape[0]
+    lg = gtable[:, 2].long().cpu()
+    bits = gtable[:, 0].long().cpu()
+    s = torch.empty(n_groups, N, dtype=torch.float64, device=scales.device)
+    z = torch.empty_like(s)
+    s[lg] = scales.to(torch.float64)
+    if zeros is not None:
+        z[lg] = zeros.to(torch.float64)
+    else:
+        z[lg] = (2.0 ** (bits - 1)).to(torch.float64).to(s.device)[:, None].expand(-1, N)
+    W = (codes - z.T.repeat_interleave(group_size, 1)) * s.T.repeat_interleave(group_size, 1)
+    if perm is not None:
+        out = torch.empty_like(W)
+        out[:, perm.long()] = W
+        W = out
+    return W.to(dtype)
+
+
+def gemm(x, qweight, scales, zeros, gtable, perm, group_size) -> torch.Tensor:
+    W = dequant(qweight, scales, zeros, gtable, perm, group_size, torch.float64)
+    return (x.to(torch.float64) @ W.T).to(x.dtype)
+
+
+def hessian_accumulate_(H: torch.Tensor, X: torch.Tensor, src: Optional[torch.Tensor],
+                        count: torch.Tensor) -> None:
+    """GPTQ: H *= n/(n+m); x *= sqrt(2/(n+m)); H += x^T x (per source), in float64."""
+    for s in range(H.shape[0]):
+        xs = X if src is None else X[src == s]
+        m = xs.shape[0]
+        if m == 0:
+            continue
+        n = int(count[s])
+        h = H[s].double() * (n / (n + m))
+        xs = xs.double() * (2.0 / (n + m)) ** 0.5
+        H[s] = (h + xs.T @ xs).to(H.dtype)
+        count[s] = n + m
