@@ -34,8 +34,17 @@ from ._build import load_extension  # noqa: E402
 _C = load_extension()
 
 
+def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    """Fake kernels run for meta / fake tensors, where the C++ shims never see a mix of devices:
+    check here too, so a wrong device is an error naming the argument on every path."""
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"tasa: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 @torch.library.register_fake("tasa::pack")
 def _pack_fake(codes, group_bits, group_size):
+    _same_device("codes", codes, group_bits=group_bits)
     n, k = codes.shape
     rows = torch.library.get_ctx().new_dynamic_size()
     nb = (n + 15) // 16
@@ -45,21 +54,28 @@ def _pack_fake(codes, group_bits, group_size):
 
 @torch.library.register_fake("tasa::unpack")
 def _unpack_fake(qweight, gtable, N, group_size):
+    _same_device("qweight", qweight, gtable=gtable)
     return qweight.new_empty((N, gtable.shape[0] * group_size), dtype=torch.uint8)
 
 
 @torch.library.register_fake("tasa::dequant")
 def _dequant_fake(qweight, scales, zeros, gtable, perm, group_size):
+    _same_device("qweight", qweight, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
     return qweight.new_empty((scales.shape[1], gtable.shape[0] * group_size), dtype=torch.float32)
 
 
 @torch.library.register_fake("tasa::gemm")
 def _gemm_fake(x, qweight, scales, zeros, gtable, perm, group_size):
+    _same_device("qweight", qweight, x=x, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
+    if x.shape[-1] != gtable.shape[0] * group_size:
+        raise RuntimeError(f"tasa: x must have last dimension K={gtable.shape[0] * group_size}, "
+                           f"got shape {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
 @torch.library.register_fake("tasa::hessian_accumulate_")
 def _hessian_fake(H, X, src, count):
+    _same_device("H", H, X=X, src=src, count=count)
     return None
 
 

@@ -79,14 +79,25 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                : xdt == TASA_BF16 ? tasa::bf16_to_float(((const uint16_t*)x)[k])
                                   : tasa::half_to_float(((const uint16_t*)x)[k]);
     }
+    // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,
+    // up to 128x the scale for 8-bit groups, so its rounding error must not dominate.
     for (int64_t g = 0; g < n_groups; ++g) {
-      float s = 0.f;
+      double s = 0.0;
       for (int64_t i = 0; i < group_size; ++i) s += dst[g * group_size + i];
-      xsum[m * n_groups + g] = s;
+      xsum[m * n_groups + g] = (float)s;
     }
   }
-  GemmArgs a{xl.data(), xsum.data(), M, N, K, group_size, R, n_groups,
-             qweight, scales, zeros, gtable, y, xdt};
+  // GEMV pre-scaled activations: the kernel reads a b-bit code as (q - 2^(b-1)) * 2^(32-b)
+  // (left-aligned in its lane), so x is scaled by 2^-(32-b) once per call (exact).
+  const int widths[4] = {2, 3, 4, 8};
+  std::vector<float> xs(M == 1 ? 4 * K : 0);
+  if (M == 1)
+    for (int wdx = 0; wdx < 4; ++wdx) {
+      const float f = 1.0f / (float)(1u << (32 - widths[wdx]));   // a power of two: exact
+      for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
+    }
+  GemmArgs a{xl.data(), xsum.data(), {xs.data(), xs.data() + K, xs.data() + 2 * K, xs.data() + 3 * K},
+             M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt};
   const int isa = tasa_cpu_isa();
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
   if (isa >= TASA_ISA_AVX2) fn = M == 1 ? tasa::gemv_cols_avx2 : tasa::gemm_cols_avx2;

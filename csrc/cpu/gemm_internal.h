@@ -7,6 +7,7 @@ namespace tasa {
 struct GemmArgs {
   const float* xl;        // [M, K] fp32 activations in logical row order (perm applied)
   const float* xsum;      // [M, n_groups] sum of xl over each logical group
+  const float* xs[4];     // M == 1, bits 2/3/4/8: xl * 2^-(32-b) (the GEMV reads codes left-aligned)
   int64_t M, N, K, G, R, n_groups;
   const uint32_t* qweight;
   const uint16_t* scales;

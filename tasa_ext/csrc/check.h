@@ -21,8 +21,20 @@ inline const char* status_text(int st) {
   }
 }
 
-inline void raise_status(int st, const char* arg) {
-  TORCH_CHECK(st == TASA_OK, "tasa: ", status_text(st), " (argument: ", arg, ")");
+// The argument a launcher's status points at (arg overrides it where the caller knows better).
+inline const char* status_arg(int st) {
+  switch (st) {
+    case TASA_ERR_BITS: case TASA_ERR_GTABLE: return "gtable";
+    case TASA_ERR_GROUP_SIZE: return "group_size";
+    case TASA_ERR_CODE_RANGE: return "codes";
+    case TASA_ERR_PERM: return "perm";
+    case TASA_ERR_NONFINITE: return "scales/zeros";
+    default: return "shapes";
+  }
+}
+
+inline void raise_status(int st, const char* arg = nullptr) {
+  TORCH_CHECK(st == TASA_OK, "tasa: ", status_text(st), " (argument: ", arg ? arg : status_arg(st), ")");
 }
 
 inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dt) {

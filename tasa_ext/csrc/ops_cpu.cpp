@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& codes, const at::T
                                 gtable.data_ptr<int32_t>(), &R), "group_bits");
   auto qweight = at::empty({tasa_num_col_blocks(N), R, TASA_COL_BLOCK}, codes.options().dtype(at::kInt));
   raise_status(tasa_pack_cpu(codes.data_ptr<uint8_t>(), N, K, gtable.data_ptr<int32_t>(), group_size,
-                             R, (uint32_t*)qweight.data_ptr<int32_t>()), "codes");
+                             R, (uint32_t*)qweight.data_ptr<int32_t>()));
   return {qweight, gtable};
 }
 
@@ -29,7 +29,7 @@ at::Tensor unpack_cpu(const at::Tensor& qweight, const at::Tensor& gtable, int64
   const int64_t K = check_layout(qweight, gtable, N, group_size);
   auto codes = at::empty({N, K}, qweight.options().dtype(at::kByte));
   raise_status(tasa_unpack_cpu((const uint32_t*)qweight.data_ptr<int32_t>(), gtable.data_ptr<int32_t>(), N,
-                               K, group_size, qweight.size(1), codes.data_ptr<uint8_t>()), "gtable");
+                               K, group_size, qweight.size(1), codes.data_ptr<uint8_t>()));
   return codes;
 }
 
@@ -42,7 +42,7 @@ at::Tensor dequant_cpu(const at::Tensor& qweight, const at::Tensor& scales, cons
   raise_status(tasa_dequant_cpu((const uint32_t*)qweight.data_ptr<int32_t>(), half_ptr(scales),
                                 zeros ? half_ptr(*zeros) : nullptr, gtable.data_ptr<int32_t>(),
                                 perm ? perm->data_ptr<int32_t>() : nullptr, N, K, group_size,
-                                qweight.size(1), W.data_ptr<float>()), "scales/zeros/perm");
+                                qweight.size(1), W.data_ptr<float>()));
   return W;
 }
 
@@ -60,8 +60,7 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   raise_status(tasa_gemm_cpu(x.data_ptr(), xdt, M, (const uint32_t*)qweight.data_ptr<int32_t>(),
                              half_ptr(scales), zeros ? half_ptr(*zeros) : nullptr,
                              gtable.data_ptr<int32_t>(), perm ? perm->data_ptr<int32_t>() : nullptr, N,
-                             K, group_size, qweight.size(1), y.data_ptr()),
-               "scales/zeros/perm");
+                             K, group_size, qweight.size(1), y.data_ptr()));
   return y;
 }
 

@@ -1,0 +1,248 @@
+"""The tasa ops on the CPU against the pure-torch reference and float64 oracles."""
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import tasa_ext
+from tasa_ext import reference as ref
+
+BIT_PATTERNS = {
+    "u2": [2], "u3": [3], "u4": [4], "u8": [8],
+    "mix": [3, 8, 2, 4, 4, 3],           # unsorted: exercises the stored-order table
+    "mix35": [3, 4],                      # the 3.5-bit pattern
+}
+
+
+def make_packed(N, K, G, pattern, asym, act_order, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_groups = K // G
+    bits = [pattern[i % len(pattern)] for i in range(n_groups)]
+    gb = torch.tensor(bits, dtype=torch.int32)
+    codes = torch.cat([torch.randint(0, 2 ** b, (N, G), generator=g) for b in bits], 1).to(torch.uint8)
+    qweight, gtable = tasa_ext.pack(codes, gb, G)
+    scales_l = (torch.rand(n_groups, N, generator=g) * 0.05 + 0.002).half()
+    zeros_l = (torch.rand(n_groups, N, generator=g) * torch.tensor([2.0 ** b for b in bits])[:, None]).half()
+    order = gtable[:, 2].long()
+    scales = scales_l[order].contiguous()
+    zeros = zeros_l[order].contiguous() if asym else None
+    perm = torch.randperm(K, generator=g).to(torch.int32) if act_order else None
+    return dict(codes=codes, gb=gb, qweight=qweight, gtable=gtable, scales=scales, zeros=zeros, perm=perm)
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("pattern", list(BIT_PATTERNS))
+@pytest.mark.parametrize("N", [1, 37, 50])
+def test_pack_roundtrip_matches_reference(G, pattern, N):
+    K = G * 6
+    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym=False, act_order=False)
+    q_ref, gt_ref = ref.pack(p["codes"], p["gb"], G)
+    assert torch.equal(p["qweight"], q_ref)
+    assert torch.equal(p["gtable"], gt_ref)
+    assert p["qweight"].shape == (math.ceil(N / 16), int(gt_ref[:, 0].sum()) * G // 32, 16)
+    assert torch.equal(tasa_ext.unpack(p["qweight"], p["gtable"], N, G), p["codes"])
+    assert torch.equal(ref.unpack(p["qweight"], p["gtable"], N, G), p["codes"])
+    # groups are stored sorted by bits with cumulative offsets
+    bits = p["gtable"][:, 0].tolist()
+    assert bits == sorted(bits)
+
+
+def test_packed_bits_follow_the_spec_diagram():
+    # 3-bit: code i at bits [3i, 3i+3) of the little-endian concatenation of the tile's 3 words.
+    codes = torch.arange(32, dtype=torch.uint8).remainder(8).reshape(1, 32)
+    q, _ = tasa_ext.pack(codes, torch.tensor([3], dtype=torch.int32), 32)
+    words = [int(w) & 0xFFFFFFFF for w in q[0, :, 0]]
+    big = words[0] | words[1] << 32 | words[2] << 64
+    assert [(big >> (3 * i)) & 7 for i in range(32)] == codes[0].tolist()
+    assert q[0, :, 1:].eq(0).all()        # padding columns hold code 0
+
+
+@pytest.mark.parametrize("pattern", ["u3", "u8", "mix"])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequant_exact(pattern, asym, act_order):
+    p = make_packed(37, 384, 64, BIT_PATTERNS[pattern], asym, act_order)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
+    assert torch.equal(tasa_ext.dequant(*args), ref.dequant(*args))
+
+
+def rel_err(y, y64):
+    return float((y.double() - y64).norm() / y64.norm())
+
+
+@pytest.mark.parametrize("M", [1, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
+@pytest.mark.parametrize("asym,act_order", [(False, False), (True, False), (True, True)])
+def test_gemm_matches_float64(isa, M, dtype, pattern, asym, act_order):
+    N, K, G = 53, 768, 128
+    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=M)
+    x = torch.randn(M, K).to(dtype)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    y64 = x.double() @ W64.T
+    y = tasa_ext.gemm(x, *args)
+    assert y.dtype == dtype and y.shape == (M, N)
+    y_torch = x @ W64.to(dtype).T                 # torch's own matmul in the same dtype
+    err, err_torch = rel_err(y, y64), rel_err(y_torch, y64)
+    assert err <= 2 * err_torch + 1e-7, (err, err_torch)
+
+
+def test_gemm_batched_leading_dims():
+    p = make_packed(40, 256, 32, BIT_PATTERNS["mix35"], True, False)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 32)
+    x = torch.randn(2, 3, 256)
+    y = tasa_ext.gemm(x, *args)
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y, tasa_ext.gemm(x.reshape(6, 256), *args).reshape(2, 3, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hessian_matches_gptq_formula(isa, dtype):
+    K, S = 45, 3
+    H = torch.zeros(S, K, K)
+    count = torch.zeros(S, dtype=torch.long)
+    H64 = torch.zeros(S, K, K, dtype=torch.float64)
+    n = [0] * S
+    for step in range(3):
+        T = 300 + 37 * step
+        X = torch.randn(T, K).to(dtype)
+        src = torch.randint(0, S, (T,))
+        tasa_ext.hessian_accumulate_(H, X, src, count)
+        for s in range(S):                       # GPTQ's add_batch, in float64
+            xs = X[src == s].double()
+            m = xs.shape[0]
+            H64[s] *= n[s] / (n[s] + m)
+            n[s] += m
+            xs = math.sqrt(2 / n[s]) * xs
+            H64[s] += xs.T @ xs
+    assert count.tolist() == n
+    assert torch.equal(H, H.transpose(1, 2))
+    assert float((H.double() - H64).abs().max() / H64.abs().max()) < 1e-5
+
+
+def test_hessian_single_source_and_reference():
+    K = 70
+    X = torch.randn(513, K)
+    H, c = torch.zeros(1, K, K), torch.zeros(1, dtype=torch.long)
+    Hr, cr = torch.zeros(1, K, K), torch.zeros(1, dtype=torch.long)
+    tasa_ext.hessian_accumulate_(H, X, None, c)
+    ref.hessian_accumulate_(Hr, X, None, cr)
+    torch.testing.assert_close(H, Hr, rtol=1e-5, atol=1e-5)
+    assert int(c) == int(cr) == 513
+
+
+def _sample_args():
+    p = make_packed(37, 256, 64, BIT_PATTERNS["mix"], True, True)
+    return p, (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
+
+
+@pytest.mark.parametrize("op", ["pack", "unpack", "dequant", "gemm", "hessian_accumulate_"])
+def test_opcheck(op):
+    p, args = _sample_args()
+    samples = {
+        "pack": [(p["codes"], p["gb"], 64)],
+        "unpack": [(p["qweight"], p["gtable"], 37, 64)],
+        "dequant": [args, (p["qweight"], p["scales"], None, p["gtable"], None, 64)],
+        "gemm": [(torch.randn(3, 256),) + args, (torch.randn(1, 256).bfloat16(),) + args,
+                 (torch.randn(2, 5, 256).half(), p["qweight"], p["scales"], None, p["gtable"], None, 64)],
+        "hessian_accumulate_": [(torch.zeros(2, 33, 33), torch.randn(20, 33), torch.randint(0, 2, (20,)),
+                                 torch.zeros(2, dtype=torch.long))],
+    }[op]
+    for s in samples:
+        opcheck(getattr(torch.ops.tasa, op).default, s)
+
+
+def test_gemm_under_torch_compile():
+    p, args = _sample_args()
+    x = torch.randn(4, 256)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x):
+        return tasa_ext.gemm(torch.relu(x), *args) * 2
+
+    torch.testing.assert_close(f(x), tasa_ext.gemm(torch.relu(x), *args) * 2)
+
+
+# ---- bad inputs: each error names the argument ---------------------------------------------------
+
+def test_bad_bits():
+    codes = torch.zeros(8, 64, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="group_bits"):
+        tasa_ext.pack(codes, torch.tensor([4, 5], dtype=torch.int32), 32)
+    with pytest.raises(RuntimeError, match="group_bits"):
+        tasa_ext.pack(codes, torch.tensor([4, 4, 4], dtype=torch.int32), 32)
+
+
+def test_bad_group_size():
+    codes = torch.zeros(8, 96, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="not divisible by group_size"):
+        tasa_ext.pack(codes, torch.tensor([4], dtype=torch.int32), 64)
+    with pytest.raises(RuntimeError, match="group_size"):
+        tasa_ext.pack(codes, torch.tensor([4, 4], dtype=torch.int32), 48)
+
+
+def test_code_out_of_range():
+    codes = torch.full((4, 32), 9, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="codes"):
+        tasa_ext.pack(codes, torch.tensor([3], dtype=torch.int32), 32)
+
+
+def test_bad_dtype_device_and_layout():
+    p, args = _sample_args()
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        tasa_ext.gemm(torch.ones(2, 256, dtype=torch.int32), *args)
+    with pytest.raises(RuntimeError, match="scales must have dtype"):
+        tasa_ext.gemm(torch.randn(2, 256), p["qweight"], p["scales"].float(), *args[2:])
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        tasa_ext.gemm(torch.randn(256, 2).T, *args)
+    with pytest.raises(RuntimeError, match="x must have last dimension"):
+        tasa_ext.gemm(torch.randn(2, 255), *args)
+    with pytest.raises(RuntimeError, match="x is on meta"):
+        tasa_ext.gemm(torch.randn(2, 256, device="meta"), *args)
+    with pytest.raises(RuntimeError, match="codes must have dtype"):
+        tasa_ext.pack(p["codes"].int(), p["gb"], 64)
+    with pytest.raises(RuntimeError, match="perm"):
+        bad = p["perm"].clone()
+        bad[0] = bad[1]
+        tasa_ext.gemm(torch.randn(2, 256), p["qweight"], p["scales"], p["zeros"], p["gtable"], bad, 64)
+    with pytest.raises(RuntimeError, match="gtable"):
+        gt = p["gtable"].clone()
+        gt[0, 1] += 1
+        tasa_ext.gemm(torch.randn(2, 256), p["qweight"], p["scales"], p["zeros"], gt, p["perm"], 64)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("M", [1, 5])
+def test_nonfinite_scales(isa, bad, M):
+    p, args = _sample_args()
+    s = p["scales"].clone()
+    s[1, 7] = bad
+    with pytest.raises(RuntimeError, match="NaN or Inf.*scales"):
+        tasa_ext.gemm(torch.randn(M, 256), p["qweight"], s, *args[2:])
+    with pytest.raises(RuntimeError, match="NaN or Inf.*scales"):
+        tasa_ext.dequant(p["qweight"], s, *args[2:])
+
+
+def test_cost_bits_counts_every_stored_bit():
+    N, K, G = 37, 256, 64
+    bits = [3, 4, 3, 8]
+    n_pad = 48
+    codes = sum(b * G * n_pad for b in bits)
+    base = codes + 16 * 4 * N + 96 * 4
+    assert tasa_ext.cost_bits(N, K, G, bits, "sym") == base
+    assert tasa_ext.cost_bits(N, K, G, bits, "asym") == base + 16 * 4 * N
+    assert tasa_ext.cost_bits(N, K, G, bits, "asym", act_order=True) == base + 16 * 4 * N + 32 * K
+    p = make_packed(N, K, G, bits, asym=True, act_order=True)
+    stored = (p["qweight"].numel() * 32 + p["scales"].numel() * 16 + p["zeros"].numel() * 16
+              + p["gtable"].numel() * 32 + p["perm"].numel() * 32)
+    assert tasa_ext.cost_bits(N, K, G, bits, "asym", act_order=True) == stored
+    assert tasa_ext.average_bits(4096, 4096, 128, [4] * 32, "sym") == pytest.approx(4 + 16 / 128 + 96 / 128 / 4096)
+    with pytest.raises(RuntimeError, match="unsupported width 5"):
+        tasa_ext.cost_bits(N, K, G, [3, 4, 5, 8])
+
+
+def test_set_cpu_isa_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown ISA"):
+        tasa_ext.set_cpu_isa("avx9000")
