@@ -35,19 +35,28 @@ namespace {
 constexpr int kGemvThreads = 256;
 constexpr int kQuads = kGemvThreads / 4;
 
+// One logical row r of the tile: gathers x[m, perm[r]] for the CTA's rows and accumulates
+// (q - c) * x for the thread's 4 columns.
+template <typename T, int MT>
+__device__ __forceinline__ void gemv_row(const T* __restrict__ x, const int32_t* __restrict__ perm, int64_t r,
+                                         int64_t K, int mrows, const float (&qc)[4], float (&part)[MT][4],
+                                         float (&xs)[MT]) {
+  const int64_t k = perm ? (int64_t)__ldg(perm + r) : r;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float xv = m < mrows ? to_f32(x[m * K + k]) : 0.f;
+    xs[m] += xv;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) part[m][c] = fmaf(qc[c], xv, part[m][c]);
+  }
+}
+
 template <int B, typename T, int MT>
 __device__ __forceinline__ void gemv_tile(const uint4* __restrict__ wsrc, const T* __restrict__ x,
                                           const int32_t* __restrict__ perm, int64_t r0, int64_t K,
                                           int mrows, const float (&s)[4], const float (&zc)[4],
                                           float (&acc)[MT][4]) {
-  // w[c][k]: word k of column c. Row stride of qweight is 16 words = 4 uint4.
-  uint32_t w[4][B];
-#pragma unroll
-  for (int k = 0; k < B; ++k) {
-    const uint4 v = __ldg(wsrc + k * 4);
-    w[0][k] = v.x; w[1][k] = v.y; w[2][k] = v.z; w[3][k] = v.w;
-  }
-  float part[MT][4], xs[MT];
+  float part[MT][4], xs[MT], qc[4];
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     xs[m] = 0.f;
@@ -55,21 +64,36 @@ __device__ __forceinline__ void gemv_tile(const uint4* __restrict__ wsrc, const 
     for (int c = 0; c < 4; ++c) part[m][c] = 0.f;
   }
   constexpr float cen = (float)(1 << (B - 1));
+  // qweight rows are 16 words = 4 uint4 apart; component c of a uint4 is column q4*4 + c.
+  if constexpr (B == 3) {
+    // Codes straddle words: hold the tile's 3 words per column and unroll all 32 rows so that
+    // every shift (and the two funnel shifts) is a compile-time constant.
+    uint32_t w[4][3];
 #pragma unroll
-  for (int i = 0; i < TASA_TILE_K; ++i) {
-    const int64_t r = r0 + i;
-    const int64_t k = perm ? (int64_t)__ldg(perm + r) : r;
-    float xv[MT];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      xv[m] = m < mrows ? to_f32(x[m * K + k]) : 0.f;
-      xs[m] += xv[m];
+    for (int k = 0; k < 3; ++k) {
+      const uint4 v = __ldg(wsrc + k * 4);
+      w[0][k] = v.x; w[1][k] = v.y; w[2][k] = v.z; w[3][k] = v.w;
     }
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const float qc = (float)code_at<B>(w[c], i) - cen;
+    for (int i = 0; i < TASA_TILE_K; ++i) {
 #pragma unroll
-      for (int m = 0; m < MT; ++m) part[m][c] = fmaf(qc, xv[m], part[m][c]);
+      for (int c = 0; c < 4; ++c) qc[c] = (float)code_at<3>(w[c], i) - cen;
+      gemv_row<T, MT>(x, perm, r0 + i, K, mrows, qc, part, xs);
+    }
+  } else {
+    // b in {2, 4, 8}: word k holds rows k*32/b .. (k+1)*32/b - 1 whole. A rolled loop over the
+    // words keeps the code (and ptxas time) small; each word's rows are unrolled.
+    constexpr int kPer = TASA_TILE_K / B;
+#pragma unroll 1
+    for (int k = 0; k < B; ++k) {
+      const uint4 v = __ldg(wsrc + k * 4);
+      const uint32_t wc[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int ii = 0; ii < kPer; ++ii) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) qc[c] = (float)((wc[c] >> (B * ii)) & ((1u << B) - 1u)) - cen;
+        gemv_row<T, MT>(x, perm, r0 + k * kPer + ii, K, mrows, qc, part, xs);
+      }
     }
   }
 #pragma unroll
@@ -171,10 +195,11 @@ template <typename T>
 int dispatch_gemv(const void* x, int64_t M, const uint32_t* qweight, const uint16_t* scales,
                   const uint16_t* zeros, const int32_t* gtable, const int32_t* perm, int64_t N,
                   int64_t K, int64_t G, int64_t R, void* y, cudaStream_t st) {
-  // Rows per CTA: the smallest of 1/2/4/8 that holds M (larger M: chunks of 8 rows, each
-  // re-streaming the weights -- the SIMT fallback for fp32 activations).
+  // Rows per CTA: the smallest of 1/4/8 that holds M (larger M: chunks of 8 rows, each
+  // re-streaming the weights -- the SIMT fallback for fp32 activations). No MT = 2: the kernel
+  // is bound by weight streaming, so two masked rows cost little, while each instantiation
+  // adds compile time (and MT = 2 spilled a few registers on sm_80).
   if (M == 1) return launch_gemv<T, 1>(x, M, qweight, scales, zeros, gtable, perm, N, K, G, R, y, st);
-  if (M == 2) return launch_gemv<T, 2>(x, M, qweight, scales, zeros, gtable, perm, N, K, G, R, y, st);
   if (M <= 4) return launch_gemv<T, 4>(x, M, qweight, scales, zeros, gtable, perm, N, K, G, R, y, st);
   return launch_gemv<T, 8>(x, M, qweight, scales, zeros, gtable, perm, N, K, G, R, y, st);
 }
