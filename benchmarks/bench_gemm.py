@@ -82,7 +82,8 @@ def main():
             x32 = torch.randn(M, K, device=dev)
             t_dense = {dt: T(lambda: torch.nn.functional.linear(x32.to(dt), w)) for dt, w in dense.items()}
             xa = x32.to(act_dtype)
-            t_int4 = T(lambda: int4(xa))
+            xb = x32.to(torch.bfloat16)           # torch's int4 kernels take bf16 activations
+            t_int4 = T(lambda: int4(xb))
             for p, (pargs, nbytes, avg) in packed.items():
                 t = T(lambda: tasa_ext.gemm(xa, *pargs))
                 row = dict(shape=name, N=N, K=K, M=M, bits=p, avg_bits=round(avg, 4), act=str(act_dtype)[6:],
