@@ -1,0 +1,200 @@
+"""TasaLinear: a packed mixed-precision linear layer, and swapping it into a model.
+
+Buffers of a ``TasaLinear`` with ``in_features = K``, ``out_features = N``, group size ``G``
+(``n_groups = K / G``), ``R = sum_g bits_g * G / 32`` packed rows:
+
+=========  ======  ==========================  ==============================================
+qweight    int32   [ceil(N/16), R, 16]          packed codes (csrc/include/tasa/format.h)
+scales     fp16    [n_groups, N]                *stored* group order (row j = gtable[j, 2])
+zeros      fp16    [n_groups, N] or absent      asymmetric mode only, stored group order
+gtable     int32   [n_groups, 3]                (bits, packed-row offset, logical group)
+perm       int32   [K] or absent                act-order: logical row r is channel perm[r]
+bias       (dtype) [N] or absent
+=========  ======  ==========================  ==============================================
+
+``forward(x [..., K]) -> [..., N]`` calls ``tasa_ext.gemm`` (C++ on CPU, CUDA on GPU: the same
+op), fp32 accumulation, output in x's dtype (fp32, bf16 or fp16).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+import tasa_ext
+from tasa_ext.format import QuantMode
+
+from .quantize import LayerSpec, QuantizedWeight, quantize_gptq, quantize_rtn
+
+__all__ = ["TasaLinear", "make_gtable", "set_module", "swap_linears", "quantized_modules"]
+
+
+def make_gtable(bits: Sequence[int], group_size: int) -> torch.Tensor:
+    """Stored-order group table for logical ``bits`` (what ``tasa_ext.pack`` returns)."""
+    b = torch.tensor([int(x) for x in bits], dtype=torch.int64)
+    order = torch.sort(b, stable=True).indices
+    sb = b[order]
+    rows = sb * (group_size // tasa_ext.TILE_K)
+    return torch.stack([sb, torch.cumsum(rows, 0) - rows, order], 1).to(torch.int32)
+
+
+class TasaLinear(nn.Module):
+    """A linear layer with packed 2/3/4/8-bit weights (mixed per group). See module docstring
+    for the buffers. Build with :meth:`from_linear` / :meth:`from_quantized`, or as an empty
+    skeleton ``TasaLinear(K, N, spec)`` to load a state dict into."""
+
+    def __init__(self, in_features: int, out_features: int, spec: LayerSpec, bias: bool = False,
+                 bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        spec.validate(out_features, in_features, "TasaLinear")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.group_size = spec.group_size
+        self.mode = spec.mode
+        self.act_order = spec.act_order
+        n_groups = in_features // spec.group_size
+        gtable = make_gtable(spec.bits, spec.group_size)
+        R = int(sum(spec.bits)) * spec.group_size // tasa_ext.TILE_K
+        nb = (out_features + tasa_ext.COL_BLOCK - 1) // tasa_ext.COL_BLOCK
+        self.register_buffer("qweight", torch.zeros(nb, R, tasa_ext.COL_BLOCK, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16,
+                                                  device=device))
+        if spec.mode == QuantMode.ASYM.value:
+            self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.float16,
+                                                      device=device))
+        else:
+            self.register_buffer("zeros", None)
+        self.register_buffer("gtable", gtable.to(device))
+        if spec.act_order:
+            self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        else:
+            self.register_buffer("perm", None)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "TasaLinear":
+        """Packs a :class:`tasa.quantize.QuantizedWeight` (logical-order codes/scales/zeros)."""
+        N, K = q.codes.shape
+        spec = LayerSpec(q.bits, q.group_size, q.mode, q.perm is not None)
+        dev = q.codes.device
+        m = cls(K, N, spec, bias=bias is not None,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, device=dev)
+        qweight, gtable = tasa_ext.pack(q.codes.contiguous(),
+                                        torch.tensor(q.bits, dtype=torch.int32, device=dev),
+                                        q.group_size)
+        order = gtable[:, 2].long()
+        m.qweight = qweight
+        m.gtable = gtable
+        m.scales = q.scales.to(torch.float16)[order].contiguous()
+        if q.zeros is not None:
+            m.zeros = q.zeros.to(torch.float16)[order].contiguous()
+        if q.perm is not None:
+            m.perm = q.perm.to(torch.int32).contiguous()
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, method: str = "rtn",
+                    H: Optional[torch.Tensor] = None, damp: float = 0.01,
+                    name: str = "linear") -> "TasaLinear":
+        """Quantizes ``linear.weight`` with RTN (``method="rtn"``) or GPTQ (``"gptq"``, needs the
+        Hessian ``H [K, K]``) according to ``spec`` and packs it."""
+        if method == "rtn":
+            if spec.act_order:
+                raise ValueError("tasa: act_order needs a Hessian; use method='gptq'")
+            q = quantize_rtn(linear.weight, spec, name=name)
+        elif method == "gptq":
+            if H is None:
+                raise ValueError("tasa: method='gptq' needs the Hessian H")
+            q = quantize_gptq(linear.weight, H, spec, damp=damp, name=name)
+        else:
+            raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
+        return cls.from_quantized(q, linear.bias)
+
+    # -- views ----------------------------------------------------------------------------
+    @property
+    def group_bits(self) -> list:
+        """Bits per *logical* group."""
+        bits = [0] * self.gtable.shape[0]
+        for b, _, lg in self.gtable.tolist():
+            bits[lg] = b
+        return bits
+
+    @property
+    def spec(self) -> LayerSpec:
+        return LayerSpec(self.group_bits, self.group_size, self.mode, self.perm is not None)
+
+    def average_bits(self) -> float:
+        return tasa_ext.average_bits(self.out_features, self.in_features, self.group_size,
+                                     self.group_bits, self.mode, self.perm is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] fp32 in input-channel order (``tasa_ext.dequant``)."""
+        return tasa_ext.dequant(self.qweight, self.scales, self.zeros, self.gtable, self.perm,
+                                self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tasa_ext.gemm(x, self.qweight, self.scales, self.zeros, self.gtable, self.perm,
+                          self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        hist = dict(sorted(Counter(self.group_bits).items()))
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, mode={self.mode}, act_order={self.perm is not None}, "
+                f"bits={hist}, avg_bits={self.average_bits():.4f}, bias={self.bias is not None}")
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replaces submodule ``name`` (dotted path) of ``root``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def swap_linears(model: nn.Module, plan: Mapping[str, Union[LayerSpec, dict]],
+                 quantized: Optional[Mapping[str, QuantizedWeight]] = None,
+                 method: str = "rtn") -> nn.Module:
+    """Replaces the nn.Linear modules named in ``plan`` by :class:`TasaLinear`.
+
+    With ``quantized[name]`` given, that result is packed; otherwise, with ``method="rtn"`` the
+    weight is RTN-quantized, and with ``method="skeleton"`` an empty TasaLinear of the right
+    shapes is created (to load a saved state dict into). Modules not in the plan (lm_head and
+    embeddings by default) stay full precision. Returns ``model``.
+    """
+    mods = dict(model.named_modules())
+    for name, spec in plan.items():
+        if not isinstance(spec, LayerSpec):
+            spec = LayerSpec(**spec)
+        lin = mods.get(name)
+        if lin is None:
+            raise KeyError(f"tasa: plan names {name!r}, which is not a module of the model")
+        if isinstance(lin, TasaLinear):
+            raise ValueError(f"tasa: {name} is already a TasaLinear")
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"tasa: {name} is a {type(lin).__name__}, not nn.Linear")
+        spec.validate(lin.out_features, lin.in_features, name)
+        if quantized is not None and name in quantized:
+            new = TasaLinear.from_quantized(quantized[name], lin.bias)
+        elif method == "skeleton":
+            new = TasaLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None,
+                             bias_dtype=lin.weight.dtype, device=lin.weight.device)
+        elif method == "rtn":
+            new = TasaLinear.from_linear(lin, spec, "rtn", name=name)
+        else:
+            raise ValueError(f"tasa: swap_linears method must be 'rtn' or 'skeleton', got {method!r}")
+        set_module(model, name, new)
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict:
+    """``{name: TasaLinear}`` of a model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TasaLinear)}
