@@ -69,7 +69,7 @@ def run_one(args) -> dict:
 def git_commit() -> str:
     try:
         c = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=ROOT) != 0
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=ROOT, text=True).strip())
         return c + (" (+ uncommitted changes)" if dirty else "")
     except Exception:
         return "unknown"

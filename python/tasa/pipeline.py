@@ -1,0 +1,594 @@
+"""The TASA pipeline: measure once (mixture search + multi-objective sensitivity), allocate bits
+for any budget, quantize, save, report.
+
+Stages (``tasa quantize`` runs them all; every measured quantity lands in ``measurement.json``):
+
+1. **Data split** (deterministic in ``seed``). General text: the last ``holdout`` fraction of
+   the documents is held out (the ``ppl`` objective), the rest is the general calibration pool
+   ``D_gen``. Task data (GSM8K train, ARC-Challenge + ARC-Easy validation): a seeded shuffle,
+   the last ``holdout`` fraction of each is the held-out task slice ``D_test`` (for ``H_test``
+   and the ``math``/``arc`` objectives), the rest is the task calibration pool ``D_task``
+   (GSM8K and ARC in equal numbers of sequences). Evaluation sets (WikiText-2 test, GSM8K test,
+   ARC test) are never read here except for the final perplexity check.
+2. **Mixture search** (:mod:`tasa.mixture`): one block-by-block pass over ``n_gen + n_task +
+   n_test`` sequences accumulates ``H_gen, H_task, H_test`` for every linear in one pass
+   (``tasa.hessian_accumulate_`` with a source id per token); each block's unique Hessians are
+   eigendecomposed as soon as the block is done (then freed), giving the closed-form curve
+   ``f(alpha) = sum_l w_l tr(H_test (alpha H_gen + (1-alpha) H_task + lam I)^-1)``. ``alpha*``
+   is its continuous argmin (or ``--alpha``). The same pass keeps ``diag(H_gen)`` and
+   ``diag(H_task)``; with ``alpha*`` they give the per-group RTN errors
+   ``sum_k diag(H_alpha)_k ||W_k - RTN_b(W_k)||^2`` of every linear at every width, for the
+   intra-layer step.
+3. **Sensitivity** (:mod:`tasa.sensitivity`): per decoder block (or per linear), RTN at
+   ``sens_bits`` of that unit alone; loss increase for ``ppl``, ``math``, ``arc``. Each probe is
+   written to ``measurement.json`` as soon as it finishes (an interrupted run resumes there).
+4. **Allocation** (:mod:`tasa.alloc`, seconds, re-runnable for any budget from the measurement):
+   ``s = beta norm(s_ppl) + (1-beta) mean_k norm(s_k)`` (:func:`tasa.stats.aggregate`,
+   ``norm="sum"``), noise model ``e_u(b) = s_u 4^-(b - sens_bits)``, exact multiple-choice
+   knapsack over ``widths`` under the budget (exact ``tasa_ext.cost_bits``), then per linear the
+   group-level step around the chosen width using the measured per-group errors.
+5. **Quantization**: GPTQ (or RTN) with a calibration set drawn with mixing ratio ``alpha*``
+   (``mixture.mixture_counts``), one decoder block at a time; the model is saved with
+   :func:`tasa.io.save_quantized` (+ ``plan.json``).
+6. **Report**: ``report.md`` and PNG plots (alpha curve, sensitivities, bit map), WikiText-2
+   perplexity of the reference and of the quantized model on the first ``eval_windows`` windows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+import tasa_ext
+
+from . import alloc, calib, data, mixture, sensitivity, stats
+from .quantize import LayerSpec, default_targets, resolve_group_size
+
+__all__ = ["PipelineConfig", "MEASUREMENT_NAME", "PLAN_NAME", "split_data", "measure",
+           "allocate", "run", "load_measurement"]
+
+MEASUREMENT_NAME = "measurement.json"
+PLAN_NAME = "plan.json"
+MEASUREMENT_VERSION = 1
+OBJECTIVES = ("ppl", "math", "arc")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Every knob of the pipeline, with the defaults of ``tasa quantize``."""
+
+    model: str = "smollm2-135m"
+    bits: float = 3.5                      # target average bits (exact cost function)
+    data: Optional[str] = None             # data folder / None: the slices shipped with tasa
+    seed: int = 0
+    # format
+    group_size: int = 128
+    mode: str = "asym"
+    widths: tuple = (3, 4, 8)
+    # data split
+    holdout: float = 0.25
+    # mixture search
+    alpha: Optional[float] = None          # None: search; a number: use it (no search)
+    alpha_grid: tuple = mixture.DEFAULT_GRID
+    mix_normalize: str = "oracle"
+    n_gen: int = 16
+    n_task: int = 16
+    n_test: int = 8
+    mix_seqlen: int = 512
+    # sensitivity
+    sens_bits: int = 3
+    granularity: str = "block"             # "block" | "linear"
+    objectives: tuple = OBJECTIVES
+    sens_ppl_windows: int = 8
+    sens_ppl_seqlen: int = 128
+    sens_math_items: int = 10
+    sens_arc_items: int = 32
+    # allocation
+    beta: float = 0.5
+    intra: bool = True
+    # quantization
+    method: str = "gptq"
+    n_calib: int = 32
+    seqlen: int = 512
+    damp: float = 0.01
+    act_order: bool = False
+    # report
+    eval_windows: int = 4
+    eval_seqlen: int = 2048
+
+    # fields whose change invalidates the measurement (everything the measured numbers depend on)
+    MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
+                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_bits",
+                    "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
+                    "sens_math_items", "sens_arc_items")
+
+    def validate(self) -> None:
+        if not self.bits > 0:
+            raise ValueError(f"tasa: --bits must be > 0, got {self.bits}")
+        bad = [b for b in self.widths if b not in tasa_ext.SUPPORTED_BITS]
+        if bad or not self.widths:
+            raise ValueError(f"tasa: widths {list(self.widths)} must be a non-empty subset of "
+                             f"{list(tasa_ext.SUPPORTED_BITS)}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"tasa: --alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"tasa: --beta must be in [0, 1], got {self.beta}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"tasa: holdout must be in (0, 1), got {self.holdout}")
+        if self.granularity not in ("block", "linear"):
+            raise ValueError(f"tasa: granularity must be 'block' or 'linear', got {self.granularity!r}")
+        unknown = set(self.objectives) - set(OBJECTIVES)
+        if unknown or not self.objectives:
+            raise ValueError(f"tasa: objectives must be a non-empty subset of {OBJECTIVES}")
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {self.method!r}")
+        if self.sens_bits not in tasa_ext.SUPPORTED_BITS:
+            raise ValueError(f"tasa: sens_bits must be one of {list(tasa_ext.SUPPORTED_BITS)}")
+        if self.beta < 1.0 and not (set(self.objectives) - {"ppl"}):
+            raise ValueError("tasa: beta < 1 needs at least one task objective (math, arc)")
+
+    def measure_fingerprint(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
+
+
+# ---- small utilities --------------------------------------------------------------------------
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    from .io import _atomic_write_bytes
+
+    _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, default=_json_default).encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_measurement(path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / MEASUREMENT_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"tasa: {p} not found")
+    m = json.loads(p.read_text())
+    if m.get("kind") != "tasa.measurement" or m.get("version") != MEASUREMENT_VERSION:
+        raise ValueError(f"tasa: {p} is not a version-{MEASUREMENT_VERSION} tasa measurement")
+    return m
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def split_data(cfg: PipelineConfig) -> dict:
+    """The pools of the module docstring: ``gen_calib``, ``gen_heldout`` (documents),
+    ``gsm8k_calib``, ``gsm8k_heldout``, ``arc_calib``, ``arc_heldout`` (items)."""
+    gen = data.load_general(cfg.data)
+    gsm = data.load_gsm8k(cfg.data, "train")
+    arc = data.load_arc(cfg.data, "challenge", "validation") + data.load_arc(cfg.data, "easy", "validation")
+    n_gh = max(1, int(round(len(gen) * cfg.holdout)))
+    if len(gen) - n_gh < 1:
+        raise ValueError("tasa: not enough general documents to hold some out")
+
+    def split(items, salt):
+        items = list(items)
+        random.Random(f"{cfg.seed}:{salt}").shuffle(items)
+        k = max(1, int(round(len(items) * cfg.holdout)))
+        if len(items) - k < 1:
+            raise ValueError(f"tasa: not enough {salt} items to hold some out")
+        return items[:-k], items[-k:]
+
+    gsm_c, gsm_h = split(gsm, "gsm8k")
+    arc_c, arc_h = split(arc, "arc")
+    return {"gen_calib": gen[:-n_gh], "gen_heldout": gen[-n_gh:],
+            "gsm8k_calib": gsm_c, "gsm8k_heldout": gsm_h, "arc_calib": arc_c, "arc_heldout": arc_h}
+
+
+def _task_pools(split: dict, which: str) -> dict:
+    return {"gsm8k": data.Pool("gsm8k", [data.format_gsm8k(x) for x in split[f"gsm8k_{which}"]]),
+            "arc": data.Pool("arc", [data.format_arc(x) for x in split[f"arc_{which}"]])}
+
+
+def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: int, seed: int):
+    """The GPTQ calibration set for mixing ratio ``alpha``: ``round(alpha n)`` general
+    sequences, the rest task sequences (GSM8K and ARC equally)."""
+    n_gen, n_task = mixture.mixture_counts(alpha, n)
+    parts, src = [], []
+    if n_gen:
+        b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), n_gen,
+                                   seqlen, seed=seed)
+        parts.append(b.input_ids)
+        src += [0] * n_gen
+    if n_task:
+        b = data.calibration_batch(tokenizer, _task_pools(split, "calib"), n_task, seqlen,
+                                   seed=seed + 1)
+        parts.append(b.input_ids)
+        src += [1] * n_task
+    return torch.cat(parts), torch.tensor(src, dtype=torch.int64), (n_gen, n_task)
+
+
+# ---- stage 2: mixture search ------------------------------------------------------------------
+
+def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, alloc.LinearSpec]:
+    out = {}
+    for name, m in default_targets(model).items():
+        G = resolve_group_size(m.in_features, cfg.group_size)
+        out[name] = alloc.LinearSpec(name, m.out_features, m.in_features, G, cfg.mode,
+                                     cfg.act_order)
+    return out
+
+
+def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig, progress=True) -> dict:
+    t0 = time.perf_counter()
+    parts = []
+    b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), cfg.n_gen,
+                               cfg.mix_seqlen, seed=cfg.seed)
+    parts.append(b.input_ids)
+    b = data.calibration_batch(tokenizer, _task_pools(split, "calib"), cfg.n_task,
+                               cfg.mix_seqlen, seed=cfg.seed + 1)
+    parts.append(b.input_ids)
+    b = data.calibration_batch(tokenizer, _task_pools(split, "heldout"), cfg.n_test,
+                               cfg.mix_seqlen, seed=cfg.seed + 2)
+    parts.append(b.input_ids)
+    ids = torch.cat(parts)
+    src = torch.tensor([0] * cfg.n_gen + [1] * cfg.n_task + [2] * cfg.n_test, dtype=torch.int64)
+    specs = _linear_specs(model, cfg)
+    curve = mixture.MixtureCurve(normalize=cfg.mix_normalize)
+    diags: Dict[str, tuple] = {}
+    shared: Dict[str, List[str]] = {}
+
+    def on_block(idx, block, prefix, hessians):
+        seen: Dict[int, str] = {}
+        for lname, (H, count) in hessians.items():
+            full = f"{prefix}.{lname}"
+            if full not in specs:
+                continue
+            if (count == 0).any():
+                raise ValueError(f"tasa: {full}: a calibration source produced no tokens")
+            key = id(H)
+            if key in seen:
+                shared[seen[key]].append(full)
+            else:
+                seen[key] = full
+                shared[full] = [full]
+            diags[full] = (torch.diagonal(H[0]).clone(), torch.diagonal(H[1]).clone())
+        for first, members in shared.items():
+            if first.startswith(prefix + ".") and first not in curve.layers:
+                H = hessians[first[len(prefix) + 1:]][0]
+                curve.add_layer(first, H[0], H[1], H[2], weight=float(len(members)))
+        return False
+
+    calib.run_blockwise(model, ids, on_block, src=src, n_sources=3, progress=progress,
+                        linear_filter=lambda f: f in specs)
+    if cfg.alpha is None:
+        a_star, f_star = curve.argmin()
+    else:
+        a_star, f_star = float(cfg.alpha), curve(float(cfg.alpha))
+    # per-group RTN errors under diag(H_alpha*), for the intra-layer step
+    mods = dict(model.named_modules())
+    group_err = {}
+    widths = list(tasa_ext.SUPPORTED_BITS)
+    for name, spec in specs.items():
+        dg, dt = diags[name]
+        h = a_star * dg + (1 - a_star) * dt
+        E = alloc.group_rtn_errors(mods[name].weight, h, spec.group_size, widths, cfg.mode)
+        group_err[name] = E.tolist()
+    table = curve.table(cfg.alpha_grid)
+    layer_alpha = {}
+    for n in curve.layers:
+        sub = mixture.MixtureCurve(layers={n: curve.layers[n]}, normalize=curve.normalize)
+        layer_alpha[n] = sub.argmin(n_grid=201)[0]
+    return {
+        "alpha_star": a_star, "f_star": f_star, "alpha_searched": cfg.alpha is None,
+        "best_on_grid": curve.best_on_grid(cfg.alpha_grid), "table": table,
+        "curve": curve.compress(1e-5).to_dict(), "layer_alpha": layer_alpha,
+        "shared_inputs": shared, "group_error_widths": widths, "group_errors": group_err,
+        "tokens": {"gen": cfg.n_gen * cfg.mix_seqlen, "task": cfg.n_task * cfg.mix_seqlen,
+                   "test": cfg.n_test * cfg.mix_seqlen},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---- stage 3: sensitivity ---------------------------------------------------------------------
+
+def build_objectives(tokenizer, split: dict, cfg: PipelineConfig) -> List[sensitivity.Objective]:
+    objs = []
+    for name in cfg.objectives:
+        if name == "ppl":
+            objs.append(sensitivity.text_objective(
+                "ppl", tokenizer, split["gen_heldout"], cfg.sens_ppl_windows, cfg.sens_ppl_seqlen,
+                seed=cfg.seed + 3, description=f"held-out general text, {cfg.sens_ppl_windows} x "
+                f"{cfg.sens_ppl_seqlen} tokens"))
+        elif name == "math":
+            objs.append(sensitivity.gsm8k_objective(tokenizer, split["gsm8k_heldout"],
+                                                    cfg.sens_math_items, seed=cfg.seed + 4))
+        elif name == "arc":
+            objs.append(sensitivity.arc_objective(tokenizer, split["arc_heldout"],
+                                                  cfg.sens_arc_items, seed=cfg.seed + 5))
+    return objs
+
+
+def _units(model, cfg):
+    targets = list(default_targets(model))
+    return (sensitivity.block_units(model, targets) if cfg.granularity == "block"
+            else sensitivity.linear_units(model, targets))
+
+
+# ---- stage 4: allocation ----------------------------------------------------------------------
+
+def allocate(measurement: Mapping, bits: float, beta: float = 0.5,
+             widths: Sequence[int] = (3, 4, 8), intra: bool = True,
+             act_order: bool = False) -> dict:
+    """Bit allocation from a measurement (no model needed: seconds). Returns
+    ``{"plan": {fqn: {...}}, "summary", "item_bits", "scores", "layer_allocation"}``; raises
+    ``ValueError`` for an infeasible budget."""
+    sens = measurement.get("sensitivity") or {}
+    if not sens.get("complete"):
+        raise ValueError("tasa: the measurement has no complete sensitivity stage")
+    lin = measurement["linears"]
+    units = measurement["units"]
+    objs = list(sens["objectives"])
+    delta = sens["delta"]
+    names = list(units)
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"tasa: beta must be in [0, 1], got {beta}")
+    prof = {k: np.array([delta[u][k] for u in names]) for k in objs}
+    # an objective whose probes never increased its loss carries no ranking information (e.g.
+    # an untrained model): it is left out of the aggregate, and the report says so
+    dropped = sorted(k for k, v in prof.items() if not (v > 0).any())
+    prof = {k: v for k, v in prof.items() if k not in dropped}
+    s_tasks = {k: v for k, v in prof.items() if k != "ppl"}
+    if not prof:
+        score = np.full(len(names), 1.0 / len(names))
+    elif "ppl" not in prof:
+        if beta > 0 and "ppl" not in dropped:
+            raise ValueError("tasa: beta > 0 needs the ppl objective in the measurement")
+        score = np.mean([stats.normalize(v) for v in s_tasks.values()], axis=0)
+    elif not s_tasks:
+        score = stats.normalize(prof["ppl"])
+    else:
+        score = stats.aggregate(prof["ppl"], s_tasks, beta)
+    specs = {f: alloc.LinearSpec(f, v["n_out"], v["k_in"], v["group_size"], v["mode"], act_order)
+             for f, v in lin.items()}
+    items = {u: [specs[f] for f in units[u]["linears"]] for u in names}
+    la = alloc.allocate_layers(items, bits, sensitivities=dict(zip(names, score.tolist())),
+                               widths=widths, ref_bits=int(measurement["config"]["sens_bits"]))
+    per_linear: Dict[str, Any] = dict(la.linear_bits)
+    if intra:
+        mix = measurement["mixture"]
+        ew = list(mix["group_error_widths"])
+        for f, b in la.linear_bits.items():
+            E = np.asarray(mix["group_errors"][f])
+            per_linear[f] = alloc.allocate_groups(specs[f], b, errors=E, error_widths=ew,
+                                                  allowed=widths)
+    plan = alloc.make_plan(specs, per_linear)
+    shapes = {f: (s.n_out, s.k_in) for f, s in specs.items()}
+    summary = alloc.plan_summary(plan, shapes)
+    budget = alloc.budget_from_avg_bits(bits, summary["n_weights"])
+    if summary["cost_bits"] > budget:
+        raise RuntimeError("tasa: internal error: the plan exceeds its budget")
+    return {"plan": plan, "summary": summary, "item_bits": la.bits,
+            "scores": dict(zip(names, score.tolist())), "layer_allocation": la.to_dict(),
+            "target_bits": float(bits), "beta": float(beta), "widths": list(widths),
+            "dropped_objectives": dropped,
+            "intra": bool(intra), "budget_bits": budget}
+
+
+# ---- the whole job ----------------------------------------------------------------------------
+
+class _Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str):
+        if not self.quiet:
+            print(f"[tasa] {msg}", flush=True)
+
+
+def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = False,
+            progress: bool = True, log=print) -> dict:
+    """Stages 1-3 with resume: ``path`` (measurement.json) is updated after every stage and
+    every sensitivity probe; an existing file made with the same settings is continued, one
+    made with other settings is an error (never overwritten silently) unless ``fresh``."""
+    fp = cfg.measure_fingerprint()
+    m = None
+    if path.is_file() and not fresh:
+        m = load_measurement(path)
+        if m["config"] != fp:
+            diff = sorted(k for k in fp if m["config"].get(k) != fp[k])
+            raise ValueError(f"tasa: {path} was measured with other settings ({', '.join(diff)}); "
+                             f"use another --out, pass --fresh to discard it, or re-use it with "
+                             f"the same settings")
+        log(f"resuming from {path}")
+    if m is None:
+        m = {"kind": "tasa.measurement", "version": MEASUREMENT_VERSION, "config": fp,
+             "format_version": tasa_ext.FORMAT_VERSION, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    specs = _linear_specs(model, cfg)
+    m["linears"] = {f: {"n_out": s.n_out, "k_in": s.k_in, "group_size": s.group_size,
+                        "mode": s.mode} for f, s in specs.items()}
+    units = _units(model, cfg)
+    m["units"] = {u: {"block": i, "linears": f} for u, (i, f) in units.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_json(path, m)
+    split = split_data(cfg)
+    m["data"] = {k: len(v) for k, v in split.items()}
+    if "mixture" not in m:
+        log(f"mixture search: Hessians of {cfg.n_gen} general / {cfg.n_task} task / "
+            f"{cfg.n_test} held-out task sequences x {cfg.mix_seqlen} tokens, one pass")
+        m["mixture"] = measure_mixture(model, tokenizer, split, cfg, progress)
+        _atomic_json(path, m)
+    mix = m["mixture"]
+    log(f"alpha* = {mix['alpha_star']:.3f} (share of general text in the calibration mix; "
+        f"best grid point {mix['best_on_grid']})")
+    sens = m.get("sensitivity") or {}
+    if not sens.get("complete"):
+        objs = build_objectives(tokenizer, split, cfg)
+        sens.setdefault("objectives", [o.name for o in objs])
+        sens["objective_data"] = [o.summary() for o in objs]
+        sens.setdefault("delta", {})
+        sens["bits"] = cfg.sens_bits
+        t_prev = float(sens.get("seconds", 0.0))
+        t0 = time.perf_counter()
+        m["sensitivity"] = sens
+        log(f"sensitivity: {len(units)} {cfg.granularity} probes x {len(objs)} objectives "
+            f"({len(sens['delta'])} already measured)")
+
+        def on_result(u, d):
+            sens["delta"][u] = d
+            sens["seconds"] = t_prev + time.perf_counter() - t0
+            _atomic_json(path, m)
+
+        res = sensitivity.measure_sensitivity(
+            model, objs, units, bits=cfg.sens_bits, group_size=cfg.group_size, mode=cfg.mode,
+            done=sens["delta"], on_result=on_result, base=sens.get("base"), progress=progress)
+        sens["base"] = res["base"]
+        sens["delta"] = res["delta"]
+        sens["seconds"] = t_prev + time.perf_counter() - t0
+        names = list(units)
+        prof = {k: [res["delta"][u][k] for u in names] for k in sens["objectives"]}
+        if "ppl" in prof and len(prof) > 1 and len(names) > 1:
+            sens["illusion"] = stats.illusion_report(
+                prof["ppl"], {k: v for k, v in prof.items() if k != "ppl"},
+                k=max(1, len(names) // 5), pairs="all")
+        sens["complete"] = True
+        _atomic_json(path, m)
+    return m
+
+
+def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optional[str] = None,
+        progress: bool = True, quiet: bool = False, report: bool = True,
+        model: Optional[nn.Module] = None, tokenizer=None) -> dict:
+    """The whole job (module docstring). Writes into ``out``: the quantized model
+    (``model.safetensors`` + ``tasa_config.json`` + tokenizer), ``plan.json``,
+    ``measurement.json``, ``report.md``, ``*.png``, ``run.json``. Returns the run summary.
+    ``model``/``tokenizer``: an already-built model to use instead of loading ``cfg.model``
+    (it is quantized in place)."""
+    from . import io as tio
+    from .models import load_model
+    from .ppl import perplexity
+    from .quantize import quantize_model
+
+    cfg.validate()
+    log = _Log(quiet)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+    t = time.perf_counter()
+    if model is None:
+        model, tok, info = load_model(cfg.model)
+    else:
+        from .models import ModelInfo
+
+        if tokenizer is None:
+            raise ValueError("tasa: pass the tokenizer together with the model")
+        tok = tokenizer
+        info = getattr(model, "tasa_info", None) or ModelInfo(cfg.model, "in-memory")
+    timings["load"] = time.perf_counter() - t
+    log(info.note())
+    mpath = out / MEASUREMENT_NAME
+    if measurement_from is not None:
+        m = load_measurement(measurement_from)
+        if m["config"] != cfg.measure_fingerprint():
+            diff = sorted(k for k, v in cfg.measure_fingerprint().items() if m["config"].get(k) != v)
+            raise ValueError(f"tasa: {measurement_from} was measured with other settings "
+                             f"({', '.join(diff)})")
+        if not (m.get("sensitivity") or {}).get("complete"):
+            raise ValueError(f"tasa: {measurement_from} is incomplete; resume it with its own --out")
+        _atomic_json(mpath, m)
+        log(f"re-using the measurement {measurement_from} (no calibration)")
+    else:
+        t = time.perf_counter()
+        m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log)
+        timings["measure"] = time.perf_counter() - t
+    # reference perplexity (before the model is quantized in place)
+    wt_text = data.load_wikitext2(cfg.data, "test")
+    ref_ppl = None
+    if cfg.eval_windows > 0:
+        t = time.perf_counter()
+        ref_ppl = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen,
+                             max_windows=cfg.eval_windows, progress=progress)
+        timings["eval_reference"] = time.perf_counter() - t
+    # allocation
+    t = time.perf_counter()
+    A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)
+    timings["allocate"] = time.perf_counter() - t
+    plan_json = {"format_version": tasa_ext.FORMAT_VERSION, "target_bits": cfg.bits,
+                 "beta": cfg.beta, "widths": list(cfg.widths), "intra": cfg.intra,
+                 "alpha": m["mixture"]["alpha_star"], "summary": A["summary"],
+                 "item_bits": A["item_bits"], "layers": A["plan"]}
+    _atomic_json(out / PLAN_NAME, plan_json)
+    log(f"plan: {A['summary']['avg_bits']:.4f} average bits (budget {cfg.bits}); widths "
+        + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
+    # quantization
+    t = time.perf_counter()
+    lplan = {f: LayerSpec(e["bits"], e["group_size"], e["mode"], e["act_order"])
+             for f, e in A["plan"].items()}
+    alpha = float(m["mixture"]["alpha_star"])
+    qinfo: Dict[str, Any] = {"method": cfg.method}
+    if cfg.method == "gptq":
+        split = split_data(cfg)
+        ids, src, counts = mixture_calibration(tok, split, alpha, cfg.n_calib, cfg.seqlen,
+                                               cfg.seed + 10)
+        qinfo["calibration"] = {"n_general": counts[0], "n_task": counts[1], "seqlen": cfg.seqlen}
+        log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
+        res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress)
+    else:
+        res = quantize_model(model, lplan, "rtn", progress=progress)
+    qinfo["seconds"] = res["seconds"]
+    timings["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tio.save_quantized(model, out, lplan,
+                       tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
+        "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
+        "avg_bits": A["summary"]["avg_bits"]})
+    timings["save"] = time.perf_counter() - t
+    q_ppl = None
+    if cfg.eval_windows > 0:
+        t = time.perf_counter()
+        q_ppl = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen,
+                           max_windows=cfg.eval_windows, progress=progress)
+        timings["eval_quantized"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    summary = {
+        "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
+        "alpha_star": alpha, "avg_bits": A["summary"]["avg_bits"],
+        "width_fraction": A["summary"]["width_fraction"],
+        "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],
+        "ppl_quantized": None if q_ppl is None else q_ppl["ppl"],
+        "ppl_protocol": None if q_ppl is None else {
+            "windows": q_ppl["windows"], "seqlen": q_ppl["seqlen"], "tokens": q_ppl["tokens"],
+            "text": "WikiText-2 test (" + ("shipped slice" if cfg.data is None else str(cfg.data)) + ")"},
+        "quantization": qinfo, "timings_s": timings, "peak_rss_mib": peak_rss_mib(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "tasa_cpu_isa": tasa_ext.build_info().get("cpu_isa")},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    _atomic_json(out / "run.json", summary)
+    if report:
+        from .report import write_report
+
+        write_report(out, m, A, summary)
+    log(f"done in {timings['total']:.0f} s: {out}")
+    return summary

@@ -1,0 +1,352 @@
+"""Per-layer sensitivity for several objectives, measured by quantization perturbation.
+
+For each *unit* ``u`` (a decoder block by default, or a single linear) we quantize only ``u``
+with round-to-nearest at a low width (default 3 bits, group size 128, the same format and
+parameters as the real quantizer, :func:`tasa.quantize.quantize_rtn`), keep everything else
+in full precision, and measure the increase of each objective's loss:
+
+    s_k[u] = L_k(model with u quantized) - L_k(model)          (nats per scored token)
+
+Objectives (:class:`Objective`) are token sequences with a mask of the tokens that are scored:
+
+* ``ppl``  -- general-text NLL: every token of random windows of held-out general text;
+* ``math`` -- GSM8K gold-solution NLL: the tokens of the reference chain-of-thought solution
+  given ``"Question: ...\\nAnswer:"`` (exact match is near zero for small models; the NLL of the
+  gold solution is the sensitive, smooth signal);
+* ``arc``  -- ARC correct-answer log-likelihood: the tokens of the correct choice given the
+  question (the continuation lm-eval scores for ARC multiple choice).
+
+Cost: a probe of the unit in block ``l`` recomputes only blocks ``l .. L-1``: the hidden states
+entering every block are cached once for the full-precision model (``L * tokens * hidden``
+floats), blocks before ``l`` are replaced by pass-throughs and block ``l`` receives its cached
+input. Everything else (embeddings, masks, rotary tables, the final norm, lm_head and any logit
+soft-capping) runs through the model's own ``forward``, so any transformers decoder-only model
+whose blocks take the hidden states as first argument works (LLaMA, Qwen2, Gemma3, ...).
+Losses are computed on the scored positions only (the hidden states are gathered before
+``lm_head``), so no ``[batch, T, vocab]`` logits tensor is materialised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import calib
+from .quantize import LayerSpec, flush_denormals, quantize_rtn, resolve_group_size
+
+__all__ = ["Objective", "text_objective", "qa_objective", "gsm8k_objective", "arc_objective",
+           "block_units", "linear_units", "objective_losses", "measure_sensitivity"]
+
+
+@dataclasses.dataclass
+class Objective:
+    """``input_ids`` int64 [n, T] (right-padded), ``score`` bool [n, T]: token ``t`` is scored
+    (its NLL given tokens ``< t`` counts); position 0 is never scored. Loss = mean NLL over the
+    scored tokens."""
+
+    name: str
+    input_ids: torch.Tensor
+    score: torch.Tensor
+    description: str = ""
+
+    def __post_init__(self):
+        if self.input_ids.dim() != 2 or self.input_ids.shape != self.score.shape:
+            raise ValueError(f"tasa: objective {self.name!r}: input_ids and score must both be "
+                             f"[n, T], got {tuple(self.input_ids.shape)} and {tuple(self.score.shape)}")
+        self.score = self.score.bool().clone()
+        self.score[:, 0] = False
+        if int(self.score.sum()) == 0:
+            raise ValueError(f"tasa: objective {self.name!r} scores no tokens")
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.score.sum())
+
+    def summary(self) -> dict:
+        return {"name": self.name, "sequences": int(self.input_ids.shape[0]),
+                "seq_len": int(self.input_ids.shape[1]), "scored_tokens": self.n_scored,
+                "description": self.description}
+
+
+def text_objective(name: str, tokenizer, texts: Sequence[str], n: int, seqlen: int,
+                   seed: int = 0, description: str = "") -> Objective:
+    """``n`` random ``seqlen``-token windows of the ``"\\n\\n"``-joined texts, all scored."""
+    from .data import calibration_batch
+
+    b = calibration_batch(tokenizer, list(texts), n, seqlen, seed=seed)
+    return Objective(name, b.input_ids, torch.ones_like(b.input_ids, dtype=torch.bool),
+                     description or f"{n} x {seqlen}-token windows, every token scored")
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def qa_objective(name: str, tokenizer, pairs: Sequence[tuple], max_len: int = 384,
+                 description: str = "") -> Objective:
+    """Prompt/continuation pairs: the continuation's tokens are scored given the prompt.
+    Tokenized as ``prompt`` and ``prompt + continuation`` (so BPE merges across the boundary
+    are those of the full text); sequences are right-padded (causal attention never looks
+    right, so padding needs no mask) and truncated to ``max_len`` tokens (the prompt keeps at
+    least one scored continuation token, or the pair is dropped)."""
+    def enc(text):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return list(ids)
+
+    seqs, marks = [], []
+    for prompt, cont in pairs:
+        p = enc(prompt)
+        full = enc(prompt + cont)
+        k = len(p)
+        while k > 0 and (k > len(full) or full[:k] != p[:k]):
+            k -= 1      # the boundary token merged with the continuation: score from there
+        full = full[:max_len]
+        if len(full) <= max(k, 1):
+            continue
+        seqs.append(full)
+        marks.append(max(k, 1))
+    if not seqs:
+        raise ValueError(f"tasa: objective {name!r}: no usable prompt/continuation pair")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), _pad_id(tokenizer), dtype=torch.int64)
+    score = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (s, k) in enumerate(zip(seqs, marks)):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+        score[i, k:len(s)] = True
+    return Objective(name, ids, score, description)
+
+
+def gsm8k_objective(tokenizer, items: Sequence[Mapping], n: int, seed: int = 0,
+                    max_len: int = 384) -> Objective:
+    """``math``: NLL of the gold chain-of-thought solution given the question (``n`` items
+    drawn with ``seed``)."""
+    items = list(items)
+    pick = random.Random(seed).sample(items, min(n, len(items)))
+    pairs = [(f"Question: {it['question']}\nAnswer:", " " + it["answer"]) for it in pick]
+    return qa_objective("math", tokenizer, pairs, max_len,
+                        f"GSM8K gold-solution NLL given the question, {len(pairs)} items")
+
+
+def arc_objective(tokenizer, items: Sequence[Mapping], n: int, seed: int = 0,
+                  max_len: int = 256) -> Objective:
+    """``arc``: log-likelihood of the correct choice's text given the question (lm-eval's
+    ARC continuation), ``n`` items drawn with ``seed``."""
+    items = list(items)
+    pick = random.Random(seed).sample(items, min(n, len(items)))
+    pairs = [(f"Question: {it['question']}\nAnswer:", " " + it["choices"][it["gold"]])
+             for it in pick]
+    return qa_objective("arc", tokenizer, pairs, max_len,
+                        f"ARC correct-answer NLL given the question, {len(pairs)} items")
+
+
+# ---- units ----------------------------------------------------------------------------------
+
+def block_units(model: nn.Module, targets: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
+    """``{block prefix: (block index, [linear fqns])}`` -- one unit per decoder block, holding the
+    block's nn.Linear modules (restricted to ``targets`` when given)."""
+    layers, prefix = calib.decoder_layers(model)
+    wanted = None if targets is None else set(targets)
+    out = {}
+    for i, blk in enumerate(layers):
+        p = f"{prefix}.{i}"
+        lins = [f"{p}.{n}" for n, m in blk.named_modules() if isinstance(m, nn.Linear)
+                and (wanted is None or f"{p}.{n}" in wanted)]
+        if lins:
+            out[p] = (i, lins)
+    return out
+
+
+def linear_units(model: nn.Module, targets: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
+    """``{linear fqn: (block index, [fqn])}`` -- one unit per linear."""
+    return {f: (i, [f]) for _, (i, lins) in block_units(model, targets).items() for f in lins}
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder block that a probe does not need to recompute."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        for attr in ("attention_type", "layer_type", "is_sliding", "sliding_window"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _batches(obj: Objective, tokens_per_batch: int) -> List[tuple]:
+    """``(row indices, length)`` batches: rows sorted by their used length (last scored token +
+    1) and cut to that length per batch -- trailing padding never influences earlier tokens
+    under causal attention, so it need not be computed."""
+    n, T = obj.input_ids.shape
+    pos = torch.arange(T).expand(n, T)
+    used = torch.where(obj.score, pos + 1, torch.zeros_like(pos)).amax(1)
+    order = torch.argsort(used, descending=True, stable=True)
+    out, i = [], 0
+    while i < n:
+        L = int(used[order[i]])
+        bs = max(1, tokens_per_batch // max(L, 1))
+        rows = order[i:i + bs]
+        out.append((rows, L))
+        i += bs
+    return out
+
+
+class _Prober:
+    """Holds the cached block inputs of every objective batch and runs probes."""
+
+    def __init__(self, model, objectives: Sequence[Objective], tokens_per_batch: int):
+        self.model = model
+        self.layers, _ = calib.decoder_layers(model)
+        self.objectives = list(objectives)
+        self.dev = next(model.parameters()).device
+        self.batches = {o.name: _batches(o, tokens_per_batch) for o in self.objectives}
+        self.cache: Dict[tuple, torch.Tensor] = {}     # (obj, batch, layer) -> hidden in
+        self.base = self._run(start=None, record=True)
+
+    def _final(self, hidden, obj: Objective, rows, L: int) -> tuple:
+        """Summed NLL and count of the scored tokens of one batch, from the final hidden."""
+        score = obj.score[rows, :L].to(self.dev)
+        tgt = obj.input_ids[rows, :L].to(self.dev)
+        pos = score[:, 1:]                       # hidden at t-1 predicts token t
+        h = hidden[:, :-1][pos]
+        logits = self.model.get_output_embeddings()(h).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        nll = F.cross_entropy(logits, tgt[:, 1:][pos], reduction="sum")
+        return float(nll.detach()), int(pos.sum())
+
+    def _run(self, start: Optional[int], record: bool = False) -> Dict[str, float]:
+        """Mean scored NLL per objective. ``start``: first block to recompute (None: all);
+        ``record``: cache every block's input."""
+        layers = self.layers
+        originals = list(layers)
+        handles = []
+        state = {}
+        if start is not None:
+            for i in range(start):
+                layers[i] = _PassThrough(originals[i])
+
+            def sub(mod, args, kwargs):
+                return (state["h"],) + tuple(args[1:]), kwargs
+            handles.append(layers[start].register_forward_pre_hook(sub, with_kwargs=True))
+        if record:
+            def make_rec(i):
+                def rec(mod, args, kwargs):
+                    h = args[0] if args else kwargs["hidden_states"]
+                    self.cache[(state["obj"], state["b"], i)] = h.detach()
+                return rec
+            handles += [layers[i].register_forward_pre_hook(make_rec(i), with_kwargs=True)
+                        for i in range(len(layers))]
+        base_model = getattr(self.model, self.model.base_model_prefix)
+        out = {}
+        try:
+            for obj in self.objectives:
+                tot, cnt = 0.0, 0
+                for bi, (rows, L) in enumerate(self.batches[obj.name]):
+                    state["obj"], state["b"] = obj.name, bi
+                    if start is not None:
+                        state["h"] = self.cache[(obj.name, bi, start)]
+                    # run the base model only (not lm_head over every position)
+                    res = base_model(input_ids=obj.input_ids[rows, :L].to(self.dev), use_cache=False)
+                    s, c = self._final(res.last_hidden_state, obj, rows, L)
+                    tot, cnt = tot + s, cnt + c
+                out[obj.name] = tot / cnt
+        finally:
+            for h in handles:
+                h.remove()
+            for i, blk in enumerate(originals):
+                layers[i] = blk
+        return out
+
+    def probe(self, start: int, linears: Sequence[nn.Linear], specs: Sequence[LayerSpec]) -> Dict[str, float]:
+        saved = [lin.weight.data for lin in linears]
+        try:
+            for lin, spec in zip(linears, specs):
+                q = quantize_rtn(lin.weight, spec)
+                lin.weight.data = q.dequantize().to(lin.weight.dtype).to(lin.weight.device)
+            return self._run(start)
+        finally:
+            for lin, w in zip(linears, saved):
+                lin.weight.data = w
+
+
+def objective_losses(model: nn.Module, objectives: Sequence[Objective],
+                     tokens_per_batch: int = 2048) -> Dict[str, float]:
+    """Mean scored NLL of each objective (nats per token) for the model as it is."""
+    with torch.no_grad():
+        return _Prober(model, objectives, tokens_per_batch).base
+
+
+def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
+                        units: Mapping[str, tuple], bits: int = 3, group_size: int = 128,
+                        mode: str = "asym", tokens_per_batch: int = 2048,
+                        done: Optional[Mapping[str, Mapping[str, float]]] = None,
+                        on_result: Optional[Callable[[str, Dict[str, float]], None]] = None,
+                        base: Optional[Mapping[str, float]] = None,
+                        progress: bool = True) -> dict:
+    """Loss increase of every objective when only unit ``u`` is RTN-quantized at ``bits``.
+
+    ``units``: ``{name: (block index, [linear fqns])}`` (:func:`block_units`,
+    :func:`linear_units`). ``done``: results already measured (resume) -- those units are not
+    probed again; ``on_result(name, deltas)`` is called after each new probe (e.g. to persist
+    it). ``base``: the recorded full-precision losses of a resumed run -- they must match the
+    recomputed ones (same model and data), otherwise the old results are not comparable and a
+    ``ValueError`` is raised. Group size: the largest multiple of 32 <= ``group_size`` that
+    divides each linear's K (:func:`tasa.quantize.resolve_group_size`).
+
+    Returns ``{"base": {obj: loss}, "delta": {unit: {obj: loss increase}}, "seconds": s}``.
+    """
+    t0 = time.perf_counter()
+    names = {o.name for o in objectives}
+    if len(names) != len(objectives):
+        raise ValueError("tasa: objective names must be unique")
+    mods = dict(model.named_modules())
+    delta = {k: dict(v) for k, v in (done or {}).items() if k in units}
+    with torch.no_grad(), flush_denormals():
+        prober = _Prober(model, objectives, tokens_per_batch)
+        if base is not None:
+            for k, v in prober.base.items():
+                if k in base and not math.isclose(v, float(base[k]), rel_tol=1e-4, abs_tol=1e-5):
+                    raise ValueError(f"tasa: resumed sensitivity run: baseline {k} loss {v:.6f} "
+                                     f"differs from the recorded {float(base[k]):.6f}; the model "
+                                     f"or data changed -- start afresh")
+        todo = [u for u in units if u not in delta]
+        it = todo
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(todo, desc=f"sensitivity (RTN {bits}-bit probes)", unit="probe")
+        for u in it:
+            start, fqns = units[u]
+            lins = []
+            for f in fqns:
+                m = mods.get(f)
+                if not isinstance(m, nn.Linear):
+                    raise ValueError(f"tasa: sensitivity unit {u!r}: {f!r} is not an nn.Linear")
+                lins.append(m)
+            specs = []
+            for lin in lins:
+                G = resolve_group_size(lin.in_features, group_size)
+                specs.append(LayerSpec([bits] * (lin.in_features // G), G, mode))
+            losses = prober.probe(start, lins, specs)
+            d = {k: losses[k] - prober.base[k] for k in losses}
+            delta[u] = d
+            if on_result is not None:
+                on_result(u, d)
+    return {"base": prober.base, "delta": {u: delta[u] for u in units},
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,271 @@
+"""The TASA pipeline on tiny models: objectives, sensitivity probes, resume, allocation from a
+measurement, the end-to-end job and its CLI."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tasa_ext
+from tasa import cli, pipeline, sensitivity as S
+from tasa import data
+from tasa.io import load_quantized
+from tasa.quantize import LayerSpec, quantize_rtn, resolve_group_size
+
+from test_quantize import ByteTok, tiny_gemma3, tiny_llama, tiny_qwen2
+
+
+def tiny_cfg(**kw):
+    base = dict(model="tiny", n_gen=2, n_task=2, n_test=2, mix_seqlen=64, sens_ppl_windows=2,
+                sens_ppl_seqlen=48, sens_math_items=2, sens_arc_items=3, n_calib=4, seqlen=64,
+                eval_windows=1, eval_seqlen=128)
+    base.update(kw)
+    return pipeline.PipelineConfig(**base)
+
+
+def tiny3(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ---- objectives -------------------------------------------------------------------------------
+
+def test_qa_objective_scores_exactly_the_continuation():
+    tok = ByteTok()
+    obj = S.qa_objective("t", tok, [("Q: ab\nA:", " yes"), ("Q: longer one\nA:", " no!")])
+    assert obj.input_ids.shape == (2, len("Q: longer one\nA: no!"))
+    for i, (p, c) in enumerate([("Q: ab\nA:", " yes"), ("Q: longer one\nA:", " no!")]):
+        row = obj.score[i]
+        idx = row.nonzero().flatten().tolist()
+        assert idx == list(range(len(p), len(p) + len(c)))
+        assert bytes(obj.input_ids[i, idx].tolist()).decode() == c
+    with pytest.raises(ValueError, match="no usable"):
+        S.qa_objective("t", tok, [("x" * 50, " y")], max_len=20)
+
+
+def test_objective_losses_match_full_model_nll():
+    model = tiny3()
+    tok = ByteTok()
+    obj = S.qa_objective("qa", tok, [("Question: 1+1?\nAnswer:", " 2"),
+                                     ("Question: what is red?\nAnswer:", " a colour")])
+    got = S.objective_losses(model, [obj], tokens_per_batch=40)["qa"]   # forces 2 batches
+    with torch.no_grad():
+        lg = model(input_ids=obj.input_ids).logits.double()
+    lp = torch.log_softmax(lg[:, :-1], -1).gather(-1, obj.input_ids[:, 1:, None])[..., 0]
+    ref = float(-(lp * obj.score[:, 1:]).sum() / obj.score[:, 1:].sum())
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+# ---- sensitivity probes -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory", [tiny3, tiny_qwen2, tiny_gemma3])
+def test_probe_equals_quantizing_the_unit_in_a_copy(factory):
+    """The cached-input probe of unit u == the loss of a copy of the model with u quantized,
+    computed by a plain full forward."""
+    model = factory()
+    tok = ByteTok()
+    text = data.load_general()[:3]
+    objs = [S.text_objective("ppl", tok, text, 3, 40, seed=1),
+            S.qa_objective("qa", tok, [("Question: abc?\nAnswer:", " def ghi")])]
+    units = S.block_units(model)
+    res = S.measure_sensitivity(model, objs, units, bits=3, group_size=128, progress=False)
+    base = S.objective_losses(model, objs)
+    assert res["base"] == pytest.approx(base)
+    for u, (_, fqns) in units.items():
+        m2 = copy.deepcopy(model)
+        for f in fqns:
+            lin = m2.get_submodule(f)
+            G = resolve_group_size(lin.in_features, 128)
+            q = quantize_rtn(lin.weight, LayerSpec([3] * (lin.in_features // G), G, "asym"))
+            lin.weight.data = q.dequantize()
+        ref = S.objective_losses(m2, objs)
+        for k in ref:
+            assert res["delta"][u][k] == pytest.approx(ref[k] - base[k], abs=2e-5), (u, k)
+    # the model is left untouched
+    assert S.objective_losses(model, objs) == pytest.approx(base)
+    assert any(abs(d["ppl"]) > 1e-4 for d in res["delta"].values())
+
+
+def test_linear_units_name_every_linear_once():
+    model = tiny3()
+    lu = S.linear_units(model)
+    bu = S.block_units(model)
+    assert sorted(lu) == sorted(f for _, fs in bu.values() for f in fs)
+    assert all(lu[f][0] == i for i, fs in bu.values() for f in fs)
+
+
+# ---- measurement, resume, allocation ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    cfg = tiny_cfg()
+    m = pipeline.measure(tiny3(), ByteTok(), cfg, d / "measurement.json", progress=False,
+                         log=lambda s: None)
+    return cfg, m, d
+
+
+def test_measurement_contents(measured):
+    cfg, m, d = measured
+    on_disk = pipeline.load_measurement(d)
+    assert on_disk["sensitivity"]["complete"] and on_disk["config"] == cfg.measure_fingerprint()
+    mix = m["mixture"]
+    assert 0.0 <= mix["alpha_star"] <= 1.0
+    rows = [r for r in mix["table"] if not r.get("argmin")]
+    assert [r["alpha"] for r in rows] == list(cfg.alpha_grid)
+    assert all(r["f_rel"] >= 1 - 1e-9 for r in rows)
+    assert set(m["sensitivity"]["delta"]) == set(m["units"]) and len(m["units"]) == 3
+    assert {r["b"] for r in m["sensitivity"]["illusion"]} >= {"math", "arc"}
+    # every linear has per-group errors at every supported width, decreasing with width
+    for f, E in mix["group_errors"].items():
+        E = np.asarray(E)
+        assert E.shape == (m["linears"][f]["k_in"] // m["linears"][f]["group_size"], 4)
+        assert (np.diff(E, axis=1) <= 1e-12).all()
+
+
+def test_resume_after_interruption_gives_the_same_plan(measured, tmp_path, monkeypatch):
+    cfg, m_full, _ = measured
+    calls = {"n": 0}
+    real = S._Prober.probe
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt   # the user pressed Ctrl-C during the second probe
+        return real(self, *a, **k)
+
+    path = tmp_path / "measurement.json"
+    monkeypatch.setattr(S._Prober, "probe", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.measure(tiny3(), ByteTok(), cfg, path, progress=False, log=lambda s: None)
+    partial = pipeline.load_measurement(path)
+    assert len(partial["sensitivity"]["delta"]) == 1 and not partial["sensitivity"].get("complete")
+    monkeypatch.setattr(S._Prober, "probe", real)
+    logs = []
+    m = pipeline.measure(tiny3(), ByteTok(), cfg, path, progress=False, log=logs.append)
+    assert any("resuming" in s for s in logs)
+    assert calls["n"] == 2          # the resumed run probed only the two missing units
+    for u in m_full["units"]:
+        for k, v in m_full["sensitivity"]["delta"][u].items():
+            assert m["sensitivity"]["delta"][u][k] == pytest.approx(v, abs=1e-9)
+    a1 = pipeline.allocate(m_full, 3.6)
+    a2 = pipeline.allocate(m, 3.6)
+    assert a1["plan"] == a2["plan"]
+    # other settings: refused, never overwritten
+    with pytest.raises(ValueError, match="other settings"):
+        pipeline.measure(tiny3(), ByteTok(), tiny_cfg(sens_bits=2), path, progress=False,
+                         log=lambda s: None)
+    assert pipeline.load_measurement(path)["config"] == cfg.measure_fingerprint()
+
+
+@pytest.mark.parametrize("bits", [3.3, 3.5, 4.0, 4.4, 6.0])
+@pytest.mark.parametrize("intra", [False, True])
+def test_allocation_meets_the_budget_exactly(measured, bits, intra):
+    _, m, _ = measured
+    A = pipeline.allocate(m, bits, beta=0.5, intra=intra)
+    total = n = 0
+    for f, e in A["plan"].items():
+        s = m["linears"][f]
+        c = tasa_ext.cost_bits(s["n_out"], s["k_in"], s["group_size"], e["bits"], s["mode"])
+        assert c == e["cost_bits"]
+        total += c
+        n += s["n_out"] * s["k_in"]
+    assert total == A["summary"]["cost_bits"] <= A["budget_bits"] == int(np.floor(bits * n + 1e-9))
+    assert set(b for e in A["plan"].values() for b in e["bits"]) <= {3, 4, 8}
+    # the budget is used: no unit could be widened within what is left
+    left = A["budget_bits"] - total
+    if not intra:
+        for u, b in A["item_bits"].items():
+            nxt = {3: 4, 4: 8}.get(b)
+            if nxt:
+                extra = sum((nxt - b) * m["linears"][f]["k_in"] * -(-m["linears"][f]["n_out"] // 16) * 16
+                            for f in m["units"][u]["linears"])
+                assert extra > left
+
+
+def test_allocation_errors(measured):
+    _, m, _ = measured
+    with pytest.raises(ValueError, match="minimum|below"):
+        pipeline.allocate(m, 2.5)
+    with pytest.raises(ValueError, match="beta"):
+        pipeline.allocate(m, 3.5, beta=1.5)
+    broken = copy.deepcopy(m)
+    broken["sensitivity"]["complete"] = False
+    with pytest.raises(ValueError, match="complete"):
+        pipeline.allocate(broken, 3.5)
+
+
+def test_beta_moves_bits_towards_the_chosen_objective(measured):
+    _, m, _ = measured
+    m = copy.deepcopy(m)
+    u0, u1, u2 = list(m["units"])
+    # synthetic profiles: perplexity says u0 matters, the tasks say u1 matters
+    m["sensitivity"]["delta"] = {u0: {"ppl": 1.0, "math": 0.01, "arc": 0.01},
+                                 u1: {"ppl": 0.01, "math": 1.0, "arc": 1.0},
+                                 u2: {"ppl": 0.01, "math": 0.01, "arc": -0.5}}
+    a_ppl = pipeline.allocate(m, 3.6, beta=1.0, intra=False)
+    a_task = pipeline.allocate(m, 3.6, beta=0.0, intra=False)
+    assert a_ppl["item_bits"][u0] > a_ppl["item_bits"][u1]
+    assert a_task["item_bits"][u1] > a_task["item_bits"][u0]
+    assert a_task["scores"][u2] == pytest.approx(0.01 / 1.02 / 2 + 0.0)  # arc clipped at 0
+    # an objective no probe hurt is left out, and said so
+    m["sensitivity"]["delta"] = {u: {"ppl": d["ppl"], "math": d["math"], "arc": -1.0}
+                                 for u, d in m["sensitivity"]["delta"].items()}
+    assert pipeline.allocate(m, 3.6)["dropped_objectives"] == ["arc"]
+
+
+# ---- the whole job --------------------------------------------------------------------------
+
+def test_run_end_to_end_and_reload(tmp_path):
+    model = tiny3()
+    ref_model = copy.deepcopy(model)
+    tok = ByteTok()
+    cfg = tiny_cfg(bits=3.8)
+    s = pipeline.run(cfg, tmp_path, progress=False, quiet=True, model=model, tokenizer=tok)
+    for f in ("measurement.json", "plan.json", "report.md", "alpha_curve.png", "sensitivity.png",
+              "bitmap.png", "model.safetensors", "tasa_config.json", "run.json"):
+        assert (tmp_path / f).is_file(), f
+    assert s["avg_bits"] <= 3.8
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["summary"]["avg_bits"] == pytest.approx(s["avg_bits"])
+    rep = (tmp_path / "report.md").read_text()
+    assert "alpha*" in rep and "Kendall" in rep
+    # reload into a fresh skeleton: identical outputs, no re-quantization
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        y = model(input_ids=x).logits
+        y2 = load_quantized(tmp_path)(input_ids=x).logits
+        y_ref = ref_model(input_ids=x).logits
+    assert torch.equal(y, y2)
+    assert not torch.allclose(y, y_ref)     # it really is quantized
+    # re-using the measurement for another budget measures nothing
+    out2 = tmp_path / "b44"
+    s2 = pipeline.run(tiny_cfg(bits=4.4), out2, measurement_from=str(tmp_path), progress=False,
+                      quiet=True, model=copy.deepcopy(ref_model), tokenizer=tok)
+    assert "measure" not in s2["timings_s"] and s2["avg_bits"] > s["avg_bits"]
+
+
+def test_cli_allocate(measured, tmp_path, capsys):
+    _, _, d = measured
+    rc = cli.main(["allocate", "--measurement", str(d), "--bits", "3.7", "--out", str(tmp_path)])
+    assert rc == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["summary"]["avg_bits"] <= 3.7 and plan["format_version"] == tasa_ext.FORMAT_VERSION
+    rc = cli.main(["allocate", "--measurement", str(d), "--bits", "2.0", "--out", str(tmp_path)])
+    assert rc == 2 and "error" in capsys.readouterr().err
+    rc = cli.main(["allocate", "--measurement", str(tmp_path / "nope"), "--bits", "3.5",
+                   "--out", str(tmp_path)])
+    assert rc == 2
+
+
+def test_config_validation():
+    for bad in (dict(beta=2.0), dict(alpha=-0.1), dict(widths=(3, 5)), dict(granularity="x"),
+                dict(objectives=("ppl", "mmlu")), dict(method="awq"), dict(bits=0)):
+        with pytest.raises(ValueError):
+            tiny_cfg(**bad).validate()
