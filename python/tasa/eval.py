@@ -1,0 +1,751 @@
+"""Evaluation with lm-eval (EleutherAI lm-evaluation-harness), in process and fully offline.
+
+Any causal LM that is a ``transformers.PreTrainedModel`` — full precision, or with its
+``nn.Linear`` modules swapped for :class:`tasa.nn.TasaLinear` — is wrapped as it is (no reload)
+in ``lm_eval.models.huggingface.HFLM`` and evaluated with ``lm_eval.simple_evaluate`` on task
+configs built here in Python that read **local files** (no Hugging Face hub, no data set
+download):
+
+============== ================== ===========================================================
+task           output type        metrics (names in the summary)
+============== ================== ===========================================================
+gsm8k          generate_until     ``exact_match_strict`` (answer after ``#### ``),
+                                  ``exact_match_flexible`` (last number in the output);
+                                  greedy, ``num_fewshot`` examples (default 5) drawn from
+                                  GSM8K **train**, prompt ``Question: ...\\nAnswer:`` (the
+                                  lm-eval ``gsm8k`` task's format)
+gsm8k_nll      loglikelihood      negative log-likelihood of the gold solution (the full
+                                  ``answer`` field, calculator annotations and ``#### N``
+                                  included) given ``Question: ...\\nAnswer:``: ``nll`` (nats
+                                  per item, mean), ``bits_per_byte`` and ``byte_perplexity``
+                                  (pooled over all items); lower is better. Sensitive where
+                                  exact match of a small model is ~0.
+arc_challenge  multiple_choice    ``acc``, ``acc_norm`` (byte-length-normalized), ARC test,
+arc_easy                          prompt ``Question: ...\\nAnswer:``, 0-shot by default
+                                  (few-shot examples come from ARC *validation*)
+wikitext       loglikelihood_     ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``
+               rolling            over whole WikiText-2 *test* articles (the lm-eval
+                                  ``wikitext`` task: documents split at top-level
+                                  `` = Title = `` headings, detokenized, words/bytes counted
+                                  on the original text)
+============== ================== ===========================================================
+
+Data (``data=``): ``None`` uses the slices shipped in ``tasa/data`` (first 100 GSM8K test
+items, first 100 ARC-Challenge / ARC-Easy test items, the ~120 KB WikiText-2 test prefix;
+quick checks, not reportable numbers); a folder laid out like the project's ``shared/data``
+(``gsm8k/test.jsonl``, ``gsm8k/train.jsonl``, ``arc/ARC-*-test.jsonl``,
+``arc/ARC-*-validation.jsonl``, ``wikitext2/wiki.test.raw``); or a mapping from the keys of
+:data:`DATA_KEYS` to files (keys it does not name use the shipped slices). Evaluation reads
+only *test* splits; few-shot examples come from train (GSM8K) / validation (ARC) — never from
+the split being scored. Calibration (:mod:`tasa.data`) never uses the test splits.
+
+``limit=N`` scores a **seeded random subset** of N items (documents for ``wikitext``) of each
+task, drawn with ``random.Random(seed)`` from the whole file and kept in file order; the same
+``seed`` gives the same subset (and the same few-shot examples) on every run and every model.
+
+Determinism: scoring is greedy / log-likelihood only, so two runs with the same arguments give
+identical results. ``simple_evaluate`` seeds Python's, NumPy's and torch's global RNGs; this
+module saves and restores their states around the call.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import logging
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+from . import data as tdata
+
+__all__ = ["TASKS", "DEFAULT_TASKS", "DEFAULT_FEWSHOT", "DATA_KEYS", "evaluate",
+           "resolve_data", "wikitext_documents", "format_table", "add_eval_parser", "cmd_eval"]
+
+TASKS = ("gsm8k", "gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
+DEFAULT_TASKS = ("gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
+DEFAULT_FEWSHOT = {"gsm8k": 5, "gsm8k_nll": 0, "arc_challenge": 0, "arc_easy": 0, "wikitext": 0}
+
+# data key -> (file in tasa/data, file in a shared/data-like folder)
+DATA_KEYS = {
+    "gsm8k_test": ("gsm8k_test_slice.jsonl", "gsm8k/test.jsonl"),
+    "gsm8k_train": ("gsm8k_train_slice.jsonl", "gsm8k/train.jsonl"),
+    "arc_challenge_test": ("arc_challenge_test_slice.jsonl", "arc/ARC-Challenge-test.jsonl"),
+    "arc_easy_test": ("arc_easy_test_slice.jsonl", "arc/ARC-Easy-test.jsonl"),
+    "arc_challenge_validation": ("arc_challenge_validation_slice.jsonl",
+                                 "arc/ARC-Challenge-validation.jsonl"),
+    "arc_easy_validation": ("arc_easy_validation_slice.jsonl", "arc/ARC-Easy-validation.jsonl"),
+    "wikitext_test": ("wikitext2_test_slice.txt", "wikitext2/wiki.test.raw"),
+}
+# in a data folder, the joined WikiText-2 text is accepted when wiki.test.raw is absent
+_WIKITEXT_ALT = "wikitext2/wikitext2_test.joined.txt"
+# task -> (data key scored, data key for few-shot examples)
+_TASK_DATA = {
+    "gsm8k": ("gsm8k_test", "gsm8k_train"),
+    "gsm8k_nll": ("gsm8k_test", "gsm8k_train"),
+    "arc_challenge": ("arc_challenge_test", "arc_challenge_validation"),
+    "arc_easy": ("arc_easy_test", "arc_easy_validation"),
+    "wikitext": ("wikitext_test", None),
+}
+# lm-eval filter names -> suffix in the summary
+_FILTER_SHORT = {"none": "", "strict-match": "strict", "flexible-extract": "flexible"}
+
+_INSTALL_HINT = "pip install lm-eval  (with the project pins: pip install -c constraints.txt lm-eval)"
+
+
+def _require_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"tasa.eval needs lm-eval (EleutherAI lm-evaluation-harness), which is "
+                          f"not installed or broken ({e}); install with: {_INSTALL_HINT}") from e
+    return lm_eval
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def resolve_data(data=None, keys: Optional[Sequence[str]] = None) -> dict[str, Path]:
+    """Maps each data key (default: all of :data:`DATA_KEYS`) to an existing file.
+
+    ``data``: None (shipped slices), a folder laid out like ``shared/data``, or a mapping
+    ``{key: path}`` (other keys: shipped slices). A missing file raises FileNotFoundError
+    naming the path."""
+    keys = list(DATA_KEYS) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in DATA_KEYS]
+    if unknown:
+        raise KeyError(f"tasa: unknown data keys {unknown}; known: {list(DATA_KEYS)}")
+    out: dict[str, Path] = {}
+    if isinstance(data, Mapping):
+        bad = [k for k in data if k not in DATA_KEYS]
+        if bad:
+            raise KeyError(f"tasa: eval data mapping has unknown keys {bad}; known: "
+                           f"{list(DATA_KEYS)}")
+    elif data is not None:
+        root = Path(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"tasa: eval data folder {root} does not exist (give a folder "
+                                    f"laid out like shared/data, a mapping key -> file, or None "
+                                    f"for the slices shipped with tasa)")
+    for k in keys:
+        shipped, local = DATA_KEYS[k]
+        if data is None or (isinstance(data, Mapping) and k not in data):
+            p = tdata.PACKAGE_DATA / shipped
+        elif isinstance(data, Mapping):
+            p = Path(data[k])
+        else:
+            p = Path(data) / local
+            if k == "wikitext_test" and not p.is_file() and (Path(data) / _WIKITEXT_ALT).is_file():
+                p = Path(data) / _WIKITEXT_ALT
+        if not p.is_file():
+            raise FileNotFoundError(f"tasa: eval data file for {k!r} not found: {p} (expected "
+                                    f"the layout of shared/data: {local})")
+        out[k] = p.resolve()
+    return out
+
+
+def _joined_to_lines(text: str) -> list[str]:
+    """Inverse of ``"\\n\\n".join(rows)`` for WikiText rows ("" or one line ending in "\\n")."""
+    lines, i, n = [], 0, len(text)
+    while i < n:
+        if text[i] == "\n":                     # an empty row
+            lines.append("")
+        else:
+            j = text.find("\n", i)
+            j = n - 1 if j < 0 else j
+            lines.append(text[i:j + 1].rstrip("\n"))
+            i = j
+            if text[i] != "\n":
+                break
+            i += 1                              # the row's own newline
+        if text.startswith("\n\n", i):
+            i += 2
+            if i == n:                          # a final empty row
+                lines.append("")
+        else:
+            break
+    return lines
+
+
+_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+
+
+def wikitext_documents(path, drop_last: bool = False) -> list[str]:
+    """WikiText-2 articles from ``wiki.test.raw`` (one row per line) or from the joined text
+    (rows joined with ``"\\n\\n"``, e.g. the shipped slice): a new article starts at each
+    top-level `` = Title = `` line, lines are joined with ``"\\n"`` (the layout of the
+    ``EleutherAI/wikitext_document_level`` pages that lm-eval's ``wikitext`` task scores).
+    ``drop_last``: drop the last article (for a prefix slice, whose last article is cut)."""
+    path = Path(path)
+    text = tdata.read_text(path)
+    if path.suffix == ".raw":
+        lines = text.split("\n")
+        if lines and lines[-1] == "":           # the file's final newline
+            lines = lines[:-1]
+    else:
+        lines = _joined_to_lines(text)
+    docs, cur = [], []
+    for ln in lines:
+        if _TITLE.match(ln) and not ln.strip().startswith("= ="):
+            if "".join(cur).strip():
+                docs.append("\n".join(cur))
+            cur = []
+        cur.append(ln)
+    if "".join(cur).strip():
+        docs.append("\n".join(cur))
+    return docs[:-1] if drop_last and len(docs) > 1 else docs
+
+
+def _subset(items: list, limit: Optional[int], seed: int, salt: str) -> list:
+    if limit is None or limit >= len(items):
+        return list(items)
+    idx = sorted(random.Random(f"{seed}:{salt}").sample(range(len(items)), limit))
+    return [items[i] for i in idx]
+
+
+def _load_items(task: str, path: Path) -> list[dict]:
+    if task.startswith("gsm8k"):
+        items = tdata.load_gsm8k(path, "test")
+        bad = [i for i, x in enumerate(items) if "question" not in x or "answer" not in x]
+    elif task.startswith("arc"):
+        items = tdata.load_arc(path, task.split("_")[1], "test")
+        bad = []
+    else:
+        shipped = path == (tdata.PACKAGE_DATA / DATA_KEYS["wikitext_test"][0]).resolve()
+        items = [{"page": d} for d in wikitext_documents(path, drop_last=shipped)]
+        bad = []
+    if bad or not items:
+        raise ValueError(f"tasa: {path} has no usable {task} items (rows {bad[:5]} lack "
+                         f"'question'/'answer')" if bad else f"tasa: {path} has no {task} items")
+    return items
+
+
+# ---- task configs ---------------------------------------------------------------------------------
+
+def _wikitext_detokenize(s: str) -> str:
+    # lm-eval's tasks/wikitext/preprocess_wikitext.py (same rules, same order)
+    s = s.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    for p in (":", ";", ".", "!", "?", ","):
+        s = s.replace(f" {p} ", f"{p} ")
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
+    s = s.replace(" " + chr(176) + " ", chr(176))
+    s = s.replace(" \n", "\n").replace("\n ", "\n")
+    s = s.replace(" N ", " 1 ").replace(" 's", "'s")
+    return s
+
+
+def _wikitext_results(doc, results):
+    (ll,) = results
+    words = len(re.split(r"\s+", doc["page"]))
+    nbytes = len(doc["page"].encode("utf-8"))
+    return {"word_perplexity": (ll, words), "byte_perplexity": (ll, nbytes),
+            "bits_per_byte": (ll, nbytes)}
+
+
+def _gsm8k_nll_results(doc, results):
+    ll, _greedy = results[0]
+    nbytes = len((" " + doc["answer"]).encode("utf-8"))
+    return {"nll": -ll, "bits_per_byte": (ll, nbytes), "byte_perplexity": (ll, nbytes)}
+
+
+def _gsm8k_text(doc):
+    return f"Question: {doc['question']}\nAnswer:"
+
+
+def _arc_text(doc):
+    return f"Question: {doc['question']}\nAnswer:"
+
+
+def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
+                 max_gen_toks: int) -> dict:
+    import datasets
+
+    splits = {"test": scored}
+    if fewshot is not None:
+        splits["train"] = fewshot
+
+    def custom_dataset(**_ignored):
+        return {name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}
+
+    cfg = {"task": task, "custom_dataset": custom_dataset, "test_split": "test",
+           "num_fewshot": k, "metadata": {"version": 1.0, "source": "tasa.eval"}}
+    if fewshot is not None:
+        cfg["fewshot_split"] = "train"
+    if task == "gsm8k":
+        cfg.update(
+            output_type="generate_until", doc_to_text=_gsm8k_text, doc_to_target="{{answer}}",
+            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                          "ignore_case": True, "ignore_punctuation": False,
+                          "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}],
+            generation_kwargs={"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
+                               "temperature": 0.0, "max_gen_toks": int(max_gen_toks)},
+            filter_list=[
+                {"name": "strict-match", "filter": [
+                    {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                    {"function": "take_first"}]},
+                {"name": "flexible-extract", "filter": [
+                    {"function": "regex", "group_select": -1,
+                     "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                    {"function": "take_first"}]}])
+    elif task == "gsm8k_nll":
+        cfg.update(
+            output_type="loglikelihood", doc_to_text=_gsm8k_text, doc_to_target="{{answer}}",
+            process_results=_gsm8k_nll_results,
+            metric_list=[
+                {"metric": "nll", "aggregation": "mean", "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte",
+                 "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity",
+                 "higher_is_better": False}])
+    elif task in ("arc_challenge", "arc_easy"):
+        cfg.update(
+            output_type="multiple_choice", doc_to_text=_arc_text,
+            doc_to_choice=lambda doc: list(doc["choices"]), doc_to_target=lambda doc: doc["gold"],
+            metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}])
+    elif task == "wikitext":
+        cfg.update(
+            output_type="loglikelihood_rolling", doc_to_text="",
+            doc_to_target=lambda doc: _wikitext_detokenize(doc["page"]),
+            process_results=_wikitext_results,
+            metric_list=[
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                 "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity",
+                 "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte",
+                 "higher_is_better": False}])
+    else:  # pragma: no cover - guarded by _check_tasks
+        raise AssertionError(task)
+    return cfg
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+def _check_tasks(tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t.strip()]
+    tasks = [t.strip() for t in tasks]
+    if not tasks:
+        raise ValueError(f"tasa: no eval tasks given; choose from {list(TASKS)}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"tasa: unknown eval task(s) {unknown}; choose from {list(TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasa: eval task listed twice: {tasks}")
+    return tasks
+
+
+def _fewshot_for(tasks, num_fewshot) -> dict[str, int]:
+    out = {}
+    for t in tasks:
+        if num_fewshot is None:
+            k = DEFAULT_FEWSHOT[t]
+        elif isinstance(num_fewshot, Mapping):
+            bad = [x for x in num_fewshot if x not in TASKS]
+            if bad:
+                raise ValueError(f"tasa: num_fewshot names unknown task(s) {bad}")
+            k = num_fewshot.get(t, DEFAULT_FEWSHOT[t])
+        else:
+            k = 0 if t == "wikitext" else num_fewshot
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"tasa: num_fewshot must be >= 0, got {k} for {t}")
+        if t == "wikitext" and k:
+            raise ValueError("tasa: wikitext is scored as whole documents; it takes no few-shot "
+                             "examples (num_fewshot must be 0)")
+        out[t] = k
+    return out
+
+
+@contextlib.contextmanager
+def _offline_and_rng_kept(quiet: bool):
+    """HF hub / datasets offline for the duration; global RNG states and lm-eval's log level
+    restored afterwards."""
+    import numpy as np
+    import torch
+
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                           "TRANSFORMERS_OFFLINE")}
+    consts = []
+    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+                      ("datasets.config", "HF_DATASETS_OFFLINE"),
+                      ("datasets.config", "HF_HUB_OFFLINE")):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, attr):
+            consts.append((m, attr, getattr(m, attr)))
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    loggers = [logging.getLogger(n) for n in ("lm-eval", "lm_eval")]
+    levels = [lg.level for lg in loggers]
+    import lm_eval.api.task as task_mod
+
+    task_tqdm = getattr(task_mod, "tqdm", None)
+    if task_tqdm is None:
+        task_mod = None
+    try:
+        for k in env:
+            os.environ[k] = "1"
+        for m, attr, _ in consts:
+            setattr(m, attr, True)
+        if quiet:
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            if task_mod is not None:        # the per-task "building requests" bar
+                task_mod.tqdm = functools.partial(task_tqdm, disable=True)
+        yield
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for m, attr, v in consts:
+            setattr(m, attr, v)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if task_mod is not None:
+            task_mod.tqdm = task_tqdm
+
+
+def _make_lm(model, tokenizer, batch_size: int, max_length: Optional[int], progress: bool):
+    from lm_eval.models.huggingface import HFLM
+
+    if progress:
+        cls = HFLM
+    else:
+        class _QuietHFLM(HFLM):
+            def loglikelihood(self, requests, disable_tqdm: bool = False):
+                return super().loglikelihood(requests, disable_tqdm=True)
+
+            def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+            def generate_until(self, requests, disable_tqdm: bool = False):
+                return super().generate_until(requests, disable_tqdm=True)
+
+            def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
+                # HFLM.loglikelihood_rolling passes disable_tqdm=False per batch of windows
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True, **kw)
+        cls = _QuietHFLM
+    # HFLM sets a pad token on the tokenizer it is given: give it a copy
+    return cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=int(batch_size),
+               max_length=max_length)
+
+
+def _jsonable(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _clean(v):
+    if isinstance(v, str):
+        return None if v == "N/A" else v
+    return float(v) if isinstance(v, (int, float)) else v
+
+
+def _summarize_task(res: dict) -> tuple[dict, dict]:
+    metrics, stderr = {}, {}
+    for key, v in res.items():
+        if "," not in key:
+            continue
+        name, filt = key.split(",", 1)
+        suffix = _FILTER_SHORT.get(filt, filt)
+        is_se = name.endswith("_stderr")
+        if is_se:
+            name = name[: -len("_stderr")]
+        full = f"{name}_{suffix}" if suffix else name
+        (stderr if is_se else metrics)[full] = _clean(v)
+    return metrics, stderr
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, default=_jsonable, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a normal file instead
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _model_info(model) -> dict:
+    from .nn import quantized_modules
+
+    q = quantized_modules(model)
+    info = {"class": type(model).__name__, "tasa_linear_modules": len(q)}
+    src = getattr(model, "tasa_info", None)
+    if src is not None:
+        info["source"] = getattr(src, "source", str(src))
+        if getattr(src, "prequantized", None):
+            info["note"] = src.note()
+    cfg = getattr(model, "tasa_config", None)
+    if isinstance(cfg, dict) and cfg.get("base_model"):
+        info["base_model"] = cfg["base_model"]
+    if q:
+        n = sum(m.in_features * m.out_features for m in q.values())
+        info["quantized_avg_bits"] = sum(
+            m.average_bits() * m.in_features * m.out_features for m in q.values()) / n
+    return info
+
+
+# ---- API ------------------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS, data=None,
+             limit: Optional[int] = None, seed: int = 0,
+             num_fewshot: Union[None, int, Mapping[str, int]] = None, batch_size: int = 8,
+             max_gen_toks: int = 256, max_length: Optional[int] = None,
+             out_path=None, progress: bool = True) -> dict:
+    """Evaluates ``model`` (a ``transformers.PreTrainedModel``, quantized or not) with lm-eval.
+
+    Args:
+        model, tokenizer: the model as built in memory (used as is: not reloaded, not moved;
+            HFLM calls ``model.eval()`` and ``model.tie_weights()``) and its HF tokenizer (a
+            copy is handed to lm-eval, which may set a pad token on it).
+        tasks: names from :data:`TASKS` (list or comma-separated string); default
+            :data:`DEFAULT_TASKS` (``gsm8k`` generates, so it is opt-in: slow on CPU).
+        data: None (slices shipped with tasa), a ``shared/data``-like folder, or a mapping
+            ``{key: file}`` with keys from :data:`DATA_KEYS`.
+        limit: score a seeded random subset of this many items per task (None: all items).
+        seed: the subset, few-shot sampling and lm-eval's RNG seeds.
+        num_fewshot: None (:data:`DEFAULT_FEWSHOT`: gsm8k 5, others 0), an int for every task
+            but ``wikitext``, or ``{task: k}``.
+        batch_size: HFLM batch size. max_gen_toks: generation cap (gsm8k).
+        max_length: context length in tokens for HFLM (None: the model config's
+            ``max_position_embeddings``); longer inputs are left-truncated, wikitext documents
+            are scored in rolling windows of this length.
+        out_path: if given, writes ``{"summary", "samples", "lm_eval"}`` as JSON there
+            atomically; ``samples[task]`` are lm-eval's per-item logs (``log_samples``).
+        progress: lm-eval's progress bars and info logging.
+
+    Returns:
+        ``{"results": {task: {metric: value, ..., "stderr": {metric: se or None}, "n": items,
+        "num_fewshot": k}}, "config": {...}}``. ``stderr`` is lm-eval's (closed form for
+        means; None for the pooled perplexity / bits-per-byte metrics).
+    """
+    lm_eval = _require_lm_eval()
+    import torch
+    import transformers
+
+    tasks = _check_tasks(tasks)
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit <= 0):
+        raise ValueError(f"tasa: limit must be a positive integer or None, got {limit!r}")
+    if max_gen_toks <= 0 or batch_size <= 0:
+        raise ValueError(f"tasa: need max_gen_toks > 0 and batch_size > 0, got {max_gen_toks}, "
+                         f"{batch_size}")
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"tasa: evaluate needs a transformers PreTrainedModel (optionally with "
+                        f"TasaLinear modules), got {type(model).__name__}")
+    if not isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
+        raise TypeError(f"tasa: evaluate needs a Hugging Face tokenizer, got "
+                        f"{type(tokenizer).__name__}")
+    shots = _fewshot_for(tasks, num_fewshot)
+    keys = []
+    for t in tasks:
+        scored, few = _TASK_DATA[t]
+        keys.append(scored)
+        if few is not None and shots[t] > 0:
+            keys.append(few)
+    files = resolve_data(data, sorted(set(keys)))
+
+    configs, n_available, used = [], {}, {}
+    for t in tasks:
+        scored_key, few_key = _TASK_DATA[t]
+        items = _load_items(t, files[scored_key])
+        n_available[t] = len(items)
+        items = _subset(items, limit, seed, scored_key)   # gsm8k and gsm8k_nll: same items
+        few = None
+        used[t] = {"scored": str(files[scored_key])}
+        if shots[t] > 0:
+            if t.startswith("gsm8k"):
+                few = tdata.load_gsm8k(files[few_key], "train")
+            else:
+                few = tdata.load_arc(files[few_key], t.split("_")[1], "validation")
+            if len(few) < shots[t]:
+                raise ValueError(f"tasa: {t}: {shots[t]}-shot needs {shots[t]} examples, "
+                                 f"{files[few_key]} has {len(few)}")
+            used[t]["fewshot"] = str(files[few_key])
+        configs.append(_task_config(t, items, few, shots[t], max_gen_toks))
+
+    t0 = time.perf_counter()
+    with _offline_and_rng_kept(quiet=not progress):
+        from lm_eval.tasks import TaskManager
+
+        lm = _make_lm(model, tokenizer, batch_size, max_length, progress)
+        with torch.no_grad():
+            res = lm_eval.simple_evaluate(
+                model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
+                num_fewshot=None, batch_size=batch_size, log_samples=True,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed, bootstrap_iters=1000)
+        eff_max_length = int(lm.max_length)
+    seconds = time.perf_counter() - t0
+
+    results = {}
+    for t in tasks:
+        metrics, stderr = _summarize_task(res["results"][t])
+        n = int(res["n-samples"][t]["effective"])
+        results[t] = {**metrics, "stderr": stderr, "n": n, "num_fewshot": shots[t]}
+    summary = {
+        "results": results,
+        "config": {
+            "tasks": tasks, "limit": limit,
+            "subset": "seeded random subset (random.Random(f'{seed}:{data key}')), file order"
+                      if limit is not None else "all items",
+            "seed": seed, "num_fewshot": shots, "batch_size": int(batch_size),
+            "max_gen_toks": int(max_gen_toks), "max_length": eff_max_length,
+            "data": used, "n_available": n_available, "model": _model_info(model),
+            "seconds": round(seconds, 3),
+            "versions": {"lm_eval": getattr(lm_eval, "__version__", "?"),
+                         "torch": torch.__version__, "transformers": transformers.__version__},
+        },
+    }
+    if out_path is not None:
+        _atomic_write_json(Path(out_path), {
+            "summary": summary,
+            "samples": {t: res["samples"][t] for t in tasks},
+            "lm_eval": {k: res.get(k) for k in ("results", "n-samples", "higher_is_better",
+                                                 "versions", "n-shot")},
+        })
+    return summary
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    return str(v)
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of a summary returned by :func:`evaluate`."""
+    rows = [("task", "metric", "value", "stderr", "n", "shots")]
+    for t, r in summary["results"].items():
+        for m, v in r.items():
+            if m in ("stderr", "n", "num_fewshot"):
+                continue
+            rows.append((t, m, _fmt(v), _fmt(r["stderr"].get(m)), str(r["n"]),
+                         str(r["num_fewshot"])))
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(row))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def _parse_fewshot(s: Optional[str]):
+    if s is None:
+        return None
+    if "=" not in s:
+        return int(s)
+    out = {}
+    for part in s.split(","):
+        k, _, v = part.partition("=")
+        out[k.strip()] = int(v)
+    return out
+
+
+def cmd_eval(args) -> int:
+    """Handler of ``tasa eval``: loads the model (and the quantized folder), evaluates, prints a
+    table; returns the exit status."""
+    from .models import load_model
+
+    try:
+        _require_lm_eval()
+        tasks = _check_tasks(args.tasks)
+        model, tok, _info = load_model(args.model)
+        if args.quantized:
+            from .io import load_quantized
+            model = load_quantized(args.quantized, model=model)
+            model.tasa_info = _info
+        s = evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
+                     num_fewshot=_parse_fewshot(args.num_fewshot), batch_size=args.batch_size,
+                     max_gen_toks=args.max_gen_toks, max_length=args.max_length,
+                     out_path=args.out, progress=not args.quiet)
+    except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(s))
+    c = s["config"]
+    m = c["model"]
+    print(f"\nmodel: {m.get('source', args.model)} ({m['class']}, {m['tasa_linear_modules']} "
+          f"TasaLinear" + (f", {m['quantized_avg_bits']:.3f} avg bits" if "quantized_avg_bits" in m
+                           else "") + ")" + (f"; {m['note']}" if "note" in m else ""))
+    print(f"limit {c['limit']} ({c['subset']}), seed {c['seed']}, {c['seconds']:.1f} s")
+    if args.out:
+        print(f"summary and per-sample results written to {args.out}")
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers ``tasa eval`` on an ``argparse`` sub-parsers object; the handler is set as
+    ``fn`` (``args.fn(args)`` runs it)."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model (optionally quantized) with lm-eval on local data",
+        description="Evaluate with lm-eval, offline, on local files: " + ", ".join(TASKS) +
+                    ". Default data: the small slices shipped with tasa (quick checks).")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="registry name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), .gguf "
+                        "file or checkpoint directory (default: smollm2-135m)")
+    p.add_argument("--quantized", default=None, metavar="DIR",
+                   help="folder written by tasa.io.save_quantized; loaded into --model's "
+                        "architecture")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated, from {','.join(TASKS)} (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score a seeded random subset of N items per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None,
+                   help="folder laid out like shared/data (default: the shipped slices)")
+    p.add_argument("--num-fewshot", default=None,
+                   help="K for all tasks but wikitext, or task=K,task=K (default: gsm8k 5, "
+                        "others 0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-gen-toks", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context length in tokens (default: the model's)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the summary and lm-eval's per-sample results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_eval)
+    return p
