@@ -186,12 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-intra", action="store_true")
     p.add_argument("--out", required=True, help="plan.json path (or a folder)")
     p.set_defaults(fn=cmd_allocate)
-    try:
-        from .eval import add_eval_parser
-    except ImportError:
-        add_eval_parser = None
-    if add_eval_parser is not None:
-        add_eval_parser(sub)
+    from .eval import add_eval_parser   # lm-eval itself is imported only when `eval` runs
+
+    add_eval_parser(sub)
     p = sub.add_parser("info", help="build and machine information")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("demo", help="kernel demo on a random mixed-bit matrix")

@@ -393,6 +393,33 @@ def allocate(measurement: Mapping, bits: float, beta: float = 0.5,
             "intra": bool(intra), "budget_bits": budget}
 
 
+# ---- stage 5: quantization --------------------------------------------------------------------
+
+def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Mapping],
+                       alpha: float, progress: bool = True, log=print) -> tuple:
+    """Quantizes ``model`` in place per ``plan`` (``{fqn: {"bits", "group_size", "mode",
+    "act_order"}}``) with ``cfg.method``; GPTQ calibrates on ``cfg.n_calib`` sequences of
+    ``cfg.seqlen`` tokens drawn with mixing ratio ``alpha`` (share of general text). Returns
+    ``(plan as LayerSpecs, info)``."""
+    from .quantize import quantize_model
+
+    lplan = {f: LayerSpec(e["bits"], e["group_size"], e["mode"], e.get("act_order", False))
+             for f, e in plan.items()}
+    qinfo: Dict[str, Any] = {"method": cfg.method}
+    if cfg.method == "gptq":
+        split = split_data(cfg)
+        ids, src, counts = mixture_calibration(tokenizer, split, alpha, cfg.n_calib, cfg.seqlen,
+                                               cfg.seed + 10)
+        qinfo["calibration"] = {"alpha": alpha, "n_general": counts[0], "n_task": counts[1],
+                                "seqlen": cfg.seqlen}
+        log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
+        res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress)
+    else:
+        res = quantize_model(model, lplan, "rtn", progress=progress)
+    qinfo["seconds"] = res["seconds"]
+    return lplan, qinfo
+
+
 # ---- the whole job ----------------------------------------------------------------------------
 
 class _Log:
@@ -485,7 +512,6 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
     from . import io as tio
     from .models import load_model
     from .ppl import perplexity
-    from .quantize import quantize_model
 
     cfg.validate()
     log = _Log(quiet)
@@ -542,20 +568,8 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
     # quantization
     t = time.perf_counter()
-    lplan = {f: LayerSpec(e["bits"], e["group_size"], e["mode"], e["act_order"])
-             for f, e in A["plan"].items()}
     alpha = float(m["mixture"]["alpha_star"])
-    qinfo: Dict[str, Any] = {"method": cfg.method}
-    if cfg.method == "gptq":
-        split = split_data(cfg)
-        ids, src, counts = mixture_calibration(tok, split, alpha, cfg.n_calib, cfg.seqlen,
-                                               cfg.seed + 10)
-        qinfo["calibration"] = {"n_general": counts[0], "n_task": counts[1], "seqlen": cfg.seqlen}
-        log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
-        res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress)
-    else:
-        res = quantize_model(model, lplan, "rtn", progress=progress)
-    qinfo["seconds"] = res["seconds"]
+    lplan, qinfo = quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=progress, log=log)
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     tio.save_quantized(model, out, lplan,

@@ -1,0 +1,325 @@
+"""The reproduction table: does a 3.5-bit TASA model match or beat uniform 4-bit, and beat
+uniform 3-bit by a wide margin on GSM8K?
+
+For every model: the reference (full precision), RTN W3/W4, GPTQ W3/W4 (uniform, g128 asym,
+GPTQ calibrated on general text) and TASA at the target budget with the ablations that test
+the paper's two claims: perplexity-only sensitivity (beta = 1), task-only sensitivity
+(beta = 0), task-only calibration (alpha = 0), general-only calibration (alpha = 1), and no
+intra-layer step. All TASA rows share one measurement (measure once, allocate many times).
+
+Every row is evaluated with lm-eval (tasa.eval: GSM8K gold-solution NLL, ARC-Challenge and
+ARC-Easy test; GSM8K exact match with --gsm8k-em) on a seeded subset, plus WikiText-2 test
+perplexity (GPTQ protocol, first --ppl-windows windows). Each row writes a raw JSON (summary +
+lm-eval per-sample logs) under OUT/<model>/rows/; a row whose JSON exists is not recomputed, so
+an interrupted run resumes. The markdown table and the plot are rebuilt from the JSON files.
+
+    python benchmarks/reproduce.py --models smollm2-135m --data ../shared/data --limit 100
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RETENTION_TASKS = (("gsm8k_nll", "bits_per_byte", "lower"), ("arc_challenge", "acc_norm", "higher"),
+                   ("arc_easy", "acc_norm", "higher"))
+
+
+def git_commit() -> str:
+    try:
+        c = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                             cwd=ROOT, text=True).strip())
+        return c + (" (+ uncommitted changes)" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def rows_for(bits: float, beta: float, extra_budgets=()) -> list:
+    t = f"TASA {bits:g}"
+    rows = [
+        ("reference", {"kind": "ref"}),
+        ("RTN W4", {"kind": "uniform", "method": "rtn", "bits": 4}),
+        ("RTN W3", {"kind": "uniform", "method": "rtn", "bits": 3}),
+        ("GPTQ W4", {"kind": "uniform", "method": "gptq", "bits": 4}),
+        ("GPTQ W3", {"kind": "uniform", "method": "gptq", "bits": 3}),
+        (t, {"kind": "tasa", "bits": bits, "beta": beta}),
+        (f"{t}, beta=1 (ppl-only sensitivity)", {"kind": "tasa", "bits": bits, "beta": 1.0}),
+        (f"{t}, beta=0 (task-only sensitivity)", {"kind": "tasa", "bits": bits, "beta": 0.0}),
+        (f"{t}, alpha=0 (task-only calibration)", {"kind": "tasa", "bits": bits, "beta": beta, "alpha": 0.0}),
+        (f"{t}, alpha=1 (general-only calibration)", {"kind": "tasa", "bits": bits, "beta": beta, "alpha": 1.0}),
+        (f"{t}, no intra-layer step", {"kind": "tasa", "bits": bits, "beta": beta, "intra": False}),
+    ]
+    for b in extra_budgets:
+        rows.append((f"TASA {b:g}", {"kind": "tasa", "bits": b, "beta": beta}))
+    return rows
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name).strip("_")
+
+
+def evaluate_row(model, tok, args, raw_path: Path) -> dict:
+    from tasa import eval as tev
+    from tasa import data as tdata
+    from tasa.ppl import perplexity
+
+    res = tev.evaluate(model, tok, tasks=["gsm8k_nll", "arc_challenge", "arc_easy"], data=args.data,
+                       limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                       out_path=raw_path, progress=False)
+    results = dict(res["results"])
+    if args.gsm8k_em:   # generation is slow on a CPU: its own (smaller) limit
+        em = tev.evaluate(model, tok, tasks=["gsm8k"], data=args.data,
+                          limit=args.gsm8k_limit or args.limit, seed=args.seed,
+                          num_fewshot={"gsm8k": args.gsm8k_shots}, batch_size=args.batch_size,
+                          max_gen_toks=args.max_gen_toks,
+                          out_path=raw_path.with_suffix(".gsm8k.json"), progress=False)
+        results.update(em["results"])
+    ppl = None
+    if args.ppl_windows > 0:
+        ppl = perplexity(model, tok, tdata.load_wikitext2(args.data, "test"), seqlen=2048,
+                         max_windows=args.ppl_windows, progress=False)
+    return {"lm_eval": results, "lm_eval_config": res.get("config"),
+            "wikitext2": ppl, "raw": str(raw_path.name)}
+
+
+def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measurement) -> dict:
+    import torch
+
+    from tasa import pipeline
+    from tasa.models import load_model
+    from tasa.quantize import quantize_model, uniform_plan
+    from tasa.alloc import plan_average_bits
+
+    model, tok, info = load_model(model_name)
+    cfg = pipeline.PipelineConfig(model=model_name, data=args.data, seed=args.seed,
+                                  n_calib=args.n_calib, seqlen=args.seqlen)
+    t0 = time.perf_counter()
+    row = {"name": name, "spec": spec, "model": model_name, "model_note": info.note()}
+    if spec["kind"] == "ref":
+        row["avg_bits"] = None
+    elif spec["kind"] == "uniform":
+        plan = uniform_plan(model, spec["bits"], cfg.group_size, cfg.mode, fit_group_size=True)
+        shapes = {f: (model.get_submodule(f).out_features, model.get_submodule(f).in_features)
+                  for f in plan}
+        pj = {f: {"bits": s.bits, "group_size": s.group_size, "mode": s.mode,
+                  "act_order": s.act_order} for f, s in plan.items()}
+        row["avg_bits"] = plan_average_bits(pj, shapes)
+        c = copy.copy(cfg)
+        c.method = spec["method"]
+        _, q = pipeline.quantize_with_plan(model, tok, c, pj, alpha=1.0, progress=False,
+                                           log=lambda s: None)
+        row["quantization"] = q
+    else:
+        A = pipeline.allocate(measurement, spec["bits"], spec.get("beta", args.beta),
+                              widths=tuple(args.widths), intra=spec.get("intra", True))
+        alpha = spec.get("alpha", measurement["mixture"]["alpha_star"])
+        _, q = pipeline.quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=False,
+                                           log=lambda s: None)
+        row["avg_bits"] = A["summary"]["avg_bits"]
+        row["width_fraction"] = A["summary"]["width_fraction"]
+        row["item_bits"] = A["item_bits"]
+        row["alpha"] = alpha
+        row["quantization"] = q
+    row["quant_seconds"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    row["eval"] = evaluate_row(model, tok, args, mdir / "rows" / f"{slug(name)}.raw.json")
+    row["eval_seconds"] = time.perf_counter() - t1
+    del model
+    return row
+
+
+def metric(row, task, key):
+    r = row["eval"]["lm_eval"].get(task)
+    return None if r is None else r.get(key)
+
+
+def retention(row, ref) -> float | None:
+    vals = []
+    for task, key, better in RETENTION_TASKS:
+        a, b = metric(row, task, key), metric(ref, task, key)
+        if a is None or b is None or a <= 0 or b <= 0:
+            return None
+        vals.append(b / a if better == "lower" else a / b)
+    return sum(vals) / len(vals)
+
+
+def fmt(x, nd=3, se=None):
+    if x is None:
+        return "-"
+    s = f"{x:.{nd}f}"
+    if se:
+        s += f" ± {se:.{nd}f}"
+    return s
+
+
+def write_table(out: Path, models: list, args, meta: dict) -> Path:
+    lines = ["# Reproduction: TASA mixed precision vs uniform baselines\n"]
+    lines.append(f"- date: {meta['date']}; git commit: {meta['commit']}; machine: {meta['machine']}")
+    lines.append(f"- command: `{meta['command']}`")
+    lines.append(f"- evaluation: lm-eval in process (tasa.eval), data `{args.data}`, seeded subset of "
+                 f"{args.limit} items per task (seed {args.seed}); GSM8K gold NLL = bits per byte of "
+                 f"the reference solution given the question (lower is better); ARC acc_norm (test, "
+                 f"0-shot); WikiText-2 test perplexity, GPTQ protocol, first {args.ppl_windows} "
+                 f"windows of 2048 tokens.")
+    lines.append("- **average bits** = exact storage cost of the quantized linears (codes + fp16 "
+                 "scales + fp16 zeros + group tables) / their weight count, from "
+                 "`tasa_ext.cost_bits`; lm_head and embeddings stay full precision in every row.")
+    lines.append("- **reasoning retention** = mean over {GSM8K gold NLL (ref/row), ARC-C acc_norm "
+                 "(row/ref), ARC-E acc_norm (row/ref)}; 1.0 = as good as the reference.")
+    lines.append("- uniform rows: g128 (96 where K=576), asymmetric; GPTQ calibrated on general "
+                 f"text, {args.n_calib} x {args.seqlen} tokens. TASA rows: same GPTQ settings, "
+                 "calibration mix alpha* unless the row says otherwise, widths "
+                 f"{args.widths}.")
+    lines.append("- the offline checkpoints were distributed already quantized (GGUF): the "
+                 "reference is their dequantized weights.\n")
+    for mname, rows in models:
+        ref = next((r for r in rows if r["spec"]["kind"] == "ref"), None)
+        em = any(metric(r, "gsm8k", "exact_match_flexible") is not None for r in rows)
+        lines.append(f"## {mname}\n")
+        hdr = ("| row | avg bits | WikiText-2 ppl | GSM8K gold NLL (bits/byte) | ARC-C acc_norm | "
+               "ARC-E acc_norm |" + (" GSM8K EM (flex) |" if em else "") +
+               " reasoning retention | quant s |")
+        lines.append(hdr)
+        lines.append("|" + "---|" * (hdr.count("|") - 1))
+        for r in rows:
+            se = lambda t, k: (r["eval"]["lm_eval"].get(t, {}).get("stderr") or {}).get(k)
+            w = r["eval"].get("wikitext2")
+            cells = [r["name"], fmt(r["avg_bits"], 4) if r["avg_bits"] else "32 (fp32)",
+                     fmt(w["ppl"], 2) if w else "-",
+                     fmt(metric(r, "gsm8k_nll", "bits_per_byte"), 4),
+                     fmt(metric(r, "arc_challenge", "acc_norm"), 3, se("arc_challenge", "acc_norm")),
+                     fmt(metric(r, "arc_easy", "acc_norm"), 3, se("arc_easy", "acc_norm"))]
+            if em:
+                cells.append(fmt(metric(r, "gsm8k", "exact_match_flexible"), 3,
+                                 se("gsm8k", "exact_match_flexible")))
+            cells += [fmt(retention(r, ref), 3) if ref else "-",
+                      fmt(r.get("quant_seconds"), 0) if r["spec"]["kind"] != "ref" else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"![quality vs bits]({slug(mname)}_quality_vs_bits.png)\n")
+    p = out / "reproduction.md"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def plot(out: Path, mname: str, rows: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (task, key, label) in zip(axes, [("gsm8k_nll", "bits_per_byte", "GSM8K gold NLL (bits/byte, lower better)"),
+                                             ("wikitext2", "ppl", "WikiText-2 ppl (lower better)")]):
+        for r in rows:
+            x = r["avg_bits"] or 16.0
+            y = (r["eval"]["wikitext2"] or {}).get("ppl") if task == "wikitext2" else metric(r, task, key)
+            if y is None:
+                continue
+            kind = r["spec"]["kind"]
+            mk = {"ref": "*", "uniform": "s", "tasa": "o"}[kind]
+            ax.scatter([x], [y], marker=mk, s=40)
+            ax.annotate(r["name"].replace("TASA", "T").split(" (")[0], (x, y), fontsize=6)
+        ax.set_xlabel("average bits (exact cost; reference drawn at 16)")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(mname)
+    fig.tight_layout()
+    fig.savefig(out / f"{slug(mname)}_quality_vs_bits.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduction"))
+    ap.add_argument("--bits", type=float, default=3.5)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--widths", default="3,4,8")
+    ap.add_argument("--extra-budgets", default="", help="more TASA budgets, e.g. 3.31,4.31")
+    ap.add_argument("--rows", default="", help="only these rows (comma-separated exact names; "
+                    "'TASA*' selects every TASA row)")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--gsm8k-em", action="store_true", help="also GSM8K exact match (generation: slow)")
+    ap.add_argument("--gsm8k-shots", type=int, default=8)
+    ap.add_argument("--gsm8k-limit", type=int, default=0)
+    ap.add_argument("--max-gen-toks", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.widths = tuple(int(x) for x in args.widths.split(","))
+    extra = tuple(float(x) for x in args.extra_budgets.split(",") if x)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tasa import pipeline
+    from tasa.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                       f"{torch.get_num_threads()} threads",
+            "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    all_models = []
+    for mname in [m for m in args.models.split(",") if m]:
+        mdir = out / slug(mname)
+        (mdir / "rows").mkdir(parents=True, exist_ok=True)
+        cfg = pipeline.PipelineConfig(model=mname, data=args.data, seed=args.seed)
+        mpath = mdir / "measurement.json"
+        rows_def = rows_for(args.bits, args.beta, extra)
+        if args.rows:
+            keep = [k.strip() for k in args.rows.split(",")]
+            names = [r[0] for r in rows_def]
+            unknown = [k for k in keep if k not in names and k != "TASA*"]
+            if unknown:
+                ap.error(f"unknown rows {unknown}; rows: {names}")
+            rows_def = [r for r in rows_def if r[0] in keep
+                        or ("TASA*" in keep and r[1]["kind"] == "tasa")]
+        measurement = None
+        if any(s["kind"] == "tasa" for _, s in rows_def):
+            if not (mpath.is_file() and (pipeline.load_measurement(mpath).get("sensitivity") or {}).get("complete")):
+                print(f"[{mname}] measuring (mixture search + sensitivity) ...", flush=True)
+                t0 = time.perf_counter()
+                model, tok, _ = load_model(mname)
+                pipeline.measure(model, tok, cfg, mpath, progress=True)
+                del model
+                print(f"[{mname}] measured in {time.perf_counter() - t0:.0f} s", flush=True)
+            measurement = pipeline.load_measurement(mpath)
+        rows = []
+        for name, spec in rows_def:
+            p = mdir / "rows" / f"{slug(name)}.json"
+            if p.is_file():
+                rows.append(json.loads(p.read_text()))
+                continue
+            print(f"[{mname}] {name} ...", flush=True)
+            row = run_row(name, spec, mname, args, mdir, measurement)
+            p.write_text(json.dumps(row, indent=1, default=str))
+            print(f"[{mname}] {name}: avg bits {row['avg_bits']}, quant {row['quant_seconds']:.0f} s, "
+                  f"eval {row['eval_seconds']:.0f} s", flush=True)
+            rows.append(row)
+        all_models.append((mname, rows))
+        plot(out, mname, rows)
+        write_table(out, all_models, args, meta)
+    p = write_table(out, all_models, args, meta)
+    print(p.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
