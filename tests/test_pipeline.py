@@ -251,6 +251,16 @@ def test_run_end_to_end_and_reload(tmp_path):
     assert "measure" not in s2["timings_s"] and s2["avg_bits"] > s["avg_bits"]
 
 
+def test_infeasible_budget_fails_before_measuring(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("measured although the budget is infeasible")
+    monkeypatch.setattr(pipeline, "measure", boom)
+    with pytest.raises(ValueError, match=r"below the minimum 3\.2"):
+        pipeline.run(tiny_cfg(bits=3.1), tmp_path, progress=False, quiet=True, model=tiny3(),
+                     tokenizer=ByteTok())
+    assert pipeline.check_budget(tiny3(), tiny_cfg(widths=(2, 4))) < 2.3
+
+
 def test_cli_allocate(measured, tmp_path, capsys):
     _, _, d = measured
     rc = cli.main(["allocate", "--measurement", str(d), "--bits", "3.7", "--out", str(tmp_path)])
@@ -269,3 +279,13 @@ def test_config_validation():
                 dict(objectives=("ppl", "mmlu")), dict(method="awq"), dict(bits=0)):
         with pytest.raises(ValueError):
             tiny_cfg(**bad).validate()
+
+
+def test_cli_quantize_bad_inputs(tmp_path, capsys):
+    rc = cli.main(["quantize", "--model", "no-such-model", "--out", str(tmp_path / "o"),
+                   "--no-progress", "--quiet"])
+    assert rc == 2 and "unknown model" in capsys.readouterr().err
+    rc = cli.main(["quantize", "--beta", "1.5", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2 and "beta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--widths", "3,x", "--out", str(tmp_path / "o")])

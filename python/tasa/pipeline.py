@@ -393,6 +393,22 @@ def allocate(measurement: Mapping, bits: float, beta: float = 0.5,
             "intra": bool(intra), "budget_bits": budget}
 
 
+def check_budget(model, cfg: PipelineConfig) -> float:
+    """Raises ``ValueError`` (before any measuring) when ``cfg.bits`` is below the cheapest plan,
+    every linear at the narrowest allowed width; returns that minimum average."""
+    specs = _linear_specs(model, cfg)
+    if not specs:
+        raise ValueError("tasa: the model has no nn.Linear to quantize (outside lm_head)")
+    lo = min(cfg.widths)
+    c = sum(s.cost(lo) for s in specs.values())
+    n = sum(s.n_weights for s in specs.values())
+    if c > alloc.budget_from_avg_bits(cfg.bits, n):
+        raise ValueError(f"tasa: --bits {cfg.bits} is below the minimum {c / n:.4f} average bits "
+                         f"(every linear at {lo} bits, group size {cfg.group_size}, {cfg.mode}, "
+                         f"scales/zeros included); raise --bits or allow narrower --widths")
+    return c / n
+
+
 # ---- stage 5: quantization --------------------------------------------------------------------
 
 def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Mapping],
@@ -532,6 +548,7 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         info = getattr(model, "tasa_info", None) or ModelInfo(cfg.model, "in-memory")
     timings["load"] = time.perf_counter() - t
     log(info.note())
+    check_budget(model, cfg)
     mpath = out / MEASUREMENT_NAME
     if measurement_from is not None:
         m = load_measurement(measurement_from)
