@@ -87,20 +87,29 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
       xsum[m * n_groups + g] = (float)s;
     }
   }
-  // GEMV pre-scaled activations: the kernel reads a b-bit code as (q - 2^(b-1)) * 2^(32-b)
+  const int isa = tasa_cpu_isa();
+  const bool gemv512 = M == 1 && isa >= TASA_ISA_AVX512, gemv2 = M == 1 && isa == TASA_ISA_AVX2;
+  // AVX2 GEMV pre-scaled activations: that kernel reads a b-bit code as (q - 2^(b-1)) * 2^(32-b)
   // (left-aligned in its lane), so x is scaled by 2^-(32-b) once per call (exact).
   const int widths[4] = {2, 3, 4, 8};
-  std::vector<float> xs(M == 1 ? 4 * K : 0);
-  if (M == 1)
+  std::vector<float> xs(gemv2 ? 4 * K : 0);
+  if (gemv2)
     for (int wdx = 0; wdx < 4; ++wdx) {
       const float f = 1.0f / (float)(1u << (32 - widths[wdx]));   // a power of two: exact
       for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
     }
-  GemmArgs a{xl.data(), xsum.data(), {xs.data(), xs.data() + K, xs.data() + 2 * K, xs.data() + 3 * K},
+  // AVX-512 GEMV: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3).
+  const int np = xdt == TASA_BF16 ? 1 : xdt == TASA_F16 ? 2 : 3;
+  std::vector<uint16_t> xp(gemv512 ? np * K : 0);
+  if (gemv512) tasa::split_bf16_avx512(xl.data(), K, np, xp.data());
+  const uint16_t* xpp = xp.data();
+  GemmArgs a{xl.data(), xsum.data(),
+             {xs.data(), xs.data() + (gemv2 ? K : 0), xs.data() + (gemv2 ? 2 * K : 0), xs.data() + (gemv2 ? 3 * K : 0)},
+             {xpp, xpp + (np > 1 && gemv512 ? K : 0), xpp + (np > 2 && gemv512 ? 2 * K : 0)}, np,
              M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt};
-  const int isa = tasa_cpu_isa();
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
   if (isa >= TASA_ISA_AVX2) fn = M == 1 ? tasa::gemv_cols_avx2 : tasa::gemm_cols_avx2;
+  if (gemv512) fn = tasa::gemv_cols_avx512;
   const int64_t NB = tasa_num_col_blocks(N);
   int bad = 0;
 #pragma omp parallel reduction(| : bad)
