@@ -1,4 +1,4 @@
-// AVX-512 (F/BW/VL/DQ + VBMI + BF16) GEMV kernel of the fused dequant GEMM (format.h layout).
+// AVX-512 (F/BW/VL/DQ + VBMI + BF16) kernels of the fused dequant GEMV/GEMM (format.h layout).
 // Chosen at run time (cpu_features.cpp) on CPUs that have all of these (Zen 4/5, Sapphire
 // Rapids and later); only this translation unit is compiled for them (#pragma GCC target), so
 // the library still loads on an AVX2-only CPU.
@@ -43,6 +43,7 @@
 #include <immintrin.h>
 
 #include <utility>
+#include <vector>
 
 #include "gemm_internal.h"
 #include "tasa/format.h"
@@ -195,6 +196,114 @@ int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   return bad;
 }
 
+// ---- M > 1 ----------------------------------------------------------------------------------
+// The GEMM decodes one group of one block once into bf16 code pairs (the vpermw outputs, 4 KiB
+// for G = 128, L1-resident) and then runs vdpbf16ps over up to 8 rows of x per pass: the
+// decode is shared by all M rows, and each instruction is still 32 exact multiply-adds.
+// The driver uses it for bf16 activations only (1 piece); with fp32 x's 3 pieces the AVX2
+// dequantize-to-fp32 + FMA GEMM is faster (see gemm.cpp).
+// unit u of buf pairs with x[2u, 2u+1] (B < 8), or with x[2(u/2), 2(u/2)+1] (B = 8: low and
+// high nibble units alternate).
+template <int B>
+void decode_group(const uint32_t* wp, int64_t tiles, __m512i* buf) {
+  const __m512i tab = B == 8 ? lut<4, 1>() : lut<B, 1>();
+  const __m512i tab_hi = lut<4, 16>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512i w[B];
+    for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
+    static_for(std::make_integer_sequence<int, 16>{}, [&](auto P) {
+      constexpr int p = decltype(P)::value;
+      if constexpr (B == 8) {
+        buf[(t * 16 + p) * 2] = _mm512_permutexvar_epi16(pair_index<4, 16 * p, 16 * p + 8>(w), tab);
+        buf[(t * 16 + p) * 2 + 1] =
+            _mm512_permutexvar_epi16(pair_index<4, 16 * p + 4, 16 * p + 12>(w), tab_hi);
+      } else {
+        buf[t * 16 + p] = _mm512_permutexvar_epi16(pair_index<B, 2 * p * B, (2 * p + 1) * B>(w), tab);
+      }
+    });
+  }
+}
+
+// g[m] = sum over the group of buf . x[m] for MC rows; x[q][m]: piece q of row m at the group.
+template <int MC, int NP>
+void dp_rows(const __m512i* buf, int64_t units, int ushift, const uint16_t* const* x, int64_t M,
+             int64_t K, __m512* g) {
+  __m512 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < units; ++u) {
+    const __m512i v = _mm512_load_si512((const void*)(buf + u));
+    const int64_t xo = 2 * (u >> ushift);
+    for (int q = 0; q < NP; ++q)
+      for (int m = 0; m < MC; ++m) acc[m] = dp(acc[m], v, x[q] + m * K + xo);
+  }
+  for (int m = 0; m < MC; ++m) g[m] = acc[m];
+}
+
+template <int NP>
+void dp_rows_n(int mc, const __m512i* buf, int64_t units, int ushift, const uint16_t* const* x,
+               int64_t M, int64_t K, __m512* g) {
+  switch (mc) {
+    case 1: dp_rows<1, NP>(buf, units, ushift, x, M, K, g); break;
+    case 2: dp_rows<2, NP>(buf, units, ushift, x, M, K, g); break;
+    case 3: dp_rows<3, NP>(buf, units, ushift, x, M, K, g); break;
+    case 4: dp_rows<4, NP>(buf, units, ushift, x, M, K, g); break;
+    case 5: dp_rows<5, NP>(buf, units, ushift, x, M, K, g); break;
+    case 6: dp_rows<6, NP>(buf, units, ushift, x, M, K, g); break;
+    case 7: dp_rows<7, NP>(buf, units, ushift, x, M, K, g); break;
+    default: dp_rows<8, NP>(buf, units, ushift, x, M, K, g); break;
+  }
+}
+
+template <int NP>
+int gemm_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32, M = a.M;
+  std::vector<uint8_t> mem(tiles * 32 * 64 + 64);   // decoded group, 64-byte aligned
+  __m512i* buf = (__m512i*)(((uintptr_t)mem.data() + 63) & ~(uintptr_t)63);
+  std::vector<float> yaccv(M * 16);
+  float* yacc = yaccv.data();
+  const int64_t nchunks = (M + 7) / 8;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const uint32_t* blk = a.qweight + cb * a.R * 16;
+    for (int64_t i = 0; i < M * 16; ++i) yacc[i] = 0.f;
+    for (int64_t j = 0; j < a.n_groups; ++j) {
+      const int b = a.gtable[j * 3];
+      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+      const uint32_t* wp = blk + off * 16;
+      switch (b) {
+        case 2: decode_group<2>(wp, tiles, buf); break;
+        case 3: decode_group<3>(wp, tiles, buf); break;
+        case 4: decode_group<4>(wp, tiles, buf); break;
+        default: decode_group<8>(wp, tiles, buf); break;
+      }
+      const int64_t units = tiles * 16 * (b == 8 ? 2 : 1);
+      const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, &bad);
+      const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));   // as in the GEMV
+      __m512 zc = _mm512_setzero_ps();
+      if (a.zeros || b == 8) {
+        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, &bad)
+                                 : _mm512_set1_ps(128.f);
+        zc = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s);
+      }
+      // Even split of the M rows into chunks of at most 8 (8 accumulators, one per row).
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t m0 = M * ch / nchunks, m1 = M * (ch + 1) / nchunks;
+        const uint16_t* x[3];
+        for (int q = 0; q < 3; ++q) x[q] = a.xp[q < NP ? q : 0] + m0 * a.K + lg * a.G;
+        __m512 g[8];
+        dp_rows_n<NP>((int)(m1 - m0), buf, units, b == 8 ? 1 : 0, x, M, a.K, g);
+        for (int64_t m = m0; m < m1; ++m) {
+          __m512 y = _mm512_fmadd_ps(s, g[m - m0], _mm512_loadu_ps(yacc + m * 16));
+          y = _mm512_fnmadd_ps(zc, _mm512_set1_ps(a.xsum[m * a.n_groups + lg]), y);
+          _mm512_storeu_ps(yacc + m * 16, y);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) store_block(a, m, cb * 16, yacc + m * 16);
+  }
+  return bad;
+}
+
 }  // namespace
 
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
@@ -204,6 +313,9 @@ int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
     default: return gemv_cols<3>(a, cb0, cb1);
   }
 }
+
+// bf16 activations only (a.np == 1): the driver keeps fp32/fp16 GEMMs on the AVX2 kernel.
+int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) { return gemm_cols<1>(a, cb0, cb1); }
 
 // Splits fp32 x [K] into np bf16 pieces whose sum is exactly x (see the top): piece i is the
 // bf16 truncation of what the previous pieces left. Non-finite x: the first piece carries it
