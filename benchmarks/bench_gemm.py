@@ -7,6 +7,7 @@ and torch's own int4 kernel (CPU: _weight_int4pack_mm_for_cpu; CUDA: _weight_int
 timed side by side in this run. Random weights: the kernels' speed does not depend on values.
 
     python benchmarks/bench_gemm.py                      # CPU, all shapes, batch 1 and 16
+    python benchmarks/bench_gemm.py --batch 1 --isa avx2 --out gemm_cpu_avx2   # an older path
     python benchmarks/bench_gemm.py --device cuda --batch 1 4 16 64
 """
 from __future__ import annotations
@@ -61,16 +62,24 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds of timing per measurement")
     ap.add_argument("--out", default=None, help="results file stem (default gemm_<device>)")
+    ap.add_argument("--isa", default="auto", help="CPU path: auto (the best), avx512, avx2, scalar")
+    ap.add_argument("--act", default=None, choices=["bfloat16", "float32", "float16"],
+                    help="tasa activation dtype (default: bfloat16 on CPU, float16 on CUDA)")
     args = ap.parse_args()
     dev, G = args.device, args.group_size
+    if dev == "cpu":
+        tasa_ext.set_cpu_isa(args.isa)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else None
     dense_dtypes = [torch.float32, torch.bfloat16] if dev == "cpu" else [torch.float16]
     act_dtype = torch.bfloat16 if dev == "cpu" else torch.float16
+    if args.act:
+        act_dtype = getattr(torch, args.act)
     T = lambda f: timeit(f, min_time=args.min_time, sync=sync)  # noqa: E731
 
     meta = machine(dev)
     bw = copy_bandwidth(dev)
     meta["copy_bandwidth_GBps"] = round(bw / 1e9, 2)
+    meta["load_average"] = " ".join(open("/proc/loadavg").read().split()[:3]) if dev == "cpu" else ""
     print(f"# {meta['device']} | copy bandwidth {bw / 1e9:.1f} GB/s | commit {meta['commit']}")
     rows = []
     for name in args.shapes:

@@ -106,18 +106,24 @@ def hessian_accumulate_(H, X, src: Optional[torch.Tensor], count) -> None:
     torch.ops.tasa.hessian_accumulate_(H, X, src, count)
 
 
-_ISA_NAMES = {"scalar": 0, "avx2": 1}
+_ISA_NAMES = {"scalar": 0, "avx2": 1, "avx512": 2}   # csrc/include/tasa/kernels.h enum tasa_isa
 
 
 def set_cpu_isa(name: str) -> None:
-    """Caps the CPU kernels' instruction set ("scalar", "avx2") or lifts the cap ("auto").
-    For tests and benchmarks; the default is the best the CPU has."""
+    """Caps the CPU kernels' instruction set ("scalar", "avx2", "avx512") or lifts the cap
+    ("auto"). For tests and benchmarks; the default is the best the CPU has."""
     if name == "auto":
         _C.set_cpu_isa(-1)
     elif name in _ISA_NAMES:
         _C.set_cpu_isa(_ISA_NAMES[name])
     else:
         raise ValueError(f"tasa: unknown ISA {name!r}; choose from 'auto', {sorted(_ISA_NAMES)}")
+
+
+def cpu_isas_available() -> list:
+    """Every CPU instruction-set path this machine can run, lowest first."""
+    detected = int(_C.cpu_isa_detected())
+    return [k for k, v in sorted(_ISA_NAMES.items(), key=lambda kv: kv[1]) if v <= detected]
 
 
 def cpu_isa() -> str:

@@ -12,10 +12,7 @@ SHARED_DATA = Path(os.environ.get("TASA_SHARED_DATA", REPO.parent / "shared" / "
 
 def cpu_isas():
     """Every CPU instruction-set path this machine can run (each must match the reference)."""
-    out = ["scalar"]
-    if tasa_ext.build_info()["cpu_isa_detected"] in ("avx2",):
-        out.append("avx2")
-    return out
+    return tasa_ext.ops.cpu_isas_available()
 
 
 @pytest.fixture(params=cpu_isas())

@@ -69,6 +69,64 @@ def test_gemm_matches_float64(isa, M, dtype, pattern, asym, act_order):
     assert err <= 2 * err_torch + 1e-7, (err, err_torch)
 
 
+SIMD_ISAS = [i for i in tasa_ext.ops.cpu_isas_available() if i != "scalar"]
+
+
+@pytest.mark.skipif(not SIMD_ISAS, reason="no SIMD path on this CPU")
+@pytest.mark.parametrize("simd", SIMD_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", list(BIT_PATTERNS))
+@pytest.mark.parametrize("N,K,G", [(1, 64, 32), (17, 96, 32), (100, 256, 64), (33, 768, 128)])
+@pytest.mark.parametrize("asym,act_order", [(False, False), (True, True), (False, True)])
+def test_gemv_simd_matches_scalar_twin(simd, dtype, pattern, N, K, G, asym, act_order):
+    """M == 1 has its own kernels (the AVX-512 one reads x as exact bf16 pieces): odd N (a
+    partial last column block), every width and mixed widths, every group size, perm, zeros."""
+    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=N + K)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    x = (torch.randn(1, K) * torch.logspace(-3, 3, K)[torch.randperm(K)]).to(dtype)  # wide range
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    y64 = x.double() @ W64.T
+    try:
+        tasa_ext.set_cpu_isa(simd)
+        y = tasa_ext.gemm(x, *args)
+        tasa_ext.set_cpu_isa("scalar")
+        y_scalar = tasa_ext.gemm(x, *args)
+    finally:
+        tasa_ext.set_cpu_isa("auto")
+    y_torch = x @ W64.to(dtype).T
+    err, err_scalar, err_torch = rel_err(y, y64), rel_err(y_scalar, y64), rel_err(y_torch, y64)
+    # With a single output (N = 1) and a short K the relative errors are single samples of
+    # rounding noise; floor the bound at the typical fp32 dot-product error u * sqrt(K) * |x||W|
+    # (a wrong decode is off by O(1), far above it).
+    floor = 2.0 ** -24 * math.sqrt(K) * float((x.double().abs() @ W64.abs().T).norm() / y64.norm())
+    assert err <= 2 * err_torch + floor, (err, err_torch, floor)
+    assert err <= 2 * err_scalar + floor, (err, err_scalar, floor)
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_gemm_nonfinite_x_propagates(isa, M):
+    """A NaN/Inf in x makes exactly the outputs that read it non-finite, on every path (the
+    AVX-512 GEMV splits x into bf16 pieces: a NaN must not become Inf, Inf - Inf no NaN)."""
+    p = make_packed(40, 256, 64, BIT_PATTERNS["mix"], False, False)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
+    x = torch.randn(M, 256)
+    x[0, 5] = float("nan")
+    x[-1, 77] = float("inf")
+    y = tasa_ext.gemm(x, *args)
+    assert torch.isnan(y[0]).all()
+    if M > 1:
+        assert torch.isfinite(y[1:-1]).all()
+        assert (~torch.isfinite(y[-1])).all()
+    x2 = torch.randn(1, 256)
+    x2[0, 9] = float("inf")
+    y2 = tasa_ext.gemm(x2, *args)
+    W = ref.dequant(*args)
+    expect = x2.double() @ W.double().T            # +-Inf, or NaN where the weight is 0
+    assert torch.equal(torch.isnan(y2), torch.isnan(expect))
+    assert torch.equal(torch.isinf(y2), torch.isinf(expect))
+    assert torch.equal(torch.sign(y2[torch.isinf(y2)]), torch.sign(expect[torch.isinf(expect)]).float())
+
+
 def test_gemm_batched_leading_dims():
     p = make_packed(40, 256, 32, BIT_PATTERNS["mix35"], True, False)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 32)

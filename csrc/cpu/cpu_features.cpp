@@ -5,9 +5,14 @@ static int g_isa_cap = -1;   // -1: no cap (use what the CPU has)
 int tasa_cpu_isa_detected(void) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return TASA_ISA_AVX2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  // (libgcc also checks that the OS saves the zmm state before reporting avx512*.)
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16"))
+    return TASA_ISA_AVX512;
+  if (avx2) return TASA_ISA_AVX2;
 #endif
   return TASA_ISA_SCALAR;
 }

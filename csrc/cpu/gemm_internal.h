@@ -7,7 +7,9 @@ namespace tasa {
 struct GemmArgs {
   const float* xl;        // [M, K] fp32 activations in logical row order (perm applied)
   const float* xsum;      // [M, n_groups] sum of xl over each logical group
-  const float* xs[4];     // M == 1, bits 2/3/4/8: xl * 2^-(32-b) (the GEMV reads codes left-aligned)
+  const float* xs[4];     // AVX2 GEMV, bits 2/3/4/8: xl * 2^-(32-b) (it reads codes left-aligned)
+  const uint16_t* xp[3];  // AVX-512: xl as np bf16 pieces [np][M][K] summing exactly to xl
+  int np;
   int64_t M, N, K, G, R, n_groups;
   const uint32_t* qweight;
   const uint16_t* scales;
@@ -22,6 +24,10 @@ struct GemmArgs {
 int gemm_cols_scalar(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
+int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);
+int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);   // bf16 x (np == 1) only
+// x [K] -> np bf16 pieces out [np][K] with sum exactly x (np = 3 suffices for any fp32 x).
+void split_bf16_avx512(const float* x, int64_t K, int np, uint16_t* out);
 
 // Writes 16 fp32 results of row m, columns [n0, n0+16) (clipped to N) into y of dtype ydt.
 void store_block(const GemmArgs& a, int64_t m, int64_t n0, const float* v16);

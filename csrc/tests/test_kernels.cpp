@@ -1,6 +1,7 @@
 // Torch-free unit tests of the CPU kernels (built and run by CMake/ctest): pack/unpack round trip
-// for every width, and the fused GEMM on every ISA path against a float64 dot product of the
-// dequantized weights, on odd sizes.
+// for every width, and the fused GEMM on every ISA path (scalar, AVX2, AVX-512 where the CPU
+// has them) and activation dtype against a float64 dot product of the dequantized weights, on
+// odd sizes.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,20 +55,38 @@ static void run_case(int64_t N, int64_t K, int64_t G, const std::vector<int32_t>
   EXPECT(tasa_dequant_cpu(qw.data(), scales.data(), asym ? zeros.data() : nullptr, gtable.data(),
                           perm_on ? perm.data() : nullptr, N, K, G, R, W.data()) == TASA_OK, "dequant");
   for (auto& v : x) v = ux(rng);
-  for (int isa = 0; isa <= tasa_cpu_isa_detected(); ++isa) {
-    tasa_cpu_set_isa(isa);
-    EXPECT(tasa_gemm_cpu(x.data(), TASA_F32, M, qw.data(), scales.data(), asym ? zeros.data() : nullptr,
-                         gtable.data(), perm_on ? perm.data() : nullptr, N, K, G, R, y.data()) == TASA_OK,
-           "gemm");
-    double err = 0, nrm = 0;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        double ref = 0;
-        for (int64_t k = 0; k < K; ++k) ref += (double)x[m * K + k] * W[n * K + k];
-        err = fmax(err, fabs(ref - y[m * N + n]));
-        nrm = fmax(nrm, fabs(ref));
+  // x and y in each activation dtype; the reference reads the same (rounded) x and allows the
+  // rounding of y to that dtype on top of fp32-level accumulation error.
+  std::vector<uint16_t> x16(M * K), y16(M * N);
+  for (int xdt : {TASA_F32, TASA_BF16, TASA_F16}) {
+    std::vector<float> xr(x);
+    for (int64_t i = 0; i < M * K; ++i)
+      if (xdt != TASA_F32) {
+        x16[i] = xdt == TASA_BF16 ? tasa::float_to_bf16(x[i]) : tasa::float_to_half(x[i]);
+        xr[i] = xdt == TASA_BF16 ? tasa::bf16_to_float(x16[i]) : tasa::half_to_float(x16[i]);
       }
-    EXPECT(err <= 1e-5 * nrm + 1e-6, "gemm isa=%d M=%ld N=%ld err=%g norm=%g", isa, (long)M, (long)N, err, nrm);
+    const double out_ulp = xdt == TASA_F32 ? 0.0 : xdt == TASA_BF16 ? 1.0 / 256 : 1.0 / 1024;
+    for (int isa = 0; isa <= tasa_cpu_isa_detected(); ++isa) {
+      tasa_cpu_set_isa(isa);
+      const void* xp = xdt == TASA_F32 ? (const void*)x.data() : (const void*)x16.data();
+      void* yp = xdt == TASA_F32 ? (void*)y.data() : (void*)y16.data();
+      EXPECT(tasa_gemm_cpu(xp, xdt, M, qw.data(), scales.data(), asym ? zeros.data() : nullptr,
+                           gtable.data(), perm_on ? perm.data() : nullptr, N, K, G, R, yp) == TASA_OK,
+             "gemm");
+      double err = 0, nrm = 0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < K; ++k) ref += (double)xr[m * K + k] * W[n * K + k];
+          const double got = xdt == TASA_F32    ? y[m * N + n]
+                             : xdt == TASA_BF16 ? tasa::bf16_to_float(y16[m * N + n])
+                                                : tasa::half_to_float(y16[m * N + n]);
+          err = fmax(err, fabs(ref - got) - out_ulp * fabs(ref));
+          nrm = fmax(nrm, fabs(ref));
+        }
+      EXPECT(err <= 1e-5 * nrm + 1e-6, "gemm isa=%d xdt=%d M=%ld N=%ld err=%g norm=%g", isa, xdt,
+             (long)M, (long)N, err, nrm);
+    }
   }
   tasa_cpu_set_isa(-1);
 }
@@ -77,7 +96,10 @@ int main() {
   const std::vector<std::vector<int32_t>> patterns = {{2}, {3}, {4}, {8}, {3, 4}, {8, 2, 4, 3}};
   for (auto& p : patterns)
     for (int64_t G : {32, 64, 128})
-      for (int64_t M : {1, 3, 17}) run_case(37, G * 4, G, p, (M & 1) == 1, M == 3, M, rng);
+      for (int64_t M : {1, 3, 17}) {
+        run_case(37, G * 4, G, p, (M & 1) == 1, M == 3, M, rng);
+        if (M == 1) run_case(53, G * 6, G, p, false, true, M, rng);   // GEMV: sym + perm too
+      }
   // invalid inputs give error codes, never UB
   std::vector<int32_t> bad_bits = {5};
   std::vector<int32_t> gt(3);

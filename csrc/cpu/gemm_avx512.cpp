@@ -1,0 +1,351 @@
+// AVX-512 (F/BW/VL/DQ + VBMI + BF16) kernels of the fused dequant GEMV/GEMM (format.h layout).
+// Chosen at run time (cpu_features.cpp) on CPUs that have all of these (Zen 4/5, Sapphire
+// Rapids and later); only this translation unit is compiled for them (#pragma GCC target), so
+// the library still loads on an AVX2-only CPU.
+//
+// Why not the AVX2 recipe in wider registers: that GEMV spends shift + mask + int->float
+// convert + one fp32 FMA per code and lane (4 vector ops per 16 codes); on 2 Zen cores it tops
+// out at ~17 G codes/s, so 3-bit (fewer bytes, same op count, extra funnel shifts) was *slower*
+// than 4-bit: compute-bound, not bandwidth-bound. Here one zmm register holds one packed row of
+// a 16-column block, and every op handles two codes of each of the 16 columns:
+//
+//   1. vpmultishiftqb picks, for every column (dword lane), an 8-bit window starting at code
+//      2p into byte 0 and one starting at code 2p+1 into byte 2 (any bit offsets; no masks).
+//      The two 3-bit pairs whose codes straddle two words (codes 10/11 and 20/21) are first
+//      funnel-shifted together (2 shifts + or, twice per 32-row tile).
+//   2. vpermw looks both codes up in a 32-entry table of bf16 values: it uses only the low 5
+//      bits of each 16-bit index, so the table repeats the centred values q - 2^(b-1) with
+//      period 2^b and the neighbouring code's bits above the field need no mask. Small
+//      integers are exact in bf16.
+//   3. vdpbf16ps adds code(2p) * x[2p] + code(2p+1) * x[2p+1] into an fp32 accumulator per
+//      column; the x pair is one dword broadcast from memory.
+//
+// Exactness: a bf16 x bf16 product has at most 16 significant bits, so it is exact in fp32;
+// only the fp32 accumulation rounds, as in an fp32 FMA loop. x itself must be a sum of bf16
+// values: bf16 activations are (1 piece), fp16 ones are hi + lo (2 pieces, 8 + 3 significant
+// bits), fp32 ones hi + mid + lo (3 pieces, 8 + 8 + 8 bits, exact by construction: each piece
+// is the bf16 truncation of the remainder, and the remainders are exact fp32 subtractions).
+// Each piece is one more vdpbf16ps per code pair, so fp32 activations cost 5 ops per 32
+// multiply-adds against the AVX2 path's ~8; bf16 activations 3. (The only inexactness left is
+// the instruction's denormal flushing, i.e. |x| < ~1e-31 pieces read as 0.)
+//
+// 8-bit codes do not fit a vpermw table: with nibbles q = 16 hi + lo, two table look-ups
+// (16 (hi - 8) and lo - 8, both exact in bf16) accumulate into the same sums, which are then
+// centred at 136 instead of 128 (16 (hi - 8) + (lo - 8) = q - 136); the zero-point correction
+// below uses that centre. Partial sums stay centred, so no large q*x sum cancels against
+// z*sum(x): the fp32 error stays at the level of a dense fp32 matmul. Per group the sums are
+// reduced once and scaled once: y += s * g - s * (z - centre) * sum(x_group) (asymmetric z).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,f16c")
+// GCC 12's unmasked shift intrinsics start from _mm512_undefined_*: a -Wmaybe-uninitialized
+// false positive in every inlined use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <utility>
+#include <vector>
+
+#include "gemm_internal.h"
+#include "tasa/format.h"
+
+namespace tasa {
+namespace {
+
+template <class F, int... I>
+inline __attribute__((always_inline)) void static_for(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+
+// bf16 bit pattern of a small integer v (|v| <= 128: at most 8 significant bits, exact).
+constexpr uint16_t bf16_int(int v) {
+  if (v == 0) return 0;
+  const uint16_t sign = v < 0 ? 0x8000 : 0;
+  const int m = v < 0 ? -v : v;
+  int e = 0;
+  while ((m >> (e + 1)) != 0) ++e;
+  return (uint16_t)(sign | (uint16_t)((127 + e) << 7) | (uint16_t)((m << (7 - e)) & 0x7F));
+}
+
+// vpermw table for fields of U bits: entry i = bf16(MUL * ((i mod 2^U) - 2^(U-1))).
+template <int U, int MUL>
+struct Lut {
+  alignas(64) uint16_t t[32];
+  constexpr Lut() : t() {
+    for (int i = 0; i < 32; ++i) t[i] = bf16_int(MUL * ((i & ((1 << U) - 1)) - (1 << (U - 1))));
+  }
+};
+template <int U, int MUL>
+constexpr Lut<U, MUL> kLut{};
+
+template <int U, int MUL>
+inline __m512i lut() { return _mm512_load_si512((const void*)kLut<U, MUL>.t); }
+
+// Index register for one vpermw: byte 0 of every column's dword = bits [LO, LO+8) of the
+// tile, byte 2 = bits [HI, HI+8) (tile bit positions; the two fields must be U bits wide).
+// w: the tile's B words (zmm rows).
+template <int U, int LO, int HI>
+inline __attribute__((always_inline)) __m512i pair_index(const __m512i* w) {
+  constexpr int wi = LO >> 5;
+  constexpr bool straddle = HI + U > 32 * (wi + 1);
+  constexpr int lo = straddle ? 0 : LO - 32 * wi, hi = straddle ? HI - LO : HI - 32 * wi;
+  __m512i v = w[wi];
+  if constexpr (straddle) {   // funnel: the tile's bits from LO on, across the word boundary
+    constexpr int s = LO & 31;
+    v = _mm512_or_si512(_mm512_srli_epi32(w[wi], s), _mm512_slli_epi32(w[wi + 1], 32 - s));
+  }
+  if constexpr (lo == 0 && hi == 16) return v;
+  // vpmultishiftqb works per qword = two columns: bytes 0-3 from the low dword, 4-7 from the
+  // high one (bytes 1 and 3 are ignored by vpermw beyond bit 4 of each word; fill them anyway).
+  constexpr uint64_t c = (uint64_t)lo | (uint64_t)lo << 8 | (uint64_t)hi << 16 | (uint64_t)hi << 24 |
+                         (uint64_t)(lo + 32) << 32 | (uint64_t)(lo + 32) << 40 |
+                         (uint64_t)(hi + 32) << 48 | (uint64_t)(hi + 32) << 56;
+  // (maskz form: the unmasked intrinsic trips a GCC 12 -Wmaybe-uninitialized false positive)
+  return _mm512_maskz_multishift_epi64_epi8(~(__mmask64)0, _mm512_set1_epi64((long long)c), v);
+}
+
+inline __attribute__((always_inline)) __m512 dp(__m512 acc, __m512i codes, const uint16_t* xpair) {
+  int32_t xv;
+  __builtin_memcpy(&xv, xpair, 4);
+  return _mm512_dpbf16_ps(acc, (__m512bh)codes, (__m512bh)_mm512_set1_epi32(xv));
+}
+
+constexpr int NACC = 8;   // independent accumulation chains: hide vdpbf16ps latency
+
+// Sum over one group of (q - centre) * x for the 16 columns of a block. wp: the group's first
+// packed row in this block; xg[q]: the group's slice of bf16 piece q of x.
+template <int B, int NP>
+inline __attribute__((always_inline)) __m512 group_sum(const uint32_t* wp, const uint16_t* const* xg,
+                                                       int64_t tiles, __m512i tab, __m512i tab_hi) {
+  __m512 acc[NACC];
+  for (int i = 0; i < NACC; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512i w[B];
+    for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
+    static_for(std::make_integer_sequence<int, 16>{}, [&](auto P) {
+      constexpr int p = decltype(P)::value;
+      if constexpr (B == 8) {
+        const __m512i vl = _mm512_permutexvar_epi16(pair_index<4, 16 * p, 16 * p + 8>(w), tab);
+        const __m512i vh = _mm512_permutexvar_epi16(pair_index<4, 16 * p + 4, 16 * p + 12>(w), tab_hi);
+        static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
+          constexpr int q = decltype(Q)::value, i = 2 * (p * NP + q);
+          acc[i % NACC] = dp(acc[i % NACC], vl, xg[q] + t * 32 + 2 * p);
+          acc[(i + 1) % NACC] = dp(acc[(i + 1) % NACC], vh, xg[q] + t * 32 + 2 * p);
+        });
+      } else {
+        const __m512i v = _mm512_permutexvar_epi16(pair_index<B, 2 * p * B, (2 * p + 1) * B>(w), tab);
+        static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
+          constexpr int q = decltype(Q)::value, i = p * NP + q;
+          acc[i % NACC] = dp(acc[i % NACC], v, xg[q] + t * 32 + 2 * p);
+        });
+      }
+    });
+  }
+  const __m512 s01 = _mm512_add_ps(acc[0], acc[1]), s23 = _mm512_add_ps(acc[2], acc[3]);
+  const __m512 s45 = _mm512_add_ps(acc[4], acc[5]), s67 = _mm512_add_ps(acc[6], acc[7]);
+  return _mm512_add_ps(_mm512_add_ps(s01, s23), _mm512_add_ps(s45, s67));
+}
+
+// 16 fp16 values of a block row (clipped to N, zero padded) as fp32; *bad |= any NaN/Inf.
+inline __m512 load_half16(const uint16_t* row, int64_t n0, int64_t N, int* bad) {
+  const __mmask16 m = n0 + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1u);
+  const __m256i v = _mm256_maskz_loadu_epi16(m, row + n0);
+  const __m256i e = _mm256_set1_epi16(0x7C00);
+  *bad |= _mm256_cmpeq_epi16_mask(_mm256_and_si256(v, e), e) != 0;
+  return _mm512_cvtph_ps(v);
+}
+
+// Adds the stored groups [j0, j1) -- one segment of equal width B (the table is sorted by
+// width) -- of column block cb to tot. One call per segment, not per group: a call per group
+// that switched between the 3- and 4-bit bodies measured ~12% slower on the 3.5-bit mix than on
+// either uniform width.
+template <int B, int NP>
+__attribute__((noinline)) __m512 gemv_segment(const GemmArgs& a, int64_t cb, int64_t j0, int64_t j1,
+                                              __m512 tot, int* bad) {
+  const __m512i tab = B == 8 ? lut<4, 1>() : lut<B, 1>();
+  const __m512i tab_hi = lut<4, 16>();   // 8-bit only: high nibble, 16 * (h - 8)
+  // The sums are centred at 2^(b-1), except 8-bit ones at 136 (see the top). Zero point z
+  // (2^(b-1) when symmetric): y += s * g - s * (z - centre) * sum(x_group).
+  const __m512 centre = _mm512_set1_ps(B == 8 ? 136.f : (float)(1 << (B - 1)));
+  const uint32_t* blk = a.qweight + cb * a.R * 16;
+  const int64_t tiles = a.G / 32;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+    const uint16_t* xg[3];
+    for (int q = 0; q < 3; ++q) xg[q] = a.xp[q < NP ? q : 0] + lg * a.G;
+    const __m512 g = group_sum<B, NP>(blk + off * 16, xg, tiles, tab, tab_hi);
+    const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, bad);
+    tot = _mm512_fmadd_ps(s, g, tot);
+    if (a.zeros || B == 8) {
+      const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, bad) : _mm512_set1_ps(128.f);
+      tot = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_sub_ps(z, centre), s), _mm512_set1_ps(a.xsum[lg]), tot);
+    }
+  }
+  return tot;
+}
+
+template <int NP>
+int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    __m512 tot = _mm512_setzero_ps();
+    for (int64_t j0 = 0, j1; j0 < a.n_groups; j0 = j1) {
+      const int b = a.gtable[j0 * 3];
+      for (j1 = j0 + 1; j1 < a.n_groups && a.gtable[j1 * 3] == b; ++j1) {}
+      switch (b) {
+        case 2: tot = gemv_segment<2, NP>(a, cb, j0, j1, tot, &bad); break;
+        case 3: tot = gemv_segment<3, NP>(a, cb, j0, j1, tot, &bad); break;
+        case 4: tot = gemv_segment<4, NP>(a, cb, j0, j1, tot, &bad); break;
+        default: tot = gemv_segment<8, NP>(a, cb, j0, j1, tot, &bad); break;
+      }
+    }
+    alignas(64) float out[16];
+    _mm512_store_ps(out, tot);
+    store_block(a, 0, cb * 16, out);
+  }
+  return bad;
+}
+
+// ---- M > 1 ----------------------------------------------------------------------------------
+// The GEMM decodes one group of one block once into bf16 code pairs (the vpermw outputs, 4 KiB
+// for G = 128, L1-resident) and then runs vdpbf16ps over up to 8 rows of x per pass: the
+// decode is shared by all M rows, and each instruction is still 32 exact multiply-adds.
+// The driver uses it for bf16 activations only (1 piece); with fp32 x's 3 pieces the AVX2
+// dequantize-to-fp32 + FMA GEMM is faster (see gemm.cpp).
+// unit u of buf pairs with x[2u, 2u+1] (B < 8), or with x[2(u/2), 2(u/2)+1] (B = 8: low and
+// high nibble units alternate).
+template <int B>
+void decode_group(const uint32_t* wp, int64_t tiles, __m512i* buf) {
+  const __m512i tab = B == 8 ? lut<4, 1>() : lut<B, 1>();
+  const __m512i tab_hi = lut<4, 16>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512i w[B];
+    for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
+    static_for(std::make_integer_sequence<int, 16>{}, [&](auto P) {
+      constexpr int p = decltype(P)::value;
+      if constexpr (B == 8) {
+        buf[(t * 16 + p) * 2] = _mm512_permutexvar_epi16(pair_index<4, 16 * p, 16 * p + 8>(w), tab);
+        buf[(t * 16 + p) * 2 + 1] =
+            _mm512_permutexvar_epi16(pair_index<4, 16 * p + 4, 16 * p + 12>(w), tab_hi);
+      } else {
+        buf[t * 16 + p] = _mm512_permutexvar_epi16(pair_index<B, 2 * p * B, (2 * p + 1) * B>(w), tab);
+      }
+    });
+  }
+}
+
+// g[m] = sum over the group of buf . x[m] for MC rows; x[q][m]: piece q of row m at the group.
+template <int MC, int NP>
+void dp_rows(const __m512i* buf, int64_t units, int ushift, const uint16_t* const* x, int64_t M,
+             int64_t K, __m512* g) {
+  __m512 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < units; ++u) {
+    const __m512i v = _mm512_load_si512((const void*)(buf + u));
+    const int64_t xo = 2 * (u >> ushift);
+    for (int q = 0; q < NP; ++q)
+      for (int m = 0; m < MC; ++m) acc[m] = dp(acc[m], v, x[q] + m * K + xo);
+  }
+  for (int m = 0; m < MC; ++m) g[m] = acc[m];
+}
+
+template <int NP>
+void dp_rows_n(int mc, const __m512i* buf, int64_t units, int ushift, const uint16_t* const* x,
+               int64_t M, int64_t K, __m512* g) {
+  switch (mc) {
+    case 1: dp_rows<1, NP>(buf, units, ushift, x, M, K, g); break;
+    case 2: dp_rows<2, NP>(buf, units, ushift, x, M, K, g); break;
+    case 3: dp_rows<3, NP>(buf, units, ushift, x, M, K, g); break;
+    case 4: dp_rows<4, NP>(buf, units, ushift, x, M, K, g); break;
+    case 5: dp_rows<5, NP>(buf, units, ushift, x, M, K, g); break;
+    case 6: dp_rows<6, NP>(buf, units, ushift, x, M, K, g); break;
+    case 7: dp_rows<7, NP>(buf, units, ushift, x, M, K, g); break;
+    default: dp_rows<8, NP>(buf, units, ushift, x, M, K, g); break;
+  }
+}
+
+template <int NP>
+int gemm_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32, M = a.M;
+  std::vector<uint8_t> mem(tiles * 32 * 64 + 64);   // decoded group, 64-byte aligned
+  __m512i* buf = (__m512i*)(((uintptr_t)mem.data() + 63) & ~(uintptr_t)63);
+  std::vector<float> yaccv(M * 16);
+  float* yacc = yaccv.data();
+  const int64_t nchunks = (M + 7) / 8;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const uint32_t* blk = a.qweight + cb * a.R * 16;
+    for (int64_t i = 0; i < M * 16; ++i) yacc[i] = 0.f;
+    for (int64_t j = 0; j < a.n_groups; ++j) {
+      const int b = a.gtable[j * 3];
+      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+      const uint32_t* wp = blk + off * 16;
+      switch (b) {
+        case 2: decode_group<2>(wp, tiles, buf); break;
+        case 3: decode_group<3>(wp, tiles, buf); break;
+        case 4: decode_group<4>(wp, tiles, buf); break;
+        default: decode_group<8>(wp, tiles, buf); break;
+      }
+      const int64_t units = tiles * 16 * (b == 8 ? 2 : 1);
+      const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, &bad);
+      const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));   // as in the GEMV
+      __m512 zc = _mm512_setzero_ps();
+      if (a.zeros || b == 8) {
+        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, &bad)
+                                 : _mm512_set1_ps(128.f);
+        zc = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s);
+      }
+      // Even split of the M rows into chunks of at most 8 (8 accumulators, one per row).
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t m0 = M * ch / nchunks, m1 = M * (ch + 1) / nchunks;
+        const uint16_t* x[3];
+        for (int q = 0; q < 3; ++q) x[q] = a.xp[q < NP ? q : 0] + m0 * a.K + lg * a.G;
+        __m512 g[8];
+        dp_rows_n<NP>((int)(m1 - m0), buf, units, b == 8 ? 1 : 0, x, M, a.K, g);
+        for (int64_t m = m0; m < m1; ++m) {
+          __m512 y = _mm512_fmadd_ps(s, g[m - m0], _mm512_loadu_ps(yacc + m * 16));
+          y = _mm512_fnmadd_ps(zc, _mm512_set1_ps(a.xsum[m * a.n_groups + lg]), y);
+          _mm512_storeu_ps(yacc + m * 16, y);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) store_block(a, m, cb * 16, yacc + m * 16);
+  }
+  return bad;
+}
+
+}  // namespace
+
+int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  switch (a.np) {
+    case 1: return gemv_cols<1>(a, cb0, cb1);
+    case 2: return gemv_cols<2>(a, cb0, cb1);
+    default: return gemv_cols<3>(a, cb0, cb1);
+  }
+}
+
+// bf16 activations only (a.np == 1): the driver keeps fp32/fp16 GEMMs on the AVX2 kernel.
+int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) { return gemm_cols<1>(a, cb0, cb1); }
+
+// Splits fp32 x [K] into np bf16 pieces whose sum is exactly x (see the top): piece i is the
+// bf16 truncation of what the previous pieces left. Non-finite x: the first piece carries it
+// (Inf stays Inf, NaN stays NaN), the others are 0, so no Inf - Inf NaN appears.
+void split_bf16_avx512(const float* x, int64_t K, int np, uint16_t* out) {
+  const __m512i hi_mask = _mm512_set1_epi32((int)0xFFFF0000u);
+  int64_t k = 0;
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+    __m512 r = _mm512_maskz_loadu_ps(m, x + k);
+    const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(r), _mm512_set1_ps(__builtin_inff()), _CMP_LT_OQ);
+    const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    for (int i = 0; i < np; ++i) {
+      __m512i bits = _mm512_and_si512(_mm512_castps_si512(r), hi_mask);
+      // a NaN whose payload sits in the low 16 bits must not truncate to Inf: set the quiet bit
+      if (i == 0) bits = _mm512_mask_or_epi32(bits, nan, bits, _mm512_set1_epi32(0x00400000));
+      _mm256_mask_storeu_epi16(out + i * K + k, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+      r = _mm512_maskz_sub_ps(fin, r, _mm512_castsi512_ps(bits));
+    }
+  }
+}
+
+}  // namespace tasa
+#pragma GCC pop_options
