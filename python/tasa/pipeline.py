@@ -93,7 +93,7 @@ class PipelineConfig:
     sens_ppl_windows: int = 8
     sens_ppl_seqlen: int = 128
     sens_math_items: int = 10
-    sens_arc_items: int = 32
+    sens_arc_items: int = 48
     # allocation
     beta: float = 0.5
     intra: bool = True
