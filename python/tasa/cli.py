@@ -111,7 +111,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_allocate(args) -> int:
-    from .pipeline import PLAN_NAME, _atomic_json, allocate, load_measurement
+    from pathlib import Path
+
+    from .pipeline import PLAN_NAME, _atomic_json, allocate, load_measurement, plan_document
 
     try:
         m = load_measurement(args.measurement)
@@ -119,15 +121,10 @@ def cmd_allocate(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out
-    import os
-    if os.path.isdir(out):
-        out = os.path.join(out, PLAN_NAME)
-    _atomic_json(__import__("pathlib").Path(out), {
-        "format_version": m["format_version"], "target_bits": args.bits, "beta": args.beta,
-        "widths": list(args.widths), "intra": not args.no_intra,
-        "alpha": m["mixture"]["alpha_star"], "summary": A["summary"],
-        "item_bits": A["item_bits"], "layers": A["plan"]})
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / PLAN_NAME
+    _atomic_json(out, plan_document(m, A))
     s = A["summary"]
     print(f"{out}: {s['avg_bits']:.4f} average bits (budget {args.bits}); "
           + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in s["width_fraction"].items()))

@@ -409,6 +409,16 @@ def check_budget(model, cfg: PipelineConfig) -> float:
     return c / n
 
 
+def plan_document(measurement: Mapping, allocation: Mapping) -> dict:
+    """The ``plan.json`` content of an allocation: format version, the allocation settings,
+    alpha, the summary, the per-unit widths and ``layers`` (fqn -> bits per group, ...)."""
+    A = allocation
+    return {"format_version": tasa_ext.FORMAT_VERSION, "target_bits": A["target_bits"],
+            "beta": A["beta"], "widths": A["widths"], "intra": A["intra"],
+            "alpha": measurement["mixture"]["alpha_star"], "summary": A["summary"],
+            "item_bits": A["item_bits"], "layers": A["plan"]}
+
+
 # ---- stage 5: quantization --------------------------------------------------------------------
 
 def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Mapping],
@@ -564,23 +574,23 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         t = time.perf_counter()
         m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log)
         timings["measure"] = time.perf_counter() - t
-    # reference perplexity (before the model is quantized in place)
     wt_text = data.load_wikitext2(cfg.data, "test")
-    ref_ppl = None
-    if cfg.eval_windows > 0:
+
+    def quick_ppl(stage):
+        if cfg.eval_windows <= 0:
+            return None
         t = time.perf_counter()
-        ref_ppl = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen,
-                             max_windows=cfg.eval_windows, progress=progress)
-        timings["eval_reference"] = time.perf_counter() - t
+        r = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen, max_windows=cfg.eval_windows,
+                       progress=progress)
+        timings[stage] = time.perf_counter() - t
+        return r
+
+    ref_ppl = quick_ppl("eval_reference")     # before the model is quantized in place
     # allocation
     t = time.perf_counter()
     A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)
     timings["allocate"] = time.perf_counter() - t
-    plan_json = {"format_version": tasa_ext.FORMAT_VERSION, "target_bits": cfg.bits,
-                 "beta": cfg.beta, "widths": list(cfg.widths), "intra": cfg.intra,
-                 "alpha": m["mixture"]["alpha_star"], "summary": A["summary"],
-                 "item_bits": A["item_bits"], "layers": A["plan"]}
-    _atomic_json(out / PLAN_NAME, plan_json)
+    _atomic_json(out / PLAN_NAME, plan_document(m, A))
     log(f"plan: {A['summary']['avg_bits']:.4f} average bits (budget {cfg.bits}); widths "
         + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
     # quantization
@@ -594,12 +604,7 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
         "avg_bits": A["summary"]["avg_bits"]})
     timings["save"] = time.perf_counter() - t
-    q_ppl = None
-    if cfg.eval_windows > 0:
-        t = time.perf_counter()
-        q_ppl = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen,
-                           max_windows=cfg.eval_windows, progress=progress)
-        timings["eval_quantized"] = time.perf_counter() - t
+    q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
