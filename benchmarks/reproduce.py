@@ -247,8 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--widths", default="3,4,8")
     ap.add_argument("--extra-budgets", default="", help="more TASA budgets, e.g. 3.31,4.31")
-    ap.add_argument("--rows", default="", help="only these rows (comma-separated exact names; "
-                    "'TASA*' selects every TASA row)")
+    ap.add_argument("--rows", default="", help="only these rows (exact names separated by ';' -- "
+                    "names contain commas; 'TASA*' selects every TASA row)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-calib", type=int, default=32)
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
         mpath = mdir / "measurement.json"
         rows_def = rows_for(args.bits, args.beta, extra)
         if args.rows:
-            keep = [k.strip() for k in args.rows.split(",")]
+            keep = [k.strip() for k in args.rows.split(";") if k.strip()]
             names = [r[0] for r in rows_def]
             unknown = [k for k in keep if k not in names and k != "TASA*"]
             if unknown:

@@ -28,7 +28,7 @@ def harness(monkeypatch):
 
 
 ARGS = ["--models", "tiny", "--limit", "3", "--ppl-windows", "1", "--n-calib", "2", "--seqlen", "64",
-        "--rows", "reference,RTN W3,GPTQ W4,TASA 3.8", "--bits", "3.8"]
+        "--rows", "reference;RTN W3;GPTQ W4;TASA 3.8, beta=1 (ppl-only sensitivity)", "--bits", "3.8"]
 
 
 def _run(harness, out):
@@ -43,14 +43,15 @@ def _run(harness, out):
 def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path):
     r1 = _run(harness, tmp_path / "a")
     names = {r["name"] for r in r1.values()}
-    assert names == {"reference", "RTN W3", "GPTQ W4", "TASA 3.8"}
+    assert names == {"reference", "RTN W3", "GPTQ W4", "TASA 3.8, beta=1 (ppl-only sensitivity)"}
     for fname, r in r1.items():
         raw = tmp_path / "a" / "tiny" / "rows" / r["eval"]["raw"]
         samples = json.loads(raw.read_text())["samples"]
         assert {len(v) for v in samples.values()} == {3}          # the limit, per task
         assert r["eval"]["lm_eval"]["arc_easy"]["n"] == 3
     bits = {r["name"]: r["avg_bits"] for r in r1.values()}
-    assert bits["reference"] is None and bits["RTN W3"] < bits["TASA 3.8"] <= 3.8 < bits["GPTQ W4"]
+    assert bits["reference"] is None
+    assert bits["RTN W3"] < bits["TASA 3.8, beta=1 (ppl-only sensitivity)"] <= 3.8 < bits["GPTQ W4"]
     table = (tmp_path / "a" / "reproduction.md").read_text()
     for n in names:
         assert f"| {n} |" in table
