@@ -254,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=8)
+    g = ap.add_argument_group("measurement size (default: tasa quantize's defaults)")
+    for k in ("n-gen", "n-task", "n-test", "sens-ppl-windows", "sens-math-items", "sens-arc-items"):
+        g.add_argument(f"--{k}", type=int, default=None)
     ap.add_argument("--gsm8k-em", action="store_true", help="also GSM8K exact match (generation: slow)")
     ap.add_argument("--gsm8k-shots", type=int, default=8)
     ap.add_argument("--gsm8k-limit", type=int, default=0)
@@ -281,6 +284,10 @@ def main(argv=None) -> int:
         mdir = out / slug(mname)
         (mdir / "rows").mkdir(parents=True, exist_ok=True)
         cfg = pipeline.PipelineConfig(model=mname, data=args.data, seed=args.seed)
+        for k in ("n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
+                  "sens_arc_items"):
+            if getattr(args, k) is not None:
+                setattr(cfg, k, getattr(args, k))
         mpath = mdir / "measurement.json"
         rows_def = rows_for(args.bits, args.beta, extra)
         if args.rows:
