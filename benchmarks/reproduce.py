@@ -52,6 +52,8 @@ def rows_for(bits: float, beta: float, extra_budgets=()) -> list:
         ("RTN W3", {"kind": "uniform", "method": "rtn", "bits": 3}),
         ("GPTQ W4", {"kind": "uniform", "method": "gptq", "bits": 4}),
         ("GPTQ W3", {"kind": "uniform", "method": "gptq", "bits": 3}),
+        ("GPTQ W4, alpha* calibration", {"kind": "uniform", "method": "gptq", "bits": 4, "alpha": "star"}),
+        ("GPTQ W3, alpha* calibration", {"kind": "uniform", "method": "gptq", "bits": 3, "alpha": "star"}),
         (t, {"kind": "tasa", "bits": bits, "beta": beta}),
         (f"{t}, beta=1 (ppl-only sensitivity)", {"kind": "tasa", "bits": bits, "beta": 1.0}),
         (f"{t}, beta=0 (task-only sensitivity)", {"kind": "tasa", "bits": bits, "beta": 0.0}),
@@ -116,8 +118,10 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
         row["avg_bits"] = plan_average_bits(pj, shapes)
         c = copy.copy(cfg)
         c.method = spec["method"]
-        _, q = pipeline.quantize_with_plan(model, tok, c, pj, alpha=1.0, progress=False,
+        alpha = measurement["mixture"]["alpha_star"] if spec.get("alpha") == "star" else 1.0
+        _, q = pipeline.quantize_with_plan(model, tok, c, pj, alpha=alpha, progress=False,
                                            log=lambda s: None)
+        row["alpha"] = alpha
         row["quantization"] = q
     else:
         A = pipeline.allocate(measurement, spec["bits"], spec.get("beta", args.beta),
@@ -177,7 +181,8 @@ def write_table(out: Path, models: list, args, meta: dict) -> Path:
     lines.append("- **reasoning retention** = mean over {GSM8K gold NLL (ref/row), ARC-C acc_norm "
                  "(row/ref), ARC-E acc_norm (row/ref)}; 1.0 = as good as the reference.")
     lines.append("- uniform rows: g128 (96 where K=576), asymmetric; GPTQ calibrated on general "
-                 f"text, {args.n_calib} x {args.seqlen} tokens. TASA rows: same GPTQ settings, "
+                 f"text (alpha = 1), {args.n_calib} x {args.seqlen} tokens, or on the TASA "
+                 "calibration mix where the row says alpha*. TASA rows: same GPTQ settings, "
                  "calibration mix alpha* unless the row says otherwise, widths "
                  f"{args.widths}.")
     lines.append("- the offline checkpoints were distributed already quantized (GGUF): the "
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
             rows_def = [r for r in rows_def if r[0] in keep
                         or ("TASA*" in keep and r[1]["kind"] == "tasa")]
         measurement = None
-        if any(s["kind"] == "tasa" for _, s in rows_def):
+        if any(s["kind"] == "tasa" or s.get("alpha") == "star" for _, s in rows_def):
             if not (mpath.is_file() and (pipeline.load_measurement(mpath).get("sensitivity") or {}).get("complete")):
                 print(f"[{mname}] measuring (mixture search + sensitivity) ...", flush=True)
                 t0 = time.perf_counter()
