@@ -122,7 +122,7 @@ inline __attribute__((always_inline)) __m512 dp(__m512 acc, __m512i codes, const
 //    (the mix lost most here: ~2.6 ms -> ~2.0 ms single-thread on 14336x4096 from this alone).
 //    They are prefetched (into L2) kScaleAheadBlocks column blocks ahead.
 // Distances of 8-64 KiB and 1-8 blocks all measured within noise of each other (the VM is
-// shared); without either prefetch the streamed 3.5-bit mix was ~1.4x slower than 3-bit.
+// shared); without either prefetch the streamed 3.5-bit mix was ~1.3x slower than 3-bit.
 constexpr int64_t kPrefetchBytes = 16 << 10;
 constexpr int64_t kScaleAheadBlocks = 4;
 
