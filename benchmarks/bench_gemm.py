@@ -6,18 +6,30 @@ same run, and speed ratios against torch dense matmul (fp32 and bf16 on the CPU,
 and torch's own int4 kernel (CPU: _weight_int4pack_mm_for_cpu; CUDA: _weight_int4pack_mm), all
 timed side by side in this run. Random weights: the kernels' speed does not depend on values.
 
+Streaming (the default): batch-1 decode reads every weight once per token from DRAM, so each
+timed call must too. Every timed operand -- tasa's packed matrices, torch's dense fp32/bf16
+weights and its int4-packed ones alike -- is cloned until its copies total >= --stream-mb
+(default 96 MB, 3x a 32 MB L3), and consecutive calls rotate through the copies: by the time a
+copy comes round again the others have pushed it out of the last-level cache. `--resident`
+reuses one copy (the old mode: shapes smaller than the LLC then run from cache and can report
+more than 100% of the copy bandwidth).
+
     python benchmarks/bench_gemm.py                      # CPU, all shapes, batch 1 and 16
+    python benchmarks/bench_gemm.py --shapes "llama3-8b k/v 1024x4096" --update   # one shape,
+                                                         # merged into the existing results file
     python benchmarks/bench_gemm.py --batch 1 --isa avx2 --out gemm_cpu_avx2   # an older path
     python benchmarks/bench_gemm.py --device cuda --batch 1 4 16 64
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 
 import torch
 
 import tasa_ext
-from common import copy_bandwidth, machine, timeit, write_results
+from common import RESULTS, copy_bandwidth, machine, timeit, write_results
 
 SHAPES = {  # name: (N out, K in)
     "llama3-8b q/o 4096x4096": (4096, 4096),
@@ -43,15 +55,31 @@ def make_packed(N, K, G, pattern, device):
 
 
 def torch_int4(N, K, G, device):
+    """(call(x, operands), operands, bytes of the operands) for torch's int4 kernel."""
     w = torch.randint(0, 16, (N, K), dtype=torch.int32)
     sz = (torch.rand(K // G, N, 2) * 0.01).to(torch.bfloat16)
     if device == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)
-        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, sz)
-    wu8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8).to(device)
-    packed = torch.ops.aten._convert_weight_to_int4pack(wu8, 8)
-    sz = sz.to(device)
-    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, G, sz)
+        call = lambda x, o: torch.ops.aten._weight_int4pack_mm_for_cpu(x, o[0], G, o[1])  # noqa: E731
+    else:
+        wu8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8).to(device)
+        packed = torch.ops.aten._convert_weight_to_int4pack(wu8, 8)
+        sz = sz.to(device)
+        call = lambda x, o: torch.ops.aten._weight_int4pack_mm(x, o[0], G, o[1])  # noqa: E731
+    ops = [packed, sz]
+    return call, ops, sum(t.numel() * t.element_size() for t in ops)
+
+
+def copies(operands, nbytes, stream_bytes):
+    """The operand list followed by clones of its tensors, >= stream_bytes in all (1 if 0)."""
+    n = max(1, -(-stream_bytes // nbytes)) if stream_bytes else 1
+    return [operands] + [[t.clone() if torch.is_tensor(t) else t for t in operands] for _ in range(n - 1)]
+
+
+def rotating(fn, sets):
+    """A no-argument callable that calls fn on the next operand set each time."""
+    it = itertools.cycle(sets)
+    return lambda: fn(next(it))
 
 
 def main():
@@ -65,7 +93,15 @@ def main():
     ap.add_argument("--isa", default="auto", help="CPU path: auto (the best), avx512, avx2, scalar")
     ap.add_argument("--act", default=None, choices=["bfloat16", "float32", "float16"],
                     help="tasa activation dtype (default: bfloat16 on CPU, float16 on CUDA)")
+    ap.add_argument("--stream-mb", type=int, default=96,
+                    help="streaming mode: MB of weight copies each timed operand rotates through")
+    ap.add_argument("--resident", action="store_true",
+                    help="reuse one weight copy (cache-resident for shapes smaller than the LLC)")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the existing results file: replace only the rows of the shapes "
+                         "and batches measured now (each row keeps its run's load and bandwidth)")
     args = ap.parse_args()
+    stream_bytes = 0 if args.resident else args.stream_mb << 20
     dev, G = args.device, args.group_size
     if dev == "cpu":
         tasa_ext.set_cpu_isa(args.isa)
@@ -79,45 +115,78 @@ def main():
     meta = machine(dev)
     bw = copy_bandwidth(dev)
     meta["copy_bandwidth_GBps"] = round(bw / 1e9, 2)
-    meta["load_average"] = " ".join(open("/proc/loadavg").read().split()[:3]) if dev == "cpu" else ""
-    print(f"# {meta['device']} | copy bandwidth {bw / 1e9:.1f} GB/s | commit {meta['commit']}")
+    loadavg = lambda: " ".join(open("/proc/loadavg").read().split()[:3]) if dev == "cpu" else ""  # noqa: E731
+    meta["load_average"] = loadavg()
+    meta["mode"] = "resident" if args.resident else f"streaming ({args.stream_mb} MB of copies per operand)"
+    print(f"# {meta['device']} | copy bandwidth {bw / 1e9:.1f} GB/s | commit {meta['commit']} | {meta['mode']}")
     rows = []
     for name in args.shapes:
         N, K = SHAPES[name]
-        dense = {dt: torch.randn(N, K).to(dt).to(dev) for dt in dense_dtypes}
-        int4 = torch_int4(N, K, G, dev)
-        packed = {p: make_packed(N, K, G, bits, dev) for p, bits in PATTERNS.items()}
+        dense = {}
+        for dt in dense_dtypes:
+            w = torch.randn(N, K).to(dt).to(dev)
+            dense[dt] = (copies([w], w.numel() * w.element_size(), stream_bytes), w.numel() * w.element_size())
+        int4_call, int4_ops, int4_bytes = torch_int4(N, K, G, dev)
+        int4_sets = copies(int4_ops, int4_bytes, stream_bytes)
+        packed = {}
+        for p, bits in PATTERNS.items():
+            pargs, nbytes, avg = make_packed(N, K, G, bits, dev)
+            packed[p] = (copies(pargs, nbytes, stream_bytes), nbytes, avg)
+        load_before = loadavg()
         for M in args.batch:
             x32 = torch.randn(M, K, device=dev)
-            t_dense = {dt: T(lambda: torch.nn.functional.linear(x32.to(dt), w)) for dt, w in dense.items()}
+            t_dense = {}
+            for dt, (sets, _) in dense.items():
+                xd = x32.to(dt)
+                t_dense[dt] = T(rotating(lambda o: torch.nn.functional.linear(xd, o[0]), sets))
             xa = x32.to(act_dtype)
             xb = x32.to(torch.bfloat16)           # torch's int4 kernels take bf16 activations
-            t_int4 = T(lambda: int4(xb))
-            for p, (pargs, nbytes, avg) in packed.items():
-                t = T(lambda: tasa_ext.gemm(xa, *pargs))
+            t_int4 = T(rotating(lambda o: int4_call(xb, o), int4_sets))
+            for p, (sets, nbytes, avg) in packed.items():
+                t = T(rotating(lambda o: tasa_ext.gemm(xa, *o), sets))
                 row = dict(shape=name, N=N, K=K, M=M, bits=p, avg_bits=round(avg, 4), act=str(act_dtype)[6:],
                            us=round(t * 1e6, 1), GBps=round(nbytes / t / 1e9, 2),
                            frac_copy_bw=round(nbytes / t / bw, 3),
-                           x_torch_int4=round(t_int4 / t, 2), torch_int4_us=round(t_int4 * 1e6, 1))
+                           x_torch_int4=round(t_int4 / t, 2), torch_int4_us=round(t_int4 * 1e6, 1),
+                           torch_int4_GBps=round(int4_bytes / t_int4 / 1e9, 2),
+                           copies=len(sets), mode="resident" if args.resident else "streaming",
+                           copy_bw_GBps=round(bw / 1e9, 2), load_average=f"{load_before} -> {loadavg()}",
+                           commit=meta["commit"], date=meta["date"])
                 for dt, td in t_dense.items():
                     row[f"x_{str(dt)[6:]}"] = round(td / t, 2)
                     row[f"{str(dt)[6:]}_us"] = round(td * 1e6, 1)
                 rows.append(row)
-                print({k: v for k, v in row.items() if k not in ("N", "K")}, flush=True)
+                print({k: v for k, v in row.items() if k not in ("N", "K", "commit", "date")}, flush=True)
+        del dense, int4_sets, packed
+    stem = args.out or f"gemm_{dev.split(':')[0]}"
+    runs = [meta]
+    if args.update and (RESULTS / f"{stem}.json").exists():
+        old = json.loads((RESULTS / f"{stem}.json").read_text())
+        new_keys = {(r["shape"], r["M"]) for r in rows}
+        kept = [r for r in old["rows"] if (r["shape"], r["M"]) not in new_keys]
+        runs = old["meta"].get("runs", [old["meta"]]) + [meta]
+        order = {n: i for i, n in enumerate(SHAPES)}
+        rows = sorted(kept + rows, key=lambda r: (r["M"], order.get(r["shape"], 99)))
     dn = [str(dt)[6:] for dt in dense_dtypes]
     md = [f"# tasa fused dequant-GEMM benchmark ({dev})", "",
-          "| " + " | ".join(f"{k}: {v}" for k, v in meta.items()) + " |", "",
-          f"Group size {G}, symmetric, activations {str(act_dtype)[6:]}. Weight GB/s counts codes + "
-          "scales + group table. Copy bandwidth (STREAM convention, read + write bytes) measured in "
-          "this run. Ratios > 1: tasa faster.", "",
-          "| shape | M | bits | avg bits | tasa µs | GB/s | of copy BW | "
-          + " | ".join(f"{d} µs | ×{d}" for d in dn) + " | torch int4 µs | ×int4 |",
-          "|" + "---|" * (9 + 2 * len(dn))]
+          "Runs merged into this file (each row also records its own run's copy bandwidth and load):", ""]
+    md += ["| " + " | ".join(f"{k}: {v}" for k, v in m.items()) + " |" for m in runs]
+    md += ["", f"Group size {G}, symmetric, activations {str(act_dtype)[6:]}. Weight GB/s counts codes + "
+           "scales + group table. Mode `streaming`: every timed operand (tasa and torch alike) rotates "
+           "through copies totalling >= the stream size, so each call reads its weights from DRAM; "
+           "`resident`: one copy, reused (cache-resident below the LLC size). Copy bandwidth (STREAM "
+           "convention, read + write bytes of a 256 MB copy) measured in the same run; the weight "
+           "stream is read-only, which DRAM serves somewhat faster than a copy, so a few % above 100% "
+           "is possible. Times are medians of 5 repetitions. Ratios > 1: tasa faster.", "",
+           "| shape | M | bits | avg bits | tasa µs | GB/s | of copy BW | "
+           + " | ".join(f"{d} µs | ×{d}" for d in dn) + " | torch int4 µs | int4 GB/s | ×int4 | mode | load |",
+           "|" + "---|" * (12 + 2 * len(dn))]
     for r in rows:
         md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r['avg_bits']} | {r['us']} | {r['GBps']} | "
                   f"{r['frac_copy_bw']:.0%} | " + " | ".join(f"{r[d + '_us']} | {r['x_' + d]}" for d in dn)
-                  + f" | {r['torch_int4_us']} | {r['x_torch_int4']} |")
-    path = write_results(args.out or f"gemm_{dev.split(':')[0]}", meta, rows, "\n".join(md) + "\n")
+                  + f" | {r['torch_int4_us']} | {r.get('torch_int4_GBps', '')} | {r['x_torch_int4']} | "
+                  f"{r.get('mode', 'resident')} | {r.get('load_average', '').replace(' -> ', ' → ')} |")
+    path = write_results(stem, {"runs": runs}, rows, "\n".join(md) + "\n")
     print(f"wrote {path}")
 
 
