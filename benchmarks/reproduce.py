@@ -211,8 +211,13 @@ def write_table(out: Path, models: list, args, meta: dict) -> Path:
                       fmt(r.get("quant_seconds"), 0) if r["spec"]["kind"] != "ref" else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append(f"![quality vs bits]({slug(mname)}_quality_vs_bits.png)\n")
-    p = out / "reproduction.md"
+        img = os.path.relpath(out / f"{slug(mname)}_quality_vs_bits.png", Path(args.table).parent)
+        lines.append(f"![quality vs bits]({img})\n")
+    notes = out / "NOTES.md"     # hand-written analysis, kept apart so regeneration keeps it
+    if notes.is_file():
+        lines.append(notes.read_text())
+    p = Path(args.table)
+    p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("\n".join(lines) + "\n")
     return p
 
@@ -248,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="smollm2-135m")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduction"))
+    ap.add_argument("--table", default=None,
+                    help="markdown table path (default: reproduction.md next to --out)")
     ap.add_argument("--bits", type=float, default=3.5)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--widths", default="3,4,8")
@@ -270,6 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     args.widths = tuple(int(x) for x in args.widths.split(","))
+    if args.table is None:
+        args.table = str(Path(args.out).parent / "reproduction.md")
     extra = tuple(float(x) for x in args.extra_budgets.split(",") if x)
     import torch
 

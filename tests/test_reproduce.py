@@ -52,7 +52,7 @@ def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path):
     bits = {r["name"]: r["avg_bits"] for r in r1.values()}
     assert bits["reference"] is None
     assert bits["RTN W3"] < bits["TASA 3.8, beta=1 (ppl-only sensitivity)"] <= 3.8 < bits["GPTQ W4"]
-    table = (tmp_path / "a" / "reproduction.md").read_text()
+    table = (tmp_path / "reproduction.md").read_text()
     for n in names:
         assert f"| {n} |" in table
     assert (tmp_path / "a" / "tiny_quality_vs_bits.png").is_file()
