@@ -53,13 +53,11 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import logging
 import os
 import random
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -489,23 +487,6 @@ def _summarize_task(res: dict) -> tuple[dict, dict]:
     return metrics, stderr
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=_jsonable, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a normal file instead
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _model_info(model) -> dict:
     from .nn import quantized_modules
 
@@ -638,12 +619,14 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
         },
     }
     if out_path is not None:
-        _atomic_write_json(Path(out_path), {
+        from .io import write_json_atomic
+
+        write_json_atomic(out_path, {
             "summary": summary,
             "samples": {t: res["samples"][t] for t in tasks},
             "lm_eval": {k: res.get(k) for k in ("results", "n-samples", "higher_is_better",
                                                  "versions", "n-shot")},
-        })
+        }, default=_jsonable)
     return summary
 
 

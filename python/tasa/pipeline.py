@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -145,20 +144,18 @@ class PipelineConfig:
 
 # ---- small utilities --------------------------------------------------------------------------
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    from .io import _atomic_write_bytes
-
-    _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, default=_json_default).encode())
-
-
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    from .io import write_json_atomic
+
+    write_json_atomic(path, obj, default=_json_default)
 
 
 def peak_rss_mib() -> float:

@@ -4,7 +4,7 @@ markdown is written first, so a plotting failure never loses the numbers."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -164,7 +164,7 @@ def write_report(out, measurement: Mapping, allocation: Mapping, summary: Mappin
              "in nats per scored token. Objectives: "
              + "; ".join(f"`{o['name']}`: {o['description']} ({o['scored_tokens']} scored tokens)"
                          for o in sens["objective_data"]) + ".")
-    L.append(f"Baseline losses: " + ", ".join(f"{k} {v:.4f}" for k, v in sens["base"].items())
+    L.append("Baseline losses: " + ", ".join(f"{k} {v:.4f}" for k, v in sens["base"].items())
              + f"; {sens.get('seconds', 0):.0f} s.\n")
     if sens.get("illusion"):
         L.append("| a | b | Kendall tau-b | Spearman rho | top-k overlap |")
