@@ -18,30 +18,19 @@ an interrupted run resumes. The markdown table and the plot are rebuilt from the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 RETENTION_TASKS = (("gsm8k_nll", "bits_per_byte", "lower"), ("arc_challenge", "acc_norm", "higher"),
                    ("arc_easy", "acc_norm", "higher"))
-
-
-def git_commit() -> str:
-    try:
-        c = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                             cwd=ROOT, text=True).strip())
-        return c + (" (+ uncommitted changes)" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def rows_for(bits: float, beta: float, extra_budgets=()) -> list:
@@ -95,12 +84,10 @@ def evaluate_row(model, tok, args, raw_path: Path) -> dict:
 
 
 def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measurement) -> dict:
-    import torch
-
     from tasa import pipeline
-    from tasa.models import load_model
-    from tasa.quantize import quantize_model, uniform_plan
     from tasa.alloc import plan_average_bits
+    from tasa.models import load_model
+    from tasa.quantize import plan_to_dict, uniform_plan
 
     model, tok, info = load_model(model_name)
     cfg = pipeline.PipelineConfig(model=model_name, data=args.data, seed=args.seed,
@@ -113,13 +100,11 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
         plan = uniform_plan(model, spec["bits"], cfg.group_size, cfg.mode, fit_group_size=True)
         shapes = {f: (model.get_submodule(f).out_features, model.get_submodule(f).in_features)
                   for f in plan}
-        pj = {f: {"bits": s.bits, "group_size": s.group_size, "mode": s.mode,
-                  "act_order": s.act_order} for f, s in plan.items()}
+        pj = plan_to_dict(plan)["layers"]
         row["avg_bits"] = plan_average_bits(pj, shapes)
-        c = copy.copy(cfg)
-        c.method = spec["method"]
+        cfg.method = spec["method"]
         alpha = measurement["mixture"]["alpha_star"] if spec.get("alpha") == "star" else 1.0
-        _, q = pipeline.quantize_with_plan(model, tok, c, pj, alpha=alpha, progress=False,
+        _, q = pipeline.quantize_with_plan(model, tok, cfg, pj, alpha=alpha, progress=False,
                                            log=lambda s: None)
         row["alpha"] = alpha
         row["quantization"] = q

@@ -32,11 +32,12 @@ def main(argv=None) -> int:
     from tasa import pipeline
     from tasa.models import load_model
     from tasa.ppl import perplexity
-    from tasa.quantize import uniform_plan
+    from tasa.quantize import plan_to_dict, uniform_plan
 
     out_path = Path(args.out)
     res = json.loads(out_path.read_text()) if out_path.is_file() else {}
     m = pipeline.load_measurement(RES / "measurement.json")
+    split = pipeline.split_data(pipeline.PipelineConfig(data=args.data, seed=0))
     for name in args.configs:
         slug = name.replace(" ", "_")
         row0 = json.loads((RES / "rows" / f"{slug}.json").read_text())
@@ -48,26 +49,19 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             model, tok, _ = load_model("smollm2-135m")
-            cfg = pipeline.PipelineConfig(model="smollm2-135m", data=args.data, seed=0)
-            cfg.seed = seed       # only the calibration windows (seed + 10) move; pools fixed below
+            # only the calibration windows (seed + 10) move; the pools stay seed 0's
+            cfg = pipeline.PipelineConfig(model="smollm2-135m", data=args.data, seed=seed)
             if name.startswith("TASA"):
                 plan = pipeline.allocate(m, float(name.split()[1]))["plan"]
                 alpha = m["mixture"]["alpha_star"]
             else:
                 bits = int(name.split("W")[1])
-                p = uniform_plan(model, bits, 128, "asym", fit_group_size=True)
-                plan = {f: {"bits": s.bits, "group_size": s.group_size, "mode": s.mode}
-                        for f, s in p.items()}
+                plan = plan_to_dict(uniform_plan(model, bits, 128, "asym",
+                                                 fit_group_size=True))["layers"]
                 alpha = 1.0
             # the pools are those of seed 0 (the table's split); only the sampling seed changes
-            split = pipeline.split_data(pipeline.PipelineConfig(data=args.data, seed=0))
-            orig = pipeline.split_data
-            pipeline.split_data = lambda c: split
-            try:
-                pipeline.quantize_with_plan(model, tok, cfg, plan, alpha, progress=False,
-                                            log=lambda s: None)
-            finally:
-                pipeline.split_data = orig
+            pipeline.quantize_with_plan(model, tok, cfg, plan, alpha, progress=False,
+                                        log=lambda s: None, split=split)
             r = tev.evaluate(model, tok, tasks=["gsm8k_nll"], data=args.data, limit=100, seed=0,
                              progress=False)
             pp = perplexity(model, tok, tdata.load_wikitext2(args.data, "test"), seqlen=2048,

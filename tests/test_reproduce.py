@@ -22,6 +22,8 @@ def harness(monkeypatch):
     pytest.importorskip("lm_eval")
     from tasa import models
 
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))   # as when run as a script
+
     monkeypatch.setattr(models, "load_model", lambda name, **k: (
         tiny_llama(seed=1), byte_tokenizer(), models.ModelInfo(name, "local")))
     return _load_harness()

@@ -207,20 +207,17 @@ def _task_pools(split: dict, which: str) -> dict:
 
 def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: int, seed: int):
     """The GPTQ calibration set for mixing ratio ``alpha``: ``round(alpha n)`` general
-    sequences, the rest task sequences (GSM8K and ARC equally)."""
+    sequences, then the task sequences (GSM8K and ARC equally). Returns ``(input_ids [n, seqlen],
+    (n_general, n_task))``."""
     n_gen, n_task = mixture.mixture_counts(alpha, n)
-    parts, src = [], []
+    parts = []
     if n_gen:
-        b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), n_gen,
-                                   seqlen, seed=seed)
-        parts.append(b.input_ids)
-        src += [0] * n_gen
+        parts.append(data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]),
+                                            n_gen, seqlen, seed=seed).input_ids)
     if n_task:
-        b = data.calibration_batch(tokenizer, _task_pools(split, "calib"), n_task, seqlen,
-                                   seed=seed + 1)
-        parts.append(b.input_ids)
-        src += [1] * n_task
-    return torch.cat(parts), torch.tensor(src, dtype=torch.int64), (n_gen, n_task)
+        parts.append(data.calibration_batch(tokenizer, _task_pools(split, "calib"), n_task,
+                                            seqlen, seed=seed + 1).input_ids)
+    return torch.cat(parts), (n_gen, n_task)
 
 
 # ---- stage 2: mixture search ------------------------------------------------------------------
@@ -268,10 +265,9 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig, progress
                 seen[key] = full
                 shared[full] = [full]
             diags[full] = (torch.diagonal(H[0]).clone(), torch.diagonal(H[1]).clone())
-        for first, members in shared.items():
-            if first.startswith(prefix + ".") and first not in curve.layers:
-                H = hessians[first[len(prefix) + 1:]][0]
-                curve.add_layer(first, H[0], H[1], H[2], weight=float(len(members)))
+        for first in seen.values():         # this block's unique inputs, each once
+            H = hessians[first[len(prefix) + 1:]][0]
+            curve.add_layer(first, H[0], H[1], H[2], weight=float(len(shared[first])))
         return False
 
     calib.run_blockwise(model, ids, on_block, src=src, n_sources=3, progress=progress,
@@ -419,10 +415,12 @@ def plan_document(measurement: Mapping, allocation: Mapping) -> dict:
 # ---- stage 5: quantization --------------------------------------------------------------------
 
 def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Mapping],
-                       alpha: float, progress: bool = True, log=print) -> tuple:
+                       alpha: float, progress: bool = True, log=print,
+                       split: Optional[dict] = None) -> tuple:
     """Quantizes ``model`` in place per ``plan`` (``{fqn: {"bits", "group_size", "mode",
     "act_order"}}``) with ``cfg.method``; GPTQ calibrates on ``cfg.n_calib`` sequences of
-    ``cfg.seqlen`` tokens drawn with mixing ratio ``alpha`` (share of general text). Returns
+    ``cfg.seqlen`` tokens drawn (seed ``cfg.seed + 10``) with mixing ratio ``alpha`` (share of
+    general text) from the pools of ``split`` (default :func:`split_data` of ``cfg``). Returns
     ``(plan as LayerSpecs, info)``."""
     from .quantize import quantize_model
 
@@ -430,9 +428,8 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
              for f, e in plan.items()}
     qinfo: Dict[str, Any] = {"method": cfg.method}
     if cfg.method == "gptq":
-        split = split_data(cfg)
-        ids, src, counts = mixture_calibration(tokenizer, split, alpha, cfg.n_calib, cfg.seqlen,
-                                               cfg.seed + 10)
+        ids, counts = mixture_calibration(tokenizer, split or split_data(cfg), alpha,
+                                          cfg.n_calib, cfg.seqlen, cfg.seed + 10)
         qinfo["calibration"] = {"alpha": alpha, "n_general": counts[0], "n_task": counts[1],
                                 "seqlen": cfg.seqlen}
         log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
@@ -455,10 +452,11 @@ class _Log:
 
 
 def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = False,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, split: Optional[dict] = None) -> dict:
     """Stages 1-3 with resume: ``path`` (measurement.json) is updated after every stage and
     every sensitivity probe; an existing file made with the same settings is continued, one
-    made with other settings is an error (never overwritten silently) unless ``fresh``."""
+    made with other settings is an error (never overwritten silently) unless ``fresh``.
+    ``split``: :func:`split_data` of ``cfg``, if the caller has it already."""
     fp = cfg.measure_fingerprint()
     m = None
     if path.is_file() and not fresh:
@@ -479,7 +477,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
     m["units"] = {u: {"block": i, "linears": f} for u, (i, f) in units.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(path, m)
-    split = split_data(cfg)
+    split = split or split_data(cfg)
     m["data"] = {k: len(v) for k, v in split.items()}
     if "mixture" not in m:
         log(f"mixture search: Hessians of {cfg.n_gen} general / {cfg.n_task} task / "
@@ -556,6 +554,7 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
     timings["load"] = time.perf_counter() - t
     log(info.note())
     check_budget(model, cfg)
+    split = split_data(cfg)
     mpath = out / MEASUREMENT_NAME
     if measurement_from is not None:
         m = load_measurement(measurement_from)
@@ -569,7 +568,7 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         log(f"re-using the measurement {measurement_from} (no calibration)")
     else:
         t = time.perf_counter()
-        m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log)
+        m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log, split=split)
         timings["measure"] = time.perf_counter() - t
     wt_text = data.load_wikitext2(cfg.data, "test")
 
@@ -593,7 +592,8 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
     # quantization
     t = time.perf_counter()
     alpha = float(m["mixture"]["alpha_star"])
-    lplan, qinfo = quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=progress, log=log)
+    lplan, qinfo = quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=progress, log=log,
+                                      split=split)
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     tio.save_quantized(model, out, lplan,
