@@ -33,6 +33,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path) -> Path:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_alpha_curve(measurement: Mapping, path) -> Path:
     from .mixture import MixtureCurve
 
@@ -51,10 +59,7 @@ def plot_alpha_curve(measurement: Mapping, path) -> Path:
     ax.set_ylabel("f(alpha) / f(alpha*)")
     ax.set_title("Calibration-mixture criterion tr(H_test H_alpha^-1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_sensitivity(measurement: Mapping, scores: Mapping[str, float], path) -> Path:
@@ -76,10 +81,7 @@ def plot_sensitivity(measurement: Mapping, scores: Mapping[str, float], path) ->
     ax.set_ylabel("normalized sensitivity (sums to 1)")
     ax.set_title(f"Per-unit sensitivity: RTN {sens['bits']}-bit probe of one unit at a time")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_bitmap(measurement: Mapping, plan: Mapping[str, Mapping], path) -> Path:
@@ -105,10 +107,7 @@ def plot_bitmap(measurement: Mapping, plan: Mapping[str, Mapping], path) -> Path
     ax.set_yticklabels([_short(r) for r in rows], fontsize=6)
     fig.colorbar(im, ax=ax, label="mean code width of the linear's groups")
     ax.set_title("Bit map")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def write_report(out, measurement: Mapping, allocation: Mapping, summary: Mapping) -> Path:
