@@ -142,6 +142,27 @@ inline void prefetch_scales(const GemmArgs& a, int64_t cb, int64_t cb1) {
 
 constexpr int NACC = 8;   // independent accumulation chains: hide vdpbf16ps latency
 
+// Loads the B packed rows of tile t of a group (wp: the group's first row in this block) and
+// prefetches the rows kPrefetchBytes further on in the same stream.
+template <int B>
+inline __attribute__((always_inline)) void load_tile(const uint32_t* wp, int64_t t, __m512i* w) {
+  for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
+  for (int i = 0; i < B; ++i) prefetch_ahead(wp + (t * B + i) * 16);
+}
+
+// Code pair p (codes 2p, 2p+1) of a loaded tile as centred bf16 values for all 16 columns:
+// v[0] (B < 8), or the low-nibble units v[0] and the high-nibble units v[1] (B = 8).
+template <int B, int p>
+inline __attribute__((always_inline)) void decode_pair(const __m512i* w, __m512i tab, __m512i tab_hi,
+                                                       __m512i* v) {
+  if constexpr (B == 8) {
+    v[0] = _mm512_permutexvar_epi16(pair_index<4, 16 * p, 16 * p + 8>(w), tab);
+    v[1] = _mm512_permutexvar_epi16(pair_index<4, 16 * p + 4, 16 * p + 12>(w), tab_hi);
+  } else {
+    v[0] = _mm512_permutexvar_epi16(pair_index<B, 2 * p * B, (2 * p + 1) * B>(w), tab);
+  }
+}
+
 // Sum over one group of (q - centre) * x for the 16 columns of a block. wp: the group's first
 // packed row in this block; xg[q]: the group's slice of bf16 piece q of x.
 template <int B, int NP>
@@ -151,23 +172,21 @@ inline __attribute__((always_inline)) __m512 group_sum(const uint32_t* wp, const
   for (int i = 0; i < NACC; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t t = 0; t < tiles; ++t) {
     __m512i w[B];
-    for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
-    for (int i = 0; i < B; ++i) prefetch_ahead(wp + (t * B + i) * 16);
+    load_tile<B>(wp, t, w);
     static_for(std::make_integer_sequence<int, 16>{}, [&](auto P) {
       constexpr int p = decltype(P)::value;
+      __m512i v[2];
+      decode_pair<B, p>(w, tab, tab_hi, v);
       if constexpr (B == 8) {
-        const __m512i vl = _mm512_permutexvar_epi16(pair_index<4, 16 * p, 16 * p + 8>(w), tab);
-        const __m512i vh = _mm512_permutexvar_epi16(pair_index<4, 16 * p + 4, 16 * p + 12>(w), tab_hi);
         static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
           constexpr int q = decltype(Q)::value, i = 2 * (p * NP + q);
-          acc[i % NACC] = dp(acc[i % NACC], vl, xg[q] + t * 32 + 2 * p);
-          acc[(i + 1) % NACC] = dp(acc[(i + 1) % NACC], vh, xg[q] + t * 32 + 2 * p);
+          acc[i % NACC] = dp(acc[i % NACC], v[0], xg[q] + t * 32 + 2 * p);
+          acc[(i + 1) % NACC] = dp(acc[(i + 1) % NACC], v[1], xg[q] + t * 32 + 2 * p);
         });
       } else {
-        const __m512i v = _mm512_permutexvar_epi16(pair_index<B, 2 * p * B, (2 * p + 1) * B>(w), tab);
         static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
           constexpr int q = decltype(Q)::value, i = p * NP + q;
-          acc[i % NACC] = dp(acc[i % NACC], v, xg[q] + t * 32 + 2 * p);
+          acc[i % NACC] = dp(acc[i % NACC], v[0], xg[q] + t * 32 + 2 * p);
         });
       }
     });
@@ -250,19 +269,13 @@ template <int B>
 void decode_group(const uint32_t* wp, int64_t tiles, __m512i* buf) {
   const __m512i tab = B == 8 ? lut<4, 1>() : lut<B, 1>();
   const __m512i tab_hi = lut<4, 16>();
+  constexpr int U = B == 8 ? 2 : 1;     // units per code pair
   for (int64_t t = 0; t < tiles; ++t) {
     __m512i w[B];
-    for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
-    for (int i = 0; i < B; ++i) prefetch_ahead(wp + (t * B + i) * 16);
+    load_tile<B>(wp, t, w);
     static_for(std::make_integer_sequence<int, 16>{}, [&](auto P) {
       constexpr int p = decltype(P)::value;
-      if constexpr (B == 8) {
-        buf[(t * 16 + p) * 2] = _mm512_permutexvar_epi16(pair_index<4, 16 * p, 16 * p + 8>(w), tab);
-        buf[(t * 16 + p) * 2 + 1] =
-            _mm512_permutexvar_epi16(pair_index<4, 16 * p + 4, 16 * p + 12>(w), tab_hi);
-      } else {
-        buf[t * 16 + p] = _mm512_permutexvar_epi16(pair_index<B, 2 * p * B, (2 * p + 1) * B>(w), tab);
-      }
+      decode_pair<B, p>(w, tab, tab_hi, buf + (t * 16 + p) * U);
     });
   }
 }
