@@ -39,6 +39,17 @@ def decoder_layers(model: nn.Module):
     raise ValueError(f"tasa: cannot find the decoder layers of {type(model).__name__}")
 
 
+# attributes of a decoder block that some models read while looping over the blocks (Gemma3:
+# the attention type picks the mask); a stand-in for a block must carry them too
+_BLOCK_ATTRS = ("attention_type", "layer_type", "is_sliding", "sliding_window")
+
+
+def copy_block_attrs(stand_in: nn.Module, block: nn.Module) -> None:
+    for attr in _BLOCK_ATTRS:
+        if hasattr(block, attr):
+            setattr(stand_in, attr, getattr(block, attr))
+
+
 class _Stop(Exception):
     pass
 
@@ -50,10 +61,7 @@ class _Catcher(nn.Module):
         self.idx = idx
         self.last = last
         self.store = store
-        # some models read attributes of the layer (e.g. attention_type) while looping
-        for attr in ("attention_type", "layer_type", "is_sliding", "sliding_window"):
-            if hasattr(inner, attr):
-                setattr(self, attr, getattr(inner, attr))
+        copy_block_attrs(self, inner)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.idx == 0:

@@ -180,9 +180,7 @@ class _PassThrough(nn.Module):
 
     def __init__(self, inner: nn.Module):
         super().__init__()
-        for attr in ("attention_type", "layer_type", "is_sliding", "sliding_window"):
-            if hasattr(inner, attr):
-                setattr(self, attr, getattr(inner, attr))
+        calib.copy_block_attrs(self, inner)
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
@@ -207,16 +205,18 @@ def _batches(obj: Objective, tokens_per_batch: int) -> List[tuple]:
 
 
 class _Prober:
-    """Holds the cached block inputs of every objective batch and runs probes."""
+    """Runs the objectives through the model; with ``record`` it caches every block's input of
+    every objective batch, which :meth:`probe` needs."""
 
-    def __init__(self, model, objectives: Sequence[Objective], tokens_per_batch: int):
+    def __init__(self, model, objectives: Sequence[Objective], tokens_per_batch: int,
+                 record: bool = True):
         self.model = model
         self.layers, _ = calib.decoder_layers(model)
         self.objectives = list(objectives)
         self.dev = next(model.parameters()).device
         self.batches = {o.name: _batches(o, tokens_per_batch) for o in self.objectives}
         self.cache: Dict[tuple, torch.Tensor] = {}     # (obj, batch, layer) -> hidden in
-        self.base = self._run(start=None, record=True)
+        self.base = self._run(start=None, record=record)
 
     def _final(self, hidden, obj: Objective, rows, L: int) -> tuple:
         """Summed NLL and count of the scored tokens of one batch, from the final hidden."""
@@ -290,7 +290,7 @@ def objective_losses(model: nn.Module, objectives: Sequence[Objective],
                      tokens_per_batch: int = 2048) -> Dict[str, float]:
     """Mean scored NLL of each objective (nats per token) for the model as it is."""
     with torch.no_grad():
-        return _Prober(model, objectives, tokens_per_batch).base
+        return _Prober(model, objectives, tokens_per_batch, record=False).base
 
 
 def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
