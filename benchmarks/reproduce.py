@@ -21,11 +21,14 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from common import git_commit
+
+from tasa.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +60,54 @@ def rows_for(bits: float, beta: float, extra_budgets=()) -> list:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name).strip("_")
+
+
+# the options that change a row's numbers: a model's rows must all share them (checked on resume)
+SETTING_KEYS = ("bits", "beta", "widths", "limit", "seed", "n_calib", "seqlen", "ppl_windows",
+                "n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
+                "sens_arc_items", "gsm8k_em", "gsm8k_shots", "gsm8k_limit", "max_gen_toks")
+
+
+def settings_of(args) -> dict:
+    d = {k: getattr(args, k) for k in SETTING_KEYS}
+    d["widths"] = list(d["widths"])
+    d["data"] = os.path.basename(os.path.normpath(args.data))   # the folder's name, not the path
+    return d
+
+
+def check_settings(mdir: Path, mname: str, settings: dict, meta: dict) -> dict:
+    """meta.json records, per model, the settings its rows were computed with; refuse to mix."""
+    mp = mdir / "meta.json"
+    if mp.is_file():
+        old = json.loads(mp.read_text())
+        diff = {k: (old["settings"].get(k), v) for k, v in settings.items()
+                if old["settings"].get(k) != v}
+        if diff:
+            raise SystemExit(
+                f"[{mname}] {mp} holds rows computed with other settings "
+                + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+                + ". Rerun with that model's options (its command is in meta.json) or use another --out.")
+        if {k: old.get(k) for k in ("date", "commit", "command")} != {k: meta[k] for k in ("date", "commit", "command")}:
+            old.setdefault("runs", []).append({k: meta[k] for k in ("date", "commit", "machine", "command")})
+            old["runs"] = old["runs"][-20:]
+        mp.write_text(json.dumps(old, indent=1))
+        return old
+    new = {"model": mname, "settings": settings, **meta}
+    mp.write_text(json.dumps(new, indent=1))
+    return new
+
+
+def full_command(argv: list) -> str:
+    """The command line without --rows: the command that computes (or resumes) every row."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--rows":
+            skip = True
+        elif not a.startswith("--rows="):
+            keep.append(a)
+    return shlex.join(["python", "benchmarks/reproduce.py", *keep])
 
 
 def evaluate_row(model, tok, args, raw_path: Path) -> dict:
@@ -151,31 +202,62 @@ def fmt(x, nd=3, se=None):
     return s
 
 
-def write_table(out: Path, models: list, args, meta: dict) -> Path:
+def model_dirs(out: Path) -> list:
+    """Every model folder under OUT that has a meta.json, the known models first."""
+    order = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]
+    found = {json.loads(p.read_text())["model"]: p.parent for p in out.glob("*/meta.json")}
+    return sorted(found.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+
+
+def load_rows(mdir: Path, names_order: list) -> list:
+    rows = [json.loads(p.read_text()) for p in (mdir / "rows").glob("*.json")
+            if not p.name.endswith(".raw.json") and not p.name.endswith(".gsm8k.json")]
+    rank = {n: i for i, n in enumerate(names_order)}
+    return sorted(rows, key=lambda r: (rank.get(r["name"], len(rank)), r.get("avg_bits") or 0, r["name"]))
+
+
+def write_table(out: Path, table: Path) -> Path:
+    """The table of every model under OUT, rebuilt from the row JSONs and each model's meta.json."""
     lines = ["# Reproduction: TASA mixed precision vs uniform baselines\n"]
-    lines.append(f"- date: {meta['date']}; git commit: {meta['commit']}; machine: {meta['machine']}")
-    lines.append(f"- command: `{meta['command']}`")
-    lines.append(f"- evaluation: lm-eval in process (tasa.eval), data `{args.data}`, seeded subset of "
-                 f"{args.limit} items per task (seed {args.seed}); GSM8K gold NLL = bits per byte of "
-                 f"the reference solution given the question (lower is better); ARC acc_norm (test, "
-                 f"0-shot); WikiText-2 test perplexity, GPTQ protocol, first {args.ppl_windows} "
-                 f"windows of 2048 tokens.")
+    lines.append("Common to every model section below:\n")
+    lines.append("- evaluation: lm-eval in process (tasa.eval) on a seeded subset of each task (the same "
+                 "items for every row of a model); GSM8K gold NLL = bits per byte of the reference "
+                 "solution given the question (lower is better); ARC acc_norm (test, 0-shot); GSM8K "
+                 "EM = exact match, flexible extract, n-shot generation; WikiText-2 test perplexity, "
+                 "GPTQ protocol, first windows of 2048 tokens.")
     lines.append("- **average bits** = exact storage cost of the quantized linears (codes + fp16 "
                  "scales + fp16 zeros + group tables) / their weight count, from "
                  "`tasa_ext.cost_bits`; lm_head and embeddings stay full precision in every row.")
     lines.append("- **reasoning retention** = mean over {GSM8K gold NLL (ref/row), ARC-C acc_norm "
                  "(row/ref), ARC-E acc_norm (row/ref)}; 1.0 = as good as the reference.")
-    lines.append("- uniform rows: g128 (96 where K=576), asymmetric; GPTQ calibrated on general "
-                 f"text (alpha = 1), {args.n_calib} x {args.seqlen} tokens, or on the TASA "
-                 "calibration mix where the row says alpha*. TASA rows: same GPTQ settings, "
-                 "calibration mix alpha* unless the row says otherwise, widths "
-                 f"{args.widths}.")
+    lines.append("- uniform rows: g128 (where 128 does not divide K, the largest multiple of the kernel tile that does: 96 for K=576), asymmetric; "
+                 "GPTQ calibrated on general text (alpha = 1), or on the TASA calibration mix where "
+                 "the row says alpha*. TASA rows: same GPTQ settings, calibration mix alpha* unless "
+                 "the row says otherwise.")
     lines.append("- the offline checkpoints were distributed already quantized (GGUF): the "
-                 "reference is their dequantized weights.\n")
-    for mname, rows in models:
+                 "reference is their dequantized weights.")
+    lines.append("- each model's rows come from the command in its section (rerunning it recomputes "
+                 "nothing that exists: rows resume); numbers trace to `reproduction/<model>/rows/"
+                 "<row>.json` and lm-eval's per-sample logs `<row>.raw.json` (`.gsm8k.json` for "
+                 "exact match).\n")
+    for mname, mdir in model_dirs(out):
+        meta = json.loads((mdir / "meta.json").read_text())
+        st = meta["settings"]
+        rows = load_rows(mdir, [n for n, _ in rows_for(st["bits"], st["beta"])])
         ref = next((r for r in rows if r["spec"]["kind"] == "ref"), None)
         em = any(metric(r, "gsm8k", "exact_match_flexible") is not None for r in rows)
         lines.append(f"## {mname}\n")
+        lines.append(f"- command: `{meta['command']}`")
+        lines.append(f"- first run: {meta['date']}, git commit {meta['commit']}; machine: {meta['machine']}"
+                     + (f"; {len(meta['runs'])} later call(s), the last {meta['runs'][-1]['date']} at "
+                        f"{meta['runs'][-1]['commit']}" if meta.get("runs") else ""))
+        lines.append(f"- subset: {st['limit']} items per task (seed {st['seed']}), data folder "
+                     f"`{st['data']}`; WikiText-2: first {st['ppl_windows']} windows; GPTQ "
+                     f"calibration {st['n_calib']} x {st['seqlen']} tokens; TASA widths "
+                     f"{tuple(st['widths'])}"
+                     + (f"; GSM8K EM: {st['gsm8k_shots']}-shot, {st['gsm8k_limit'] or st['limit']} "
+                        f"items, at most {st['max_gen_toks']} generated tokens" if st["gsm8k_em"] else "")
+                     + "\n")
         hdr = ("| row | avg bits | WikiText-2 ppl | GSM8K gold NLL (bits/byte) | ARC-C acc_norm | "
                "ARC-E acc_norm |" + (" GSM8K EM (flex) |" if em else "") +
                " reasoning retention | quant s |")
@@ -196,15 +278,15 @@ def write_table(out: Path, models: list, args, meta: dict) -> Path:
                       fmt(r.get("quant_seconds"), 0) if r["spec"]["kind"] != "ref" else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        img = os.path.relpath(out / f"{slug(mname)}_quality_vs_bits.png", Path(args.table).parent)
+        plot(out, mname, rows)
+        img = os.path.relpath(out / f"{slug(mname)}_quality_vs_bits.png", table.parent)
         lines.append(f"![quality vs bits]({img})\n")
     notes = out / "NOTES.md"     # hand-written analysis, kept apart so regeneration keeps it
     if notes.is_file():
         lines.append(notes.read_text())
-    p = Path(args.table)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("\n".join(lines) + "\n")
-    return p
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(lines) + "\n")
+    return table
 
 
 def plot(out: Path, mname: str, rows: list) -> None:
@@ -277,11 +359,11 @@ def main(argv=None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
-            "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    all_models = []
+            "command": full_command(argv if argv is not None else sys.argv[1:])}
     for mname in [m for m in args.models.split(",") if m]:
         mdir = out / slug(mname)
         (mdir / "rows").mkdir(parents=True, exist_ok=True)
+        check_settings(mdir, mname, settings_of(args), meta)
         cfg = pipeline.PipelineConfig(model=mname, data=args.data, seed=args.seed)
         for k in ("n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
                   "sens_arc_items"):
@@ -307,22 +389,19 @@ def main(argv=None) -> int:
                 del model
                 print(f"[{mname}] measured in {time.perf_counter() - t0:.0f} s", flush=True)
             measurement = pipeline.load_measurement(mpath)
-        rows = []
         for name, spec in rows_def:
             p = mdir / "rows" / f"{slug(name)}.json"
             if p.is_file():
-                rows.append(json.loads(p.read_text()))
                 continue
             print(f"[{mname}] {name} ...", flush=True)
             row = run_row(name, spec, mname, args, mdir, measurement)
-            p.write_text(json.dumps(row, indent=1, default=str))
+            row["settings"] = settings_of(args)
+            row["commit"] = meta["commit"]
+            write_json_atomic(p, row, default=str)
             print(f"[{mname}] {name}: avg bits {row['avg_bits']}, quant {row['quant_seconds']:.0f} s, "
                   f"eval {row['eval_seconds']:.0f} s", flush=True)
-            rows.append(row)
-        all_models.append((mname, rows))
-        plot(out, mname, rows)
-        write_table(out, all_models, args, meta)
-    p = write_table(out, all_models, args, meta)
+            write_table(out, Path(args.table))
+    p = write_table(out, Path(args.table))
     print(p.read_text())
     return 0
 

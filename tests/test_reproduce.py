@@ -67,3 +67,23 @@ def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path):
             assert r1[k].get(key) == r2[k].get(key), (k, key)
         assert r1[k]["eval"]["lm_eval"] == r2[k]["eval"]["lm_eval"], k
         assert r1[k]["eval"]["wikitext2"]["ppl"] == r2[k]["eval"]["wikitext2"]["ppl"]
+
+
+def test_harness_refuses_mixed_settings_and_tables_every_model(harness, tmp_path):
+    out = tmp_path / "o"
+    base = ["--data", str(SHARED_DATA), "--out", str(out), "--ppl-windows", "1", "--rows", "reference"]
+    assert harness.main(["--models", "tiny", "--limit", "3"] + base) == 0
+    meta = json.loads((out / "tiny" / "meta.json").read_text())
+    assert meta["settings"]["limit"] == 3 and "--rows" not in meta["command"]
+    row = json.loads((out / "tiny" / "rows" / "reference.json").read_text())
+    assert row["settings"] == meta["settings"]
+    # the same model with another subset size would mix incomparable rows: refused, nothing written
+    with pytest.raises(SystemExit, match="limit: 3 there, 4 now"):
+        harness.main(["--models", "tiny", "--limit", "4"] + base)
+    assert json.loads((out / "tiny" / "meta.json").read_text())["settings"]["limit"] == 3
+    # another model with its own settings: the table keeps both sections, each with its command
+    assert harness.main(["--models", "tiny2", "--limit", "2"] + base) == 0
+    table = (tmp_path / "reproduction.md").read_text()
+    assert table.index("## tiny\n") < table.index("## tiny2\n")
+    assert "--models tiny --limit 3" in table and "--models tiny2 --limit 2" in table
+    assert "subset: 3 items per task" in table and "subset: 2 items per task" in table
