@@ -11,9 +11,11 @@ Every row is evaluated with lm-eval (tasa.eval: GSM8K gold-solution NLL, ARC-Cha
 ARC-Easy test; GSM8K exact match with --gsm8k-em) on a seeded subset, plus WikiText-2 test
 perplexity (GPTQ protocol, first --ppl-windows windows). Each row writes a raw JSON (summary +
 lm-eval per-sample logs) under OUT/<model>/rows/; a row whose JSON exists is not recomputed, so
-an interrupted run resumes. The markdown table and the plot are rebuilt from the JSON files.
+an interrupted run resumes; a model's settings are recorded in OUT/<model>/meta.json and a run
+with other settings for the same model is refused. The markdown table (every model under OUT)
+and the plots are rebuilt from the JSON files. The whole table, each model with its preset:
 
-    python benchmarks/reproduce.py --models smollm2-135m --data ../shared/data --limit 100
+    python benchmarks/reproduce.py --models smollm2-135m,qwen2.5-coder-0.5b --data ../shared/data
 """
 from __future__ import annotations
 
@@ -315,8 +317,34 @@ def plot(out: Path, mname: str, rows: list) -> None:
     plt.close(fig)
 
 
+# Evaluation sizes per model that fit a 2-core CPU (options given on the command line win, for
+# every model); other models get DEFAULTS.
+DEFAULTS = {"limit": 100, "ppl_windows": 8, "extra_budgets": "", "gsm8k_em": False, "gsm8k_shots": 8,
+            "gsm8k_limit": 0, "max_gen_toks": 256}
+PRESETS = {
+    "smollm2-135m": {"limit": 100, "ppl_windows": 4, "extra_budgets": "3.81"},
+    # the one offline model with non-zero GSM8K exact match: 5-shot EM on 30 items; 3.6x slower
+    "qwen2.5-coder-0.5b": {"limit": 50, "ppl_windows": 2, "gsm8k_em": True, "gsm8k_shots": 5,
+                           "gsm8k_limit": 30, "max_gen_toks": 200},
+}
+
+
+def model_args(args, mname: str):
+    """args with the per-model preset (or default) filled in where the option was not given."""
+    m = argparse.Namespace(**vars(args))
+    for k, v in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(m, k, PRESETS.get(mname, {}).get(k, v))
+    m.extra_budgets = tuple(float(x) for x in str(m.extra_budgets).split(",") if x)
+    return m
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__ + "\nper-model presets (used where the option is not given): "
+        + "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
+        + "; any other model: " + ", ".join(f"{a}={b}" for a, b in DEFAULTS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduction"))
@@ -325,28 +353,28 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=float, default=3.5)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--widths", default="3,4,8")
-    ap.add_argument("--extra-budgets", default="", help="more TASA budgets, e.g. 3.31,4.31")
+    ap.add_argument("--extra-budgets", default=None, help="more TASA budgets, e.g. 3.31,4.31")
     ap.add_argument("--rows", default="", help="only these rows (exact names separated by ';' -- "
                     "names contain commas; 'TASA*' selects every TASA row)")
-    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--ppl-windows", type=int, default=None)
     g = ap.add_argument_group("measurement size (default: tasa quantize's defaults)")
     for k in ("n-gen", "n-task", "n-test", "sens-ppl-windows", "sens-math-items", "sens-arc-items"):
         g.add_argument(f"--{k}", type=int, default=None)
-    ap.add_argument("--gsm8k-em", action="store_true", help="also GSM8K exact match (generation: slow)")
-    ap.add_argument("--gsm8k-shots", type=int, default=8)
-    ap.add_argument("--gsm8k-limit", type=int, default=0)
-    ap.add_argument("--max-gen-toks", type=int, default=256)
+    ap.add_argument("--gsm8k-em", action=argparse.BooleanOptionalAction, default=None,
+                    help="also GSM8K exact match (generation: slow)")
+    ap.add_argument("--gsm8k-shots", type=int, default=None)
+    ap.add_argument("--gsm8k-limit", type=int, default=None, help="GSM8K EM items (0: --limit)")
+    ap.add_argument("--max-gen-toks", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     args.widths = tuple(int(x) for x in args.widths.split(","))
     if args.table is None:
         args.table = str(Path(args.out).parent / "reproduction.md")
-    extra = tuple(float(x) for x in args.extra_budgets.split(",") if x)
     import torch
 
     if args.threads:
@@ -361,16 +389,17 @@ def main(argv=None) -> int:
                        f"{torch.get_num_threads()} threads",
             "command": full_command(argv if argv is not None else sys.argv[1:])}
     for mname in [m for m in args.models.split(",") if m]:
+        margs = model_args(args, mname)
         mdir = out / slug(mname)
         (mdir / "rows").mkdir(parents=True, exist_ok=True)
-        check_settings(mdir, mname, settings_of(args), meta)
+        check_settings(mdir, mname, settings_of(margs), meta)
         cfg = pipeline.PipelineConfig(model=mname, data=args.data, seed=args.seed)
         for k in ("n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
                   "sens_arc_items"):
             if getattr(args, k) is not None:
                 setattr(cfg, k, getattr(args, k))
         mpath = mdir / "measurement.json"
-        rows_def = rows_for(args.bits, args.beta, extra)
+        rows_def = rows_for(margs.bits, margs.beta, margs.extra_budgets)
         if args.rows:
             keep = [k.strip() for k in args.rows.split(";") if k.strip()]
             names = [r[0] for r in rows_def]
@@ -394,8 +423,8 @@ def main(argv=None) -> int:
             if p.is_file():
                 continue
             print(f"[{mname}] {name} ...", flush=True)
-            row = run_row(name, spec, mname, args, mdir, measurement)
-            row["settings"] = settings_of(args)
+            row = run_row(name, spec, mname, margs, mdir, measurement)
+            row["settings"] = settings_of(margs)
             row["commit"] = meta["commit"]
             write_json_atomic(p, row, default=str)
             print(f"[{mname}] {name}: avg bits {row['avg_bits']}, quant {row['quant_seconds']:.0f} s, "

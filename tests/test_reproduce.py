@@ -17,6 +17,15 @@ def _load_harness():
     return mod
 
 
+def _load_harness_plain():
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return _load_harness()
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 @pytest.fixture
 def harness(monkeypatch):
     pytest.importorskip("lm_eval")
@@ -87,3 +96,16 @@ def test_harness_refuses_mixed_settings_and_tables_every_model(harness, tmp_path
     assert table.index("## tiny\n") < table.index("## tiny2\n")
     assert "--models tiny --limit 3" in table and "--models tiny2 --limit 2" in table
     assert "subset: 3 items per task" in table and "subset: 2 items per task" in table
+
+
+def test_per_model_presets_fill_only_options_not_given():
+    mod = _load_harness_plain()
+    ns = lambda **k: mod.argparse.Namespace(**{**{x: None for x in mod.DEFAULTS}, **k})
+    q = mod.model_args(ns(), "qwen2.5-coder-0.5b")
+    assert (q.limit, q.gsm8k_em, q.gsm8k_shots, q.extra_budgets) == (50, True, 5, ())
+    s = mod.model_args(ns(), "smollm2-135m")
+    assert (s.limit, s.gsm8k_em, s.ppl_windows, s.extra_budgets) == (100, False, 4, (3.81,))
+    o = mod.model_args(ns(limit=7, gsm8k_em=False), "qwen2.5-coder-0.5b")   # the command line wins
+    assert (o.limit, o.gsm8k_em, o.gsm8k_limit) == (7, False, 30)
+    d = mod.model_args(ns(), "some-other-model")
+    assert {k: getattr(d, k) for k in mod.DEFAULTS} == {**mod.DEFAULTS, "extra_budgets": ()}
