@@ -20,7 +20,9 @@ and the plots are rebuilt from the JSON files. The whole table, each model with 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import math
 import os
 import platform
 import shlex
@@ -204,6 +206,48 @@ def fmt(x, nd=3, se=None):
     return s
 
 
+def per_item(mdir: Path, row: dict, task: str) -> dict:
+    """doc id -> the row's per-item score from lm-eval's sample log: gold-solution bits per byte
+    (task gsm8k_nll) or flexible-extract exact match (task gsm8k). Empty if the row lacks it."""
+    raw = mdir / "rows" / row["eval"]["raw"]
+    if task == "gsm8k":
+        raw = raw.with_suffix(".gsm8k.json")
+    if not raw.is_file():
+        return {}
+    out = {}
+    for x in json.loads(raw.read_text())["samples"].get(task, []):
+        if task == "gsm8k_nll":
+            ll, nbytes = ast.literal_eval(x["bits_per_byte"]) if isinstance(x["bits_per_byte"], str) \
+                else x["bits_per_byte"]
+            out[x["doc_id"]] = -ll / nbytes / math.log(2)
+        elif x["filter"] == "flexible-extract":
+            out[x["doc_id"]] = float(x["exact_match"])
+    return out
+
+
+def paired(mdir: Path, a: dict, b: dict) -> str | None:
+    """Row a against row b on the same items: the mean per-item difference of GSM8K gold bits
+    per byte with its standard error and win count, and the GSM8K exact-match discordant pairs."""
+    na, nb = per_item(mdir, a, "gsm8k_nll"), per_item(mdir, b, "gsm8k_nll")
+    ids = sorted(set(na) & set(nb))
+    if len(ids) < 2:
+        return None
+    d = [na[i] - nb[i] for i in ids]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    s = (f"{a['name']} vs {b['name']}: GSM8K gold NLL {mean:+.4f} ± {se:.4f} bits/byte per item "
+         f"(mean ± SE of the paired difference, {len(ids)} items; {a['name']} lower on "
+         f"{sum(x < 0 for x in d)})")
+    ea, eb = per_item(mdir, a, "gsm8k"), per_item(mdir, b, "gsm8k")
+    ids = sorted(set(ea) & set(eb))
+    if ids:
+        only_a = sum(ea[i] > eb[i] for i in ids)
+        only_b = sum(eb[i] > ea[i] for i in ids)
+        s += (f"; GSM8K EM: right on {only_a} item(s) {b['name']} got wrong, wrong on {only_b} it "
+              f"got right ({len(ids)} items)")
+    return s
+
+
 def model_dirs(out: Path) -> list:
     """Every model folder under OUT that has a meta.json, the known models first."""
     order = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]
@@ -280,6 +324,15 @@ def write_table(out: Path, table: Path) -> Path:
                       fmt(r.get("quant_seconds"), 0) if r["spec"]["kind"] != "ref" else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        byname = {r["name"]: r for r in rows}
+        t = byname.get(f"TASA {st['bits']:g}")
+        cmp = [paired(mdir, t, byname[b]) for b in ("GPTQ W3", "GPTQ W3, alpha* calibration",
+                                                     "GPTQ W4", "RTN W4", "reference")
+               if t and b in byname]
+        if any(cmp):
+            lines.append("Paired on the same items (`per_item` in reproduce.py, from the sample logs):\n")
+            lines += [f"- {c}" for c in cmp if c]
+            lines.append("")
         plot(out, mname, rows)
         img = os.path.relpath(out / f"{slug(mname)}_quality_vs_bits.png", table.parent)
         lines.append(f"![quality vs bits]({img})\n")

@@ -109,3 +109,35 @@ def test_per_model_presets_fill_only_options_not_given():
     assert (o.limit, o.gsm8k_em, o.gsm8k_limit) == (7, False, 30)
     d = mod.model_args(ns(), "some-other-model")
     assert {k: getattr(d, k) for k in mod.DEFAULTS} == {**mod.DEFAULTS, "extra_budgets": ()}
+
+
+def test_paired_comparison_from_sample_logs(tmp_path):
+    """per_item reads lm-eval's per-sample logs; paired() gives the mean paired difference, its
+    standard error and the exact-match discordant counts -- checked against hand arithmetic."""
+    import math
+
+    mod = _load_harness_plain()
+    (tmp_path / "rows").mkdir()
+
+    def row(name, nll, em):
+        raw = f"{name}.raw.json"
+        samples = {"gsm8k_nll": [{"doc_id": str(i), "bits_per_byte": f"[{-v * math.log(2) * 10}, 10]"}
+                                 for i, v in enumerate(nll)]}
+        (tmp_path / "rows" / raw).write_text(json.dumps({"samples": samples}))
+        gs = [{"doc_id": str(i), "filter": f, "exact_match": float(e) if f == "flexible-extract" else 0.0}
+              for i, e in enumerate(em) for f in ("strict-match", "flexible-extract")]
+        (tmp_path / "rows" / f"{name}.raw.gsm8k.json").write_text(json.dumps({"samples": {"gsm8k": gs}}))
+        return {"name": name, "eval": {"raw": raw}}
+
+    a = row("A", [1.0, 2.0, 3.0, 4.0], [1, 1, 0, 0])
+    b = row("B", [1.5, 2.5, 3.0, 5.0], [0, 1, 1, 0])
+    assert mod.per_item(tmp_path, a, "gsm8k_nll") == pytest.approx({"0": 1.0, "1": 2.0, "2": 3.0, "3": 4.0})
+    assert mod.per_item(tmp_path, a, "gsm8k") == {"0": 1.0, "1": 1.0, "2": 0.0, "3": 0.0}
+    d = [-0.5, -0.5, 0.0, -1.0]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
+    s = mod.paired(tmp_path, a, b)
+    assert f"{mean:+.4f} ± {se:.4f}" in s and "A lower on 3" in s and "4 items" in s
+    assert "right on 1 item(s) B got wrong, wrong on 1 it got right" in s
+    # a row without sample logs gives nothing rather than a made-up comparison
+    assert mod.paired(tmp_path, a, {"name": "C", "eval": {"raw": "C.raw.json"}}) is None
