@@ -304,6 +304,15 @@ def write_table(out: Path, table: Path) -> Path:
                      + (f"; GSM8K EM: {st['gsm8k_shots']}-shot, {st['gsm8k_limit'] or st['limit']} "
                         f"items, at most {st['max_gen_toks']} generated tokens" if st["gsm8k_em"] else "")
                      + "\n")
+        mp = mdir / "measurement.json"
+        if mp.is_file():
+            m = json.loads(mp.read_text())
+            sens = m.get("sensitivity") or {}
+            taus = ", ".join(f"({x['a']}, {x['b']}) {x['kendall_tau']:+.2f}" for x in sens.get("illusion", []))
+            lines.append(f"- TASA measurement (`measurement.json`, shared by the TASA and alpha* rows): "
+                         f"alpha* = {m['mixture']['alpha_star']:.3f} (share of general text in the "
+                         f"calibration mix); Kendall tau between the block sensitivity rankings {taus}; "
+                         f"{m['mixture'].get('seconds', 0) + sens.get('seconds', 0):.0f} s\n")
         hdr = ("| row | avg bits | WikiText-2 ppl | GSM8K gold NLL (bits/byte) | ARC-C acc_norm | "
                "ARC-E acc_norm |" + (" GSM8K EM (flex) |" if em else "") +
                " reasoning retention | quant s |")
