@@ -335,9 +335,9 @@ def write_table(out: Path, table: Path) -> Path:
         lines.append("")
         byname = {r["name"]: r for r in rows}
         t = byname.get(f"TASA {st['bits']:g}")
-        cmp = [paired(mdir, t, byname[b]) for b in ("GPTQ W3", "GPTQ W3, alpha* calibration",
-                                                     "GPTQ W4", "RTN W4", "reference")
-               if t and b in byname]
+        others = ["GPTQ W3", "GPTQ W3, alpha* calibration", "GPTQ W4", "RTN W4", "reference"]
+        others += [r["name"] for r in rows if r["spec"]["kind"] == "tasa" and r is not t]   # ablations
+        cmp = [paired(mdir, t, byname[b]) for b in others if t and b in byname]
         if any(cmp):
             lines.append("Paired on the same items (`per_item` in reproduce.py, from the sample logs):\n")
             lines += [f"- {c}" for c in cmp if c]
