@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
@@ -64,15 +66,6 @@ def run_one(args) -> dict:
                 "ppl_seconds": r["seconds"],
                 "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     return res
-
-
-def git_commit() -> str:
-    try:
-        c = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=ROOT, text=True).strip())
-        return c + (" (+ uncommitted changes)" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def cpu_name() -> str:
