@@ -388,6 +388,8 @@ PRESETS = {
     # the one offline model with non-zero GSM8K exact match: 5-shot EM on 30 items; 3.6x slower
     "qwen2.5-coder-0.5b": {"limit": 50, "ppl_windows": 2, "gsm8k_em": True, "gsm8k_shots": 5,
                            "gsm8k_limit": 30, "max_gen_toks": 200},
+    # 262k-token vocabulary: the LM head costs more per token than SmolLM2's whole model
+    "gemma3-270m": {"limit": 50, "ppl_windows": 2},
 }
 
 
