@@ -121,19 +121,19 @@ def evaluate_row(model, tok, args, raw_path: Path) -> dict:
 
     res = tev.evaluate(model, tok, tasks=["gsm8k_nll", "arc_challenge", "arc_easy"], data=args.data,
                        limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                       out_path=raw_path, progress=False)
+                       out_path=raw_path, progress=args.progress)
     results = dict(res["results"])
     if args.gsm8k_em:   # generation is slow on a CPU: its own (smaller) limit
         em = tev.evaluate(model, tok, tasks=["gsm8k"], data=args.data,
                           limit=args.gsm8k_limit or args.limit, seed=args.seed,
                           num_fewshot={"gsm8k": args.gsm8k_shots}, batch_size=args.batch_size,
                           max_gen_toks=args.max_gen_toks,
-                          out_path=raw_path.with_suffix(".gsm8k.json"), progress=False)
+                          out_path=raw_path.with_suffix(".gsm8k.json"), progress=args.progress)
         results.update(em["results"])
     ppl = None
     if args.ppl_windows > 0:
         ppl = perplexity(model, tok, tdata.load_wikitext2(args.data, "test"), seqlen=2048,
-                         max_windows=args.ppl_windows, progress=False)
+                         max_windows=args.ppl_windows, progress=args.progress)
     return {"lm_eval": results, "lm_eval_config": res.get("config"),
             "wikitext2": ppl, "raw": str(raw_path.name)}
 
@@ -159,7 +159,7 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
         row["avg_bits"] = plan_average_bits(pj, shapes)
         cfg.method = spec["method"]
         alpha = measurement["mixture"]["alpha_star"] if spec.get("alpha") == "star" else 1.0
-        _, q = pipeline.quantize_with_plan(model, tok, cfg, pj, alpha=alpha, progress=False,
+        _, q = pipeline.quantize_with_plan(model, tok, cfg, pj, alpha=alpha, progress=args.progress,
                                            log=lambda s: None)
         row["alpha"] = alpha
         row["quantization"] = q
@@ -167,7 +167,7 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
         A = pipeline.allocate(measurement, spec["bits"], spec.get("beta", args.beta),
                               widths=tuple(args.widths), intra=spec.get("intra", True))
         alpha = spec.get("alpha", measurement["mixture"]["alpha_star"])
-        _, q = pipeline.quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=False,
+        _, q = pipeline.quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=args.progress,
                                            log=lambda s: None)
         row["avg_bits"] = A["summary"]["avg_bits"]
         row["width_fraction"] = A["summary"]["width_fraction"]
@@ -435,6 +435,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-gen-toks", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bars for GPTQ blocks, lm-eval requests and perplexity windows")
     args = ap.parse_args(argv)
     args.widths = tuple(int(x) for x in args.widths.split(","))
     if args.table is None:
@@ -478,7 +480,7 @@ def main(argv=None) -> int:
                 print(f"[{mname}] measuring (mixture search + sensitivity) ...", flush=True)
                 t0 = time.perf_counter()
                 model, tok, _ = load_model(mname)
-                pipeline.measure(model, tok, cfg, mpath, progress=True)
+                pipeline.measure(model, tok, cfg, mpath, progress=args.progress)
                 del model
                 print(f"[{mname}] measured in {time.perf_counter() - t0:.0f} s", flush=True)
             measurement = pipeline.load_measurement(mpath)
