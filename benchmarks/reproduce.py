@@ -361,7 +361,7 @@ def plot(out: Path, mname: str, rows: list) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (task, key, label) in zip(axes, [("gsm8k_nll", "bits_per_byte", "GSM8K gold NLL (bits/byte, lower better)"),
-                                             ("wikitext2", "ppl", "WikiText-2 ppl (lower better)")]):
+                                             ("wikitext2", "ppl", "WikiText-2 ppl (log scale, lower better)")]):
         for r in rows:
             x = r["avg_bits"] or 16.0
             y = (r["eval"]["wikitext2"] or {}).get("ppl") if task == "wikitext2" else metric(r, task, key)
@@ -371,6 +371,8 @@ def plot(out: Path, mname: str, rows: list) -> None:
             mk = {"ref": "*", "uniform": "s", "tasa": "o"}[kind]
             ax.scatter([x], [y], marker=mk, s=40)
             ax.annotate(r["name"].replace("TASA", "T").split(" (")[0], (x, y), fontsize=6)
+        if task == "wikitext2":
+            ax.set_yscale("log")      # a collapsed row (RTN W3: ppl ~1000) would flatten the rest
         ax.set_xlabel("average bits (exact cost; reference drawn at 16)")
         ax.set_title(label, fontsize=9)
     fig.suptitle(mname)
