@@ -12,7 +12,6 @@ dequantized GGUF weights, not the original bf16 checkpoint.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import git_commit
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -68,16 +67,6 @@ def run_one(args) -> dict:
     return res
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -116,6 +105,7 @@ def main(argv=None):
     import torch
     import transformers
 
+    meta = machine("cpu", include_untracked=True)   # an untracked new source file counts as dirty
     ref = next((r for r in rows if r["config"] == "reference"), None)
     mode_txt = f"{args.mode}{', act-order' if args.act_order else ''}"
     lines = [
@@ -163,13 +153,12 @@ def main(argv=None):
         "",
         "## Run",
         "",
-        f"- machine: {cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-        f"{platform.platform()}",
+        f"- machine: {meta['device']}, torch threads {meta['threads']}, {platform.platform()}",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, tasa_ext format v{tasa_ext.FORMAT_VERSION}, "
         f"CPU ISA {tasa_ext.build_info()['cpu_isa']}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- git commit: {git_commit()}",
+        f"- date: {meta['date']}",
+        f"- git commit: {meta['commit']}",
         f"- command: `{cmd}`",
         f"- total wall time: {time.perf_counter() - t_all:.0f} s",
         "",

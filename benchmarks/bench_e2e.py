@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import math
-import platform
 import re
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import tasa_ext
-from common import git_commit
+from common import machine, timeit
+from tasa.nn import TasaLinear
+from tasa.quant import QuantizedWeight
+from tasa_ext.testing import random_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,31 +50,14 @@ class DenseLinear(torch.nn.Module):
         return F.linear(x, self.weight)
 
 
-class TasaLinear(torch.nn.Module):
-    """Random codes packed with tasa (codes generated and packed on the target device)."""
-
-    def __init__(self, n_out, k_in, group_bits, group_size, device, gen):
-        super().__init__()
-        n_groups = k_in // group_size
-        gb = torch.tensor([group_bits[i % len(group_bits)] for i in range(n_groups)], dtype=torch.int32)
-        hi = torch.tensor([2 ** int(b) for b in gb], dtype=torch.float32, device=device)
-        codes = (torch.rand(n_out, n_groups, group_size, device=device, generator=gen) * hi[None, :, None])
-        codes = codes.floor_().to(torch.uint8).reshape(n_out, k_in)
-        qweight, gtable = tasa_ext.pack(codes, gb.to(device), group_size)
-        del codes
-        # symmetric: w = (q - 2^(b-1)) * s, |w| <~ 1/sqrt(K) like the dense layer
-        bits_stored = gtable[:, 0].float()
-        s = 1.0 / (math.sqrt(k_in) * 2 ** (bits_stored - 1))
-        scales = (s[:, None] * (0.5 + torch.rand(n_groups, n_out, device=device, generator=gen))).half()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("gtable", gtable)
-        self.register_buffer("scales", scales.contiguous())
-        self.group_size = group_size
-        self.group_bits = gb.tolist()
-        self.n_out, self.k_in = n_out, k_in
-
-    def forward(self, x):
-        return torch.ops.tasa.gemm(x, self.qweight, self.scales, None, self.gtable, None, self.group_size)
+def tasa_linear(n_out, k_in, group_bits, group_size, device, seed):
+    """tasa.nn.TasaLinear holding random symmetric codes (generated and packed on ``device``);
+    w = (q - 2^(b-1)) * s with |w| <~ 1/sqrt(K), like the dense layer."""
+    s = 1.0 / (math.sqrt(k_in) * 2 ** (max(group_bits) - 1))
+    p = random_packed(n_out, k_in, group_size, group_bits, seed=seed, device=device,
+                      scale_range=(0.5 * s, 1.5 * s))
+    q = QuantizedWeight(p["codes"], p["scales_logical"], None, None, p["bits"], group_size, "sym")
+    return TasaLinear.from_quantized(q, bias=None)
 
 
 def rms_norm(x, w, eps=1e-5):
@@ -122,8 +106,10 @@ class Decoder(torch.nn.Module):
         super().__init__()
         gen = torch.Generator(device=device).manual_seed(0)
         if quantized:
+            seeds = itertools.count(1)
+
             def make_linear(n, k):
-                return TasaLinear(n, k, a.mix, a.group_size, device, gen)
+                return tasa_linear(n, k, a.mix, a.group_size, device, next(seeds))
         else:
             def make_linear(n, k):
                 return DenseLinear(n, k, dtype, device, gen)
@@ -169,6 +155,8 @@ def sync(device):
 
 
 def bench(model, a, device):
+    """(median seconds to decode a.tokens tokens after an a.context-token cache over a.repeats
+    timed runs that follow one untimed run, whether CUDA graphs were used)."""
     tok = torch.zeros(1, dtype=torch.int64, device=device)
     pos = torch.zeros(1, dtype=torch.int64, device=device)
     use_graph = device.type == "cuda" and not a.no_graph
@@ -188,16 +176,14 @@ def bench(model, a, device):
         else:
             def run():
                 model.step(tok, pos)
-        pos.fill_(a.context)
-        tok.zero_()
-        run()                                          # one untimed replay
-        pos.fill_(a.context)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(a.tokens):
-            run()
-        sync(device)
-        dt = time.perf_counter() - t0
+
+        def decode():
+            pos.fill_(a.context)
+            tok.zero_()
+            for _ in range(a.tokens):
+                run()
+
+        dt = timeit(decode, min_time=0, warmup=0, repeats=a.repeats, sync=lambda: sync(device))
     return dt, use_graph
 
 
@@ -208,18 +194,13 @@ def linear_stats(model):
         for name in ("q", "k", "v", "o", "gate", "up", "down"):
             lin = getattr(blk, name)
             if isinstance(lin, TasaLinear):
-                bits += tasa_ext.cost_bits(lin.n_out, lin.k_in, lin.group_size, lin.group_bits, "sym", False)
-                params += lin.n_out * lin.k_in
+                bits += tasa_ext.cost_bits(lin.out_features, lin.in_features, lin.group_size, lin.group_bits,
+                                           lin.mode, lin.perm is not None)
+                params += lin.out_features * lin.in_features
             else:
                 bits += lin.weight.numel() * lin.weight.element_size() * 8
                 params += lin.weight.numel()
     return bits / max(params, 1)
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None):
@@ -232,6 +213,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--tokens", type=int, default=128, help="decoded tokens (timed)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed decodes of --tokens tokens (after one untimed); the median is reported")
     p.add_argument("--context", type=int, default=0, help="KV-cache length before the first timed token")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--mix", type=lambda s: [int(b) for b in s.split(",")], default=[3, 4],
@@ -266,9 +249,10 @@ def main(argv=None):
         r["speedup"] = r["tokens_per_s"] / base
 
     now = _dt.datetime.now(_dt.timezone.utc)
-    res = dict(benchmark="e2e_decode", device=device_name(device), device_type=device.type,
-               date=now.isoformat(timespec="seconds"), git_commit=git_commit(),
-               command=" ".join([Path(sys.executable).name] + sys.argv), torch=torch.__version__,
+    meta = machine(a.device)
+    res = dict(benchmark="e2e_decode", device=meta["device"], device_type=device.type,
+               date=meta["date"], git_commit=meta["commit"], command=meta["command"], torch=meta["torch"],
+               python=meta["python"], threads=meta["threads"], repeats=a.repeats,
                tasa=tasa_ext.build_info(), cuda_graphs=bool(used_graph),
                model=dict(layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
                           kv_heads=a.kv_heads, vocab=a.vocab, context=a.context, group_size=a.group_size,

@@ -30,6 +30,7 @@ import torch
 
 import tasa_ext
 from common import RESULTS, copy_bandwidth, machine, timeit, write_results
+from tasa_ext.testing import random_packed
 
 SHAPES = {  # name: (N out, K in)
     "llama3-8b q/o 4096x4096": (4096, 4096),
@@ -42,16 +43,13 @@ SHAPES = {  # name: (N out, K in)
 PATTERNS = {"3": [3], "3.5 (3/4 mix)": [3, 4], "4": [4], "8": [8]}
 
 
-def make_packed(N, K, G, pattern, device):
-    n_groups = K // G
-    bits = [pattern[g % len(pattern)] for g in range(n_groups)]
-    codes = torch.cat([torch.randint(0, 2 ** b, (N, G), dtype=torch.uint8) for b in bits], 1)
-    qweight, gtable = tasa_ext.pack(codes, torch.tensor(bits, dtype=torch.int32), G)
-    scales = (torch.rand(n_groups, N) * 0.01 + 1e-3).half()
-    args = [qweight, scales, None, gtable, None, G]
-    nbytes = qweight.numel() * 4 + scales.numel() * 2 + gtable.numel() * 4
-    avg = tasa_ext.average_bits(N, K, G, bits, "sym")
-    return [a.to(device) if torch.is_tensor(a) else a for a in args], nbytes, avg
+def tasa_operands(N, K, G, pattern, device):
+    """(gemm operands after x, bytes of the tensors, exact average bits) of a random symmetric
+    packed matrix."""
+    p = random_packed(N, K, G, pattern, device=device, scale_range=(1e-3, 0.011))
+    args = [p["qweight"], p["scales"], None, p["gtable"], None, G]
+    nbytes = sum(t.numel() * t.element_size() for t in args if torch.is_tensor(t))
+    return args, nbytes, tasa_ext.average_bits(N, K, G, p["bits"], "sym")
 
 
 def torch_int4(N, K, G, device):
@@ -130,7 +128,7 @@ def main():
         int4_sets = copies(int4_ops, int4_bytes, stream_bytes)
         packed = {}
         for p, bits in PATTERNS.items():
-            pargs, nbytes, avg = make_packed(N, K, G, bits, dev)
+            pargs, nbytes, avg = tasa_operands(N, K, G, bits, dev)
             packed[p] = (copies(pargs, nbytes, stream_bytes), nbytes, avg)
         load_before = loadavg()
         for M in args.batch:

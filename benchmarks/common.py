@@ -5,38 +5,15 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from tasa_ext.machine import cpu_name, timeit  # noqa: F401  (timeit: re-exported for the scripts)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def timeit(fn, min_time: float = 0.3, warmup: int = 3, repeats: int = 5, sync=None) -> float:
-    """Median over `repeats` of the mean time of a batch of calls lasting >= min_time/repeats."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    t0 = time.perf_counter()
-    fn()
-    if sync:
-        sync()
-    one = max(time.perf_counter() - t0, 1e-6)
-    n = max(1, int(min_time / repeats / one))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if sync:
-            sync()
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
@@ -48,39 +25,38 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / t
 
 
-def git_commit() -> str:
+def git_commit(include_untracked: bool = False) -> str:
+    """Short HEAD hash, "+dirty" if tracked files differ from HEAD (with ``include_untracked``:
+    also if there are untracked, not ignored files, e.g. a new source file)."""
     try:
         rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
                                       text=True, stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=RESULTS.parent,
-                                stderr=subprocess.DEVNULL) != 0
+        if include_untracked:
+            dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=RESULTS.parent,
+                                                 text=True, stderr=subprocess.DEVNULL).strip())
+        else:
+            dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=RESULTS.parent,
+                                    stderr=subprocess.DEVNULL) != 0
         return rev + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
 
 
-def machine(device: str = "cpu") -> dict:
+def machine(device: str = "cpu", include_untracked: bool = False) -> dict:
+    """Date, commit, command line, versions and a one-line device description."""
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": git_commit(include_untracked),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
     }
-    if device.startswith("cuda"):
-        info["device"] = torch.cuda.get_device_name()
+    if str(device).startswith("cuda"):
+        info["device"] = torch.cuda.get_device_name(device)
     else:
-        cpu = platform.processor() or "cpu"
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
         import tasa_ext
-        info["device"] = f"{cpu}, {os.cpu_count()} cores, tasa ISA {tasa_ext.build_info()['cpu_isa']}"
+        info["device"] = f"{cpu_name()}, {os.cpu_count()} cores, tasa ISA {tasa_ext.build_info()['cpu_isa']}"
     return info
 
 

@@ -32,7 +32,9 @@ from pathlib import Path
 
 from common import git_commit
 
-from tasa.io import write_json_atomic
+from tasa import defaults
+from tasa.measurement import Measurement, check_settings as check_same_settings
+from tasa.util import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,13 +86,12 @@ def check_settings(mdir: Path, mname: str, settings: dict, meta: dict) -> dict:
     mp = mdir / "meta.json"
     if mp.is_file():
         old = json.loads(mp.read_text())
-        diff = {k: (old["settings"].get(k), v) for k, v in settings.items()
-                if old["settings"].get(k) != v}
-        if diff:
-            raise SystemExit(
-                f"[{mname}] {mp} holds rows computed with other settings "
-                + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
-                + ". Rerun with that model's options (its command is in meta.json) or use another --out.")
+        try:    # the pipeline's settings check: every differing setting named
+            check_same_settings(old["settings"], settings, f"the rows in {mp}",
+                                "rerun with that model's options (its command is in meta.json) "
+                                "or use another --out")
+        except ValueError as e:
+            raise SystemExit(f"[{mname}] {e}") from None
         if {k: old.get(k) for k in ("date", "commit", "command")} != {k: meta[k] for k in ("date", "commit", "command")}:
             old.setdefault("runs", []).append({k: meta[k] for k in ("date", "commit", "machine", "command")})
             old["runs"] = old["runs"][-20:]
@@ -142,7 +143,7 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
     from tasa import pipeline
     from tasa.alloc import plan_average_bits
     from tasa.models import load_model
-    from tasa.quantize import plan_to_dict, uniform_plan
+    from tasa.quant import plan_to_dict, uniform_plan
 
     model, tok, info = load_model(model_name)
     cfg = pipeline.PipelineConfig(model=model_name, data=args.data, seed=args.seed,
@@ -158,7 +159,7 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
         pj = plan_to_dict(plan)["layers"]
         row["avg_bits"] = plan_average_bits(pj, shapes)
         cfg.method = spec["method"]
-        alpha = measurement["mixture"]["alpha_star"] if spec.get("alpha") == "star" else 1.0
+        alpha = measurement.mixture.alpha_star if spec.get("alpha") == "star" else 1.0
         _, q = pipeline.quantize_with_plan(model, tok, cfg, pj, alpha=alpha, progress=args.progress,
                                            log=lambda s: None)
         row["alpha"] = alpha
@@ -166,7 +167,7 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
     else:
         A = pipeline.allocate(measurement, spec["bits"], spec.get("beta", args.beta),
                               widths=tuple(args.widths), intra=spec.get("intra", True))
-        alpha = spec.get("alpha", measurement["mixture"]["alpha_star"])
+        alpha = spec.get("alpha", measurement.mixture.alpha_star)
         _, q = pipeline.quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=args.progress,
                                            log=lambda s: None)
         row["avg_bits"] = A["summary"]["avg_bits"]
@@ -306,13 +307,14 @@ def write_table(out: Path, table: Path) -> Path:
                      + "\n")
         mp = mdir / "measurement.json"
         if mp.is_file():
-            m = json.loads(mp.read_text())
-            sens = m.get("sensitivity") or {}
-            taus = ", ".join(f"({x['a']}, {x['b']}) {x['kendall_tau']:+.2f}" for x in sens.get("illusion", []))
+            m = Measurement.load(mp)
+            illusion = (m.sensitivity.illusion if m.sensitivity else None) or []
+            taus = ", ".join(f"({x['a']}, {x['b']}) {x['kendall_tau']:+.2f}" for x in illusion)
+            seconds = m.mixture.seconds + (m.sensitivity.seconds if m.sensitivity else 0.0)
             lines.append(f"- TASA measurement (`measurement.json`, shared by the TASA and alpha* rows): "
-                         f"alpha* = {m['mixture']['alpha_star']:.3f} (share of general text in the "
+                         f"alpha* = {m.mixture.alpha_star:.3f} (share of general text in the "
                          f"calibration mix); Kendall tau between the block sensitivity rankings {taus}; "
-                         f"{m['mixture'].get('seconds', 0) + sens.get('seconds', 0):.0f} s\n")
+                         f"{seconds:.0f} s\n")
         hdr = ("| row | avg bits | WikiText-2 ppl | GSM8K gold NLL (bits/byte) | ARC-C acc_norm | "
                "ARC-E acc_norm |" + (" GSM8K EM (flex) |" if em else "") +
                " reasoning retention | quant s |")
@@ -417,8 +419,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table", default=None,
                     help="markdown table path (default: reproduction.md next to --out)")
     ap.add_argument("--bits", type=float, default=3.5)
-    ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--widths", default="3,4,8")
+    ap.add_argument("--beta", type=float, default=defaults.BETA)
+    ap.add_argument("--widths", default=",".join(map(str, defaults.WIDTHS)))
     ap.add_argument("--extra-budgets", default=None, help="more TASA budgets, e.g. 3.31,4.31")
     ap.add_argument("--rows", default="", help="only these rows (exact names separated by ';' -- "
                     "names contain commas; 'TASA*' selects every TASA row)")
@@ -478,14 +480,14 @@ def main(argv=None) -> int:
                         or ("TASA*" in keep and r[1]["kind"] == "tasa")]
         measurement = None
         if any(s["kind"] == "tasa" or s.get("alpha") == "star" for _, s in rows_def):
-            if not (mpath.is_file() and (pipeline.load_measurement(mpath).get("sensitivity") or {}).get("complete")):
+            if not (mpath.is_file() and Measurement.load(mpath).complete):
                 print(f"[{mname}] measuring (mixture search + sensitivity) ...", flush=True)
                 t0 = time.perf_counter()
                 model, tok, _ = load_model(mname)
                 pipeline.measure(model, tok, cfg, mpath, progress=args.progress)
                 del model
                 print(f"[{mname}] measured in {time.perf_counter() - t0:.0f} s", flush=True)
-            measurement = pipeline.load_measurement(mpath)
+            measurement = Measurement.load(mpath)
         for name, spec in rows_def:
             p = mdir / "rows" / f"{slug(name)}.json"
             if p.is_file():

@@ -32,11 +32,12 @@ def main(argv=None) -> int:
     from tasa import pipeline
     from tasa.models import load_model
     from tasa.ppl import perplexity
-    from tasa.quantize import plan_to_dict, uniform_plan
+    from tasa.measurement import Measurement
+    from tasa.quant import plan_to_dict, uniform_plan
 
     out_path = Path(args.out)
     res = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    m = pipeline.load_measurement(RES / "measurement.json")
+    m = Measurement.load(RES / "measurement.json")
     split = pipeline.split_data(pipeline.PipelineConfig(data=args.data, seed=0))
     for name in args.configs:
         slug = name.replace(" ", "_")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
             cfg = pipeline.PipelineConfig(model="smollm2-135m", data=args.data, seed=seed)
             if name.startswith("TASA"):
                 plan = pipeline.allocate(m, float(name.split()[1]))["plan"]
-                alpha = m["mixture"]["alpha_star"]
+                alpha = m.mixture.alpha_star
             else:
                 bits = int(name.split("W")[1])
                 plan = plan_to_dict(uniform_plan(model, bits, 128, "asym",

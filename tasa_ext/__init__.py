@@ -4,7 +4,8 @@ The op schemas live in :mod:`tasa_ext.ops` (defined once, with fake kernels for 
 the CPU (and, where built, CUDA) implementations come from the compiled module ``tasa_ext._C``;
 :mod:`tasa_ext.reference` holds pure-torch twins that serve as the test oracle; the packing
 format's constants and exact cost function are in :mod:`tasa_ext.format` (from
-``csrc/include/tasa/format.h``).
+``csrc/include/tasa/format.h``). :mod:`tasa_ext.testing` makes random packed matrices (tests,
+benchmarks, ``tasa demo``); :mod:`tasa_ext.machine` holds the CPU-name lookup and the timer.
 """
 from . import ops
 from .format import (

@@ -75,13 +75,16 @@ import torch
 import tasa_ext
 from tasa_ext.format import COL_BLOCK, SUPPORTED_BITS, TILE_K, QuantMode
 
+from . import defaults
+from .quant import rtn_fake_quant
+
 __all__ = [
     "DEFAULT_WIDTHS", "LinearSpec", "LayerAllocation", "noise_model_error", "budget_from_avg_bits",
     "allocate_layers", "allocate_layers_bruteforce", "neighbour_widths", "group_salience",
     "group_rtn_errors", "allocate_groups", "make_plan", "plan_average_bits", "plan_summary",
 ]
 
-DEFAULT_WIDTHS: Tuple[int, ...] = (3, 4, 8)
+DEFAULT_WIDTHS: Tuple[int, ...] = defaults.WIDTHS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +97,8 @@ class LinearSpec:
     fqn: str
     n_out: int
     k_in: int
-    group_size: int = 128
-    mode: str = "asym"
+    group_size: int = defaults.GROUP_SIZE
+    mode: str = defaults.MODE
     act_order: bool = False
 
     def __post_init__(self):
@@ -399,32 +402,13 @@ def group_salience(W, h_diag, group_size: int, perm=None) -> np.ndarray:
     return col.reshape(-1, group_size).sum(dim=1).cpu().numpy()
 
 
-def _rtn(W: torch.Tensor, bits: int, mode: str) -> torch.Tensor:
-    """GPTQ's min-max round-to-nearest along the last axis, in the format's code convention
-    (asym: zero point ``round(-min/scale)``; sym: zero ``2^(b-1)``, scale ``2 max|w| / (2^b-1)``)."""
-    maxq = 2 ** bits - 1
-    if QuantMode(mode) is QuantMode.SYM:
-        xmax = W.abs().amax(dim=-1, keepdim=True)
-        xmax = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
-        scale = 2 * xmax / maxq
-        zero = torch.full_like(scale, 2.0 ** (bits - 1))
-    else:
-        xmin = W.amin(dim=-1, keepdim=True).clamp_max(0.0)
-        xmax = W.amax(dim=-1, keepdim=True).clamp_min(0.0)
-        same = (xmin == 0) & (xmax == 0)
-        xmin = torch.where(same, -torch.ones_like(xmin), xmin)
-        xmax = torch.where(same, torch.ones_like(xmax), xmax)
-        scale = (xmax - xmin) / maxq
-        zero = torch.round(-xmin / scale)
-    q = torch.clamp(torch.round(W / scale) + zero, 0, maxq)
-    return (q - zero) * scale
-
-
 def group_rtn_errors(W, h_diag, group_size: int, widths: Sequence[int], mode: str = "asym",
                      perm=None) -> np.ndarray:
     """``E[g, j] = sum_{k in group g} diag(H)_k * sum_n (W - RTN_{widths[j]}(W))[n, k]^2``:
     the diag(H)-weighted round-to-nearest error of each logical group at each width
-    (one scale/zero per (group, output column), as in the format). Shape ``[n_groups, |widths|]``,
+    (one scale/zero per (group, output column), as in the format), quantized by
+    :func:`tasa.quant.rtn_fake_quant` -- the parameters of the quantizer that is applied
+    (:func:`tasa.quant.rtn_params`: fp16-exact scales, asym range as min/max). Shape ``[n_groups, |widths|]``,
     float64 numpy; computed in W's precision (at least float32) on W's device."""
     W, h = _logical(W, h_diag, group_size, perm)
     N, K = W.shape
@@ -434,7 +418,7 @@ def group_rtn_errors(W, h_diag, group_size: int, widths: Sequence[int], mode: st
     for j, b in enumerate(widths):
         if int(b) not in SUPPORTED_BITS:
             raise ValueError(f"unsupported width {b}")
-        err = (Wg - _rtn(Wg, int(b), mode)).square_().sum(dim=0).double()   # [ng, G]
+        err = (Wg - rtn_fake_quant(Wg, int(b), QuantMode(mode) is QuantMode.SYM)).square_().sum(dim=0).double()   # [ng, G]
         out[:, j] = (err * hg).sum(dim=1).cpu().numpy()
     return out
 

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 import tasa_ext
+from tqdm.auto import tqdm
+
+from .util import flush_denormals
 
 __all__ = ["decoder_layers", "run_blockwise", "collect_hessians"]
 
@@ -114,8 +117,6 @@ def run_blockwise(model: nn.Module, input_ids: torch.Tensor,
     each sequence belongs to. If ``on_block`` returns True the block was changed and its outputs
     are recomputed before the next block.
     """
-    from .quantize import flush_denormals
-
     with torch.no_grad(), flush_denormals():
         _run_blockwise(model, input_ids, on_block, src, n_sources, batch_size, progress,
                        linear_filter, hessian_device)
@@ -140,7 +141,6 @@ def _run_blockwise(model, input_ids, on_block, src, n_sources, batch_size, progr
                  for b0 in range(0, n, batch_size)]
     it = range(len(layers))
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(it, desc="blocks", unit="block")
     for li in it:
         block = layers[li]

@@ -14,18 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
+from typing import Optional
 
+import torch
 
-def _timeit(fn, reps: int = 20) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+import tasa_ext
+
+from . import defaults, pipeline
+from . import eval as tev
+from .io import load_quantized
+from .measurement import Measurement
+from .models import load_model
+from .util import write_json_atomic
 
 
 def cmd_info(args) -> int:
@@ -40,6 +41,8 @@ def cmd_demo(args) -> int:
 
     import tasa_ext
     from tasa_ext import reference
+    from tasa_ext.machine import timeit
+    from tasa_ext.testing import random_packed
 
     pattern = {"3": [3], "3.5": [3, 4], "4": [4], "8": [8]}[args.bits]
     N, K, G = args.n, args.k, args.group_size
@@ -47,18 +50,16 @@ def cmd_demo(args) -> int:
         print(f"error: --k {K} is not divisible by --group-size {G}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    bits = [pattern[g % len(pattern)] for g in range(K // G)]
-    codes = torch.cat([torch.randint(0, 2 ** b, (N, G), dtype=torch.uint8) for b in bits], 1)
-    qweight, gtable = tasa_ext.pack(codes, torch.tensor(bits, dtype=torch.int32), G)
-    scales = (torch.rand(K // G, N) * 0.02 + 1e-3).half()
-    args_ = (qweight, scales, None, gtable, None, G)
+    p = random_packed(N, K, G, pattern, seed=0, scale_range=(1e-3, 0.021))
+    bits = p["bits"]
+    args_ = (p["qweight"], p["scales"], None, p["gtable"], None, G)
     x = torch.randn(args.batch, K)
     y = tasa_ext.gemm(x, *args_)
     W = reference.dequant(*args_)
     y_ref = x @ W.T
     rel = float((y - y_ref).norm() / y_ref.norm())
-    t_q = _timeit(lambda: tasa_ext.gemm(x, *args_))
-    t_d = _timeit(lambda: torch.nn.functional.linear(x, W))
+    t_q = timeit(lambda: tasa_ext.gemm(x, *args_))
+    t_d = timeit(lambda: torch.nn.functional.linear(x, W))
     avg = tasa_ext.average_bits(N, K, G, bits, "sym")
     print(f"tasa demo: W [{N} x {K}], group {G}, bits {args.bits} -> {avg:.3f} average bits "
           f"(exact storage cost), batch {args.batch}")
@@ -66,6 +67,47 @@ def cmd_demo(args) -> int:
     print(f"  tasa {t_q * 1e6:8.1f} us   torch fp32 dense {t_d * 1e6:8.1f} us   "
           f"speedup {t_d / t_q:.2f}x   ({tasa_ext.build_info()['cpu_isa']} path)")
     return 0 if rel < 1e-4 else 1
+
+
+def _parse_fewshot(s: Optional[str]):
+    if s is None:
+        return None
+    if "=" not in s:
+        return int(s)
+    out = {}
+    for part in s.split(","):
+        k, _, v = part.partition("=")
+        out[k.strip()] = int(v)
+    return out
+
+
+def cmd_eval(args) -> int:
+    """Handler of ``tasa eval``: loads the model (and the quantized folder), evaluates, prints a
+    table; returns the exit status."""
+    try:
+        tev.require_lm_eval()
+        tasks = tev.check_tasks(args.tasks)
+        model, tok, _info = load_model(args.model)
+        if args.quantized:
+            model = load_quantized(args.quantized, model=model)
+            model.tasa_info = _info
+        s = tev.evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
+                     num_fewshot=_parse_fewshot(args.num_fewshot), batch_size=args.batch_size,
+                     max_gen_toks=args.max_gen_toks, max_length=args.max_length,
+                     out_path=args.out, progress=not args.quiet)
+    except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(tev.format_table(s))
+    c = s["config"]
+    m = c["model"]
+    print(f"\nmodel: {m.get('source', args.model)} ({m['class']}, {m['tasa_linear_modules']} "
+          f"TasaLinear" + (f", {m['quantized_avg_bits']:.3f} avg bits" if "quantized_avg_bits" in m
+                           else "") + ")" + (f"; {m['note']}" if "note" in m else ""))
+    print(f"limit {c['limit']} ({c['subset']}), seed {c['seed']}, {c['seconds']:.1f} s")
+    if args.out:
+        print(f"summary and per-sample results written to {args.out}")
+    return 0
 
 
 def _widths(s: str) -> tuple:
@@ -76,9 +118,7 @@ def _widths(s: str) -> tuple:
 
 
 def _pipeline_config(args):
-    from .pipeline import PipelineConfig
-
-    cfg = PipelineConfig()
+    cfg = pipeline.PipelineConfig()
     for f in ("model", "bits", "data", "seed", "group_size", "mode", "widths", "alpha", "beta",
               "sens_bits", "granularity", "method", "n_calib", "seqlen", "n_gen", "n_task",
               "n_test", "mix_seqlen", "eval_windows", "act_order"):
@@ -91,15 +131,11 @@ def _pipeline_config(args):
 
 
 def cmd_quantize(args) -> int:
-    import torch
-
-    from .pipeline import run
-
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _pipeline_config(args)
     try:
-        summary = run(cfg, args.out, fresh=args.fresh, measurement_from=args.measurement,
+        summary = pipeline.run(cfg, args.out, fresh=args.fresh, measurement_from=args.measurement,
                       progress=not args.no_progress, quiet=args.quiet)
     except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,24 +147,53 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_allocate(args) -> int:
-    from pathlib import Path
-
-    from .pipeline import PLAN_NAME, _atomic_json, allocate, load_measurement, plan_document
-
     try:
-        m = load_measurement(args.measurement)
-        A = allocate(m, args.bits, args.beta, args.widths, not args.no_intra)
+        m = Measurement.load(args.measurement)
+        A = pipeline.allocate(m, args.bits, args.beta, args.widths, not args.no_intra)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if out.is_dir():
-        out = out / PLAN_NAME
-    _atomic_json(out, plan_document(m, A))
+        out = out / defaults.PLAN_NAME
+    write_json_atomic(out, pipeline.plan_document(m, A))
     s = A["summary"]
     print(f"{out}: {s['avg_bits']:.4f} average bits (budget {args.bits}); "
           + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in s["width_fraction"].items()))
     return 0
+
+
+def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers ``tasa eval``; the handler is set as ``fn`` (``args.fn(args)`` runs it)."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model (optionally quantized) with lm-eval on local data",
+        description="Evaluate with lm-eval, offline, on local files: " + ", ".join(tev.TASKS) +
+                    ". Default data: the small slices shipped with tasa (quick checks).")
+    p.add_argument("--model", default=defaults.MODEL,
+                   help="registry name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), .gguf "
+                        "file or checkpoint directory (default: smollm2-135m)")
+    p.add_argument("--quantized", default=None, metavar="DIR",
+                   help="folder written by tasa.io.save_quantized; loaded into --model's "
+                        "architecture")
+    p.add_argument("--tasks", default=",".join(tev.DEFAULT_TASKS),
+                   help=f"comma-separated, from {','.join(tev.TASKS)} (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score a seeded random subset of N items per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None,
+                   help="folder laid out like shared/data (default: the shipped slices)")
+    p.add_argument("--num-fewshot", default=None,
+                   help="K for all tasks but wikitext, or task=K,task=K (default: gsm8k 5, "
+                        "others 0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-gen-toks", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context length in tokens (default: the model's)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the summary and lm-eval's per-sample results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_eval)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,27 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("quantize", help="run the TASA pipeline and save the quantized model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", default=defaults.MODEL,
                    help="registry name (smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m), .gguf "
                         "file, local checkpoint folder or Hugging Face id")
-    p.add_argument("--bits", type=float, default=3.5,
+    p.add_argument("--bits", type=float, default=defaults.BITS,
                    help="target average bits per weight of the quantized linears, exact storage "
                         "cost (codes + fp16 scales/zeros + tables)")
     p.add_argument("--out", required=True, help="output folder (resumes a run found there)")
     p.add_argument("--data", default=None,
                    help="data folder laid out like shared/data (default: the slices shipped with tasa)")
     p.add_argument("--beta", type=float, default=None,
-                   help="weight of the perplexity objective in the aggregate (default 0.5)")
+                   help=f"weight of the perplexity objective in the aggregate (default {defaults.BETA})")
     p.add_argument("--alpha", type=float, default=None,
                    help="fix the share of general text in the calibration mix (default: search)")
-    p.add_argument("--widths", type=_widths, default=None, help="allowed widths, e.g. 3,4,8")
-    p.add_argument("--group-size", type=int, default=None, help="default 128")
-    p.add_argument("--mode", choices=["sym", "asym"], default=None, help="default asym")
+    p.add_argument("--widths", type=_widths, default=None, help="allowed widths (default "
+                   + ",".join(map(str, defaults.WIDTHS)) + ")")
+    p.add_argument("--group-size", type=int, default=None, help=f"default {defaults.GROUP_SIZE}")
+    p.add_argument("--mode", choices=["sym", "asym"], default=None, help=f"default {defaults.MODE}")
     p.add_argument("--method", choices=["gptq", "rtn"], default=None, help="default gptq")
     p.add_argument("--act-order", action="store_true", default=None)
     p.add_argument("--granularity", choices=["block", "linear"], default=None,
                    help="sensitivity/allocation unit (default block)")
-    p.add_argument("--sens-bits", type=int, default=None, help="probe width (default 3)")
+    p.add_argument("--sens-bits", type=int, default=None, help=f"probe width (default {defaults.SENS_BITS})")
     p.add_argument("--n-calib", type=int, default=None, help="GPTQ sequences (default 32)")
     p.add_argument("--seqlen", type=int, default=None, help="GPTQ sequence length (default 512)")
     p.add_argument("--n-gen", type=int, default=None)
@@ -178,14 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("allocate", help="re-allocate bits from a measurement.json (seconds)")
     p.add_argument("--measurement", required=True, help="measurement.json or its folder")
     p.add_argument("--bits", type=float, required=True)
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--widths", type=_widths, default=(3, 4, 8))
+    p.add_argument("--beta", type=float, default=defaults.BETA)
+    p.add_argument("--widths", type=_widths, default=defaults.WIDTHS)
     p.add_argument("--no-intra", action="store_true")
     p.add_argument("--out", required=True, help="plan.json path (or a folder)")
     p.set_defaults(fn=cmd_allocate)
-    from .eval import add_eval_parser   # lm-eval itself is imported only when `eval` runs
-
-    add_eval_parser(sub)
+    _add_eval_parser(sub)
     p = sub.add_parser("info", help="build and machine information")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("demo", help="kernel demo on a random mixed-bit matrix")

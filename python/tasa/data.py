@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -21,30 +20,41 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "PACKAGE_DATA", "Pool", "CalibBatch", "load_general", "load_wikitext2", "load_gsm8k",
-    "load_arc", "format_gsm8k", "format_arc", "calibration_pools", "calibration_batch",
+    "PACKAGE_DATA", "DATA_FILES", "shipped_file", "folder_files", "Pool", "CalibBatch", "load_general", "load_wikitext2", "load_gsm8k",
+    "load_arc", "QA_PROMPT", "qa_prompt", "format_gsm8k", "format_arc", "calibration_pools", "calibration_batch",
     "read_text",
 ]
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 
-_SHIPPED = {
-    "general": "general_c4_slice.txt",
-    "wikitext2": "wikitext2_test_slice.txt",
-    "gsm8k:train": "gsm8k_train_slice.jsonl",
-    "arc-challenge:validation": "arc_challenge_validation_slice.jsonl",
-    "arc-easy:validation": "arc_easy_validation_slice.jsonl",
+# The one table of tasa's data files: key -> (slice shipped in tasa/data, files in a folder laid
+# out like shared/data). Of the folder files, "general" reads every one that exists, the other
+# keys the first that exists. WikiText-2: wiki.test.raw first (lm-eval's documents are cut from
+# its rows; the joined text loses the rows' trailing spaces), else the joined text (the same
+# load_wikitext2 text, checked on shared/data).
+DATA_FILES = {
+    "general": ("general_c4_slice.txt", ("general/c4_sample.txt", "general/wiki_sample.txt")),
+    "wikitext_test": ("wikitext2_test_slice.txt",
+                      ("wikitext2/wiki.test.raw", "wikitext2/wikitext2_test.joined.txt")),
+    "gsm8k_train": ("gsm8k_train_slice.jsonl", ("gsm8k/train.jsonl",)),
+    "gsm8k_test": ("gsm8k_test_slice.jsonl", ("gsm8k/test.jsonl",)),
+    "arc_challenge_validation": ("arc_challenge_validation_slice.jsonl",
+                                 ("arc/ARC-Challenge-validation.jsonl",)),
+    "arc_easy_validation": ("arc_easy_validation_slice.jsonl", ("arc/ARC-Easy-validation.jsonl",)),
+    "arc_challenge_test": ("arc_challenge_test_slice.jsonl", ("arc/ARC-Challenge-test.jsonl",)),
+    "arc_easy_test": ("arc_easy_test_slice.jsonl", ("arc/ARC-Easy-test.jsonl",)),
 }
-# file names inside a local data folder laid out like shared/data
-_LOCAL = {
-    "general": ["general/c4_sample.txt", "general/wiki_sample.txt"],
-    "wikitext2:test": ["wikitext2/wikitext2_test.joined.txt"],
-    "gsm8k:train": ["gsm8k/train.jsonl"], "gsm8k:test": ["gsm8k/test.jsonl"],
-    "arc-challenge:validation": ["arc/ARC-Challenge-validation.jsonl"],
-    "arc-easy:validation": ["arc/ARC-Easy-validation.jsonl"],
-    "arc-challenge:test": ["arc/ARC-Challenge-test.jsonl"],
-    "arc-easy:test": ["arc/ARC-Easy-test.jsonl"],
-}
+
+
+def shipped_file(key: str) -> Path:
+    """The slice of ``key`` shipped inside the package (tasa/data)."""
+    return PACKAGE_DATA / DATA_FILES[key][0]
+
+
+def folder_files(root, key: str) -> list[Path]:
+    """The files of ``key`` that exist in a data folder ``root`` laid out like shared/data, in
+    the table's order (empty if none)."""
+    return [Path(root) / f for f in DATA_FILES[key][1] if (Path(root) / f).is_file()]
 
 
 def read_text(path) -> str:
@@ -72,10 +82,14 @@ def _local(source, key: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        found = [p / f for f in _LOCAL.get(key, []) if (p / f).is_file()]
+        if key not in DATA_FILES:
+            raise FileNotFoundError(f"tasa: no {key} data is read from a folder (known: "
+                                    f"{list(DATA_FILES)})")
+        found = folder_files(p, key)
         if not found:
-            raise FileNotFoundError(f"tasa: no {key} file in {p} (looked for {_LOCAL.get(key)})")
-        return found
+            raise FileNotFoundError(f"tasa: no {key} file in {p} (looked for "
+                                    f"{list(DATA_FILES[key][1])})")
+        return found if key == "general" else found[:1]
     return []
 
 
@@ -84,7 +98,7 @@ def load_general(source=None, max_chars: Optional[int] = None) -> list[str]:
     ~100 KB C4-style slice), a text file, a data folder (``general/*.txt``), or an HF name
     (column ``text``, split ``train``)."""
     if source is None:
-        docs = read_text(PACKAGE_DATA / _SHIPPED["general"]).splitlines()
+        docs = read_text(shipped_file("general")).splitlines()
     else:
         files = _local(source, "general")
         if files:
@@ -111,8 +125,8 @@ def load_wikitext2(source=None, split: str = "test") -> str:
     if source is None:
         if split != "test":
             raise ValueError("tasa: only a slice of the WikiText-2 test split ships with tasa")
-        return read_text(PACKAGE_DATA / _SHIPPED["wikitext2"])
-    files = _local(source, f"wikitext2:{split}")
+        return read_text(shipped_file("wikitext_test"))
+    files = _local(source, f"wikitext_{split}")
     if files:
         f = files[0]
         text = read_text(f)
@@ -133,9 +147,9 @@ def load_gsm8k(source=None, split: str = "train", limit: Optional[int] = None) -
     if source is None:
         if split != "train":
             raise ValueError("tasa: only a GSM8K train slice ships with tasa; pass a path for test")
-        items = _read_jsonl(PACKAGE_DATA / _SHIPPED["gsm8k:train"])
+        items = _read_jsonl(shipped_file("gsm8k_train"))
     else:
-        files = _local(source, f"gsm8k:{split}")
+        files = _local(source, f"gsm8k_{split}")
         items = _read_jsonl(files[0]) if files else [dict(r) for r in _hf(str(source), "main", split)]
     return items[:limit] if limit else items
 
@@ -149,11 +163,11 @@ def load_arc(source=None, subset: str = "challenge", split: str = "validation",
     subset = subset.lower()
     if subset not in ("challenge", "easy"):
         raise ValueError(f"tasa: ARC subset must be 'challenge' or 'easy', got {subset!r}")
-    key = f"arc-{subset}:{split}"
+    key = f"arc_{subset}_{split}"
     if source is None:
         if split != "validation":
             raise ValueError("tasa: only ARC validation slices ship with tasa; pass a path for test")
-        rows = _read_jsonl(PACKAGE_DATA / _SHIPPED[key])
+        rows = _read_jsonl(shipped_file(key))
     else:
         files = _local(source, key)
         rows = (_read_jsonl(files[0]) if files else
@@ -171,9 +185,19 @@ def load_arc(source=None, subset: str = "challenge", split: str = "validation",
     return out[:limit] if limit else out
 
 
+# the one question/answer prompt of tasa: calibration text, the sensitivity objectives and the
+# lm-eval tasks all build on it (lm-eval's own GSM8K/ARC prompt)
+QA_PROMPT = "Question: {question}\nAnswer:"
+
+
+def qa_prompt(question: str) -> str:
+    """``"Question: <question>\nAnswer:"``: what the model is shown before an answer."""
+    return QA_PROMPT.format(question=question)
+
+
 def format_gsm8k(item: Mapping) -> str:
     """A GSM8K item as calibration text (question + chain-of-thought answer)."""
-    return f"Question: {item['question']}\nAnswer: {item['answer']}"
+    return f"{qa_prompt(item['question'])} {item['answer']}"
 
 
 def format_arc(item: Mapping) -> str:

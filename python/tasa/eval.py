@@ -49,7 +49,6 @@ module saves and restores their states around the call.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import functools
@@ -63,27 +62,18 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from . import data as tdata
+from .nn import quantized_modules
+from .util import write_json_atomic
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEFAULT_FEWSHOT", "DATA_KEYS", "evaluate",
-           "resolve_data", "wikitext_documents", "format_table", "add_eval_parser", "cmd_eval"]
+           "resolve_data", "wikitext_documents", "format_table", "check_tasks", "require_lm_eval"]
 
 TASKS = ("gsm8k", "gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
 DEFAULT_TASKS = ("gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
 DEFAULT_FEWSHOT = {"gsm8k": 5, "gsm8k_nll": 0, "arc_challenge": 0, "arc_easy": 0, "wikitext": 0}
 
-# data key -> (file in tasa/data, file in a shared/data-like folder)
-DATA_KEYS = {
-    "gsm8k_test": ("gsm8k_test_slice.jsonl", "gsm8k/test.jsonl"),
-    "gsm8k_train": ("gsm8k_train_slice.jsonl", "gsm8k/train.jsonl"),
-    "arc_challenge_test": ("arc_challenge_test_slice.jsonl", "arc/ARC-Challenge-test.jsonl"),
-    "arc_easy_test": ("arc_easy_test_slice.jsonl", "arc/ARC-Easy-test.jsonl"),
-    "arc_challenge_validation": ("arc_challenge_validation_slice.jsonl",
-                                 "arc/ARC-Challenge-validation.jsonl"),
-    "arc_easy_validation": ("arc_easy_validation_slice.jsonl", "arc/ARC-Easy-validation.jsonl"),
-    "wikitext_test": ("wikitext2_test_slice.txt", "wikitext2/wiki.test.raw"),
-}
-# in a data folder, the joined WikiText-2 text is accepted when wiki.test.raw is absent
-_WIKITEXT_ALT = "wikitext2/wikitext2_test.joined.txt"
+# the data keys evaluation reads (their files: tasa.data.DATA_FILES, the one table)
+DATA_KEYS = tuple(k for k in tdata.DATA_FILES if k != "general")
 # task -> (data key scored, data key for few-shot examples)
 _TASK_DATA = {
     "gsm8k": ("gsm8k_test", "gsm8k_train"),
@@ -98,7 +88,7 @@ _FILTER_SHORT = {"none": "", "strict-match": "strict", "flexible-extract": "flex
 _INSTALL_HINT = "pip install lm-eval  (with the project pins: pip install -c constraints.txt lm-eval)"
 
 
-def _require_lm_eval():
+def require_lm_eval():
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
@@ -133,18 +123,17 @@ def resolve_data(data=None, keys: Optional[Sequence[str]] = None) -> dict[str, P
                                     f"laid out like shared/data, a mapping key -> file, or None "
                                     f"for the slices shipped with tasa)")
     for k in keys:
-        shipped, local = DATA_KEYS[k]
+        local = tdata.DATA_FILES[k][1]
         if data is None or (isinstance(data, Mapping) and k not in data):
-            p = tdata.PACKAGE_DATA / shipped
+            p = tdata.shipped_file(k)
         elif isinstance(data, Mapping):
             p = Path(data[k])
         else:
-            p = Path(data) / local
-            if k == "wikitext_test" and not p.is_file() and (Path(data) / _WIKITEXT_ALT).is_file():
-                p = Path(data) / _WIKITEXT_ALT
+            found = tdata.folder_files(data, k)
+            p = found[0] if found else Path(data) / local[0]
         if not p.is_file():
             raise FileNotFoundError(f"tasa: eval data file for {k!r} not found: {p} (expected "
-                                    f"the layout of shared/data: {local})")
+                                    f"the layout of shared/data: {' or '.join(local)})")
         out[k] = p.resolve()
     return out
 
@@ -216,7 +205,7 @@ def _load_items(task: str, path: Path) -> list[dict]:
         items = tdata.load_arc(path, task.split("_")[1], "test")
         bad = []
     else:
-        shipped = path == (tdata.PACKAGE_DATA / DATA_KEYS["wikitext_test"][0]).resolve()
+        shipped = path == tdata.shipped_file("wikitext_test").resolve()
         items = [{"page": d} for d in wikitext_documents(path, drop_last=shipped)]
         bad = []
     if bad or not items:
@@ -260,12 +249,8 @@ def _gsm8k_nll_results(doc, results):
     return {"nll": -ll, "bits_per_byte": (ll, nbytes), "byte_perplexity": (ll, nbytes)}
 
 
-def _gsm8k_text(doc):
-    return f"Question: {doc['question']}\nAnswer:"
-
-
-def _arc_text(doc):
-    return f"Question: {doc['question']}\nAnswer:"
+def _qa_text(doc):
+    return tdata.qa_prompt(doc["question"])
 
 
 def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
@@ -285,7 +270,7 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
         cfg["fewshot_split"] = "train"
     if task == "gsm8k":
         cfg.update(
-            output_type="generate_until", doc_to_text=_gsm8k_text, doc_to_target="{{answer}}",
+            output_type="generate_until", doc_to_text=_qa_text, doc_to_target="{{answer}}",
             metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                           "ignore_case": True, "ignore_punctuation": False,
                           "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}],
@@ -301,7 +286,7 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
                     {"function": "take_first"}]}])
     elif task == "gsm8k_nll":
         cfg.update(
-            output_type="loglikelihood", doc_to_text=_gsm8k_text, doc_to_target="{{answer}}",
+            output_type="loglikelihood", doc_to_text=_qa_text, doc_to_target="{{answer}}",
             process_results=_gsm8k_nll_results,
             metric_list=[
                 {"metric": "nll", "aggregation": "mean", "higher_is_better": False},
@@ -311,7 +296,7 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
                  "higher_is_better": False}])
     elif task in ("arc_challenge", "arc_easy"):
         cfg.update(
-            output_type="multiple_choice", doc_to_text=_arc_text,
+            output_type="multiple_choice", doc_to_text=_qa_text,
             doc_to_choice=lambda doc: list(doc["choices"]), doc_to_target=lambda doc: doc["gold"],
             metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                          {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}])
@@ -334,7 +319,7 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
-def _check_tasks(tasks) -> list[str]:
+def check_tasks(tasks) -> list[str]:
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
     tasks = [t.strip() for t in tasks]
@@ -488,7 +473,6 @@ def _summarize_task(res: dict) -> tuple[dict, dict]:
 
 
 def _model_info(model) -> dict:
-    from .nn import quantized_modules
 
     q = quantized_modules(model)
     info = {"class": type(model).__name__, "tasa_linear_modules": len(q)}
@@ -541,11 +525,11 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
         "num_fewshot": k}}, "config": {...}}``. ``stderr`` is lm-eval's (closed form for
         means; None for the pooled perplexity / bits-per-byte metrics).
     """
-    lm_eval = _require_lm_eval()
+    lm_eval = require_lm_eval()
     import torch
     import transformers
 
-    tasks = _check_tasks(tasks)
+    tasks = check_tasks(tasks)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit <= 0):
         raise ValueError(f"tasa: limit must be a positive integer or None, got {limit!r}")
     if max_gen_toks <= 0 or batch_size <= 0:
@@ -619,7 +603,6 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
         },
     }
     if out_path is not None:
-        from .io import write_json_atomic
 
         write_json_atomic(out_path, {
             "summary": summary,
@@ -654,81 +637,3 @@ def format_table(summary: dict) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * x for x in w))
     return "\n".join(lines)
-
-
-def _parse_fewshot(s: Optional[str]):
-    if s is None:
-        return None
-    if "=" not in s:
-        return int(s)
-    out = {}
-    for part in s.split(","):
-        k, _, v = part.partition("=")
-        out[k.strip()] = int(v)
-    return out
-
-
-def cmd_eval(args) -> int:
-    """Handler of ``tasa eval``: loads the model (and the quantized folder), evaluates, prints a
-    table; returns the exit status."""
-    from .models import load_model
-
-    try:
-        _require_lm_eval()
-        tasks = _check_tasks(args.tasks)
-        model, tok, _info = load_model(args.model)
-        if args.quantized:
-            from .io import load_quantized
-            model = load_quantized(args.quantized, model=model)
-            model.tasa_info = _info
-        s = evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
-                     num_fewshot=_parse_fewshot(args.num_fewshot), batch_size=args.batch_size,
-                     max_gen_toks=args.max_gen_toks, max_length=args.max_length,
-                     out_path=args.out, progress=not args.quiet)
-    except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(s))
-    c = s["config"]
-    m = c["model"]
-    print(f"\nmodel: {m.get('source', args.model)} ({m['class']}, {m['tasa_linear_modules']} "
-          f"TasaLinear" + (f", {m['quantized_avg_bits']:.3f} avg bits" if "quantized_avg_bits" in m
-                           else "") + ")" + (f"; {m['note']}" if "note" in m else ""))
-    print(f"limit {c['limit']} ({c['subset']}), seed {c['seed']}, {c['seconds']:.1f} s")
-    if args.out:
-        print(f"summary and per-sample results written to {args.out}")
-    return 0
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``tasa eval`` on an ``argparse`` sub-parsers object; the handler is set as
-    ``fn`` (``args.fn(args)`` runs it)."""
-    p = subparsers.add_parser(
-        "eval", help="evaluate a model (optionally quantized) with lm-eval on local data",
-        description="Evaluate with lm-eval, offline, on local files: " + ", ".join(TASKS) +
-                    ". Default data: the small slices shipped with tasa (quick checks).")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="registry name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), .gguf "
-                        "file or checkpoint directory (default: smollm2-135m)")
-    p.add_argument("--quantized", default=None, metavar="DIR",
-                   help="folder written by tasa.io.save_quantized; loaded into --model's "
-                        "architecture")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated, from {','.join(TASKS)} (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="score a seeded random subset of N items per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None,
-                   help="folder laid out like shared/data (default: the shipped slices)")
-    p.add_argument("--num-fewshot", default=None,
-                   help="K for all tasks but wikitext, or task=K,task=K (default: gsm8k 5, "
-                        "others 0)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-gen-toks", type=int, default=256)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="context length in tokens (default: the model's)")
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="write the summary and lm-eval's per-sample results as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_eval)
-    return p

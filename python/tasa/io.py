@@ -29,39 +29,13 @@ from torch import nn
 import tasa_ext
 
 from .nn import swap_linears
-from .quantize import LayerSpec, plan_from_dict, plan_to_dict
+from .quant import LayerSpec, plan_from_dict, plan_to_dict
+from .util import atomic_write_bytes, write_json_atomic
 
-__all__ = ["save_quantized", "load_quantized", "write_json_atomic", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "tasa_config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path`` (creating the folder), fsyncs it and
-    moves it into place: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a normal file instead
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json_atomic(path, obj, default=None) -> None:
-    """``obj`` as indented UTF-8 JSON at ``path``, written atomically (``default``: as for
-    :func:`json.dumps`, for values JSON cannot hold)."""
-    _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, default=default,
-                                               ensure_ascii=False).encode("utf-8"))
 
 
 def _dedup_state(model: nn.Module):
@@ -103,7 +77,7 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
         cfg["base_model"] = info.source
     if info is not None and info.prequantized:
         cfg["meta"].setdefault("base_prequantized", info.note())
-    _atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={
+    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={
         "format": "pt", "tasa_format_version": str(tasa_ext.FORMAT_VERSION)}))
     write_json_atomic(path / CONFIG_NAME, cfg, default=str)
     if tokenizer is not None:

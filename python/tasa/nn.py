@@ -26,7 +26,7 @@ from torch import nn
 import tasa_ext
 from tasa_ext.format import QuantMode
 
-from .quantize import LayerSpec, QuantizedWeight, quantize_gptq, quantize_rtn
+from .quant import LayerSpec, QuantizedWeight, quantize_gptq, quantize_rtn
 
 __all__ = ["TasaLinear", "make_gtable", "set_module", "swap_linears", "quantized_modules"]
 
@@ -79,7 +79,7 @@ class TasaLinear(nn.Module):
     # -- constructors ---------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "TasaLinear":
-        """Packs a :class:`tasa.quantize.QuantizedWeight` (logical-order codes/scales/zeros)."""
+        """Packs a :class:`tasa.quant.QuantizedWeight` (logical-order codes/scales/zeros)."""
         N, K = q.codes.shape
         spec = LayerSpec(q.bits, q.group_size, q.mode, q.perm is not None)
         dev = q.codes.device

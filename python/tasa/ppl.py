@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import data
 
@@ -36,7 +37,6 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, stride: Optional
     dev = next(model.parameters()).device
     it = starts
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(starts, desc="ppl", unit="win")
     nll, count = 0.0, 0
     for i, s in enumerate(it):

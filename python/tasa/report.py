@@ -8,6 +8,11 @@ from typing import Mapping
 
 import numpy as np
 
+from .measurement import Measurement
+from .mixture import MixtureCurve
+from .stats import normalize
+from .util import atomic_write_bytes
+
 __all__ = ["write_report", "plot_alpha_curve", "plot_sensitivity", "plot_bitmap"]
 
 
@@ -41,20 +46,18 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
-def plot_alpha_curve(measurement: Mapping, path) -> Path:
-    from .mixture import MixtureCurve
-
+def plot_alpha_curve(measurement: Measurement, path) -> Path:
     plt = _plt()
-    mix = measurement["mixture"]
-    curve = MixtureCurve.from_dict(mix["curve"])
+    mix = measurement.mixture
+    curve = MixtureCurve.from_dict(mix.curve)
     a = np.linspace(0, 1, 201)
     f = curve(a)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(a, f / mix["f_star"], lw=2, label="closed form")
-    g = [r for r in mix["table"] if not r.get("argmin")]
+    ax.plot(a, f / mix.f_star, lw=2, label="closed form")
+    g = [r for r in mix.table if not r.get("argmin")]
     ax.plot([r["alpha"] for r in g], [r["f_rel"] for r in g], "o", label="candidate grid")
-    ax.axvline(mix["alpha_star"], color="k", ls="--", lw=1,
-               label=f"alpha* = {mix['alpha_star']:.3f}")
+    ax.axvline(mix.alpha_star, color="k", ls="--", lw=1,
+               label=f"alpha* = {mix.alpha_star:.3f}")
     ax.set_xlabel("alpha (share of general text in the calibration mix)")
     ax.set_ylabel("f(alpha) / f(alpha*)")
     ax.set_title("Calibration-mixture criterion tr(H_test H_alpha^-1)")
@@ -62,16 +65,14 @@ def plot_alpha_curve(measurement: Mapping, path) -> Path:
     return _save(fig, path)
 
 
-def plot_sensitivity(measurement: Mapping, scores: Mapping[str, float], path) -> Path:
-    from .stats import normalize
-
+def plot_sensitivity(measurement: Measurement, scores: Mapping[str, float], path) -> Path:
     plt = _plt()
-    sens = measurement["sensitivity"]
-    units = list(measurement["units"])
+    sens = measurement.sensitivity
+    units = list(measurement.units)
     x = np.arange(len(units))
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    for k in sens["objectives"]:
-        v = np.array([sens["delta"][u][k] for u in units])
+    for k in sens.objectives:
+        v = np.array([sens.delta[u][k] for u in units])
         try:
             ax.plot(x, normalize(v), marker=".", label=f"{k} (loss +{v.sum():.3f} total)")
         except ValueError:
@@ -79,14 +80,14 @@ def plot_sensitivity(measurement: Mapping, scores: Mapping[str, float], path) ->
     ax.plot(x, [scores[u] for u in units], "k--", lw=1.5, label="aggregate s (beta)")
     ax.set_xlabel("unit (decoder block)" if len(units) < 100 else "unit")
     ax.set_ylabel("normalized sensitivity (sums to 1)")
-    ax.set_title(f"Per-unit sensitivity: RTN {sens['bits']}-bit probe of one unit at a time")
+    ax.set_title(f"Per-unit sensitivity: RTN {sens.bits}-bit probe of one unit at a time")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_bitmap(measurement: Mapping, plan: Mapping[str, Mapping], path) -> Path:
+def plot_bitmap(measurement: Measurement, plan: Mapping[str, Mapping], path) -> Path:
     plt = _plt()
-    units = measurement["units"]
+    units = measurement.units
     rows = list(units)
     kinds = []
     for u in rows:
@@ -110,12 +111,12 @@ def plot_bitmap(measurement: Mapping, plan: Mapping[str, Mapping], path) -> Path
     return _save(fig, path)
 
 
-def write_report(out, measurement: Mapping, allocation: Mapping, summary: Mapping) -> Path:
+def write_report(out, measurement: Measurement, allocation: Mapping, summary: Mapping) -> Path:
     out = Path(out)
     m, A = measurement, allocation
-    mix, sens = m["mixture"], m["sensitivity"]
+    mix, sens = m.mixture, m.sensitivity
     cfg = summary["config"]
-    units = list(m["units"])
+    units = list(m.units)
     L = []
     L.append(f"# tasa report: {summary['model']} at {cfg['bits']} average bits\n")
     L.append(f"- model: {summary['model_note']}")
@@ -123,7 +124,7 @@ def write_report(out, measurement: Mapping, allocation: Mapping, summary: Mappin
              f"{summary['machine']['cpus']} CPUs, torch {summary['machine']['torch']}, "
              f"tasa CPU ISA {summary['machine']['tasa_cpu_isa']}")
     L.append(f"- data: {'slices shipped with tasa' if cfg['data'] is None else cfg['data']}; "
-             f"split sizes {m.get('data')}")
+             f"split sizes {m.data}")
     L.append(f"- total wall time {summary['timings_s']['total']:.0f} s, peak RSS "
              f"{summary['peak_rss_mib']:.0f} MiB; stages (s): "
              + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items() if k != "total"))
@@ -145,38 +146,38 @@ def write_report(out, measurement: Mapping, allocation: Mapping, summary: Mappin
     L.append("## 1. Calibration mixture\n")
     L.append("Criterion f(alpha) = sum_l w_l tr(H_test,l (alpha H_gen,l + (1-alpha) H_task,l + "
              "lam_l I)^-1), closed form from one generalized eigendecomposition per unique "
-             f"linear input; normalization `{mix['curve']['normalize']}`. Tokens: {mix['tokens']}.\n")
+             f"linear input; normalization `{mix.curve['normalize']}`. Tokens: {mix.tokens}.\n")
     L.append("| alpha | f(alpha) / f(alpha*) |")
     L.append("|---|---|")
-    for r in mix["table"]:
+    for r in mix.table:
         tag = " **(alpha\\*)**" if r.get("argmin") else ""
         L.append(f"| {r['alpha']:.3f}{tag} | {r['f_rel']:.5f} |")
-    la = np.array(list(mix["layer_alpha"].values()))
-    L.append(f"\nalpha* = **{mix['alpha_star']:.3f}** "
-             f"({'searched' if mix['alpha_searched'] else 'given'}); best grid point "
-             f"{mix['best_on_grid']}. Per-layer minimisers: median {np.median(la):.2f}, "
+    la = np.array(list(mix.layer_alpha.values()))
+    L.append(f"\nalpha* = **{mix.alpha_star:.3f}** "
+             f"({'searched' if mix.alpha_searched else 'given'}); best grid point "
+             f"{mix.best_on_grid}. Per-layer minimisers: median {np.median(la):.2f}, "
              f"range [{la.min():.2f}, {la.max():.2f}]. "
              f"GPTQ calibration used: {summary['quantization'].get('calibration')}.\n")
     L.append("![alpha curve](alpha_curve.png)\n")
     L.append("## 2. Sensitivity and the perplexity illusion\n")
-    L.append(f"RTN {sens['bits']}-bit probe of one {cfg['granularity']} at a time; loss increase "
+    L.append(f"RTN {sens.bits}-bit probe of one {cfg['granularity']} at a time; loss increase "
              "in nats per scored token. Objectives: "
              + "; ".join(f"`{o['name']}`: {o['description']} ({o['scored_tokens']} scored tokens)"
-                         for o in sens["objective_data"]) + ".")
-    L.append("Baseline losses: " + ", ".join(f"{k} {v:.4f}" for k, v in sens["base"].items())
-             + f"; {sens.get('seconds', 0):.0f} s.\n")
-    if sens.get("illusion"):
+                         for o in sens.objective_data) + ".")
+    L.append("Baseline losses: " + ", ".join(f"{k} {v:.4f}" for k, v in sens.base.items())
+             + f"; {sens.seconds:.0f} s.\n")
+    if sens.illusion:
         L.append("| a | b | Kendall tau-b | Spearman rho | top-k overlap |")
         L.append("|---|---|---|---|---|")
-        for r in sens["illusion"]:
+        for r in sens.illusion:
             L.append(f"| {r['a']} | {r['b']} | {r['kendall_tau']:.3f} | {r['spearman_rho']:.3f} | "
                      f"{r['top_k_overlap']:.2f} (k={r['k']}) |")
         L.append("")
-    objs = sens["objectives"]
+    objs = sens.objectives
     L.append("| unit | " + " | ".join(f"d{o}" for o in objs) + " | aggregate s | bits |")
     L.append("|---|" + "---|" * (len(objs) + 2))
     for u in units:
-        L.append(f"| {_short(u)} | " + " | ".join(f"{sens['delta'][u][o]:+.4f}" for o in objs)
+        L.append(f"| {_short(u)} | " + " | ".join(f"{sens.delta[u][o]:+.4f}" for o in objs)
                  + f" | {A['scores'][u]:.4f} | {A['item_bits'][u]} |")
     L.append(f"\nAggregate s = beta norm(s_ppl) + (1 - beta) mean_k norm(s_k), beta = "
              f"{cfg['beta']}, norm = clip at 0 and divide by the sum."
@@ -195,9 +196,7 @@ def write_report(out, measurement: Mapping, allocation: Mapping, summary: Mappin
              f"{len(A['plan'])}.\n")
     L.append("![bit map](bitmap.png)\n")
     md = out / "report.md"
-    from .io import _atomic_write_bytes
-
-    _atomic_write_bytes(md, ("\n".join(L) + "\n").encode())
+    atomic_write_bytes(md, ("\n".join(L) + "\n").encode())
     plot_alpha_curve(m, out / "alpha_curve.png")
     plot_sensitivity(m, A["scores"], out / "sensitivity.png")
     plot_bitmap(m, A["plan"], out / "bitmap.png")

@@ -2,7 +2,7 @@
 
 For each *unit* ``u`` (a decoder block by default, or a single linear) we quantize only ``u``
 with round-to-nearest at a low width (default 3 bits, group size 128, the same format and
-parameters as the real quantizer, :func:`tasa.quantize.quantize_rtn`), keep everything else
+parameters as the real quantizer, :func:`tasa.quant.quantize_rtn`), keep everything else
 in full precision, and measure the increase of each objective's loss:
 
     s_k[u] = L_k(model with u quantized) - L_k(model)          (nats per scored token)
@@ -37,8 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from . import calib
-from .quantize import LayerSpec, flush_denormals, quantize_rtn, resolve_group_size
+from .data import calibration_batch, qa_prompt
+from .quant import LayerSpec, quantize_rtn, resolve_group_size
+from .util import flush_denormals
 
 __all__ = ["Objective", "text_objective", "qa_objective", "gsm8k_objective", "arc_objective",
            "block_units", "linear_units", "objective_losses", "measure_sensitivity"]
@@ -77,8 +81,6 @@ class Objective:
 def text_objective(name: str, tokenizer, texts: Sequence[str], n: int, seqlen: int,
                    seed: int = 0, description: str = "") -> Objective:
     """``n`` random ``seqlen``-token windows of the ``"\\n\\n"``-joined texts, all scored."""
-    from .data import calibration_batch
-
     b = calibration_batch(tokenizer, list(texts), n, seqlen, seed=seed)
     return Objective(name, b.input_ids, torch.ones_like(b.input_ids, dtype=torch.bool),
                      description or f"{n} x {seqlen}-token windows, every token scored")
@@ -134,7 +136,7 @@ def gsm8k_objective(tokenizer, items: Sequence[Mapping], n: int, seed: int = 0,
     drawn with ``seed``)."""
     items = list(items)
     pick = random.Random(seed).sample(items, min(n, len(items)))
-    pairs = [(f"Question: {it['question']}\nAnswer:", " " + it["answer"]) for it in pick]
+    pairs = [(qa_prompt(it["question"]), " " + it["answer"]) for it in pick]
     return qa_objective("math", tokenizer, pairs, max_len,
                         f"GSM8K gold-solution NLL given the question, {len(pairs)} items")
 
@@ -145,8 +147,7 @@ def arc_objective(tokenizer, items: Sequence[Mapping], n: int, seed: int = 0,
     ARC continuation), ``n`` items drawn with ``seed``."""
     items = list(items)
     pick = random.Random(seed).sample(items, min(n, len(items)))
-    pairs = [(f"Question: {it['question']}\nAnswer:", " " + it["choices"][it["gold"]])
-             for it in pick]
+    pairs = [(qa_prompt(it["question"]), " " + it["choices"][it["gold"]]) for it in pick]
     return qa_objective("arc", tokenizer, pairs, max_len,
                         f"ARC correct-answer NLL given the question, {len(pairs)} items")
 
@@ -308,7 +309,7 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
     it). ``base``: the recorded full-precision losses of a resumed run -- they must match the
     recomputed ones (same model and data), otherwise the old results are not comparable and a
     ``ValueError`` is raised. Group size: the largest multiple of 32 <= ``group_size`` that
-    divides each linear's K (:func:`tasa.quantize.resolve_group_size`).
+    divides each linear's K (:func:`tasa.quant.resolve_group_size`).
 
     Returns ``{"base": {obj: loss}, "delta": {unit: {obj: loss increase}}, "seconds": s}``.
     """
@@ -329,7 +330,6 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
         todo = [u for u in units if u not in delta]
         it = todo
         if progress:
-            from tqdm.auto import tqdm
             it = tqdm(todo, desc=f"sensitivity (RTN {bits}-bit probes)", unit="probe")
         for u in it:
             start, fqns = units[u]

@@ -35,12 +35,7 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import platform
 import random
-import resource
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -51,127 +46,14 @@ from torch import nn
 
 import tasa_ext
 
-from . import alloc, calib, data, mixture, sensitivity, stats
-from .quantize import LayerSpec, default_targets, resolve_group_size
+from .. import alloc, calib, data, defaults, mixture, sensitivity, stats
+from ..measurement import Measurement, MixtureResult, SensitivityResult
+from ..quant import LayerSpec, default_targets, resolve_group_size
+from ..quantize import quantize_model
+from .config import PipelineConfig
 
-__all__ = ["PipelineConfig", "MEASUREMENT_NAME", "PLAN_NAME", "split_data", "measure",
-           "allocate", "run", "load_measurement"]
-
-MEASUREMENT_NAME = "measurement.json"
-PLAN_NAME = "plan.json"
-MEASUREMENT_VERSION = 1
-OBJECTIVES = ("ppl", "math", "arc")
-
-
-@dataclasses.dataclass
-class PipelineConfig:
-    """Every knob of the pipeline, with the defaults of ``tasa quantize``."""
-
-    model: str = "smollm2-135m"
-    bits: float = 3.5                      # target average bits (exact cost function)
-    data: Optional[str] = None             # data folder / None: the slices shipped with tasa
-    seed: int = 0
-    # format
-    group_size: int = 128
-    mode: str = "asym"
-    widths: tuple = (3, 4, 8)
-    # data split
-    holdout: float = 0.25
-    # mixture search
-    alpha: Optional[float] = None          # None: search; a number: use it (no search)
-    alpha_grid: tuple = mixture.DEFAULT_GRID
-    mix_normalize: str = "oracle"
-    n_gen: int = 16
-    n_task: int = 16
-    n_test: int = 8
-    mix_seqlen: int = 512
-    # sensitivity
-    sens_bits: int = 3
-    granularity: str = "block"             # "block" | "linear"
-    objectives: tuple = OBJECTIVES
-    sens_ppl_windows: int = 8
-    sens_ppl_seqlen: int = 128
-    sens_math_items: int = 10
-    sens_arc_items: int = 48
-    # allocation
-    beta: float = 0.5
-    intra: bool = True
-    # quantization
-    method: str = "gptq"
-    n_calib: int = 32
-    seqlen: int = 512
-    damp: float = 0.01
-    act_order: bool = False
-    # report
-    eval_windows: int = 4
-    eval_seqlen: int = 2048
-
-    # fields whose change invalidates the measurement (everything the measured numbers depend on)
-    MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
-                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_bits",
-                    "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
-                    "sens_math_items", "sens_arc_items")
-
-    def validate(self) -> None:
-        if not self.bits > 0:
-            raise ValueError(f"tasa: --bits must be > 0, got {self.bits}")
-        bad = [b for b in self.widths if b not in tasa_ext.SUPPORTED_BITS]
-        if bad or not self.widths:
-            raise ValueError(f"tasa: widths {list(self.widths)} must be a non-empty subset of "
-                             f"{list(tasa_ext.SUPPORTED_BITS)}")
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"tasa: --alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"tasa: --beta must be in [0, 1], got {self.beta}")
-        if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"tasa: holdout must be in (0, 1), got {self.holdout}")
-        if self.granularity not in ("block", "linear"):
-            raise ValueError(f"tasa: granularity must be 'block' or 'linear', got {self.granularity!r}")
-        unknown = set(self.objectives) - set(OBJECTIVES)
-        if unknown or not self.objectives:
-            raise ValueError(f"tasa: objectives must be a non-empty subset of {OBJECTIVES}")
-        if self.method not in ("gptq", "rtn"):
-            raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {self.method!r}")
-        if self.sens_bits not in tasa_ext.SUPPORTED_BITS:
-            raise ValueError(f"tasa: sens_bits must be one of {list(tasa_ext.SUPPORTED_BITS)}")
-        if self.beta < 1.0 and not (set(self.objectives) - {"ppl"}):
-            raise ValueError("tasa: beta < 1 needs at least one task objective (math, arc)")
-
-    def measure_fingerprint(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
-
-
-# ---- small utilities --------------------------------------------------------------------------
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    from .io import write_json_atomic
-
-    write_json_atomic(path, obj, default=_json_default)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def load_measurement(path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / MEASUREMENT_NAME
-    if not p.is_file():
-        raise FileNotFoundError(f"tasa: {p} not found")
-    m = json.loads(p.read_text())
-    if m.get("kind") != "tasa.measurement" or m.get("version") != MEASUREMENT_VERSION:
-        raise ValueError(f"tasa: {p} is not a version-{MEASUREMENT_VERSION} tasa measurement")
-    return m
+__all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
+           "allocate", "check_budget", "plan_document", "quantize_with_plan", "measure", "Log"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -231,7 +113,8 @@ def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, alloc.Line
     return out
 
 
-def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig, progress=True) -> dict:
+def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
+                    progress=True) -> MixtureResult:
     t0 = time.perf_counter()
     parts = []
     b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), cfg.n_gen,
@@ -290,15 +173,14 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig, progress
     for n in curve.layers:
         sub = mixture.MixtureCurve(layers={n: curve.layers[n]}, normalize=curve.normalize)
         layer_alpha[n] = sub.argmin(n_grid=201)[0]
-    return {
-        "alpha_star": a_star, "f_star": f_star, "alpha_searched": cfg.alpha is None,
-        "best_on_grid": curve.best_on_grid(cfg.alpha_grid), "table": table,
-        "curve": curve.compress(1e-5).to_dict(), "layer_alpha": layer_alpha,
-        "shared_inputs": shared, "group_error_widths": widths, "group_errors": group_err,
-        "tokens": {"gen": cfg.n_gen * cfg.mix_seqlen, "task": cfg.n_task * cfg.mix_seqlen,
-                   "test": cfg.n_test * cfg.mix_seqlen},
-        "seconds": time.perf_counter() - t0,
-    }
+    return MixtureResult(
+        alpha_star=a_star, f_star=f_star, alpha_searched=cfg.alpha is None,
+        best_on_grid=curve.best_on_grid(cfg.alpha_grid), table=table,
+        curve=curve.compress(1e-5).to_dict(), layer_alpha=layer_alpha,
+        shared_inputs=shared, group_error_widths=widths, group_errors=group_err,
+        tokens={"gen": cfg.n_gen * cfg.mix_seqlen, "task": cfg.n_task * cfg.mix_seqlen,
+                "test": cfg.n_test * cfg.mix_seqlen},
+        seconds=time.perf_counter() - t0)
 
 
 # ---- stage 3: sensitivity ---------------------------------------------------------------------
@@ -328,23 +210,21 @@ def _units(model, cfg):
 
 # ---- stage 4: allocation ----------------------------------------------------------------------
 
-def allocate(measurement: Mapping, bits: float, beta: float = 0.5,
-             widths: Sequence[int] = (3, 4, 8), intra: bool = True,
+def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
+             widths: Sequence[int] = defaults.WIDTHS, intra: bool = True,
              act_order: bool = False) -> dict:
     """Bit allocation from a measurement (no model needed: seconds). Returns
     ``{"plan": {fqn: {...}}, "summary", "item_bits", "scores", "layer_allocation"}``; raises
     ``ValueError`` for an infeasible budget."""
-    sens = measurement.get("sensitivity") or {}
-    if not sens.get("complete"):
+    if not measurement.complete:
         raise ValueError("tasa: the measurement has no complete sensitivity stage")
-    lin = measurement["linears"]
-    units = measurement["units"]
-    objs = list(sens["objectives"])
-    delta = sens["delta"]
+    sens = measurement.sensitivity
+    lin = measurement.linears
+    units = measurement.units
     names = list(units)
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"tasa: beta must be in [0, 1], got {beta}")
-    prof = {k: np.array([delta[u][k] for u in names]) for k in objs}
+    prof = {k: np.array(v) for k, v in sens.profile(names).items()}
     # an objective whose probes never increased its loss carries no ranking information (e.g.
     # an untrained model): it is left out of the aggregate, and the report says so
     dropped = sorted(k for k, v in prof.items() if not (v > 0).any())
@@ -364,13 +244,13 @@ def allocate(measurement: Mapping, bits: float, beta: float = 0.5,
              for f, v in lin.items()}
     items = {u: [specs[f] for f in units[u]["linears"]] for u in names}
     la = alloc.allocate_layers(items, bits, sensitivities=dict(zip(names, score.tolist())),
-                               widths=widths, ref_bits=int(measurement["config"]["sens_bits"]))
+                               widths=widths, ref_bits=int(measurement.config["sens_bits"]))
     per_linear: Dict[str, Any] = dict(la.linear_bits)
     if intra:
-        mix = measurement["mixture"]
-        ew = list(mix["group_error_widths"])
+        mix = measurement.mixture
+        ew = list(mix.group_error_widths)
         for f, b in la.linear_bits.items():
-            E = np.asarray(mix["group_errors"][f])
+            E = np.asarray(mix.group_errors[f])
             per_linear[f] = alloc.allocate_groups(specs[f], b, errors=E, error_widths=ew,
                                                   allowed=widths)
     plan = alloc.make_plan(specs, per_linear)
@@ -402,13 +282,13 @@ def check_budget(model, cfg: PipelineConfig) -> float:
     return c / n
 
 
-def plan_document(measurement: Mapping, allocation: Mapping) -> dict:
+def plan_document(measurement: Measurement, allocation: Mapping) -> dict:
     """The ``plan.json`` content of an allocation: format version, the allocation settings,
     alpha, the summary, the per-unit widths and ``layers`` (fqn -> bits per group, ...)."""
     A = allocation
     return {"format_version": tasa_ext.FORMAT_VERSION, "target_bits": A["target_bits"],
             "beta": A["beta"], "widths": A["widths"], "intra": A["intra"],
-            "alpha": measurement["mixture"]["alpha_star"], "summary": A["summary"],
+            "alpha": measurement.mixture.alpha_star, "summary": A["summary"],
             "item_bits": A["item_bits"], "layers": A["plan"]}
 
 
@@ -422,8 +302,6 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     ``cfg.seqlen`` tokens drawn (seed ``cfg.seed + 10``) with mixing ratio ``alpha`` (share of
     general text) from the pools of ``split`` (default :func:`split_data` of ``cfg``). Returns
     ``(plan as LayerSpecs, info)``."""
-    from .quantize import quantize_model
-
     lplan = {f: LayerSpec(e["bits"], e["group_size"], e["mode"], e.get("act_order", False))
              for f, e in plan.items()}
     qinfo: Dict[str, Any] = {"method": cfg.method}
@@ -440,9 +318,7 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     return lplan, qinfo
 
 
-# ---- the whole job ----------------------------------------------------------------------------
-
-class _Log:
+class Log:
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
@@ -452,7 +328,7 @@ class _Log:
 
 
 def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = False,
-            progress: bool = True, log=print, split: Optional[dict] = None) -> dict:
+            progress: bool = True, log=print, split: Optional[dict] = None) -> Measurement:
     """Stages 1-3 with resume: ``path`` (measurement.json) is updated after every stage and
     every sensitivity probe; an existing file made with the same settings is continued, one
     made with other settings is an error (never overwritten silently) unless ``fresh``.
@@ -460,168 +336,62 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
     fp = cfg.measure_fingerprint()
     m = None
     if path.is_file() and not fresh:
-        m = load_measurement(path)
-        if m["config"] != fp:
-            diff = sorted(k for k in fp if m["config"].get(k) != fp[k])
-            raise ValueError(f"tasa: {path} was measured with other settings ({', '.join(diff)}); "
-                             f"use another --out, pass --fresh to discard it, or re-use it with "
-                             f"the same settings")
+        m = Measurement.load(path)
+        m.check_settings(fp, str(path), "use another --out, pass --fresh to discard it, or "
+                         "re-use it with the same settings")
         log(f"resuming from {path}")
     if m is None:
-        m = {"kind": "tasa.measurement", "version": MEASUREMENT_VERSION, "config": fp,
-             "format_version": tasa_ext.FORMAT_VERSION, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        m = Measurement(config=fp, format_version=tasa_ext.FORMAT_VERSION,
+                        created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     specs = _linear_specs(model, cfg)
-    m["linears"] = {f: {"n_out": s.n_out, "k_in": s.k_in, "group_size": s.group_size,
-                        "mode": s.mode} for f, s in specs.items()}
+    m.linears = {f: {"n_out": s.n_out, "k_in": s.k_in, "group_size": s.group_size,
+                     "mode": s.mode} for f, s in specs.items()}
     units = _units(model, cfg)
-    m["units"] = {u: {"block": i, "linears": f} for u, (i, f) in units.items()}
+    m.units = {u: {"block": i, "linears": f} for u, (i, f) in units.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(path, m)
+    m.save(path)
     split = split or split_data(cfg)
-    m["data"] = {k: len(v) for k, v in split.items()}
-    if "mixture" not in m:
+    m.data = {k: len(v) for k, v in split.items()}
+    if m.mixture is None:
         log(f"mixture search: Hessians of {cfg.n_gen} general / {cfg.n_task} task / "
             f"{cfg.n_test} held-out task sequences x {cfg.mix_seqlen} tokens, one pass")
-        m["mixture"] = measure_mixture(model, tokenizer, split, cfg, progress)
-        _atomic_json(path, m)
-    mix = m["mixture"]
-    log(f"alpha* = {mix['alpha_star']:.3f} (share of general text in the calibration mix; "
-        f"best grid point {mix['best_on_grid']})")
-    sens = m.get("sensitivity") or {}
-    if not sens.get("complete"):
+        m.mixture = measure_mixture(model, tokenizer, split, cfg, progress)
+        m.save(path)
+    mix = m.mixture
+    log(f"alpha* = {mix.alpha_star:.3f} (share of general text in the calibration mix; "
+        f"best grid point {mix.best_on_grid})")
+    if not m.complete:
+        sens = m.sensitivity or SensitivityResult()
         objs = build_objectives(tokenizer, split, cfg)
-        sens.setdefault("objectives", [o.name for o in objs])
-        sens["objective_data"] = [o.summary() for o in objs]
-        sens.setdefault("delta", {})
-        sens["bits"] = cfg.sens_bits
-        t_prev = float(sens.get("seconds", 0.0))
+        if not sens.objectives:
+            sens.objectives = [o.name for o in objs]
+        sens.objective_data = [o.summary() for o in objs]
+        sens.bits = cfg.sens_bits
+        t_prev = float(sens.seconds)
         t0 = time.perf_counter()
-        m["sensitivity"] = sens
+        m.sensitivity = sens
         log(f"sensitivity: {len(units)} {cfg.granularity} probes x {len(objs)} objectives "
-            f"({len(sens['delta'])} already measured)")
+            f"({len(sens.delta)} already measured)")
 
         def on_result(u, d):
-            sens["delta"][u] = d
-            sens["seconds"] = t_prev + time.perf_counter() - t0
-            _atomic_json(path, m)
+            sens.delta[u] = d
+            sens.seconds = t_prev + time.perf_counter() - t0
+            m.save(path)
 
         res = sensitivity.measure_sensitivity(
             model, objs, units, bits=cfg.sens_bits, group_size=cfg.group_size, mode=cfg.mode,
-            done=sens["delta"], on_result=on_result, base=sens.get("base"), progress=progress)
-        sens["base"] = res["base"]
-        sens["delta"] = res["delta"]
-        sens["seconds"] = t_prev + time.perf_counter() - t0
+            done=sens.delta, on_result=on_result, base=sens.base, progress=progress)
+        sens.base = res["base"]
+        sens.delta = res["delta"]
+        sens.seconds = t_prev + time.perf_counter() - t0
         names = list(units)
-        prof = {k: [res["delta"][u][k] for u in names] for k in sens["objectives"]}
+        prof = sens.profile(names)
         if "ppl" in prof and len(prof) > 1 and len(names) > 1:
-            sens["illusion"] = stats.illusion_report(
+            sens.illusion = stats.illusion_report(
                 prof["ppl"], {k: v for k, v in prof.items() if k != "ppl"},
                 k=max(1, len(names) // 5), pairs="all")
-        sens["complete"] = True
-        _atomic_json(path, m)
+        sens.complete = True
+        m.save(path)
     return m
 
 
-def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optional[str] = None,
-        progress: bool = True, quiet: bool = False, report: bool = True,
-        model: Optional[nn.Module] = None, tokenizer=None) -> dict:
-    """The whole job (module docstring). Writes into ``out``: the quantized model
-    (``model.safetensors`` + ``tasa_config.json`` + tokenizer), ``plan.json``,
-    ``measurement.json``, ``report.md``, ``*.png``, ``run.json``. Returns the run summary.
-    ``model``/``tokenizer``: an already-built model to use instead of loading ``cfg.model``
-    (it is quantized in place)."""
-    from . import io as tio
-    from .models import load_model
-    from .ppl import perplexity
-
-    cfg.validate()
-    log = _Log(quiet)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    torch.manual_seed(cfg.seed)
-    t = time.perf_counter()
-    if model is None:
-        model, tok, info = load_model(cfg.model)
-    else:
-        from .models import ModelInfo
-
-        if tokenizer is None:
-            raise ValueError("tasa: pass the tokenizer together with the model")
-        tok = tokenizer
-        info = getattr(model, "tasa_info", None) or ModelInfo(cfg.model, "in-memory")
-    timings["load"] = time.perf_counter() - t
-    log(info.note())
-    check_budget(model, cfg)
-    split = split_data(cfg)
-    mpath = out / MEASUREMENT_NAME
-    if measurement_from is not None:
-        m = load_measurement(measurement_from)
-        if m["config"] != cfg.measure_fingerprint():
-            diff = sorted(k for k, v in cfg.measure_fingerprint().items() if m["config"].get(k) != v)
-            raise ValueError(f"tasa: {measurement_from} was measured with other settings "
-                             f"({', '.join(diff)})")
-        if not (m.get("sensitivity") or {}).get("complete"):
-            raise ValueError(f"tasa: {measurement_from} is incomplete; resume it with its own --out")
-        _atomic_json(mpath, m)
-        log(f"re-using the measurement {measurement_from} (no calibration)")
-    else:
-        t = time.perf_counter()
-        m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log, split=split)
-        timings["measure"] = time.perf_counter() - t
-    wt_text = data.load_wikitext2(cfg.data, "test")
-
-    def quick_ppl(stage):
-        if cfg.eval_windows <= 0:
-            return None
-        t = time.perf_counter()
-        r = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen, max_windows=cfg.eval_windows,
-                       progress=progress)
-        timings[stage] = time.perf_counter() - t
-        return r
-
-    ref_ppl = quick_ppl("eval_reference")     # before the model is quantized in place
-    # allocation
-    t = time.perf_counter()
-    A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)
-    timings["allocate"] = time.perf_counter() - t
-    _atomic_json(out / PLAN_NAME, plan_document(m, A))
-    log(f"plan: {A['summary']['avg_bits']:.4f} average bits (budget {cfg.bits}); widths "
-        + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
-    # quantization
-    t = time.perf_counter()
-    alpha = float(m["mixture"]["alpha_star"])
-    lplan, qinfo = quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=progress, log=log,
-                                      split=split)
-    timings["quantize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tio.save_quantized(model, out, lplan,
-                       tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
-        "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
-        "avg_bits": A["summary"]["avg_bits"]})
-    timings["save"] = time.perf_counter() - t
-    q_ppl = quick_ppl("eval_quantized")
-    timings["total"] = time.perf_counter() - t_start
-    summary = {
-        "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
-        "alpha_star": alpha, "avg_bits": A["summary"]["avg_bits"],
-        "width_fraction": A["summary"]["width_fraction"],
-        "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],
-        "ppl_quantized": None if q_ppl is None else q_ppl["ppl"],
-        "ppl_protocol": None if q_ppl is None else {
-            "windows": q_ppl["windows"], "seqlen": q_ppl["seqlen"], "tokens": q_ppl["tokens"],
-            "text": "WikiText-2 test (" + ("shipped slice" if cfg.data is None else str(cfg.data)) + ")"},
-        "quantization": qinfo, "timings_s": timings, "peak_rss_mib": peak_rss_mib(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "tasa_cpu_isa": tasa_ext.build_info().get("cpu_isa")},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    _atomic_json(out / "run.json", summary)
-    if report:
-        from .report import write_report
-
-        write_report(out, m, A, summary)
-    log(f"done in {timings['total']:.0f} s: {out}")
-    return summary

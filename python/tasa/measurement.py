@@ -1,0 +1,185 @@
+"""Typed, versioned measurement objects: what ``tasa quantize`` measures once and every later
+allocation, report and benchmark reads (exllamav2's "measure once, allocate many times").
+
+``measurement.json`` is :meth:`Measurement.to_dict`: ``{"kind": "tasa.measurement", "version":
+1, "config", "format_version", "created", "linears", "units", "data", "mixture",
+"sensitivity"}``. Files written by version 1 load unchanged; keys this version does not know
+are kept (``extra``) and written back, so nothing a newer writer added is lost on resume.
+
+Imports nothing from tasa but the defaults and the file writer (a pure data layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from . import defaults
+from .util import write_json_atomic
+
+__all__ = ["MEASUREMENT_KIND", "MEASUREMENT_VERSION", "MixtureResult", "SensitivityResult",
+           "Measurement", "settings_diff", "check_settings"]
+
+MEASUREMENT_KIND = "tasa.measurement"
+MEASUREMENT_VERSION = 1
+
+
+def settings_diff(recorded: Mapping, current: Mapping) -> List[str]:
+    """The names of the settings whose values differ between two settings mappings (a key
+    present in only one counts)."""
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+
+
+def check_settings(recorded: Mapping, current: Mapping, what: str, hint: str = "") -> None:
+    """Raises ``ValueError`` naming every differing setting when ``what`` (e.g. a measurement
+    file) was made with settings other than ``current`` -- never a silent reuse."""
+    diff = settings_diff(recorded, current)
+    if diff:
+        detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now" for k in diff)
+        raise ValueError(f"tasa: {what} was made with other settings ({detail})"
+                         + (f"; {hint}" if hint else ""))
+
+
+def _split(cls, d: Mapping):
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in d.items() if k in names}
+    extra = {k: v for k, v in d.items() if k not in names}
+    return known, extra
+
+
+def _to_dict(obj) -> dict:
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "extra"}
+    out.update(obj.extra)
+    return out
+
+
+@dataclasses.dataclass
+class MixtureResult:
+    """Stage 2: the calibration-mixture search (see :mod:`tasa.mixture`). ``alpha_star`` is the
+    share of general text in the GPTQ calibration mix; ``group_errors[fqn]`` the per-group RTN
+    errors ``[n_groups][len(group_error_widths)]`` under ``diag(H_alpha*)``."""
+
+    alpha_star: float
+    f_star: float
+    alpha_searched: bool = True
+    best_on_grid: Any = None
+    table: list = dataclasses.field(default_factory=list)
+    curve: dict = dataclasses.field(default_factory=dict)
+    layer_alpha: dict = dataclasses.field(default_factory=dict)
+    shared_inputs: dict = dataclasses.field(default_factory=dict)
+    group_error_widths: list = dataclasses.field(default_factory=list)
+    group_errors: dict = dataclasses.field(default_factory=dict)
+    tokens: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MixtureResult":
+        known, extra = _split(cls, d)
+        missing = [k for k in ("alpha_star", "f_star") if k not in known]
+        if missing:
+            raise ValueError(f"tasa: mixture result lacks {missing}")
+        return cls(**known, extra=extra)
+
+
+@dataclasses.dataclass
+class SensitivityResult:
+    """Stage 3: per-unit loss increases ``delta[unit][objective]`` when the unit alone is
+    RTN-quantized at ``bits``; ``base`` the unquantized losses; ``illusion`` the rank
+    agreement between objectives (:func:`tasa.stats.illusion_report`). Written after every
+    probe; ``complete`` once every unit is measured."""
+
+    objectives: list = dataclasses.field(default_factory=list)
+    objective_data: list = dataclasses.field(default_factory=list)
+    delta: dict = dataclasses.field(default_factory=dict)
+    bits: int = defaults.SENS_BITS
+    seconds: float = 0.0
+    base: Optional[dict] = None
+    illusion: Any = None
+    complete: bool = False
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = _to_dict(self)
+        if d["illusion"] is None:          # version-1 files omit it until it is computed
+            del d["illusion"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SensitivityResult":
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
+
+    def profile(self, units) -> Dict[str, list]:
+        """``{objective: [delta of each unit, in the order of units]}``."""
+        return {k: [self.delta[u][k] for u in units] for k in self.objectives}
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Everything measured about one model under one set of measurement settings (``config``:
+    the pipeline's measure fingerprint). ``linears[fqn] = {n_out, k_in, group_size, mode}``,
+    ``units[name] = {block, linears}`` (the items the allocator gives one width), ``data`` the
+    pool sizes of the split."""
+
+    config: dict
+    format_version: int
+    created: str = ""
+    linears: dict = dataclasses.field(default_factory=dict)
+    units: dict = dataclasses.field(default_factory=dict)
+    data: Optional[dict] = None
+    mixture: Optional[MixtureResult] = None
+    sensitivity: Optional[SensitivityResult] = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.sensitivity is not None and bool(self.sensitivity.complete)
+
+    def to_dict(self) -> dict:
+        d = {"kind": MEASUREMENT_KIND, "version": MEASUREMENT_VERSION}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if f.name in ("mixture", "sensitivity", "data") and v is None:
+                continue
+            d[f.name] = v.to_dict() if hasattr(v, "to_dict") else v
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str = "measurement") -> "Measurement":
+        if d.get("kind") != MEASUREMENT_KIND or d.get("version") != MEASUREMENT_VERSION:
+            raise ValueError(f"tasa: {source} is not a version-{MEASUREMENT_VERSION} tasa "
+                             f"measurement (kind {d.get('kind')!r}, version {d.get('version')!r})")
+        body = {k: v for k, v in d.items() if k not in ("kind", "version")}
+        known, extra = _split(cls, body)
+        if "config" not in known or "format_version" not in known:
+            raise ValueError(f"tasa: {source} lacks its config or format_version")
+        if known.get("mixture") is not None:
+            known["mixture"] = MixtureResult.from_dict(known["mixture"])
+        if known.get("sensitivity") is not None:
+            known["sensitivity"] = SensitivityResult.from_dict(known["sensitivity"])
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def load(cls, path) -> "Measurement":
+        """From ``measurement.json`` or a folder holding one."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / defaults.MEASUREMENT_NAME
+        if not p.is_file():
+            raise FileNotFoundError(f"tasa: {p} not found")
+        return cls.from_dict(json.loads(p.read_text()), source=str(p))
+
+    def save(self, path) -> None:
+        """Atomically (a reader sees the old file or the new one)."""
+        write_json_atomic(path, self.to_dict())
+
+    def check_settings(self, current: Mapping, what: str, hint: str = "") -> None:
+        check_settings(self.config, current, what, hint)

@@ -1,0 +1,91 @@
+"""The pipeline's settings: one versioned object with every knob of ``tasa quantize`` and the
+fingerprint of the settings a measurement depends on."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import tasa_ext
+
+from .. import defaults, mixture
+
+__all__ = ["PipelineConfig"]
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Every knob of the pipeline, with the defaults of ``tasa quantize``."""
+
+    model: str = defaults.MODEL
+    bits: float = defaults.BITS                     # target average bits (exact cost function)
+    data: Optional[str] = None             # data folder / None: the slices shipped with tasa
+    seed: int = 0
+    # format
+    group_size: int = defaults.GROUP_SIZE
+    mode: str = defaults.MODE
+    widths: tuple = defaults.WIDTHS
+    # data split
+    holdout: float = 0.25
+    # mixture search
+    alpha: Optional[float] = None          # None: search; a number: use it (no search)
+    alpha_grid: tuple = mixture.DEFAULT_GRID
+    mix_normalize: str = "oracle"
+    n_gen: int = 16
+    n_task: int = 16
+    n_test: int = 8
+    mix_seqlen: int = 512
+    # sensitivity
+    sens_bits: int = defaults.SENS_BITS
+    granularity: str = "block"             # "block" | "linear"
+    objectives: tuple = defaults.OBJECTIVES
+    sens_ppl_windows: int = 8
+    sens_ppl_seqlen: int = 128
+    sens_math_items: int = 10
+    sens_arc_items: int = 48
+    # allocation
+    beta: float = defaults.BETA
+    intra: bool = True
+    # quantization
+    method: str = "gptq"
+    n_calib: int = 32
+    seqlen: int = 512
+    damp: float = 0.01
+    act_order: bool = False
+    # report
+    eval_windows: int = 4
+    eval_seqlen: int = 2048
+
+    # fields whose change invalidates the measurement (everything the measured numbers depend on)
+    MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
+                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_bits",
+                    "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
+                    "sens_math_items", "sens_arc_items")
+
+    def validate(self) -> None:
+        if not self.bits > 0:
+            raise ValueError(f"tasa: --bits must be > 0, got {self.bits}")
+        bad = [b for b in self.widths if b not in tasa_ext.SUPPORTED_BITS]
+        if bad or not self.widths:
+            raise ValueError(f"tasa: widths {list(self.widths)} must be a non-empty subset of "
+                             f"{list(tasa_ext.SUPPORTED_BITS)}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"tasa: --alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"tasa: --beta must be in [0, 1], got {self.beta}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"tasa: holdout must be in (0, 1), got {self.holdout}")
+        if self.granularity not in ("block", "linear"):
+            raise ValueError(f"tasa: granularity must be 'block' or 'linear', got {self.granularity!r}")
+        unknown = set(self.objectives) - set(defaults.OBJECTIVES)
+        if unknown or not self.objectives:
+            raise ValueError(f"tasa: objectives must be a non-empty subset of {defaults.OBJECTIVES}")
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {self.method!r}")
+        if self.sens_bits not in tasa_ext.SUPPORTED_BITS:
+            raise ValueError(f"tasa: sens_bits must be one of {list(tasa_ext.SUPPORTED_BITS)}")
+        if self.beta < 1.0 and not (set(self.objectives) - {"ppl"}):
+            raise ValueError("tasa: beta < 1 needs at least one task objective (math, arc)")
+
+    def measure_fingerprint(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}

@@ -1,0 +1,13 @@
+"""Per-matrix quantization: plan/spec types (:mod:`.spec`), round-to-nearest and the one RTN
+parameter routine (:mod:`.rtn`), GPTQ (:mod:`.gptq`). Layers: spec <- rtn <- gptq; nothing here
+knows about models beyond picking target linears."""
+from .gptq import output_error, quantize_gptq
+from .rtn import (QuantizedWeight, check_weight, quantize_codes, quantize_rtn, rtn_fake_quant,
+                  rtn_params)
+from .spec import (SUPPORTED_BITS, LayerSpec, Plan, default_targets, plan_from_dict, plan_to_dict,
+                   resolve_group_size, uniform_plan)
+
+__all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "plan_to_dict", "plan_from_dict",
+           "resolve_group_size", "default_targets", "uniform_plan", "QuantizedWeight",
+           "check_weight", "rtn_params", "quantize_codes", "rtn_fake_quant", "quantize_rtn",
+           "quantize_gptq", "output_error"]

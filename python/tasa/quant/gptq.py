@@ -1,0 +1,108 @@
+"""GPTQ (Frantar et al. 2022) on one matrix, fed a Hessian by the caller (the model driver,
+:mod:`tasa.quantize`, or anyone with ``H``). Group parameters come from :func:`rtn_params`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..util import flush_denormals
+from .rtn import QuantizedWeight, check_weight, quantize_codes, rtn_params
+from .spec import LayerSpec
+
+__all__ = ["quantize_gptq", "output_error"]
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1; raises damping on failure."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    if not math.isfinite(mean_diag):
+        raise ValueError(f"tasa: {name}: Hessian has NaN/Inf values")
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    d = damp
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(H + d * max(mean_diag, 1e-12) * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info2 == 0:
+                if d != damp:
+                    warnings.warn(f"tasa: {name}: Hessian not positive definite at damp={damp}; "
+                                  f"used damp={d}")
+                return U
+        d *= 10
+    raise ValueError(f"tasa: {name}: Hessian is not positive definite even with damp={d / 10}")
+
+
+def quantize_gptq(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, damp: float = 0.01,
+                  block_size: int = 128, name: str = "weight") -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): column-by-column quantization with error feedback through the
+    Cholesky factor of the damped inverse Hessian, lazy batched updates in blocks, optional
+    act-order (``spec.act_order``: columns by decreasing diag(H), groups over the permuted order).
+
+    ``H [K, K]`` is the (running-mean) Hessian ``2/n sum x x^T`` of the layer inputs. Group
+    parameters are computed from the error-updated weights when the group starts; blocks are
+    aligned to groups (block = a multiple of G) so those weights are up to date.
+    """
+    with flush_denormals():
+        return _gptq(W, H, spec, damp, block_size, name)
+
+
+def _gptq(W, H, spec, damp, block_size, name):
+    W = check_weight(W, spec, name).clone()
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"tasa: {name}: Hessian shape {tuple(H.shape)} != ({K}, {K})")
+    H = H.detach().float().clone()
+    G = spec.group_size
+    sym = spec.mode == "sym"
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U = _inverse_cholesky(H, damp, name)
+    bs = G * max(1, round(block_size / G))
+    codes = torch.empty(N, K, dtype=torch.uint8)
+    scales = torch.empty(K // G, N)
+    zeros = torch.empty(K // G, N)
+    for i1 in range(0, K, bs):
+        i2 = min(i1 + bs, K)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % G == 0:
+                g = col // G
+                b = spec.bits[g]
+                s, z = rtn_params(W1[:, i:i + G], b, sym)
+                scales[g], zeros[g] = s, z
+                maxq = 2 ** b - 1
+            w = W1[:, i]
+            d = U1[i, i]
+            q, wq = quantize_codes(w, s, z, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            Q1[:, i] = wq
+            err = (w - wq) / d
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return QuantizedWeight(codes, scales.half(), None if sym else zeros.half(),
+                           None if perm is None else perm.to(torch.int32), list(spec.bits), G,
+                           spec.mode)
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - Wq) H (W - Wq)^T)``: with H the running-mean ``2/n sum x x^T`` this is twice the
+    mean squared output error summed over outputs."""
+    D = W.detach().float() - Wq.detach().float()
+    return float(((D @ H.float()) * D).sum())
+
+
