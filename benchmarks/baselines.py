@@ -30,9 +30,10 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 def run_one(args) -> dict:
     import torch
 
-    import tasa_ext
-    from tasa import calib, data, models, ppl, quantize as Q
+    from tasa import data, models, ppl
     from tasa.nn import quantized_modules
+    from tasa.quant import uniform_plan
+    from tasa.driver import quantize_model
 
     torch.manual_seed(0)
     model, tok, info = models.load_model(args.model)
@@ -41,7 +42,7 @@ def run_one(args) -> dict:
     if args.only != "reference":
         method, bits = args.only.split("-w")
         bits = int(bits)
-        plan = Q.uniform_plan(model, bits, args.group_size, args.mode, act_order=args.act_order,
+        plan = uniform_plan(model, bits, args.group_size, args.mode, act_order=args.act_order,
                               fit_group_size=True)
         calib_ids = None
         t0 = time.perf_counter()
@@ -49,8 +50,8 @@ def run_one(args) -> dict:
             pools = {"general": data.Pool("general", data.load_general(data_src))}
             batch = data.calibration_batch(tok, pools, args.nsamples, args.calib_seqlen, seed=0)
             calib_ids = batch.input_ids
-        stats = Q.quantize_model(model, plan, method, calib_ids=calib_ids,
-                                 batch_size=args.batch_size, progress=False)
+        quantize_model(model, plan, method, calib_ids=calib_ids, batch_size=args.batch_size,
+                       progress=False)
         res["quant_seconds"] = time.perf_counter() - t0
         cost = sum(s.cost_bits(model.get_submodule(n).out_features,
                                model.get_submodule(n).in_features) for n, s in plan.items())

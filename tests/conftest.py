@@ -1,13 +1,9 @@
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 import tasa_ext
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TASA_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import SHARED_DATA, SHARED_DATA_MISSING
 
 
 def cpu_isas():
@@ -24,8 +20,11 @@ def isa(request):
 
 @pytest.fixture
 def shared_data():
-    if not SHARED_DATA.exists():
-        pytest.fail(f"shared data folder {SHARED_DATA} is missing (set TASA_SHARED_DATA)")
+    """The full data folder (../shared/data or $TASA_SHARED_DATA); the test is skipped, with the
+    path and the variable named, where it is missing. Tests that need only a little data use
+    the slices shipped in tasa/data instead (helpers.shipped_data_folder)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(SHARED_DATA_MISSING)
     return SHARED_DATA
 
 

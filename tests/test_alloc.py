@@ -10,6 +10,7 @@ import torch
 import tasa_ext
 from tasa import alloc as A
 from tasa.alloc import LinearSpec
+from tasa.quant import LayerSpec, quantize_rtn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -266,6 +267,35 @@ def test_group_salience_and_rtn_errors():
                                A.group_salience(W[:, perm], h[perm], G), rtol=1e-6)
     with pytest.raises(ValueError):
         A.group_salience(W, h, G, perm=torch.zeros(K, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["sym", "asym"])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_group_rtn_errors_are_those_of_the_applied_quantizer(mode, act_order, seed):
+    """One RTN routine: the allocator's per-group error table is exactly the diag(H)-weighted
+    squared error of the quantizer that is applied (tasa.quant.quantize_rtn, fp16 scales and
+    zeros included), at every width, on odd sizes, with act-order groups over permuted
+    channels, and with degenerate groups (constant, all zero, one sign only)."""
+    g = torch.Generator().manual_seed(seed)
+    G = (32, 64, 96)[seed]
+    N, ng = (37, 21, 7)[seed], (5, 3, 7)[seed]
+    K = G * ng
+    W = torch.randn(N, K, generator=g) * torch.logspace(-2, 1, K)[torch.randperm(K, generator=g)]
+    W[3, :G] = 0.7                      # a constant group of one output column
+    W[4, G:2 * G] = 0.0                 # an all-zero group
+    W[5, :] = W[5, :].abs() + 0.25      # a row whose groups are all positive
+    h = torch.rand(K, generator=g) * 3 + 0.05
+    perm = torch.randperm(K, generator=g) if act_order else None
+    widths = [2, 3, 4, 8]
+    E = A.group_rtn_errors(W, h, G, widths, mode, perm=perm)
+    assert E.shape == (ng, len(widths)) and E.dtype == np.float64
+    cols = (perm if perm is not None else torch.arange(K)).reshape(ng, G)   # logical groups
+    for j, b in enumerate(widths):
+        q = quantize_rtn(W, LayerSpec([b] * ng, G, mode, act_order), perm=perm)
+        err = ((W - q.dequantize()).double() ** 2).sum(0) * h.double()      # per input channel
+        ref = np.array([float(err[cols[i]].sum()) for i in range(ng)])
+        np.testing.assert_allclose(E[:, j], ref, rtol=1e-6, atol=0)   # fp32 sums
 
 
 def test_plan_roundtrip_and_average():

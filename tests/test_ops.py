@@ -7,8 +7,7 @@ from torch.library import opcheck
 
 import tasa_ext
 from tasa_ext import reference as ref
-
-from packing import BIT_PATTERNS, make_packed  # noqa: E402
+from tasa_ext.testing import BIT_PATTERNS, random_packed
 
 
 @pytest.mark.parametrize("G", [32, 64, 128])
@@ -16,7 +15,7 @@ from packing import BIT_PATTERNS, make_packed  # noqa: E402
 @pytest.mark.parametrize("N", [1, 37, 50])
 def test_pack_roundtrip_matches_reference(G, pattern, N):
     K = G * 6
-    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym=False, act_order=False)
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym=False, act_order=False)
     q_ref, gt_ref = ref.pack(p["codes"], p["gb"], G)
     assert torch.equal(p["qweight"], q_ref)
     assert torch.equal(p["gtable"], gt_ref)
@@ -42,7 +41,7 @@ def test_packed_bits_follow_the_spec_diagram():
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_dequant_exact(pattern, asym, act_order):
-    p = make_packed(37, 384, 64, BIT_PATTERNS[pattern], asym, act_order)
+    p = random_packed(37, 384, 64, BIT_PATTERNS[pattern], asym, act_order)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
     assert torch.equal(tasa_ext.dequant(*args), ref.dequant(*args))
 
@@ -57,7 +56,7 @@ def rel_err(y, y64):
 @pytest.mark.parametrize("asym,act_order", [(False, False), (True, False), (True, True)])
 def test_gemm_matches_float64(isa, M, dtype, pattern, asym, act_order):
     N, K, G = 53, 768, 128
-    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=M)
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=M)
     x = torch.randn(M, K).to(dtype)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     W64 = ref.dequant(*args, dtype=torch.float64)
@@ -81,7 +80,7 @@ SIMD_ISAS = [i for i in tasa_ext.ops.cpu_isas_available() if i != "scalar"]
 def test_gemv_simd_matches_scalar_twin(simd, dtype, pattern, N, K, G, asym, act_order):
     """M == 1 has its own kernels (the AVX-512 one reads x as exact bf16 pieces): odd N (a
     partial last column block), every width and mixed widths, every group size, perm, zeros."""
-    p = make_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=N + K)
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=N + K)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     x = (torch.randn(1, K) * torch.logspace(-3, 3, K)[torch.randperm(K)]).to(dtype)  # wide range
     W64 = ref.dequant(*args, dtype=torch.float64)
@@ -107,7 +106,7 @@ def test_gemv_simd_matches_scalar_twin(simd, dtype, pattern, N, K, G, asym, act_
 def test_gemm_nonfinite_x_propagates(isa, M):
     """A NaN/Inf in x makes exactly the outputs that read it non-finite, on every path (the
     AVX-512 GEMV splits x into bf16 pieces: a NaN must not become Inf, Inf - Inf no NaN)."""
-    p = make_packed(40, 256, 64, BIT_PATTERNS["mix"], False, False)
+    p = random_packed(40, 256, 64, BIT_PATTERNS["mix"], False, False)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
     x = torch.randn(M, 256)
     x[0, 5] = float("nan")
@@ -128,7 +127,7 @@ def test_gemm_nonfinite_x_propagates(isa, M):
 
 
 def test_gemm_batched_leading_dims():
-    p = make_packed(40, 256, 32, BIT_PATTERNS["mix35"], True, False)
+    p = random_packed(40, 256, 32, BIT_PATTERNS["mix35"], True, False)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 32)
     x = torch.randn(2, 3, 256)
     y = tasa_ext.gemm(x, *args)
@@ -172,7 +171,7 @@ def test_hessian_single_source_and_reference():
 
 
 def _sample_args():
-    p = make_packed(37, 256, 64, BIT_PATTERNS["mix"], True, True)
+    p = random_packed(37, 256, 64, BIT_PATTERNS["mix"], True, True)
     return p, (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
 
 
@@ -272,7 +271,7 @@ def test_cost_bits_counts_every_stored_bit():
     assert tasa_ext.cost_bits(N, K, G, bits, "sym") == base
     assert tasa_ext.cost_bits(N, K, G, bits, "asym") == base + 16 * 4 * N
     assert tasa_ext.cost_bits(N, K, G, bits, "asym", act_order=True) == base + 16 * 4 * N + 32 * K
-    p = make_packed(N, K, G, bits, asym=True, act_order=True)
+    p = random_packed(N, K, G, bits, asym=True, act_order=True)
     stored = (p["qweight"].numel() * 32 + p["scales"].numel() * 16 + p["zeros"].numel() * 16
               + p["gtable"].numel() * 32 + p["perm"].numel() * 32)
     assert tasa_ext.cost_bits(N, K, G, bits, "asym", act_order=True) == stored

@@ -1,6 +1,7 @@
 """The TASA pipeline on tiny models: objectives, sensitivity probes, resume, allocation from a
 measurement, the end-to-end job and its CLI."""
 import copy
+import importlib
 import json
 
 import numpy as np
@@ -11,9 +12,10 @@ import tasa_ext
 from tasa import cli, pipeline, sensitivity as S
 from tasa import data
 from tasa.io import load_quantized
-from tasa.quantize import LayerSpec, quantize_rtn, resolve_group_size
+from tasa.measurement import Measurement
+from tasa.quant import LayerSpec, quantize_rtn, resolve_group_size
 
-from test_quantize import ByteTok, tiny_gemma3, tiny_llama, tiny_qwen2
+from helpers import ByteTok, tiny_gemma3, tiny_qwen2
 
 
 def tiny_cfg(**kw):
@@ -113,19 +115,23 @@ def measured(tmp_path_factory):
 
 def test_measurement_contents(measured):
     cfg, m, d = measured
-    on_disk = pipeline.load_measurement(d)
-    assert on_disk["sensitivity"]["complete"] and on_disk["config"] == cfg.measure_fingerprint()
-    mix = m["mixture"]
-    assert 0.0 <= mix["alpha_star"] <= 1.0
-    rows = [r for r in mix["table"] if not r.get("argmin")]
+    assert isinstance(m, Measurement)
+    on_disk = Measurement.load(d)
+    assert on_disk.complete and on_disk.sensitivity.complete
+    assert on_disk.config == cfg.measure_fingerprint()
+    assert on_disk.to_dict() == json.loads(json.dumps(m.to_dict()))   # what is returned is saved
+    mix = m.mixture
+    assert 0.0 <= mix.alpha_star <= 1.0
+    rows = [r for r in mix.table if not r.get("argmin")]
     assert [r["alpha"] for r in rows] == list(cfg.alpha_grid)
     assert all(r["f_rel"] >= 1 - 1e-9 for r in rows)
-    assert set(m["sensitivity"]["delta"]) == set(m["units"]) and len(m["units"]) == 3
-    assert {r["b"] for r in m["sensitivity"]["illusion"]} >= {"math", "arc"}
+    assert set(m.sensitivity.delta) == set(m.units) and len(m.units) == 3
+    assert {r["b"] for r in m.sensitivity.illusion} >= {"math", "arc"}
     # every linear has per-group errors at every supported width, decreasing with width
-    for f, E in mix["group_errors"].items():
+    assert mix.group_error_widths == list(tasa_ext.SUPPORTED_BITS)
+    for f, E in mix.group_errors.items():
         E = np.asarray(E)
-        assert E.shape == (m["linears"][f]["k_in"] // m["linears"][f]["group_size"], 4)
+        assert E.shape == (m.linears[f]["k_in"] // m.linears[f]["group_size"], 4)
         assert (np.diff(E, axis=1) <= 1e-12).all()
 
 
@@ -144,16 +150,17 @@ def test_resume_after_interruption_gives_the_same_plan(measured, tmp_path, monke
     monkeypatch.setattr(S._Prober, "probe", flaky)
     with pytest.raises(KeyboardInterrupt):
         pipeline.measure(tiny3(), ByteTok(), cfg, path, progress=False, log=lambda s: None)
-    partial = pipeline.load_measurement(path)
-    assert len(partial["sensitivity"]["delta"]) == 1 and not partial["sensitivity"].get("complete")
+    partial = Measurement.load(path)
+    assert len(partial.sensitivity.delta) == 1 and not partial.sensitivity.complete
+    assert not partial.complete
     monkeypatch.setattr(S._Prober, "probe", real)
     logs = []
     m = pipeline.measure(tiny3(), ByteTok(), cfg, path, progress=False, log=logs.append)
     assert any("resuming" in s for s in logs)
     assert calls["n"] == 2          # the resumed run probed only the two missing units
-    for u in m_full["units"]:
-        for k, v in m_full["sensitivity"]["delta"][u].items():
-            assert m["sensitivity"]["delta"][u][k] == pytest.approx(v, abs=1e-9)
+    for u in m_full.units:
+        for k, v in m_full.sensitivity.delta[u].items():
+            assert m.sensitivity.delta[u][k] == pytest.approx(v, abs=1e-9)
     a1 = pipeline.allocate(m_full, 3.6)
     a2 = pipeline.allocate(m, 3.6)
     assert a1["plan"] == a2["plan"]
@@ -161,7 +168,7 @@ def test_resume_after_interruption_gives_the_same_plan(measured, tmp_path, monke
     with pytest.raises(ValueError, match="other settings"):
         pipeline.measure(tiny3(), ByteTok(), tiny_cfg(sens_bits=2), path, progress=False,
                          log=lambda s: None)
-    assert pipeline.load_measurement(path)["config"] == cfg.measure_fingerprint()
+    assert Measurement.load(path).config == cfg.measure_fingerprint()
 
 
 @pytest.mark.parametrize("bits", [3.3, 3.5, 4.0, 4.4, 6.0])
@@ -171,7 +178,7 @@ def test_allocation_meets_the_budget_exactly(measured, bits, intra):
     A = pipeline.allocate(m, bits, beta=0.5, intra=intra)
     total = n = 0
     for f, e in A["plan"].items():
-        s = m["linears"][f]
+        s = m.linears[f]
         c = tasa_ext.cost_bits(s["n_out"], s["k_in"], s["group_size"], e["bits"], s["mode"])
         assert c == e["cost_bits"]
         total += c
@@ -184,8 +191,8 @@ def test_allocation_meets_the_budget_exactly(measured, bits, intra):
         for u, b in A["item_bits"].items():
             nxt = {3: 4, 4: 8}.get(b)
             if nxt:
-                extra = sum((nxt - b) * m["linears"][f]["k_in"] * -(-m["linears"][f]["n_out"] // 16) * 16
-                            for f in m["units"][u]["linears"])
+                extra = sum((nxt - b) * m.linears[f]["k_in"] * -(-m.linears[f]["n_out"] // 16) * 16
+                            for f in m.units[u]["linears"])
                 assert extra > left
 
 
@@ -196,7 +203,7 @@ def test_allocation_errors(measured):
     with pytest.raises(ValueError, match="beta"):
         pipeline.allocate(m, 3.5, beta=1.5)
     broken = copy.deepcopy(m)
-    broken["sensitivity"]["complete"] = False
+    broken.sensitivity.complete = False
     with pytest.raises(ValueError, match="complete"):
         pipeline.allocate(broken, 3.5)
 
@@ -204,9 +211,9 @@ def test_allocation_errors(measured):
 def test_beta_moves_bits_towards_the_chosen_objective(measured):
     _, m, _ = measured
     m = copy.deepcopy(m)
-    u0, u1, u2 = list(m["units"])
+    u0, u1, u2 = list(m.units)
     # synthetic profiles: perplexity says u0 matters, the tasks say u1 matters
-    m["sensitivity"]["delta"] = {u0: {"ppl": 1.0, "math": 0.01, "arc": 0.01},
+    m.sensitivity.delta = {u0: {"ppl": 1.0, "math": 0.01, "arc": 0.01},
                                  u1: {"ppl": 0.01, "math": 1.0, "arc": 1.0},
                                  u2: {"ppl": 0.01, "math": 0.01, "arc": -0.5}}
     a_ppl = pipeline.allocate(m, 3.6, beta=1.0, intra=False)
@@ -215,8 +222,8 @@ def test_beta_moves_bits_towards_the_chosen_objective(measured):
     assert a_task["item_bits"][u1] > a_task["item_bits"][u0]
     assert a_task["scores"][u2] == pytest.approx(0.01 / 1.02 / 2 + 0.0)  # arc clipped at 0
     # an objective no probe hurt is left out, and said so
-    m["sensitivity"]["delta"] = {u: {"ppl": d["ppl"], "math": d["math"], "arc": -1.0}
-                                 for u, d in m["sensitivity"]["delta"].items()}
+    m.sensitivity.delta = {u: {"ppl": d["ppl"], "math": d["math"], "arc": -1.0}
+                           for u, d in m.sensitivity.delta.items()}
     assert pipeline.allocate(m, 3.6)["dropped_objectives"] == ["arc"]
 
 
@@ -254,6 +261,8 @@ def test_run_end_to_end_and_reload(tmp_path):
 def test_infeasible_budget_fails_before_measuring(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("measured although the budget is infeasible")
+    # the job looks the stage up in its own module, tasa.pipeline.job
+    monkeypatch.setattr(importlib.import_module("tasa.pipeline.job"), "measure", boom)
     monkeypatch.setattr(pipeline, "measure", boom)
     with pytest.raises(ValueError, match=r"below the minimum 3\.2"):
         pipeline.run(tiny_cfg(bits=3.1), tmp_path, progress=False, quiet=True, model=tiny3(),

@@ -1,58 +1,16 @@
-"""Quantizers (RTN, GPTQ), calibration capture and the sequential GPTQ driver."""
+"""Per-matrix quantizers (tasa.quant: RTN, GPTQ), calibration capture (tasa.calib) and the
+sequential GPTQ driver (tasa.driver.quantize_model)."""
 import copy
-import os
 
 import pytest
 import torch
 
-from tasa import calib, data
-from tasa import quantize as Q
+from tasa import calib
+from tasa import quant as Q
 from tasa.nn import TasaLinear
+from tasa.driver import quantize_model
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
-
-def tiny_llama(seed=0, hidden=128, inter=256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_qwen2(seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def tiny_gemma3(seed=0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=32, max_position_embeddings=512, sliding_window=16,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-    return Gemma3ForCausalLM(cfg).eval()
-
-
-class ByteTok:
-    """A byte-level stand-in tokenizer (ids < 256) so tiny models see real text."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)[None]
-        return type("Enc", (), {"input_ids": ids})()
-
-
-def real_calib(n=8, seqlen=64, seed=0):
-    pools = data.calibration_pools()
-    return data.calibration_batch(ByteTok(), pools, n, seqlen, seed=seed)
+from helpers import real_calib, tiny_gemma3, tiny_llama, tiny_qwen2
 
 
 # ---- RTN / GPTQ on one matrix ---------------------------------------------------------------
@@ -73,6 +31,32 @@ def test_rtn_codes_reproduce_dequant(mode):
     # error per group shrinks with bits
     err = ((W - q.dequantize()) ** 2).reshape(40, 4, 64).mean((0, 2))
     assert err[1] < err[3] < err[2] < err[0]
+
+
+@pytest.mark.parametrize("mode", ["sym", "asym"])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_every_weight_within_one_step_of_its_code(mode, method):
+    """The grid of every (group, column) covers the group's values: |w - Q(w)| <= s (half a step
+    inside the range, at most one step at its ends), whatever the group looks like -- mixed
+    signs, all positive, all negative, constant, zero. GPTQ with H = I has nothing to
+    compensate (diagonal inverse Hessian), so it obeys the same bound."""
+    g = torch.Generator().manual_seed(3)
+    G, N = 32, 8
+    groups = [torch.randn(N, G, generator=g),                 # mixed signs
+              torch.rand(N, G, generator=g) + 1.0,            # all positive, away from 0
+              -(torch.rand(N, G, generator=g) * 0.5 + 2.0),   # all negative, away from 0
+              torch.full((N, G), 0.3),                        # constant
+              torch.zeros(N, G),                              # zero
+              torch.rand(N, G, generator=g) * 1e-3 + 5.0]     # narrow range far from 0
+    W = torch.cat(groups, dim=1)
+    for b in (2, 3, 4, 8):
+        spec = Q.LayerSpec([b] * len(groups), G, mode)
+        q = (Q.quantize_rtn(W, spec) if method == "rtn"
+             else Q.quantize_gptq(W, torch.eye(W.shape[1]), spec))
+        step = q.scales.float().T.repeat_interleave(G, 1)             # s per weight, [N, K]
+        err = (W - q.dequantize()).abs()
+        worst = (err / step).reshape(N, len(groups), G).amax(dim=(0, 2))
+        assert (worst <= 1 + 1e-3).all(), (b, {i: round(float(x), 2) for i, x in enumerate(worst)})
 
 
 def layer_hessian(model, name, ids):
@@ -135,7 +119,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="Hessian shape"):
         Q.quantize_gptq(W, torch.eye(64), Q.LayerSpec([4] * 4, 32))
     with pytest.raises(ValueError, match="unknown method"):
-        Q.quantize_model(tiny_llama(), {}, method="awq")
+        quantize_model(tiny_llama(), {}, method="awq")
     with pytest.raises(ValueError, match="mode"):
         Q.LayerSpec([4], 32, "weird")
 
@@ -204,16 +188,16 @@ def test_sequential_gptq_model():
     with torch.no_grad():
         ref = model(test_ids).logits
     m8 = copy.deepcopy(model)
-    Q.quantize_model(m8, Q.uniform_plan(m8, 8, 32, "asym"), "gptq", calib_ids=ids, progress=False)
+    quantize_model(m8, Q.uniform_plan(m8, 8, 32, "asym"), "gptq", calib_ids=ids, progress=False)
     with torch.no_grad():
         out8 = m8(test_ids).logits
     assert (out8 - ref).abs().max() < 2e-2 * ref.abs().max()
     m3g = copy.deepcopy(model)
-    st = Q.quantize_model(m3g, Q.uniform_plan(m3g, 3, 32, "sym"), "gptq", calib_ids=ids,
+    st = quantize_model(m3g, Q.uniform_plan(m3g, 3, 32, "sym"), "gptq", calib_ids=ids,
                           progress=False)
     assert len(st["errors"]) == 14
     m3r = copy.deepcopy(model)
-    Q.quantize_model(m3r, Q.uniform_plan(m3r, 3, 32, "sym"), "rtn", progress=False)
+    quantize_model(m3r, Q.uniform_plan(m3r, 3, 32, "sym"), "rtn", progress=False)
     with torch.no_grad():
         e_g = ((m3g(ids).logits - model(ids).logits) ** 2).mean()
         e_r = ((m3r(ids).logits - model(ids).logits) ** 2).mean()

@@ -1,13 +1,13 @@
 """benchmarks/reproduce.py, the reproduction harness, on a tiny model: every row traces to a raw
-JSON, the table is rebuilt from them, and results are deterministic under fixed seeds."""
+JSON, the table is rebuilt from them, a rerun recomputes nothing, and results are deterministic
+under fixed seeds. Data: the slices shipped with tasa, laid out as a data folder."""
 import importlib.util
 import json
+import re
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
-from test_eval import byte_tokenizer
-from test_quantize import tiny_llama
+from helpers import REPO, byte_tokenizer, shipped_data_folder, tiny_llama
 
 
 def _load_harness():
@@ -26,6 +26,11 @@ def _load_harness_plain():
         sys.path.remove(str(REPO / "benchmarks"))
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return shipped_data_folder(tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture
 def harness(monkeypatch):
     pytest.importorskip("lm_eval")
@@ -42,8 +47,8 @@ ARGS = ["--models", "tiny", "--limit", "3", "--ppl-windows", "1", "--n-calib", "
         "--rows", "reference;RTN W3;GPTQ W4;TASA 3.8, beta=1 (ppl-only sensitivity)", "--bits", "3.8"]
 
 
-def _run(harness, out):
-    assert harness.main(ARGS + ["--data", str(SHARED_DATA), "--out", str(out)]) == 0
+def _run(harness, out, data_dir):
+    assert harness.main(ARGS + ["--data", str(data_dir), "--out", str(out)]) == 0
     rows = {}
     for p in sorted((out / "tiny" / "rows").glob("*.json")):
         if not p.name.endswith(".raw.json"):
@@ -51,8 +56,21 @@ def _run(harness, out):
     return rows
 
 
-def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path):
-    r1 = _run(harness, tmp_path / "a")
+def _files(folder):
+    """Every file under ``folder`` (path -> bytes), plots excepted (rebuilt on every call)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix != ".png"}
+
+
+def _without_later_calls(table: str) -> str:
+    """The table minus the one thing a rerun may add: the "N later call(s), the last <date> at
+    <commit>" note of a model's "first run" line (written when the date, to the minute, differs)."""
+    return re.sub(r"; \d+ later call\(s\), the last [^\n]*? at \S+", "", table)
+
+
+@pytest.mark.slow
+def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path, data_dir):
+    r1 = _run(harness, tmp_path / "a", data_dir)
     names = {r["name"] for r in r1.values()}
     assert names == {"reference", "RTN W3", "GPTQ W4", "TASA 3.8, beta=1 (ppl-only sensitivity)"}
     for fname, r in r1.items():
@@ -68,9 +86,28 @@ def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path):
         assert f"| {n} |" in table
     assert (tmp_path / "a" / "tiny_quality_vs_bits.png").is_file()
     # resume: a second call recomputes nothing (rows are read back), same table
-    assert harness.main(ARGS + ["--data", str(SHARED_DATA), "--out", str(tmp_path / "a")]) == 0
+    before = _files(tmp_path / "a")
+    table_before = table
+
+    def recompute(*a, **k):
+        raise AssertionError("the rerun recomputed something that exists")
+
+    from tasa import models, pipeline
+
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, name in ((harness, "run_row"), (harness, "evaluate_row"), (pipeline, "measure"),
+                            (models, "load_model")):
+            mp.setattr(owner, name, recompute)
+        assert harness.main(ARGS + ["--data", str(data_dir), "--out", str(tmp_path / "a")]) == 0
+    after = _files(tmp_path / "a")
+    assert after.keys() == before.keys()
+    changed = sorted(k for k in before if before[k] != after[k])
+    assert changed in ([], ["tiny/meta.json"]), changed       # meta.json may log the call
+    table_after = (tmp_path / "reproduction.md").read_text()
+    assert _without_later_calls(table_after) == _without_later_calls(table_before)
+    assert table_after == table_before or "; 1 later call(s), the last " in table_after
     # determinism: a fresh run in another folder gives the same numbers
-    r2 = _run(harness, tmp_path / "b")
+    r2 = _run(harness, tmp_path / "b", data_dir)
     for k in r1:
         for key in ("avg_bits", "item_bits", "alpha"):
             assert r1[k].get(key) == r2[k].get(key), (k, key)
@@ -78,9 +115,10 @@ def test_harness_rows_raw_json_table_and_determinism(harness, tmp_path):
         assert r1[k]["eval"]["wikitext2"]["ppl"] == r2[k]["eval"]["wikitext2"]["ppl"]
 
 
-def test_harness_refuses_mixed_settings_and_tables_every_model(harness, tmp_path):
+@pytest.mark.slow
+def test_harness_refuses_mixed_settings_and_tables_every_model(harness, tmp_path, data_dir):
     out = tmp_path / "o"
-    base = ["--data", str(SHARED_DATA), "--out", str(out), "--ppl-windows", "1", "--rows", "reference"]
+    base = ["--data", str(data_dir), "--out", str(out), "--ppl-windows", "1", "--rows", "reference"]
     assert harness.main(["--models", "tiny", "--limit", "3"] + base) == 0
     meta = json.loads((out / "tiny" / "meta.json").read_text())
     assert meta["settings"]["limit"] == 3 and "--rows" not in meta["command"]

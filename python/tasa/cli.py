@@ -20,6 +20,9 @@ from typing import Optional
 import torch
 
 import tasa_ext
+from tasa_ext import reference
+from tasa_ext.machine import timeit
+from tasa_ext.testing import random_packed
 
 from . import defaults, pipeline
 from . import eval as tev
@@ -30,20 +33,11 @@ from .util import write_json_atomic
 
 
 def cmd_info(args) -> int:
-    import tasa_ext
-
     print(json.dumps(tasa_ext.build_info(), indent=1))
     return 0
 
 
 def cmd_demo(args) -> int:
-    import torch
-
-    import tasa_ext
-    from tasa_ext import reference
-    from tasa_ext.machine import timeit
-    from tasa_ext.testing import random_packed
-
     pattern = {"3": [3], "3.5": [3, 4], "4": [4], "8": [8]}[args.bits]
     N, K, G = args.n, args.k, args.group_size
     if K % G:

@@ -28,7 +28,8 @@ from tasa_ext.format import QuantMode
 
 from .quant import LayerSpec, QuantizedWeight, quantize_gptq, quantize_rtn
 
-__all__ = ["TasaLinear", "make_gtable", "set_module", "swap_linears", "quantized_modules"]
+__all__ = ["TasaLinear", "make_gtable", "expected_buffers", "validate_tables", "set_module",
+           "swap_linears", "quantized_modules"]
 
 
 def make_gtable(bits: Sequence[int], group_size: int) -> torch.Tensor:
@@ -38,6 +39,51 @@ def make_gtable(bits: Sequence[int], group_size: int) -> torch.Tensor:
     sb = b[order]
     rows = sb * (group_size // tasa_ext.TILE_K)
     return torch.stack([sb, torch.cumsum(rows, 0) - rows, order], 1).to(torch.int32)
+
+
+def expected_buffers(in_features: int, out_features: int, spec: LayerSpec,
+                     bias: bool = False) -> dict:
+    """``{buffer name: (shape, dtype)}`` of a TasaLinear for ``spec`` (the module docstring's
+    table; ``bias``'s dtype is the model's, given as None): what a checkpoint must hold."""
+    n_groups = in_features // spec.group_size
+    R = int(sum(spec.bits)) * spec.group_size // tasa_ext.TILE_K
+    nb = (out_features + tasa_ext.COL_BLOCK - 1) // tasa_ext.COL_BLOCK
+    out = {"qweight": ((nb, R, tasa_ext.COL_BLOCK), torch.int32),
+           "scales": ((n_groups, out_features), torch.float16)}
+    if spec.mode == QuantMode.ASYM.value:
+        out["zeros"] = ((n_groups, out_features), torch.float16)
+    out["gtable"] = ((n_groups, 3), torch.int32)
+    if spec.act_order:
+        out["perm"] = ((in_features,), torch.int32)
+    if bias:
+        out["bias"] = ((out_features,), None)
+    return out
+
+
+def validate_tables(m: "TasaLinear", name: str = "TasaLinear") -> None:
+    """Raises ``ValueError`` unless ``m``'s group table is a valid stored-order table for its K
+    (supported widths sorted ascending, contiguous packed-row offsets, logical groups a
+    permutation) and its ``perm`` (if any) a permutation of range(K): loaded values, checked
+    once before any kernel trusts them as offsets."""
+    gt = m.gtable.detach().cpu().long()
+    G, K = m.group_size, m.in_features
+    ng = K // G
+    if gt.shape != (ng, 3):
+        raise ValueError(f"tasa: {name}.gtable has shape {tuple(gt.shape)}, expected ({ng}, 3)")
+    bits, off, logical = gt[:, 0], gt[:, 1], gt[:, 2]
+    ok_bits = all(int(b) in tasa_ext.SUPPORTED_BITS for b in bits)
+    rows = bits * (G // tasa_ext.TILE_K)
+    ok_off = ng == 0 or (int(off[0]) == 0 and torch.equal(off[1:], torch.cumsum(rows, 0)[:-1]))
+    ok_sorted = bool((bits[1:] >= bits[:-1]).all()) if ng > 1 else True
+    ok_logical = torch.equal(torch.sort(logical).values, torch.arange(ng))
+    R = m.qweight.shape[1]
+    if not (ok_bits and ok_off and ok_sorted and ok_logical) or int(rows.sum()) != R:
+        raise ValueError(f"tasa: {name}.gtable is not a valid group table for K={K}, "
+                         f"group_size={G} and {R} packed rows")
+    if m.perm is not None:
+        p = m.perm.detach().cpu().long()
+        if p.shape != (K,) or not torch.equal(torch.sort(p).values, torch.arange(K)):
+            raise ValueError(f"tasa: {name}.perm is not a permutation of range({K})")
 
 
 class TasaLinear(nn.Module):

@@ -1,9 +1,9 @@
 """The TASA pipeline, in three layers: the settings (:mod:`.config`), the stages -- data split,
 mixture search, sensitivity, allocation, quantization with a plan (:mod:`.stages`, module
-docstring: the whole method) -- and the job that runs them and writes the folder (:mod:`.run`).
+docstring: the whole method) -- and the job that runs them and writes the folder (:mod:`.job`).
 """
 from .config import PipelineConfig
-from .run import run
+from .job import run
 from .stages import (allocate, build_objectives, check_budget, measure, measure_mixture,
                      mixture_calibration, plan_document, quantize_with_plan, split_data)
 

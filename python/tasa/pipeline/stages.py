@@ -49,7 +49,7 @@ import tasa_ext
 from .. import alloc, calib, data, defaults, mixture, sensitivity, stats
 from ..measurement import Measurement, MixtureResult, SensitivityResult
 from ..quant import LayerSpec, default_targets, resolve_group_size
-from ..quantize import quantize_model
+from ..driver import quantize_model
 from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",

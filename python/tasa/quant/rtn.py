@@ -72,9 +72,9 @@ def rtn_params(W: torch.Tensor, bits: int, sym: bool):
     """Min/max scale and zero point over the last axis of ``W [..., G]`` -> two tensors
     ``[...]`` in W's dtype, the scale exactly representable in fp16.
 
-    sym: ``s = 2 max|w| / (2^b - 1)``, ``z = 2^(b-1)``. asym: ``s = (max - min) / (2^b - 1)``,
-    ``z = round(-min / s)`` clamped to the code range; a constant group widens its range to
-    include 0 (so it still gets a usable scale). A zero scale (all-zero group) becomes 1 and
+    sym: ``s = 2 max|w| / (2^b - 1)``, ``z = 2^(b-1)``. asym: the range ``[min(w, 0), max(w,
+    0)]`` (always containing 0, as in reference GPTQ), ``s = range / (2^b - 1)``,
+    ``z = round(-min / s)``. A zero scale (all-zero group) becomes 1 and
     an fp16 underflow the smallest fp16 subnormal, so ``w / s`` is always finite.
     """
     maxq = 2 ** bits - 1
@@ -84,11 +84,11 @@ def rtn_params(W: torch.Tensor, bits: int, sym: bool):
         s = torch.where(s > 0, s, torch.ones_like(s))
         z = None
     else:
-        lo = W.amin(-1)
-        hi = W.amax(-1)
-        same = hi == lo
-        lo = torch.where(same, torch.minimum(lo, torch.zeros_like(lo)), lo)
-        hi = torch.where(same, torch.maximum(hi, torch.zeros_like(hi)), hi)
+        # the range always includes 0 (reference GPTQ's rule): a group of one sign would
+        # otherwise need a zero point outside the code range, and clamping it left such groups
+        # up to 13 steps off (tests/test_quantize.py::test_every_weight_within_one_step...)
+        lo = W.amin(-1).clamp(max=0)
+        hi = W.amax(-1).clamp(min=0)
         s = (hi - lo) / maxq
         s = torch.where(s > 0, s, torch.ones_like(s))
     s = s.half().to(W.dtype)

@@ -1,0 +1,248 @@
+"""tasa checkpoints as ordinary Hugging Face models: a quantization config and a quantizer
+registered with transformers (``transformers.quantizers.register_quantization_config`` /
+``register_quantizer``) when ``import tasa`` runs.
+
+After ``import tasa``::
+
+    model = AutoModelForCausalLM.from_pretrained(folder)      # TasaLinear layers, packed weights
+    model.save_pretrained(folder2)                            # config.json + model.safetensors
+
+A tasa folder is a transformers folder: ``config.json`` carries ``quantization_config`` =
+:class:`TasaConfig` (``quant_method: "tasa"``, its own ``version``, the packing
+``format_version``, and ``modules``: every quantized linear's per-group widths, group size, mode
+and act-order), ``model.safetensors`` the packed TasaLinear buffers (``qweight``, ``scales``,
+``zeros``, ``gtable``, ``perm``, ``bias``) and the full-precision rest. Loading is pre-quantized
+only (tasa quantizes with ``tasa quantize`` / :func:`tasa.quantize`, which needs calibration):
+before the weights load, :class:`TasaHfQuantizer` checks the checkpoint's tensor names, shapes
+and dtypes against the plan (from the safetensors header: nothing is read or built first) and
+swaps the planned ``nn.Linear`` modules for TasaLinear skeletons on the meta device whose buffer
+names are the checkpoint's keys; after loading it validates every group table and permutation
+before any kernel can run. Pickle checkpoints (``*.bin``) are refused.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+import tasa_ext
+
+from .nn import TasaLinear, expected_buffers, make_gtable, set_module, validate_tables
+from .quant import LayerSpec
+
+__all__ = ["QUANT_METHOD", "CONFIG_VERSION", "TasaConfig", "TasaHfQuantizer", "read_safetensors_header",
+           "CONVERT_HINT"]
+
+QUANT_METHOD = "tasa"
+CONFIG_VERSION = 1
+CONVERT_HINT = "tasa convert OLD_FOLDER NEW_FOLDER"
+
+
+class TasaConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a tasa model (version :data:`CONFIG_VERSION`).
+
+    ``modules[fqn] = {"bits": [width per logical group], "group_size": G, "mode": "sym"|"asym",
+    "act_order": bool}``; ``group_size`` / ``mode`` at the top level are those shared by every
+    module (None when they differ); ``modules_to_not_convert``: linears kept in full precision
+    (lm_head by default); ``meta``: free-form provenance (method, alpha, average bits ...).
+    """
+
+    def __init__(self, modules: Optional[Mapping[str, Mapping]] = None, version: int = CONFIG_VERSION,
+                 format_version: int = tasa_ext.FORMAT_VERSION, group_size: Optional[int] = None,
+                 mode: Optional[str] = None, modules_to_not_convert: Optional[list] = None,
+                 meta: Optional[dict] = None, quant_method: str = QUANT_METHOD, **kwargs):
+        if str(getattr(quant_method, "value", quant_method)) != QUANT_METHOD:
+            raise ValueError(f"tasa: quantization_config names quant_method {quant_method!r}, "
+                             f"not {QUANT_METHOD!r}")
+        if version != CONFIG_VERSION:
+            raise ValueError(f"tasa: quantization_config version {version!r}; this tasa reads "
+                             f"version {CONFIG_VERSION} (upgrade tasa, or re-quantize)")
+        if format_version != tasa_ext.FORMAT_VERSION:
+            raise ValueError(f"tasa: quantization_config packing format_version {format_version!r}; "
+                             f"this build of tasa_ext reads {tasa_ext.FORMAT_VERSION}; convert an "
+                             f"older folder with `{CONVERT_HINT}` or re-quantize")
+        if kwargs:
+            raise ValueError(f"tasa: quantization_config has unknown keys {sorted(kwargs)}")
+        self.quant_method = QUANT_METHOD
+        self.version = CONFIG_VERSION
+        self.format_version = tasa_ext.FORMAT_VERSION
+        specs = {}
+        for name, d in (modules or {}).items():
+            if isinstance(d, LayerSpec):
+                specs[name] = d
+                continue
+            if not isinstance(d, Mapping):
+                raise ValueError(f"tasa: quantization_config module {name!r}: expected an object, "
+                                 f"got {type(d).__name__}")
+            extra = set(d) - {"bits", "group_size", "mode", "act_order"}
+            if extra or "bits" not in d or "group_size" not in d:
+                raise ValueError(f"tasa: quantization_config module {name!r} must have bits, "
+                                 f"group_size[, mode, act_order]; got keys {sorted(d)}")
+            specs[name] = LayerSpec(d["bits"], d["group_size"], d.get("mode", "sym"),
+                                    d.get("act_order", False))
+        self.modules = {n: {"bits": s.bits, "group_size": s.group_size, "mode": s.mode,
+                            "act_order": s.act_order} for n, s in specs.items()}
+        gs = {s.group_size for s in specs.values()}
+        ms = {s.mode for s in specs.values()}
+        self.group_size = group_size if group_size is not None else (gs.pop() if len(gs) == 1 else None)
+        self.mode = mode if mode is not None else (ms.pop() if len(ms) == 1 else None)
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else ["lm_head"]
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, LayerSpec], meta: Optional[dict] = None) -> "TasaConfig":
+        return cls(modules=dict(plan), meta=meta)
+
+    def layer_specs(self) -> Dict[str, LayerSpec]:
+        return {n: LayerSpec(**d) for n, d in self.modules.items()}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "version": self.version,
+                "format_version": self.format_version, "group_size": self.group_size,
+                "mode": self.mode, "modules_to_not_convert": list(self.modules_to_not_convert),
+                "meta": dict(self.meta),
+                "modules": {n: dict(d) for n, d in self.modules.items()}}
+
+    def to_diff_dict(self) -> Dict[str, Any]:
+        return self.to_dict()
+
+
+def read_safetensors_header(path) -> Dict[str, dict]:
+    """``{name: {"dtype", "shape"}}`` of a safetensors file from its JSON header alone (no tensor
+    is read), so a checkpoint can be checked before anything is built."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"tasa: {path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        size = path.stat().st_size
+        if n > min(size - 8, 100 << 20):
+            raise ValueError(f"tasa: {path} is not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"tasa: {path} has a corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+_ST_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float32: "F32"}
+
+
+def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files) -> None:
+    """Every planned module: exactly its TasaLinear buffers, with the expected shapes and integer
+    / fp16 dtypes; no checkpoint that would need pickle."""
+    files = [Path(f) for f in (files or [])]
+    pickled = [f.name for f in files if f.suffix != ".safetensors"]
+    if pickled:
+        raise ValueError(f"tasa: refusing checkpoint files {pickled}: loading them would need "
+                         f"pickle; tasa folders store model.safetensors only")
+    if not files:
+        return
+    header: Dict[str, dict] = {}
+    for f in files:
+        header.update(read_safetensors_header(f))
+    for name, spec in specs.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"tasa: quantization_config names module {name!r}, which this "
+                             f"{type(model).__name__} does not have") from None
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"tasa: quantization_config names {name!r}, a {type(lin).__name__}, "
+                             f"not nn.Linear")
+        spec.validate(lin.out_features, lin.in_features, name)
+        have = {k[len(name) + 1:]: v for k, v in header.items()
+                if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+        want = expected_buffers(lin.in_features, lin.out_features, spec, bias="bias" in have)
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        if missing or extra:
+            raise ValueError(f"tasa: checkpoint tensors of {name} do not match its plan: missing "
+                             f"{missing}, unexpected {extra}")
+        for b, (shape, dtype) in want.items():
+            got = have[b]
+            if list(got["shape"]) != list(shape):
+                raise ValueError(f"tasa: {name}.{b} has shape {got['shape']} in the checkpoint, "
+                                 f"the plan needs {list(shape)}")
+            if dtype is not None and got["dtype"] != _ST_DTYPES[dtype]:
+                raise ValueError(f"tasa: {name}.{b} is {got['dtype']} in the checkpoint, the "
+                                 f"format needs {_ST_DTYPES[dtype]}")
+
+
+class TasaHfQuantizer(HfQuantizer):
+    """Loads pre-quantized tasa checkpoints (module docstring). Quantizing on the fly inside
+    ``from_pretrained`` is not offered: TASA needs calibration data and a measurement."""
+
+    requires_calibration = True
+
+    def validate_environment(self, device_map=None, **kwargs):
+        devices = set(device_map.values()) if isinstance(device_map, dict) else (
+            {device_map} if device_map is not None else set())
+        for d in devices:
+            d = str(d)
+            if d == "disk":
+                raise ValueError("tasa: disk offload is not supported for tasa models")
+            if (d.startswith("cuda") or d.isdigit()) and not tasa_ext.build_info().get("with_cuda"):
+                raise ValueError("tasa: device_map asks for CUDA but this tasa_ext build has no "
+                                 "CUDA kernels (reinstall on a machine whose torch has CUDA)")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        specs = self.quantization_config.layer_specs()
+        _check_checkpoint(model, specs, checkpoint_files)
+        for name, spec in specs.items():
+            lin = model.get_submodule(name)
+            with torch.device("meta"):
+                new = TasaLinear(lin.in_features, lin.out_features, spec,
+                                 bias=lin.bias is not None,
+                                 bias_dtype=lin.bias.dtype if lin.bias is not None else torch.float32)
+            set_module(model, name, new)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        specs = self.quantization_config.layer_specs()
+        for name, spec in specs.items():
+            m = model.get_submodule(name)
+            for b, t in m.named_buffers(recurse=False):
+                if t is not None and t.is_meta:
+                    raise ValueError(f"tasa: {name}.{b} was not loaded from the checkpoint")
+            if not torch.equal(m.gtable.cpu(), make_gtable(spec.bits, spec.group_size)):
+                raise ValueError(f"tasa: {name}.gtable does not match the plan's widths")
+            validate_tables(m, name)
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True      # the tasa ops have fake kernels
+
+
+def register() -> None:
+    """Registers :class:`TasaConfig` and :class:`TasaHfQuantizer` under ``"tasa"`` (idempotent;
+    refuses to replace another package's registration)."""
+    for mapping, cls, fn in ((AUTO_QUANTIZATION_CONFIG_MAPPING, TasaConfig,
+                              register_quantization_config),
+                             (AUTO_QUANTIZER_MAPPING, TasaHfQuantizer, register_quantizer)):
+        have = mapping.get(QUANT_METHOD)
+        if have is None:
+            fn(QUANT_METHOD)(cls)
+        elif have.__qualname__ != cls.__qualname__ or have.__module__ != cls.__module__:
+            raise RuntimeError(f"tasa: transformers already has a {QUANT_METHOD!r} quantization "
+                               f"method from {have.__module__}")
+        else:
+            mapping[QUANT_METHOD] = cls          # a reloaded tasa.hf: the current classes
