@@ -92,3 +92,35 @@ def shipped_data_folder(root) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data.shipped_file(key), dst)
     return root
+
+
+def write_legacy_folder(model, path, plan, meta=None) -> Path:
+    """A folder as tasa wrote it before transformers folders ("layout 1": tasa_config.json +
+    model.safetensors with shared tensors stored once), to check that such folders still load
+    and convert. A copy of that writer, kept here because the library no longer writes it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import tasa_ext
+    from tasa.quant import plan_to_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    seen, tensors, aliases = {}, {}, {}
+    for k, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = t.detach().contiguous().cpu()
+    save_file(tensors, str(path / "model.safetensors"),
+              metadata={"format": "pt", "tasa_format_version": str(tasa_ext.FORMAT_VERSION)})
+    layers = {k: v.to_dict() for k, v in plan.items()}
+    cfg = {"format_version": tasa_ext.FORMAT_VERSION,
+           "plan": {"format_version": tasa_ext.FORMAT_VERSION, "layers": layers},
+           "model_config": model.config.to_dict(), "model_class": type(model).__name__,
+           "base_model": "legacy-test", "aliases": aliases, "meta": meta or {}}
+    (path / "tasa_config.json").write_text(json.dumps(cfg, default=str))
+    return path

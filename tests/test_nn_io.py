@@ -7,13 +7,16 @@ import pytest
 import torch
 from torch import nn
 
+from transformers import AutoModelForCausalLM
+
 import tasa_ext
+from tasa import cli
 from tasa import io as tio
 from tasa import quant as Q
 from tasa.nn import TasaLinear, quantized_modules, swap_linears
 from tasa.driver import quantize_model
 
-from helpers import real_calib, tiny_llama, tiny_qwen2
+from helpers import real_calib, tiny_llama, tiny_qwen2, write_legacy_folder
 
 
 def mixed_plan(model, mode="asym", act_order=False):
@@ -91,47 +94,148 @@ def test_save_load_identical(tmp_path, factory, act_order):
     with torch.no_grad():
         ref = model(ids).logits
     out = tio.save_quantized(model, tmp_path / "q", plan, meta={"method": "gptq"})
-    assert sorted(os.listdir(out)) == ["model.safetensors", "tasa_config.json"]   # no temp files
-    cfg = json.loads((out / "tasa_config.json").read_text())
-    assert cfg["format_version"] == tasa_ext.FORMAT_VERSION
-    loaded = tio.load_quantized(out)
-    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    for name, m in quantized_modules(model).items():
-        lm = loaded.get_submodule(name)
-        assert lm.group_bits == m.group_bits and torch.equal(lm.qweight, m.qweight)
+    # a transformers folder, no temp files left
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "tasa" and qc["format_version"] == tasa_ext.FORMAT_VERSION
+    assert qc["modules"] == {k: v.to_dict() for k, v in plan.items()}
+    for loaded in (tio.load_quantized(out), AutoModelForCausalLM.from_pretrained(out)):
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        for name, m in quantized_modules(model).items():
+            lm = loaded.get_submodule(name)
+            assert isinstance(lm, TasaLinear)
+            assert lm.group_bits == m.group_bits and torch.equal(lm.qweight, m.qweight)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, ref)
+    # save_pretrained of the loaded model round-trips bit-identically
+    loaded.save_pretrained(tmp_path / "q2")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q2")
     with torch.no_grad():
-        got = loaded(ids).logits
-    assert torch.equal(got, ref)
-    # into a caller-provided fresh skeleton
-    loaded2 = tio.load_quantized(out, model=factory(seed=5))
-    with torch.no_grad():
-        assert torch.equal(loaded2(ids).logits, ref)
+        assert torch.equal(again(ids).logits, ref)
+
+
+def _quantized_folder(tmp_path, act_order=False):
+    model = tiny_llama()
+    plan = Q.uniform_plan(model, 4, 32)
+    if act_order:
+        plan = {k: Q.LayerSpec(v.bits, v.group_size, v.mode, True) for k, v in plan.items()}
+        quantize_model(model, plan, "gptq", calib_ids=real_calib(n=2, seqlen=32).input_ids,
+                       progress=False)
+    else:
+        swap_linears(model, plan)
+    return model, plan, tio.save_quantized(model, tmp_path / "q", plan)
 
 
 def test_load_refuses_mismatch(tmp_path):
-    model = tiny_llama()
-    plan = Q.uniform_plan(model, 4, 32)
-    swap_linears(model, plan)
-    out = tio.save_quantized(model, tmp_path / "q", plan)
-    cfg_path = out / "tasa_config.json"
+    _, _, out = _quantized_folder(tmp_path)
+    cfg_path = out / "config.json"
     good = cfg_path.read_text()
-    cfg = json.loads(good)
-    cfg["format_version"] = tasa_ext.FORMAT_VERSION + 1
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="format_version"):
+
+    def edit(fn):
+        cfg = json.loads(good)
+        fn(cfg)
+        cfg_path.write_text(json.dumps(cfg))
+
+    def up(cfg):
+        return cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]
+
+    edit(lambda c: c["quantization_config"].update(format_version=tasa_ext.FORMAT_VERSION + 1))
+    with pytest.raises(ValueError, match="format_version.*tasa convert"):
         tio.load_quantized(out)
-    cfg = json.loads(good)
-    cfg["plan"]["layers"]["model.layers.0.mlp.up_proj"]["bits"] = [8, 4, 4, 4]
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.qweight.*shape"):
+    edit(lambda c: c["quantization_config"].update(version=99))
+    with pytest.raises(ValueError, match="version 99"):
         tio.load_quantized(out)
-    cfg = json.loads(good)
-    del cfg["plan"]["layers"]["model.layers.1.mlp.down_proj"]
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unexpected.*down_proj"):
+    edit(lambda c: c["quantization_config"].update(quant_method="gptq"))
+    with pytest.raises(ValueError, match="'gptq'-quantized model, not a tasa one"):
+        tio.load_quantized(out)
+    edit(lambda c: up(c).update(bits=[8, 4, 4, 4]))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.qweight has shape"):
+        tio.load_quantized(out)
+    edit(lambda c: up(c).update(bits=[4, 4, 5, 4]))
+    with pytest.raises(ValueError, match="unsupported bit widths"):
+        tio.load_quantized(out)
+    edit(lambda c: up(c).update(stride=2))
+    with pytest.raises(ValueError, match="up_proj.*unknown keys"):
+        tio.load_quantized(out)
+    edit(lambda c: c["quantization_config"]["modules"].pop("model.layers.1.mlp.down_proj"))
+    with pytest.raises(ValueError, match="unexpected tensors.*down_proj"):
+        tio.load_quantized(out)
+    edit(lambda c: c["quantization_config"]["modules"].update(
+        {"model.layers.7.mlp.up_proj": up(json.loads(good))}))
+    with pytest.raises(ValueError, match="'model.layers.7.mlp.up_proj', which this"):
+        tio.load_quantized(out)
+    edit(lambda c: c.update(intermediate_size=224))       # another model's shapes
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj"):
         tio.load_quantized(out)
     cfg_path.write_text(good)
-    with pytest.raises(ValueError, match="q_proj: bit pattern has 4 entries"):  # other size
-        tio.load_quantized(out, model=tiny_llama(hidden=64, inter=128))
-    with pytest.raises(FileNotFoundError, match="tasa_config.json"):
+    with pytest.raises(ValueError, match="not a tasa model folder"):
         tio.load_quantized(tmp_path)
+
+
+def test_load_refuses_bad_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, out = _quantized_folder(tmp_path, act_order=True)
+    wfile = out / "model.safetensors"
+    good = load_file(str(wfile))
+
+    def write(sd):
+        save_file(sd, str(wfile), metadata={"format": "pt"})
+
+    sd = dict(good)
+    del sd["model.norm.weight"]                      # a full-precision tensor missing
+    write(sd)
+    with pytest.raises(ValueError, match=r"missing tensors \['model.norm.weight'\]"):
+        tio.load_quantized(out)
+    sd = dict(good)
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(256, 128)
+    write(sd)
+    with pytest.raises(ValueError, match="up_proj do not match its plan.*unexpected \\['weight'\\]"):
+        tio.load_quantized(out)
+    sd = dict(good)
+    sd["model.layers.0.mlp.up_proj.scales"] = sd["model.layers.0.mlp.up_proj.scales"].float()
+    write(sd)
+    with pytest.raises(ValueError, match="up_proj.scales is F32 in the checkpoint"):
+        tio.load_quantized(out)
+    sd = dict(good)
+    perm = sd["model.layers.0.mlp.up_proj.perm"].clone()
+    perm[0] = perm[1]                                 # not a permutation: would read twice
+    sd["model.layers.0.mlp.up_proj.perm"] = perm
+    write(sd)
+    with pytest.raises(ValueError, match="up_proj.perm is not a permutation"):
+        tio.load_quantized(out)
+    sd = dict(good)
+    gt = sd["model.layers.0.mlp.up_proj.gtable"].clone()
+    gt[1, 1] += 12                                    # a packed-row offset out of line
+    sd["model.layers.0.mlp.up_proj.gtable"] = gt
+    write(sd)
+    with pytest.raises(ValueError, match="up_proj.gtable does not match"):
+        tio.load_quantized(out)
+    torch.save(good, str(out / "pytorch_model.bin"))  # a pickle checkpoint beside it
+    wfile.unlink()
+    with pytest.raises(ValueError, match="pickle"):
+        tio.load_quantized(out)
+
+
+def test_legacy_folder_loads_and_converts(tmp_path):
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    plan = mixed_plan(model, "sym", False)
+    swap_linears(model, plan)
+    ids = real_calib(n=2, seqlen=32).input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    old = write_legacy_folder(model, tmp_path / "old", plan)
+    loaded = tio.load_quantized(old)                  # layout-1 folders still load
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    with pytest.raises(ValueError, match="q_proj: bit pattern has 4 entries"):  # other size
+        tio.load_quantized(old, model=tiny_llama(hidden=64, inter=128))
+    assert cli.main(["convert", str(old), str(tmp_path / "new")]) == 0
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "new")
+    with torch.no_grad():
+        assert torch.equal(new(ids).logits, ref)
+    assert json.loads((tmp_path / "new" / "config.json").read_text())[
+        "quantization_config"]["meta"]["base_model"] == "legacy-test"
+    assert cli.main(["convert", str(tmp_path / "new"), str(tmp_path / "x")]) == 2

@@ -26,11 +26,11 @@ def tiny_cfg(**kw):
     return pipeline.PipelineConfig(**base)
 
 
-def tiny3(seed=0):
+def tiny3(seed=0, hidden=128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=256,
                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024)
     return LlamaForCausalLM(cfg).eval()
@@ -236,7 +236,8 @@ def test_run_end_to_end_and_reload(tmp_path):
     cfg = tiny_cfg(bits=3.8)
     s = pipeline.run(cfg, tmp_path, progress=False, quiet=True, model=model, tokenizer=tok)
     for f in ("measurement.json", "plan.json", "report.md", "alpha_curve.png", "sensitivity.png",
-              "bitmap.png", "model.safetensors", "tasa_config.json", "run.json"):
+              "bitmap.png", "model.safetensors", "config.json", "generation_config.json",
+              "run.json"):
         assert (tmp_path / f).is_file(), f
     assert s["avg_bits"] <= 3.8
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -256,6 +257,21 @@ def test_run_end_to_end_and_reload(tmp_path):
     s2 = pipeline.run(tiny_cfg(bits=4.4), out2, measurement_from=str(tmp_path), progress=False,
                       quiet=True, model=copy.deepcopy(ref_model), tokenizer=tok)
     assert "measure" not in s2["timings_s"] and s2["avg_bits"] > s["avg_bits"]
+    # quantizing with the written plan (no measurement) reproduces the model exactly: the plan
+    # records alpha*, so GPTQ calibrates on the same mix
+    out3 = tmp_path / "given"
+    s3 = pipeline.run(tiny_cfg(bits=2.0), out3, progress=False, quiet=True,
+                      model=copy.deepcopy(ref_model), tokenizer=tok, plan=tmp_path / "plan.json")
+    assert s3["plan_given"] and "measure" not in s3["timings_s"]
+    assert not (out3 / "measurement.json").exists() and (out3 / "plan.json").is_file()
+    assert s3["avg_bits"] == pytest.approx(s["avg_bits"])
+    with torch.no_grad():
+        assert torch.equal(load_quantized(out3)(input_ids=x).logits, y)
+    # the CLI reads the same plan; a plan for another model's shapes is refused, module named
+    other = tiny_cfg()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.\w+\.\w+_proj"):
+        pipeline.run(other, tmp_path / "other", progress=False, quiet=True,
+                     model=tiny3(hidden=64), tokenizer=tok, plan=tmp_path / "plan.json")
 
 
 def test_infeasible_budget_fails_before_measuring(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@
     tasa allocate --measurement F --bits B --out plan.json   re-allocate from a measurement
                                    (seconds, no model or data needed)
     tasa eval ...                  lm-eval evaluation of a model or a saved quantized model
+    tasa convert OLD NEW           rewrite an older tasa folder as a transformers folder
     tasa info                      build and machine information
     tasa demo [--n N --k K ...]    pack a random mixed-bit matrix, check the fused kernel against
                                    the pure-torch reference, and time it against dense torch
@@ -26,7 +27,7 @@ from tasa_ext.testing import random_packed
 
 from . import defaults, pipeline
 from . import eval as tev
-from .io import load_quantized
+from .io import convert_legacy, load_quantized
 from .measurement import Measurement
 from .models import load_model
 from .util import write_json_atomic
@@ -75,6 +76,17 @@ def _parse_fewshot(s: Optional[str]):
     return out
 
 
+def cmd_convert(args) -> int:
+    try:
+        out = convert_legacy(args.src, args.dst)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out}: transformers folder (load with AutoModelForCausalLM.from_pretrained after "
+          f"`import tasa`)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Handler of ``tasa eval``: loads the model (and the quantized folder), evaluates, prints a
     table; returns the exit status."""
@@ -83,7 +95,7 @@ def cmd_eval(args) -> int:
         tasks = tev.check_tasks(args.tasks)
         model, tok, _info = load_model(args.model)
         if args.quantized:
-            model = load_quantized(args.quantized, model=model)
+            model = load_quantized(args.quantized)
             model.tasa_info = _info
         s = tev.evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
                      num_fewshot=_parse_fewshot(args.num_fewshot), batch_size=args.batch_size,
@@ -130,7 +142,7 @@ def cmd_quantize(args) -> int:
     cfg = _pipeline_config(args)
     try:
         summary = pipeline.run(cfg, args.out, fresh=args.fresh, measurement_from=args.measurement,
-                      progress=not args.no_progress, quiet=args.quiet)
+                               progress=not args.no_progress, quiet=args.quiet, plan=args.plan)
     except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -229,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--measurement", default=None,
                    help="re-use this measurement.json (same settings) instead of measuring")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="quantize with this plan.json (from `tasa allocate` / `tasa quantize`) "
+                        "instead of measuring and allocating; --bits is then ignored")
     p.add_argument("--fresh", action="store_true",
                    help="discard a measurement.json of other settings found in --out")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -244,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="plan.json path (or a folder)")
     p.set_defaults(fn=cmd_allocate)
     _add_eval_parser(sub)
+    p = sub.add_parser("convert", help="rewrite a folder of an older tasa (tasa_config.json) as "
+                                       "a transformers folder")
+    p.add_argument("src", help="the old folder (kept as it is)")
+    p.add_argument("dst", help="the new folder")
+    p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("info", help="build and machine information")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("demo", help="kernel demo on a random mixed-bit matrix")

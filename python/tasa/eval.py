@@ -481,9 +481,11 @@ def _model_info(model) -> dict:
         info["source"] = getattr(src, "source", str(src))
         if getattr(src, "prequantized", None):
             info["note"] = src.note()
-    cfg = getattr(model, "tasa_config", None)
-    if isinstance(cfg, dict) and cfg.get("base_model"):
-        info["base_model"] = cfg["base_model"]
+    cfg = getattr(model, "tasa_config", None)      # legacy folders: top level; else meta
+    if isinstance(cfg, dict):
+        base = cfg.get("base_model") or (cfg.get("meta") or {}).get("base_model")
+        if base:
+            info["base_model"] = base
     if q:
         n = sum(m.in_features * m.out_features for m in q.values())
         info["quantized_avg_bits"] = sum(

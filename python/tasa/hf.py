@@ -73,22 +73,10 @@ class TasaConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.version = CONFIG_VERSION
         self.format_version = tasa_ext.FORMAT_VERSION
-        specs = {}
-        for name, d in (modules or {}).items():
-            if isinstance(d, LayerSpec):
-                specs[name] = d
-                continue
-            if not isinstance(d, Mapping):
-                raise ValueError(f"tasa: quantization_config module {name!r}: expected an object, "
-                                 f"got {type(d).__name__}")
-            extra = set(d) - {"bits", "group_size", "mode", "act_order"}
-            if extra or "bits" not in d or "group_size" not in d:
-                raise ValueError(f"tasa: quantization_config module {name!r} must have bits, "
-                                 f"group_size[, mode, act_order]; got keys {sorted(d)}")
-            specs[name] = LayerSpec(d["bits"], d["group_size"], d.get("mode", "sym"),
-                                    d.get("act_order", False))
-        self.modules = {n: {"bits": s.bits, "group_size": s.group_size, "mode": s.mode,
-                            "act_order": s.act_order} for n, s in specs.items()}
+        specs = {name: d if isinstance(d, LayerSpec) else
+                 LayerSpec.from_dict(d, name, "quantization_config")
+                 for name, d in (modules or {}).items()}
+        self.modules = {n: s.to_dict() for n, s in specs.items()}
         gs = {s.group_size for s in specs.values()}
         ms = {s.mode for s in specs.values()}
         self.group_size = group_size if group_size is not None else (gs.pop() if len(gs) == 1 else None)
@@ -147,7 +135,7 @@ def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files) -
         raise ValueError(f"tasa: refusing checkpoint files {pickled}: loading them would need "
                          f"pickle; tasa folders store model.safetensors only")
     if not files:
-        return
+        return None
     header: Dict[str, dict] = {}
     for f in files:
         header.update(read_safetensors_header(f))
@@ -177,6 +165,23 @@ def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files) -
             if dtype is not None and got["dtype"] != _ST_DTYPES[dtype]:
                 raise ValueError(f"tasa: {name}.{b} is {got['dtype']} in the checkpoint, the "
                                  f"format needs {_ST_DTYPES[dtype]}")
+    return header
+
+
+def _check_all_keys(model: nn.Module, header: Mapping[str, dict]) -> None:
+    """The checkpoint holds exactly the swapped model's state (tied copies may be absent):
+    transformers would only warn and initialize a missing tensor at random, or drop packed
+    tensors of a module the plan does not name."""
+    want = set(model.state_dict().keys())
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(k for k in want - set(header) if not (k in tied and tied[k] in header))
+    extra = sorted(set(header) - want)
+    if missing or extra:
+        def few(ks):
+            return f"{ks[:6]}{' ...' if len(ks) > 6 else ''}"
+        raise ValueError(f"tasa: the checkpoint does not match the model and its "
+                         f"quantization_config: missing tensors {few(missing)}, unexpected "
+                         f"tensors {few(extra)}")
 
 
 class TasaHfQuantizer(HfQuantizer):
@@ -198,7 +203,7 @@ class TasaHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         specs = self.quantization_config.layer_specs()
-        _check_checkpoint(model, specs, checkpoint_files)
+        header = _check_checkpoint(model, specs, checkpoint_files)
         for name, spec in specs.items():
             lin = model.get_submodule(name)
             with torch.device("meta"):
@@ -206,6 +211,8 @@ class TasaHfQuantizer(HfQuantizer):
                                  bias=lin.bias is not None,
                                  bias_dtype=lin.bias.dtype if lin.bias is not None else torch.float32)
             set_module(model, name, new)
+        if header is not None:
+            _check_all_keys(model, header)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -1,102 +1,160 @@
-"""Saving and loading quantized models: safetensors + a JSON config, never pickle.
+"""Saving and loading tasa models: Hugging Face folders (safetensors + config.json), never pickle.
 
-A saved model is a folder:
+A saved model is a transformers folder, written by ``model.save_pretrained``:
 
-* ``model.safetensors``   the full state dict (packed TasaLinear buffers, full-precision rest);
-  tensors that share storage (tied embeddings / lm_head) are stored once, the aliases listed in
-  the JSON
-* ``tasa_config.json``     ``format_version`` (tasa_ext.FORMAT_VERSION), the plan
-  (name -> bits per group, group size, mode, act-order), the transformers model config, where
-  the base model came from, free-form ``meta`` (method, calibration ...)
-* tokenizer files (when a tokenizer is given)
+* ``config.json``          the model config with ``quantization_config`` =
+  :class:`tasa.hf.TasaConfig` (``quant_method: "tasa"``, version, packing format version, the
+  per-module plan, provenance in ``meta``)
+* ``model.safetensors``    packed TasaLinear buffers and the full-precision rest (tied tensors
+  once, as transformers writes them)
+* ``generation_config.json`` and the tokenizer files (when a tokenizer is given)
 
-Every file is written to a temporary name and moved into place with ``os.replace``.
-:func:`load_quantized` builds a fresh skeleton from the stored config, swaps in empty
-TasaLinear modules from the plan and loads the tensors: no re-quantization. A mismatched
-format version, missing/unexpected tensors or a shape mismatch is an error naming the problem.
+so, after ``import tasa``, ``AutoModelForCausalLM.from_pretrained(folder)`` loads it (through
+:class:`tasa.hf.TasaHfQuantizer`, which checks the tensors against the plan first) and lm-eval's
+``HFLM(pretrained=folder)`` evaluates it. :func:`save_quantized` writes into a temporary folder
+inside the target and moves the files into place with ``os.replace``, ``config.json`` last: a
+reader sees a complete old or new model file, never half of one.
+
+Folders written by earlier tasa versions (``tasa_config.json`` + ``model.safetensors``, the
+"layout-1" folders) still load with :func:`load_quantized`; ``tasa convert OLD NEW``
+(:func:`convert_legacy`) rewrites one as a transformers folder.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import tasa_ext
 
+from .hf import QUANT_METHOD, TasaConfig
 from .nn import swap_linears
-from .quant import LayerSpec, plan_from_dict, plan_to_dict
-from .util import atomic_write_bytes, write_json_atomic
+from .quant import LayerSpec, plan_from_dict
 
-__all__ = ["save_quantized", "load_quantized", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "convert_legacy", "folder_kind", "HF_CONFIG_NAME",
+           "LEGACY_CONFIG_NAME", "WEIGHTS_NAME"]
 
-CONFIG_NAME = "tasa_config.json"
+HF_CONFIG_NAME = "config.json"
+LEGACY_CONFIG_NAME = "tasa_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _dedup_state(model: nn.Module):
-    """State dict with shared-storage tensors kept once; ``aliases[dropped] = kept``."""
-    sd = model.state_dict()
-    seen: dict = {}
-    out, aliases = {}, {}
-    for k, t in sd.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
-            if t.numel() else None
-        if key is not None and key in seen:
-            aliases[k] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = k
-        out[k] = t.detach().contiguous().cpu()
-    return out, aliases
+def _json_safe(obj):
+    return json.loads(json.dumps(obj, default=str))
 
 
 def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokenizer=None,
                    base_model: Optional[str] = None, meta: Optional[dict] = None) -> Path:
-    """Writes ``model`` (already swapped per ``plan``) to folder ``path``; returns the folder."""
-    from safetensors.torch import save
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors, aliases = _dedup_state(model)
-    cfg = {
-        "format_version": tasa_ext.FORMAT_VERSION,
-        "plan": plan_to_dict(plan),
-        "model_config": model.config.to_dict() if hasattr(model, "config") else None,
-        "model_class": type(model).__name__,
-        "base_model": base_model,
-        "aliases": aliases,
-        "meta": meta or {},
-    }
+    """Writes ``model`` (already swapped per ``plan``) as a transformers folder ``path`` (module
+    docstring); sets ``model.config.quantization_config``. Returns the folder."""
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(f"tasa: save_quantized needs a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    meta = dict(meta or {})
     info = getattr(model, "tasa_info", None)
-    if info is not None and base_model is None:
-        cfg["base_model"] = info.source
+    if base_model is None and info is not None:
+        base_model = info.source
+    if base_model is not None:
+        meta["base_model"] = str(base_model)
     if info is not None and info.prequantized:
-        cfg["meta"].setdefault("base_prequantized", info.note())
-    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={
-        "format": "pt", "tasa_format_version": str(tasa_ext.FORMAT_VERSION)}))
-    write_json_atomic(path / CONFIG_NAME, cfg, default=str)
-    if tokenizer is not None:
-        tmp = Path(tempfile.mkdtemp(dir=path, prefix=".tok-"))
-        try:
-            for f in tokenizer.save_pretrained(str(tmp)):
-                f = Path(f)
-                if f.is_file():
-                    os.replace(f, path / f.name)
-        finally:
-            for f in tmp.glob("*"):
-                f.unlink()
-            tmp.rmdir()
+        meta.setdefault("base_prequantized", info.note())
+    model.config.quantization_config = TasaConfig.from_plan(plan, meta=_json_safe(meta))
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"tasa: {path} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".save-"))
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        # config.json last: it is what makes the folder a loadable model
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == HF_CONFIG_NAME):
+            os.replace(f, path / f.name)
+        stale = path / LEGACY_CONFIG_NAME     # describes an older model in this folder
+        if stale.exists():
+            stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+def folder_kind(path) -> str:
+    """``"hf"`` (config.json with a tasa quantization_config), ``"legacy"`` (tasa_config.json)
+    or a ``ValueError``/``FileNotFoundError`` saying what the folder is not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tasa: {path} is not a folder")
+    cfg_file = path / HF_CONFIG_NAME
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"tasa: {cfg_file} is not JSON ({e})") from None
+        qc = cfg.get("quantization_config")
+        if isinstance(qc, dict):
+            method = qc.get("quant_method")
+            if method != QUANT_METHOD:
+                raise ValueError(f"tasa: {path} holds a {method!r}-quantized model, not a tasa one")
+            return "hf"
+    if (path / LEGACY_CONFIG_NAME).is_file():
+        return "legacy"
+    raise ValueError(f"tasa: {path} is not a tasa model folder (no config.json with a tasa "
+                     f"quantization_config, no {LEGACY_CONFIG_NAME})")
+
+
+def load_quantized(path, model: Optional[nn.Module] = None, dtype: torch.dtype = torch.float32,
+                   device="cpu") -> nn.Module:
+    """Loads a tasa folder: a transformers folder through ``from_pretrained`` (the registered
+    tasa quantizer) or a layout-1 folder through the legacy reader (``model``: an unquantized
+    skeleton to fill, for layout-1 folders only). Returns the model in eval mode with
+    ``tasa_plan`` (module -> LayerSpec) and ``tasa_config`` (the quantization_config) set."""
+    path = Path(path)
+    if folder_kind(path) == "legacy":
+        return _load_legacy(path, model, dtype, device)
+    if model is not None:
+        raise ValueError(f"tasa: {path} is a transformers folder; it builds its own model "
+                         f"(pass no skeleton)")
+    kw = {} if str(device) == "cpu" else {"device_map": str(device)}
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
+    qc = m.config.quantization_config
+    m.tasa_plan = qc.layer_specs()
+    m.tasa_config = qc.to_dict()
+    return m.eval()
+
+
+def convert_legacy(src, dst) -> Path:
+    """Rewrites a layout-1 folder (``tasa_config.json``) as a transformers folder ``dst`` (the
+    same tensors; tokenizer files carried over when present)."""
+    src, dst = Path(src), Path(dst)
+    if folder_kind(src) != "legacy":
+        raise ValueError(f"tasa: {src} is already a transformers folder; nothing to convert")
+    if dst.resolve() == src.resolve():
+        raise ValueError("tasa: convert into another folder (the source stays as it is)")
+    model = _load_legacy(src, None, torch.float32, "cpu")
+    tok = None
+    if any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(str(src))
+    cfg = model.tasa_config
+    meta = dict(cfg.get("meta") or {})
+    meta["converted_from"] = "tasa folder layout 1"
+    return save_quantized(model, dst, model.tasa_plan, tokenizer=tok,
+                          base_model=cfg.get("base_model"), meta=meta)
+
+
+# ---- layout 1 (tasa_config.json), read only -------------------------------------------------
+
 def read_config(path) -> dict:
-    """The ``tasa_config.json`` of a saved folder, version-checked."""
-    p = Path(path) / CONFIG_NAME
+    """The ``tasa_config.json`` of a layout-1 folder, version-checked."""
+    p = Path(path) / LEGACY_CONFIG_NAME
     if not p.is_file():
         raise FileNotFoundError(f"tasa: {p} not found (not a saved tasa model folder?)")
     cfg = json.loads(p.read_text())
@@ -109,23 +167,20 @@ def read_config(path) -> dict:
 
 
 def _skeleton(cfg: dict, dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     mc = dict(cfg["model_config"])
     model_type = mc.pop("model_type")
+    mc.pop("quantization_config", None)
     config = AutoConfig.for_model(model_type, **mc)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load_quantized(path, model: Optional[nn.Module] = None, dtype: torch.dtype = torch.float32,
-                   device="cpu") -> nn.Module:
-    """Loads a folder written by :func:`save_quantized`.
+def _load_legacy(path, model: Optional[nn.Module] = None, dtype: torch.dtype = torch.float32,
+                 device="cpu") -> nn.Module:
+    """Loads a layout-1 folder (``tasa_config.json``).
 
     ``model``: an unquantized skeleton to fill (same architecture); by default one is built from
     the stored transformers config. Returns the model in eval mode with ``tasa_plan`` set.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     cfg = read_config(path)
     plan = plan_from_dict(cfg["plan"])

@@ -14,10 +14,11 @@ from torch import nn
 
 import tasa_ext
 
-from .. import data, defaults
+from .. import alloc, data, defaults
 from .. import io as tio
 from ..measurement import Measurement
 from ..models import ModelInfo, load_model
+from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
 from ..report import write_report
 from ..util import peak_rss_mib, write_json_atomic
@@ -29,12 +30,15 @@ __all__ = ["run"]
 
 def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optional[str] = None,
         progress: bool = True, quiet: bool = False, report: bool = True,
-        model: Optional[nn.Module] = None, tokenizer=None) -> dict:
-    """The whole job (module docstring). Writes into ``out``: the quantized model
-    (``model.safetensors`` + ``tasa_config.json`` + tokenizer), ``plan.json``,
+        model: Optional[nn.Module] = None, tokenizer=None, plan=None) -> dict:
+    """The whole job (module docstring). Writes into ``out``: the quantized model as a
+    transformers folder (``config.json`` with the tasa ``quantization_config``,
+    ``model.safetensors``, ``generation_config.json``, tokenizer), ``plan.json``,
     ``measurement.json``, ``report.md``, ``*.png``, ``run.json``. Returns the run summary.
     ``model``/``tokenizer``: an already-built model to use instead of loading ``cfg.model``
-    (it is quantized in place)."""
+    (it is quantized in place). ``plan``: a plan file (or its parsed document) to quantize with
+    instead of measuring and allocating -- no measurement, no report; GPTQ calibrates with
+    ``cfg.alpha``, else the plan's recorded alpha, else general text only."""
     cfg.validate()
     log = Log(quiet)
     out = Path(out)
@@ -52,10 +56,21 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         info = getattr(model, "tasa_info", None) or ModelInfo(cfg.model, "in-memory")
     timings["load"] = time.perf_counter() - t
     log(info.note())
-    check_budget(model, cfg)
+    doc = None
+    if plan is not None:
+        if measurement_from is not None:
+            raise ValueError("tasa: give either a plan or a measurement to re-use, not both")
+        given, doc = read_plan(plan) if isinstance(plan, (str, os.PathLike)) else (
+            plan_from_dict(plan), plan)
+        check_plan(model, given, plan_shapes(doc))
+    else:
+        check_budget(model, cfg)
     split = split_data(cfg)
     mpath = out / defaults.MEASUREMENT_NAME
-    if measurement_from is not None:
+    m = None
+    if plan is not None:
+        log(f"quantizing with the given plan ({len(given)} linears; no measurement)")
+    elif measurement_from is not None:
         m = Measurement.load(measurement_from)
         m.check_settings(cfg.measure_fingerprint(), str(measurement_from))
         if not m.complete:
@@ -78,31 +93,42 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         return r
 
     ref_ppl = quick_ppl("eval_reference")     # before the model is quantized in place
-    # allocation
-    t = time.perf_counter()
-    A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)
-    timings["allocate"] = time.perf_counter() - t
-    write_json_atomic(out / defaults.PLAN_NAME, plan_document(m, A))
-    log(f"plan: {A['summary']['avg_bits']:.4f} average bits (budget {cfg.bits}); widths "
-        + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
+    shapes = {f: (mod.out_features, mod.in_features) for f, mod in default_targets(model).items()}
+    if plan is None:       # allocation
+        t = time.perf_counter()
+        A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)
+        timings["allocate"] = time.perf_counter() - t
+        write_json_atomic(out / defaults.PLAN_NAME, plan_document(m, A))
+        the_plan, alpha, summary_ = A["plan"], float(m.mixture.alpha_star), A["summary"]
+    else:
+        A = None
+        the_plan = given
+        alpha = float(cfg.alpha if cfg.alpha is not None else doc.get("alpha", 1.0))
+        pshapes = {f: shapes[f] for f in given if f in shapes}
+        summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, pshapes)
+        write_json_atomic(out / defaults.PLAN_NAME, plan_to_dict(
+            given, pshapes, **{k: v for k, v in doc.items()
+                               if k not in ("kind", "version", "format_version", "layers")}))
+    log(f"plan: {summary_['avg_bits']:.4f} average bits (budget "
+        f"{cfg.bits if plan is None else 'given'}); widths "
+        + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in summary_["width_fraction"].items()))
     # quantization
     t = time.perf_counter()
-    alpha = float(m.mixture.alpha_star)
-    lplan, qinfo = quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=progress, log=log,
-                                      split=split)
+    lplan, qinfo = quantize_with_plan(model, tok, cfg, the_plan, alpha, progress=progress, log=log,
+                                      split=split, shapes=plan_shapes(doc) if doc else None)
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     tio.save_quantized(model, out, lplan,
                        tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
         "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
-        "avg_bits": A["summary"]["avg_bits"]})
+        "avg_bits": summary_["avg_bits"]})
     timings["save"] = time.perf_counter() - t
     q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
-        "alpha_star": alpha, "avg_bits": A["summary"]["avg_bits"],
-        "width_fraction": A["summary"]["width_fraction"],
+        "alpha_star": alpha, "avg_bits": summary_["avg_bits"],
+        "width_fraction": summary_["width_fraction"], "plan_given": plan is not None,
         "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],
         "ppl_quantized": None if q_ppl is None else q_ppl["ppl"],
         "ppl_protocol": None if q_ppl is None else {
@@ -115,7 +141,7 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     write_json_atomic(out / defaults.RUN_NAME, summary)
-    if report:
+    if report and m is not None:
         write_report(out, m, A, summary)
     log(f"done in {timings['total']:.0f} s: {out}")
     return summary

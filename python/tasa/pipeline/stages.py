@@ -48,12 +48,13 @@ import tasa_ext
 
 from .. import alloc, calib, data, defaults, mixture, sensitivity, stats
 from ..measurement import Measurement, MixtureResult, SensitivityResult
-from ..quant import LayerSpec, default_targets, resolve_group_size
+from ..quant import LayerSpec, check_plan, default_targets, plan_to_dict, resolve_group_size
 from ..driver import quantize_model
 from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
-           "allocate", "check_budget", "plan_document", "quantize_with_plan", "measure", "Log"]
+           "allocate", "check_budget", "plan_document", "as_layer_specs", "quantize_with_plan",
+           "measure", "Log"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -283,27 +284,39 @@ def check_budget(model, cfg: PipelineConfig) -> float:
 
 
 def plan_document(measurement: Measurement, allocation: Mapping) -> dict:
-    """The ``plan.json`` content of an allocation: format version, the allocation settings,
-    alpha, the summary, the per-unit widths and ``layers`` (fqn -> bits per group, ...)."""
+    """The ``plan.json`` of an allocation in the one plan format (:func:`tasa.quant.plan_to_dict`:
+    kind, version, layers with their shapes) with the allocation settings, alpha*, the summary
+    and the per-unit widths beside the layers."""
     A = allocation
-    return {"format_version": tasa_ext.FORMAT_VERSION, "target_bits": A["target_bits"],
-            "beta": A["beta"], "widths": A["widths"], "intra": A["intra"],
-            "alpha": measurement.mixture.alpha_star, "summary": A["summary"],
-            "item_bits": A["item_bits"], "layers": A["plan"]}
+    shapes = {f: (v["n_out"], v["k_in"]) for f, v in measurement.linears.items()}
+    return plan_to_dict(as_layer_specs(A["plan"]), shapes, target_bits=A["target_bits"],
+                        beta=A["beta"], widths=A["widths"], intra=A["intra"],
+                        alpha=measurement.mixture.alpha_star, summary=A["summary"],
+                        item_bits=A["item_bits"])
+
+
+def as_layer_specs(plan: Mapping) -> Dict[str, LayerSpec]:
+    """``{fqn: LayerSpec}`` from LayerSpecs or layer entries (the allocator's, with their
+    derived cost_bits / avg_bits, or a plan document's)."""
+    return {f: e if isinstance(e, LayerSpec) else
+            LayerSpec.from_dict(e, f, "plan", ("cost_bits", "avg_bits", "shape"))
+            for f, e in plan.items()}
 
 
 # ---- stage 5: quantization --------------------------------------------------------------------
 
-def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Mapping],
+def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Any],
                        alpha: float, progress: bool = True, log=print,
-                       split: Optional[dict] = None) -> tuple:
+                       split: Optional[dict] = None,
+                       shapes: Optional[Mapping[str, tuple]] = None) -> tuple:
     """Quantizes ``model`` in place per ``plan`` (``{fqn: {"bits", "group_size", "mode",
     "act_order"}}``) with ``cfg.method``; GPTQ calibrates on ``cfg.n_calib`` sequences of
     ``cfg.seqlen`` tokens drawn (seed ``cfg.seed + 10``) with mixing ratio ``alpha`` (share of
-    general text) from the pools of ``split`` (default :func:`split_data` of ``cfg``). Returns
-    ``(plan as LayerSpecs, info)``."""
-    lplan = {f: LayerSpec(e["bits"], e["group_size"], e["mode"], e.get("act_order", False))
-             for f, e in plan.items()}
+    general text) from the pools of ``split`` (default :func:`split_data` of ``cfg``). The plan
+    is checked against the model first (:func:`tasa.quant.check_plan`, with ``shapes`` when the
+    plan recorded them). Returns ``(plan as LayerSpecs, info)``."""
+    lplan = as_layer_specs(plan)
+    check_plan(model, lplan, shapes)
     qinfo: Dict[str, Any] = {"method": cfg.method}
     if cfg.method == "gptq":
         ids, counts = mixture_calibration(tokenizer, split or split_data(cfg), alpha,

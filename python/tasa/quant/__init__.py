@@ -4,10 +4,12 @@ knows about models beyond picking target linears."""
 from .gptq import output_error, quantize_gptq
 from .rtn import (QuantizedWeight, check_weight, quantize_codes, quantize_rtn, rtn_fake_quant,
                   rtn_params)
-from .spec import (SUPPORTED_BITS, LayerSpec, Plan, default_targets, plan_from_dict, plan_to_dict,
+from .spec import (PLAN_KIND, PLAN_VERSION, SUPPORTED_BITS, LayerSpec, Plan, check_plan,
+                   default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
                    resolve_group_size, uniform_plan)
 
-__all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "plan_to_dict", "plan_from_dict",
+__all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "PLAN_KIND", "PLAN_VERSION", "plan_to_dict",
+           "plan_from_dict", "plan_shapes", "read_plan", "check_plan",
            "resolve_group_size", "default_targets", "uniform_plan", "QuantizedWeight",
            "check_weight", "rtn_params", "quantize_codes", "rtn_fake_quant", "quantize_rtn",
            "quantize_gptq", "output_error"]

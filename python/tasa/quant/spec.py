@@ -6,7 +6,9 @@ The bottom of tasa's quantization layers: imports only torch and tasa_ext.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+import json
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -15,10 +17,17 @@ from tasa_ext.format import QuantMode
 
 from .. import defaults
 
-__all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "plan_to_dict", "plan_from_dict",
+__all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "PLAN_KIND", "PLAN_VERSION", "plan_to_dict",
+           "plan_from_dict", "plan_shapes", "read_plan", "check_plan",
            "resolve_group_size", "default_targets", "uniform_plan"]
 
 SUPPORTED_BITS = tuple(tasa_ext.SUPPORTED_BITS)
+PLAN_KIND = "tasa.plan"
+PLAN_VERSION = 1
+_LAYER_KEYS = ("bits", "group_size", "mode", "act_order")
+# per-layer keys of the plan.json that `tasa allocate` wrote before plan version 1 (derived from
+# the others by the exact cost function, so they are ignored on reading)
+_DERIVED_KEYS = ("cost_bits", "avg_bits")
 
 
 @dataclasses.dataclass
@@ -57,6 +66,27 @@ class LayerSpec:
             raise ValueError(f"tasa: {name}: unsupported bit widths {bad}; "
                              f"supported: {list(SUPPORTED_BITS)}")
 
+    def to_dict(self) -> dict:
+        """``{"bits", "group_size", "mode", "act_order"}``: a plan layer / config module entry."""
+        return {"bits": list(self.bits), "group_size": self.group_size, "mode": self.mode,
+                "act_order": self.act_order}
+
+    @classmethod
+    def from_dict(cls, e, name: str = "layer", source: str = "plan",
+                  extra_keys: Sequence[str] = ()) -> "LayerSpec":
+        """Inverse of :meth:`to_dict`; refuses missing or unknown keys (besides ``extra_keys``),
+        naming the layer and the document."""
+        if not isinstance(e, Mapping):
+            raise ValueError(f"tasa: {source}: layer {name!r} is not an object")
+        unknown = sorted(set(e) - set(_LAYER_KEYS) - set(extra_keys))
+        missing = [k for k in ("bits", "group_size") if k not in e]
+        if unknown or missing:
+            raise ValueError(f"tasa: {source}: layer {name!r} has unknown keys {unknown} / lacks "
+                             f"{missing}")
+        if not isinstance(e["bits"], (list, tuple)):
+            raise ValueError(f"tasa: {source}: layer {name!r}: bits must be a list of widths")
+        return cls(e["bits"], e["group_size"], e.get("mode", "sym"), e.get("act_order", False))
+
     def average_bits(self, n_out: int, k_in: int) -> float:
         return tasa_ext.average_bits(n_out, k_in, self.group_size, self.bits, self.mode,
                                      self.act_order)
@@ -68,20 +98,98 @@ class LayerSpec:
 
 Plan = dict  # module name -> LayerSpec
 
+def plan_to_dict(plan: Mapping[str, LayerSpec], shapes: Optional[Mapping[str, tuple]] = None,
+                 **meta) -> dict:
+    """The one plan format (version :data:`PLAN_VERSION`), JSON-ready::
 
-def plan_to_dict(plan: Mapping[str, LayerSpec]) -> dict:
-    """JSON-ready ``{"format_version": V, "layers": {name: {bits, group_size, mode, act_order}}}``."""
-    return {"format_version": tasa_ext.FORMAT_VERSION,
-            "layers": {k: dataclasses.asdict(v) for k, v in plan.items()}}
+        {"kind": "tasa.plan", "version": 1, "format_version": V, <meta ...>,
+         "layers": {name: {"bits": [width per logical group], "group_size": G,
+                           "mode": "sym"|"asym", "act_order": bool, "shape": [n_out, k_in]}}}
+
+    ``shape`` is written where ``shapes[name]`` is given (a plan read back is then refused for a
+    model whose module has another shape); ``meta``: settings and summary to keep beside the
+    layers (target bits, beta, alpha, ...). Written by ``tasa allocate``, ``tasa quantize``
+    (plan.json) and :func:`tasa.quantize`; read by :func:`plan_from_dict` / :func:`read_plan`."""
+    bad = [k for k in meta if k in ("kind", "version", "format_version", "layers")]
+    if bad:
+        raise ValueError(f"tasa: plan metadata may not use the reserved keys {bad}")
+    layers = {}
+    for name, v in plan.items():
+        e = v.to_dict()
+        if shapes is not None and name in shapes:
+            e["shape"] = [int(x) for x in shapes[name]]
+        layers[name] = e
+    return {"kind": PLAN_KIND, "version": PLAN_VERSION, "format_version": tasa_ext.FORMAT_VERSION,
+            **meta, "layers": layers}
 
 
-def plan_from_dict(d: Mapping) -> dict:
-    """Inverse of :func:`plan_to_dict`; refuses another format version."""
+def plan_from_dict(d: Mapping, source: str = "plan") -> dict:
+    """``{name: LayerSpec}`` of a plan document (:func:`plan_to_dict`). Also reads the layouts
+    tasa wrote before plan version 1 (``{"format_version", "layers"}``, per-layer cost_bits /
+    avg_bits ignored). Refuses another kind, version or packing format version, and layers with
+    missing or unknown keys, naming the layer."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"tasa: {source} is not a JSON object")
+    kind = d.get("kind")
+    if kind not in (None, PLAN_KIND):
+        raise ValueError(f"tasa: {source} is a {kind!r} document, not a tasa plan")
+    if kind == PLAN_KIND and d.get("version") != PLAN_VERSION:
+        raise ValueError(f"tasa: {source} is plan version {d.get('version')!r}; this tasa reads "
+                         f"version {PLAN_VERSION}")
     v = d.get("format_version")
     if v != tasa_ext.FORMAT_VERSION:
-        raise ValueError(f"tasa: plan has format_version {v}, this build reads "
+        raise ValueError(f"tasa: {source} has format_version {v}, this build reads "
                          f"{tasa_ext.FORMAT_VERSION}")
-    return {k: LayerSpec(**s) for k, s in d["layers"].items()}
+    layers = d.get("layers")
+    if not isinstance(layers, Mapping) or not layers:
+        raise ValueError(f"tasa: {source} has no layers")
+    extra = ("shape",) + (_DERIVED_KEYS if kind is None else ())
+    return {name: LayerSpec.from_dict(e, name, source, extra) for name, e in layers.items()}
+
+
+def plan_shapes(d: Mapping) -> dict:
+    """``{name: (n_out, k_in)}`` recorded in a plan document (layers without a shape omitted)."""
+    return {n: tuple(int(x) for x in e["shape"]) for n, e in d.get("layers", {}).items()
+            if isinstance(e, Mapping) and "shape" in e}
+
+
+def read_plan(path) -> Tuple[dict, dict]:
+    """``(plan {name: LayerSpec}, the whole document)`` of a plan.json."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "plan.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"tasa: plan file {p} not found")
+    try:
+        doc = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"tasa: {p} is not JSON ({e})") from None
+    return plan_from_dict(doc, source=str(p)), doc
+
+
+def check_plan(model: nn.Module, plan: Mapping[str, LayerSpec],
+               shapes: Optional[Mapping[str, tuple]] = None) -> None:
+    """Raises ``ValueError`` naming the module when ``plan`` does not fit ``model``: a module the
+    model does not have, one that is not an ``nn.Linear``, a recorded shape that differs, or
+    widths / group size that do not fit the module's in_features."""
+    if not plan:
+        raise ValueError("tasa: the plan has no layers")
+    for name, spec in plan.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"tasa: the plan names module {name!r}, which this "
+                             f"{type(model).__name__} does not have (a plan for another "
+                             f"model?)") from None
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"tasa: the plan names {name!r}, a {type(m).__name__}, not an "
+                             f"nn.Linear (already quantized?)")
+        if shapes is not None and name in shapes and tuple(shapes[name]) != (m.out_features,
+                                                                              m.in_features):
+            raise ValueError(f"tasa: the plan was made for {name} of shape "
+                             f"{list(shapes[name])}, this model's is "
+                             f"{[m.out_features, m.in_features]} (a plan for another model?)")
+        spec.validate(m.out_features, m.in_features, name)
 
 
 def resolve_group_size(k_in: int, group_size: int) -> int:

@@ -1,0 +1,96 @@
+"""The Python API, in the habits of torchao and GPTQModel: quantize an in-memory transformers
+model, load a saved one.
+
+    import tasa
+    model = tasa.quantize(model, tokenizer, bits=3.5, out="tasa-out")   # the TASA pipeline
+    model = tasa.quantize(model, None, bits=4, method="rtn")             # uniform RTN, no data
+    model = tasa.quantize(model, tokenizer, plan="tasa-out/plan.json")   # a given plan
+    model.save_pretrained("folder")                                      # a transformers folder
+    model = tasa.load("folder")                  # = AutoModelForCausalLM.from_pretrained(folder)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import defaults
+from .driver import quantize_model
+from .hf import TasaConfig
+from .io import load_quantized, save_quantized
+from .pipeline import PipelineConfig, run
+from .quant import LayerSpec, check_plan, plan_from_dict, plan_to_dict, uniform_plan
+
+__all__ = ["quantize", "load"]
+
+_SETTINGS = {f.name for f in dataclasses.fields(PipelineConfig)} - {"model", "bits", "data",
+                                                                     "method"}
+
+
+def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.BITS, *,
+             method: str = "gptq", plan: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+             data=None, out=None, progress: bool = True, **settings) -> nn.Module:
+    """Quantizes ``model`` (a transformers causal LM) in place and returns it with TasaLinear
+    layers and ``config.quantization_config`` set, ready for ``save_pretrained``.
+
+    * default: the TASA pipeline at ``bits`` average bits (exact storage cost): mixture search,
+      multi-objective sensitivity, knapsack + group allocation, GPTQ (``method="gptq"``) or RTN.
+      Needs ``tokenizer``; ``data``: None (the slices shipped with tasa) or a folder laid out
+      like shared/data. ``out``: where the measurement, plan, report and the model folder go
+      (default: a temporary folder, discarded).
+    * ``method="rtn"`` with an integer ``bits`` and no plan: every target linear at ``bits``
+      (group size and mode from ``settings``, defaults 128 / asym), no tokenizer or data.
+    * ``plan``: a plan file / plan document / ``{module: LayerSpec}`` to quantize with (checked
+      against the model's modules and shapes); GPTQ still needs ``tokenizer`` for calibration.
+
+    ``settings``: any :class:`tasa.pipeline.PipelineConfig` field (``beta``, ``widths``,
+    ``group_size``, ``mode``, ``alpha``, ``n_calib`` ...). Bad settings raise ``ValueError``.
+    """
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise TypeError(f"tasa.quantize: unknown settings {unknown}; known: {sorted(_SETTINGS)}")
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"tasa.quantize: method must be 'gptq' or 'rtn', got {method!r}")
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise TypeError(f"tasa.quantize: needs a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory"
+    cfg = PipelineConfig(model=str(name), data=None if data is None else str(data),
+                         method=method, **settings)
+    if bits is not None:
+        cfg.bits = float(bits)
+    if plan is None and method == "rtn" and bits is not None and float(bits).is_integer():
+        specs = uniform_plan(model, int(bits), cfg.group_size, cfg.mode, cfg.act_order,
+                             fit_group_size=True)
+        if cfg.act_order:
+            raise ValueError("tasa.quantize: act_order needs a Hessian; use method='gptq'")
+        quantize_model(model, specs, "rtn", progress=progress)
+        meta = {"method": "rtn", "bits": int(bits)}
+        model.config.quantization_config = TasaConfig.from_plan(specs, meta=meta)
+        if out is not None:
+            save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)
+        return model
+    if tokenizer is None:
+        raise ValueError("tasa.quantize: this needs a tokenizer (calibration / sensitivity data); "
+                         "only method='rtn' with an integer bits and no plan runs without one")
+    if plan is not None and not isinstance(plan, (str, os.PathLike)):
+        if plan and all(isinstance(v, LayerSpec) for v in plan.values()):
+            check_plan(model, plan)
+            plan = plan_to_dict(plan)
+        else:
+            plan_from_dict(plan)          # a clear error before any work
+    with tempfile.TemporaryDirectory(prefix="tasa-") as tmp:
+        run(cfg, out if out is not None else tmp, progress=progress, quiet=not progress,
+            report=out is not None, model=model, tokenizer=tokenizer, plan=plan)
+    return model
+
+
+def load(folder, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """A saved tasa model (a transformers folder, or a layout-1 folder of older tasa versions):
+    the same as ``AutoModelForCausalLM.from_pretrained(folder)`` after ``import tasa``."""
+    return load_quantized(Path(folder), dtype=dtype, device=device)
