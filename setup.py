@@ -61,7 +61,7 @@ setup(
     packages=["tasa_ext"] + ["tasa." + p for p in find_packages("python/tasa")] + ["tasa"],
     package_data={"tasa": ["data/*", "data/**/*"]},
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "transformers>=4.56", "gguf", "safetensors", "accelerate", "tqdm", "matplotlib"],
+    install_requires=["torch", "numpy", "transformers>=5.24,<6", "gguf", "safetensors", "accelerate", "tqdm", "matplotlib"],
     ext_modules=ext_modules(),
     cmdclass=cmdclass(),
     entry_points={"console_scripts": ["tasa=tasa.cli:main"]},

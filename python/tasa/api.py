@@ -24,7 +24,9 @@ from .driver import quantize_model
 from .hf import TasaConfig
 from .io import load_quantized, save_quantized
 from .pipeline import PipelineConfig, run
-from .quant import LayerSpec, check_plan, plan_from_dict, plan_to_dict, uniform_plan
+from .quant import (LayerSpec, check_plan, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
+                    uniform_plan)
+from .util import write_json_atomic
 
 __all__ = ["quantize", "load"]
 
@@ -64,26 +66,36 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
                          method=method, **settings)
     if bits is not None:
         cfg.bits = float(bits)
-    if plan is None and method == "rtn" and bits is not None and float(bits).is_integer():
-        specs = uniform_plan(model, int(bits), cfg.group_size, cfg.mode, cfg.act_order,
-                             fit_group_size=True)
+    if plan is not None:
+        if isinstance(plan, (str, os.PathLike)):
+            specs, doc = read_plan(plan)
+        elif plan and all(isinstance(v, LayerSpec) for v in plan.values()):
+            specs, doc = dict(plan), plan_to_dict(plan)
+        else:
+            specs, doc = plan_from_dict(plan), dict(plan)
+        check_plan(model, specs, plan_shapes(doc))       # a clear error before any work
+    if method == "rtn" and (plan is not None or (bits is not None and float(bits).is_integer())):
+        # data-free: uniform RTN at an integer width, or RTN with the given plan
         if cfg.act_order:
             raise ValueError("tasa.quantize: act_order needs a Hessian; use method='gptq'")
+        if plan is None:
+            specs = uniform_plan(model, int(bits), cfg.group_size, cfg.mode, fit_group_size=True)
+        shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+                  if n in specs}
         quantize_model(model, specs, "rtn", progress=progress)
-        meta = {"method": "rtn", "bits": int(bits)}
+        meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
         model.config.quantization_config = TasaConfig.from_plan(specs, meta=meta)
         if out is not None:
             save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)
+            write_json_atomic(Path(out) / defaults.PLAN_NAME, plan_to_dict(specs, shapes, **meta))
         return model
     if tokenizer is None:
         raise ValueError("tasa.quantize: this needs a tokenizer (calibration / sensitivity data); "
-                         "only method='rtn' with an integer bits and no plan runs without one")
-    if plan is not None and not isinstance(plan, (str, os.PathLike)):
-        if plan and all(isinstance(v, LayerSpec) for v in plan.values()):
-            check_plan(model, plan)
-            plan = plan_to_dict(plan)
-        else:
-            plan_from_dict(plan)          # a clear error before any work
+                         "only method='rtn' (integer bits, or a plan) runs without one")
+    if plan is not None:
+        plan = plan_to_dict(specs, plan_shapes(doc), **{
+            k: v for k, v in doc.items() if k not in ("kind", "version", "format_version",
+                                                      "layers")})
     with tempfile.TemporaryDirectory(prefix="tasa-") as tmp:
         run(cfg, out if out is not None else tmp, progress=progress, quiet=not progress,
             report=out is not None, model=model, tokenizer=tokenizer, plan=plan)
