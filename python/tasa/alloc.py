@@ -73,13 +73,13 @@ import numpy as np
 import torch
 
 import tasa_ext
-from tasa_ext.format import COL_BLOCK, SUPPORTED_BITS, TILE_K, QuantMode
+from tasa_ext.format import SUPPORTED_BITS, QuantMode
 
 from . import defaults
-from .quant import rtn_fake_quant
+from .quant import LayerSpec, rtn_fake_quant
 
 __all__ = [
-    "DEFAULT_WIDTHS", "LinearSpec", "LayerAllocation", "noise_model_error", "budget_from_avg_bits",
+    "DEFAULT_WIDTHS", "linear_spec", "LayerAllocation", "noise_model_error", "budget_from_avg_bits",
     "allocate_layers", "allocate_layers_bruteforce", "neighbour_widths", "group_salience",
     "group_rtn_errors", "allocate_groups", "make_plan", "plan_average_bits", "plan_summary",
 ]
@@ -90,54 +90,18 @@ DEFAULT_WIDTHS: Tuple[int, ...] = defaults.WIDTHS
 # ---------------------------------------------------------------------------------------------
 # shapes and costs
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LinearSpec:
-    """One quantized linear ``W [n_out, k_in]``, stored in groups of ``group_size`` input rows."""
-
-    fqn: str
-    n_out: int
-    k_in: int
-    group_size: int = defaults.GROUP_SIZE
-    mode: str = defaults.MODE
-    act_order: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "mode", QuantMode(self.mode).value)
-        if self.n_out <= 0 or self.k_in <= 0:
-            raise ValueError(f"{self.fqn}: shape must be positive, got [{self.n_out}, {self.k_in}]")
-        if self.group_size <= 0 or self.group_size % TILE_K or self.k_in % self.group_size:
-            raise ValueError(f"{self.fqn}: group_size {self.group_size} must be a positive multiple "
-                             f"of {TILE_K} dividing k_in={self.k_in}")
-
-    @property
-    def n_groups(self) -> int:
-        return self.k_in // self.group_size
-
-    @property
-    def n_weights(self) -> int:
-        return self.n_out * self.k_in
-
-    @property
-    def n_pad(self) -> int:
-        return -(-self.n_out // COL_BLOCK) * COL_BLOCK
-
-    def cost(self, bits: Union[int, Sequence[int]]) -> int:
-        """Exact ``tasa_ext.cost_bits`` of uniform ``bits`` (int) or per-group ``bits`` (list)."""
-        gb = [int(bits)] * self.n_groups if np.ndim(bits) == 0 else [int(b) for b in bits]
-        if len(gb) != self.n_groups:
-            raise ValueError(f"{self.fqn}: {len(gb)} group widths for {self.n_groups} groups")
-        bad = [b for b in gb if b not in SUPPORTED_BITS]
-        if bad:
-            raise ValueError(f"{self.fqn}: unsupported widths {sorted(set(bad))} (supported "
-                             f"{SUPPORTED_BITS})")
-        return tasa_ext.cost_bits(self.n_out, self.k_in, self.group_size, gb, self.mode,
-                                  self.act_order)
+def linear_spec(fqn: str, n_out: int, k_in: int, group_size: int = defaults.GROUP_SIZE,
+                mode: str = defaults.MODE, act_order: bool = False) -> LayerSpec:
+    """An allocation item's member: the linear ``fqn`` of shape ``[n_out, k_in]`` stored in
+    groups of ``group_size`` input rows, widths still to be chosen (a :class:`LayerSpec` with a
+    shape and no bits)."""
+    return LayerSpec([], group_size, mode, act_order, name=fqn, n_out=n_out, k_in=k_in)
 
 
-Items = Union[Mapping[str, Sequence[LinearSpec]], Sequence[LinearSpec]]
+Items = Union[Mapping[str, Sequence[LayerSpec]], Sequence[LayerSpec]]
 
 
-def _normalise_items(items: Items) -> Dict[str, Tuple[LinearSpec, ...]]:
+def _normalise_items(items: Items) -> Dict[str, Tuple[LayerSpec, ...]]:
     if isinstance(items, Mapping):
         out = {str(k): tuple(v) for k, v in items.items()}
     else:
@@ -153,8 +117,9 @@ def _normalise_items(items: Items) -> Dict[str, Tuple[LinearSpec, ...]]:
         if not members:
             raise ValueError(f"item {name!r} has no linears")
         for m in members:
-            if not isinstance(m, LinearSpec):
-                raise TypeError(f"item {name!r}: members must be LinearSpec, got {type(m).__name__}")
+            if not isinstance(m, LayerSpec) or m.n_out is None:
+                raise TypeError(f"item {name!r}: members must be LayerSpecs with a shape "
+                                f"(linear_spec), got {type(m).__name__}")
             if m.fqn in seen:
                 raise ValueError(f"linear {m.fqn!r} appears in two items")
             seen.add(m.fqn)
@@ -291,8 +256,8 @@ def allocate_layers(items: Items, target_avg_bits: Union[float, str, Fraction, N
                     max_units: int = 200_000) -> LayerAllocation:
     """Inter-layer allocation by exact multiple-choice knapsack DP (module docstring).
 
-    ``items``: a list of :class:`LinearSpec` (each its own item, named by fqn) or
-    ``{item name: [LinearSpec, ...]}`` (members share one width). Budget: ``target_avg_bits``
+    ``items``: a list of :class:`LayerSpec` (each its own item, named by fqn) or
+    ``{item name: [LayerSpec, ...]}`` (members share one width). Budget: ``target_avg_bits``
     (average over all weights, exact cost model) or ``budget_bits``. ``errors[item][b]``:
     measured error at width b (used where present); ``sensitivities[item]``: for the noise model
     elsewhere. Raises ``ValueError`` naming the minimum achievable average bits when the budget
@@ -423,7 +388,7 @@ def group_rtn_errors(W, h_diag, group_size: int, widths: Sequence[int], mode: st
     return out
 
 
-def allocate_groups(spec: LinearSpec, base_bits: int, *, salience=None, errors=None,
+def allocate_groups(spec: LayerSpec, base_bits: int, *, salience=None, errors=None,
                     error_widths: Optional[Sequence[int]] = None, budget_bits: Optional[int] = None,
                     allowed: Sequence[int] = SUPPORTED_BITS, ref_bits: int = 4) -> List[int]:
     """Per-logical-group widths for one linear around ``base_bits`` (module docstring).
@@ -475,13 +440,13 @@ def allocate_groups(spec: LinearSpec, base_bits: int, *, salience=None, errors=N
 # ---------------------------------------------------------------------------------------------
 # plans
 # ---------------------------------------------------------------------------------------------
-def _spec_map(specs) -> Dict[str, LinearSpec]:
+def _spec_map(specs) -> Dict[str, LayerSpec]:
     if isinstance(specs, Mapping):
         return dict(specs)
     return {s.fqn: s for s in specs}
 
 
-def make_plan(specs: Union[Sequence[LinearSpec], Mapping[str, LinearSpec]],
+def make_plan(specs: Union[Sequence[LayerSpec], Mapping[str, LayerSpec]],
               bits: Mapping[str, Union[int, Sequence[int]]]) -> Dict[str, Dict[str, Any]]:
     """The JSON-ready plan ``{fqn: {"bits", "group_size", "mode", "act_order", "cost_bits",
     "avg_bits"}}`` from per-linear widths (an int = uniform, or a per-logical-group list).
@@ -501,7 +466,7 @@ def make_plan(specs: Union[Sequence[LinearSpec], Mapping[str, LinearSpec]],
 
 
 def _shape_of(v) -> Tuple[int, int]:
-    if isinstance(v, LinearSpec):
+    if isinstance(v, LayerSpec):
         return v.n_out, v.k_in
     n, k = v
     return int(n), int(k)
@@ -518,9 +483,9 @@ def _plan_costs(plan, shapes):
 
 
 def plan_average_bits(plan: Mapping[str, Mapping[str, Any]],
-                      shapes: Mapping[str, Union[Tuple[int, int], LinearSpec]]) -> float:
+                      shapes: Mapping[str, Union[Tuple[int, int], LayerSpec]]) -> float:
     """Exact model-level average bits of ``plan``, recomputed with ``tasa_ext.cost_bits``:
-    ``sum cost / sum N*K``. ``shapes``: ``{fqn: (n_out, k_in)}`` (or LinearSpec)."""
+    ``sum cost / sum N*K``. ``shapes``: ``{fqn: (n_out, k_in)}`` (or LayerSpec)."""
     c = w = 0
     for _, n, k, cost in _plan_costs(plan, shapes):
         c, w = c + cost, w + n * k
@@ -528,7 +493,7 @@ def plan_average_bits(plan: Mapping[str, Mapping[str, Any]],
 
 
 def plan_summary(plan: Mapping[str, Mapping[str, Any]],
-                 shapes: Mapping[str, Union[Tuple[int, int], LinearSpec]]) -> Dict[str, Any]:
+                 shapes: Mapping[str, Union[Tuple[int, int], LayerSpec]]) -> Dict[str, Any]:
     """Totals of a plan: linears, weights, exact cost and average bits, the code-only average
     width (no scales/tables), and the fraction of weights stored at each width."""
     c = w = code = 0

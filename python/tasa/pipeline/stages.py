@@ -105,11 +105,11 @@ def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: in
 
 # ---- stage 2: mixture search ------------------------------------------------------------------
 
-def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, alloc.LinearSpec]:
+def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, LayerSpec]:
     out = {}
     for name, m in default_targets(model).items():
         G = resolve_group_size(m.in_features, cfg.group_size)
-        out[name] = alloc.LinearSpec(name, m.out_features, m.in_features, G, cfg.mode,
+        out[name] = alloc.linear_spec(name, m.out_features, m.in_features, G, cfg.mode,
                                      cfg.act_order)
     return out
 
@@ -241,7 +241,7 @@ def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
         score = stats.normalize(prof["ppl"])
     else:
         score = stats.aggregate(prof["ppl"], s_tasks, beta)
-    specs = {f: alloc.LinearSpec(f, v["n_out"], v["k_in"], v["group_size"], v["mode"], act_order)
+    specs = {f: alloc.linear_spec(f, v["n_out"], v["k_in"], v["group_size"], v["mode"], act_order)
              for f, v in lin.items()}
     items = {u: [specs[f] for f in units[u]["linears"]] for u in names}
     la = alloc.allocate_layers(items, bits, sensitivities=dict(zip(names, score.tolist())),

@@ -30,15 +30,29 @@ _LAYER_KEYS = ("bits", "group_size", "mode", "act_order")
 _DERIVED_KEYS = ("cost_bits", "avg_bits")
 
 
+def _is_scalar(x) -> bool:
+    """An int / numpy or torch scalar (one width), not a list of widths."""
+    return not isinstance(x, (list, tuple)) and getattr(x, "ndim", 0) == 0
+
+
 @dataclasses.dataclass
 class LayerSpec:
-    """How one linear is quantized: ``bits`` (one width per logical group, length K/G),
-    ``group_size`` G, ``mode`` ("sym"/"asym") and ``act_order``."""
+    """How one linear is quantized -- tasa's one spec class: ``bits`` (one width per logical
+    group, length K/G; empty while the widths are still to be allocated), ``group_size`` G,
+    ``mode`` ("sym"/"asym") and ``act_order``; optionally the linear's ``name`` and shape
+    ``n_out`` x ``k_in`` (what the allocator needs: exact costs, :meth:`cost`).
+
+    Plans map module names to LayerSpecs (:func:`plan_to_dict` / :func:`plan_from_dict`), the
+    allocator's items are LayerSpecs with a shape (:func:`tasa.alloc.linear_spec`), TasaLinear
+    is built from one and reports its own (``TasaLinear.spec``)."""
 
     bits: list
     group_size: int
     mode: str = "sym"
     act_order: bool = False
+    name: str = ""
+    n_out: Optional[int] = None
+    k_in: Optional[int] = None
 
     def __post_init__(self):
         self.bits = [int(b) for b in self.bits]
@@ -48,6 +62,60 @@ class LayerSpec:
         except ValueError:
             raise ValueError(f"tasa: mode must be 'sym' or 'asym', got {self.mode!r}") from None
         self.act_order = bool(self.act_order)
+        if (self.n_out is None) != (self.k_in is None):
+            raise ValueError(f"{self.name}: give both n_out and k_in, or neither")
+        if self.n_out is not None:
+            self.n_out, self.k_in = int(self.n_out), int(self.k_in)
+            if self.n_out <= 0 or self.k_in <= 0:
+                raise ValueError(f"{self.name}: shape must be positive, got "
+                                 f"[{self.n_out}, {self.k_in}]")
+            G = self.group_size
+            if G <= 0 or G % tasa_ext.TILE_K or self.k_in % G:
+                raise ValueError(f"{self.name}: group_size {G} must be a positive multiple of "
+                                 f"{tasa_ext.TILE_K} dividing k_in={self.k_in}")
+
+    # -- with a shape: the allocator's view ------------------------------------------------
+    @property
+    def fqn(self) -> str:
+        return self.name
+
+    def _shape(self):
+        if self.n_out is None:
+            raise ValueError(f"tasa: {self.name or 'LayerSpec'} has no shape (n_out, k_in)")
+        return self.n_out, self.k_in
+
+    @property
+    def n_groups(self) -> int:
+        return self._shape()[1] // self.group_size
+
+    @property
+    def n_weights(self) -> int:
+        n, k = self._shape()
+        return n * k
+
+    @property
+    def n_pad(self) -> int:
+        return -(-self._shape()[0] // tasa_ext.COL_BLOCK) * tasa_ext.COL_BLOCK
+
+    def cost(self, bits=None) -> int:
+        """Exact ``tasa_ext.cost_bits`` of this linear at uniform ``bits`` (int), per-group
+        ``bits`` (list) or, by default, its own widths."""
+        n, k = self._shape()
+        if bits is None:
+            bits = self.bits
+        gb = [int(bits)] * self.n_groups if _is_scalar(bits) else [int(b) for b in bits]
+        if len(gb) != self.n_groups:
+            raise ValueError(f"{self.name}: {len(gb)} group widths for {self.n_groups} groups")
+        bad = [b for b in gb if b not in SUPPORTED_BITS]
+        if bad:
+            raise ValueError(f"{self.name}: unsupported widths {sorted(set(bad))} (supported "
+                             f"{SUPPORTED_BITS})")
+        return tasa_ext.cost_bits(n, k, self.group_size, gb, self.mode, self.act_order)
+
+    def with_bits(self, bits) -> "LayerSpec":
+        """This linear with the given per-group widths (an int: uniform)."""
+        gb = [int(bits)] * self.n_groups if _is_scalar(bits) else [int(b) for b in bits]
+        return dataclasses.replace(self, bits=gb)
 
     def validate(self, n_out: int, k_in: int, name: str = "layer") -> None:
         """Clear errors for a spec that does not fit a ``[n_out, k_in]`` weight."""
