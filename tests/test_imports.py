@@ -182,6 +182,46 @@ def test_report_does_not_import_the_pipeline(graph):
 
 # ---- the checker itself, on a small package written here -------------------------------------------
 
+def readme_layers() -> List[List[str]]:
+    """The python/tasa lines of the README's layout block, top to bottom: the module names each
+    line lists (``pipeline/`` = the pipeline package and its modules)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("python/tasa/                 the algorithms"):]
+    block = block[:block.index("\nbenchmarks/")]
+    layers, cont = [], False
+    for line in block.splitlines()[1:]:
+        if not line.startswith("  ") or line.startswith("   "):
+            continue                                  # a description's continuation
+        cell = line[2:31].strip()                     # the names column
+        names = [n.strip() for n in cell.split(",") if n.strip()]
+        if cont:
+            layers[-1].extend(names)                  # "a, b," continues on the next line
+        else:
+            layers.append(names)
+        cont = cell.endswith(",")
+    return layers
+
+
+def test_readme_layout_lists_every_module_in_import_order(graph):
+    """Every module of python/tasa is on one line of the README's layout, and each line
+    imports only modules on the lines above it (or its own)."""
+    rank = {}
+    for i, names in enumerate(readme_layers()):
+        for n in names:
+            mod = f"{ROOT}.{n.rstrip('/')}"
+            rank[mod] = i
+    def rank_of(m):
+        for cand in (m, m.rpartition(".")[0]):
+            if cand in rank:
+                return rank[cand]
+        return None
+    unlisted = sorted(m for m in graph if m != ROOT and rank_of(m) is None)
+    assert not unlisted, f"modules missing from the README layout: {unlisted}"
+    bad = [(a, b) for a, deps in graph.items() for b in deps
+           if a != ROOT and b != ROOT and rank_of(b) > rank_of(a)]
+    assert not bad, f"imports pointing up the README's layers: {bad}"
+
+
 def _package(tmp_path, files: Dict[str, str]) -> Path:
     for rel, text in files.items():
         p = tmp_path / "pkg" / rel
