@@ -16,6 +16,8 @@ from tasa import quant as Q
 from tasa.nn import TasaLinear, quantized_modules, swap_linears
 from tasa.driver import quantize_model
 
+from tasa.util import sha256_file
+
 from helpers import real_calib, tiny_llama, tiny_qwen2, write_legacy_folder
 
 
@@ -179,8 +181,19 @@ def test_load_refuses_bad_tensors(tmp_path):
     wfile = out / "model.safetensors"
     good = load_file(str(wfile))
 
-    def write(sd):
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    assert cfg["quantization_config"]["checksums"]["model.safetensors"] == sha256_file(wfile)
+    sd = dict(good)
+    sd["model.norm.weight"] = sd["model.norm.weight"] + 1    # damaged, checksum not updated
+    save_file(sd, str(wfile), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match the sha256 recorded in config.json"):
+        tio.load_quantized(out)
+
+    def write(sd):            # a crafted file with a consistent checksum: deeper checks catch it
         save_file(sd, str(wfile), metadata={"format": "pt"})
+        cfg["quantization_config"]["checksums"]["model.safetensors"] = sha256_file(wfile)
+        cfg_file.write_text(json.dumps(cfg))
 
     sd = dict(good)
     del sd["model.norm.weight"]                      # a full-precision tensor missing

@@ -118,7 +118,9 @@ def test_measurement_contents(measured):
     assert isinstance(m, Measurement)
     on_disk = Measurement.load(d)
     assert on_disk.complete and on_disk.sensitivity.complete
-    assert on_disk.config == cfg.measure_fingerprint()
+    assert on_disk.config == pipeline.measure_fingerprint(tiny3(), cfg)
+    assert on_disk.config["weights"] == pipeline.weights_digest(tiny3())
+    assert pipeline.weights_digest(tiny3(seed=1)) != on_disk.config["weights"]
     assert on_disk.to_dict() == json.loads(json.dumps(m.to_dict()))   # what is returned is saved
     mix = m.mixture
     assert 0.0 <= mix.alpha_star <= 1.0
@@ -168,7 +170,17 @@ def test_resume_after_interruption_gives_the_same_plan(measured, tmp_path, monke
     with pytest.raises(ValueError, match="other settings"):
         pipeline.measure(tiny3(), ByteTok(), tiny_cfg(sens_bits=2), path, progress=False,
                          log=lambda s: None)
-    assert Measurement.load(path).config == cfg.measure_fingerprint()
+    assert Measurement.load(path).config == pipeline.measure_fingerprint(tiny3(), cfg)
+    # other weights behind the same settings (a model folder overwritten): refused too
+    with pytest.raises(ValueError, match="weights"):
+        pipeline.measure(tiny3(seed=1), ByteTok(), cfg, path, progress=False, log=lambda s: None)
+    # a measurement from before weight fingerprints resumes on its settings, saying so
+    old = Measurement.load(path)
+    del old.config["weights"]
+    old.save(path)
+    logs = []
+    pipeline.measure(tiny3(), ByteTok(), cfg, path, progress=False, log=logs.append)
+    assert any("predates weight fingerprints" in s for s in logs)
 
 
 @pytest.mark.parametrize("bits", [3.3, 3.5, 4.0, 4.4, 6.0])

@@ -36,6 +36,7 @@ import tasa_ext
 
 from .nn import TasaLinear, expected_buffers, make_gtable, set_module, validate_tables
 from .quant import LayerSpec
+from .util import sha256_file
 
 __all__ = ["QUANT_METHOD", "CONFIG_VERSION", "TasaConfig", "TasaHfQuantizer", "read_safetensors_header",
            "CONVERT_HINT"]
@@ -57,7 +58,8 @@ class TasaConfig(QuantizationConfigMixin):
     def __init__(self, modules: Optional[Mapping[str, Mapping]] = None, version: int = CONFIG_VERSION,
                  format_version: int = tasa_ext.FORMAT_VERSION, group_size: Optional[int] = None,
                  mode: Optional[str] = None, modules_to_not_convert: Optional[list] = None,
-                 meta: Optional[dict] = None, quant_method: str = QUANT_METHOD, **kwargs):
+                 meta: Optional[dict] = None, quant_method: str = QUANT_METHOD,
+                 checksums: Optional[dict] = None, **kwargs):
         if str(getattr(quant_method, "value", quant_method)) != QUANT_METHOD:
             raise ValueError(f"tasa: quantization_config names quant_method {quant_method!r}, "
                              f"not {QUANT_METHOD!r}")
@@ -83,6 +85,12 @@ class TasaConfig(QuantizationConfigMixin):
         self.mode = mode if mode is not None else (ms.pop() if len(ms) == 1 else None)
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else ["lm_head"]
         self.meta = dict(meta or {})
+        # sha256 of the tensor files, written by tasa.io.save_quantized into config.json and
+        # verified on load; not serialized again (a re-save writes other files)
+        if checksums is not None and not (isinstance(checksums, dict) and all(
+                isinstance(v, str) for v in checksums.values())):
+            raise ValueError("tasa: quantization_config checksums must map file names to sha256")
+        self.checksums = dict(checksums or {})
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, LayerSpec], meta: Optional[dict] = None) -> "TasaConfig":
@@ -126,7 +134,22 @@ _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.float32: "F32"}
 
 
-def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files) -> None:
+def _verify_checksums(files, checksums: Mapping[str, str]) -> None:
+    if not checksums:
+        return
+    for f in files:
+        want = checksums.get(f.name)
+        if want is None:
+            raise ValueError(f"tasa: {f} has no checksum in the quantization_config (a file "
+                             f"that tasa did not write)")
+        if sha256_file(f) != want:
+            raise ValueError(f"tasa: {f} does not match the sha256 recorded in config.json: the "
+                             f"file is damaged or belongs to another model (an interrupted "
+                             f"write?); re-save or re-quantize")
+
+
+def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files,
+                      checksums: Optional[Mapping[str, str]] = None) -> None:
     """Every planned module: exactly its TasaLinear buffers, with the expected shapes and integer
     / fp16 dtypes; no checkpoint that would need pickle."""
     files = [Path(f) for f in (files or [])]
@@ -136,6 +159,7 @@ def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files) -
                          f"pickle; tasa folders store model.safetensors only")
     if not files:
         return None
+    _verify_checksums(files, checksums or {})
     header: Dict[str, dict] = {}
     for f in files:
         header.update(read_safetensors_header(f))
@@ -203,7 +227,8 @@ class TasaHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         specs = self.quantization_config.layer_specs()
-        header = _check_checkpoint(model, specs, checkpoint_files)
+        header = _check_checkpoint(model, specs, checkpoint_files,
+                                   getattr(self.quantization_config, "checksums", None))
         for name, spec in specs.items():
             lin = model.get_submodule(name)
             with torch.device("meta"):

@@ -9,6 +9,8 @@ A saved model is a transformers folder, written by ``model.save_pretrained``:
   once, as transformers writes them)
 * ``generation_config.json`` and the tokenizer files (when a tokenizer is given)
 
+``quantization_config.checksums`` holds the sha256 of every tensor file, verified before loading.
+
 so, after ``import tasa``, ``AutoModelForCausalLM.from_pretrained(folder)`` loads it (through
 :class:`tasa.hf.TasaHfQuantizer`, which checks the tensors against the plan first) and lm-eval's
 ``HFLM(pretrained=folder)`` evaluates it. :func:`save_quantized` writes into a temporary folder
@@ -38,8 +40,11 @@ import tasa_ext
 from .hf import QUANT_METHOD, TasaConfig
 from .nn import swap_linears
 from .quant import LayerSpec, plan_from_dict
+from .util import atomic_write_bytes, fault_point, sha256_file
 
-__all__ = ["save_quantized", "load_quantized", "convert_legacy", "folder_kind", "HF_CONFIG_NAME",
+__all__ = ["save_quantized", "load_quantized", "convert_legacy", "folder_kind", "retire_model",
+           "check_output_folder",
+           "HF_CONFIG_NAME",
            "LEGACY_CONFIG_NAME", "WEIGHTS_NAME"]
 
 HF_CONFIG_NAME = "config.json"
@@ -70,21 +75,59 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"tasa: {path} exists and is not a folder")
+    check_output_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path, prefix=".save-"))
     try:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        # config.json last: it is what makes the folder a loadable model
+        # the manifest: config.json records the sha256 of every tensor file (verified on load)
+        cfg_file = tmp / HF_CONFIG_NAME
+        cfg = json.loads(cfg_file.read_text())
+        cfg["quantization_config"]["checksums"] = {
+            f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+        atomic_write_bytes(cfg_file, json.dumps(cfg, indent=2, sort_keys=True).encode())
+        # an older model's config goes first (the folder stops claiming a model), the new one
+        # comes last (it is what makes the folder a loadable model); between the two, a kill
+        # leaves a folder that refuses to load, never a mix that loads
+        for stale in (path / HF_CONFIG_NAME, path / LEGACY_CONFIG_NAME):
+            if stale.exists():
+                stale.unlink()
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == HF_CONFIG_NAME):
+            if f.name == HF_CONFIG_NAME:
+                fault_point("save:before-config")
             os.replace(f, path / f.name)
-        stale = path / LEGACY_CONFIG_NAME     # describes an older model in this folder
-        if stale.exists():
-            stale.unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def retire_model(path) -> None:
+    """Makes ``path`` stop claiming a model (its config.json / tasa_config.json removed; the
+    tensor files stay until the next save replaces them): called before a run writes a new plan
+    beside an older model."""
+    check_output_folder(path)
+    for name in (HF_CONFIG_NAME, LEGACY_CONFIG_NAME):
+        f = Path(path) / name
+        if f.exists():
+            f.unlink()
+
+
+def check_output_folder(path) -> None:
+    """Refuses an output folder that holds a model tasa did not write (a config.json without a
+    tasa quantization_config): writing there would replace someone's checkpoint."""
+    f = Path(path) / HF_CONFIG_NAME
+    if not f.is_file():
+        return
+    try:
+        qc = json.loads(f.read_text()).get("quantization_config")
+    except (ValueError, AttributeError):
+        qc = None
+    if not (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD):
+        raise ValueError(f"tasa: {path} holds a model that tasa did not write ({f} has no tasa "
+                         f"quantization_config); writing there would replace it. Choose another "
+                         f"--out")
 
 
 def folder_kind(path) -> str:

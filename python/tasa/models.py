@@ -30,8 +30,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .util import sha256_file
+
 __all__ = [
-    "ModelSpec", "ModelInfo", "REGISTRY", "cache_dir", "resolve_gguf", "load_model", "sha256_file",
+    "ModelSpec", "ModelInfo", "REGISTRY", "cache_dir", "resolve_gguf", "load_model",
 ]
 
 
@@ -105,17 +107,6 @@ def cache_dir() -> Path:
     """``$TASA_CACHE`` or ``~/.cache/tasa`` (created on demand)."""
     root = os.environ.get("TASA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tasa")
     return Path(root)
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _module_dir(module: str, spec: ModelSpec) -> Path:

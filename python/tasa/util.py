@@ -3,9 +3,13 @@ values, denormal flushing, peak memory. Imports nothing from tasa."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import resource
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,26 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "flush_denormals",
-           "peak_rss_mib"]
+           "peak_rss_mib", "sha256_file", "folder_lock", "clean_stale_temps", "fault_point", "FAULT_ENV"]
+
+# Fault injection for the tests (tests/test_reliability.py): with TASA_FAULT=<point> the process
+# kills itself (SIGKILL: no cleanup, no finally) when it reaches that write point; <point>:<n>
+# at its n-th visit. Unset in normal use: one environment lookup per write.
+FAULT_ENV = "TASA_FAULT"
+_fault_visits: dict = {}
+
+
+def fault_point(name: str) -> None:
+    """A named write point: SIGKILL here when ``$TASA_FAULT`` names it (see above)."""
+    want = os.environ.get(FAULT_ENV)
+    if not want:
+        return
+    point, _, nth = want.partition(":")
+    if point != name:
+        return
+    _fault_visits[name] = _fault_visits.get(name, 0) + 1
+    if _fault_visits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -25,7 +48,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            fault_point(f"write:{path.name}")        # a kill in the middle of a write
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -65,5 +90,54 @@ def flush_denormals():
             torch.set_flush_denormal(False)
 
 
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextlib.contextmanager
+def folder_lock(path):
+    """An exclusive lock on output folder ``path`` (``.tasa.lock`` inside it, ``flock``: released
+    by the kernel when the process dies, so a killed run never leaves it locked). A second
+    writer gets a ``RuntimeError`` at once instead of racing the first."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".tasa.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"tasa: another tasa run is writing into {path} (its lock "
+                               f"{path / '.tasa.lock'} is held); wait for it or use another "
+                               f"--out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temps(path) -> list:
+    """Removes what a killed writer left in ``path``: ``.<name>.*.tmp`` files of
+    :func:`atomic_write_bytes` and ``.save-*`` folders of ``tasa.io.save_quantized``. Call it
+    holding :func:`folder_lock`. Returns the names removed."""
+    path = Path(path)
+    gone = []
+    if not path.is_dir():
+        return gone
+    for p in path.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink()
+            gone.append(p.name)
+        elif p.name.startswith(".save-") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone

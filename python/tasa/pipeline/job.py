@@ -16,14 +16,16 @@ import tasa_ext
 
 from .. import alloc, data, defaults
 from .. import io as tio
+from ..io import check_output_folder, retire_model
 from ..measurement import Measurement
 from ..models import ModelInfo, load_model
 from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
 from ..report import write_report
-from ..util import peak_rss_mib, write_json_atomic
+from ..util import clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
 from .config import PipelineConfig
-from .stages import Log, allocate, check_budget, measure, plan_document, quantize_with_plan, split_data
+from .stages import (Log, allocate, check_budget, check_same_model, measure, measure_fingerprint,
+                     plan_document, quantize_with_plan, split_data)
 
 __all__ = ["run"]
 
@@ -40,9 +42,24 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
     instead of measuring and allocating -- no measurement, no report; GPTQ calibrates with
     ``cfg.alpha``, else the plan's recorded alpha, else general text only."""
     cfg.validate()
-    log = Log(quiet)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"tasa: --out {out} is a file, not a folder")
+    if model is None and Path(cfg.model).is_dir() and Path(cfg.model).resolve() == out.resolve():
+        raise ValueError(f"tasa: --out {out} is the --model folder; writing there would replace "
+                         f"the source checkpoint. Choose another --out")
+    check_output_folder(out)
+    with folder_lock(out):
+        removed = clean_stale_temps(out)
+        return _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer,
+                    plan, removed)
+
+
+def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer, plan,
+         removed):
+    log = Log(quiet)
+    if removed:
+        log(f"removed what an interrupted run left in {out}: {', '.join(removed)}")
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -72,7 +89,9 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
         log(f"quantizing with the given plan ({len(given)} linears; no measurement)")
     elif measurement_from is not None:
         m = Measurement.load(measurement_from)
-        m.check_settings(cfg.measure_fingerprint(), str(measurement_from))
+        fp = measure_fingerprint(model, cfg)
+        check_same_model(m, fp, str(measurement_from), log)
+        m.config = fp
         if not m.complete:
             raise ValueError(f"tasa: {measurement_from} is incomplete; resume it with its own --out")
         m.save(mpath)
@@ -94,6 +113,10 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
 
     ref_ppl = quick_ppl("eval_reference")     # before the model is quantized in place
     shapes = {f: (mod.out_features, mod.in_features) for f, mod in default_targets(model).items()}
+    # a model from an earlier run in this folder stops being one before the new plan is
+    # written: a kill from here on leaves plan.json and no loadable model, never a new plan
+    # beside the old model
+    retire_model(out)
     if plan is None:       # allocation
         t = time.perf_counter()
         A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)

@@ -35,6 +35,7 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
            "allocate", "check_budget", "plan_document", "as_layer_specs", "quantize_with_plan",
-           "measure", "Log"]
+           "measure", "measure_fingerprint", "weights_digest", "check_same_model", "Log"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -340,18 +341,45 @@ class Log:
             print(f"[tasa] {msg}", flush=True)
 
 
+def weights_digest(model: nn.Module) -> str:
+    """blake2b of every tensor of the model's state (names, shapes, dtypes, bytes): the
+    measurement belongs to these weights, not to a path whose contents may change (~1 s per
+    500 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def measure_fingerprint(model: nn.Module, cfg: PipelineConfig) -> dict:
+    """What a measurement depends on: the measurement settings and the model's weights."""
+    return {**cfg.measure_fingerprint(), "weights": weights_digest(model)}
+
+
+def check_same_model(m: Measurement, fp: Mapping, what: str, log=print, hint: str = "") -> None:
+    """:meth:`Measurement.check_settings` against ``fp`` (:func:`measure_fingerprint`); a
+    measurement written before weights were fingerprinted is accepted on its settings, said."""
+    if "weights" not in m.config:
+        log(f"{what} predates weight fingerprints: checked on its settings only")
+        fp = {k: v for k, v in fp.items() if k != "weights"}
+    m.check_settings(fp, what, hint)
+
+
 def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = False,
             progress: bool = True, log=print, split: Optional[dict] = None) -> Measurement:
     """Stages 1-3 with resume: ``path`` (measurement.json) is updated after every stage and
     every sensitivity probe; an existing file made with the same settings is continued, one
     made with other settings is an error (never overwritten silently) unless ``fresh``.
     ``split``: :func:`split_data` of ``cfg``, if the caller has it already."""
-    fp = cfg.measure_fingerprint()
+    fp = measure_fingerprint(model, cfg)
     m = None
     if path.is_file() and not fresh:
         m = Measurement.load(path)
-        m.check_settings(fp, str(path), "use another --out, pass --fresh to discard it, or "
-                         "re-use it with the same settings")
+        check_same_model(m, fp, str(path), log, "use another --out, pass --fresh to discard "
+                         "it, or re-use it with the same settings and model")
+        m.config = dict(fp)          # (records the weights of a pre-fingerprint file)
         log(f"resuming from {path}")
     if m is None:
         m = Measurement(config=fp, format_version=tasa_ext.FORMAT_VERSION,
