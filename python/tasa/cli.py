@@ -30,7 +30,7 @@ from . import eval as tev
 from .io import convert_legacy, load_quantized
 from .measurement import Measurement
 from .models import load_model
-from .util import write_json_atomic
+from .util import FolderLockedError, write_json_atomic
 
 
 def cmd_info(args) -> int:
@@ -116,6 +116,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _non_negative(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {s!r}")
+    return v
+
+
 def _widths(s: str) -> tuple:
     try:
         return tuple(sorted({int(x) for x in s.split(",") if x.strip()}))
@@ -143,13 +153,29 @@ def cmd_quantize(args) -> int:
     try:
         summary = pipeline.run(cfg, args.out, fresh=args.fresh, measurement_from=args.measurement,
                                progress=not args.no_progress, quiet=args.quiet, plan=args.plan)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+    except (ValueError, KeyError, OSError, ImportError, FolderLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("avg_bits", "alpha_star", "ppl_reference",
                                               "ppl_quantized", "peak_rss_mib")}
                      | {"seconds": round(summary["timings_s"]["total"], 1), "out": args.out}))
     return 0
+
+
+def _check_plan_target(out: Path) -> None:
+    """``tasa allocate --out`` may replace a plan, never another file (a measurement, a model
+    config ...)."""
+    if not out.exists():
+        return
+    try:
+        doc = json.loads(out.read_text())
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    is_plan = isinstance(doc, dict) and "layers" in doc and doc.get("kind", "tasa.plan") == "tasa.plan"
+    if not is_plan:
+        raise ValueError(f"tasa: --out {out} exists and is not a tasa plan "
+                         f"({(doc or {}).get('kind', 'not a plan') if isinstance(doc, dict) else 'not JSON'}); "
+                         f"refusing to overwrite it")
 
 
 def cmd_allocate(args) -> int:
@@ -162,6 +188,11 @@ def cmd_allocate(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         out = out / defaults.PLAN_NAME
+    try:
+        _check_plan_target(out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_json_atomic(out, pipeline.plan_document(m, A))
     s = A["summary"]
     print(f"{out}: {s['avg_bits']:.4f} average bits (budget {args.bits}); "
@@ -246,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of measuring and allocating; --bits is then ignored")
     p.add_argument("--fresh", action="store_true",
                    help="discard a measurement.json of other settings found in --out")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="torch threads (0: torch default)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_quantize)

@@ -63,8 +63,19 @@ def read_text(path) -> str:
 
 
 def _read_jsonl(path) -> list[dict]:
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"tasa: {path}, line {i}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"tasa: {path}, line {i}: expected a JSON object per line")
+            out.append(row)
+    return out
 
 
 def _hf(name: str, config: Optional[str], split: str):

@@ -22,6 +22,7 @@ before any kernel can run. Pickle checkpoints (``*.bin``) are refused.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -196,7 +197,8 @@ def _check_all_keys(model: nn.Module, header: Mapping[str, dict]) -> None:
     """The checkpoint holds exactly the swapped model's state (tied copies may be absent):
     transformers would only warn and initialize a missing tensor at random, or drop packed
     tensors of a module the plan does not name."""
-    want = set(model.state_dict().keys())
+    sd = model.state_dict()                 # meta tensors: shapes only, nothing allocated
+    want = set(sd.keys())
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     missing = sorted(k for k in want - set(header) if not (k in tied and tied[k] in header))
     extra = sorted(set(header) - want)
@@ -206,6 +208,11 @@ def _check_all_keys(model: nn.Module, header: Mapping[str, dict]) -> None:
         raise ValueError(f"tasa: the checkpoint does not match the model and its "
                          f"quantization_config: missing tensors {few(missing)}, unexpected "
                          f"tensors {few(extra)}")
+    for k in sorted(want & set(header)):
+        if list(sd[k].shape) != list(header[k]["shape"]):
+            raise ValueError(f"tasa: {k} has shape {header[k]['shape']} in the checkpoint but "
+                             f"{list(sd[k].shape)} in config.json's model (a tampered or "
+                             f"mismatched config?)")
 
 
 class TasaHfQuantizer(HfQuantizer):
@@ -224,6 +231,19 @@ class TasaHfQuantizer(HfQuantizer):
             if (d.startswith("cuda") or d.isdigit()) and not tasa_ext.build_info().get("with_cuda"):
                 raise ValueError("tasa: device_map asks for CUDA but this tasa_ext build has no "
                                  "CUDA kernels (reinstall on a machine whose torch has CUDA)")
+
+    def update_attn_implementation(self, config):
+        """Called with the model config before the model is built: a config asking for more
+        decoder layers than the tasa plan covers is refused here (building 10^6 layers, even
+        on the meta device, would exhaust memory before any tensor is compared)."""
+        n = getattr(config.get_text_config(), "num_hidden_layers", None)
+        idx = [int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", k + ".")
+                                         for k in self.quantization_config.modules) if m]
+        if isinstance(n, int) and idx and n > max(idx) + 1:
+            raise ValueError(f"tasa: config.json asks for {n} decoder layers but the tasa "
+                             f"quantization_config covers layers 0..{max(idx)} only (a tampered "
+                             f"or mismatched config?)")
+        return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         specs = self.quantization_config.layer_specs()

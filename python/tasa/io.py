@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import tasa_ext
 
 from .hf import QUANT_METHOD, TasaConfig
-from .nn import swap_linears
+from .nn import TasaLinear, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
 from .util import atomic_write_bytes, fault_point, sha256_file
 
@@ -200,10 +200,15 @@ def read_config(path) -> dict:
     p = Path(path) / LEGACY_CONFIG_NAME
     if not p.is_file():
         raise FileNotFoundError(f"tasa: {p} not found (not a saved tasa model folder?)")
-    cfg = json.loads(p.read_text())
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"tasa: {p} is not JSON ({e})") from None
+    if not isinstance(cfg, dict) or "plan" not in cfg:
+        raise ValueError(f"tasa: {p} has no \"plan\": not a tasa model config")
     v = cfg.get("format_version")
     if v != tasa_ext.FORMAT_VERSION:
-        raise ValueError(f"tasa: {p} has format_version {v}, but this build of tasa_ext reads "
+        raise ValueError(f"tasa: {p} has format_version {v!r}, but this build of tasa_ext reads "
                          f"format_version {tasa_ext.FORMAT_VERSION}; re-quantize or use a "
                          f"matching tasa version")
     return cfg
@@ -263,6 +268,9 @@ def _load_legacy(path, model: Optional[nn.Module] = None, dtype: torch.dtype = t
         if k in expected and src in state and k not in state:
             state[k] = state[src]
     model.load_state_dict(state, strict=True)
+    for name, m in model.named_modules():     # loaded offsets, checked before any kernel runs
+        if isinstance(m, TasaLinear):
+            validate_tables(m, name)
     model.tasa_plan = plan
     model.tasa_config = cfg
     return model.to(device).eval()

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -196,9 +197,20 @@ def _gguf_cache_key(path: Path) -> str:
 def _load_dir(path, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"tasa: {path} has no config.json: not a transformers checkpoint "
+                                f"folder")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        # transformers would go on with these initialized at random: the next step would
+        # quantize (or evaluate) random weights
+        raise ValueError(f"tasa: the checkpoint in {path} lacks {len(missing)} tensors "
+                         f"({missing[:4]}{' ...' if len(missing) > 4 else ''}); they would be "
+                         f"randomly initialized. A partial or overwritten checkpoint?")
     return model.to(device).eval(), tok
 
 
@@ -207,8 +219,13 @@ def _load_gguf(path: Path, dtype, device, use_cache: bool, source: str):
 
     cached = cache_dir() / "models" / _gguf_cache_key(path)
     if use_cache and (cached / "tasa_source.json").is_file():
-        model, tok = _load_dir(cached, dtype, device)
-        return model, tok, str(cached)
+        try:
+            model, tok = _load_dir(cached, dtype, device)
+            return model, tok, str(cached)
+        except Exception as e:       # a damaged cache is rebuilt, never a dead end
+            warnings.warn(f"tasa: the dequantized-model cache {cached} does not load "
+                          f"({str(e).splitlines()[0][:200]}); rebuilding it from {path}")
+            shutil.rmtree(cached, ignore_errors=True)
     try:
         import gguf  # noqa: F401
     except ImportError as e:
@@ -270,12 +287,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         meta = Path(src) / "tasa_source.json"
         if meta.is_file():
             info.prequantized = "GGUF (dequantized cache)"
+    elif src.startswith(("/", ".", "~")) or src.count("/") > 1 or os.sep != "/" and os.sep in src:
+        raise FileNotFoundError(f"tasa: model folder {src!r} does not exist")
     elif os.path.exists(src) or "/" not in src:
         raise KeyError(f"tasa: unknown model {src!r}: not a registry name "
                        f"({sorted(k for k in REGISTRY if REGISTRY[k].name == k)}), a .gguf file, "
                        f"a local checkpoint directory, or an owner/name Hugging Face id")
     else:
-        model, tok = _load_dir(src, dtype, device, trust_remote_code)
+        try:
+            model, tok = _load_dir(src, dtype, device, trust_remote_code)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"tasa: cannot load {src!r} from the Hugging Face hub ({str(e).splitlines()[0]}); "
+                f"offline, use a registry name, a .gguf file or a local folder") from None
         info = ModelInfo(src, "hub")
     model.tasa_info = info
     return model, tok, info

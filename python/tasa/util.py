@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "flush_denormals",
-           "peak_rss_mib", "sha256_file", "folder_lock", "clean_stale_temps", "fault_point", "FAULT_ENV"]
+           "peak_rss_mib", "sha256_file", "folder_lock", "FolderLockedError", "clean_stale_temps", "fault_point", "FAULT_ENV"]
 
 # Fault injection for the tests (tests/test_reliability.py): with TASA_FAULT=<point> the process
-# kills itself (SIGKILL: no cleanup, no finally) when it reaches that write point; <point>:<n>
+# kills itself (SIGKILL: no cleanup, no finally) when it reaches that write point; <point>@<n>
 # at its n-th visit. Unset in normal use: one environment lookup per write.
 FAULT_ENV = "TASA_FAULT"
 _fault_visits: dict = {}
@@ -32,7 +32,7 @@ def fault_point(name: str) -> None:
     want = os.environ.get(FAULT_ENV)
     if not want:
         return
-    point, _, nth = want.partition(":")
+    point, _, nth = want.partition("@")
     if point != name:
         return
     _fault_visits[name] = _fault_visits.get(name, 0) + 1
@@ -105,6 +105,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class FolderLockedError(RuntimeError):
+    """Another process holds the output folder's lock."""
+
+
 @contextlib.contextmanager
 def folder_lock(path):
     """An exclusive lock on output folder ``path`` (``.tasa.lock`` inside it, ``flock``: released
@@ -117,7 +121,7 @@ def folder_lock(path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"tasa: another tasa run is writing into {path} (its lock "
+            raise FolderLockedError(f"tasa: another tasa run is writing into {path} (its lock "
                                f"{path / '.tasa.lock'} is held); wait for it or use another "
                                f"--out") from None
         yield

