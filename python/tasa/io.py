@@ -40,7 +40,7 @@ import tasa_ext
 from .hf import QUANT_METHOD, TasaConfig
 from .nn import TasaLinear, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
-from .util import atomic_write_bytes, fault_point, sha256_file
+from .util import atomic_write_bytes, fault_point, read_json, sha256_file
 
 __all__ = ["save_quantized", "load_quantized", "convert_legacy", "folder_kind", "retire_model",
            "check_output_folder",
@@ -138,11 +138,8 @@ def folder_kind(path) -> str:
         raise FileNotFoundError(f"tasa: {path} is not a folder")
     cfg_file = path / HF_CONFIG_NAME
     if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except ValueError as e:
-            raise ValueError(f"tasa: {cfg_file} is not JSON ({e})") from None
-        qc = cfg.get("quantization_config")
+        cfg = read_json(cfg_file)
+        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
         if isinstance(qc, dict):
             method = qc.get("quant_method")
             if method != QUANT_METHOD:
@@ -198,12 +195,7 @@ def convert_legacy(src, dst) -> Path:
 def read_config(path) -> dict:
     """The ``tasa_config.json`` of a layout-1 folder, version-checked."""
     p = Path(path) / LEGACY_CONFIG_NAME
-    if not p.is_file():
-        raise FileNotFoundError(f"tasa: {p} not found (not a saved tasa model folder?)")
-    try:
-        cfg = json.loads(p.read_text())
-    except ValueError as e:
-        raise ValueError(f"tasa: {p} is not JSON ({e})") from None
+    cfg = read_json(p, "tasa model config (not a saved tasa model folder?)")
     if not isinstance(cfg, dict) or "plan" not in cfg:
         raise ValueError(f"tasa: {p} has no \"plan\": not a tasa model config")
     v = cfg.get("format_version")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "flush_denormals",
-           "peak_rss_mib", "sha256_file", "folder_lock", "FolderLockedError", "clean_stale_temps", "fault_point", "FAULT_ENV"]
+           "peak_rss_mib", "sha256_file", "read_json", "folder_lock", "FolderLockedError", "clean_stale_temps", "fault_point", "FAULT_ENV"]
 
 # Fault injection for the tests (tests/test_reliability.py): with TASA_FAULT=<point> the process
 # kills itself (SIGKILL: no cleanup, no finally) when it reaches that write point; <point>@<n>
@@ -69,6 +69,18 @@ def json_default(o: Any):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(path, what: str = "file"):
+    """The JSON in ``path``; ``FileNotFoundError`` / ``ValueError`` naming the file (and
+    ``what`` it should be) instead of a traceback from the parser."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"tasa: {what} {p} not found")
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"tasa: {p} is not JSON ({e})") from None
 
 
 def write_json_atomic(path, obj, default=json_default) -> None:

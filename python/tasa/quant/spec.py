@@ -6,7 +6,6 @@ The bottom of tasa's quantization layers: imports only torch and tasa_ext.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -16,6 +15,7 @@ import tasa_ext
 from tasa_ext.format import QuantMode
 
 from .. import defaults
+from ..util import read_json
 
 __all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "PLAN_KIND", "PLAN_VERSION", "plan_to_dict",
            "plan_from_dict", "plan_shapes", "read_plan", "check_plan",
@@ -226,12 +226,7 @@ def read_plan(path) -> Tuple[dict, dict]:
     p = Path(path)
     if p.is_dir():
         p = p / "plan.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"tasa: plan file {p} not found")
-    try:
-        doc = json.loads(p.read_text())
-    except ValueError as e:
-        raise ValueError(f"tasa: {p} is not JSON ({e})") from None
+    doc = read_json(p, "plan file")
     return plan_from_dict(doc, source=str(p)), doc
 
 
