@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import defaults
-from .driver import quantize_model
+from .driver import quantize_lm_head, quantize_model
 from .hf import TasaConfig
 from .io import load_quantized, save_quantized
 from .pipeline import PipelineConfig, run
@@ -66,6 +66,7 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
                          method=method, **settings)
     if bits is not None:
         cfg.bits = float(bits)
+    cfg.validate()
     if plan is not None:
         if isinstance(plan, (str, os.PathLike)):
             specs, doc = read_plan(plan)
@@ -84,6 +85,10 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
                   if n in specs}
         quantize_model(model, specs, "rtn", progress=progress)
         meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
+        if cfg.lm_head_bits:
+            hname, hspec = quantize_lm_head(model, cfg.lm_head_bits, cfg.group_size, cfg.mode)
+            specs = {**specs, hname: hspec}
+            meta["lm_head_bits"] = cfg.lm_head_bits
         model.config.quantization_config = TasaConfig.from_plan(specs, meta=meta)
         if out is not None:
             save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)

@@ -5,6 +5,7 @@
     tasa allocate --measurement F --bits B --out plan.json   re-allocate from a measurement
                                    (seconds, no model or data needed)
     tasa eval ...                  lm-eval evaluation of a model or a saved quantized model
+    tasa generate --model M --prompt TEXT   greedy generation, streamed (tasa's decode loop)
     tasa convert OLD NEW           rewrite an older tasa folder as a transformers folder
     tasa info                      build and machine information
     tasa demo [--n N --k K ...]    pack a random mixed-bit matrix, check the fused kernel against
@@ -25,7 +26,7 @@ from tasa_ext import reference
 from tasa_ext.machine import timeit
 from tasa_ext.testing import random_packed
 
-from . import defaults, pipeline
+from . import defaults, generation, pipeline
 from . import eval as tev
 from .io import convert_legacy, load_quantized
 from .measurement import Measurement
@@ -74,6 +75,39 @@ def _parse_fewshot(s: Optional[str]):
         k, _, v = part.partition("=")
         out[k.strip()] = int(v)
     return out
+
+
+def cmd_generate(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tok, _info = load_model(args.model)
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shown = []
+    state = {"text": ""}
+
+    def on_token(t):                 # stream: print what the new token adds to the decoded text
+        shown.append(t)
+        text = tok.decode(shown, skip_special_tokens=True)
+        if text.startswith(state["text"]) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(state["text"]):])
+            sys.stdout.flush()
+            state["text"] = text
+
+    sys.stdout.write(args.prompt)
+    try:
+        r = generation.generate(model, tok, args.prompt, args.max_new_tokens,
+                                fast=not args.eager, on_token=on_token)
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(r.text[len(state["text"]):] + "\n")
+    print(f"[tasa] {len(r.tokens)} new tokens ({r.path} path): prefill {r.n_prompt} tokens at "
+          f"{r.prefill_tokens_per_s:.1f} tokens/s, decode {r.decode_tokens_per_s:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -137,7 +171,7 @@ def _pipeline_config(args):
     cfg = pipeline.PipelineConfig()
     for f in ("model", "bits", "data", "seed", "group_size", "mode", "widths", "alpha", "beta",
               "sens_bits", "granularity", "method", "n_calib", "seqlen", "n_gen", "n_task",
-              "n_test", "mix_seqlen", "eval_windows", "act_order"):
+              "n_test", "mix_seqlen", "eval_windows", "act_order", "lm_head_bits"):
         v = getattr(args, f, None)
         if v is not None:
             setattr(cfg, f, v)
@@ -269,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None,
                    help="WikiText-2 windows for the report's perplexity check (0: skip)")
     p.add_argument("--no-intra", action="store_true", help="skip the intra-layer group step")
+    p.add_argument("--lm-head-bits", type=int, default=None, choices=[0, 2, 3, 4, 8],
+                   help="RTN-quantize the output projection (lm_head) to this width after GPTQ; "
+                        "0 (the default) keeps it in full precision. Reported apart from the "
+                        "decoder linears' average bits; a tied input embedding stays full "
+                        "precision and is untied")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--measurement", default=None,
                    help="re-use this measurement.json (same settings) instead of measuring")
@@ -291,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="plan.json path (or a folder)")
     p.set_defaults(fn=cmd_allocate)
     _add_eval_parser(sub)
+    p = sub.add_parser("generate", help="greedy text generation with the fast decode loop, "
+                                        "streamed")
+    p.add_argument("--model", default=defaults.MODEL,
+                   help="registry name, .gguf file, or a model folder (a tasa folder too)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--eager", action="store_true",
+                   help="use transformers' generate instead of tasa's decode loop")
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="torch threads (0: torch default)")
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("convert", help="rewrite a folder of an older tasa (tasa_config.json) as "
                                        "a transformers folder")
     p.add_argument("src", help="the old folder (kept as it is)")

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from . import calib
 from .nn import TasaLinear, set_module
-from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn
+from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn, resolve_group_size
 
-__all__ = ["quantize_model"]
+__all__ = ["quantize_model", "quantize_lm_head"]
 
 
 def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str = "gptq",
@@ -84,3 +84,37 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
     else:
         raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
     return {"seconds": time.perf_counter() - t0, "layers": len(plan), "errors": errors}
+
+
+def quantize_lm_head(model: nn.Module, bits: int, group_size: int = 128,
+                     mode: str = "asym") -> tuple:
+    """RTN-quantizes the output projection (lm_head) to ``bits`` in place and returns
+    ``(name, LayerSpec)``. Why: at batch 1 the fp32 lm_head of a small model is most of the
+    bytes read per token (SmolLM2-135M: 113 MB of 160 MB; 6.9 of 14 ms per token measured here).
+    RTN because GPTQ's block-wise capture covers decoder blocks only; at 8 bits its error is
+    far below the decoder's 3-4-bit noise.
+
+    A tied input embedding keeps its full-precision weight (a lookup reads one row per token,
+    so quantizing it saves no decode time) and the tie is dropped from the config, so saving
+    and loading keep the embedding and the packed head apart."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"tasa: the output projection is a {type(head).__name__}, not an "
+                         f"nn.Linear (already quantized?)")
+    name = next(n for n, m in model.named_modules() if m is head)
+    emb = model.get_input_embeddings()
+    tied = emb is not None and emb.weight.data_ptr() == head.weight.data_ptr()
+    K = head.in_features
+    G = resolve_group_size(K, group_size)
+    spec = LayerSpec([int(bits)] * (K // G), G, mode)
+    q = quantize_rtn(head.weight, spec, name=name)
+    set_module(model, name, TasaLinear.from_quantized(q, head.bias))
+    if tied:
+        emb.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        for cfg in {id(model.config): model.config,
+                    id(model.config.get_text_config()): model.config.get_text_config()}.values():
+            cfg.tie_word_embeddings = False
+        if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+            model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items()
+                                           if not k.startswith(name + ".")}
+    return name, spec

