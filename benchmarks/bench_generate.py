@@ -1,0 +1,269 @@
+"""End-to-end generation on the CPU: decode and prefill tokens/s and peak memory of a tasa model
+against transformers (fp32, bf16) and llama.cpp, side by side in one run.
+
+    python benchmarks/bench_generate.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--reps 5]
+
+Per model, each configuration runs in its own process (so peak RSS is that configuration's),
+batch 1, ``--threads`` threads (default 2):
+
+* ``hf-fp32`` / ``hf-bf16``: transformers ``generate`` (greedy) on the model (the dequantized
+  GGUF checkpoint the registry ships), in fp32 / bf16.
+* ``tasa-eager``: the model's 3.5-bit TASA plan (``pipeline.allocate`` on the committed
+  measurement in benchmarks/results/reproduction/<model>/), transformers ``generate``.
+* ``tasa-fast``: the same plan, output projection RTN 8-bit (``--lm-head-bits 8``), tasa's decode
+  loop (``tasa.generation``). ``tasa-fast-head32``: the loop with the full-precision head
+  (separates the two levers).
+* ``llama.cpp``: llama-cpp-python on the model's original GGUF (found installed, or skipped
+  with the command that installs it: it builds from source, ~6 minutes on 2 cores).
+
+Speed depends on the widths, not on how the codes were chosen, so the tasa rows quantize with
+RTN under the TASA plan (the GPTQ codes of ``tasa quantize`` give the same kernel work).
+Decode: ``--new`` tokens (default 128) after a 16-token prompt, forced (no early stop); prefill:
+one forward pass over a ``--prompt-len``-token prompt (default 512) up to the first token's
+logits. Medians with min-max over ``--reps`` repetitions (after one warm-up). Results:
+benchmarks/results/generate_cpu.{md,json} with machine, date, commit, command, load average,
+and torch.profiler tables of one decode step of tasa-eager and tasa-fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CONFIGS = ("hf-fp32", "hf-bf16", "tasa-eager", "tasa-fast-head32", "tasa-fast", "llama.cpp")
+MEASURED = HERE / "results" / "reproduction"
+INSTALL_LLAMA = "CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python==0.3.36"
+
+
+def _prompt_ids(tok, n: int, vocab: int):
+    """``n`` token ids of real text (the shipped WikiText-2 slice), ids < vocab."""
+    from tasa import data
+
+    ids = tok(data.load_wikitext2(None, "test")[:20000], return_tensors="pt").input_ids[:, :n]
+    assert ids.shape[1] == n and int(ids.max()) < vocab
+    return ids
+
+
+def _tasa_model(name: str, lm_head_bits: int):
+    import tasa
+    from tasa import pipeline
+    from tasa.measurement import Measurement
+    from tasa.models import load_model
+    from tasa.pipeline.stages import as_layer_specs
+
+    model, tok, _ = load_model(name)
+    m = Measurement.load(MEASURED / name)
+    A = pipeline.allocate(m, 3.5)
+    plan = as_layer_specs(A["plan"])
+    tasa.quantize(model, tok, plan=plan, method="rtn", lm_head_bits=lm_head_bits, progress=False)
+    note = (f"TASA 3.5 plan of {MEASURED.relative_to(HERE.parent) / name / 'measurement.json'}: "
+            f"{A['summary']['avg_bits']:.4f} average bits (exact cost), widths "
+            + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
+    return model, tok, note
+
+
+def _profile_step(model, tok, fast: bool) -> str:
+    """torch.profiler table of one decode step (after a 16-token prefill)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    ids = _prompt_ids(tok, 16, model.config.vocab_size)
+    with torch.inference_mode():
+        if fast:
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)   # warm
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+        else:
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+            n = 8
+            with profile(activities=[ProfilerActivity.CPU]) as p1:
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               attention_mask=torch.ones_like(ids))
+            prof = p1
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    if not fast:
+        table = "(8 generated tokens: divide the times by 8 for one step)\n" + table
+    return table
+
+
+def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
+            threads: int, profile_step: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    res = {"model": model_name, "config": config}
+    if config == "llama.cpp":
+        try:
+            import llama_cpp
+        except ImportError:
+            return {**res, "skipped": f"llama-cpp-python not installed ({INSTALL_LLAMA})"}
+        from tasa.models import load_model, resolve_gguf
+
+        gguf = resolve_gguf(model_name)
+        _, tok, _ = load_model(model_name)
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt_len + 32, n_batch=prompt_len,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        res["note"] = f"llama-cpp-python {llama_cpp.__version__}, {gguf.name}"
+        short = _prompt_ids(tok, 16, 10 ** 9)[0].tolist()
+        long = _prompt_ids(tok, prompt_len, 10 ** 9)[0].tolist()
+
+        def decode():
+            llm.reset()
+            llm.eval(short)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+                llm.eval([nxt])
+            return time.perf_counter() - t0
+
+        def prefill():
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(long)
+            return time.perf_counter() - t0
+    else:
+        from tasa.generation import generate
+        from tasa.models import load_model
+
+        if config.startswith("tasa"):
+            model, tok, note = _tasa_model(model_name, 8 if config == "tasa-fast" else 0)
+            res["note"] = note + ("; lm_head RTN 8-bit" if config == "tasa-fast" else
+                                  "; lm_head full precision")
+        else:
+            model, tok, _ = load_model(model_name)
+            if config == "hf-bf16":
+                model = model.to(torch.bfloat16)
+        fast = config in ("tasa-fast", "tasa-fast-head32")
+        short = _prompt_ids(tok, 16, model.config.vocab_size)
+        long = _prompt_ids(tok, prompt_len, model.config.vocab_size)
+
+        def decode():
+            r = generate(model, tok, short, new, min_new_tokens=new, fast=fast)
+            assert len(r.tokens) == new
+            return r.decode_s * new / (new - 1)       # per-token time of the new - 1 steps
+
+        def prefill():
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                model(input_ids=long, use_cache=True, logits_to_keep=1)
+                return time.perf_counter() - t0
+
+        if profile_step and config in ("tasa-eager", "tasa-fast"):
+            res["profile"] = _profile_step(model, tok, fast)
+    decode()                                          # warm-up
+    prefill()
+    res["decode_tok_s"] = [new / decode() for _ in range(reps)]
+    res["prefill_tok_s"] = [prompt_len / prefill() for _ in range(reps)]
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def _fmt(xs) -> str:
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "generate_cpu"))
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.reps < 5 and not args.one:
+        print("note: fewer than 5 repetitions: not a reportable run", file=sys.stderr)
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.reps, args.new, args.prompt_len, args.threads,
+                                 args.profile)))
+        return 0
+    from common import machine
+
+    meta = machine()
+    meta["load_average_before"] = os.getloadavg()
+    meta["settings"] = {"reps": args.reps, "new_tokens": args.new, "prompt_len": args.prompt_len,
+                        "threads": args.threads, "batch": 1}
+    rows = []
+    for model in [m for m in args.models.split(",") if m]:
+        for config in [c for c in args.configs.split(",") if c]:
+            cmd = [sys.executable, __file__, "--one", model, config, "--reps", str(args.reps),
+                   "--new", str(args.new), "--prompt-len", str(args.prompt_len),
+                   "--threads", str(args.threads), "--profile"]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            if p.returncode != 0:
+                rows.append({"model": model, "config": config,
+                             "error": p.stderr.strip().splitlines()[-1:]})
+                print(f"[{model}] {config}: FAILED {p.stderr[-800:]}", flush=True)
+                continue
+            row = json.loads(p.stdout.strip().splitlines()[-1])
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            if "skipped" in row:
+                print(f"[{model}] {config}: skipped ({row['skipped']})", flush=True)
+            else:
+                print(f"[{model}] {config}: decode {_fmt(row['decode_tok_s'])} tok/s, prefill "
+                      f"{_fmt(row['prefill_tok_s'])} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB",
+                      flush=True)
+    meta["load_average_after"] = os.getloadavg()
+    md = ["# Generation on the CPU: tasa vs transformers vs llama.cpp\n",
+          f"- date {meta['date']}, commit {meta['commit']}; device: {meta['device']}; torch "
+          f"{meta['torch']}; {args.threads} threads, batch 1",
+          f"- command: `{meta['command']}`",
+          f"- load average before {tuple(round(x, 2) for x in meta['load_average_before'])}, "
+          f"after {tuple(round(x, 2) for x in meta['load_average_after'])}",
+          f"- decode: {args.new} new tokens after a 16-token prompt; prefill: one forward pass "
+          f"over {args.prompt_len} tokens; median (min-max) of {args.reps} repetitions after a "
+          f"warm-up, each configuration in its own process (peak RSS is its own)\n"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mr = [r for r in rows if r["model"] == model]
+        md.append(f"## {model}\n")
+        md.append("| configuration | decode tokens/s | prefill tokens/s | peak RSS MB | note |")
+        md.append("|---|---|---|---|---|")
+        base = {r["config"]: r for r in mr if "decode_tok_s" in r}
+        for r in mr:
+            if "decode_tok_s" not in r:
+                md.append(f"| {r['config']} | - | - | - | {r.get('skipped') or r.get('error')} |")
+                continue
+            md.append(f"| {r['config']} | {_fmt(r['decode_tok_s'])} | {_fmt(r['prefill_tok_s'])} | "
+                      f"{r['peak_rss_mb']:.0f} | {r.get('note', '')} |")
+        if "llama.cpp" in base:
+            ref = statistics.median(base["llama.cpp"]["decode_tok_s"])
+            md.append("\nDecode relative to llama.cpp (medians): " + ", ".join(
+                f"{c} {statistics.median(r['decode_tok_s']) / ref:.2f}x" for c, r in base.items()))
+        if "hf-fp32" in base:
+            ref = statistics.median(base["hf-fp32"]["prefill_tok_s"])
+            md.append("\nPrefill relative to transformers fp32 (medians): " + ", ".join(
+                f"{c} {statistics.median(r['prefill_tok_s']) / ref:.2f}x" for c, r in base.items()))
+        for r in mr:
+            if r.get("profile"):
+                md.append(f"\n### Profile of one decode step: {model}, {r['config']}\n")
+                md.append("```\n" + r["profile"] + "\n```")
+        md.append("")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
