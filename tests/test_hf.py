@@ -17,7 +17,7 @@ from tasa import hf
 from tasa import quant as Q
 from tasa.nn import TasaLinear, quantized_modules
 
-from helpers import REPO, byte_tokenizer, tiny_llama, tiny_qwen2
+from helpers import REPO, byte_tokenizer, tiny_gemma3, tiny_llama, tiny_qwen2
 
 
 def rtn_model(factory=tiny_llama, bits=4):
@@ -50,7 +50,7 @@ def test_config_round_trip_and_refusals():
             hf.TasaConfig.from_dict(bad)
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_gemma3])
 def test_from_pretrained_save_pretrained_bit_identical(tmp_path, factory):
     model = rtn_model(factory)
     assert quantized_modules(model) and model.config.quantization_config.quant_method == "tasa"
