@@ -14,7 +14,7 @@ from tasa.generation import generate
 from tasa.hf import TasaConfig
 from tasa.nn import TasaLinear
 
-from helpers import byte_tokenizer, tiny_llama, tiny_qwen2
+from helpers import byte_tokenizer, tiny_gemma3, tiny_llama, tiny_qwen2
 
 
 def eager_tokens(model, ids, n):
@@ -24,16 +24,33 @@ def eager_tokens(model, ids, n):
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
-def test_fast_loop_equals_transformers_generate(factory):
-    model = tasa.quantize(factory(), None, bits=4, method="rtn", group_size=32, progress=False)
+def mixed_plan(model):
+    """Widths that differ between q/k/v and between gate/up (nothing can be fused)."""
+    from tasa.quant import LayerSpec, default_targets
+
+    plan = {}
+    for i, (n, m) in enumerate(default_targets(model).items()):
+        ng = m.in_features // 32
+        plan[n] = LayerSpec([(3, 4, 8, 2)[(i + g) % 4] for g in range(ng)], 32, "asym")
+    return plan
+
+
+@pytest.mark.parametrize("factory,fusable,path", [
+    (tiny_llama, True, "fast"), (tiny_qwen2, True, "fast"), (tiny_llama, False, "fast"),
+    (tiny_gemma3, True, "fast-model")])
+def test_fast_loop_equals_transformers_generate(factory, fusable, path):
+    model = factory()
+    if fusable:
+        model = tasa.quantize(model, None, bits=4, method="rtn", group_size=32, progress=False)
+    else:
+        model = tasa.quantize(model, None, plan=mixed_plan(model), method="rtn", progress=False)
     quantize_lm_head(model, 8, 32)
     tok = byte_tokenizer()
     ids = torch.randint(0, 256, (1, 9))
     want = eager_tokens(model, ids, 24)
     streamed = []
     r = generate(model, tok, ids, 24, min_new_tokens=24, on_token=streamed.append)
-    assert r.path == "fast" and r.tokens == want and streamed == want
+    assert r.path == path and r.tokens == want and streamed == want
     e = generate(model, tok, ids, 24, min_new_tokens=24, fast=False)
     assert e.path == "eager" and e.tokens == want
     assert r.n_prompt == 9 and r.decode_s > 0 and r.prefill_s > 0
@@ -108,3 +125,29 @@ def test_smollm2_fast_loop_equals_generate():
     ids = tok("Question: What is the capital of France?\nAnswer:", return_tensors="pt").input_ids
     want = eager_tokens(model, ids, 32)
     assert generate(model, tok, ids, 32, min_new_tokens=32).tokens == want
+
+
+def test_fusion_is_used_only_where_formats_match():
+    from tasa.generation import _LeanDecoder
+
+    fused = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
+    assert all(a is not None and b is not None for a, b in _LeanDecoder(fused, 16).fused)
+    mixed = tiny_llama()
+    mixed = tasa.quantize(mixed, None, plan=mixed_plan(mixed), method="rtn", progress=False)
+    assert all(a is None and b is None for a, b in _LeanDecoder(mixed, 16).fused)
+
+
+def test_dtype_moves_keep_the_packed_format():
+    """model.to(bf16) casts activations' parameters, never the fp16 scales / int32 codes."""
+    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
+    lin = model.model.layers[0].mlp.up_proj
+    scales = lin.scales.clone()
+    model = model.to(torch.bfloat16)
+    assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
+    assert lin.qweight.dtype == torch.int32 and lin.gtable.dtype == torch.int32
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
+    # the decode loop in bf16 equals transformers' generate in bf16
+    want = eager_tokens(model, ids, 12)
+    assert generate(model, byte_tokenizer(), ids, 12, min_new_tokens=12).tokens == want

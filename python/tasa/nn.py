@@ -164,6 +164,23 @@ class TasaLinear(nn.Module):
             raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
         return cls.from_quantized(q, linear.bias)
 
+    # -- dtype / device moves -----------------------------------------------------------------
+    _PACKED = ("qweight", "scales", "zeros", "gtable", "perm")
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` / ``.half()`` / ``.bfloat16()`` must not cast the packed format:
+        the fp16 scales and zeros are part of it (a bf16 copy loses 3 mantissa bits and the
+        kernels refuse it) and the codes are int32 words. Those buffers follow device moves
+        only; the bias follows ``fn`` entirely (it is added in the activations' dtype)."""
+        for name in self._PACKED:
+            t = self._buffers.get(name)
+            if t is not None:
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        if self._buffers.get("bias") is not None:
+            self._buffers["bias"] = fn(self._buffers["bias"])
+        return self
+
     # -- views ----------------------------------------------------------------------------
     @property
     def group_bits(self) -> list:
