@@ -75,17 +75,17 @@ def _profile_step(model, tok, fast: bool) -> str:
     """torch.profiler table of one decode step (after a 16-token prefill)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
+
+    from tasa.generation import _LeanDecoder
 
     ids = _prompt_ids(tok, 16, model.config.vocab_size)
     with torch.inference_mode():
-        if fast:
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1:].argmax(-1)
-            model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)   # warm
+        if fast:              # the step tasa.generation runs (its lean decoder)
+            step = _LeanDecoder(model, 64)
+            nxt = step(ids, 0).argmax(-1)[:, None]
+            step(nxt, 16)                                                          # warm
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+                step(nxt, 17)
         else:
             model.generate(ids, max_new_tokens=2, do_sample=False)
             n = 8
