@@ -204,15 +204,14 @@ class _LeanDecoder:
         return self.head(self.norm(h[:, -1:]))[:, -1]
 
 
-def _lean(model, input_ids, max_new_tokens, min_new_tokens, eos, on_token):
-    T = input_ids.shape[1]
-    step = _LeanDecoder(model, T + max_new_tokens)
+def _greedy(first, after, max_new_tokens, min_new_tokens, eos, on_token):
+    """The greedy loop: ``first()`` -> logits of the prompt's last position, ``after(token ids
+    [1])`` -> logits after that token. Returns (tokens, prefill seconds, decode seconds)."""
     out_tokens: List[int] = []
     t0 = time.perf_counter()
-    nxt = step(input_ids, 0).argmax(-1)
+    nxt = first().argmax(-1)
     prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
-    pos = T
     while True:
         tok = int(nxt)
         out_tokens.append(tok)
@@ -220,34 +219,40 @@ def _lean(model, input_ids, max_new_tokens, min_new_tokens, eos, on_token):
             on_token(tok)
         if len(out_tokens) >= max_new_tokens or (tok in eos and len(out_tokens) >= min_new_tokens):
             break
-        nxt = step(nxt[:, None], pos).argmax(-1)
-        pos += 1
+        nxt = after(nxt).argmax(-1)
     return out_tokens, prefill, time.perf_counter() - t1
 
 
-def _fast(model, input_ids, max_new_tokens, min_new_tokens, eos, on_token):
+def _lean(model, input_ids, max_new_tokens, *args):
+    T = input_ids.shape[1]
+    step = _LeanDecoder(model, T + max_new_tokens)
+    pos = [T]
+
+    def after(nxt):
+        logits = step(nxt[:, None], pos[0])
+        pos[0] += 1
+        return logits
+
+    return _greedy(lambda: step(input_ids, 0), after, max_new_tokens, *args)
+
+
+def _fast(model, input_ids, max_new_tokens, *args):
     if not getattr(model, "_supports_cache_class", True) or not hasattr(model, "forward"):
         raise FastPathUnavailable(f"{type(model).__name__} does not take a KV cache object")
     cache = DynamicCache(config=model.config)
-    out_tokens: List[int] = []
-    t0 = time.perf_counter()
-    try:
-        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    except TypeError as e:           # a model class without logits_to_keep / cache support
-        raise FastPathUnavailable(str(e)) from None
-    nxt = out.logits[:, -1].argmax(-1)
-    prefill = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    while True:
-        tok = int(nxt)
-        out_tokens.append(tok)
-        if on_token is not None:
-            on_token(tok)
-        if len(out_tokens) >= max_new_tokens or (tok in eos and len(out_tokens) >= min_new_tokens):
-            break
-        out = model(input_ids=nxt[:, None], cache=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1)
-    return out_tokens, prefill, time.perf_counter() - t1
+
+    def first():
+        try:
+            return model(input_ids=input_ids, cache=cache, use_cache=True,
+                         logits_to_keep=1).logits[:, -1]
+        except TypeError as e:       # a model class without logits_to_keep / cache support
+            raise FastPathUnavailable(str(e)) from None
+
+    def after(nxt):
+        return model(input_ids=nxt[:, None], cache=cache, use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+
+    return _greedy(first, after, max_new_tokens, *args)
 
 
 class _Streamer:
