@@ -101,6 +101,13 @@ def test_api_lm_head_bits_counted_apart(tmp_path):
     assert isinstance(model.lm_head, TasaLinear)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["modules"]["lm_head"]["bits"] == [8] * 4 and qc["meta"]["lm_head_bits"] == 8
+    # plan.json holds the decoder linears (given back as plan=, with the head option again)
+    assert "lm_head" not in json.loads((tmp_path / "plan.json").read_text())["layers"]
+    again = tasa.quantize(tiny_llama(), None, plan=tmp_path / "plan.json", method="rtn",
+                          lm_head_bits=8, group_size=32, progress=False)
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="--lm-head-bits must be 0"):
         tasa.quantize(tiny_llama(), None, bits=4, method="rtn", lm_head_bits=5)
 

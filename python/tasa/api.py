@@ -85,13 +85,16 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
                   if n in specs}
         quantize_model(model, specs, "rtn", progress=progress)
         meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
+        saved = dict(specs)                  # the model's modules: decoder linears (+ head)
         if cfg.lm_head_bits:
             hname, hspec = quantize_lm_head(model, cfg.lm_head_bits, cfg.group_size, cfg.mode)
-            specs = {**specs, hname: hspec}
+            saved[hname] = hspec
             meta["lm_head_bits"] = cfg.lm_head_bits
-        model.config.quantization_config = TasaConfig.from_plan(specs, meta=meta)
+        model.config.quantization_config = TasaConfig.from_plan(saved, meta=meta)
         if out is not None:
-            save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)
+            save_quantized(model, out, saved, tokenizer=tokenizer, meta=meta)
+            # plan.json: the decoder linears only (the head is --lm-head-bits, as in the job),
+            # so it can be given back as plan=
             write_json_atomic(Path(out) / defaults.PLAN_NAME, plan_to_dict(specs, shapes, **meta))
         return model
     if tokenizer is None:
