@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tasa_ext
-from tasa import cli, data, io as tio, pipeline
+from tasa import cli, data, io as tio
 from tasa.util import FAULT_ENV, folder_lock, sha256_file
 from tasa_ext import reference as ref
 
@@ -47,20 +47,22 @@ def quantize_cli(model_dir, out, *extra):
 
 # ---- 1, 2: the source checkpoint and the measurement belong to the model -------------------------
 
+def assert_refused_untouched(model_dir, out, msg, capsys):
+    """Quantizing into ``out`` exits 2 saying ``msg`` and leaves its checkpoint as it was."""
+    before = sha256_file(out / "model.safetensors")
+    assert quantize_cli(model_dir, out) == 2
+    assert msg in capsys.readouterr().err
+    assert sha256_file(out / "model.safetensors") == before
+
+
 def test_out_equal_to_model_folder_is_refused(model_dir, capsys):
-    before = sha256_file(model_dir / "model.safetensors")
-    assert quantize_cli(model_dir, model_dir) == 2
-    assert "is the --model folder" in capsys.readouterr().err
-    assert sha256_file(model_dir / "model.safetensors") == before
+    assert_refused_untouched(model_dir, model_dir, "is the --model folder", capsys)
 
 
 def test_out_holding_another_model_is_refused(model_dir, tmp_path, capsys):
     other = tmp_path / "someone"
     tiny_llama(seed=3).save_pretrained(other)
-    before = sha256_file(other / "model.safetensors")
-    assert quantize_cli(model_dir, other) == 2
-    assert "holds a model that tasa did not write" in capsys.readouterr().err
-    assert sha256_file(other / "model.safetensors") == before
+    assert_refused_untouched(model_dir, other, "holds a model that tasa did not write", capsys)
 
 
 def test_checkpoint_with_missing_tensors_is_refused(model_dir, tmp_path, capsys):

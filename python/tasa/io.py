@@ -117,17 +117,22 @@ def retire_model(path) -> None:
 def check_output_folder(path) -> None:
     """Refuses an output folder that holds a model tasa did not write (a config.json without a
     tasa quantization_config): writing there would replace someone's checkpoint."""
+    qc = _quantization_config(path)
+    if qc is not None and qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"tasa: {path} holds a model that tasa did not write "
+                         f"({Path(path) / HF_CONFIG_NAME} has no tasa quantization_config); "
+                         f"writing there would replace it. Choose another --out")
+
+
+def _quantization_config(path) -> Optional[dict]:
+    """The ``quantization_config`` of ``path/config.json``: None without a config.json, ``{}``
+    when it has none (a full-precision model); a config that is not JSON is an error."""
     f = Path(path) / HF_CONFIG_NAME
     if not f.is_file():
-        return
-    try:
-        qc = json.loads(f.read_text()).get("quantization_config")
-    except (ValueError, AttributeError):
-        qc = None
-    if not (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD):
-        raise ValueError(f"tasa: {path} holds a model that tasa did not write ({f} has no tasa "
-                         f"quantization_config); writing there would replace it. Choose another "
-                         f"--out")
+        return None
+    cfg = read_json(f)
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else {}
 
 
 def folder_kind(path) -> str:
@@ -136,15 +141,12 @@ def folder_kind(path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tasa: {path} is not a folder")
-    cfg_file = path / HF_CONFIG_NAME
-    if cfg_file.is_file():
-        cfg = read_json(cfg_file)
-        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-        if isinstance(qc, dict):
-            method = qc.get("quant_method")
-            if method != QUANT_METHOD:
-                raise ValueError(f"tasa: {path} holds a {method!r}-quantized model, not a tasa one")
-            return "hf"
+    qc = _quantization_config(path)
+    if qc:
+        method = qc.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ValueError(f"tasa: {path} holds a {method!r}-quantized model, not a tasa one")
+        return "hf"
     if (path / LEGACY_CONFIG_NAME).is_file():
         return "legacy"
     raise ValueError(f"tasa: {path} is not a tasa model folder (no config.json with a tasa "

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "flush_denormals",
-           "peak_rss_mib", "sha256_file", "read_json", "folder_lock", "FolderLockedError", "clean_stale_temps", "fault_point", "FAULT_ENV"]
+           "peak_rss_mib", "sha256_file", "read_json", "folder_lock", "FolderLockedError",
+           "clean_stale_temps", "fault_point", "FAULT_ENV"]
 
 # Fault injection for the tests (tests/test_reliability.py): with TASA_FAULT=<point> the process
 # kills itself (SIGKILL: no cleanup, no finally) when it reaches that write point; <point>@<n>
@@ -125,7 +126,7 @@ class FolderLockedError(RuntimeError):
 def folder_lock(path):
     """An exclusive lock on output folder ``path`` (``.tasa.lock`` inside it, ``flock``: released
     by the kernel when the process dies, so a killed run never leaves it locked). A second
-    writer gets a ``RuntimeError`` at once instead of racing the first."""
+    writer gets a :class:`FolderLockedError` at once instead of racing the first."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / ".tasa.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -133,9 +134,9 @@ def folder_lock(path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderLockedError(f"tasa: another tasa run is writing into {path} (its lock "
-                               f"{path / '.tasa.lock'} is held); wait for it or use another "
-                               f"--out") from None
+            raise FolderLockedError(f"tasa: another tasa run is writing into {path} (its "
+                                    f"lock {path / '.tasa.lock'} is held); wait for it or use "
+                                    f"another --out") from None
         yield
     finally:
         os.close(fd)
