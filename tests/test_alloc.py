@@ -88,6 +88,24 @@ def test_dp_matches_bruteforce(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_dp_matches_bruteforce_on_code_bits(seed):
+    """The code-bit budget (the paper's count): the same exact optimum as brute force, and the
+    code bits, recomputed by hand, within the budget."""
+    rng = np.random.default_rng(100 + seed)
+    specs = random_specs(rng, int(rng.integers(2, 6)))
+    errors = random_errors(rng, [s.fqn for s in specs], (3, 4, 8))
+    n_w = sum(s.n_weights for s in specs)
+    for target in (3.0, 3.3, 3.5, 3.9, 4.6, 8.0):
+        dp = A.allocate_layers(specs, target, errors=errors, kind="code")
+        bf = A.allocate_layers_bruteforce(specs, target, errors=errors, kind="code")
+        code = sum(dp.linear_bits[s.fqn] * s.n_out * s.k_in for s in specs)
+        assert code == dp.cost_bits <= dp.budget_bits == math.floor(round(target * 10) * n_w / 10)
+        assert dp.error == pytest.approx(bf.error, rel=1e-12, abs=0) and dp.kind == "code"
+    with pytest.raises(ValueError, match="below the minimum"):
+        A.allocate_layers(specs, 2.9, errors=errors, kind="code")
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_blocks_and_noise_model(seed):
     rng = np.random.default_rng(100 + seed)
     specs = random_specs(rng, 6)

@@ -76,22 +76,57 @@ def test_probe_equals_quantizing_the_unit_in_a_copy(factory):
     objs = [S.text_objective("ppl", tok, text, 3, 40, seed=1),
             S.qa_objective("qa", tok, [("Question: abc?\nAnswer:", " def ghi")])]
     units = S.block_units(model)
-    res = S.measure_sensitivity(model, objs, units, bits=3, group_size=128, progress=False)
+    res = S.measure_sensitivity(model, objs, units, widths=(2, 4), group_size=128,
+                                progress=False)
     base = S.objective_losses(model, objs)
     assert res["base"] == pytest.approx(base)
-    for u, (_, fqns) in units.items():
-        m2 = copy.deepcopy(model)
-        for f in fqns:
-            lin = m2.get_submodule(f)
-            G = resolve_group_size(lin.in_features, 128)
-            q = quantize_rtn(lin.weight, LayerSpec([3] * (lin.in_features // G), G, "asym"))
-            lin.weight.data = q.dequantize()
-        ref = S.objective_losses(m2, objs)
-        for k in ref:
-            assert res["delta"][u][k] == pytest.approx(ref[k] - base[k], abs=2e-5), (u, k)
+    for b in (2, 4):
+        for u, (_, fqns) in units.items():
+            m2 = copy.deepcopy(model)
+            for f in fqns:
+                lin = m2.get_submodule(f)
+                G = resolve_group_size(lin.in_features, 128)
+                q = quantize_rtn(lin.weight, LayerSpec([b] * (lin.in_features // G), G, "asym"))
+                lin.weight.data = q.dequantize()
+            ref = S.objective_losses(m2, objs)
+            for k in ref:
+                assert res["delta"][b][u][k] == pytest.approx(ref[k] - base[k], abs=2e-5), (b, u, k)
+                # the per-item record sums to the objective's delta
+                items = np.asarray(res["items"][b][u][k])
+                assert items.shape == (objs[0 if k == "ppl" else 1].input_ids.shape[0],)
+                assert items.sum() / np.sum(res["tokens"][k]) == pytest.approx(
+                    res["delta"][b][u][k], rel=1e-9, abs=1e-12)
     # the model is left untouched
     assert S.objective_losses(model, objs) == pytest.approx(base)
-    assert any(abs(d["ppl"]) > 1e-4 for d in res["delta"].values())
+    assert any(abs(d["ppl"]) > 1e-4 for d in res["delta"][2].values())
+
+
+def test_bf16_probes_agree_with_fp32():
+    """bf16 autocast probes rank the units as the fp32 ones do (the fp32 head keeps the
+    losses themselves close)."""
+    model = tiny3(hidden=256)
+    tok = ByteTok()
+    objs = [S.text_objective("ppl", tok, data.load_general()[:4], 4, 64, seed=2)]
+    units = S.sublayer_units(model)
+    r32 = S.measure_sensitivity(model, objs, units, widths=(2,), progress=False)
+    r16 = S.measure_sensitivity(model, objs, units, widths=(2,), progress=False,
+                                compute_dtype=torch.bfloat16)
+    assert r16["base"]["ppl"] == pytest.approx(r32["base"]["ppl"], rel=2e-2)
+    a = np.array([r32["delta"][2][u]["ppl"] for u in units])
+    b = np.array([r16["delta"][2][u]["ppl"] for u in units])
+    assert np.corrcoef(a, b)[0, 1] > 0.9, (a, b)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        S.objective_losses(model, objs, compute_dtype=torch.float16)
+
+
+def test_sublayer_units_split_attention_and_mlp():
+    model = tiny3()
+    su = S.sublayer_units(model)
+    bu = S.block_units(model)
+    assert len(su) == 2 * len(bu)
+    assert sorted(f for _, fs in su.values() for f in fs) == sorted(f for _, fs in bu.values() for f in fs)
+    for name, (i, fs) in su.items():
+        assert all(f.startswith(name + ".") for f in fs) and name.rsplit(".", 1)[1] in ("self_attn", "mlp")
 
 
 def test_linear_units_name_every_linear_once():
@@ -127,8 +162,24 @@ def test_measurement_contents(measured):
     rows = [r for r in mix.table if not r.get("argmin")]
     assert [r["alpha"] for r in rows] == list(cfg.alpha_grid)
     assert all(r["f_rel"] >= 1 - 1e-9 for r in rows)
-    assert set(m.sensitivity.delta) == set(m.units) and len(m.units) == 3
-    assert {r["b"] for r in m.sensitivity.illusion} >= {"math", "arc"}
+    sens = m.sensitivity
+    assert set(sens.delta) == set(m.units) and len(m.units) == 3
+    assert sens.widths == list(cfg.sens_widths) and sens.bits == cfg.sens_widths[0]
+    for b in sens.widths:          # every width probed for every unit, with its items
+        assert set(sens.deltas(b)) == set(m.units)
+        for u in m.units:
+            for k in sens.objectives:
+                got = np.sum(sens.item_delta[str(b)][u][k]) / np.sum(sens.item_tokens[k])
+                assert got == pytest.approx(sens.deltas(b)[u][k], rel=1e-9, abs=1e-12)
+    assert {r["b"] for r in sens.illusion} >= {"math", "arc"}
+    for b, rep in sens.noise.items():
+        assert set(rep["reliability"]) == set(sens.objectives)
+        for r in rep["tau"]:
+            assert r["lo"] <= r["hi"] and -1 <= r["tau"] <= 1
+    lin = mix.linear_errors
+    for f in m.linears:    # the baselines' inputs: both errors fall with the width
+        assert (np.diff(lin[f]["rel"]) < 0).all() and (np.diff(lin[f]["gen"]) < 0).all()
+        assert 0 < lin[f]["rel"][0] < 1
     # every linear has per-group errors at every supported width, decreasing with width
     assert mix.group_error_widths == list(tasa_ext.SUPPORTED_BITS)
     for f, E in mix.group_errors.items():
@@ -168,7 +219,7 @@ def test_resume_after_interruption_gives_the_same_plan(measured, tmp_path, monke
     assert a1["plan"] == a2["plan"]
     # other settings: refused, never overwritten
     with pytest.raises(ValueError, match="other settings"):
-        pipeline.measure(tiny3(), ByteTok(), tiny_cfg(sens_bits=2), path, progress=False,
+        pipeline.measure(tiny3(), ByteTok(), tiny_cfg(sens_widths=(2,)), path, progress=False,
                          log=lambda s: None)
     assert Measurement.load(path).config == pipeline.measure_fingerprint(tiny3(), cfg)
     # other weights behind the same settings (a model folder overwritten): refused too
@@ -208,6 +259,73 @@ def test_allocation_meets_the_budget_exactly(measured, bits, intra):
                 assert extra > left
 
 
+def test_code_bit_budget_counts_the_code_bits_only(measured):
+    _, m, _ = measured
+    n = sum(v["n_out"] * v["k_in"] for v in m.linears.values())
+    for bits in (3.5, 4.0):
+        A = pipeline.allocate(m, bits, budget="code")
+        code = sum(e["group_size"] * m.linears[f]["n_out"] * sum(e["bits"]) for f, e in A["plan"].items())
+        assert code == pytest.approx(A["summary"]["code_avg_bits"] * n)
+        assert code <= A["budget_bits"] == int(np.floor(bits * n + 1e-9))
+        assert A["summary"]["avg_bits"] > A["summary"]["code_avg_bits"]      # scales cost extra
+        S_ = pipeline.allocate(m, bits, budget="storage")
+        assert S_["summary"]["avg_bits"] <= bits < A["summary"]["avg_bits"]
+        assert A["budget"] == "code" and S_["budget"] == "storage"
+    with pytest.raises(ValueError, match="budget kind"):
+        pipeline.allocate(m, 3.5, budget="bytes")
+
+
+def test_unit_errors_use_every_measured_width(measured):
+    _, m, _ = measured
+    m = copy.deepcopy(m)
+    sens = m.sensitivity
+    names = list(m.units)
+    rng = np.random.default_rng(0)      # synthetic probes (a random tiny model's are noise)
+    for b, scale in ((3, 1.0), (4, 0.3)):
+        sens.deltas(b).update({u: {k: float(scale * rng.random() - 0.05) for k in sens.objectives}
+                               for u in names})
+    E, scores, _ = pipeline.unit_errors(m, beta=1.0, widths=(2, 3, 4, 8))
+    for i, u in enumerate(names):
+        e = [E[u][b] for b in (2, 3, 4, 8)]
+        assert all(x >= y for x, y in zip(e, e[1:]))          # never worse with more bits
+        Z3 = sum(max(sens.delta[v]["ppl"], 0) for v in names)
+        assert E[u][3] == pytest.approx(max(sens.delta[u]["ppl"], 0) / Z3)
+        assert E[u][4] == pytest.approx(min(max(sens.deltas(4)[u]["ppl"], 0) / Z3, E[u][3]))
+        assert E[u][8] == pytest.approx(E[u][4] / 4 ** 4)      # from the 4-bit probe
+        assert E[u][2] == pytest.approx(E[u][3] * 4)           # below the lowest probe
+        assert scores[i] == pytest.approx(E[u][3])
+    # a measured 4-bit loss above the 3-bit one is noise: clipped to the 3-bit error
+    m2 = copy.deepcopy(m)
+    u0 = names[0]
+    m2.sensitivity.deltas(4)[u0] = {k: 10.0 + abs(v) for k, v in m2.sensitivity.delta[u0].items()}
+    E2, _, _ = pipeline.unit_errors(m2, beta=0.5)
+    assert E2[u0][4] == pytest.approx(E2[u0][3])
+
+
+def test_non_task_aware_baselines(measured):
+    _, m, _ = measured
+    mix, sens = m.mixture, m.sensitivity
+    ew = mix.group_error_widths
+    H, _, _ = pipeline.unit_errors(m, scoring="higgs")
+    W, _, _ = pipeline.unit_errors(m, scoring="hawq")
+    for u, v in m.units.items():
+        T = {b: sum(mix.linear_errors[f]["rel"][ew.index(b)] for f in v["linears"]) for b in (3, 4, 8)}
+        assert H[u][3] == pytest.approx(max(sens.delta[u]["ppl"], 0.0))
+        assert H[u][4] == pytest.approx(H[u][3] * T[4] / T[3])
+        for b in (3, 4, 8):
+            assert W[u][b] == pytest.approx(sum(mix.linear_errors[f]["gen"][ew.index(b)]
+                                                for f in v["linears"]))
+    for scoring in ("higgs", "hawq"):
+        A = pipeline.allocate(m, 3.6, scoring=scoring, intra=False)
+        assert A["summary"]["avg_bits"] <= 3.6 and A["scoring"] == scoring
+    with pytest.raises(ValueError, match="scoring"):
+        pipeline.allocate(m, 3.6, scoring="magic")
+    old = copy.deepcopy(m)
+    old.mixture.linear_errors = {}
+    with pytest.raises(ValueError, match="per-linear errors"):
+        pipeline.allocate(old, 3.6, scoring="higgs")
+
+
 def test_allocation_errors(measured):
     _, m, _ = measured
     with pytest.raises(ValueError, match="minimum|below"):
@@ -225,6 +343,7 @@ def test_beta_moves_bits_towards_the_chosen_objective(measured):
     m = copy.deepcopy(m)
     u0, u1, u2 = list(m.units)
     # synthetic profiles: perplexity says u0 matters, the tasks say u1 matters
+    m.sensitivity.delta_by_width = {}      # one probe width: the 4^-b model above it
     m.sensitivity.delta = {u0: {"ppl": 1.0, "math": 0.01, "arc": 0.01},
                                  u1: {"ppl": 0.01, "math": 1.0, "arc": 1.0},
                                  u2: {"ppl": 0.01, "math": 0.01, "arc": -0.5}}

@@ -150,3 +150,51 @@ def test_illusion_report():
     with pytest.raises(ValueError):
         S.illusion_report(ppl, {"ppl": ppl})
     assert not math.isnan(by["math"]["kendall_tau"])
+
+
+# ---- noise bounds -----------------------------------------------------------------------------
+
+def _items(rng, true, n_items, noise):
+    """Per-item summed NLL increases: each unit's true per-token increase x tokens + noise."""
+    tokens = rng.integers(5, 40, n_items).astype(float)
+    X = true[:, None] * tokens[None, :] + noise * rng.standard_normal((true.shape[0], n_items)) * np.sqrt(tokens)
+    return X, tokens
+
+
+def test_profile_from_items_is_the_ratio_of_sums():
+    rng = np.random.default_rng(0)
+    X, t = _items(rng, np.linspace(0, 1, 7), 9, 0.1)
+    assert np.allclose(S.profile_from_items(X, t), X.sum(1) / t.sum())
+    idx = [0, 0, 3, 8]
+    assert np.allclose(S.profile_from_items(X, t, idx), X[:, idx].sum(1) / t[idx].sum())
+    with pytest.raises(ValueError, match="items"):
+        S.profile_from_items(X[:, :1], t[:1])
+
+
+def test_split_half_separates_signal_from_noise():
+    rng = np.random.default_rng(1)
+    true = np.linspace(0.0, 1.0, 20)
+    clean = S.split_half_tau(*_items(rng, true, 60, 0.05), n_splits=50)
+    noisy = S.split_half_tau(*_items(rng, np.zeros(20), 60, 1.0), n_splits=50)
+    assert clean["mean"] > 0.8 and clean["lo"] <= clean["mean"] <= clean["hi"]
+    assert abs(noisy["mean"]) < 0.4 and noisy["lo"] < 0 < noisy["hi"]   # sd ~0.16 at 20 units
+
+
+def test_bootstrap_tau_interval_covers_the_truth_and_flags_noise():
+    rng = np.random.default_rng(2)
+    true = rng.random(15)
+    a = _items(rng, true, 80, 0.05)
+    b = _items(rng, true, 50, 0.05)          # the same ranking measured on other items
+    r = S.bootstrap_tau(*a, *b, n_boot=300)
+    assert r["lo"] > 0.5 and r["lo"] <= r["tau"] <= r["hi"] and r["p_le_0"] == 0
+    c = _items(rng, rng.random(15), 50, 0.05)   # an unrelated ranking
+    r0 = S.bootstrap_tau(*a, *c, n_boot=300)
+    assert r0["lo"] < r0["tau"] < r0["hi"]
+    rep = S.noise_report({"x": a, "y": b, "z": _items(rng, np.zeros(15), 50, 1.0)}, n_boot=200,
+                         n_splits=50)
+    rows = {(r["a"], r["b"]): r for r in rep["tau"]}
+    assert rows[("x", "y")]["distinct_from_0"] and rows[("x", "y")]["vs_reliability"] == "reaches"
+    assert not rows[("x", "z")]["distinct_from_0"]
+    assert rep["reliability"]["x"]["mean"] > rep["reliability"]["z"]["mean"]
+    with pytest.raises(ValueError, match="unit count"):
+        S.bootstrap_tau(*a, X := np.zeros((3, 5)), np.ones(5))

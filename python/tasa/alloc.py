@@ -79,7 +79,7 @@ from . import defaults
 from .quant import LayerSpec, rtn_fake_quant
 
 __all__ = [
-    "DEFAULT_WIDTHS", "linear_spec", "LayerAllocation", "noise_model_error", "budget_from_avg_bits",
+    "DEFAULT_WIDTHS", "COST_KINDS", "member_cost", "linear_spec", "LayerAllocation", "noise_model_error", "budget_from_avg_bits",
     "allocate_layers", "allocate_layers_bruteforce", "neighbour_widths", "group_salience",
     "group_rtn_errors", "allocate_groups", "make_plan", "plan_average_bits", "plan_summary",
 ]
@@ -189,6 +189,7 @@ class LayerAllocation:
     exact: bool                     # True: the DP optimum is the exact optimum
     resolution: int                 # DP unit in bits
     item_cost_bits: Dict[str, int] = field(default_factory=dict)
+    kind: str = "storage"           # what cost_bits / budget_bits count (COST_KINDS)
 
     @property
     def avg_bits(self) -> float:
@@ -199,10 +200,24 @@ class LayerAllocation:
                 "cost_bits": self.cost_bits, "budget_bits": self.budget_bits,
                 "n_weights": self.n_weights, "avg_bits": self.avg_bits, "error": self.error,
                 "exact": self.exact, "resolution": self.resolution,
-                "item_cost_bits": dict(self.item_cost_bits)}
+                "item_cost_bits": dict(self.item_cost_bits), "kind": self.kind}
 
 
-def _prepare(items, target_avg_bits, budget_bits, errors, sensitivities, widths, ref_bits):
+COST_KINDS = ("storage", "code")
+
+
+def member_cost(m: LayerSpec, bits, kind: str = "storage") -> int:
+    """One linear's cost at ``bits`` under a budget ``kind``: ``"storage"`` = every stored bit
+    (``tasa_ext.cost_bits``), ``"code"`` = the code bits alone (the paper's convention)."""
+    if kind == "storage":
+        return m.cost(bits)
+    if kind == "code":
+        return m.code_cost(bits)
+    raise ValueError(f"tasa: budget kind must be one of {COST_KINDS}, got {kind!r}")
+
+
+def _prepare(items, target_avg_bits, budget_bits, errors, sensitivities, widths, ref_bits,
+             kind="storage"):
     items = _normalise_items(items)
     widths = tuple(sorted(set(int(b) for b in widths)))
     if not widths or any(b not in SUPPORTED_BITS for b in widths):
@@ -215,7 +230,7 @@ def _prepare(items, target_avg_bits, budget_bits, errors, sensitivities, widths,
     names = list(items)
     costs, errs = [], []
     for name in names:
-        costs.append([sum(m.cost(b) for m in items[name]) for b in widths])
+        costs.append([sum(member_cost(m, b, kind) for m in items[name]) for b in widths])
         measured = None if errors is None else errors.get(name)
         row = []
         for b in widths:
@@ -233,19 +248,22 @@ def _prepare(items, target_avg_bits, budget_bits, errors, sensitivities, widths,
         raise ValueError(
             f"budget infeasible: {budget} bits ({budget / n_weights:.6f} average bits) is below the "
             f"minimum achievable {min_cost} bits = {min_cost / n_weights:.6f} average bits "
-            f"(every item at its cheapest width of {widths}, exact cost incl. scales/zeros/tables)")
+            f"(every item at its cheapest width of {widths}, "
+            + ("exact cost incl. scales/zeros/tables)" if kind == "storage" else "code bits)"))
     return items, widths, names, costs, errs, budget, n_weights
 
 
-def _result(items, widths, names, costs, errs, picks, budget, n_weights, exact, res):
+def _result(items, widths, names, costs, errs, picks, budget, n_weights, exact, res,
+            kind="storage"):
     bits = {n: widths[j] for n, j in zip(names, picks)}
     linear_bits = {m.fqn: bits[n] for n in names for m in items[n]}
-    item_cost = {n: sum(m.cost(bits[n]) for m in items[n]) for n in names}
+    item_cost = {n: sum(member_cost(m, bits[n], kind) for m in items[n]) for n in names}
     total = sum(item_cost.values())
     if total > budget:  # cannot happen; verified with the exact cost function regardless
         raise RuntimeError(f"internal error: plan costs {total} bits > budget {budget}")
     err = float(sum(errs[i][j] for i, j in enumerate(picks)))
-    return LayerAllocation(bits, linear_bits, total, budget, n_weights, err, exact, res, item_cost)
+    return LayerAllocation(bits, linear_bits, total, budget, n_weights, err, exact, res, item_cost,
+                           kind)
 
 
 def allocate_layers(items: Items, target_avg_bits: Union[float, str, Fraction, None] = None, *,
@@ -253,25 +271,26 @@ def allocate_layers(items: Items, target_avg_bits: Union[float, str, Fraction, N
                     errors: Optional[Mapping[str, Mapping[int, float]]] = None,
                     sensitivities: Optional[Mapping[str, float]] = None,
                     widths: Sequence[int] = DEFAULT_WIDTHS, ref_bits: int = 4,
-                    max_units: int = 200_000) -> LayerAllocation:
+                    max_units: int = 200_000, kind: str = "storage") -> LayerAllocation:
     """Inter-layer allocation by exact multiple-choice knapsack DP (module docstring).
 
     ``items``: a list of :class:`LayerSpec` (each its own item, named by fqn) or
     ``{item name: [LayerSpec, ...]}`` (members share one width). Budget: ``target_avg_bits``
     (average over all weights, exact cost model) or ``budget_bits``. ``errors[item][b]``:
     measured error at width b (used where present); ``sensitivities[item]``: for the noise model
-    elsewhere. Raises ``ValueError`` naming the minimum achievable average bits when the budget
-    is below the all-narrowest cost.
+    elsewhere. ``kind``: what the budget counts (:func:`member_cost`: ``"storage"``, every
+    stored bit, or ``"code"``, the code bits alone). Raises ``ValueError`` naming the minimum
+    achievable average bits when the budget is below the all-narrowest cost.
     """
     items, widths, names, costs, errs, budget, n_weights = _prepare(
-        items, target_avg_bits, budget_bits, errors, sensitivities, widths, ref_bits)
+        items, target_avg_bits, budget_bits, errors, sensitivities, widths, ref_bits, kind)
     base = [min(c) for c in costs]
     deltas = [[c - b0 for c in cs] for cs, b0 in zip(costs, base)]
     R = budget - sum(base)
     g = reduce(math.gcd, (d for ds in deltas for d in ds if d > 0), 0)
     if g == 0:  # a single width: nothing to choose
         picks = [int(np.argmin(cs)) for cs in costs]
-        return _result(items, widths, names, costs, errs, picks, budget, n_weights, True, 1)
+        return _result(items, widths, names, costs, errs, picks, budget, n_weights, True, 1, kind)
     max_total = sum(max(ds) for ds in deltas)
     need = min(R, max_total) // g
     res = g if need <= max_units else g * -(-need // max_units)
@@ -293,17 +312,17 @@ def allocate_layers(items: Items, target_avg_bits: Union[float, str, Fraction, N
                 break
             _, i, j, extra = best
             picks[i], used = j, used + extra
-    return _result(items, widths, names, costs, errs, picks, budget, n_weights, exact, res)
+    return _result(items, widths, names, costs, errs, picks, budget, n_weights, exact, res, kind)
 
 
 def allocate_layers_bruteforce(items: Items, target_avg_bits=None, *, budget_bits=None,
                                errors=None, sensitivities=None,
                                widths: Sequence[int] = DEFAULT_WIDTHS,
-                               ref_bits: int = 4) -> LayerAllocation:
+                               ref_bits: int = 4, kind: str = "storage") -> LayerAllocation:
     """Reference for tests only: enumerates all ``|B|^L`` combinations with exact costs.
     Ties in error go to the cheaper plan."""
     items, widths, names, costs, errs, budget, n_weights = _prepare(
-        items, target_avg_bits, budget_bits, errors, sensitivities, widths, ref_bits)
+        items, target_avg_bits, budget_bits, errors, sensitivities, widths, ref_bits, kind)
     if len(widths) ** len(names) > 2_000_000:
         raise ValueError("too many combinations for brute force")
     best = None
@@ -314,7 +333,7 @@ def allocate_layers_bruteforce(items: Items, target_avg_bits=None, *, budget_bit
         e = sum(errs[i][j] for i, j in enumerate(picks))
         if best is None or (e, c) < best[0]:
             best = ((e, c), list(picks))
-    return _result(items, widths, names, costs, errs, best[1], budget, n_weights, True, 1)
+    return _result(items, widths, names, costs, errs, best[1], budget, n_weights, True, 1, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,18 +393,27 @@ def group_rtn_errors(W, h_diag, group_size: int, widths: Sequence[int], mode: st
     (one scale/zero per (group, output column), as in the format), quantized by
     :func:`tasa.quant.rtn_fake_quant` -- the parameters of the quantizer that is applied
     (:func:`tasa.quant.rtn_params`: fp16-exact scales, asym range as min/max). Shape ``[n_groups, |widths|]``,
-    float64 numpy; computed in W's precision (at least float32) on W's device."""
-    W, h = _logical(W, h_diag, group_size, perm)
-    N, K = W.shape
-    Wg = W.reshape(N, K // group_size, group_size)
-    hg = h.reshape(K // group_size, group_size).double()
-    out = np.empty((K // group_size, len(widths)))
+    float64 numpy; computed in W's precision (at least float32) on W's device.
+
+    ``h_diag`` may also be ``[S, K]`` (several weightings of the same errors, e.g. the mixture's
+    ``H_alpha``, ``H_gen`` and ones): the result is then ``[S, n_groups, |widths|]`` and the
+    RTN is computed once."""
+    h_in = h_diag.detach() if isinstance(h_diag, torch.Tensor) else torch.as_tensor(np.asarray(h_diag))
+    stacked = h_in.dim() == 2
+    H = h_in if stacked else h_in.reshape(1, -1)
+    W0 = W.detach() if isinstance(W, torch.Tensor) else torch.as_tensor(np.asarray(W))
+    Wl, _ = _logical(W0, H[0], group_size, perm)
+    hs = [_logical(W0, H[i], group_size, perm)[1] for i in range(H.shape[0])]
+    N, K = Wl.shape
+    Wg = Wl.reshape(N, K // group_size, group_size)
+    hg = torch.stack(hs).reshape(len(hs), K // group_size, group_size).double()
+    out = np.empty((len(hs), K // group_size, len(widths)))
     for j, b in enumerate(widths):
         if int(b) not in SUPPORTED_BITS:
             raise ValueError(f"unsupported width {b}")
         err = (Wg - rtn_fake_quant(Wg, int(b), QuantMode(mode) is QuantMode.SYM)).square_().sum(dim=0).double()   # [ng, G]
-        out[:, j] = (err * hg).sum(dim=1).cpu().numpy()
-    return out
+        out[:, :, j] = (err[None] * hg).sum(dim=2).cpu().numpy()
+    return out if stacked else out[0]
 
 
 def allocate_groups(spec: LayerSpec, base_bits: int, *, salience=None, errors=None,

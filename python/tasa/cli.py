@@ -170,11 +170,14 @@ def _widths(s: str) -> tuple:
 def _pipeline_config(args):
     cfg = pipeline.PipelineConfig()
     for f in ("model", "bits", "data", "seed", "group_size", "mode", "widths", "alpha", "beta",
-              "sens_bits", "granularity", "method", "n_calib", "seqlen", "n_gen", "n_task",
-              "n_test", "mix_seqlen", "eval_windows", "act_order", "lm_head_bits"):
+              "sens_widths", "sens_dtype", "granularity", "method", "n_calib", "seqlen", "n_gen",
+              "n_task", "n_test", "mix_seqlen", "eval_windows", "act_order", "lm_head_bits",
+              "sens_ppl_windows", "sens_math_items", "sens_arc_items"):
         v = getattr(args, f, None)
         if v is not None:
             setattr(cfg, f, v)
+    if getattr(args, "code_bits", None) is not None:
+        cfg.bits, cfg.budget = args.code_bits, "code"
     if args.no_intra:
         cfg.intra = False
     return cfg
@@ -215,7 +218,10 @@ def _check_plan_target(out: Path) -> None:
 def cmd_allocate(args) -> int:
     try:
         m = Measurement.load(args.measurement)
-        A = pipeline.allocate(m, args.bits, args.beta, args.widths, not args.no_intra)
+        bits, budget = ((args.code_bits, "code") if args.code_bits is not None
+                        else (args.bits, "storage"))
+        A = pipeline.allocate(m, bits, args.beta, args.widths, not args.no_intra, budget=budget,
+                              scoring=args.scoring)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -229,7 +235,8 @@ def cmd_allocate(args) -> int:
         return 2
     write_json_atomic(out, pipeline.plan_document(m, A))
     s = A["summary"]
-    print(f"{out}: {s['avg_bits']:.4f} average bits (budget {args.bits}); "
+    print(f"{out}: {s['avg_bits']:.4f} average bits stored, {s['code_avg_bits']:.4f} code bits "
+          f"(budget {bits} {budget} bits); "
           + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in s["width_fraction"].items()))
     return 0
 
@@ -275,9 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=defaults.MODEL,
                    help="registry name (smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m), .gguf "
                         "file, local checkpoint folder or Hugging Face id")
-    p.add_argument("--bits", type=float, default=defaults.BITS,
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--bits", type=float, default=None,
                    help="target average bits per weight of the quantized linears, exact storage "
-                        "cost (codes + fp16 scales/zeros + tables)")
+                        f"cost (codes + fp16 scales/zeros + tables); default {defaults.BITS}")
+    g.add_argument("--code-bits", type=float, default=None,
+                   help="target average CODE bits per weight (the paper's convention: scales, "
+                        "zeros and tables not counted); the report states both")
     p.add_argument("--out", required=True, help="output folder (resumes a run found there)")
     p.add_argument("--data", default=None,
                    help="data folder laid out like shared/data (default: the slices shipped with tasa)")
@@ -291,9 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["sym", "asym"], default=None, help=f"default {defaults.MODE}")
     p.add_argument("--method", choices=["gptq", "rtn"], default=None, help="default gptq")
     p.add_argument("--act-order", action="store_true", default=None)
-    p.add_argument("--granularity", choices=["block", "linear"], default=None,
-                   help="sensitivity/allocation unit (default block)")
-    p.add_argument("--sens-bits", type=int, default=None, help=f"probe width (default {defaults.SENS_BITS})")
+    p.add_argument("--granularity", choices=["block", "sublayer", "linear"], default=None,
+                   help=f"sensitivity/allocation unit: a decoder block, its attention or MLP, or "
+                        f"one linear (default {defaults.GRANULARITY})")
+    p.add_argument("--sens-widths", type=_widths, default=None,
+                   help="RTN probe widths, each measured per unit (default "
+                        + ",".join(map(str, defaults.SENS_WIDTHS)) + ")")
+    p.add_argument("--sens-dtype", choices=["float32", "bfloat16"], default=None,
+                   help=f"the probes' compute dtype (default {defaults.SENS_DTYPE}: bf16 autocast; "
+                        f"use float32 on CPUs without AVX-512 BF16 / AMX)")
+    p.add_argument("--sens-ppl-windows", type=int, default=None, help="ppl objective windows")
+    p.add_argument("--sens-math-items", type=int, default=None, help="math objective items")
+    p.add_argument("--sens-arc-items", type=int, default=None, help="arc objective items")
     p.add_argument("--n-calib", type=int, default=None, help="GPTQ sequences (default 32)")
     p.add_argument("--seqlen", type=int, default=None, help="GPTQ sequence length (default 512)")
     p.add_argument("--n-gen", type=int, default=None)
@@ -323,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("allocate", help="re-allocate bits from a measurement.json (seconds)")
     p.add_argument("--measurement", required=True, help="measurement.json or its folder")
-    p.add_argument("--bits", type=float, required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--bits", type=float, help="average storage bits (every stored bit)")
+    g.add_argument("--code-bits", type=float, help="average code bits (the paper's convention)")
+    p.add_argument("--scoring", choices=list(pipeline.SCORINGS), default="tasa",
+                   help="tasa: measured task-aware probes; higgs / hawq: the non-task-aware "
+                        "baselines (see tasa.pipeline.unit_errors)")
     p.add_argument("--beta", type=float, default=defaults.BETA)
     p.add_argument("--widths", type=_widths, default=defaults.WIDTHS)
     p.add_argument("--no-intra", action="store_true")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
-__all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "OBJECTIVES", "SENS_BITS",
+__all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
+           "SENS_DTYPE", "GRANULARITY",
            "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
 
 # the paper's allocation set: 3-, 4- and occasionally 8-bit layers (2 bits is supported by the
@@ -21,8 +22,14 @@ MODE: str = "asym"
 SKIP_MODULES: Tuple[str, ...] = ("lm_head",)
 # sensitivity objectives: held-out general text, GSM8K gold solutions, ARC correct answers
 OBJECTIVES: Tuple[str, ...] = ("ppl", "math", "arc")
-# width of the RTN probe of the sensitivity stage
-SENS_BITS: int = 3
+# widths of the RTN probes of the sensitivity stage: every unit is probed at each, and the
+# knapsack uses the measured loss increases (8 bits is extrapolated from the 4-bit probe)
+SENS_WIDTHS: Tuple[int, ...] = (3, 4)
+SENS_BITS: int = SENS_WIDTHS[0]
+# the probes' forward passes: bf16 autocast (matmuls bf16, residual/norms/head fp32)
+SENS_DTYPE: str = "bfloat16"
+# sensitivity / allocation unit
+GRANULARITY: str = "block"
 # the main job
 MODEL: str = "smollm2-135m"
 BITS: float = 3.5

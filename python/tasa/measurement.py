@@ -48,8 +48,17 @@ def _split(cls, d: Mapping):
     return known, extra
 
 
+# fields added after the first version-1 files: left out while empty / unset, so those files
+# round-trip unchanged (and readers that predate the fields see nothing new)
+_LATER = ("linear_errors", "delta_by_width", "base_items", "item_tokens", "item_delta", "noise",
+          "compute_dtype")
+
+
 def _to_dict(obj) -> dict:
     out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "extra"}
+    for k in _LATER:
+        if k in out and out[k] in (None, {}):
+            del out[k]
     out.update(obj.extra)
     return out
 
@@ -58,7 +67,8 @@ def _to_dict(obj) -> dict:
 class MixtureResult:
     """Stage 2: the calibration-mixture search (see :mod:`tasa.mixture`). ``alpha_star`` is the
     share of general text in the GPTQ calibration mix; ``group_errors[fqn]`` the per-group RTN
-    errors ``[n_groups][len(group_error_widths)]`` under ``diag(H_alpha*)``."""
+    errors ``[n_groups][len(group_error_widths)]`` under ``diag(H_alpha*)``; ``linear_errors``
+    the whole-linear errors of the baselines (see the field)."""
 
     alpha_star: float
     f_star: float
@@ -70,6 +80,10 @@ class MixtureResult:
     shared_inputs: dict = dataclasses.field(default_factory=dict)
     group_error_widths: list = dataclasses.field(default_factory=list)
     group_errors: dict = dataclasses.field(default_factory=dict)
+    # per linear, per width of group_error_widths: "gen" = sum_k diag(H_gen)_k ||W_k - RTN(W)_k||^2
+    # (GPTQ's output-error proxy on general text), "rel" = ||W - RTN(W)||^2 / ||W||^2 (HIGGS's
+    # relative l2 error): the non-task-aware baselines' inputs
+    linear_errors: dict = dataclasses.field(default_factory=dict)
     tokens: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     extra: dict = dataclasses.field(default_factory=dict)
@@ -88,10 +102,18 @@ class MixtureResult:
 
 @dataclasses.dataclass
 class SensitivityResult:
-    """Stage 3: per-unit loss increases ``delta[unit][objective]`` when the unit alone is
-    RTN-quantized at ``bits``; ``base`` the unquantized losses; ``illusion`` the rank
-    agreement between objectives (:func:`tasa.stats.illusion_report`). Written after every
-    probe; ``complete`` once every unit is measured."""
+    """Stage 3: per-unit loss increases when the unit alone is RTN-quantized.
+
+    ``delta[unit][objective]``: at ``bits`` (the first probe width); ``delta_by_width[str(b)]``
+    the same at every further measured width ``b`` (empty in files written before widths were
+    measured apart, which extrapolate from ``bits``). Per item (sequence) of each objective:
+    ``base_items[obj]`` the unquantized summed NLL, ``item_tokens[obj]`` the scored tokens and
+    ``item_delta[str(b)][unit][obj]`` the summed NLL increase -- ``delta`` is
+    ``sum(item_delta) / sum(item_tokens)``; the noise bounds resample the items.
+    ``base``: the unquantized losses; ``illusion``: the rank agreement between objectives
+    (:func:`tasa.stats.illusion_report`), ``noise``: its error bars
+    (:func:`tasa.stats.noise_report`). Written after every probe; ``complete`` once every unit
+    is measured at every width."""
 
     objectives: list = dataclasses.field(default_factory=list)
     objective_data: list = dataclasses.field(default_factory=list)
@@ -101,6 +123,12 @@ class SensitivityResult:
     base: Optional[dict] = None
     illusion: Any = None
     complete: bool = False
+    delta_by_width: dict = dataclasses.field(default_factory=dict)
+    base_items: dict = dataclasses.field(default_factory=dict)
+    item_tokens: dict = dataclasses.field(default_factory=dict)
+    item_delta: dict = dataclasses.field(default_factory=dict)
+    noise: Any = None
+    compute_dtype: Optional[str] = None        # None: float32 (files before the option)
     extra: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -114,9 +142,32 @@ class SensitivityResult:
         known, extra = _split(cls, d)
         return cls(**known, extra=extra)
 
-    def profile(self, units) -> Dict[str, list]:
-        """``{objective: [delta of each unit, in the order of units]}``."""
-        return {k: [self.delta[u][k] for u in units] for k in self.objectives}
+    @property
+    def widths(self) -> List[int]:
+        """Every measured probe width, ascending."""
+        return sorted({int(self.bits)} | {int(b) for b in self.delta_by_width})
+
+    def deltas(self, bits: Optional[int] = None) -> dict:
+        """``{unit: {objective: delta}}`` at ``bits`` (default: :attr:`bits`); ``{}`` where
+        nothing was measured at that width yet."""
+        if bits is None or int(bits) == int(self.bits):
+            return self.delta
+        return self.delta_by_width.setdefault(str(int(bits)), {})
+
+    def profile(self, units, bits: Optional[int] = None) -> Dict[str, list]:
+        """``{objective: [delta of each unit, in the order of units]}`` at ``bits``."""
+        d = self.deltas(bits)
+        return {k: [d[u][k] for u in units] for k in self.objectives}
+
+    def item_profile(self, units, bits: Optional[int] = None) -> Dict[str, list]:
+        """``{objective: [[summed NLL increase per item] of each unit]}`` at ``bits`` (needs
+        the per-item record)."""
+        d = self.item_delta.get(str(int(self.bits if bits is None else bits)), {})
+        missing = [u for u in units if u not in d]
+        if missing:
+            raise ValueError(f"tasa: no per-item record for {len(missing)} unit(s) at "
+                             f"{bits or self.bits} bits (a measurement from before items were kept)")
+        return {k: [d[u][k] for u in units] for k in self.objectives}
 
 
 @dataclasses.dataclass

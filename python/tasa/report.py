@@ -111,6 +111,31 @@ def plot_bitmap(measurement: Measurement, plan: Mapping[str, Mapping], path) -> 
     return _save(fig, path)
 
 
+def noise_lines(sens) -> list:
+    """The noise bounds of the rankings (``sens.noise``, :func:`tasa.stats.noise_report`) as
+    report lines: each objective's split-half reliability and every tau's bootstrap interval."""
+    noise = getattr(sens, "noise", None)
+    if not noise:
+        return []
+    L = []
+    for b, rep in noise.items():
+        L.append(f"Noise bounds at {b} bits ({rep['n_splits']} random item splits, "
+                 f"{rep['n_boot']} bootstrap resamples of the items):\n")
+        L.append("| objective | split-half Kendall tau (mean, 95% range) |")
+        L.append("|---|---|")
+        for k, r in rep["reliability"].items():
+            L.append(f"| {k} | {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] |")
+        L.append("")
+        L.append("| a | b | Kendall tau | 95% bootstrap CI | distinct from 0 | vs reliability |")
+        L.append("|---|---|---|---|---|---|")
+        for r in rep["tau"]:
+            L.append(f"| {r['a']} | {r['b']} | {r['tau']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+                     f"{'yes' if r['distinct_from_0'] else 'no'} | {r['vs_reliability']} the "
+                     f"lower split-half tau |")
+        L.append("")
+    return L
+
+
 def write_report(out, measurement: Measurement, allocation: Mapping, summary: Mapping) -> Path:
     out = Path(out)
     m, A = measurement, allocation
@@ -118,7 +143,8 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     cfg = summary["config"]
     units = list(m.units)
     L = []
-    L.append(f"# tasa report: {summary['model']} at {cfg['bits']} average bits\n")
+    kind = cfg.get("budget", "storage")
+    L.append(f"# tasa report: {summary['model']} at {cfg['bits']} average {kind} bits\n")
     L.append(f"- model: {summary['model_note']}")
     L.append(f"- date: {summary['date']}; machine: {summary['machine']['platform']}, "
              f"{summary['machine']['cpus']} CPUs, torch {summary['machine']['torch']}, "
@@ -130,18 +156,19 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
              + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items() if k != "total"))
     L.append("")
     L.append("## Result\n")
-    L.append("| | average bits (exact cost) | WikiText-2 ppl |")
-    L.append("|---|---|---|")
+    L.append("| | average bits (exact storage cost) | average code bits (paper's count) | "
+             "WikiText-2 ppl |")
+    L.append("|---|---|---|---|")
     pp = summary.get("ppl_protocol") or {}
-    L.append(f"| reference (full precision) | 32 | {_fmt(summary['ppl_reference'], 3)} |")
-    L.append(f"| tasa ({cfg['method']}, budget {cfg['bits']}) | {summary['avg_bits']:.4f} | "
+    L.append(f"| reference (full precision) | 32 | 32 | {_fmt(summary['ppl_reference'], 3)} |")
+    L.append(f"| tasa ({cfg['method']}, budget {cfg['bits']} {kind} bits) | "
+             f"{summary['avg_bits']:.4f} | {A['summary']['code_avg_bits']:.4f} | "
              f"{_fmt(summary['ppl_quantized'], 3)} |")
     if pp:
         L.append(f"\nPerplexity: {pp['text']}, first {pp['windows']} windows of {pp['seqlen']} "
                  f"tokens ({pp['tokens']} scored tokens) -- a quick check, not a paper number.")
     L.append("\nWidths: " + ", ".join(f"{b}-bit {100 * f:.1f}% of weights"
-                                      for b, f in A["summary"]["width_fraction"].items())
-             + f"; code bits only {A['summary']['code_avg_bits']:.3f}.")
+                                      for b, f in A["summary"]["width_fraction"].items()) + ".")
     head = summary.get("lm_head")
     L.append("Output projection: " + (f"`{head['module']}` RTN {head['bits']}-bit, "
                                         f"{head['avg_bits']:.4f} average bits (not in the "
@@ -165,7 +192,9 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
              f"GPTQ calibration used: {summary['quantization'].get('calibration')}.\n")
     L.append("![alpha curve](alpha_curve.png)\n")
     L.append("## 2. Sensitivity and the perplexity illusion\n")
-    L.append(f"RTN {sens.bits}-bit probe of one {cfg['granularity']} at a time; loss increase "
+    widths = sens.widths
+    L.append(f"RTN probe of one {cfg['granularity']} at a time at {widths} bits "
+             f"({sens.compute_dtype or 'float32'} compute); loss increase "
              "in nats per scored token. Objectives: "
              + "; ".join(f"`{o['name']}`: {o['description']} ({o['scored_tokens']} scored tokens)"
                          for o in sens.objective_data) + ".")
@@ -178,11 +207,13 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
             L.append(f"| {r['a']} | {r['b']} | {r['kendall_tau']:.3f} | {r['spearman_rho']:.3f} | "
                      f"{r['top_k_overlap']:.2f} (k={r['k']}) |")
         L.append("")
+    L.extend(noise_lines(sens))
     objs = sens.objectives
-    L.append("| unit | " + " | ".join(f"d{o}" for o in objs) + " | aggregate s | bits |")
-    L.append("|---|" + "---|" * (len(objs) + 2))
+    cols = [(b, o) for b in widths for o in objs]
+    L.append("| unit | " + " | ".join(f"d{o}@{b}" for b, o in cols) + " | aggregate s | bits |")
+    L.append("|---|" + "---|" * (len(cols) + 2))
     for u in units:
-        L.append(f"| {_short(u)} | " + " | ".join(f"{sens.delta[u][o]:+.4f}" for o in objs)
+        L.append(f"| {_short(u)} | " + " | ".join(f"{sens.deltas(b)[u][o]:+.4f}" for b, o in cols)
                  + f" | {A['scores'][u]:.4f} | {A['item_bits'][u]} |")
     L.append(f"\nAggregate s = beta norm(s_ppl) + (1 - beta) mean_k norm(s_k), beta = "
              f"{cfg['beta']}, norm = clip at 0 and divide by the sum."
@@ -192,10 +223,13 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     L.append("## 3. Allocation\n")
     la_ = A["layer_allocation"]
     L.append(f"Multiple-choice knapsack over widths {A['widths']} per {cfg['granularity']} "
-             f"(exact DP: {la_['exact']}), budget {A['budget_bits']} bits = {cfg['bits']} x "
-             f"{A['summary']['n_weights']} weights; plan cost {A['summary']['cost_bits']} bits "
-             f"= {A['summary']['avg_bits']:.5f} average bits. Intra-layer group step: "
-             f"{'on' if A['intra'] else 'off'}.\n")
+             f"(exact DP: {la_['exact']}) on the measured loss increases at {widths} bits "
+             f"(other widths from the nearest lower probe by the 4^-b noise model; errors made "
+             f"non-increasing in the width), budget {A['budget_bits']} {kind} bits = "
+             f"{cfg['bits']} x {A['summary']['n_weights']} weights; plan cost "
+             f"{A['summary']['cost_bits']} bits = {A['summary']['avg_bits']:.5f} average storage "
+             f"bits, {A['summary']['code_avg_bits']:.5f} average code bits. Intra-layer group "
+             f"step: {'on' if A['intra'] else 'off'}.\n")
     changed = sum(1 for f, e in A["plan"].items() if len(set(e["bits"])) > 1)
     L.append(f"Linears with mixed group widths after the intra-layer step: {changed} of "
              f"{len(A['plan'])}.\n")

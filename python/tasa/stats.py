@@ -13,6 +13,11 @@ numpy. Non-finite entries are rejected (a NaN sensitivity is a failed measuremen
   documented rule so reports are reproducible).
 * :func:`aggregate` -- ``beta * norm(s_ppl) + (1 - beta) * mean_k norm(s_k)``.
 * :func:`illusion_report` -- all of the above between perplexity and each task.
+* :func:`split_half_tau`, :func:`bootstrap_tau`, :func:`noise_report` -- the noise bounds of
+  those rankings, from per-item measurements (each objective's loss is a ratio of sums over its
+  items, so resampling items resamples the measurement): how well two disjoint halves of one
+  objective's items agree on the ranking (its reliability), and a percentile bootstrap
+  confidence interval for every tau between objectives.
 
 Both correlation functions return ``nan`` when a vector is constant (undefined), as scipy does.
 """
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 
 __all__ = ["NORMS", "rankdata", "kendall_tau_b", "spearman_rho", "top_k", "top_k_overlap",
-           "normalize", "aggregate", "illusion_report"]
+           "normalize", "aggregate", "illusion_report", "profile_from_items", "split_half_tau",
+           "bootstrap_tau", "noise_report"]
 
 NORMS = ("sum", "minmax", "rank")
 
@@ -180,3 +186,98 @@ def illusion_report(s_ppl, s_tasks: Mapping[str, Any], k: int = 5,
     return [{"a": a, "b": b, "kendall_tau": kendall_tau_b(objs[a], objs[b]),
              "spearman_rho": spearman_rho(objs[a], objs[b]),
              "top_k_overlap": top_k_overlap(objs[a], objs[b], k), "k": k} for a, b in combos]
+
+
+# ---- noise bounds ----------------------------------------------------------------------------
+
+def _items(items, tokens, name: str):
+    X = np.asarray(items, dtype=np.float64)
+    t = np.asarray(tokens, dtype=np.float64).reshape(-1)
+    if X.ndim != 2 or X.shape[1] != t.shape[0]:
+        raise ValueError(f"{name}: items must be [units, n_items] and tokens [n_items], got "
+                         f"{X.shape} and {t.shape}")
+    if X.shape[1] < 2:
+        raise ValueError(f"{name}: need at least 2 items, got {X.shape[1]}")
+    if not (np.all(np.isfinite(X)) and np.all(t >= 0) and t.sum() > 0):
+        raise ValueError(f"{name}: non-finite items or no scored tokens")
+    return X, t
+
+
+def profile_from_items(items, tokens, idx=None) -> np.ndarray:
+    """Per-unit loss increase ``sum_i items[u, i] / sum_i tokens[i]`` over the items ``idx``
+    (default all; repeats allowed, as a bootstrap sample has)."""
+    X, t = _items(items, tokens, "items")
+    if idx is None:
+        return X.sum(1) / t.sum()
+    idx = np.asarray(idx)
+    return X[:, idx].sum(1) / t[idx].sum()
+
+
+def split_half_tau(items, tokens, n_splits: int = 200, seed: int = 0) -> Dict[str, float]:
+    """Reliability of one objective's unit ranking: Kendall tau between the profiles of two
+    random disjoint halves of its items, over ``n_splits`` splits. Returns ``{"mean", "lo",
+    "hi"}`` (2.5 / 97.5 percentiles over splits). Each half has half the items, so this bounds
+    the full set's reliability from below; an agreement *between* objectives near this value
+    is all the noise allows."""
+    X, t = _items(items, tokens, "items")
+    rng = np.random.default_rng(seed)
+    n = X.shape[1]
+    taus = []
+    for _ in range(n_splits):
+        p = rng.permutation(n)
+        a, b = p[: n // 2], p[n // 2:]
+        if t[a].sum() == 0 or t[b].sum() == 0:
+            continue
+        tau = kendall_tau_b(X[:, a].sum(1) / t[a].sum(), X[:, b].sum(1) / t[b].sum())
+        if np.isfinite(tau):
+            taus.append(tau)
+    if not taus:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    return {"mean": float(np.mean(taus)), "lo": float(np.percentile(taus, 2.5)),
+            "hi": float(np.percentile(taus, 97.5))}
+
+
+def bootstrap_tau(items_a, tokens_a, items_b, tokens_b, n_boot: int = 1000,
+                  seed: int = 0, level: float = 0.95) -> Dict[str, float]:
+    """Kendall tau between two objectives' unit profiles with a percentile bootstrap interval:
+    each objective's items are resampled with replacement (independently: different data),
+    ``n_boot`` times. Returns ``{"tau", "lo", "hi", "p_le_0", "p_ge_0"}`` (the point estimate
+    on all items, the interval and the bootstrap shares at or below / above 0)."""
+    A, ta = _items(items_a, tokens_a, "items_a")
+    B, tb = _items(items_b, tokens_b, "items_b")
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"unit count mismatch: {A.shape[0]} vs {B.shape[0]}")
+    rng = np.random.default_rng(seed)
+    point = kendall_tau_b(A.sum(1) / ta.sum(), B.sum(1) / tb.sum())
+    taus = []
+    for _ in range(n_boot):
+        ia = rng.integers(0, A.shape[1], A.shape[1])
+        ib = rng.integers(0, B.shape[1], B.shape[1])
+        if ta[ia].sum() == 0 or tb[ib].sum() == 0:
+            continue
+        tau = kendall_tau_b(A[:, ia].sum(1) / ta[ia].sum(), B[:, ib].sum(1) / tb[ib].sum())
+        if np.isfinite(tau):
+            taus.append(tau)
+    taus = np.asarray(taus)
+    q = (1.0 - level) / 2 * 100
+    return {"tau": point, "lo": float(np.percentile(taus, q)), "hi": float(np.percentile(taus, 100 - q)),
+            "p_le_0": float((taus <= 0).mean()), "p_ge_0": float((taus >= 0).mean())}
+
+
+def noise_report(profiles: Mapping[str, tuple], n_boot: int = 1000, n_splits: int = 200,
+                 seed: int = 0) -> Dict[str, Any]:
+    """``profiles[obj] = (items [units, n_items], tokens [n_items])``. Returns
+    ``{"reliability": {obj: split_half_tau}, "tau": [{"a", "b", "tau", "lo", "hi",
+    "distinct_from_0", "p_le_0", "p_ge_0", "vs_reliability"}]}`` for every pair of objectives;
+    ``distinct_from_0`` when the interval excludes 0; ``vs_reliability`` says whether the pair's
+    tau reaches the lower of the two split-half reliabilities (then the two rankings agree as
+    well as the noise of the objectives lets any two rankings agree)."""
+    rel = {k: split_half_tau(X, t, n_splits, seed) for k, (X, t) in profiles.items()}
+    rows = []
+    for a, b in itertools.combinations(profiles, 2):
+        r = bootstrap_tau(*profiles[a], *profiles[b], n_boot=n_boot, seed=seed)
+        floor = min(rel[a]["mean"], rel[b]["mean"])
+        r.update({"a": a, "b": b, "distinct_from_0": bool(r["lo"] > 0 or r["hi"] < 0),
+                  "vs_reliability": ("reaches" if r["tau"] >= floor else "below")})
+        rows.append(r)
+    return {"reliability": rel, "tau": rows, "n_boot": n_boot, "n_splits": n_splits}

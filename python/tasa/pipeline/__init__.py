@@ -4,10 +4,11 @@ docstring: the whole method) -- and the job that runs them and writes the folder
 """
 from .config import PipelineConfig
 from .job import run
-from .stages import (allocate, build_objectives, check_budget, measure, measure_fingerprint,
-                     measure_mixture, mixture_calibration, plan_document, quantize_with_plan,
-                     split_data, weights_digest)
+from .stages import (SCORINGS, allocate, build_objectives, check_budget, measure,
+                     measure_fingerprint, measure_mixture, mixture_calibration, noise_bounds,
+                     plan_document, quantize_with_plan, split_data, unit_errors, weights_digest)
 
 __all__ = ["PipelineConfig", "run", "split_data", "mixture_calibration", "measure_mixture",
            "build_objectives", "measure", "allocate", "check_budget", "plan_document",
-           "quantize_with_plan", "measure_fingerprint", "weights_digest"]
+           "quantize_with_plan", "measure_fingerprint", "weights_digest", "SCORINGS",
+           "unit_errors", "noise_bounds"]

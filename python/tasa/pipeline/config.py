@@ -18,7 +18,9 @@ class PipelineConfig:
     """Every knob of the pipeline, with the defaults of ``tasa quantize``."""
 
     model: str = defaults.MODEL
-    bits: float = defaults.BITS                     # target average bits (exact cost function)
+    bits: float = defaults.BITS            # target average bits, counted as `budget` says
+    budget: str = "storage"                # "storage": every stored bit (tasa_ext.cost_bits);
+                                           # "code": code bits only (the paper's convention)
     data: Optional[str] = None             # data folder / None: the slices shipped with tasa
     seed: int = 0
     # format
@@ -36,8 +38,9 @@ class PipelineConfig:
     n_test: int = 8
     mix_seqlen: int = 512
     # sensitivity
-    sens_bits: int = defaults.SENS_BITS
-    granularity: str = "block"             # "block" | "linear"
+    sens_widths: tuple = defaults.SENS_WIDTHS   # RTN probe widths, each measured per unit
+    sens_dtype: str = defaults.SENS_DTYPE       # compute dtype of the probes' forward passes
+    granularity: str = defaults.GRANULARITY     # "block" | "sublayer" | "linear"
     objectives: tuple = defaults.OBJECTIVES
     sens_ppl_windows: int = 8
     sens_ppl_seqlen: int = 128
@@ -62,7 +65,7 @@ class PipelineConfig:
 
     # fields whose change invalidates the measurement (everything the measured numbers depend on)
     MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
-                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_bits",
+                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_widths", "sens_dtype",
                     "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
                     "sens_math_items", "sens_arc_items")
 
@@ -99,15 +102,23 @@ class PipelineConfig:
             raise ValueError(f"tasa: --beta must be in [0, 1], got {self.beta}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"tasa: holdout must be in (0, 1), got {self.holdout}")
-        if self.granularity not in ("block", "linear"):
-            raise ValueError(f"tasa: granularity must be 'block' or 'linear', got {self.granularity!r}")
+        if self.granularity not in ("block", "sublayer", "linear"):
+            raise ValueError(f"tasa: granularity must be 'block', 'sublayer' or 'linear', got "
+                             f"{self.granularity!r}")
+        if self.budget not in ("storage", "code"):
+            raise ValueError(f"tasa: budget must be 'storage' or 'code', got {self.budget!r}")
+        if self.sens_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"tasa: --sens-dtype must be float32 or bfloat16, got {self.sens_dtype!r}")
         unknown = set(self.objectives) - set(defaults.OBJECTIVES)
         if unknown or not self.objectives:
             raise ValueError(f"tasa: objectives must be a non-empty subset of {defaults.OBJECTIVES}")
         if self.method not in ("gptq", "rtn"):
             raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {self.method!r}")
-        if self.sens_bits not in tasa_ext.SUPPORTED_BITS:
-            raise ValueError(f"tasa: sens_bits must be one of {list(tasa_ext.SUPPORTED_BITS)}")
+        sw = list(self.sens_widths)
+        if (not sw or any(b not in tasa_ext.SUPPORTED_BITS for b in sw) or len(set(sw)) != len(sw)
+                or sw != sorted(sw)):
+            raise ValueError(f"tasa: --sens-widths must be distinct ascending widths of "
+                             f"{list(tasa_ext.SUPPORTED_BITS)}, got {sw}")
         if self.beta < 1.0 and not (set(self.objectives) - {"ppl"}):
             raise ValueError("tasa: beta < 1 needs at least one task objective (math, arc)")
 

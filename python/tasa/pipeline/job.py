@@ -120,7 +120,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     retire_model(out)
     if plan is None:       # allocation
         t = time.perf_counter()
-        A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order)
+        A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order,
+                     budget=cfg.budget)
         timings["allocate"] = time.perf_counter() - t
         write_json_atomic(out / defaults.PLAN_NAME, plan_document(m, A))
         the_plan, alpha, summary_ = A["plan"], float(m.mixture.alpha_star), A["summary"]
@@ -133,8 +134,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         write_json_atomic(out / defaults.PLAN_NAME, plan_to_dict(
             given, pshapes, **{k: v for k, v in doc.items()
                                if k not in ("kind", "version", "format_version", "layers")}))
-    log(f"plan: {summary_['avg_bits']:.4f} average bits (budget "
-        f"{cfg.bits if plan is None else 'given'}); widths "
+    log(f"plan: {summary_['avg_bits']:.4f} average bits stored, {summary_['code_avg_bits']:.4f} "
+        f"code bits (budget {f'{cfg.bits} {cfg.budget} bits' if plan is None else 'given'}); widths "
         + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in summary_["width_fraction"].items()))
     # quantization
     t = time.perf_counter()
@@ -154,13 +155,15 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     tio.save_quantized(model, out, lplan,
                        tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
         "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
-        "avg_bits": summary_["avg_bits"], "lm_head": lm_head})
+        "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
+        "lm_head": lm_head})
     timings["save"] = time.perf_counter() - t
     q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
         "alpha_star": alpha, "avg_bits": summary_["avg_bits"],
+        "code_avg_bits": summary_["code_avg_bits"],
         "width_fraction": summary_["width_fraction"], "plan_given": plan is not None,
         "lm_head": lm_head,
         "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],

@@ -54,7 +54,7 @@ from ..driver import quantize_model
 from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
-           "allocate", "check_budget", "plan_document", "as_layer_specs", "quantize_with_plan",
+           "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "quantize_with_plan",
            "measure", "measure_fingerprint", "weights_digest", "check_same_model", "Log"]
 
 
@@ -163,13 +163,17 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
         a_star, f_star = float(cfg.alpha), curve(float(cfg.alpha))
     # per-group RTN errors under diag(H_alpha*), for the intra-layer step
     mods = dict(model.named_modules())
-    group_err = {}
+    group_err, lin_err = {}, {}
     widths = list(tasa_ext.SUPPORTED_BITS)
     for name, spec in specs.items():
         dg, dt = diags[name]
-        h = a_star * dg + (1 - a_star) * dt
-        E = alloc.group_rtn_errors(mods[name].weight, h, spec.group_size, widths, cfg.mode)
-        group_err[name] = E.tolist()
+        W = mods[name].weight
+        h = torch.stack([a_star * dg + (1 - a_star) * dt, dg, torch.ones_like(dg)])
+        E = alloc.group_rtn_errors(W, h, spec.group_size, widths, cfg.mode)
+        group_err[name] = E[0].tolist()
+        wn = float(W.detach().double().square().sum())
+        lin_err[name] = {"gen": E[1].sum(0).tolist(),
+                         "rel": (E[2].sum(0) / max(wn, 1e-30)).tolist()}
     table = curve.table(cfg.alpha_grid)
     layer_alpha = {}
     for n in curve.layers:
@@ -180,6 +184,7 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
         best_on_grid=curve.best_on_grid(cfg.alpha_grid), table=table,
         curve=curve.compress(1e-5).to_dict(), layer_alpha=layer_alpha,
         shared_inputs=shared, group_error_widths=widths, group_errors=group_err,
+        linear_errors=lin_err,
         tokens={"gen": cfg.n_gen * cfg.mix_seqlen, "task": cfg.n_task * cfg.mix_seqlen,
                 "test": cfg.n_test * cfg.mix_seqlen},
         seconds=time.perf_counter() - t0)
@@ -205,48 +210,129 @@ def build_objectives(tokenizer, split: dict, cfg: PipelineConfig) -> List[sensit
 
 
 def _units(model, cfg):
-    targets = list(default_targets(model))
-    return (sensitivity.block_units(model, targets) if cfg.granularity == "block"
-            else sensitivity.linear_units(model, targets))
+    return sensitivity.UNIT_BUILDERS[cfg.granularity](model, list(default_targets(model)))
 
 
 # ---- stage 4: allocation ----------------------------------------------------------------------
 
+SCORINGS = ("tasa", "higgs", "hawq")
+
+
+def unit_errors(measurement: Measurement, beta: float = defaults.BETA,
+                widths: Sequence[int] = defaults.WIDTHS, scoring: str = "tasa") -> tuple:
+    """The knapsack's ``errors[unit][b]`` for every width of ``widths``, and
+    ``(scores, dropped objectives)`` for the report.
+
+    * ``"tasa"``: per objective ``k`` and measured width ``b``, the clipped loss increase
+      ``max(delta_k[u](b), 0) / Z_k`` with ``Z_k`` the objective's summed clipped increase at
+      the lowest measured width (one scale per objective, shared by its widths), aggregated as
+      ``beta * ppl + (1 - beta) * mean over tasks`` (:func:`tasa.stats.aggregate`). Widths
+      that were not probed come from the nearest lower measured width by the noise model
+      ``e(b) = e(b') 4^-(b - b')`` (a measurement with one probe width is exactly the older
+      noise-model allocation); 8 bits is extrapolated from the 4-bit probe (~1/256 of it, near
+      zero). Then ``e`` is made non-increasing in the width (``e(b) = min(e(b), e(b'))`` for
+      ``b' < b``): a wider probe that measured worse is noise, and must not make the DP pay to
+      lose quality.
+    * ``"higgs"`` (not task-aware; HIGGS's dynamic bit-width allocation, arXiv 2411.17525): by
+      its linearity theorem the perplexity increase is ``sum_l a_l t_l(b)^2`` with ``t_l`` the
+      relative l2 error of linear ``l``. ``t_l(b)^2`` is measured for every width
+      (``mixture.linear_errors["rel"]``, the RTN that is applied); the coefficient per unit is
+      calibrated on its general-text probe, ``a_u = max(delta_ppl[u](b0), 0) / T_u(b0)`` with
+      ``T_u = sum_{l in u} t_l^2`` (HIGGS calibrates ``a_l`` by injecting noise; the RTN probe is
+      such a perturbation of known size).
+    * ``"hawq"`` (not task-aware, no probes): GPTQ's output-error proxy on general text,
+      ``sum_{l in u} sum_k diag(H_gen)_k ||W_k - RTN_b(W)_k||^2`` (``linear_errors["gen"]``).
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"tasa: scoring must be one of {SCORINGS}, got {scoring!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"tasa: beta must be in [0, 1], got {beta}")
+    sens = measurement.sensitivity
+    units = measurement.units
+    names = list(units)
+    widths = sorted(int(b) for b in widths)
+    dropped: List[str] = []
+    if scoring in ("higgs", "hawq"):
+        mix = measurement.mixture
+        if not mix.linear_errors:
+            raise ValueError(f"tasa: scoring {scoring!r} needs the per-linear errors of the "
+                             f"mixture stage (a measurement from before they were recorded)")
+        ew = [int(b) for b in mix.group_error_widths]
+        key = "rel" if scoring == "higgs" else "gen"
+        T = {u: {b: sum(mix.linear_errors[f][key][ew.index(b)] for f in units[u]["linears"])
+                 for b in set(widths) | {int(sens.bits)}} for u in names}
+        if scoring == "hawq":
+            err = {u: {b: T[u][b] for b in widths} for u in names}
+        else:
+            if "ppl" not in sens.objectives:
+                raise ValueError("tasa: scoring 'higgs' calibrates on the ppl objective; the "
+                                 "measurement has none")
+            b0 = int(sens.bits)
+            err = {}
+            for u in names:
+                a = max(float(sens.delta[u]["ppl"]), 0.0) / max(T[u][b0], 1e-300)
+                err[u] = {b: a * T[u][b] for b in widths}
+        scores = np.array([err[u][widths[0]] for u in names])
+        return err, scores, dropped
+    measured = [b for b in sens.widths if all(u in sens.deltas(b) for u in names)]
+    b0 = measured[0]
+    prof = {b: {k: np.array(v, dtype=np.float64) for k, v in sens.profile(names, b).items()}
+            for b in measured}
+    # an objective whose probes never increased its loss carries no ranking information (e.g.
+    # an untrained model): it is left out of the aggregate, and the report says so
+    dropped = sorted(k for k, v in prof[b0].items() if not (v > 0).any())
+    objs = [k for k in sens.objectives if k not in dropped]
+    tasks = [k for k in objs if k != "ppl"]
+    if not objs:
+        w: Dict[str, float] = {}
+    elif "ppl" not in objs:
+        if beta > 0 and "ppl" not in dropped:
+            raise ValueError("tasa: beta > 0 needs the ppl objective in the measurement")
+        w = {k: 1.0 / len(tasks) for k in tasks}
+    elif not tasks:
+        w = {"ppl": 1.0}
+    else:
+        w = {"ppl": float(beta), **{k: (1.0 - float(beta)) / len(tasks) for k in tasks}}
+    Z = {k: float(np.maximum(prof[b0][k], 0.0).sum()) for k in w}
+    e_meas = {}
+    for b in measured:
+        if not w:
+            e_meas[b] = np.full(len(names), 1.0 / len(names)) * 4.0 ** -(b - b0)
+        else:
+            e_meas[b] = sum(wk * np.maximum(prof[b][k], 0.0) / Z[k] for k, wk in w.items())
+    cols = []
+    for b in widths:
+        if b in e_meas:
+            e = e_meas[b]
+        else:
+            lower = [m for m in measured if m < b]
+            ref = max(lower) if lower else min(measured)
+            e = e_meas[ref] * 4.0 ** -(b - ref)
+        if cols:
+            e = np.minimum(e, cols[-1])
+        cols.append(e)
+    err = {u: {b: float(cols[j][i]) for j, b in enumerate(widths)} for i, u in enumerate(names)}
+    return err, e_meas[b0], dropped
+
+
 def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
              widths: Sequence[int] = defaults.WIDTHS, intra: bool = True,
-             act_order: bool = False) -> dict:
-    """Bit allocation from a measurement (no model needed: seconds). Returns
-    ``{"plan": {fqn: {...}}, "summary", "item_bits", "scores", "layer_allocation"}``; raises
-    ``ValueError`` for an infeasible budget."""
+             act_order: bool = False, budget: str = "storage", scoring: str = "tasa") -> dict:
+    """Bit allocation from a measurement (no model needed: seconds). ``budget``: what ``bits``
+    counts, ``"storage"`` (every stored bit, ``tasa_ext.cost_bits``) or ``"code"`` (the code
+    bits alone: the paper's convention); ``scoring``: the errors the knapsack minimises
+    (:func:`unit_errors`). Returns ``{"plan": {fqn: {...}}, "summary", "item_bits", "scores",
+    "layer_allocation", ...}``; raises ``ValueError`` for an infeasible budget."""
     if not measurement.complete:
         raise ValueError("tasa: the measurement has no complete sensitivity stage")
-    sens = measurement.sensitivity
     lin = measurement.linears
     units = measurement.units
     names = list(units)
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"tasa: beta must be in [0, 1], got {beta}")
-    prof = {k: np.array(v) for k, v in sens.profile(names).items()}
-    # an objective whose probes never increased its loss carries no ranking information (e.g.
-    # an untrained model): it is left out of the aggregate, and the report says so
-    dropped = sorted(k for k, v in prof.items() if not (v > 0).any())
-    prof = {k: v for k, v in prof.items() if k not in dropped}
-    s_tasks = {k: v for k, v in prof.items() if k != "ppl"}
-    if not prof:
-        score = np.full(len(names), 1.0 / len(names))
-    elif "ppl" not in prof:
-        if beta > 0 and "ppl" not in dropped:
-            raise ValueError("tasa: beta > 0 needs the ppl objective in the measurement")
-        score = np.mean([stats.normalize(v) for v in s_tasks.values()], axis=0)
-    elif not s_tasks:
-        score = stats.normalize(prof["ppl"])
-    else:
-        score = stats.aggregate(prof["ppl"], s_tasks, beta)
+    errors, score, dropped = unit_errors(measurement, beta, widths, scoring)
     specs = {f: alloc.linear_spec(f, v["n_out"], v["k_in"], v["group_size"], v["mode"], act_order)
              for f, v in lin.items()}
     items = {u: [specs[f] for f in units[u]["linears"]] for u in names}
-    la = alloc.allocate_layers(items, bits, sensitivities=dict(zip(names, score.tolist())),
-                               widths=widths, ref_bits=int(measurement.config["sens_bits"]))
+    la = alloc.allocate_layers(items, bits, errors=errors, widths=widths, kind=budget)
     per_linear: Dict[str, Any] = dict(la.linear_bits)
     if intra:
         mix = measurement.mixture
@@ -258,29 +344,34 @@ def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
     plan = alloc.make_plan(specs, per_linear)
     shapes = {f: (s.n_out, s.k_in) for f, s in specs.items()}
     summary = alloc.plan_summary(plan, shapes)
-    budget = alloc.budget_from_avg_bits(bits, summary["n_weights"])
-    if summary["cost_bits"] > budget:
+    budget_bits = alloc.budget_from_avg_bits(bits, summary["n_weights"])
+    spent = (summary["cost_bits"] if budget == "storage"
+             else sum(specs[f].code_cost(e["bits"]) for f, e in plan.items()))
+    if spent > budget_bits:
         raise RuntimeError("tasa: internal error: the plan exceeds its budget")
     return {"plan": plan, "summary": summary, "item_bits": la.bits,
-            "scores": dict(zip(names, score.tolist())), "layer_allocation": la.to_dict(),
-            "target_bits": float(bits), "beta": float(beta), "widths": list(widths),
-            "dropped_objectives": dropped,
-            "intra": bool(intra), "budget_bits": budget}
+            "scores": dict(zip(names, np.asarray(score).tolist())),
+            "layer_allocation": la.to_dict(), "target_bits": float(bits), "budget": budget,
+            "scoring": scoring, "beta": float(beta), "widths": list(widths),
+            "dropped_objectives": dropped, "intra": bool(intra), "budget_bits": budget_bits}
 
 
 def check_budget(model, cfg: PipelineConfig) -> float:
     """Raises ``ValueError`` (before any measuring) when ``cfg.bits`` is below the cheapest plan,
-    every linear at the narrowest allowed width; returns that minimum average."""
+    every linear at the narrowest allowed width (counted as ``cfg.budget`` says); returns that
+    minimum average."""
     specs = _linear_specs(model, cfg)
     if not specs:
         raise ValueError("tasa: the model has no nn.Linear to quantize (outside lm_head)")
     lo = min(cfg.widths)
-    c = sum(s.cost(lo) for s in specs.values())
+    c = sum(alloc.member_cost(s, lo, cfg.budget) for s in specs.values())
     n = sum(s.n_weights for s in specs.values())
     if c > alloc.budget_from_avg_bits(cfg.bits, n):
-        raise ValueError(f"tasa: --bits {cfg.bits} is below the minimum {c / n:.4f} average bits "
+        flag, what = (("--bits", "scales/zeros included") if cfg.budget == "storage"
+                      else ("--code-bits", "code bits"))
+        raise ValueError(f"tasa: {flag} {cfg.bits} is below the minimum {c / n:.4f} average bits "
                          f"(every linear at {lo} bits, group size {cfg.group_size}, {cfg.mode}, "
-                         f"scales/zeros included); raise --bits or allow narrower --widths")
+                         f"{what}); raise {flag} or allow narrower --widths")
     return c / n
 
 
@@ -291,7 +382,7 @@ def plan_document(measurement: Measurement, allocation: Mapping) -> dict:
     A = allocation
     shapes = {f: (v["n_out"], v["k_in"]) for f, v in measurement.linears.items()}
     return plan_to_dict(as_layer_specs(A["plan"]), shapes, target_bits=A["target_bits"],
-                        beta=A["beta"], widths=A["widths"], intra=A["intra"],
+                        budget=A["budget"], scoring=A["scoring"], beta=A["beta"], widths=A["widths"], intra=A["intra"],
                         alpha=measurement.mixture.alpha_star, summary=A["summary"],
                         item_bits=A["item_bits"])
 
@@ -367,6 +458,25 @@ def check_same_model(m: Measurement, fp: Mapping, what: str, log=print, hint: st
     m.check_settings(fp, what, hint)
 
 
+def noise_bounds(sens: SensitivityResult, units: Sequence[str], seed: int = 0,
+                 n_boot: int = 1000, n_splits: int = 200) -> Optional[dict]:
+    """:func:`tasa.stats.noise_report` of the probes at every measured width (``{str(b):
+    report}``), from the per-item record; None when there is none or only one objective/unit."""
+    if len(units) < 2 or len(sens.objectives) < 1 or not sens.item_tokens:
+        return None
+    out = {}
+    for b in sens.widths:
+        try:
+            ip = sens.item_profile(units, b)
+        except ValueError:
+            continue
+        profiles = {k: (np.asarray(ip[k]), np.asarray(sens.item_tokens[k])) for k in sens.objectives
+                    if len(sens.item_tokens.get(k, [])) >= 2}
+        if profiles:
+            out[str(b)] = stats.noise_report(profiles, n_boot=n_boot, n_splits=n_splits, seed=seed)
+    return out or None
+
+
 def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = False,
             progress: bool = True, log=print, split: Optional[dict] = None) -> Measurement:
     """Stages 1-3 with resume: ``path`` (measurement.json) is updated after every stage and
@@ -407,23 +517,31 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
         if not sens.objectives:
             sens.objectives = [o.name for o in objs]
         sens.objective_data = [o.summary() for o in objs]
-        sens.bits = cfg.sens_bits
+        widths = list(cfg.sens_widths)
+        sens.bits = widths[0]
+        sens.compute_dtype = cfg.sens_dtype
         t_prev = float(sens.seconds)
         t0 = time.perf_counter()
         m.sensitivity = sens
-        log(f"sensitivity: {len(units)} {cfg.granularity} probes x {len(objs)} objectives "
-            f"({len(sens.delta)} already measured)")
+        done = {b: sens.deltas(b) for b in widths}
+        n_done = sum(len(v) for v in done.values())
+        log(f"sensitivity: {len(units)} {cfg.granularity} units x widths {widths} = "
+            f"{len(units) * len(widths)} probes x {len(objs)} objectives ({n_done} already "
+            f"measured; {cfg.sens_dtype} compute)")
 
-        def on_result(u, d):
-            sens.delta[u] = d
+        def on_result(b, u, d, items):
+            sens.deltas(b)[u] = d
+            sens.item_delta.setdefault(str(b), {})[u] = items
             sens.seconds = t_prev + time.perf_counter() - t0
             m.save(path)
 
         res = sensitivity.measure_sensitivity(
-            model, objs, units, bits=cfg.sens_bits, group_size=cfg.group_size, mode=cfg.mode,
-            done=sens.delta, on_result=on_result, base=sens.base, progress=progress)
+            model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
+            done=done, on_result=on_result, base=sens.base, progress=progress,
+            compute_dtype=getattr(torch, cfg.sens_dtype))
         sens.base = res["base"]
-        sens.delta = res["delta"]
+        sens.base_items = res["base_items"]
+        sens.item_tokens = res["tokens"]
         sens.seconds = t_prev + time.perf_counter() - t0
         names = list(units)
         prof = sens.profile(names)
@@ -431,6 +549,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
             sens.illusion = stats.illusion_report(
                 prof["ppl"], {k: v for k, v in prof.items() if k != "ppl"},
                 k=max(1, len(names) // 5), pairs="all")
+        sens.noise = noise_bounds(sens, names, seed=cfg.seed)
         sens.complete = True
         m.save(path)
     return m

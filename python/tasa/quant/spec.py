@@ -112,6 +112,17 @@ class LayerSpec:
                              f"{SUPPORTED_BITS})")
         return tasa_ext.cost_bits(n, k, self.group_size, gb, self.mode, self.act_order)
 
+    def code_cost(self, bits=None) -> int:
+        """The code bits alone, ``sum_g b_g * G * N`` (no scales, zeros, tables or column
+        padding): the paper's "average bits" convention counts these."""
+        n, _ = self._shape()
+        if bits is None:
+            bits = self.bits
+        gb = [int(bits)] * self.n_groups if _is_scalar(bits) else [int(b) for b in bits]
+        if len(gb) != self.n_groups:
+            raise ValueError(f"{self.name}: {len(gb)} group widths for {self.n_groups} groups")
+        return sum(gb) * self.group_size * n
+
     def with_bits(self, bits) -> "LayerSpec":
         """This linear with the given per-group widths (an int: uniform)."""
         gb = [int(bits)] * self.n_groups if _is_scalar(bits) else [int(b) for b in bits]
