@@ -42,6 +42,47 @@ RETENTION_TASKS = (("gsm8k_nll", "bits_per_byte", "lower"), ("arc_challenge", "a
                    ("arc_easy", "acc_norm", "higher"))
 
 
+def paper_rows(bits: float, beta: float, seeds=(0, 1, 2), sweep=(), other_seeds=None) -> list:
+    """The issue-15 suite: TASA at ``bits`` code bits (the paper's count) and at ``bits``
+    storage bits against RTN W4, GPTQ W4/W3 (general-text calibration, the paper's baseline
+    setting) and a non-task-aware mixed-precision baseline at the same code budget (HIGGS's
+    dynamic allocation, general calibration); the TASA and GPTQ rows once per calibration seed
+    (``cal_seed``: the GPTQ calibration windows; the data split stays seed 0's); then the budget
+    sweep (storage bits, seed 0). ``other_seeds``: how many of the seeds GPTQ W3 and TASA at
+    storage bits get (default all; the target comparison, TASA code bits vs GPTQ W4, always
+    gets every seed)."""
+    rows = [("reference", {"kind": "ref"}),
+            ("RTN W4", {"kind": "uniform", "method": "rtn", "bits": 4})]
+    n_other = len(seeds) if other_seeds is None else int(other_seeds)
+    for i, s in enumerate(seeds):
+        rows += [
+            (f"TASA {bits:g} code bits, seed {s}", {"kind": "tasa", "bits": bits, "beta": beta,
+                                                    "budget": "code", "cal_seed": s}),
+            (f"GPTQ W4, seed {s}", {"kind": "uniform", "method": "gptq", "bits": 4, "cal_seed": s})]
+        if i < n_other:
+            rows += [
+                (f"GPTQ W3, seed {s}", {"kind": "uniform", "method": "gptq", "bits": 3, "cal_seed": s}),
+                (f"TASA {bits:g} storage bits, seed {s}", {"kind": "tasa", "bits": bits,
+                                                           "beta": beta, "budget": "storage",
+                                                           "cal_seed": s})]
+    rows.append((f"HIGGS-style {bits:g} code bits (not task-aware), seed 0",
+                 {"kind": "tasa", "bits": bits, "budget": "code", "scoring": "higgs",
+                  "alpha": 1.0, "intra": False, "cal_seed": 0}))
+    for b in sweep:
+        rows.append((f"TASA sweep {b:.3f} storage bits", {"kind": "tasa", "bits": b, "beta": beta,
+                                                          "budget": "storage", "cal_seed": 0,
+                                                          "sweep": True}))
+    return rows
+
+
+def suite_rows(st: dict) -> list:
+    """The rows of a model's suite from its recorded settings."""
+    if st.get("suite", "ablation") == "paper":
+        return paper_rows(st["bits"], st["beta"], st.get("seeds", (0, 1, 2)), st.get("sweep", ()),
+                          st.get("other_seeds"))
+    return rows_for(st["bits"], st["beta"])
+
+
 def rows_for(bits: float, beta: float, extra_budgets=()) -> list:
     t = f"TASA {bits:g}"
     rows = [
@@ -72,11 +113,17 @@ def slug(name: str) -> str:
 SETTING_KEYS = ("bits", "beta", "widths", "limit", "seed", "n_calib", "seqlen", "ppl_windows",
                 "n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
                 "sens_arc_items", "gsm8k_em", "gsm8k_shots", "gsm8k_limit", "max_gen_toks")
+# settings of the paper suite only (absent from the older ablation folders' meta.json)
+PAPER_KEYS = ("suite", "seeds", "other_seeds", "sweep", "granularity", "sens_widths", "sens_dtype")
 
 
 def settings_of(args) -> dict:
     d = {k: getattr(args, k) for k in SETTING_KEYS}
     d["widths"] = list(d["widths"])
+    if args.suite == "paper":
+        d.update({k: getattr(args, k) for k in PAPER_KEYS})
+        for k in ("seeds", "sweep", "sens_widths"):
+            d[k] = list(d[k]) if d[k] is not None else None
     d["data"] = os.path.basename(os.path.normpath(args.data))   # the folder's name, not the path
     return d
 
@@ -141,13 +188,16 @@ def evaluate_row(model, tok, args, raw_path: Path) -> dict:
 
 def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measurement) -> dict:
     from tasa import pipeline
-    from tasa.alloc import plan_average_bits
+    from tasa.alloc import plan_average_bits, plan_summary
     from tasa.models import load_model
     from tasa.quant import plan_to_dict, uniform_plan
 
     model, tok, info = load_model(model_name)
-    cfg = pipeline.PipelineConfig(model=model_name, data=args.data, seed=args.seed,
+    # the calibration windows move with the row's seed; the data pools stay --seed's
+    cfg = pipeline.PipelineConfig(model=model_name, data=args.data,
+                                  seed=spec.get("cal_seed", args.seed),
                                   n_calib=args.n_calib, seqlen=args.seqlen)
+    split = pipeline.split_data(pipeline.PipelineConfig(data=args.data, seed=args.seed))
     t0 = time.perf_counter()
     row = {"name": name, "spec": spec, "model": model_name, "model_note": info.note()}
     if spec["kind"] == "ref":
@@ -158,19 +208,24 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
                   for f in plan}
         pj = plan_to_dict(plan)["layers"]
         row["avg_bits"] = plan_average_bits(pj, shapes)
+        row["code_avg_bits"] = plan_summary(pj, shapes)["code_avg_bits"]
         cfg.method = spec["method"]
         alpha = measurement.mixture.alpha_star if spec.get("alpha") == "star" else 1.0
         _, q = pipeline.quantize_with_plan(model, tok, cfg, pj, alpha=alpha, progress=args.progress,
-                                           log=lambda s: None)
+                                           log=lambda s: None, split=split)
         row["alpha"] = alpha
         row["quantization"] = q
     else:
         A = pipeline.allocate(measurement, spec["bits"], spec.get("beta", args.beta),
-                              widths=tuple(args.widths), intra=spec.get("intra", True))
+                              widths=tuple(args.widths), intra=spec.get("intra", True),
+                              budget=spec.get("budget", "storage"),
+                              scoring=spec.get("scoring", "tasa"))
         alpha = spec.get("alpha", measurement.mixture.alpha_star)
         _, q = pipeline.quantize_with_plan(model, tok, cfg, A["plan"], alpha, progress=args.progress,
-                                           log=lambda s: None)
+                                           log=lambda s: None, split=split)
         row["avg_bits"] = A["summary"]["avg_bits"]
+        row["code_avg_bits"] = A["summary"]["code_avg_bits"]
+        row["plan"] = {f: e["bits"] for f, e in A["plan"].items()}
         row["width_fraction"] = A["summary"]["width_fraction"]
         row["item_bits"] = A["item_bits"]
         row["alpha"] = alpha
@@ -181,6 +236,16 @@ def run_row(name: str, spec: dict, model_name: str, args, mdir: Path, measuremen
     row["eval_seconds"] = time.perf_counter() - t1
     del model
     return row
+
+
+def code_bits(row) -> float | None:
+    """Average code bits of a row (the paper's count: no scales, zeros or tables): recorded, or
+    from its width fractions (rows written before it was recorded), or a uniform row's width."""
+    if row.get("code_avg_bits") is not None:
+        return row["code_avg_bits"]
+    if row.get("width_fraction"):
+        return sum(int(b) * f for b, f in row["width_fraction"].items())
+    return float(row["spec"]["bits"]) if row["spec"].get("kind") == "uniform" else None
 
 
 def metric(row, task, key):
@@ -221,9 +286,199 @@ def per_item(mdir: Path, row: dict, task: str) -> dict:
             ll, nbytes = ast.literal_eval(x["bits_per_byte"]) if isinstance(x["bits_per_byte"], str) \
                 else x["bits_per_byte"]
             out[x["doc_id"]] = -ll / nbytes / math.log(2)
+        elif task.startswith("arc"):
+            out[x["doc_id"]] = float(x["acc_norm"])
         elif x["filter"] == "flexible-extract":
             out[x["doc_id"]] = float(x["exact_match"])
     return out
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}   # two-sided 95% t quantiles
+
+
+def ci95(d: list) -> tuple:
+    """Mean and 95% t-interval half-width of a list of paired differences."""
+    n = len(d)
+    mean = sum(d) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def config_of(name: str) -> str:
+    return name.split(", seed ")[0]
+
+
+def paired_seeds(mdir: Path, A: list, B: list, task: str) -> dict | None:
+    """Config A against config B (each a list of rows, one per calibration seed) on the same
+    items: per item, each config's score averaged over its seeds, then the paired difference
+    (mean, 95% CI over items, items where A is lower); and per seed present in both, the mean
+    difference of that seed's two rows (mean and 95% CI over seeds: the seed noise)."""
+    def per_cfg(rows):
+        per = [per_item(mdir, r, task) for r in rows]
+        per = [p for p in per if p]
+        if not per:
+            return {}
+        ids = set.intersection(*(set(p) for p in per))
+        return {i: sum(p[i] for p in per) / len(per) for i in ids}
+    a, b = per_cfg(A), per_cfg(B)
+    ids = sorted(set(a) & set(b))
+    if len(ids) < 2:
+        return None
+    d = [a[i] - b[i] for i in ids]
+    m, h = ci95(d)
+    out = {"items": len(ids), "mean": m, "ci": h, "a_lower": sum(x < 0 for x in d),
+           "a_higher": sum(x > 0 for x in d)}
+    sa = {r["spec"].get("cal_seed"): per_item(mdir, r, task) for r in A}
+    sb = {r["spec"].get("cal_seed"): per_item(mdir, r, task) for r in B}
+    seed_d = []
+    for s_ in sorted(set(sa) & set(sb), key=str):
+        com = sorted(set(sa[s_]) & set(sb[s_]))
+        if com:
+            seed_d.append(sum(sa[s_][i] - sb[s_][i] for i in com) / len(com))
+    if seed_d:
+        sm, sh = ci95(seed_d)
+        out.update({"seeds": len(seed_d), "seed_mean": sm, "seed_ci": sh, "per_seed": seed_d})
+    return out
+
+
+def fmt_paired(an: str, bn: str, r: dict, unit: str, lower_better: bool) -> str:
+    better = "lower" if lower_better else "higher"
+    s = (f"{an} vs {bn}: {r['mean']:+.4f} {unit} (95% CI ±{r['ci']:.4f} over {r['items']} items, "
+         f"seed-averaged; {an} {better} on {r['a_lower'] if lower_better else r['a_higher']})")
+    if "seeds" in r:
+        per = ", ".join(f"{x:+.4f}" for x in r["per_seed"])
+        s += (f"; per seed pair {per} (mean {r['seed_mean']:+.4f}"
+              + (f", 95% CI ±{r['seed_ci']:.4f} over {r['seeds']} seeds" if r["seeds"] > 1 else "")
+              + ")")
+    sig = r["ci"] == r["ci"] and abs(r["mean"]) > r["ci"]
+    seed_sig = "seeds" in r and r["seeds"] > 1 and abs(r["seed_mean"]) > r["seed_ci"]
+    verdict = ("beyond item and seed noise" if sig and seed_sig else
+               "beyond item noise, not tested against seed noise" if sig and "seeds" in r and r["seeds"] < 2 else
+               "beyond item noise but not seed noise" if sig else "within noise")
+    return s + f" -- **{verdict}**"
+
+
+def write_paper_section(lines: list, mname: str, mdir: Path, meta: dict, out: Path, table: Path) -> None:
+    """A model's paper-suite section: the measurement's noise bounds, the seed-aggregated
+    table, the paired comparisons and the budget sweep."""
+    st = meta["settings"]
+    rows = load_rows(mdir, [n for n, _ in suite_rows(st)])
+    ref = next((r for r in rows if r["spec"]["kind"] == "ref"), None)
+    lines.append(f"## {mname}\n")
+    lines.append(f"- command: `{meta['command']}`")
+    lines.append(f"- first run: {meta['date']}, git commit {meta['commit']}; machine: {meta['machine']}"
+                 + (f"; {len(meta['runs'])} later call(s), the last {meta['runs'][-1]['date']} at "
+                    f"{meta['runs'][-1]['commit']}" if meta.get("runs") else ""))
+    lines.append(f"- evaluation: {st['limit']} items per task (seed {st['seed']}); WikiText-2 first "
+                 f"{st['ppl_windows']} windows; GPTQ calibration {st['n_calib']} x {st['seqlen']} "
+                 f"tokens, calibration seeds {st['seeds']} (the windows; the data split is seed "
+                 f"{st['seed']}'s); TASA widths {tuple(st['widths'])}; sensitivity per "
+                 f"{st['granularity']} at {st['sens_widths']} bits ({st['sens_dtype']})\n")
+    mp = mdir / "measurement.json"
+    if mp.is_file():
+        m = Measurement.load(mp)
+        sens = m.sensitivity
+        lines.append(f"- measurement: alpha* = {m.mixture.alpha_star:.3f}; mixture "
+                     f"{m.mixture.seconds:.0f} s, sensitivity {sens.seconds:.0f} s; objectives "
+                     + "; ".join(f"{o['name']} {o['sequences']} items / {o['scored_tokens']} tokens"
+                                 for o in sens.objective_data))
+        noise = (sens.noise or {}).get(str(sens.bits))
+        if noise:
+            rel = ", ".join(f"{k} {v['mean']:+.2f}" for k, v in noise["reliability"].items())
+            taus = "; ".join(f"({r['a']}, {r['b']}) {r['tau']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
+                             + ("" if r["distinct_from_0"] else " (not distinct from 0)")
+                             for r in noise["tau"])
+            lines.append(f"- perplexity illusion at {sens.bits} bits: Kendall tau with 95% bootstrap "
+                         f"CI {taus}; split-half reliability (tau between two halves of one "
+                         f"objective's items) {rel}")
+        lines.append("")
+    groups: dict = {}
+    for r in rows:
+        if not r["spec"].get("sweep"):
+            groups.setdefault(config_of(r["name"]), []).append(r)
+
+    def agg(rs, get):
+        v = [get(r) for r in rs]
+        v = [x for x in v if x is not None]
+        if not v:
+            return "-"
+        m_ = sum(v) / len(v)
+        return f"{m_:.4f}" + (f" ({min(v):.4f}-{max(v):.4f})" if len(v) > 1 else "")
+    em = any(metric(r, "gsm8k", "exact_match_flexible") is not None for r in rows)
+    hdr = ("| config | storage bits | code bits | seeds | WikiText-2 ppl | GSM8K gold NLL (b/B) | "
+           "ARC-C acc_norm | ARC-E acc_norm |" + (" GSM8K EM |" if em else "") + " retention |")
+    lines.append("Mean over calibration seeds (min-max where several):\n")
+    lines.append(hdr)
+    lines.append("|" + "---|" * (hdr.count("|") - 1))
+    for cname, rs in groups.items():
+        r0 = rs[0]
+        cells = [cname, fmt(r0.get("avg_bits"), 4) if r0.get("avg_bits") else "32",
+                 fmt(r0.get("code_avg_bits"), 4) if r0.get("code_avg_bits") else "32", str(len(rs)),
+                 agg(rs, lambda r: (r["eval"].get("wikitext2") or {}).get("ppl")),
+                 agg(rs, lambda r: metric(r, "gsm8k_nll", "bits_per_byte")),
+                 agg(rs, lambda r: metric(r, "arc_challenge", "acc_norm")),
+                 agg(rs, lambda r: metric(r, "arc_easy", "acc_norm"))]
+        if em:
+            cells.append(agg(rs, lambda r: metric(r, "gsm8k", "exact_match_flexible")))
+        cells.append(agg(rs, lambda r: retention(r, ref) if ref else None))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    t_code = groups.get(f"TASA {st['bits']:g} code bits")
+    t_sto = groups.get(f"TASA {st['bits']:g} storage bits")
+    higgs = next((v for k, v in groups.items() if k.startswith("HIGGS")), None)
+    cmps = []
+    for tn, T in ((f"TASA {st['bits']:g} code bits", t_code), (f"TASA {st['bits']:g} storage bits", t_sto)):
+        if not T:
+            continue
+        for bn in ("GPTQ W4", "GPTQ W3", "RTN W4") + ((config_of(higgs[0]["name"]),) if higgs else ()):
+            B = groups.get(bn)
+            if not B:
+                continue
+            for task, unit, lower in (("gsm8k_nll", "bits/byte GSM8K gold NLL", True),
+                                      ("arc_challenge", "ARC-C acc_norm", False),
+                                      ("arc_easy", "ARC-E acc_norm", False),
+                                      ("gsm8k", "GSM8K EM", False)):
+                r = paired_seeds(mdir, T, B, task)
+                if r:
+                    cmps.append(fmt_paired(tn, bn, r, unit, lower))
+    if cmps:
+        lines.append("Paired on the same items (per item: the mean over a config's seeds; per seed "
+                     "pair: the same calibration seed; 95% t-intervals):\n")
+        lines += [f"- {c}" for c in cmps]
+        lines.append("")
+    sweep = sorted((r for r in rows if r["spec"].get("sweep")), key=lambda r: r["avg_bits"])
+    if sweep:
+        lines.append("Budget sweep (TASA, storage bits, seed 0; each step paired against the "
+                     "previous budget on the same items):\n")
+        lines.append("| target | storage bits | code bits | WikiText-2 ppl | GSM8K gold NLL | ARC-C | "
+                     "ARC-E | step vs previous (GSM8K NLL, 95% CI) | units that changed width |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        prev = None
+        for r in sweep:
+            step, changed = "-", "-"
+            if prev is not None:
+                d = paired_seeds(mdir, [r], [prev], "gsm8k_nll")
+                if d:
+                    worse = d["mean"] > 0 and d["mean"] > d["ci"]
+                    step = f"{d['mean']:+.4f} ±{d['ci']:.4f}" + (" **worse**" if worse else "")
+                if r.get("plan") and prev.get("plan"):
+                    up = sorted({f.rsplit('.', 2)[0] for f in r["plan"]
+                                 if sum(r["plan"][f]) > sum(prev["plan"][f])})
+                    down = sorted({f.rsplit('.', 2)[0] for f in r["plan"]
+                                   if sum(r["plan"][f]) < sum(prev["plan"][f])})
+                    changed = f"{len(up)} up, {len(down)} down"
+            w = r["eval"].get("wikitext2")
+            lines.append(f"| {r['spec']['bits']:.3f} | {r['avg_bits']:.4f} | {r.get('code_avg_bits', 0):.4f} | "
+                         f"{fmt(w['ppl'], 2) if w else '-'} | {fmt(metric(r, 'gsm8k_nll', 'bits_per_byte'), 4)} | "
+                         f"{fmt(metric(r, 'arc_challenge', 'acc_norm'), 3)} | "
+                         f"{fmt(metric(r, 'arc_easy', 'acc_norm'), 3)} | {step} | {changed} |")
+            prev = r
+        lines.append("")
+    plot(out, mname, rows)
+    img = os.path.relpath(out / f"{slug(mname)}_quality_vs_bits.png", table.parent)
+    lines.append(f"![quality vs bits]({img})\n")
 
 
 def paired(mdir: Path, a: dict, b: dict) -> str | None:
@@ -274,7 +529,9 @@ def write_table(out: Path, table: Path) -> Path:
                  "GPTQ protocol, first windows of 2048 tokens.")
     lines.append("- **average bits** = exact storage cost of the quantized linears (codes + fp16 "
                  "scales + fp16 zeros + group tables) / their weight count, from "
-                 "`tasa_ext.cost_bits`; lm_head and embeddings stay full precision in every row.")
+                 "`tasa_ext.cost_bits`; **code bits** = the code bits alone (the paper's count, "
+                 "which leaves g128 scales out); lm_head and embeddings stay full precision in "
+                 "every row.")
     lines.append("- **reasoning retention** = mean over {GSM8K gold NLL (ref/row), ARC-C acc_norm "
                  "(row/ref), ARC-E acc_norm (row/ref)}; 1.0 = as good as the reference.")
     lines.append("- uniform rows: g128 (where 128 does not divide K, the largest multiple of the kernel tile that does: 96 for K=576), asymmetric; "
@@ -290,6 +547,9 @@ def write_table(out: Path, table: Path) -> Path:
     for mname, mdir in model_dirs(out):
         meta = json.loads((mdir / "meta.json").read_text())
         st = meta["settings"]
+        if st.get("suite") == "paper":
+            write_paper_section(lines, mname, mdir, meta, out, table)
+            continue
         rows = load_rows(mdir, [n for n, _ in rows_for(st["bits"], st["beta"])])
         ref = next((r for r in rows if r["spec"]["kind"] == "ref"), None)
         em = any(metric(r, "gsm8k", "exact_match_flexible") is not None for r in rows)
@@ -315,7 +575,7 @@ def write_table(out: Path, table: Path) -> Path:
                          f"alpha* = {m.mixture.alpha_star:.3f} (share of general text in the "
                          f"calibration mix); Kendall tau between the block sensitivity rankings {taus}; "
                          f"{seconds:.0f} s\n")
-        hdr = ("| row | avg bits | WikiText-2 ppl | GSM8K gold NLL (bits/byte) | ARC-C acc_norm | "
+        hdr = ("| row | avg bits | code bits | WikiText-2 ppl | GSM8K gold NLL (bits/byte) | ARC-C acc_norm | "
                "ARC-E acc_norm |" + (" GSM8K EM (flex) |" if em else "") +
                " reasoning retention | quant s |")
         lines.append(hdr)
@@ -324,6 +584,7 @@ def write_table(out: Path, table: Path) -> Path:
             se = lambda t, k: (r["eval"]["lm_eval"].get(t, {}).get("stderr") or {}).get(k)
             w = r["eval"].get("wikitext2")
             cells = [r["name"], fmt(r["avg_bits"], 4) if r["avg_bits"] else "32 (fp32)",
+                     fmt(code_bits(r), 4) if r["avg_bits"] else "32",
                      fmt(w["ppl"], 2) if w else "-",
                      fmt(metric(r, "gsm8k_nll", "bits_per_byte"), 4),
                      fmt(metric(r, "arc_challenge", "acc_norm"), 3, se("arc_challenge", "acc_norm")),
@@ -422,6 +683,18 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=defaults.BETA)
     ap.add_argument("--widths", default=",".join(map(str, defaults.WIDTHS)))
     ap.add_argument("--extra-budgets", default=None, help="more TASA budgets, e.g. 3.31,4.31")
+    ap.add_argument("--suite", choices=["ablation", "paper"], default="ablation",
+                    help="ablation: the TASA ablation rows (one seed); paper: TASA at --bits code "
+                         "bits and storage bits vs RTN W4, GPTQ W4/W3 and a HIGGS-style baseline "
+                         "over --seeds, plus the --sweep budgets")
+    ap.add_argument("--seeds", default="0,1,2", help="calibration seeds of the paper suite")
+    ap.add_argument("--other-seeds", type=int, default=None,
+                    help="how many of --seeds GPTQ W3 and TASA at storage bits get (default all)")
+    ap.add_argument("--sweep", default="", help="storage budgets of the paper suite's sweep, "
+                    "e.g. 3.25:4.25:0.125 or 3.3,3.5")
+    ap.add_argument("--granularity", default=defaults.GRANULARITY, help="sensitivity unit")
+    ap.add_argument("--sens-widths", default=",".join(map(str, defaults.SENS_WIDTHS)))
+    ap.add_argument("--sens-dtype", default=defaults.SENS_DTYPE)
     ap.add_argument("--rows", default="", help="only these rows (exact names separated by ';' -- "
                     "names contain commas; 'TASA*' selects every TASA row)")
     ap.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
@@ -443,6 +716,13 @@ def main(argv=None) -> int:
                     help="progress bars for GPTQ blocks, lm-eval requests and perplexity windows")
     args = ap.parse_args(argv)
     args.widths = tuple(int(x) for x in args.widths.split(","))
+    args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    args.sens_widths = tuple(int(x) for x in args.sens_widths.split(",") if x.strip())
+    if ":" in args.sweep:
+        a, b, st = (float(x) for x in args.sweep.split(":"))
+        args.sweep = tuple(round(a + i * st, 4) for i in range(int(round((b - a) / st)) + 1))
+    else:
+        args.sweep = tuple(float(x) for x in args.sweep.split(",") if x.strip())
     if args.table is None:
         args.table = str(Path(args.out).parent / "reproduction.md")
     import torch
@@ -463,13 +743,16 @@ def main(argv=None) -> int:
         mdir = out / slug(mname)
         (mdir / "rows").mkdir(parents=True, exist_ok=True)
         check_settings(mdir, mname, settings_of(margs), meta)
-        cfg = pipeline.PipelineConfig(model=mname, data=args.data, seed=args.seed)
+        cfg = pipeline.PipelineConfig(model=mname, data=args.data, seed=args.seed,
+                                      granularity=args.granularity,
+                                      sens_widths=args.sens_widths, sens_dtype=args.sens_dtype)
         for k in ("n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
                   "sens_arc_items"):
             if getattr(args, k) is not None:
                 setattr(cfg, k, getattr(args, k))
         mpath = mdir / "measurement.json"
-        rows_def = rows_for(margs.bits, margs.beta, margs.extra_budgets)
+        rows_def = (paper_rows(margs.bits, margs.beta, args.seeds, args.sweep, args.other_seeds)
+                    if args.suite == "paper" else rows_for(margs.bits, margs.beta, margs.extra_budgets))
         if args.rows:
             keep = [k.strip() for k in args.rows.split(";") if k.strip()]
             names = [r[0] for r in rows_def]

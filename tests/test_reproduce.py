@@ -179,3 +179,50 @@ def test_paired_comparison_from_sample_logs(tmp_path):
     assert "right on 1 item(s) B got wrong, wrong on 1 it got right" in s
     # a row without sample logs gives nothing rather than a made-up comparison
     assert mod.paired(tmp_path, a, {"name": "C", "eval": {"raw": "C.raw.json"}}) is None
+
+
+def test_paired_seeds_against_hand_arithmetic(tmp_path):
+    """paired_seeds: per item the mean over a config's seeds, then the paired difference with a
+    95% t-interval; per seed pair the mean difference of the two rows of that seed."""
+    import math
+
+    mod = _load_harness_plain()
+    (tmp_path / "rows").mkdir()
+
+    def row(name, seed, nll):
+        raw = f"{name}.raw.json"
+        samples = {"gsm8k_nll": [{"doc_id": str(i), "bits_per_byte": f"[{-v * math.log(2) * 10}, 10]"}
+                                 for i, v in enumerate(nll)]}
+        (tmp_path / "rows" / raw).write_text(json.dumps({"samples": samples}))
+        return {"name": f"{name}, seed {seed}", "spec": {"cal_seed": seed}, "eval": {"raw": raw}}
+
+    A = [row("A0", 0, [1.0, 2.0, 3.0]), row("A1", 1, [1.2, 2.2, 2.6])]
+    B = [row("B0", 0, [1.5, 2.0, 3.5]), row("B1", 1, [1.5, 2.6, 3.4])]
+    r = mod.paired_seeds(tmp_path, A, B, "gsm8k_nll")
+    d = [(1.0 + 1.2) / 2 - 1.5, (2.0 + 2.2) / 2 - 2.3, (3.0 + 2.6) / 2 - 3.45]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert r["mean"] == pytest.approx(mean) and r["ci"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert r["items"] == 3 and r["a_lower"] == 3
+    s0, s1 = (-0.5 + 0 - 0.5) / 3, (-0.3 - 0.4 - 0.8) / 3
+    assert r["per_seed"] == pytest.approx([s0, s1]) and r["seeds"] == 2
+    assert r["seed_ci"] == pytest.approx(12.706 * abs(s0 - s1) / math.sqrt(2) / math.sqrt(2))
+    text = mod.fmt_paired("A", "B", r, "b/B", True)
+    assert "A lower on 3" in text and "within noise" in text       # CI +-0.56 > |mean| 0.42
+    tight = dict(r, ci=0.1)
+    assert "beyond item noise but not seed noise" in mod.fmt_paired("A", "B", tight, "b/B", True)
+    assert "beyond item and seed noise" in mod.fmt_paired("A", "B", dict(tight, seed_ci=0.05),
+                                                          "b/B", True)
+    assert mod.config_of("TASA 3.5 code bits, seed 2") == "TASA 3.5 code bits"
+
+
+def test_paper_suite_rows():
+    mod = _load_harness_plain()
+    rows = dict(mod.paper_rows(3.5, 0.5, seeds=(0, 1, 2), sweep=(3.25, 3.5), other_seeds=1))
+    assert [n for n in rows if n.startswith("GPTQ W4")] == [f"GPTQ W4, seed {s}" for s in (0, 1, 2)]
+    assert [n for n in rows if n.startswith("GPTQ W3")] == ["GPTQ W3, seed 0"]
+    assert rows["TASA 3.5 code bits, seed 1"] == {"kind": "tasa", "bits": 3.5, "beta": 0.5,
+                                                  "budget": "code", "cal_seed": 1}
+    h = next(v for n, v in rows.items() if n.startswith("HIGGS"))
+    assert h["scoring"] == "higgs" and h["alpha"] == 1.0 and h["budget"] == "code"
+    assert [v["bits"] for v in rows.values() if v.get("sweep")] == [3.25, 3.5]

@@ -1,11 +1,14 @@
 """Per-layer sensitivity for several objectives, measured by quantization perturbation.
 
-For each *unit* ``u`` (a decoder block by default, or a single linear) we quantize only ``u``
-with round-to-nearest at a low width (default 3 bits, group size 128, the same format and
-parameters as the real quantizer, :func:`tasa.quant.quantize_rtn`), keep everything else
-in full precision, and measure the increase of each objective's loss:
+For each *unit* ``u`` (a decoder block by default, its attention or MLP, or a single linear) we
+quantize only ``u`` with round-to-nearest at each probe width ``b`` (default 3 and 4 bits, group
+size 128, the same format and parameters as the real quantizer, :func:`tasa.quant.quantize_rtn`),
+keep everything else in full precision, and measure the increase of each objective's loss:
 
-    s_k[u] = L_k(model with u quantized) - L_k(model)          (nats per scored token)
+    s_k[u](b) = L_k(model with u quantized at b) - L_k(model)     (nats per scored token)
+
+The loss of every item (sequence) is kept, so the noise of the rankings can be bounded by
+resampling items (:mod:`tasa.stats`).
 
 Objectives (:class:`Objective`) are token sequences with a mask of the tokens that are scored:
 

@@ -19,14 +19,16 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
    ``diag(H_task)``; with ``alpha*`` they give the per-group RTN errors
    ``sum_k diag(H_alpha)_k ||W_k - RTN_b(W_k)||^2`` of every linear at every width, for the
    intra-layer step.
-3. **Sensitivity** (:mod:`tasa.sensitivity`): per decoder block (or per linear), RTN at
-   ``sens_bits`` of that unit alone; loss increase for ``ppl``, ``math``, ``arc``. Each probe is
-   written to ``measurement.json`` as soon as it finishes (an interrupted run resumes there).
+3. **Sensitivity** (:mod:`tasa.sensitivity`): per decoder block, attention/MLP or linear
+   (``granularity``), RTN of that unit alone at every width of ``sens_widths``; loss increase
+   for ``ppl``, ``math``, ``arc``, with per-item losses. Each probe is written to
+   ``measurement.json`` as soon as it finishes (an interrupted run resumes there); at the end the
+   rank agreement between objectives and its noise bounds (:func:`noise_bounds`).
 4. **Allocation** (:mod:`tasa.alloc`, seconds, re-runnable for any budget from the measurement):
-   ``s = beta norm(s_ppl) + (1-beta) mean_k norm(s_k)`` (:func:`tasa.stats.aggregate`,
-   ``norm="sum"``), noise model ``e_u(b) = s_u 4^-(b - sens_bits)``, exact multiple-choice
-   knapsack over ``widths`` under the budget (exact ``tasa_ext.cost_bits``), then per linear the
-   group-level step around the chosen width using the measured per-group errors.
+   the measured per-width errors of :func:`unit_errors` (``beta`` between ``ppl`` and the
+   tasks), exact multiple-choice knapsack over ``widths`` under the budget (``budget``:
+   ``"storage"``, exact ``tasa_ext.cost_bits``, or ``"code"``, the code bits alone), then per
+   linear the group-level step around the chosen width using the measured per-group errors.
 5. **Quantization**: GPTQ (or RTN) with a calibration set drawn with mixing ratio ``alpha*``
    (``mixture.mixture_counts``), one decoder block at a time; the model is saved with
    :func:`tasa.io.save_quantized` (+ ``plan.json``).
