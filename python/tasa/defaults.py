@@ -29,7 +29,7 @@ SENS_BITS: int = SENS_WIDTHS[0]
 # the probes' forward passes: bf16 autocast (matmuls bf16, residual/norms/head fp32)
 SENS_DTYPE: str = "bfloat16"
 # sensitivity / allocation unit
-GRANULARITY: str = "block"
+GRANULARITY: str = "sublayer"
 # the main job
 MODEL: str = "smollm2-135m"
 BITS: float = 3.5
