@@ -163,7 +163,7 @@ def test_measurement_contents(measured):
     assert [r["alpha"] for r in rows] == list(cfg.alpha_grid)
     assert all(r["f_rel"] >= 1 - 1e-9 for r in rows)
     sens = m.sensitivity
-    assert set(sens.delta) == set(m.units) and len(m.units) == 3
+    assert set(sens.delta) == set(m.units) and len(m.units) == 2 * 3     # attention, MLP x 3 blocks
     assert sens.widths == list(cfg.sens_widths) and sens.bits == cfg.sens_widths[0]
     for b in sens.widths:          # every width probed for every unit, with its items
         assert set(sens.deltas(b)) == set(m.units)
@@ -428,11 +428,26 @@ def test_cli_allocate(measured, tmp_path, capsys):
     rc = cli.main(["allocate", "--measurement", str(tmp_path / "nope"), "--bits", "3.5",
                    "--out", str(tmp_path)])
     assert rc == 2
+    # the paper's count: code bits; the plan states both numbers
+    capsys.readouterr()
+    rc = cli.main(["allocate", "--measurement", str(d), "--code-bits", "3.5", "--out", str(tmp_path)])
+    assert rc == 0 and "code bits" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["budget"] == "code" and plan["scoring"] == "tasa"
+    assert plan["summary"]["code_avg_bits"] <= 3.5 < plan["summary"]["avg_bits"]
+    rc = cli.main(["allocate", "--measurement", str(d), "--code-bits", "3.5", "--scoring", "hawq",
+                   "--out", str(tmp_path)])
+    assert rc == 0 and json.loads((tmp_path / "plan.json").read_text())["scoring"] == "hawq"
+    with pytest.raises(SystemExit):        # one budget, not both
+        cli.main(["allocate", "--measurement", str(d), "--bits", "3.5", "--code-bits", "3.5",
+                  "--out", str(tmp_path)])
 
 
 def test_config_validation():
     for bad in (dict(beta=2.0), dict(alpha=-0.1), dict(widths=(3, 5)), dict(granularity="x"),
-                dict(objectives=("ppl", "mmlu")), dict(method="awq"), dict(bits=0)):
+                dict(objectives=("ppl", "mmlu")), dict(method="awq"), dict(bits=0),
+                dict(budget="bytes"), dict(sens_widths=(4, 3)), dict(sens_widths=(3, 5)),
+                dict(sens_widths=()), dict(sens_dtype="float16")):
         with pytest.raises(ValueError):
             tiny_cfg(**bad).validate()
 
