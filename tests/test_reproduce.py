@@ -149,6 +149,17 @@ def test_per_model_presets_fill_only_options_not_given():
     assert {k: getattr(d, k) for k in mod.DEFAULTS} == {**mod.DEFAULTS, "extra_budgets": ()}
 
 
+def _nll_log(folder, name, nll):
+    """A row's lm-eval sample log with the given per-item gold bits per byte; returns its name."""
+    import math
+
+    raw = f"{name}.raw.json"
+    samples = {"gsm8k_nll": [{"doc_id": str(i), "bits_per_byte": f"[{-v * math.log(2) * 10}, 10]"}
+                             for i, v in enumerate(nll)]}
+    (folder / "rows" / raw).write_text(json.dumps({"samples": samples}))
+    return raw
+
+
 def test_paired_comparison_from_sample_logs(tmp_path):
     """per_item reads lm-eval's per-sample logs; paired() gives the mean paired difference, its
     standard error and the exact-match discordant counts -- checked against hand arithmetic."""
@@ -158,10 +169,7 @@ def test_paired_comparison_from_sample_logs(tmp_path):
     (tmp_path / "rows").mkdir()
 
     def row(name, nll, em):
-        raw = f"{name}.raw.json"
-        samples = {"gsm8k_nll": [{"doc_id": str(i), "bits_per_byte": f"[{-v * math.log(2) * 10}, 10]"}
-                                 for i, v in enumerate(nll)]}
-        (tmp_path / "rows" / raw).write_text(json.dumps({"samples": samples}))
+        raw = _nll_log(tmp_path, name, nll)
         gs = [{"doc_id": str(i), "filter": f, "exact_match": float(e) if f == "flexible-extract" else 0.0}
               for i, e in enumerate(em) for f in ("strict-match", "flexible-extract")]
         (tmp_path / "rows" / f"{name}.raw.gsm8k.json").write_text(json.dumps({"samples": {"gsm8k": gs}}))
@@ -190,11 +198,8 @@ def test_paired_seeds_against_hand_arithmetic(tmp_path):
     (tmp_path / "rows").mkdir()
 
     def row(name, seed, nll):
-        raw = f"{name}.raw.json"
-        samples = {"gsm8k_nll": [{"doc_id": str(i), "bits_per_byte": f"[{-v * math.log(2) * 10}, 10]"}
-                                 for i, v in enumerate(nll)]}
-        (tmp_path / "rows" / raw).write_text(json.dumps({"samples": samples}))
-        return {"name": f"{name}, seed {seed}", "spec": {"cal_seed": seed}, "eval": {"raw": raw}}
+        return {"name": f"{name}, seed {seed}", "spec": {"cal_seed": seed},
+                "eval": {"raw": _nll_log(tmp_path, name, nll)}}
 
     A = [row("A0", 0, [1.0, 2.0, 3.0]), row("A1", 1, [1.2, 2.2, 2.6])]
     B = [row("B0", 0, [1.5, 2.0, 3.5]), row("B1", 1, [1.5, 2.6, 3.4])]

@@ -97,10 +97,9 @@ class LayerSpec:
     def n_pad(self) -> int:
         return -(-self._shape()[0] // tasa_ext.COL_BLOCK) * tasa_ext.COL_BLOCK
 
-    def cost(self, bits=None) -> int:
-        """Exact ``tasa_ext.cost_bits`` of this linear at uniform ``bits`` (int), per-group
-        ``bits`` (list) or, by default, its own widths."""
-        n, k = self._shape()
+    def _group_widths(self, bits) -> list:
+        """``bits`` (an int: uniform; a list: per group; None: this spec's own) as one
+        supported width per group."""
         if bits is None:
             bits = self.bits
         gb = [int(bits)] * self.n_groups if _is_scalar(bits) else [int(b) for b in bits]
@@ -110,18 +109,20 @@ class LayerSpec:
         if bad:
             raise ValueError(f"{self.name}: unsupported widths {sorted(set(bad))} (supported "
                              f"{SUPPORTED_BITS})")
-        return tasa_ext.cost_bits(n, k, self.group_size, gb, self.mode, self.act_order)
+        return gb
+
+    def cost(self, bits=None) -> int:
+        """Exact ``tasa_ext.cost_bits`` of this linear at uniform ``bits`` (int), per-group
+        ``bits`` (list) or, by default, its own widths."""
+        n, k = self._shape()
+        return tasa_ext.cost_bits(n, k, self.group_size, self._group_widths(bits), self.mode,
+                                  self.act_order)
 
     def code_cost(self, bits=None) -> int:
         """The code bits alone, ``sum_g b_g * G * N`` (no scales, zeros, tables or column
         padding): the paper's "average bits" convention counts these."""
         n, _ = self._shape()
-        if bits is None:
-            bits = self.bits
-        gb = [int(bits)] * self.n_groups if _is_scalar(bits) else [int(b) for b in bits]
-        if len(gb) != self.n_groups:
-            raise ValueError(f"{self.name}: {len(gb)} group widths for {self.n_groups} groups")
-        return sum(gb) * self.group_size * n
+        return sum(self._group_widths(bits)) * self.group_size * n
 
     def with_bits(self, bits) -> "LayerSpec":
         """This linear with the given per-group widths (an int: uniform)."""
