@@ -375,6 +375,8 @@ def test_run_end_to_end_and_reload(tmp_path):
     assert plan["summary"]["avg_bits"] == pytest.approx(s["avg_bits"])
     rep = (tmp_path / "report.md").read_text()
     assert "alpha*" in rep and "Kendall" in rep
+    assert "split-half" in rep and "bootstrap CI" in rep          # the noise bounds
+    assert "average code bits" in rep and f"{s['code_avg_bits']:.4f}" in rep   # both bit counts
     # reload into a fresh skeleton: identical outputs, no re-quantization
     x = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
