@@ -68,8 +68,10 @@ def paper_rows(bits: float, beta: float, seeds=(0, 1, 2), sweep=(), other_seeds=
                 (f"TASA {bits:g} storage bits, seed {s}", {"kind": "tasa", "bits": bits,
                                                            "beta": beta, "budget": "storage",
                                                            "cal_seed": s})]
-        if i == 0:
-            rows.append(higgs)
+        if i == 0:     # mixed precision without task awareness: HIGGS, and TASA with beta = 1
+            rows += [higgs, (f"TASA {bits:g} code bits, beta=1 (ppl-only sensitivity), seed {s}",
+                             {"kind": "tasa", "bits": bits, "beta": 1.0, "budget": "code",
+                              "cal_seed": s})]
     for b in sweep:
         rows.append((f"TASA sweep {b:.3f} storage bits", {"kind": "tasa", "bits": b, "beta": beta,
                                                           "budget": "storage", "cal_seed": 0,
@@ -434,7 +436,9 @@ def write_paper_section(lines: list, mname: str, mdir: Path, meta: dict, out: Pa
     for tn, T in ((f"TASA {st['bits']:g} code bits", t_code), (f"TASA {st['bits']:g} storage bits", t_sto)):
         if not T:
             continue
-        for bn in ("GPTQ W4", "GPTQ W3", "RTN W4") + ((config_of(higgs[0]["name"]),) if higgs else ()):
+        beta1 = [k for k in groups if "beta=1" in k]
+        for bn in ("GPTQ W4", "GPTQ W3", "RTN W4") + ((config_of(higgs[0]["name"]),) if higgs else ()) \
+                + tuple(beta1 if T is t_code else ()):
             B = groups.get(bn)
             if not B:
                 continue

@@ -193,8 +193,8 @@ def cmd_quantize(args) -> int:
     except (ValueError, KeyError, OSError, ImportError, FolderLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("avg_bits", "alpha_star", "ppl_reference",
-                                              "ppl_quantized", "peak_rss_mib")}
+    print(json.dumps({k: summary[k] for k in ("avg_bits", "code_avg_bits", "alpha_star",
+                                              "ppl_reference", "ppl_quantized", "peak_rss_mib")}
                      | {"seconds": round(summary["timings_s"]["total"], 1), "out": args.out}))
     return 0
 
