@@ -252,6 +252,23 @@ def code_bits(row) -> float | None:
     return float(row["spec"]["bits"]) if row["spec"].get("kind") == "uniform" else None
 
 
+def same_plan_row(mdir: Path, spec: dict, measurement, args) -> dict | None:
+    """A computed TASA row of this model whose plan, calibration seed and mix are those
+    ``spec`` would give (allocation takes seconds), else None."""
+    from tasa import pipeline
+
+    A = pipeline.allocate(measurement, spec["bits"], spec.get("beta", args.beta),
+                          widths=tuple(args.widths), intra=spec.get("intra", True),
+                          budget=spec.get("budget", "storage"), scoring=spec.get("scoring", "tasa"))
+    plan = {f: e["bits"] for f, e in A["plan"].items()}
+    alpha = spec.get("alpha", measurement.mixture.alpha_star)
+    for r in load_rows(mdir, []):
+        if (r["spec"].get("kind") == "tasa" and r.get("plan") == plan and r.get("alpha") == alpha
+                and r["spec"].get("cal_seed") == spec.get("cal_seed") and "same_as" not in r):
+            return r
+    return None
+
+
 def metric(row, task, key):
     r = row["eval"]["lm_eval"].get(task)
     return None if r is None else r.get(key)
@@ -780,6 +797,14 @@ def main(argv=None) -> int:
         for name, spec in rows_def:
             p = mdir / "rows" / f"{slug(name)}.json"
             if p.is_file():
+                continue
+            twin = same_plan_row(mdir, spec, measurement, margs) if spec.get("sweep") else None
+            if twin is not None:
+                # a sweep budget whose plan, calibration seed and mix equal a computed row's:
+                # the same model, so its numbers (and sample logs) are that row's
+                row = dict(twin, name=name, spec=spec, same_as=twin["name"])
+                write_json_atomic(p, row, default=str)
+                print(f"[{mname}] {name}: the plan of {twin['name']!r}, not recomputed", flush=True)
                 continue
             print(f"[{mname}] {name} ...", flush=True)
             row = run_row(name, spec, mname, margs, mdir, measurement)

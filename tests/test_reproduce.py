@@ -231,3 +231,25 @@ def test_paper_suite_rows():
     h = next(v for n, v in rows.items() if n.startswith("HIGGS"))
     assert h["scoring"] == "higgs" and h["alpha"] == 1.0 and h["budget"] == "code"
     assert [v["bits"] for v in rows.values() if v.get("sweep")] == [3.25, 3.5]
+
+
+@pytest.mark.slow
+def test_paper_suite_on_a_tiny_model(harness, tmp_path, data_dir):
+    """--suite paper: the rows it names, a sweep budget with the plan of a computed row reuses
+    that row, and the table's paper section (seed-aggregated rows, paired lines, sweep)."""
+    out = tmp_path / "p"
+    args = ["--models", "tiny", "--limit", "3", "--ppl-windows", "1", "--n-calib", "2",
+            "--seqlen", "64", "--bits", "3.8", "--suite", "paper", "--seeds", "0", "--sweep",
+            "3.8", "--data", str(data_dir), "--out", str(out), "--rows",
+            "GPTQ W4, seed 0;TASA 3.8 storage bits, seed 0;TASA sweep 3.800 storage bits"]
+    assert harness.main(args) == 0
+    rows = {json.loads(p.read_text())["name"]: json.loads(p.read_text())
+            for p in (out / "tiny" / "rows").glob("*.json") if not p.name.endswith(".raw.json")}
+    assert set(rows) == {"GPTQ W4, seed 0", "TASA 3.8 storage bits, seed 0",
+                         "TASA sweep 3.800 storage bits"}
+    t, sw = rows["TASA 3.8 storage bits, seed 0"], rows["TASA sweep 3.800 storage bits"]
+    assert sw["same_as"] == t["name"] and sw["plan"] == t["plan"] and sw["eval"] == t["eval"]
+    assert t["code_avg_bits"] < t["avg_bits"] <= 3.8
+    table = (tmp_path / "reproduction.md").read_text()
+    assert "Mean over calibration seeds" in table and "| TASA 3.8 storage bits | " in table
+    assert "TASA 3.8 storage bits vs GPTQ W4:" in table and "Budget sweep" in table
