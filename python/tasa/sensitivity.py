@@ -300,7 +300,7 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
                         done: Optional[Mapping[str, Mapping[str, float]]] = None,
                         on_result: Optional[Callable[[str, Dict[str, float]], None]] = None,
                         base: Optional[Mapping[str, float]] = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, dist=None) -> dict:
     """Loss increase of every objective when only unit ``u`` is RTN-quantized at ``bits``.
 
     ``units``: ``{name: (block index, [linear fqns])}`` (:func:`block_units`,
@@ -310,6 +310,10 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
     recomputed ones (same model and data), otherwise the old results are not comparable and a
     ``ValueError`` is raised. Group size: the largest multiple of 32 <= ``group_size`` that
     divides each linear's K (:func:`tasa.quant.resolve_group_size`).
+
+    ``dist``: a :class:`tasa.distributed.Dist` -- the probes are divided among its ranks by
+    cost (blocks recomputed) and gathered after every round of one probe per rank, so every
+    rank sees (and ``on_result`` gets) every result.
 
     Returns ``{"base": {obj: loss}, "delta": {unit: {obj: loss increase}}, "seconds": s}``.
     """
@@ -328,25 +332,43 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
                                      f"differs from the recorded {float(base[k]):.6f}; the model "
                                      f"or data changed -- start afresh")
         todo = [u for u in units if u not in delta]
-        it = todo
+        if dist is not None and dist.active:
+            n_blocks = len(prober.layers)       # a probe recomputes blocks start .. L-1 + head
+            rounds = dist.rounds(todo, {u: n_blocks - units[u][0] + 1 for u in todo},
+                                 "sensitivity")
+        else:
+            rounds = [[u] for u in todo]
+        it = rounds
         if progress:
-            it = tqdm(todo, desc=f"sensitivity (RTN {bits}-bit probes)", unit="probe")
-        for u in it:
-            start, fqns = units[u]
-            lins = []
-            for f in fqns:
-                m = mods.get(f)
-                if not isinstance(m, nn.Linear):
-                    raise ValueError(f"tasa: sensitivity unit {u!r}: {f!r} is not an nn.Linear")
-                lins.append(m)
-            specs = []
-            for lin in lins:
-                G = resolve_group_size(lin.in_features, group_size)
-                specs.append(LayerSpec([bits] * (lin.in_features // G), G, mode))
-            losses = prober.probe(start, lins, specs)
-            d = {k: losses[k] - prober.base[k] for k in losses}
-            delta[u] = d
-            if on_result is not None:
-                on_result(u, d)
+            it = tqdm(rounds, desc=f"sensitivity (RTN {bits}-bit probes)", unit="probe")
+        for r in it:
+            if dist is None or not dist.active:
+                got = {u: _probe_unit(prober, mods, units, u, bits, group_size, mode) for u in r}
+            else:
+                with dist.guard(f"sensitivity probe {r[0] if r else '(idle)'}"):
+                    got = {u: _probe_unit(prober, mods, units, u, bits, group_size, mode)
+                           for u in r}
+                got = {u: d for part in dist.gather(got, "sensitivity results") for u, d in part.items()}
+            for u in sorted(got, key=list(units).index):
+                delta[u] = got[u]
+                if on_result is not None:
+                    on_result(u, got[u])
     return {"base": prober.base, "delta": {u: delta[u] for u in units},
             "seconds": time.perf_counter() - t0}
+
+
+def _probe_unit(prober, mods, units, u, bits, group_size, mode) -> Dict[str, float]:
+    """Loss increase of every objective with unit ``u`` alone RTN-quantized at ``bits``."""
+    start, fqns = units[u]
+    lins = []
+    for f in fqns:
+        m = mods.get(f)
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"tasa: sensitivity unit {u!r}: {f!r} is not an nn.Linear")
+        lins.append(m)
+    specs = []
+    for lin in lins:
+        G = resolve_group_size(lin.in_features, group_size)
+        specs.append(LayerSpec([bits] * (lin.in_features // G), G, mode))
+    losses = prober.probe(start, lins, specs)
+    return {k: losses[k] - prober.base[k] for k in losses}
