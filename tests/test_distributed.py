@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import socket
-import sys
 import traceback
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tasa.distributed import lpt_assign, split_batches
 
 from helpers import byte_tokenizer, tiny_llama
 
-TINY_ARGS = ["--bits", "3.6", "--group-size", "32", "--n-gen", "8", "--n-task", "8", "--n-test",
+TINY_ARGS = ["--bits", "4.3", "--group-size", "32", "--n-gen", "8", "--n-task", "8", "--n-test",
              "4", "--mix-seqlen", "32", "--n-calib", "16", "--seqlen", "32", "--eval-windows",
              "0", "--granularity", "linear", "--no-progress", "--quiet"]
 
@@ -218,7 +217,6 @@ def _packed(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-@pytest.mark.slow
 def test_job_two_ranks_fail_resume_and_match_one(tmp_path, capfd):
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir)
@@ -253,4 +251,3 @@ def test_job_two_ranks_fail_resume_and_match_one(tmp_path, capfd):
         assert torch.equal(a[k], b[k]), k
     run = json.loads((out / "run.json").read_text())
     assert run["distributed"]["world_size"] == 2
-    assert not list(Path("/tmp").glob("tasa-rank1-*")) or True    # (private folders removed)
