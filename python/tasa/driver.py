@@ -24,7 +24,7 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
                    n_sources: int = 1,
                    combine: Optional[Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                    damp: float = 0.01, batch_size: int = 8, progress: bool = True,
-                   dist=None) -> dict:
+                   dist=None, block_hooks: Optional[Mapping[str, Callable]] = None) -> dict:
     """Quantizes the linears named in ``plan`` in place (swapped to :class:`tasa.nn.TasaLinear`).
 
     ``method="rtn"`` needs no data. ``method="gptq"`` runs GPTQ's sequential scheme through
@@ -36,7 +36,9 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
     ``errors[name]`` is :func:`output_error` against the block's Hessian (GPTQ only).
     ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel over its ranks: this rank's
     batches of ``calib_ids``, Hessians all-reduced, a block's linears divided among the ranks
-    and the packed results broadcast); None or a one-process Dist: all here.
+    and the packed results broadcast); None or a one-process Dist: all here. ``block_hooks``:
+    ``on_enter`` / ``on_leave`` of :func:`tasa.calib.run_blockwise` (:mod:`tasa.lazy` loads,
+    writes and releases one block at a time there).
     """
     t0 = time.perf_counter()
     errors = {}
@@ -91,7 +93,7 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
             return True
 
         wanted = set(plan)
-        kw = {}
+        kw = dict(block_hooks or {})
         if dist is not None and dist.active:
             calib_ids, src = dist.shard(calib_ids, src, batch_size)
             kw["reduce"] = dist.reduce_hessians
