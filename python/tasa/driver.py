@@ -60,6 +60,8 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
             raise ValueError("tasa: GPTQ needs calibration token ids (calib_ids)")
 
         def default_combine(name, H, count):
+            if H.shape[0] == 1:     # the same value without three float64 K x K temporaries
+                return H[0]
             w = count.double() / count.sum().clamp(min=1)
             return (H.double() * w[:, None, None]).sum(0).float()
 
