@@ -117,6 +117,10 @@ def _core_worker(rank, world, port, out):
                            dist=d)
         res["packed"] = {k: v.clone() for k, v in model.state_dict().items()}
         res["errors"] = r["errors"]
+        # the same GPTQ, lazily from the checkpoint (rank 0 writes the shards)
+        from tasa.lazy import quantize_lazy
+        quantize_lazy(Path(out) / "src", plan, Path(out) / f"lazy_w{world}", calib_ids=ids,
+                      batch_size=4, progress=False, dist=d)
         res["balance"] = dict(d.balance)
         # sensitivity probes (per linear), on a fresh model
         model = tiny_llama(seed=0)
@@ -140,13 +144,14 @@ def _core_worker(rank, world, port, out):
 @pytest.fixture(scope="module")
 def core(tmp_path_factory):
     out = tmp_path_factory.mktemp("core")
+    tiny_llama(seed=0).save_pretrained(out / "src")
     _spawn(_core_worker, 1, str(out))
     _spawn(_core_worker, 2, str(out))
-    return [torch.load(out / f"core_w{w}.pt", weights_only=False) for w in (1, 2)]
+    return [torch.load(out / f"core_w{w}.pt", weights_only=False) for w in (1, 2)] + [out]
 
 
 def test_hessians_identical_across_process_counts(core):
-    one, two = core
+    one, two = core[:2]
     assert set(one["hessians"]) == set(two["hessians"])
     for k in one["hessians"]:
         assert torch.equal(one["hessians"][k][1], two["hessians"][k][1]), k
@@ -165,7 +170,7 @@ def test_hessians_match_the_plain_one_process_path(core):
 
 
 def test_gptq_packed_weights_bit_identical(core):
-    one, two = core
+    one, two = core[:2]
     assert set(one["packed"]) == set(two["packed"])
     assert any(k.endswith("qweight") for k in one["packed"])
     for k in one["packed"]:
@@ -174,8 +179,18 @@ def test_gptq_packed_weights_bit_identical(core):
     assert two["balance"]["calibration"] == 1.0          # 6 batches of 4: 3 per rank
 
 
+def test_lazy_gptq_on_two_ranks_writes_the_same_model(core):
+    import tasa
+
+    for w in (1, 2):
+        q = tasa.load(core[2] / f"lazy_w{w}").state_dict()
+        assert set(q) == set(core[0]["packed"])
+        for k, v in core[0]["packed"].items():
+            assert torch.equal(q[k], v), (w, k)
+
+
 def test_sensitivity_same_on_two_ranks(core):
-    one, two = core
+    one, two = core[:2]
     assert list(two["sens"]) == list(one["sens"])
     assert sorted(two["seen"]) == sorted(one["sens"])    # rank 0 got every result once
     for k, v in one["base"].items():

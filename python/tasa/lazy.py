@@ -181,10 +181,12 @@ def _save_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
 def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gptq",
                   calib_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
                   damp: float = 0.01, batch_size: int = 8, meta: Optional[dict] = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, dist=None) -> dict:
     """Quantizes the checkpoint ``folder`` per ``plan`` block by block (module docstring) into
     the transformers folder ``out``. ``method``: ``"gptq"`` (needs ``calib_ids``, int64 [n, T])
-    or ``"rtn"``. Returns ``{"seconds", "block_seconds", "shards", "errors"}``."""
+    or ``"rtn"``. ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
+    :func:`tasa.driver.quantize_model`; every rank reads each block, rank 0 alone writes).
+    Returns ``{"seconds", "block_seconds", "shards", "errors"}``."""
     if method not in ("gptq", "rtn"):
         raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {method!r}")
     if method == "gptq" and calib_ids is None:
@@ -202,15 +204,18 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
     if bad:
         raise ValueError(f"tasa: lazy quantization covers decoder-block linears only; the plan "
                          f"names {bad[:5]}")
-    check_output_folder(out)
+    writer = dist is None or not dist.active or dist.is_writer
+    if writer:
+        check_output_folder(out)
     n_shards = L + 1
     shard = lambda i: f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"   # noqa: E731
     weight_map: Dict[str, str] = {}
     total = 0
     block_seconds = []
     errors: dict = {}
-    with folder_lock(out):
-        retire_model(out)
+    with (folder_lock(out) if writer else contextlib.nullcontext()):
+        if writer:
+            retire_model(out)
         # what the capture needs: everything but the blocks and the head
         base = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
         base_name = prefix.rpartition(".")[0]
@@ -228,7 +233,8 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
         def on_leave(li, block):
             nonlocal total
             sd = {f"{prefix}.{li}.{k}": v for k, v in block.state_dict().items()}
-            total += _save_shard(sd, out / shard(li))
+            if writer:
+                total += _save_shard(sd, out / shard(li))
             weight_map.update({k: shard(li) for k in sd})
             release(block)
             block_seconds.append(time.perf_counter() - state["t"])
@@ -236,7 +242,7 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
 
         if method == "gptq":
             res = quantize_model(model, plan, "gptq", calib_ids=calib_ids, damp=damp,
-                                 batch_size=batch_size, progress=progress,
+                                 batch_size=batch_size, progress=progress, dist=dist,
                                  block_hooks={"on_enter": on_enter, "on_leave": on_leave})
             errors = res["errors"]
         else:
@@ -249,6 +255,9 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
                         q = quantize_rtn(m.weight, plan[full], name=full)
                         set_module(blk, lname, TasaLinear.from_quantized(q, m.bias))
                 on_leave(li, blk)
+        if not writer:
+            return {"seconds": time.perf_counter() - t0, "block_seconds": block_seconds,
+                    "shards": n_shards, "errors": errors}
         # the rest (embedding, final norm, head), copied from the source as stored
         rest = [k for k in ckpt.keys() if not k.startswith(prefix + ".")]
         tensors = ckpt.read(rest)
