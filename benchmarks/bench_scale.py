@@ -12,9 +12,13 @@ process (or 2, under torch.distributed.run) so its peak RSS (ru_maxrss) is its o
 subtracts the resident set after the imports and the meta skeleton (code, not data).
 
 Measured per block (median over the blocks):
-* ``hessians``: the mixture stage's calibration pass: the block read from safetensors, the
-  forward of the calibration tokens with 3-source Hessian hooks, float64 all-reduce (no
-  eigendecompositions: those are timed apart, ``eigh``, and projected with K^3);
+* ``hessians3``: the mixture stage's calibration pass: the block read from safetensors, the
+  forward of the calibration tokens with 3-source Hessian hooks (no eigendecompositions: those
+  are timed apart, ``eigh``, and projected with K^3), on 1 process: on 2 processes its float64
+  sums (3 sources x (3 h^2 + i^2) x 8 bytes = 6.2 GB per rank at 8B) do not fit twice in this
+  machine's 24 GB beside the other engineer's jobs;
+* ``hessians1``: the same with one source (what GPTQ accumulates), 1 and 2 processes, the
+  float64 sums all-reduced;
 * ``gptq``: lazy GPTQ: read, forward + Hessians, GPTQ of the 7 linears (split by N K^2 among
   the ranks, packed weights broadcast), outputs recomputed, the quantized shard written;
 * ``probe``: one block's share of a sensitivity probe: RTN of its 7 linears + one forward of
@@ -96,7 +100,8 @@ def worker(args) -> None:
     cfg = sk.config
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.n_calib, args.seqlen), generator=gen)
-    res = {"rank": d.rank, "world": d.world, "threads": args.threads, "what": args.what,
+    res = {"rank": d.rank, "world": d.world, "threads": args.threads,
+           "what": args.what + (f"{args.sources}" if args.what == "hessians" else ""),
            "base_rss": base_rss}
     if args.what == "gptq":
         plan = {n: LayerSpec([4] * (m.in_features // 128), 128, "asym")
@@ -142,11 +147,12 @@ def worker(args) -> None:
             times.append(time.perf_counter() - t["t"] - probe[-1])
 
         kw = {}
-        ids_r, src_r = ids, torch.arange(args.n_calib) % 3
+        ids_r, src_r = ids, torch.arange(args.n_calib) % args.sources
         if d.active:
             ids_r, src_r = d.shard(ids, src_r, args.batch)
             kw["reduce"] = d.reduce_hessians
-        calib.run_blockwise(model, ids_r, on_block, src=src_r, n_sources=3, batch_size=args.batch,
+        calib.run_blockwise(model, ids_r, on_block, src=src_r, n_sources=args.sources,
+                            batch_size=args.batch,
                             progress=False, on_enter=on_enter, on_leave=on_leave, **kw)
         res["block_seconds"] = times
         res["probe_seconds"] = probe
@@ -160,18 +166,20 @@ def worker(args) -> None:
                 res["eigh"][K] = time.perf_counter() - t0
     res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["balance"] = dict(d.balance)
-    Path(args.result_dir, f"{args.what}_w{d.world}_r{d.rank}.json").write_text(json.dumps(res))
+    Path(args.result_dir, f"{res['what']}_w{d.world}_r{d.rank}.json").write_text(json.dumps(res))
 
 
 # ---- the driver --------------------------------------------------------------------------------
 
-def run(args, model_dir: Path, what: str, world: int, threads: int, tmp: Path, eigh=()) -> list:
-    rdir = tmp / f"res_{what}_{world}"
+def run(args, model_dir: Path, what: str, world: int, threads: int, tmp: Path, eigh=(),
+        sources: int = 1) -> list:
+    rdir = tmp / f"res_{what}{sources}_{world}"
     rdir.mkdir()
     cmd = [str(HERE / "bench_scale.py"), "--worker", what, "--model", str(model_dir),
            "--out", str(tmp / f"out_{what}_{world}"), "--threads", str(threads),
            "--result-dir", str(rdir), "--n-calib", str(args.n_calib), "--seqlen",
-           str(args.seqlen), "--batch", str(args.batch), "--obj-seqs", str(args.obj_seqs)]
+           str(args.seqlen), "--batch", str(args.batch), "--obj-seqs", str(args.obj_seqs),
+           "--sources", str(sources)]
     if eigh:
         cmd += ["--eigh", *map(str, eigh)]
     if world > 1:
@@ -203,6 +211,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--result-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--eigh", type=int, nargs="*", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sources", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.what = args.worker
@@ -218,10 +227,14 @@ def main():
         make_model(tmp / "model", shape, args.blocks)
         print(f"model written in {time.perf_counter() - t0:.0f} s", flush=True)
         eigh = (256, 896) if args.quick else (1024, 2048, 4096)
-        for what in ("hessians", "gptq"):
-            for world, threads in ((1, 2), (2, 1)):
-                rs = run(args, tmp / "model", what, world, threads, tmp,
-                         eigh=eigh if (what == "hessians" and world == 1) else ())
+        # the mixture's pass (3 sources: float64 sums of 3 K x K per input and rank) on one
+        # process; the one-source pass (what GPTQ accumulates) and GPTQ on 1 and on 2 processes
+        for what, sources, worlds in (("hessians", 3, ((1, 2),)),
+                                      ("hessians", 1, ((1, 2), (2, 1))),
+                                      ("gptq", 1, ((1, 2), (2, 1)))):
+            for world, threads in worlds:
+                rs = run(args, tmp / "model", what, world, threads, tmp, sources=sources,
+                         eigh=eigh if (what == "hessians" and sources == 3) else ())
                 rows.extend(rs)
                 print(what, world, threads, [(r["rank"], [round(x, 1) for x in r["block_seconds"]],
                                                round(r["peak_rss"] / 2**30, 2)) for r in rs],
@@ -270,7 +283,7 @@ def report(meta, rows, shape, args) -> str:
         L.append(f"| {r['what']} | {r['world']} x {r['threads']} | {r['rank']} | "
                  f"{_med(r['block_seconds']):.1f} | {r['peak_rss'] / GiB:.2f} | "
                  f"{above / GiB:.2f} | {above / blk:.2f} | {bal:.2f} |")
-    probes = [x for r in rows if r["what"] == "hessians" and r["world"] == 1
+    probes = [x for r in rows if r["what"] == "hessians3" and r["world"] == 1
               for x in r.get("probe_seconds", [])]
     eig = next((r["eigh"] for r in rows if r.get("eigh")), {})
     L += ["", f"Probe share per block (RTN of 7 linears + one block forward of the objective, "
@@ -281,7 +294,8 @@ def report(meta, rows, shape, args) -> str:
     def med_of(what, world):
         xs = [_med(r["block_seconds"]) for r in rows if r["what"] == what and r["world"] == world]
         return max(xs) if xs else float("nan")
-    t_h1, t_h2 = med_of("hessians", 1), med_of("hessians", 2)
+    t_h1, t_h2 = med_of("hessians1", 1), med_of("hessians1", 2)
+    t_m1 = med_of("hessians3", 1)
     t_g1, t_g2 = med_of("gptq", 1), med_of("gptq", 2)
     t_p = _med(probes)
     peak_g = max((r["peak_rss"] - r["base_rss"]) for r in rows if r["what"] == "gptq" and r["world"] == 1)
@@ -306,7 +320,7 @@ def report(meta, rows, shape, args) -> str:
           "eigendecompositions are repeated on every rank (not split).",
           "",
           "| model | L | fp32 block GiB | activations GiB | host / process GiB (f x block) | "
-          "Hessian pass s/block | GPTQ s/block (1x2 / 2x1) | eigh s/block | probes s (all) | "
+          "mixture pass s/block | GPTQ s/block (1x2 / 2x1) | eigh s/block | probes s (all) | "
           "GPTQ model h (1x2 / 2x1) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("8b", "70b") if shape == "8b" else ("quick",):
@@ -325,7 +339,7 @@ def report(meta, rows, shape, args) -> str:
         g2 = 2 * t_h2 * r_fwd + g_rest2 * r_gptq
         probes_all = t_p * r_fwd * Lf * (Lf + 1) / 2
         L.append(f"| {name} | {Lf} | {4 * P / GiB:.2f} | {act / GiB:.2f} | "
-                 f"{factor * 4 * P / GiB + act / GiB:.1f} | {t_h1 * r_fwd:.0f} | "
+                 f"{factor * 4 * P / GiB + act / GiB:.1f} | {t_m1 * r_fwd:.0f} | "
                  f"{g1:.0f} / {g2:.0f} | {eig_blk:.0f} | {probes_all:.0f} | "
                  f"{Lf * g1 / 3600:.1f} / {Lf * g2 / 3600:.1f} |")
     L += ["", "Scaling used: forward parts by the block's parameter count, GPTQ proper by "

@@ -134,11 +134,13 @@ def _add_batch_sums(hs: dict, sums: dict) -> None:
     """``sums[name] += (count_b H_b in float64, count_b)`` for one batch's running means ``hs``
     (a 24-bit mantissa times an integer: exact in float64); ``hs`` is emptied."""
     for name, (H, cnt) in hs.items():
-        S = H.double() * cnt.double()[:, None, None]
-        if name in sums:
-            sums[name] = (sums[name][0] + S, sums[name][1] + cnt)
-        else:
-            sums[name] = (S, cnt.clone())
+        if name not in sums:
+            sums[name] = (torch.zeros(H.shape, dtype=torch.float64, device=H.device),
+                          torch.zeros_like(cnt))
+        S, total = sums[name]
+        for s in range(H.shape[0]):       # in place: no float64 K x K temporaries (8B: 1.6 GB)
+            S[s].add_(H[s], alpha=float(cnt[s]))
+        total += cnt
     hs.clear()
 
 

@@ -201,7 +201,9 @@ class Dist:
                                      group=self.group)
                     self._collective(f"token-count all-reduce of {name}", tdist.all_reduce, cnt,
                                      group=self.group)
-                H = (S / cnt.clamp(min=1).double()[:, None, None]).float()
+                S.div_(cnt.clamp(min=1).double()[:, None, None])      # in place (memory)
+                H = S.float()
+                del S
                 done[key] = (H.to(sums[name][0].device), cnt.to(sums[name][1].device))
             out[name] = done[key]
         return out
