@@ -266,3 +266,12 @@ def test_job_two_ranks_fail_resume_and_match_one(tmp_path, capfd):
         assert torch.equal(a[k], b[k]), k
     run = json.loads((out / "run.json").read_text())
     assert run["distributed"]["world_size"] == 2
+
+
+def test_nccl_without_cuda_is_refused(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: NCCL is allowed")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="NCCL backend needs CUDA; on CPU use gloo"):
+        distributed.init_from_env("nccl")
+    assert not tdist.is_initialized()

@@ -136,3 +136,27 @@ def test_lazy_peak_rss_near_one_block(tmp_path):
     assert whole > 2 * 5.0 * blk
     assert factor < 5.0
     assert tasa.load(tmp_path / "out") is not None
+
+
+def test_lazy_killed_mid_run_leaves_no_model_and_reruns(tmp_path):
+    """SIGKILL after the first block's shard (TASA_FAULT=lazy:block): the folder claims no
+    model (config.json is written last); the rerun writes a complete, loadable one."""
+    import os
+
+    from tasa import io as tio
+
+    tiny_llama().save_pretrained(tmp_path / "src")
+    script = ("import sys, torch; from tasa.lazy import quantize_lazy; "
+              "from tasa.quant import uniform_plan; from tasa.lazy import skeleton; "
+              "p = uniform_plan(skeleton(sys.argv[1]), 4, 32, 'asym'); "
+              "quantize_lazy(sys.argv[1], p, sys.argv[2], method='rtn', progress=False)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO)] + sys.path))
+    args = [sys.executable, "-c", script, str(tmp_path / "src"), str(tmp_path / "out")]
+    r = subprocess.run(args, env=dict(env, TASA_FAULT="lazy:block"), capture_output=True)
+    assert r.returncode == -9
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 1
+    with pytest.raises(ValueError, match="not a tasa model folder"):
+        tio.folder_kind(tmp_path / "out")
+    assert subprocess.run(args, env=env, capture_output=True).returncode == 0
+    assert tio.folder_kind(tmp_path / "out") == "hf"
+    assert tasa.load(tmp_path / "out") is not None
