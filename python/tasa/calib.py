@@ -107,7 +107,9 @@ def run_blockwise(model: nn.Module, input_ids: torch.Tensor,
                   on_block: Optional[Callable] = None, src: Optional[torch.Tensor] = None,
                   n_sources: int = 1, batch_size: int = 8, progress: bool = True,
                   linear_filter: Optional[Callable[[str], bool]] = None,
-                  hessian_device=None) -> None:
+                  hessian_device=None, reduce: Optional[Callable[[dict], dict]] = None,
+                  on_enter: Optional[Callable[[int], None]] = None,
+                  on_leave: Optional[Callable[[int, nn.Module], None]] = None) -> None:
     """Runs the calibration ``input_ids`` (int64 [n, T]) block by block.
 
     For each decoder block with prefix ``p`` (e.g. ``model.layers.3``) the Hessians of its
@@ -116,14 +118,34 @@ def run_blockwise(model: nn.Module, input_ids: torch.Tensor,
     count i64 [S])``; ``S = n_sources`` and ``src`` (int64 [n], per sequence) says which source
     each sequence belongs to. If ``on_block`` returns True the block was changed and its outputs
     are recomputed before the next block.
+
+    ``reduce`` (data parallel, :mod:`tasa.distributed`): each batch's Hessians are turned into
+    float64 sums ``count_b H_b`` and added up, and ``reduce({name: (S f64, count)})`` returns
+    the Hessians ``{name: (H f32, count)}`` handed to ``on_block`` (all ranks' batches summed).
+    ``on_enter(idx)`` / ``on_leave(idx, block)`` run before a block is used / after its outputs
+    are final (:mod:`tasa.lazy` materializes and releases blocks there).
     """
     with torch.no_grad(), flush_denormals():
         _run_blockwise(model, input_ids, on_block, src, n_sources, batch_size, progress,
-                       linear_filter, hessian_device)
+                       linear_filter, hessian_device, reduce, on_enter, on_leave)
+
+
+def _add_batch_sums(hs: dict, sums: dict) -> None:
+    """``sums[name] += (count_b H_b in float64, count_b)`` for one batch's running means ``hs``
+    (a 24-bit mantissa times an integer: exact in float64); ``hs`` is emptied."""
+    for name, (H, cnt) in hs.items():
+        if name not in sums:
+            sums[name] = (torch.zeros(H.shape, dtype=torch.float64, device=H.device),
+                          torch.zeros_like(cnt))
+        S, total = sums[name]
+        for s in range(H.shape[0]):       # in place: no float64 K x K temporaries (8B: 1.6 GB)
+            S[s].add_(H[s], alpha=float(cnt[s]))
+        total += cnt
+    hs.clear()
 
 
 def _run_blockwise(model, input_ids, on_block, src, n_sources, batch_size, progress,
-                   linear_filter, hessian_device):
+                   linear_filter, hessian_device, reduce=None, on_enter=None, on_leave=None):
     layers, prefix = decoder_layers(model)
     n, T = input_ids.shape
     if src is None:
@@ -143,6 +165,8 @@ def _run_blockwise(model, input_ids, on_block, src, n_sources, batch_size, progr
     if progress:
         it = tqdm(it, desc="blocks", unit="block")
     for li in it:
+        if on_enter is not None:
+            on_enter(li)
         block = layers[li]
         full_prefix = f"{prefix}.{li}"
         lins = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)
@@ -174,20 +198,28 @@ def _run_blockwise(model, input_ids, on_block, src, n_sources, batch_size, progr
 
         handles = [m.register_forward_hook(make_hook(name)) for name, m in lins.items()]
         outs = []
+        sums: dict = {}
         try:
             for bi, h in enumerate(hidden):
                 state["last"], state["src"] = None, batch_src[bi]
                 outs.append(_block_out(block(h, **kwargs[bi][li])))
+                if reduce is not None:
+                    _add_batch_sums(hs, sums)
         finally:
             for hd in handles:
                 hd.remove()
             state["last"] = None
+        if reduce is not None:
+            hs = reduce(sums)
+            del sums
         hessians = {name: hs[owner.get(name, name)] for name in lins if owner.get(name, name) in hs}
         changed = on_block(li, block, full_prefix, hessians) if on_block is not None else False
         del hessians, hs
         if changed:
             outs = [_block_out(block(h, **kwargs[bi][li])) for bi, h in enumerate(hidden)]
         hidden = outs
+        if on_leave is not None:
+            on_leave(li, layers[li])
 
 
 def collect_hessians(model: nn.Module, input_ids: torch.Tensor, src: Optional[torch.Tensor] = None,

@@ -28,6 +28,7 @@ from tasa_ext.testing import random_packed
 
 from . import defaults, generation, pipeline
 from . import eval as tev
+from .distributed import RankFailed
 from .io import convert_legacy, load_quantized
 from .measurement import Measurement
 from .models import load_model
@@ -190,7 +191,7 @@ def cmd_quantize(args) -> int:
     try:
         summary = pipeline.run(cfg, args.out, fresh=args.fresh, measurement_from=args.measurement,
                                progress=not args.no_progress, quiet=args.quiet, plan=args.plan)
-    except (ValueError, KeyError, OSError, ImportError, FolderLockedError) as e:
+    except (ValueError, KeyError, OSError, ImportError, FolderLockedError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("avg_bits", "code_avg_bits", "alpha_star",

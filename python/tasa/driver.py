@@ -23,7 +23,8 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
                    calib_ids: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
                    n_sources: int = 1,
                    combine: Optional[Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-                   damp: float = 0.01, batch_size: int = 8, progress: bool = True) -> dict:
+                   damp: float = 0.01, batch_size: int = 8, progress: bool = True,
+                   dist=None, block_hooks: Optional[Mapping[str, Callable]] = None) -> dict:
     """Quantizes the linears named in ``plan`` in place (swapped to :class:`tasa.nn.TasaLinear`).
 
     ``method="rtn"`` needs no data. ``method="gptq"`` runs GPTQ's sequential scheme through
@@ -33,6 +34,11 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
     ``combine(name, H [S,K,K], count [S]) -> H [K,K]`` merges them (default: the token-weighted
     mean, i.e. the pooled Hessian). Returns ``{"seconds", "layers", "errors"}`` where
     ``errors[name]`` is :func:`output_error` against the block's Hessian (GPTQ only).
+    ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel over its ranks: this rank's
+    batches of ``calib_ids``, Hessians all-reduced, a block's linears divided among the ranks
+    and the packed results broadcast); None or a one-process Dist: all here. ``block_hooks``:
+    ``on_enter`` / ``on_leave`` of :func:`tasa.calib.run_blockwise` (:mod:`tasa.lazy` loads,
+    writes and releases one block at a time there).
     """
     t0 = time.perf_counter()
     errors = {}
@@ -54,27 +60,48 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
             raise ValueError("tasa: GPTQ needs calibration token ids (calib_ids)")
 
         def default_combine(name, H, count):
+            if H.shape[0] == 1:     # the same value without three float64 K x K temporaries
+                return H[0]
             w = count.double() / count.sum().clamp(min=1)
             return (H.double() * w[:, None, None]).sum(0).float()
 
         comb = combine or default_combine
 
+        def quantize_one(block, lname, full, H, count):
+            lin = block.get_submodule(lname)
+            Hc = comb(full, H, count)
+            q = quantize_gptq(lin.weight, Hc, plan[full], damp=damp, name=full)
+            errors[full] = output_error(lin.weight, q.dequantize(), Hc)
+            set_module(block, lname, TasaLinear.from_quantized(q, lin.bias))
+
         def on_block(idx, block, prefix, hessians):
-            for lname, (H, count) in hessians.items():
-                full = f"{prefix}.{lname}"
-                if full not in plan:
-                    continue
-                lin = block.get_submodule(lname)
-                Hc = comb(full, H, count)
-                q = quantize_gptq(lin.weight, Hc, plan[full], damp=damp, name=full)
-                errors[full] = output_error(lin.weight, q.dequantize(), Hc)
-                set_module(block, lname, TasaLinear.from_quantized(q, lin.bias))
+            local = {f"{prefix}.{lname}": lname for lname in hessians
+                     if f"{prefix}.{lname}" in plan}
+            if dist is None or not dist.active:
+                for full, lname in local.items():
+                    quantize_one(block, lname, full, *hessians[lname])
+                return True
+            # data parallel: GPTQ costs ~ N K^2 (Cholesky, column loop); owners broadcast
+            cost = {f: block.get_submodule(l).out_features * block.get_submodule(l).in_features ** 2
+                    for f, l in local.items()}
+            owner = dist.assign(cost, "gptq")
+            with dist.guard(f"GPTQ of {prefix}"):
+                for full, lname in local.items():
+                    if owner[full] == dist.rank:
+                        quantize_one(block, lname, full, *hessians[lname])
+            dist.share_quantized(block, owner, plan, local)
+            for errs in dist.gather({f: errors[f] for f in local if f in errors}, "GPTQ errors"):
+                errors.update(errs)
             return True
 
         wanted = set(plan)
+        kw = dict(block_hooks or {})
+        if dist is not None and dist.active:
+            calib_ids, src = dist.shard(calib_ids, src, batch_size)
+            kw["reduce"] = dist.reduce_hessians
         calib.run_blockwise(model, calib_ids, on_block, src=src, n_sources=n_sources,
                             batch_size=batch_size, progress=progress,
-                            linear_filter=lambda full: full in wanted)
+                            linear_filter=lambda full: full in wanted, **kw)
         # linears outside the decoder blocks named in the plan (rare): RTN
         mods = dict(model.named_modules())
         for name, spec in plan.items():

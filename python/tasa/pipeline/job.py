@@ -2,8 +2,10 @@
 save, evaluate quickly, report. The stages themselves are in :mod:`tasa.pipeline.stages`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 import platform
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from torch import nn
 
 import tasa_ext
 
-from .. import alloc, data, defaults
+from .. import alloc, data, defaults, distributed
 from .. import io as tio
 from ..io import check_output_folder, retire_model
 from ..measurement import Measurement
@@ -41,23 +43,37 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
     ``model``/``tokenizer``: an already-built model to use instead of loading ``cfg.model``
     (it is quantized in place). ``plan``: a plan file (or its parsed document) to quantize with
     instead of measuring and allocating -- no measurement, no report; GPTQ calibrates with
-    ``cfg.alpha``, else the plan's recorded alpha, else general text only."""
+    ``cfg.alpha``, else the plan's recorded alpha, else general text only.
+
+    Under torchrun (or in an initialised process group) the ranks share the work
+    (:mod:`tasa.distributed`); rank 0 alone writes into ``out``, the others' copies of the
+    files go to a private temporary folder that is removed at the end."""
     cfg.validate()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"tasa: --out {out} is a file, not a folder")
-    if model is None and Path(cfg.model).is_dir() and Path(cfg.model).resolve() == out.resolve():
-        raise ValueError(f"tasa: --out {out} is the --model folder; writing there would replace "
-                         f"the source checkpoint. Choose another --out")
-    check_output_folder(out)
-    with folder_lock(out):
-        removed = clean_stale_temps(out)
-        return _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer,
-                    plan, removed)
+    distributed.init_from_env()
+    dist = distributed.current()
+    with contextlib.ExitStack() as stack:
+        with dist.guard("the checks of --out"):      # an error here stops every rank at once
+            if dist.is_writer:
+                if out.exists() and not out.is_dir():
+                    raise ValueError(f"tasa: --out {out} is a file, not a folder")
+                if (model is None and Path(cfg.model).is_dir()
+                        and Path(cfg.model).resolve() == out.resolve()):
+                    raise ValueError(f"tasa: --out {out} is the --model folder; writing there "
+                                     f"would replace the source checkpoint. Choose another --out")
+                check_output_folder(out)
+                stack.enter_context(folder_lock(out))
+                removed = clean_stale_temps(out)
+            else:
+                out = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=f"tasa-rank{dist.rank}-")))
+                removed, quiet, report = [], True, False
+        return _run(cfg, out, fresh, measurement_from, progress and dist.is_writer, quiet, report,
+                    model, tokenizer, plan, removed, dist)
 
 
 def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer, plan,
-         removed):
+         removed, dist):
     log = Log(quiet)
     if removed:
         log(f"removed what an interrupted run left in {out}: {', '.join(removed)}")
@@ -99,12 +115,13 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         log(f"re-using the measurement {measurement_from} (no calibration)")
     else:
         t = time.perf_counter()
-        m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log, split=split)
+        m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log, split=split,
+                    dist=dist)
         timings["measure"] = time.perf_counter() - t
     wt_text = data.load_wikitext2(cfg.data, "test")
 
     def quick_ppl(stage):
-        if cfg.eval_windows <= 0:
+        if cfg.eval_windows <= 0 or not dist.is_writer:
             return None
         t = time.perf_counter()
         r = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen, max_windows=cfg.eval_windows,
@@ -140,7 +157,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     # quantization
     t = time.perf_counter()
     lplan, qinfo = quantize_with_plan(model, tok, cfg, the_plan, alpha, progress=progress, log=log,
-                                      split=split, shapes=plan_shapes(doc) if doc else None)
+                                      split=split, shapes=plan_shapes(doc) if doc else None,
+                                      dist=dist)
     lm_head = None
     if cfg.lm_head_bits:
         hname, hspec = quantize_lm_head(model, cfg.lm_head_bits, cfg.group_size, cfg.mode)
@@ -152,11 +170,12 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
             f"(counted apart from the decoder linears)")
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
-    tio.save_quantized(model, out, lplan,
-                       tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
-        "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
-        "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
-        "lm_head": lm_head})
+    if dist.is_writer:
+        tio.save_quantized(model, out, lplan,
+                           tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
+            "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
+            "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
+            "lm_head": lm_head})
     timings["save"] = time.perf_counter() - t
     q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
@@ -172,6 +191,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
             "windows": q_ppl["windows"], "seqlen": q_ppl["seqlen"], "tokens": q_ppl["tokens"],
             "text": "WikiText-2 test (" + ("shipped slice" if cfg.data is None else str(cfg.data)) + ")"},
         "quantization": qinfo, "timings_s": timings, "peak_rss_mib": peak_rss_mib(),
+        "distributed": {"world_size": dist.world, "backend": dist.backend,
+                        "max_over_mean_work": dict(dist.balance)},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "tasa_cpu_isa": tasa_ext.build_info().get("cpu_isa")},

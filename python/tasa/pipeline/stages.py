@@ -108,6 +108,12 @@ def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: in
 
 # ---- stage 2: mixture search ------------------------------------------------------------------
 
+# sequences per block forward in the calibration passes (run_blockwise's default); with
+# torch.distributed every rank gets whole batches of this size, so results do not depend on
+# the number of processes
+CALIB_BATCH = 8
+
+
 def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, LayerSpec]:
     out = {}
     for name, m in default_targets(model).items():
@@ -118,7 +124,7 @@ def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, LayerSpec]
 
 
 def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
-                    progress=True) -> MixtureResult:
+                    progress=True, dist=None) -> MixtureResult:
     t0 = time.perf_counter()
     parts = []
     b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), cfg.n_gen,
@@ -157,8 +163,12 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
             curve.add_layer(first, H[0], H[1], H[2], weight=float(len(shared[first])))
         return False
 
+    kw = {}
+    if dist is not None and dist.active:      # this rank's batches; Hessians all-reduced
+        ids, src = dist.shard(ids, src, CALIB_BATCH)
+        kw["reduce"] = dist.reduce_hessians
     calib.run_blockwise(model, ids, on_block, src=src, n_sources=3, progress=progress,
-                        linear_filter=lambda f: f in specs)
+                        linear_filter=lambda f: f in specs, batch_size=CALIB_BATCH, **kw)
     if cfg.alpha is None:
         a_star, f_star = curve.argmin()
     else:
@@ -402,7 +412,7 @@ def as_layer_specs(plan: Mapping) -> Dict[str, LayerSpec]:
 def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Any],
                        alpha: float, progress: bool = True, log=print,
                        split: Optional[dict] = None,
-                       shapes: Optional[Mapping[str, tuple]] = None) -> tuple:
+                       shapes: Optional[Mapping[str, tuple]] = None, dist=None) -> tuple:
     """Quantizes ``model`` in place per ``plan`` (``{fqn: {"bits", "group_size", "mode",
     "act_order"}}``) with ``cfg.method``; GPTQ calibrates on ``cfg.n_calib`` sequences of
     ``cfg.seqlen`` tokens drawn (seed ``cfg.seed + 10``) with mixing ratio ``alpha`` (share of
@@ -418,7 +428,8 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
         qinfo["calibration"] = {"alpha": alpha, "n_general": counts[0], "n_task": counts[1],
                                 "seqlen": cfg.seqlen}
         log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
-        res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress)
+        res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress,
+                             batch_size=CALIB_BATCH, dist=dist)
     else:
         res = quantize_model(model, lplan, "rtn", progress=progress)
     qinfo["seconds"] = res["seconds"]
@@ -480,19 +491,31 @@ def noise_bounds(sens: SensitivityResult, units: Sequence[str], seed: int = 0,
 
 
 def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = False,
-            progress: bool = True, log=print, split: Optional[dict] = None) -> Measurement:
+            progress: bool = True, log=print, split: Optional[dict] = None,
+            dist=None) -> Measurement:
     """Stages 1-3 with resume: ``path`` (measurement.json) is updated after every stage and
     every sensitivity probe; an existing file made with the same settings is continued, one
     made with other settings is an error (never overwritten silently) unless ``fresh``.
-    ``split``: :func:`split_data` of ``cfg``, if the caller has it already."""
+    ``split``: :func:`split_data` of ``cfg``, if the caller has it already. ``dist``: a
+    :class:`tasa.distributed.Dist`: rank 0 reads and writes ``path`` and hands what it resumed
+    from to the others; the calibration and the probes are divided among the ranks."""
+    active = dist is not None and dist.active
+    writer = not active or dist.is_writer
+
+    def save():
+        if writer:
+            m.save(path)
+
     fp = measure_fingerprint(model, cfg)
     m = None
-    if path.is_file() and not fresh:
+    if writer and path.is_file() and not fresh:
         m = Measurement.load(path)
         check_same_model(m, fp, str(path), log, "use another --out, pass --fresh to discard "
                          "it, or re-use it with the same settings and model")
         m.config = dict(fp)          # (records the weights of a pre-fingerprint file)
         log(f"resuming from {path}")
+    if active:
+        m = dist.from_writer(m if writer else None, "the measurement to resume")
     if m is None:
         m = Measurement(config=fp, format_version=tasa_ext.FORMAT_VERSION,
                         created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -502,14 +525,14 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
     units = _units(model, cfg)
     m.units = {u: {"block": i, "linears": f} for u, (i, f) in units.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    m.save(path)
+    save()
     split = split or split_data(cfg)
     m.data = {k: len(v) for k, v in split.items()}
     if m.mixture is None:
         log(f"mixture search: Hessians of {cfg.n_gen} general / {cfg.n_task} task / "
             f"{cfg.n_test} held-out task sequences x {cfg.mix_seqlen} tokens, one pass")
-        m.mixture = measure_mixture(model, tokenizer, split, cfg, progress)
-        m.save(path)
+        m.mixture = measure_mixture(model, tokenizer, split, cfg, progress, dist=dist)
+        save()
     mix = m.mixture
     log(f"alpha* = {mix.alpha_star:.3f} (share of general text in the calibration mix; "
         f"best grid point {mix.best_on_grid})")
@@ -535,17 +558,23 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
             sens.deltas(b)[u] = d
             sens.item_delta.setdefault(str(b), {})[u] = items
             sens.seconds = t_prev + time.perf_counter() - t0
-            m.save(path)
+            save()
 
         res = sensitivity.measure_sensitivity(
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
             done=done, on_result=on_result, base=sens.base, progress=progress,
-            compute_dtype=getattr(torch, cfg.sens_dtype))
+            compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist)
         sens.base = res["base"]
         sens.base_items = res["base_items"]
         sens.item_tokens = res["tokens"]
         sens.seconds = t_prev + time.perf_counter() - t0
         names = list(units)
+        for b in widths:         # in the units' order, whatever order the probes arrived in
+            d = sens.deltas(b)
+            ordered = {u: d[u] for u in names}
+            d.clear()
+            d.update(ordered)
+            sens.item_delta[str(b)] = {u: sens.item_delta[str(b)][u] for u in names}
         prof = sens.profile(names)
         if "ppl" in prof and len(prof) > 1 and len(names) > 1:
             sens.illusion = stats.illusion_report(
@@ -553,7 +582,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
                 k=max(1, len(names) // 5), pairs="all")
         sens.noise = noise_bounds(sens, names, seed=cfg.seed)
         sens.complete = True
-        m.save(path)
+        save()
     return m
 
 

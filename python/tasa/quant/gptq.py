@@ -20,12 +20,15 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     mean_diag = torch.mean(torch.diag(H)).item()
     if not math.isfinite(mean_diag):
         raise ValueError(f"tasa: {name}: Hessian has NaN/Inf values")
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     d = damp
     for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(H + d * max(mean_diag, 1e-12) * eye)
+        Hd = H.clone()          # damped in place: no K x K identity (K^2 floats less at peak)
+        Hd.diagonal().add_(d * max(mean_diag, 1e-12))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info2 == 0:
                 if d != damp:
