@@ -368,16 +368,17 @@ def fmt_paired(an: str, bn: str, r: dict, unit: str, lower_better: bool) -> str:
     better = "lower" if lower_better else "higher"
     s = (f"{an} vs {bn}: {r['mean']:+.4f} {unit} (95% CI ±{r['ci']:.4f} over {r['items']} items, "
          f"seed-averaged; {an} {better} on {r['a_lower'] if lower_better else r['a_higher']})")
-    if "seeds" in r:
+    n_seeds = r.get("seeds", 0)
+    if n_seeds > 1:
         per = ", ".join(f"{x:+.4f}" for x in r["per_seed"])
-        s += (f"; per seed pair {per} (mean {r['seed_mean']:+.4f}"
-              + (f", 95% CI ±{r['seed_ci']:.4f} over {r['seeds']} seeds" if r["seeds"] > 1 else "")
-              + ")")
+        s += (f"; per seed pair {per} (mean {r['seed_mean']:+.4f}, 95% CI ±{r['seed_ci']:.4f} "
+              f"over {n_seeds} seeds)")
     sig = r["ci"] == r["ci"] and abs(r["mean"]) > r["ci"]
-    seed_sig = "seeds" in r and r["seeds"] > 1 and abs(r["seed_mean"]) > r["seed_ci"]
-    verdict = ("beyond item and seed noise" if sig and seed_sig else
-               "beyond item noise, not tested against seed noise" if sig and "seeds" in r and r["seeds"] < 2 else
-               "beyond item noise but not seed noise" if sig else "within noise")
+    seed_sig = n_seeds > 1 and abs(r["seed_mean"]) > r["seed_ci"]
+    verdict = ("within item noise" if not sig else
+               "beyond item and seed noise" if seed_sig else
+               "beyond item noise but not seed noise" if n_seeds > 1 else
+               "beyond item noise; seed noise not measured (one seed pair or none)")
     return s + f" -- **{verdict}**"
 
 

@@ -213,11 +213,13 @@ def test_paired_seeds_against_hand_arithmetic(tmp_path):
     assert r["per_seed"] == pytest.approx([s0, s1]) and r["seeds"] == 2
     assert r["seed_ci"] == pytest.approx(12.706 * abs(s0 - s1) / math.sqrt(2) / math.sqrt(2))
     text = mod.fmt_paired("A", "B", r, "b/B", True)
-    assert "A lower on 3" in text and "within noise" in text       # CI +-0.56 > |mean| 0.42
+    assert "A lower on 3" in text and "within item noise" in text   # CI +-0.56 > |mean| 0.42
     tight = dict(r, ci=0.1)
     assert "beyond item noise but not seed noise" in mod.fmt_paired("A", "B", tight, "b/B", True)
     assert "beyond item and seed noise" in mod.fmt_paired("A", "B", dict(tight, seed_ci=0.05),
                                                           "b/B", True)
+    one = {k: v for k, v in tight.items() if k not in ("seeds", "per_seed", "seed_mean", "seed_ci")}
+    assert "seed noise not measured" in mod.fmt_paired("A", "B", one, "b/B", True)
     assert mod.config_of("TASA 3.5 code bits, seed 2") == "TASA 3.5 code bits"
 
 
