@@ -343,17 +343,21 @@ def test_allocation_errors(measured):
 def test_beta_moves_bits_towards_the_chosen_objective(measured):
     _, m, _ = measured
     m = copy.deepcopy(m)
-    u0, u1, u2 = list(m.units)
+    u0, u1, u2, *rest = list(m.units)
     # synthetic profiles: perplexity says u0 matters, the tasks say u1 matters
     m.sensitivity.delta_by_width = {}      # one probe width: the 4^-b model above it
     m.sensitivity.delta = {u0: {"ppl": 1.0, "math": 0.01, "arc": 0.01},
-                                 u1: {"ppl": 0.01, "math": 1.0, "arc": 1.0},
-                                 u2: {"ppl": 0.01, "math": 0.01, "arc": -0.5}}
+                           u1: {"ppl": 0.01, "math": 1.0, "arc": 1.0},
+                           u2: {"ppl": 0.01, "math": 0.01, "arc": -0.5},
+                           **{u: {"ppl": 0.01, "math": 0.01, "arc": 0.01} for u in rest}}
+    math_total = 1.02 + 0.01 * len(rest)
     a_ppl = pipeline.allocate(m, 3.6, beta=1.0, intra=False)
     a_task = pipeline.allocate(m, 3.6, beta=0.0, intra=False)
     assert a_ppl["item_bits"][u0] > a_ppl["item_bits"][u1]
-    assert a_task["item_bits"][u1] > a_task["item_bits"][u0]
-    assert a_task["scores"][u2] == pytest.approx(0.01 / 1.02 / 2 + 0.0)  # arc clipped at 0
+    # the tasks' unit (an MLP: wider, so dearer) gets the bits the ppl-only plan did not give it
+    assert a_task["item_bits"][u1] > a_ppl["item_bits"][u1]
+    assert a_task["item_bits"][u1] >= a_task["item_bits"][u0]
+    assert a_task["scores"][u2] == pytest.approx(0.01 / math_total / 2 + 0.0)  # arc clipped at 0
     # an objective no probe hurt is left out, and said so
     m.sensitivity.delta = {u: {"ppl": d["ppl"], "math": d["math"], "arc": -1.0}
                            for u, d in m.sensitivity.delta.items()}

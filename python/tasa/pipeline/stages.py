@@ -312,18 +312,18 @@ def unit_errors(measurement: Measurement, beta: float = defaults.BETA,
             e_meas[b] = np.full(len(names), 1.0 / len(names)) * 4.0 ** -(b - b0)
         else:
             e_meas[b] = sum(wk * np.maximum(prof[b][k], 0.0) / Z[k] for k, wk in w.items())
-    cols = []
-    for b in widths:
+    col: Dict[int, np.ndarray] = {}      # every allowed and measured width, ascending
+    prev = None
+    for b in sorted(set(widths) | set(measured)):
         if b in e_meas:
             e = e_meas[b]
-        else:
+        else:      # from the nearest lower measured width, as clipped below (else the lowest)
             lower = [m for m in measured if m < b]
-            ref = max(lower) if lower else min(measured)
-            e = e_meas[ref] * 4.0 ** -(b - ref)
-        if cols:
-            e = np.minimum(e, cols[-1])
-        cols.append(e)
-    err = {u: {b: float(cols[j][i]) for j, b in enumerate(widths)} for i, u in enumerate(names)}
+            e = (col[max(lower)] * 4.0 ** -(b - max(lower)) if lower
+                 else e_meas[min(measured)] * 4.0 ** (min(measured) - b))
+        col[b] = e if prev is None else np.minimum(e, prev)
+        prev = col[b]
+    err = {u: {b: float(col[b][i]) for b in widths} for i, u in enumerate(names)}
     return err, e_meas[b0], dropped
 
 
