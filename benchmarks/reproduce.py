@@ -799,7 +799,13 @@ def main(argv=None) -> int:
             p = mdir / "rows" / f"{slug(name)}.json"
             if p.is_file():
                 continue
-            twin = same_plan_row(mdir, spec, measurement, margs) if spec.get("sweep") else None
+            try:
+                twin = same_plan_row(mdir, spec, measurement, margs) if spec.get("sweep") else None
+            except ValueError as e:      # a sweep budget below the all-narrowest plan
+                if not spec.get("sweep"):
+                    raise
+                print(f"[{mname}] {name}: skipped ({e})", flush=True)
+                continue
             if twin is not None:
                 # a sweep budget whose plan, calibration seed and mix equal a computed row's:
                 # the same model, so its numbers (and sample logs) are that row's
