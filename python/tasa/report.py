@@ -78,7 +78,7 @@ def plot_sensitivity(measurement: Measurement, scores: Mapping[str, float], path
         except ValueError:
             pass
     ax.plot(x, [scores[u] for u in units], "k--", lw=1.5, label="aggregate s (beta)")
-    ax.set_xlabel("unit (decoder block)" if len(units) < 100 else "unit")
+    ax.set_xlabel(f"unit ({measurement.config.get('granularity', 'block')}, in model order)")
     ax.set_ylabel("normalized sensitivity (sums to 1)")
     ax.set_title(f"Per-unit sensitivity: RTN {sens.bits}-bit probe of one unit at a time")
     ax.legend(fontsize=8)
