@@ -402,8 +402,8 @@ def group_rtn_errors(W, h_diag, group_size: int, widths: Sequence[int], mode: st
     stacked = h_in.dim() == 2
     H = h_in if stacked else h_in.reshape(1, -1)
     W0 = W.detach() if isinstance(W, torch.Tensor) else torch.as_tensor(np.asarray(W))
-    Wl, _ = _logical(W0, H[0], group_size, perm)
-    hs = [_logical(W0, H[i], group_size, perm)[1] for i in range(H.shape[0])]
+    pairs = [_logical(W0, H[i], group_size, perm) for i in range(H.shape[0])]
+    Wl, hs = pairs[0][0], [h for _, h in pairs]
     N, K = Wl.shape
     Wg = Wl.reshape(N, K // group_size, group_size)
     hg = torch.stack(hs).reshape(len(hs), K // group_size, group_size).double()

@@ -203,14 +203,17 @@ def _items(items, tokens, name: str):
     return X, t
 
 
-def profile_from_items(items, tokens, idx=None) -> np.ndarray:
-    """Per-unit loss increase ``sum_i items[u, i] / sum_i tokens[i]`` over the items ``idx``
-    (default all; repeats allowed, as a bootstrap sample has)."""
-    X, t = _items(items, tokens, "items")
+def _profile(X: np.ndarray, t: np.ndarray, idx=None) -> np.ndarray:
     if idx is None:
         return X.sum(1) / t.sum()
     idx = np.asarray(idx)
     return X[:, idx].sum(1) / t[idx].sum()
+
+
+def profile_from_items(items, tokens, idx=None) -> np.ndarray:
+    """Per-unit loss increase ``sum_i items[u, i] / sum_i tokens[i]`` over the items ``idx``
+    (default all; repeats allowed, as a bootstrap sample has)."""
+    return _profile(*_items(items, tokens, "items"), idx)
 
 
 def split_half_tau(items, tokens, n_splits: int = 200, seed: int = 0) -> Dict[str, float]:
@@ -228,7 +231,7 @@ def split_half_tau(items, tokens, n_splits: int = 200, seed: int = 0) -> Dict[st
         a, b = p[: n // 2], p[n // 2:]
         if t[a].sum() == 0 or t[b].sum() == 0:
             continue
-        tau = kendall_tau_b(X[:, a].sum(1) / t[a].sum(), X[:, b].sum(1) / t[b].sum())
+        tau = kendall_tau_b(_profile(X, t, a), _profile(X, t, b))
         if np.isfinite(tau):
             taus.append(tau)
     if not taus:
@@ -248,14 +251,14 @@ def bootstrap_tau(items_a, tokens_a, items_b, tokens_b, n_boot: int = 1000,
     if A.shape[0] != B.shape[0]:
         raise ValueError(f"unit count mismatch: {A.shape[0]} vs {B.shape[0]}")
     rng = np.random.default_rng(seed)
-    point = kendall_tau_b(A.sum(1) / ta.sum(), B.sum(1) / tb.sum())
+    point = kendall_tau_b(_profile(A, ta), _profile(B, tb))
     taus = []
     for _ in range(n_boot):
         ia = rng.integers(0, A.shape[1], A.shape[1])
         ib = rng.integers(0, B.shape[1], B.shape[1])
         if ta[ia].sum() == 0 or tb[ib].sum() == 0:
             continue
-        tau = kendall_tau_b(A[:, ia].sum(1) / ta[ia].sum(), B[:, ib].sum(1) / tb[ib].sum())
+        tau = kendall_tau_b(_profile(A, ta, ia), _profile(B, tb, ib))
         if np.isfinite(tau):
             taus.append(tau)
     taus = np.asarray(taus)
