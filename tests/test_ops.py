@@ -283,3 +283,67 @@ def test_cost_bits_counts_every_stored_bit():
 def test_set_cpu_isa_rejects_unknown():
     with pytest.raises(ValueError, match="unknown ISA"):
         tasa_ext.set_cpu_isa("avx9000")
+
+
+VNNI = "avx512vnni" in tasa_ext.ops.cpu_isas_available()
+
+
+def _x_piece_bound(x, W64, G, perm, nq):
+    """sum_k |W_nk| * max|x_g(k)| * 254^-nq: the VNNI GEMV's documented x error, per output."""
+    K = x.shape[1]
+    logical = x[0, perm.long()] if perm is not None else x[0]
+    gmax = logical.double().abs().reshape(K // G, G).amax(1).repeat_interleave(G)
+    e = torch.empty(K, dtype=torch.float64)
+    e[perm.long() if perm is not None else torch.arange(K)] = gmax * 254.0 ** -nq
+    return W64.abs() @ e
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI: the int8-piece GEMV does not run")
+@pytest.mark.parametrize("dtype,nq", [(torch.bfloat16, 2), (torch.float16, 3), (torch.float32, 3)])
+@pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
+@pytest.mark.parametrize("N,K,G,asym,act_order", [(45, 640, 128, False, False), (19, 288, 32, True, True),
+                                                  (70, 192, 64, True, False)])
+def test_vnni_gemv_within_its_x_piece_bound(dtype, nq, pattern, N, K, G, asym, act_order):
+    """The int8-piece GEMV's error is the documented x_hat error (plus fp32 accumulation and the
+    output rounding), on odd sizes, every width, zeros and a permutation; and it is a different
+    computation from the exact-bf16-piece one (its error is not zero where that one's is)."""
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=K + N)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    g = torch.Generator().manual_seed(N)
+    x = (torch.randn(1, K, generator=g) * torch.logspace(-2, 2, K)[torch.randperm(K, generator=g)]).to(dtype)
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    y64 = (x.double() @ W64.T)[0]
+    try:
+        tasa_ext.set_cpu_isa("avx512vnni")
+        y = tasa_ext.gemm(x, *args)[0].double()
+    finally:
+        tasa_ext.set_cpu_isa("auto")
+    out_round = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10, torch.float32: 0.0}[dtype]
+    accum = 2.0 ** -22 * math.sqrt(K) * (x.double().abs() @ W64.abs().T)[0]
+    bound = _x_piece_bound(x, W64, G, p["perm"], nq)
+    excess = (y - y64).abs() - out_round * y64.abs() - accum - 1.01 * bound
+    assert (excess <= 0).all(), float(excess.max())
+    if dtype == torch.float32:   # the piece error itself must show in fp32 outputs
+        assert bool(((y - y64).abs() > 0).any())
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI: the int8-piece GEMV does not run")
+@pytest.mark.parametrize("scale", [0.0, 1e-33, 1e30])
+def test_vnni_gemv_zero_tiny_and_huge_groups(scale):
+    """A group of zeros, one whose largest |x| is below 2^-96 (the driver falls back to the
+    bf16-piece GEMV: the int8 steps would leave fp32's normal range) and a huge one."""
+    p = random_packed(33, 384, 128, BIT_PATTERNS["mix"], True, False)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 128)
+    x = torch.randn(1, 384)
+    x[0, 128:256] *= scale
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    y64 = x.double() @ W64.T
+    tasa_ext.set_cpu_isa("avx512vnni")
+    try:
+        y = tasa_ext.gemm(x, *args)
+        assert torch.isfinite(y).all()
+        tasa_ext.set_cpu_isa("avx512")
+        y_bf16 = tasa_ext.gemm(x, *args)
+    finally:
+        tasa_ext.set_cpu_isa("auto")
+    assert rel_err(y, y64) <= 4 * max(rel_err(y_bf16, y64), 1e-7)

@@ -2,6 +2,8 @@
 // splits the column blocks over OpenMP threads and picks the ISA path. The portable scalar
 // kernel lives here too; it is the twin every SIMD path is tested against.
 #include <omp.h>
+
+#include <cmath>
 #include <vector>
 
 #include "gemm_internal.h"
@@ -71,20 +73,31 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   if (xdt != TASA_F32 && xdt != TASA_BF16 && xdt != TASA_F16) return TASA_ERR_SHAPE;
   const int64_t n_groups = K / group_size;
   std::vector<float> xl(M * K), xsum(M * n_groups);
+  // (Per-call work in front of the kernel: at K = 4096 it was ~4 us of a 42 us 1024x4096 GEMV,
+  // mostly the one serial chain of double adds; one branch per dtype and four chains now.)
   for (int64_t m = 0; m < M; ++m) {
     float* dst = xl.data() + m * K;
-    for (int64_t r = 0; r < K; ++r) {
-      const int64_t k = m * K + (perm ? perm[r] : r);
-      dst[r] = xdt == TASA_F32    ? ((const float*)x)[k]
-               : xdt == TASA_BF16 ? tasa::bf16_to_float(((const uint16_t*)x)[k])
-                                  : tasa::half_to_float(((const uint16_t*)x)[k]);
+    const int64_t base = m * K;
+    if (xdt == TASA_F32) {
+      const float* xs = (const float*)x + base;
+      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = xs[perm[r]];
+      else for (int64_t r = 0; r < K; ++r) dst[r] = xs[r];
+    } else if (xdt == TASA_BF16) {
+      const uint16_t* xs = (const uint16_t*)x + base;
+      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(xs[perm[r]]);
+      else for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(xs[r]);
+    } else {
+      const uint16_t* xs = (const uint16_t*)x + base;
+      for (int64_t r = 0; r < K; ++r) dst[r] = tasa::half_to_float(xs[perm ? perm[r] : r]);
     }
     // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,
     // up to 128x the scale for 8-bit groups, so its rounding error must not dominate.
     for (int64_t g = 0; g < n_groups; ++g) {
-      double s = 0.0;
-      for (int64_t i = 0; i < group_size; ++i) s += dst[g * group_size + i];
-      xsum[m * n_groups + g] = (float)s;
+      const float* xg = dst + g * group_size;
+      double s[4] = {0.0, 0.0, 0.0, 0.0};
+      for (int64_t i = 0; i < group_size; i += 4)   // group_size is a multiple of 32
+        for (int c = 0; c < 4; ++c) s[c] += xg[i + c];
+      xsum[m * n_groups + g] = (float)((s[0] + s[1]) + (s[2] + s[3]));
     }
   }
   const int isa = tasa_cpu_isa();
@@ -102,19 +115,39 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
       const float f = 1.0f / (float)(1u << (32 - widths[wdx]));   // a power of two: exact
       for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
     }
-  // AVX-512: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3), [np][M][K].
+  // VNNI GEMV: x as int8 pieces (2 for bf16 x, 3 for fp16 and fp32: error <= 254^-nq of each
+  // group's largest |x|, see gemm_avx512.cpp; fp16's 11 significant bits need the third piece
+  // when a group spans decades: 2 pieces failed test_gemv_simd_matches_scalar_twin's fp16
+  // cases with x over 1e-3..1e3, 6.5e-4 relative error against fp16 matmul's 9e-5).
+  // Non-finite x keeps the bf16 GEMV, which carries NaN/Inf into exactly the outputs that
+  // read them (xsum, summed in double, is non-finite iff the group holds a NaN/Inf, or its
+  // finite sum overflows fp32: then the fallback is merely slower).
+  bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
+  for (int64_t g = 0; vnni && g < n_groups; ++g) vnni = std::isfinite(xsum[g]);
+  const int nq = xdt == TASA_BF16 ? 2 : 3;
+  std::vector<int8_t> xq(vnni ? nq * K : 0);
+  std::vector<float> xqd(vnni ? nq * n_groups : 0), xqsum(vnni ? n_groups : 0);
+  std::vector<int32_t> xqh(vnni ? nq * n_groups : 0);
+  if (vnni)
+    vnni = tasa::quantize_x_i8_avx512(xl.data(), K, group_size, nq, xq.data(), xqd.data(),
+                                      xqh.data(), xqsum.data()) == 0;
+  // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
+  // [np][M][K].
   const int np = xdt == TASA_BF16 ? 1 : xdt == TASA_F16 ? 2 : 3;
-  std::vector<uint16_t> xp(avx512 ? np * M * K : 0);
-  if (avx512) tasa::split_bf16_avx512(xl.data(), M * K, np, xp.data());
+  const bool split = avx512 && !vnni;
+  std::vector<uint16_t> xp(split ? np * M * K : 0);
+  if (split) tasa::split_bf16_avx512(xl.data(), M * K, np, xp.data());
   const uint16_t* xpp = xp.data();
-  const int64_t piece = avx512 ? M * K : 0;
+  const int64_t piece = split ? M * K : 0;
   GemmArgs a{xl.data(), xsum.data(),
              {xs.data(), xs.data() + (gemv2 ? K : 0), xs.data() + (gemv2 ? 2 * K : 0), xs.data() + (gemv2 ? 3 * K : 0)},
              {xpp, xpp + (np > 1 ? piece : 0), xpp + (np > 2 ? 2 * piece : 0)}, np,
+             xq.data(), xqd.data(), xqh.data(), xqsum.data(), vnni ? nq : 0,
              M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt};
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
   if (isa >= TASA_ISA_AVX2) fn = M == 1 ? tasa::gemv_cols_avx2 : tasa::gemm_cols_avx2;
   if (avx512) fn = M == 1 ? tasa::gemv_cols_avx512 : tasa::gemm_cols_avx512;
+  if (vnni) fn = tasa::gemv_cols_avx512_i8;
   const int64_t NB = tasa_num_col_blocks(N);
   int bad = 0;
 #pragma omp parallel reduction(| : bad)

@@ -36,7 +36,7 @@
 // z*sum(x): the fp32 error stays at the level of a dense fp32 matmul. Per group the sums are
 // reduced once and scaled once: y += s * g - s * (z - centre) * sum(x_group) (asymmetric z).
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx512vnni,avx2,fma,f16c")
 // GCC 12's unmasked shift intrinsics start from _mm512_undefined_*: a -Wmaybe-uninitialized
 // false positive in every inlined use.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -114,20 +114,25 @@ inline __attribute__((always_inline)) __m512 dp(__m512 acc, __m512i codes, const
 // without it the GEMV ran at ~11 GB/s (3-bit) to ~17 GB/s (4-bit) per core, i.e. time ~ compute +
 // memory with little overlap, and the 3/4-bit mix was slower than either width. Two streams miss:
 //  * the packed weights: each thread reads its column blocks as one contiguous stream, but the
-//    hardware prefetcher did not run far enough ahead of a compute-heavy loop. One prefetch per
-//    64-byte row, kPrefetchBytes ahead in the same stream (it crosses into the next group,
-//    segment and column block on its own: they are contiguous).
+//    hardware prefetcher did not run far enough ahead of a compute-heavy loop. Two prefetches
+//    per 64-byte row in the same stream (they cross into the next group, segment and column
+//    block on their own: those are contiguous): into L2 kPrefetchL2Bytes ahead, into L1
+//    kPrefetchBytes ahead. With the L1 one alone (16 KiB ahead, the first version) 3-bit
+//    streamed at 75-77% of the copy bandwidth and only 1.1-1.2x faster than 4-bit; adding the
+//    L2 one took every width to 95-110% (4096x4096 3-bit 202 -> 148 us, 4-bit 229 -> 200 us;
+//    L1/L2 distances 2-4 / 16-32 KiB within noise of each other, 64-128 KiB a little slower;
+//    no software prefetch at all: 3-bit 270 us).
 //  * the scales: a column block reads one 32-byte piece of each of the n_groups scale rows, rows
 //    N * 2 bytes apart -- n_groups scattered lines per block that no stream prefetcher follows
 //    (the mix lost most here: ~2.6 ms -> ~2.0 ms single-thread on 14336x4096 from this alone).
 //    They are prefetched (into L2) kScaleAheadBlocks column blocks ahead.
-// Distances of 8-64 KiB and 1-8 blocks all measured within noise of each other (the VM is
-// shared); without either prefetch the streamed 3.5-bit mix was ~1.3x slower than 3-bit.
-constexpr int64_t kPrefetchBytes = 16 << 10;
+constexpr int64_t kPrefetchBytes = 4 << 10;
+constexpr int64_t kPrefetchL2Bytes = 32 << 10;
 constexpr int64_t kScaleAheadBlocks = 4;
 
 inline __attribute__((always_inline)) void prefetch_ahead(const uint32_t* p) {
   _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch((const char*)p + kPrefetchL2Bytes, _MM_HINT_T1);
 }
 
 // The scale (and zero) lines of column block cb + kScaleAheadBlocks, if it is still ours.
@@ -143,7 +148,7 @@ inline void prefetch_scales(const GemmArgs& a, int64_t cb, int64_t cb1) {
 constexpr int NACC = 8;   // independent accumulation chains: hide vdpbf16ps latency
 
 // Loads the B packed rows of tile t of a group (wp: the group's first row in this block) and
-// prefetches the rows kPrefetchBytes further on in the same stream.
+// prefetches the rows further on in the same stream (prefetch_ahead).
 template <int B>
 inline __attribute__((always_inline)) void load_tile(const uint32_t* wp, int64_t t, __m512i* w) {
   for (int i = 0; i < B; ++i) w[i] = _mm512_loadu_si512((const void*)(wp + (t * B + i) * 16));
@@ -248,6 +253,128 @@ int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
         case 3: tot = gemv_segment<3, NP>(a, cb, j0, j1, tot, &bad); break;
         case 4: tot = gemv_segment<4, NP>(a, cb, j0, j1, tot, &bad); break;
         default: tot = gemv_segment<8, NP>(a, cb, j0, j1, tot, &bad); break;
+      }
+    }
+    alignas(64) float out[16];
+    _mm512_store_ps(out, tot);
+    store_block(a, 0, cb * 16, out);
+  }
+  return bad;
+}
+
+
+// ---- M = 1 with int8 pieces of x (TASA_ISA_AVX512_VNNI) --------------------------------------
+// Why a second GEMV: the bf16 one above spends three instructions per code pair at every width
+// (index, vpermw, vdpbf16ps), so 3-bit, with 0.76x the bytes of 4-bit, ran at the same
+// instruction rate and only 1.01-1.17x faster than 4-bit (benchmarks/results/
+// gemm_cpu_3bit_amd.md; 0.9x on an Intel Xeon). vpdpbusd multiplies 4 unsigned bytes by 4
+// signed bytes and adds them into an int32 lane: with the codes as bytes and x as int8, one
+// instruction is 4 codes of each of 16 columns (vdpbf16ps: 2), and the codes need no table
+// (their integer value is the weight up to the centre). A quad of 3-bit codes is one
+// vpmultishiftqb (four 8-bit windows per column) + one vpand; 8-bit codes are the packed bytes
+// themselves. Per 32-row tile and NQ pieces of x: 8 (index) + 8 (mask) + 8 NQ (vpdpbusd) + the
+// funnel shifts of the two straddling 3-bit quads, against 16 + 16 + 16 NQ' + 6 for bf16 pieces.
+//
+// Precision: x of each logical group g is NQ int8 pieces h_q with steps d_0 = max|x_g| / 127,
+// d_(q+1) = d_q / 254, each the rounded remainder of the ones before, so
+//     |x - sum_q d_q h_q| <= max|x_g| * 254^-NQ      (+ fp32 rounding of the remainders)
+// i.e. 1.5e-5 of the group's largest |x| for NQ = 2 (bf16 x), 6.1e-8 (2^-24) for NQ = 3
+// (fp16 and fp32 x): below the rounding of a bf16 x (2^-9 of each |x|) and at the level of an fp32
+// dot product. The integer sums are exact (|q h| <= 255 * 127 per term); each piece's sum is
+// converted to fp32 once per group. The driver keeps the bf16 GEMV for non-finite x and for
+// groups whose largest |x| is below 2^-96 (their steps would leave the normal fp32 range).
+template <int B, int I>
+inline __attribute__((always_inline)) __m512i quad_codes(const __m512i* w) {
+  constexpr int LO = 4 * I * B, wi = LO >> 5, s = LO & 31;
+  constexpr bool straddle = LO + 4 * B > 32 * (wi + 1);
+  __m512i v = w[wi];
+  if constexpr (straddle)   // funnel: the tile's bits from LO on, across the word boundary
+    v = _mm512_or_si512(_mm512_srli_epi32(w[wi], s), _mm512_slli_epi32(w[wi + 1], 32 - s));
+  constexpr uint64_t o = straddle ? 0 : s;
+  constexpr uint64_t c = o | (o + B) << 8 | (o + 2 * B) << 16 | (o + 3 * B) << 24 |
+                         (o + 32) << 32 | (o + 32 + B) << 40 | (o + 32 + 2 * B) << 48 |
+                         (o + 32 + 3 * B) << 56;
+  v = _mm512_maskz_multishift_epi64_epi8(~(__mmask64)0, _mm512_set1_epi64((long long)c), v);
+  return _mm512_and_si512(v, _mm512_set1_epi8((char)((1 << B) - 1)));
+}
+
+// Sum over one group of (q - centre) * x_hat for the 16 columns of a block; xg[q]: the
+// group's slice of int8 piece q, d[q] its step, init[q] = -centre * (sum of that slice).
+template <int B, int NQ>
+inline __attribute__((always_inline)) __m512 group_sum_i8(const uint32_t* wp, const int8_t* const* xg,
+                                                          const float* d, const int32_t* init,
+                                                          int64_t tiles) {
+  constexpr int NC = NQ == 1 ? 8 : 4;   // chains per piece (vpdpbusd latency 4-5 cycles)
+  __m512i acc[NQ][NC];
+  for (int q = 0; q < NQ; ++q)
+    for (int i = 0; i < NC; ++i) acc[q][i] = i == 0 ? _mm512_set1_epi32(init[q]) : _mm512_setzero_si512();
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512i w[B];
+    load_tile<B>(wp, t, w);
+    static_for(std::make_integer_sequence<int, 8>{}, [&](auto Iq) {
+      constexpr int i = decltype(Iq)::value;
+      __m512i c;
+      if constexpr (B == 8) c = w[i];
+      else c = quad_codes<B, i>(w);
+      static_for(std::make_integer_sequence<int, NQ>{}, [&](auto Q) {
+        constexpr int q = decltype(Q)::value;
+        int32_t xv;
+        __builtin_memcpy(&xv, xg[q] + t * 32 + 4 * i, 4);
+        acc[q][i % NC] = _mm512_dpbusd_epi32(acc[q][i % NC], c, _mm512_set1_epi32(xv));
+      });
+    });
+  }
+  __m512 g = _mm512_setzero_ps();
+  for (int q = 0; q < NQ; ++q) {
+    __m512i sq = acc[q][0];
+    for (int i = 1; i < NC; ++i) sq = _mm512_add_epi32(sq, acc[q][i]);
+    g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sq), _mm512_set1_ps(d[q]), g);
+  }
+  return g;
+}
+
+template <int B, int NQ>
+__attribute__((noinline)) __m512 gemv_segment_i8(const GemmArgs& a, int64_t cb, int64_t j0, int64_t j1,
+                                                 __m512 tot, int* bad) {
+  constexpr int centre = 1 << (B - 1);   // also 8-bit: the codes are used as they are
+  const uint32_t* blk = a.qweight + cb * a.R * 16;
+  const int64_t tiles = a.G / 32;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+    const int8_t* xg[3];
+    float d[3];
+    int32_t init[3];
+    for (int q = 0; q < NQ; ++q) {
+      xg[q] = a.xq + q * a.K + lg * a.G;
+      d[q] = a.xqd[q * a.n_groups + lg];
+      init[q] = -centre * a.xqh[q * a.n_groups + lg];
+    }
+    const __m512 g = group_sum_i8<B, NQ>(blk + off * 16, xg, d, init, tiles);
+    const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, bad);
+    tot = _mm512_fmadd_ps(s, g, tot);
+    if (a.zeros) {   // y -= s * (z - centre) * sum(x_hat of the group)
+      const __m512 z = load_half16(a.zeros + j * a.N, cb * 16, a.N, bad);
+      tot = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps((float)centre)), s),
+                             _mm512_set1_ps(a.xqsum[lg]), tot);
+    }
+  }
+  return tot;
+}
+
+template <int NQ>
+int gemv_cols_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    __m512 tot = _mm512_setzero_ps();
+    prefetch_scales(a, cb, cb1);
+    for (int64_t j0 = 0, j1; j0 < a.n_groups; j0 = j1) {
+      const int b = a.gtable[j0 * 3];
+      for (j1 = j0 + 1; j1 < a.n_groups && a.gtable[j1 * 3] == b; ++j1) {}
+      switch (b) {
+        case 2: tot = gemv_segment_i8<2, NQ>(a, cb, j0, j1, tot, &bad); break;
+        case 3: tot = gemv_segment_i8<3, NQ>(a, cb, j0, j1, tot, &bad); break;
+        case 4: tot = gemv_segment_i8<4, NQ>(a, cb, j0, j1, tot, &bad); break;
+        default: tot = gemv_segment_i8<8, NQ>(a, cb, j0, j1, tot, &bad); break;
       }
     }
     alignas(64) float out[16];
@@ -369,6 +496,56 @@ int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
     case 2: return gemv_cols<2>(a, cb0, cb1);
     default: return gemv_cols<3>(a, cb0, cb1);
   }
+}
+
+int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  switch (a.nq) {
+    case 1: return gemv_cols_i8<1>(a, cb0, cb1);
+    case 2: return gemv_cols_i8<2>(a, cb0, cb1);
+    default: return gemv_cols_i8<3>(a, cb0, cb1);
+  }
+}
+
+// x [K] in logical order -> nq int8 pieces per group of G (see "int8 pieces" above): xq
+// [nq][K], steps d [nq][K/G], piece sums h [nq][K/G], xsum [K/G] = sum of the pieces' values.
+// Returns 0, or 1 when a group's largest |x| is nonzero but below 2^-96 (the caller falls back).
+// x must be finite (the caller checks).
+int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* xq, float* d,
+                         int32_t* h, float* xsum) {
+  const int64_t ng = K / G;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* xg = x + g * G;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < G; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+    const float m = _mm512_reduce_max_ps(mx);
+    if (m != 0.f && m < 0x1p-96f) return 1;
+    float dq[3], inv[3];
+    for (int q = 0; q < nq; ++q) {
+      dq[q] = q == 0 ? m / 127.f : dq[q - 1] / 254.f;
+      inv[q] = m == 0.f ? 0.f : 1.f / dq[q];
+    }
+    __m512i hs[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t k = 0; k < G; k += 16) {
+      __m512 r = _mm512_loadu_ps(xg + k);
+      for (int q = 0; q < nq; ++q) {
+        // round to nearest (even) in the default MXCSR mode; the clamp catches a remainder
+        // that rounded just past 127 (what it loses stays in the next piece's remainder)
+        __m512i hq = _mm512_cvtps_epi32(_mm512_mul_ps(r, _mm512_set1_ps(inv[q])));
+        hq = _mm512_max_epi32(_mm512_min_epi32(hq, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        _mm_storeu_si128((__m128i*)(xq + q * K + g * G + k), _mm512_cvtepi32_epi8(hq));
+        hs[q] = _mm512_add_epi32(hs[q], hq);
+        r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(hq), _mm512_set1_ps(dq[q]), r);
+      }
+    }
+    double sum = 0.0;
+    for (int q = 0; q < nq; ++q) {
+      h[q * ng + g] = _mm512_reduce_add_epi32(hs[q]);
+      d[q * ng + g] = dq[q];
+      sum += (double)dq[q] * (double)h[q * ng + g];
+    }
+    xsum[g] = (float)sum;
+  }
+  return 0;
 }
 
 // bf16 activations only (a.np == 1): the driver keeps fp32/fp16 GEMMs on the AVX2 kernel.

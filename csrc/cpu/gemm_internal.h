@@ -10,6 +10,12 @@ struct GemmArgs {
   const float* xs[4];     // AVX2 GEMV, bits 2/3/4/8: xl * 2^-(32-b) (it reads codes left-aligned)
   const uint16_t* xp[3];  // AVX-512: xl as np bf16 pieces [np][M][K] summing exactly to xl
   int np;
+  // AVX-512 VNNI GEMV: xl as nq int8 pieces per logical group (nq = 0: that path is off)
+  const int8_t* xq;       // [nq][K]
+  const float* xqd;       // [nq][n_groups] step of each piece
+  const int32_t* xqh;     // [nq][n_groups] sum of each piece over the group
+  const float* xqsum;     // [n_groups] sum over the group of x_hat = sum_q xqd * xq
+  int nq;
   int64_t M, N, K, G, R, n_groups;
   const uint32_t* qweight;
   const uint16_t* scales;
@@ -26,6 +32,10 @@ int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);   // bf16 x (np == 1) only
+int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1);  // M == 1, a.nq > 0
+// x [K] (finite, logical order) -> nq int8 pieces per group; 1 = a group too small to split.
+int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* xq, float* d,
+                         int32_t* h, float* xsum);
 // x [K] -> np bf16 pieces out [np][K] with sum exactly x (np = 3 suffices for any fp32 x).
 void split_bf16_avx512(const float* x, int64_t K, int np, uint16_t* out);
 
