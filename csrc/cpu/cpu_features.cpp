@@ -11,7 +11,8 @@ int tasa_cpu_isa_detected(void) {
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16"))
-    return __builtin_cpu_supports("avx512vnni") ? TASA_ISA_AVX512_VNNI : TASA_ISA_AVX512;
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi2")
+               ? TASA_ISA_AVX512_VNNI : TASA_ISA_AVX512;
   if (avx2) return TASA_ISA_AVX2;
 #endif
   return TASA_ISA_SCALAR;

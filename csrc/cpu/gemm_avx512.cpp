@@ -36,7 +36,7 @@
 // z*sum(x): the fp32 error stays at the level of a dense fp32 matmul. Per group the sums are
 // reduced once and scaled once: y += s * g - s * (z - centre) * sum(x_group) (asymmetric z).
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx512vnni,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512bf16,avx512vnni,avx2,fma,f16c")
 // GCC 12's unmasked shift intrinsics start from _mm512_undefined_*: a -Wmaybe-uninitialized
 // false positive in every inlined use.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -289,7 +289,7 @@ inline __attribute__((always_inline)) __m512i quad_codes(const __m512i* w) {
   constexpr bool straddle = LO + 4 * B > 32 * (wi + 1);
   __m512i v = w[wi];
   if constexpr (straddle)   // funnel: the tile's bits from LO on, across the word boundary
-    v = _mm512_or_si512(_mm512_srli_epi32(w[wi], s), _mm512_slli_epi32(w[wi + 1], 32 - s));
+    v = _mm512_shrdi_epi32(w[wi], w[wi + 1], s);   // (VBMI2: one op for the shift-shift-or)
   constexpr uint64_t o = straddle ? 0 : s;
   constexpr uint64_t c = o | (o + B) << 8 | (o + 2 * B) << 16 | (o + 3 * B) << 24 |
                          (o + 32) << 32 | (o + 32 + B) << 40 | (o + 32 + 2 * B) << 48 |

@@ -12,7 +12,7 @@ enum tasa_dtype { TASA_F32 = 0, TASA_BF16 = 1, TASA_F16 = 2 };
 // CPU instruction-set paths. tasa_cpu_isa() is what the kernels use: the best the CPU has,
 // unless tasa_cpu_set_isa() capped it (tests use this to exercise every path).
 // AVX2 = AVX2 + FMA + F16C; AVX512 = that + AVX-512 F/BW/VL/DQ/VBMI/BF16 (Zen 4+, Sapphire Rapids+);
-// AVX512_VNNI = that + AVX512-VNNI (every CPU above has it): the same kernels except the GEMV
+// AVX512_VNNI = that + AVX512-VNNI and VBMI2 (every CPU above has them): the same kernels except the GEMV
 // (M = 1), which multiplies the codes with x split into int8 pieces (gemm_avx512.cpp).
 enum tasa_isa { TASA_ISA_SCALAR = 0, TASA_ISA_AVX2 = 1, TASA_ISA_AVX512 = 2, TASA_ISA_AVX512_VNNI = 3 };
 int tasa_cpu_isa_detected(void);
