@@ -275,3 +275,37 @@ def test_nccl_without_cuda_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="NCCL backend needs CUDA; on CPU use gloo"):
         distributed.init_from_env("nccl")
     assert not tdist.is_initialized()
+
+
+def test_torchrun_rank_killed_outright_then_resume(tmp_path):
+    """Under torchrun, rank 1 is SIGKILLed mid-probe (no Python error, no message of its own):
+    the run stops with a non-zero status, the launcher's report names the rank and the signal,
+    no model is claimed, and the rerun keeps the probes already measured and finishes."""
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "tasa", "quantize", "--model",
+           str(model_dir), "--out", str(out), *TINY_ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TASA_DIST_TIMEOUT="60")
+    env[distributed.FAULT_ENV] = "1:sensitivity probe@2:kill"
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0, log
+    assert "local_rank: 1" in log and "SIGKILL" in log, log[-3000:]
+    m = json.loads((out / "measurement.json").read_text())
+    kept = m["sensitivity"]["delta"]
+    assert 1 <= len(kept) < len(m["units"]) and not m["sensitivity"]["complete"]
+    assert not (out / "config.json").exists()
+    env.pop(distributed.FAULT_ENV)
+    cmd[cmd.index("--master-port") + 1] = str(_free_port())
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    m2 = json.loads((out / "measurement.json").read_text())
+    assert m2["sensitivity"]["complete"] and (out / "config.json").exists()
+    for u, d in kept.items():                     # the probes measured before the kill are kept
+        assert m2["sensitivity"]["delta"][u] == d, u

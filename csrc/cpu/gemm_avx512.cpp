@@ -145,6 +145,14 @@ inline void prefetch_scales(const GemmArgs& a, int64_t cb, int64_t cb1) {
   }
 }
 
+// The first kPrefetchL2Bytes of a thread's stream: prefetch_ahead only reaches that far ahead
+// of what is being read, so without this every call started its stream on demand misses.
+inline void prefetch_stream_start(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  const char* p = (const char*)(a.qweight + cb0 * a.R * 16);
+  const int64_t n = (cb1 - cb0) * a.R * 64;
+  for (int64_t o = 0; o < kPrefetchL2Bytes && o < n; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+}
+
 constexpr int NACC = 8;   // independent accumulation chains: hide vdpbf16ps latency
 
 // Loads the B packed rows of tile t of a group (wp: the group's first row in this block) and
@@ -242,6 +250,7 @@ __attribute__((noinline)) __m512 gemv_segment(const GemmArgs& a, int64_t cb, int
 template <int NP>
 int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   int bad = 0;
+  prefetch_stream_start(a, cb0, cb1);
   for (int64_t cb = cb0; cb < cb1; ++cb) {
     __m512 tot = _mm512_setzero_ps();
     prefetch_scales(a, cb, cb1);
@@ -364,6 +373,7 @@ __attribute__((noinline)) __m512 gemv_segment_i8(const GemmArgs& a, int64_t cb, 
 template <int NQ>
 int gemv_cols_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   int bad = 0;
+  prefetch_stream_start(a, cb0, cb1);
   for (int64_t cb = cb0; cb < cb1; ++cb) {
     __m512 tot = _mm512_setzero_ps();
     prefetch_scales(a, cb, cb1);

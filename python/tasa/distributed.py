@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import heapq
 import os
+import signal
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -44,7 +45,9 @@ __all__ = ["Dist", "RankFailed", "current", "init_from_env", "lpt_assign", "spli
            "FAULT_ENV"]
 
 # fault injection for the tests: "<rank>:<point>@<n>" makes that rank raise at the n-th visit of
-# the guarded step <point> (tests/test_distributed.py); unset in normal use
+# the guarded step <point>, "<rank>:<point>@<n>:kill" SIGKILLs it there (a rank that dies without
+# a word: the others learn it from the broken collective) (tests/test_distributed.py); unset in
+# normal use
 FAULT_ENV = "TASA_DIST_FAULT"
 _visits: Dict[str, int] = {}
 
@@ -267,10 +270,13 @@ def _maybe_fault(point: str, rank: int) -> None:
         return
     r, _, rest = want.partition(":")
     name, _, nth = rest.partition("@")
+    nth, _, mode = nth.partition(":")
     if int(r) != rank or not point.startswith(name):
         return
     _visits[name] = _visits.get(name, 0) + 1
     if _visits[name] >= int(nth or 1):
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault at {point} ({FAULT_ENV}={want})")
 
 
