@@ -40,7 +40,7 @@ SHAPES = {  # name: (N out, K in)
     "qwen2.5-7b q/o 3584x3584": (3584, 3584),
     "qwen2.5-7b gate/up 18944x3584": (18944, 3584),
 }
-PATTERNS = {"3": [3], "3.5 (3/4 mix)": [3, 4], "4": [4], "8": [8]}
+PATTERNS = {"2": [2], "3": [3], "3.5 (3/4 mix)": [3, 4], "4": [4], "8": [8]}
 
 
 def tasa_operands(N, K, G, pattern, device):
