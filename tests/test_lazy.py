@@ -160,3 +160,36 @@ def test_lazy_killed_mid_run_leaves_no_model_and_reruns(tmp_path):
     assert subprocess.run(args, env=env, capture_output=True).returncode == 0
     assert tio.folder_kind(tmp_path / "out") == "hf"
     assert tasa.load(tmp_path / "out") is not None
+
+
+def test_cli_quantize_lazy_equals_in_memory_with_the_same_plan(tmp_path, capsys):
+    """`tasa quantize --lazy --plan` (block by block from safetensors) writes the same model as
+    `tasa quantize --plan` in memory: same GPTQ calibration (alpha from the plan), same bits;
+    --lazy without a plan is refused with the reason."""
+    from dataclasses import replace
+
+    from helpers import byte_tokenizer
+    from tasa import cli
+    from tasa.quant import plan_to_dict
+
+    m = tiny_llama()
+    m.save_pretrained(tmp_path / "src")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    plan = uniform_plan(m, 4, 32, "sym")
+    for i, name in enumerate(sorted(plan)):          # mixed widths, one per linear
+        plan[name] = replace(plan[name], bits=[(3, 4, 8)[i % 3]] * len(plan[name].bits))
+    Path(tmp_path / "plan.json").write_text(json.dumps(plan_to_dict(plan, alpha=0.5)))
+    common = ["quantize", "--model", str(tmp_path / "src"), "--plan", str(tmp_path / "plan.json"),
+              "--n-calib", "8", "--seqlen", "32", "--eval-windows", "0", "--no-progress", "--quiet"]
+    assert cli.main(common + ["--out", str(tmp_path / "mem")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "lazy"), "--lazy"]) == 0
+    run = json.loads((tmp_path / "lazy" / "run.json").read_text())
+    assert run["lazy"] and run["quantization"]["calibration"]["alpha"] == 0.5
+    assert (tmp_path / "lazy" / INDEX_NAME).is_file() and (tmp_path / "lazy" / "plan.json").is_file()
+    a, b = tasa.load(tmp_path / "mem").state_dict(), tasa.load(tmp_path / "lazy").state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    capsys.readouterr()
+    assert cli.main(common[:3] + ["--out", str(tmp_path / "x"), "--lazy", "--quiet"]) == 2
+    assert "--lazy quantizes with a given --plan" in capsys.readouterr().err

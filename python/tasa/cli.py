@@ -189,8 +189,17 @@ def cmd_quantize(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = _pipeline_config(args)
     try:
-        summary = pipeline.run(cfg, args.out, fresh=args.fresh, measurement_from=args.measurement,
-                               progress=not args.no_progress, quiet=args.quiet, plan=args.plan)
+        if args.lazy:
+            if args.plan is None or args.measurement is not None:
+                raise ValueError("tasa: --lazy quantizes with a given --plan (the measurement "
+                                 "holds the whole model: measure where it fits, or allocate a "
+                                 "plan from a measurement.json with `tasa allocate`)")
+            summary = pipeline.run_lazy(cfg, args.out, args.plan, progress=not args.no_progress,
+                                        quiet=args.quiet)
+        else:
+            summary = pipeline.run(cfg, args.out, fresh=args.fresh,
+                                   measurement_from=args.measurement,
+                                   progress=not args.no_progress, quiet=args.quiet, plan=args.plan)
     except (ValueError, KeyError, OSError, ImportError, FolderLockedError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -335,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="quantize with this plan.json (from `tasa allocate` / `tasa quantize`) "
                         "instead of measuring and allocating; --bits is then ignored")
+    p.add_argument("--lazy", action="store_true",
+                   help="with --plan and a local safetensors --model folder: never hold the "
+                        "whole model; read, quantize and write one decoder block at a time")
     p.add_argument("--fresh", action="store_true",
                    help="discard a measurement.json of other settings found in --out")
     p.add_argument("--threads", type=_non_negative, default=0,

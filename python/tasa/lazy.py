@@ -73,6 +73,18 @@ class Checkpoint:
     def keys(self):
         return self.files.keys()
 
+    def linear_shapes(self, names) -> Dict[str, tuple]:
+        """``{name: (n_out, k_in)}`` of the linears ``names`` from the files' headers (no
+        tensor is read)."""
+        out = {}
+        for n in names:
+            key = f"{n}.weight"
+            if key not in self.files:
+                raise KeyError(f"tasa: {key!r} is not in the checkpoint {self.folder}")
+            with safe_open(str(self.files[key]), framework="pt") as f:
+                out[n] = tuple(int(x) for x in f.get_slice(key).get_shape())
+        return out
+
     def read(self, names) -> Dict[str, torch.Tensor]:
         """``{name: tensor}`` for ``names`` (each file opened once)."""
         by_file: Dict[Path, list] = {}

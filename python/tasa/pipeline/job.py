@@ -13,10 +13,11 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 import tasa_ext
 
-from .. import alloc, data, defaults, distributed
+from .. import alloc, data, defaults, distributed, lazy
 from .. import io as tio
 from ..io import check_output_folder, retire_model
 from ..measurement import Measurement
@@ -27,10 +28,11 @@ from ..ppl import perplexity
 from ..report import write_report
 from ..util import clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
 from .config import PipelineConfig
-from .stages import (Log, allocate, check_budget, check_same_model, measure, measure_fingerprint,
-                     plan_document, quantize_with_plan, split_data)
+from .stages import (CALIB_BATCH, Log, allocate, check_budget, check_same_model,
+                     gptq_calibration, measure, measure_fingerprint, plan_document,
+                     quantize_with_plan, split_data)
 
-__all__ = ["run"]
+__all__ = ["run", "run_lazy"]
 
 
 def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optional[str] = None,
@@ -202,4 +204,62 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     if report and m is not None:
         write_report(out, m, A, summary)
     log(f"done in {timings['total']:.0f} s: {out}")
+    return summary
+
+
+def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool = False) -> dict:
+    """``tasa quantize --lazy``: quantize the safetensors checkpoint folder ``cfg.model`` with a
+    given ``plan`` (file or parsed document) block by block (:func:`tasa.lazy.quantize_lazy`:
+    the model is never held whole; peak host memory near one block plus the calibration
+    activations). GPTQ calibrates as :func:`run` does with a plan (``cfg.alpha``, else the
+    plan's recorded alpha, else general text only), so the packed weights are the same bits as
+    ``tasa quantize --plan`` without ``--lazy``. Not lazy: the measurement (its probes rerun
+    every later block per unit); measure on a machine that holds the model, or reuse a
+    ``measurement.json`` with ``tasa allocate``. Writes the model folder, ``plan.json`` and
+    ``run.json``; returns the run summary."""
+    cfg.validate()
+    folder = Path(cfg.model)
+    if not folder.is_dir():
+        raise ValueError(f"tasa: --lazy reads a local checkpoint folder of safetensors; "
+                         f"{cfg.model!r} is not a folder")
+    if cfg.lm_head_bits:
+        raise ValueError("tasa: --lazy copies the output projection as stored; "
+                         "--lm-head-bits is not available with it")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"tasa: --out {out} is a file, not a folder")
+    distributed.init_from_env()
+    dist = distributed.current()
+    log = Log(quiet or not dist.is_writer)
+    t0 = time.perf_counter()
+    given, doc = read_plan(plan) if isinstance(plan, (str, os.PathLike)) else (
+        plan_from_dict(plan), plan)
+    lplan = given
+    alpha = float(cfg.alpha if cfg.alpha is not None else doc.get("alpha", 1.0))
+    tok = None
+    calib_ids, qinfo = None, {"method": cfg.method}
+    if cfg.method == "gptq":
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        calib_ids, qinfo["calibration"] = gptq_calibration(tok, cfg, alpha, split_data(cfg), log)
+    # (n_out, k_in) of every planned linear, from the plan or else the checkpoint's headers
+    shapes = plan_shapes(doc) or lazy.Checkpoint(folder).linear_shapes(lplan)
+    log(f"lazy: {folder} block by block with the given plan ({len(lplan)} linears)")
+    res = lazy.quantize_lazy(folder, lplan, out, method=cfg.method, calib_ids=calib_ids,
+                             damp=cfg.damp, batch_size=CALIB_BATCH, progress=progress, dist=dist,
+                             meta={"alpha": alpha, "tasa_pipeline": dataclasses.asdict(cfg)})
+    summary_ = alloc.plan_summary({f: s.to_dict() for f, s in lplan.items()}, shapes)
+    summary = {"model": cfg.model, "lazy": True, "alpha_star": alpha, "plan_given": True,
+               "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
+               "quantization": {**qinfo, "seconds": res["seconds"],
+                                "block_seconds": res["block_seconds"]},
+               "timings_s": {"total": time.perf_counter() - t0}, "peak_rss_mib": peak_rss_mib(),
+               "ppl_reference": None, "ppl_quantized": None,
+               "distributed": {"world_size": dist.world, "backend": dist.backend},
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if dist.is_writer:
+        write_json_atomic(out / defaults.PLAN_NAME, plan_to_dict(
+            given, shapes, **{k: v for k, v in doc.items()
+                              if k not in ("kind", "version", "format_version", "layers")}))
+        write_json_atomic(out / defaults.RUN_NAME, summary)
+    log(f"done in {summary['timings_s']['total']:.0f} s: {out}")
     return summary

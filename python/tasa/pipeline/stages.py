@@ -56,7 +56,8 @@ from ..driver import quantize_model
 from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
-           "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "quantize_with_plan",
+           "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "gptq_calibration",
+           "quantize_with_plan",
            "measure", "measure_fingerprint", "weights_digest", "check_same_model", "Log"]
 
 
@@ -409,6 +410,17 @@ def as_layer_specs(plan: Mapping) -> Dict[str, LayerSpec]:
 
 # ---- stage 5: quantization --------------------------------------------------------------------
 
+def gptq_calibration(tokenizer, cfg: PipelineConfig, alpha: float, split: Optional[dict] = None,
+                     log=print) -> tuple:
+    """GPTQ's calibration token ids for mixing ratio ``alpha``: ``cfg.n_calib`` sequences of
+    ``cfg.seqlen`` tokens drawn with seed ``cfg.seed + 10`` from the pools of ``split`` (default
+    :func:`split_data` of ``cfg``). Returns ``(ids [n, seqlen], info)``."""
+    ids, counts = mixture_calibration(tokenizer, split or split_data(cfg), alpha, cfg.n_calib,
+                                      cfg.seqlen, cfg.seed + 10)
+    log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
+    return ids, {"alpha": alpha, "n_general": counts[0], "n_task": counts[1], "seqlen": cfg.seqlen}
+
+
 def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Any],
                        alpha: float, progress: bool = True, log=print,
                        split: Optional[dict] = None,
@@ -423,11 +435,7 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     check_plan(model, lplan, shapes)
     qinfo: Dict[str, Any] = {"method": cfg.method}
     if cfg.method == "gptq":
-        ids, counts = mixture_calibration(tokenizer, split or split_data(cfg), alpha,
-                                          cfg.n_calib, cfg.seqlen, cfg.seed + 10)
-        qinfo["calibration"] = {"alpha": alpha, "n_general": counts[0], "n_task": counts[1],
-                                "seqlen": cfg.seqlen}
-        log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
+        ids, qinfo["calibration"] = gptq_calibration(tokenizer, cfg, alpha, split, log)
         res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress,
                              batch_size=CALIB_BATCH, dist=dist)
     else:
