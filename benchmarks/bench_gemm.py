@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 
 import torch
 
@@ -86,7 +87,9 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of shape names")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--min-time", type=float, default=0.25, help="seconds of timing per measurement")
+    ap.add_argument("--min-time", type=float, default=0.1, help="seconds of timing per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds over all configurations of a shape (median reported)")
     ap.add_argument("--out", default=None, help="results file stem (default gemm_<device>)")
     ap.add_argument("--isa", default="auto", help="CPU path: auto (the best), avx512, avx2, scalar")
     ap.add_argument("--act", default=None, choices=["bfloat16", "float32", "float16"],
@@ -131,24 +134,40 @@ def main():
             pargs, nbytes, avg = tasa_operands(N, K, G, bits, dev)
             packed[p] = (copies(pargs, nbytes, stream_bytes), nbytes, avg)
         load_before = loadavg()
+        # This VM's memory bandwidth drifts (68 GB/s one morning, 39-44 GB/s later the same
+        # day, and once mid-run: 4-bit rows at 180% of the run's opening copy figure). So the
+        # copy bandwidth is measured again for each shape, and every configuration is timed in
+        # --rounds interleaved rounds (dense, int4, each width, then again): a drift hits all
+        # of them alike; the median over rounds is reported, with the min-max.
+        bw_shape = copy_bandwidth(dev) if dev == "cpu" else bw
         for M in args.batch:
             x32 = torch.randn(M, K, device=dev)
-            t_dense = {}
-            for dt, (sets, _) in dense.items():
-                xd = x32.to(dt)
-                t_dense[dt] = T(rotating(lambda o: torch.nn.functional.linear(xd, o[0]), sets))
             xa = x32.to(act_dtype)
             xb = x32.to(torch.bfloat16)           # torch's int4 kernels take bf16 activations
-            t_int4 = T(rotating(lambda o: int4_call(xb, o), int4_sets))
+            xds = {dt: x32.to(dt) for dt in dense}
+            calls = {("dense", dt): rotating(lambda o, xd=xds[dt]: torch.nn.functional.linear(xd, o[0]), sets)
+                     for dt, (sets, _) in dense.items()}
+            calls[("int4", None)] = rotating(lambda o: int4_call(xb, o), int4_sets)
+            for p, (sets, _, _) in packed.items():
+                calls[("tasa", p)] = rotating(lambda o: tasa_ext.gemm(xa, *o), sets)
+            samples = {k: [] for k in calls}
+            for _ in range(args.rounds):
+                for k, fn in calls.items():
+                    samples[k].append(T(fn))
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            t_dense = {dt: med[("dense", dt)] for dt in dense}
+            t_int4 = med[("int4", None)]
             for p, (sets, nbytes, avg) in packed.items():
-                t = T(rotating(lambda o: tasa_ext.gemm(xa, *o), sets))
+                t = med[("tasa", p)]
+                lo, hi = min(samples[("tasa", p)]), max(samples[("tasa", p)])
                 row = dict(shape=name, N=N, K=K, M=M, bits=p, avg_bits=round(avg, 4), act=str(act_dtype)[6:],
-                           us=round(t * 1e6, 1), GBps=round(nbytes / t / 1e9, 2),
-                           frac_copy_bw=round(nbytes / t / bw, 3),
+                           us=round(t * 1e6, 1), us_min=round(lo * 1e6, 1), us_max=round(hi * 1e6, 1),
+                           rounds=args.rounds, GBps=round(nbytes / t / 1e9, 2),
+                           frac_copy_bw=round(nbytes / t / bw_shape, 3),
                            x_torch_int4=round(t_int4 / t, 2), torch_int4_us=round(t_int4 * 1e6, 1),
                            torch_int4_GBps=round(int4_bytes / t_int4 / 1e9, 2),
                            copies=len(sets), mode="resident" if args.resident else "streaming",
-                           copy_bw_GBps=round(bw / 1e9, 2), load_average=f"{load_before} -> {loadavg()}",
+                           copy_bw_GBps=round(bw_shape / 1e9, 2), load_average=f"{load_before} -> {loadavg()}",
                            commit=meta["commit"], date=meta["date"])
                 for dt, td in t_dense.items():
                     row[f"x_{str(dt)[6:]}"] = round(td / t, 2)
@@ -175,12 +194,15 @@ def main():
            "`resident`: one copy, reused (cache-resident below the LLC size). Copy bandwidth (STREAM "
            "convention, read + write bytes of a 256 MB copy) measured in the same run; the weight "
            "stream is read-only, which DRAM serves somewhat faster than a copy, so a few % above 100% "
-           "is possible. Times are medians of 5 repetitions. Ratios > 1: tasa faster.", "",
-           "| shape | M | bits | avg bits | tasa µs | GB/s | of copy BW | "
+           "is possible; it is measured again before each shape (the VM's bandwidth drifts). Times: "
+           "each configuration is timed in `rounds` interleaved rounds (median of 5 batches each); "
+           "the median over rounds is shown, tasa's with its min-max. Ratios > 1: tasa faster.", "",
+           "| shape | M | bits | avg bits | tasa µs | (min-max) | GB/s | of copy BW | "
            + " | ".join(f"{d} µs | ×{d}" for d in dn) + " | torch int4 µs | int4 GB/s | ×int4 | mode | load |",
-           "|" + "---|" * (12 + 2 * len(dn))]
+           "|" + "---|" * (13 + 2 * len(dn))]
     for r in rows:
-        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r['avg_bits']} | {r['us']} | {r['GBps']} | "
+        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r['avg_bits']} | {r['us']} | "
+                  f"{r.get('us_min', '')}-{r.get('us_max', '')} | {r['GBps']} | "
                   f"{r['frac_copy_bw']:.0%} | " + " | ".join(f"{r[d + '_us']} | {r['x_' + d]}" for d in dn)
                   + f" | {r['torch_int4_us']} | {r.get('torch_int4_GBps', '')} | {r['x_torch_int4']} | "
                   f"{r.get('mode', 'resident')} | {r.get('load_average', '').replace(' -> ', ' → ')} |")

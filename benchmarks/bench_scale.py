@@ -263,9 +263,10 @@ def report(meta, rows, shape, args) -> str:
         f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}.",
         f"Command: `{meta['command']}`.",
         f"Load before: `{meta['uptime_before']}`; after: `{meta['uptime_after']}`"
-        + (" -- **the other engineer's jobs shared the 2 cores (load > 0.5): times are upper "
-           "bounds**" if _load(meta['uptime_before']) > 0.5 or _load(meta['uptime_after']) > 0.5
-           else ""),
+        # (only the load before counts: the one after includes this run's own processes)
+        + (" -- **other jobs shared the 2 cores (load > 0.5 before the run): times are upper "
+           "bounds**" if _load(meta['uptime_before']) > 0.5
+           else " -- idle before the run (the load after is this run's own processes)"),
         "",
         f"Model: {args.blocks} decoder blocks of hidden {s['hidden_size']}, MLP "
         f"{s['intermediate_size']}, {s['num_attention_heads']}/{s['num_key_value_heads']} heads, "

@@ -119,6 +119,8 @@ SETTING_KEYS = ("bits", "beta", "widths", "limit", "seed", "n_calib", "seqlen", 
                 "sens_arc_items", "gsm8k_em", "gsm8k_shots", "gsm8k_limit", "max_gen_toks")
 # settings of the paper suite only (absent from the older ablation folders' meta.json)
 PAPER_KEYS = ("suite", "seeds", "other_seeds", "sweep", "granularity", "sens_widths", "sens_dtype")
+# of those, the ones that say which rows exist, not what a row computes (a resume may add rows)
+ROW_SET_KEYS = ("seeds", "other_seeds", "sweep")
 
 
 def settings_of(args) -> dict:
@@ -137,6 +139,16 @@ def check_settings(mdir: Path, mname: str, settings: dict, meta: dict) -> dict:
     mp = mdir / "meta.json"
     if mp.is_file():
         old = json.loads(mp.read_text())
+        # Which rows exist (the seeds, how many of them the other rows get, the sweep budgets)
+        # does not change any row's numbers: a rerun may add rows; the record keeps the union.
+        settings = dict(settings)
+        for k in ROW_SET_KEYS:
+            a, b = old["settings"].get(k), settings.get(k)
+            if k == "other_seeds":
+                settings[k] = None if a is None or b is None else max(a, b)
+            elif a is not None or b is not None:
+                settings[k] = sorted(set(a or []) | set(b or []))
+            old["settings"][k] = settings[k]
         try:    # the pipeline's settings check: every differing setting named
             check_same_settings(old["settings"], settings, f"the rows in {mp}",
                                 "rerun with that model's options (its command is in meta.json) "

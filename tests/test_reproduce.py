@@ -255,3 +255,21 @@ def test_paper_suite_on_a_tiny_model(harness, tmp_path, data_dir):
     table = (tmp_path / "reproduction.md").read_text()
     assert "Mean over calibration seeds" in table and "| TASA 3.8 storage bits | " in table
     assert "TASA 3.8 storage bits vs GPTQ W4:" in table and "Budget sweep" in table
+
+
+def test_resume_may_add_rows_but_not_change_them(tmp_path):
+    """meta.json: a rerun with more seeds / sweep budgets / other-seed rows adds rows (the record
+    keeps the union); a setting that changes a row's numbers (--limit) is still refused."""
+    mod = _load_harness_plain()
+    meta = {"date": "d", "commit": "c", "machine": "m", "command": "x"}
+    base = {"bits": 3.5, "limit": 50, "suite": "paper", "seeds": [0, 1, 2], "other_seeds": 1,
+            "sweep": [3.25, 3.5]}
+    mod.check_settings(tmp_path, "m", dict(base), meta)
+    got = mod.check_settings(tmp_path, "m", {**base, "other_seeds": 3, "sweep": [3.375, 3.5]}, meta)
+    assert got["settings"]["sweep"] == [3.25, 3.375, 3.5] and got["settings"]["other_seeds"] == 3
+    rec = json.loads((tmp_path / "meta.json").read_text())["settings"]
+    assert rec["sweep"] == [3.25, 3.375, 3.5] and rec["other_seeds"] == 3
+    got = mod.check_settings(tmp_path, "m", {**base, "other_seeds": None}, meta)
+    assert got["settings"]["other_seeds"] is None
+    with pytest.raises(SystemExit, match="limit"):
+        mod.check_settings(tmp_path, "m", {**base, "limit": 10}, meta)
