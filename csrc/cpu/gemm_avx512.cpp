@@ -222,8 +222,9 @@ inline __m512 load_half16(const uint16_t* row, int64_t n0, int64_t N, int* bad) 
 // width) -- of column block cb to tot. One call per segment, not per group: a call per group
 // that switched between the 3- and 4-bit bodies measured ~12% slower on the 3.5-bit mix than on
 // either uniform width.
+struct SegBf16 {   // (a struct: gemv_blocks takes it as a template argument)
 template <int B, int NP>
-__attribute__((noinline)) __m512 gemv_segment(const GemmArgs& a, int64_t cb, int64_t j0, int64_t j1,
+__attribute__((noinline)) static __m512 run(const GemmArgs& a, int64_t cb, int64_t j0, int64_t j1,
                                               __m512 tot, int* bad) {
   const __m512i tab = B == 8 ? lut<4, 1>() : lut<B, 1>();
   const __m512i tab_hi = lut<4, 16>();   // 8-bit only: high nibble, 16 * (h - 8)
@@ -246,9 +247,12 @@ __attribute__((noinline)) __m512 gemv_segment(const GemmArgs& a, int64_t cb, int
   }
   return tot;
 }
+};
 
-template <int NP>
-int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+// The column-block loop of both GEMVs: per block, one Seg::run<B, P> call per uniform segment
+// of the stored groups (Seg: the bf16-piece or the int8-piece segment kernel).
+template <class Seg, int P>
+int gemv_blocks(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   int bad = 0;
   prefetch_stream_start(a, cb0, cb1);
   for (int64_t cb = cb0; cb < cb1; ++cb) {
@@ -258,10 +262,10 @@ int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
       const int b = a.gtable[j0 * 3];
       for (j1 = j0 + 1; j1 < a.n_groups && a.gtable[j1 * 3] == b; ++j1) {}
       switch (b) {
-        case 2: tot = gemv_segment<2, NP>(a, cb, j0, j1, tot, &bad); break;
-        case 3: tot = gemv_segment<3, NP>(a, cb, j0, j1, tot, &bad); break;
-        case 4: tot = gemv_segment<4, NP>(a, cb, j0, j1, tot, &bad); break;
-        default: tot = gemv_segment<8, NP>(a, cb, j0, j1, tot, &bad); break;
+        case 2: tot = Seg::template run<2, P>(a, cb, j0, j1, tot, &bad); break;
+        case 3: tot = Seg::template run<3, P>(a, cb, j0, j1, tot, &bad); break;
+        case 4: tot = Seg::template run<4, P>(a, cb, j0, j1, tot, &bad); break;
+        default: tot = Seg::template run<8, P>(a, cb, j0, j1, tot, &bad); break;
       }
     }
     alignas(64) float out[16];
@@ -270,6 +274,9 @@ int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   }
   return bad;
 }
+
+template <int NP>
+int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) { return gemv_blocks<SegBf16, NP>(a, cb0, cb1); }
 
 
 // ---- M = 1 with int8 pieces of x (TASA_ISA_AVX512_VNNI) --------------------------------------
@@ -342,8 +349,9 @@ inline __attribute__((always_inline)) __m512 group_sum_i8(const uint32_t* wp, co
   return g;
 }
 
+struct SegI8 {   // (a struct: gemv_blocks takes it as a template argument)
 template <int B, int NQ>
-__attribute__((noinline)) __m512 gemv_segment_i8(const GemmArgs& a, int64_t cb, int64_t j0, int64_t j1,
+__attribute__((noinline)) static __m512 run(const GemmArgs& a, int64_t cb, int64_t j0, int64_t j1,
                                                  __m512 tot, int* bad) {
   constexpr int centre = 1 << (B - 1);   // also 8-bit: the codes are used as they are
   const uint32_t* blk = a.qweight + cb * a.R * 16;
@@ -369,30 +377,10 @@ __attribute__((noinline)) __m512 gemv_segment_i8(const GemmArgs& a, int64_t cb, 
   }
   return tot;
 }
+};
 
 template <int NQ>
-int gemv_cols_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
-  int bad = 0;
-  prefetch_stream_start(a, cb0, cb1);
-  for (int64_t cb = cb0; cb < cb1; ++cb) {
-    __m512 tot = _mm512_setzero_ps();
-    prefetch_scales(a, cb, cb1);
-    for (int64_t j0 = 0, j1; j0 < a.n_groups; j0 = j1) {
-      const int b = a.gtable[j0 * 3];
-      for (j1 = j0 + 1; j1 < a.n_groups && a.gtable[j1 * 3] == b; ++j1) {}
-      switch (b) {
-        case 2: tot = gemv_segment_i8<2, NQ>(a, cb, j0, j1, tot, &bad); break;
-        case 3: tot = gemv_segment_i8<3, NQ>(a, cb, j0, j1, tot, &bad); break;
-        case 4: tot = gemv_segment_i8<4, NQ>(a, cb, j0, j1, tot, &bad); break;
-        default: tot = gemv_segment_i8<8, NQ>(a, cb, j0, j1, tot, &bad); break;
-      }
-    }
-    alignas(64) float out[16];
-    _mm512_store_ps(out, tot);
-    store_block(a, 0, cb * 16, out);
-  }
-  return bad;
-}
+int gemv_cols_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) { return gemv_blocks<SegI8, NQ>(a, cb0, cb1); }
 
 // ---- M > 1 ----------------------------------------------------------------------------------
 // The GEMM decodes one group of one block once into bf16 code pairs (the vpermw outputs, 4 KiB
