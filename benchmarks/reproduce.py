@@ -142,12 +142,14 @@ def check_settings(mdir: Path, mname: str, settings: dict, meta: dict) -> dict:
         # Which rows exist (the seeds, how many of them the other rows get, the sweep budgets)
         # does not change any row's numbers: a rerun may add rows; the record keeps the union.
         settings = dict(settings)
+        grew = False
         for k in ROW_SET_KEYS:
             a, b = old["settings"].get(k), settings.get(k)
             if k == "other_seeds":
                 settings[k] = None if a is None or b is None else max(a, b)
             elif a is not None or b is not None:
                 settings[k] = sorted(set(a or []) | set(b or []))
+            grew |= settings[k] != a
             old["settings"][k] = settings[k]
         try:    # the pipeline's settings check: every differing setting named
             check_same_settings(old["settings"], settings, f"the rows in {mp}",
@@ -155,6 +157,8 @@ def check_settings(mdir: Path, mname: str, settings: dict, meta: dict) -> dict:
                                 "or use another --out")
         except ValueError as e:
             raise SystemExit(f"[{mname}] {e}") from None
+        if grew:     # the section's command must compute (or resume) every row it shows
+            old["command"] = meta["command"]
         if {k: old.get(k) for k in ("date", "commit", "command")} != {k: meta[k] for k in ("date", "commit", "command")}:
             old.setdefault("runs", []).append({k: meta[k] for k in ("date", "commit", "machine", "command")})
             old["runs"] = old["runs"][-20:]

@@ -265,7 +265,9 @@ def test_resume_may_add_rows_but_not_change_them(tmp_path):
     base = {"bits": 3.5, "limit": 50, "suite": "paper", "seeds": [0, 1, 2], "other_seeds": 1,
             "sweep": [3.25, 3.5]}
     mod.check_settings(tmp_path, "m", dict(base), meta)
-    got = mod.check_settings(tmp_path, "m", {**base, "other_seeds": 3, "sweep": [3.375, 3.5]}, meta)
+    got = mod.check_settings(tmp_path, "m", {**base, "other_seeds": 3, "sweep": [3.375, 3.5]},
+                             {**meta, "command": "y"})
+    assert got["command"] == "y"           # the command that computes every row now
     assert got["settings"]["sweep"] == [3.25, 3.375, 3.5] and got["settings"]["other_seeds"] == 3
     rec = json.loads((tmp_path / "meta.json").read_text())["settings"]
     assert rec["sweep"] == [3.25, 3.375, 3.5] and rec["other_seeds"] == 3
