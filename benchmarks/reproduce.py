@@ -144,6 +144,8 @@ def check_settings(mdir: Path, mname: str, settings: dict, meta: dict) -> dict:
         settings = dict(settings)
         grew = False
         for k in ROW_SET_KEYS:
+            if k not in old["settings"] and k not in settings:   # the ablation suite
+                continue
             a, b = old["settings"].get(k), settings.get(k)
             if k == "other_seeds":
                 settings[k] = None if a is None or b is None else max(a, b)
