@@ -320,7 +320,7 @@ template <int B, int NQ>
 inline __attribute__((always_inline)) __m512 group_sum_i8(const uint32_t* wp, const int8_t* const* xg,
                                                           const float* d, const int32_t* init,
                                                           int64_t tiles) {
-  constexpr int NC = NQ == 1 ? 8 : 4;   // chains per piece (vpdpbusd latency 4-5 cycles)
+  constexpr int NC = 4;   // chains per piece (NQ >= 2 pieces: 8-12 chains for 4-5 cycles latency)
   __m512i acc[NQ][NC];
   for (int q = 0; q < NQ; ++q)
     for (int i = 0; i < NC; ++i) acc[q][i] = i == 0 ? _mm512_set1_epi32(init[q]) : _mm512_setzero_si512();
@@ -497,8 +497,7 @@ int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
 }
 
 int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
-  switch (a.nq) {
-    case 1: return gemv_cols_i8<1>(a, cb0, cb1);
+  switch (a.nq) {   // 2 (bf16 x) or 3 (fp16, fp32), set by the driver
     case 2: return gemv_cols_i8<2>(a, cb0, cb1);
     default: return gemv_cols_i8<3>(a, cb0, cb1);
   }

@@ -35,6 +35,26 @@ from .stages import (CALIB_BATCH, Log, allocate, check_budget, check_same_model,
 __all__ = ["run", "run_lazy"]
 
 
+def _given_plan(plan) -> tuple:
+    """``(plan {name: LayerSpec}, document)`` of a plan file or an already parsed document."""
+    if isinstance(plan, (str, os.PathLike)):
+        return read_plan(plan)
+    return plan_from_dict(plan), plan
+
+
+def _given_alpha(cfg: PipelineConfig, doc: dict) -> float:
+    """GPTQ's mixing ratio with a given plan: ``cfg.alpha``, else the plan's recorded alpha,
+    else general text only."""
+    return float(cfg.alpha if cfg.alpha is not None else doc.get("alpha", 1.0))
+
+
+def _write_given_plan(out: Path, given, shapes, doc: dict) -> None:
+    """The given plan as ``out/plan.json``, with its shapes and its own metadata."""
+    write_json_atomic(out / defaults.PLAN_NAME, plan_to_dict(
+        given, shapes, **{k: v for k, v in doc.items()
+                          if k not in ("kind", "version", "format_version", "layers")}))
+
+
 def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optional[str] = None,
         progress: bool = True, quiet: bool = False, report: bool = True,
         model: Optional[nn.Module] = None, tokenizer=None, plan=None) -> dict:
@@ -96,8 +116,7 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     if plan is not None:
         if measurement_from is not None:
             raise ValueError("tasa: give either a plan or a measurement to re-use, not both")
-        given, doc = read_plan(plan) if isinstance(plan, (str, os.PathLike)) else (
-            plan_from_dict(plan), plan)
+        given, doc = _given_plan(plan)
         check_plan(model, given, plan_shapes(doc))
     else:
         check_budget(model, cfg)
@@ -147,12 +166,10 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     else:
         A = None
         the_plan = given
-        alpha = float(cfg.alpha if cfg.alpha is not None else doc.get("alpha", 1.0))
+        alpha = _given_alpha(cfg, doc)
         pshapes = {f: shapes[f] for f in given if f in shapes}
         summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, pshapes)
-        write_json_atomic(out / defaults.PLAN_NAME, plan_to_dict(
-            given, pshapes, **{k: v for k, v in doc.items()
-                               if k not in ("kind", "version", "format_version", "layers")}))
+        _write_given_plan(out, given, pshapes, doc)
     log(f"plan: {summary_['avg_bits']:.4f} average bits stored, {summary_['code_avg_bits']:.4f} "
         f"code bits (budget {f'{cfg.bits} {cfg.budget} bits' if plan is None else 'given'}); widths "
         + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in summary_["width_fraction"].items()))
@@ -232,22 +249,19 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
     dist = distributed.current()
     log = Log(quiet or not dist.is_writer)
     t0 = time.perf_counter()
-    given, doc = read_plan(plan) if isinstance(plan, (str, os.PathLike)) else (
-        plan_from_dict(plan), plan)
-    lplan = given
-    alpha = float(cfg.alpha if cfg.alpha is not None else doc.get("alpha", 1.0))
-    tok = None
+    given, doc = _given_plan(plan)
+    alpha = _given_alpha(cfg, doc)
     calib_ids, qinfo = None, {"method": cfg.method}
     if cfg.method == "gptq":
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        calib_ids, qinfo["calibration"] = gptq_calibration(tok, cfg, alpha, split_data(cfg), log)
+        calib_ids, qinfo["calibration"] = gptq_calibration(
+            AutoTokenizer.from_pretrained(str(folder)), cfg, alpha, split_data(cfg), log)
     # (n_out, k_in) of every planned linear, from the plan or else the checkpoint's headers
-    shapes = plan_shapes(doc) or lazy.Checkpoint(folder).linear_shapes(lplan)
-    log(f"lazy: {folder} block by block with the given plan ({len(lplan)} linears)")
-    res = lazy.quantize_lazy(folder, lplan, out, method=cfg.method, calib_ids=calib_ids,
+    shapes = plan_shapes(doc) or lazy.Checkpoint(folder).linear_shapes(given)
+    log(f"lazy: {folder} block by block with the given plan ({len(given)} linears)")
+    res = lazy.quantize_lazy(folder, given, out, method=cfg.method, calib_ids=calib_ids,
                              damp=cfg.damp, batch_size=CALIB_BATCH, progress=progress, dist=dist,
                              meta={"alpha": alpha, "tasa_pipeline": dataclasses.asdict(cfg)})
-    summary_ = alloc.plan_summary({f: s.to_dict() for f, s in lplan.items()}, shapes)
+    summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, shapes)
     summary = {"model": cfg.model, "lazy": True, "alpha_star": alpha, "plan_given": True,
                "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
                "quantization": {**qinfo, "seconds": res["seconds"],
@@ -257,9 +271,7 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
                "distributed": {"world_size": dist.world, "backend": dist.backend},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if dist.is_writer:
-        write_json_atomic(out / defaults.PLAN_NAME, plan_to_dict(
-            given, shapes, **{k: v for k, v in doc.items()
-                              if k not in ("kind", "version", "format_version", "layers")}))
+        _write_given_plan(out, given, shapes, doc)
         write_json_atomic(out / defaults.RUN_NAME, summary)
     log(f"done in {summary['timings_s']['total']:.0f} s: {out}")
     return summary
