@@ -347,3 +347,24 @@ def test_vnni_gemv_zero_tiny_and_huge_groups(scale):
     finally:
         tasa_ext.set_cpu_isa("auto")
     assert rel_err(y, y64) <= 4 * max(rel_err(y_bf16, y64), 1e-7)
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI: the int8-piece GEMV does not run")
+def test_vnni_gemv_group_sum_overflow_falls_back():
+    """Finite x whose group sum overflows fp32 (the quantizer, not a separate pass, detects it):
+    the VNNI driver falls back and answers exactly as the bf16-piece GEMV does."""
+    p = random_packed(33, 256, 128, BIT_PATTERNS["mix"], True, False)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 128)
+    x = torch.randn(1, 256)
+    x[0, 130:140] = 3e38     # finite; 10 of them sum past fp32's largest value
+    assert torch.isfinite(x).all()
+    outs = {}
+    try:
+        for isa_name in ("avx512vnni", "avx512"):
+            tasa_ext.set_cpu_isa(isa_name)
+            outs[isa_name] = tasa_ext.gemm(x, *args)
+    finally:
+        tasa_ext.set_cpu_isa("auto")
+    assert torch.equal(outs["avx512vnni"].isnan(), outs["avx512"].isnan())
+    ok = ~outs["avx512"].isnan()
+    assert torch.equal(outs["avx512vnni"][ok], outs["avx512"][ok])

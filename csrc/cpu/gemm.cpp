@@ -64,6 +64,42 @@ int gemm_cols_scalar(const GemmArgs& a, int64_t cb0, int64_t cb1) {
 
 using tasa::GemmArgs;
 
+namespace {
+
+// Per-call scratch (x in fp32, its group sums, int8 or bf16 pieces) carved from one buffer per
+// calling thread that only grows: the std::vectors it replaces were allocated and zero-filled on
+// every call, part of the fixed per-call cost that keeps small GEMVs (a 1024x4096 k/v
+// projection streams in ~35 us) off the memory bound. OpenMP workers only read it.
+class Scratch {
+ public:
+  template <class T>
+  T* take(int64_t n) {   // n elements, 64-byte aligned, contents undefined
+    const size_t off = used_;
+    used_ += ((size_t)n * sizeof(T) + 63) & ~(size_t)63;
+    return reinterpret_cast<T*>(base() + off);
+  }
+  // Call after every take(): grows the buffer if needed (invalidating earlier pointers, so the
+  // driver takes everything, then calls ready(), then takes again from the start).
+  bool ready() {
+    if (used_ + 64 > buf_.size()) {
+      buf_.assign(used_ + 64, 0);
+      used_ = 0;
+      return false;
+    }
+    used_ = 0;
+    return true;
+  }
+
+ private:
+  char* base() { return (char*)(((uintptr_t)buf_.data() + 63) & ~(uintptr_t)63); }
+  std::vector<char> buf_;
+  size_t used_ = 0;
+};
+
+thread_local Scratch t_scratch;
+
+}  // namespace
+
 int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
                   const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
@@ -72,79 +108,85 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   if (st != TASA_OK) return st;
   if (xdt != TASA_F32 && xdt != TASA_BF16 && xdt != TASA_F16) return TASA_ERR_SHAPE;
   const int64_t n_groups = K / group_size;
-  std::vector<float> xl(M * K), xsum(M * n_groups);
-  // (Per-call work in front of the kernel: one branch per dtype, four chains of double adds
-  // instead of one serial chain; with the VNNI driver changes a 16x4096 3-bit call went
-  // 6.4 -> 5.8 us.)
-  for (int64_t m = 0; m < M; ++m) {
-    float* dst = xl.data() + m * K;
-    const int64_t base = m * K;
-    if (xdt == TASA_F32) {
-      const float* xs = (const float*)x + base;
-      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = xs[perm[r]];
-      else for (int64_t r = 0; r < K; ++r) dst[r] = xs[r];
-    } else if (xdt == TASA_BF16) {
-      const uint16_t* xs = (const uint16_t*)x + base;
-      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(xs[perm[r]]);
-      else for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(xs[r]);
-    } else {
-      const uint16_t* xs = (const uint16_t*)x + base;
-      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = tasa::half_to_float(xs[perm[r]]);
-      else for (int64_t r = 0; r < K; ++r) dst[r] = tasa::half_to_float(xs[r]);
-    }
-    // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,
-    // up to 128x the scale for 8-bit groups, so its rounding error must not dominate.
-    for (int64_t g = 0; g < n_groups; ++g) {
-      const float* xg = dst + g * group_size;
-      double s[4] = {0.0, 0.0, 0.0, 0.0};
-      for (int64_t i = 0; i < group_size; i += 4)   // group_size is a multiple of 32
-        for (int c = 0; c < 4; ++c) s[c] += xg[i + c];
-      xsum[m * n_groups + g] = (float)((s[0] + s[1]) + (s[2] + s[3]));
-    }
-  }
   const int isa = tasa_cpu_isa();
   // AVX-512 for the GEMV and for bf16 GEMMs; fp32/fp16 GEMMs (M > 1) stay on the AVX2 kernel:
   // with x split into 3 (2) bf16 pieces the vdpbf16ps GEMM does 3 (2) instructions per 32
   // multiply-adds and measured 2.5x slower than dequantize-once + ymm FMA at M = 16 in fp32.
   const bool avx512 = isa >= TASA_ISA_AVX512 && (M == 1 || xdt == TASA_BF16);
   const bool gemv2 = M == 1 && isa == TASA_ISA_AVX2;
-  // AVX2 GEMV pre-scaled activations: that kernel reads a b-bit code as (q - 2^(b-1)) * 2^(32-b)
-  // (left-aligned in its lane), so x is scaled by 2^-(32-b) once per call (exact).
   const int widths[4] = {2, 3, 4, 8};
-  std::vector<float> xs(gemv2 ? 4 * K : 0);
-  if (gemv2)
-    for (int wdx = 0; wdx < 4; ++wdx) {
-      const float f = 1.0f / (float)(1u << (32 - widths[wdx]));   // a power of two: exact
-      for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
-    }
   // VNNI GEMV: x as int8 pieces (2 for bf16 x, 3 for fp16 and fp32: error <= 254^-nq of each
   // group's largest |x|, see gemm_avx512.cpp; fp16's 11 significant bits need the third piece
   // when a group spans decades: 2 pieces failed test_gemv_simd_matches_scalar_twin's fp16
   // cases with x over 1e-3..1e3, 6.5e-4 relative error against fp16 matmul's 9e-5).
   // Non-finite x keeps the bf16 GEMV, which carries NaN/Inf into exactly the outputs that
-  // read them (xsum, summed in double, is non-finite iff the group holds a NaN/Inf, or its
-  // finite sum overflows fp32: then the fallback is merely slower).
+  // read them; the quantizer detects it (and an fp32 overflow of a group sum), so this path
+  // skips the double-precision group sums the others need.
   bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
-  for (int64_t g = 0; vnni && g < n_groups; ++g) vnni = std::isfinite(xsum[g]);
   const int nq = xdt == TASA_BF16 ? 2 : 3;
-  std::vector<int8_t> xq(vnni ? nq * K : 0);
-  std::vector<float> xqd(vnni ? nq * n_groups : 0), xqsum(vnni ? n_groups : 0);
-  std::vector<int32_t> xqh(vnni ? nq * n_groups : 0);
-  if (vnni)
-    vnni = tasa::quantize_x_i8_avx512(xl.data(), K, group_size, nq, xq.data(), xqd.data(),
-                                      xqh.data(), xqsum.data()) == 0;
   // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
   // [np][M][K].
   const int np = xdt == TASA_BF16 ? 1 : xdt == TASA_F16 ? 2 : 3;
+  Scratch& sc = t_scratch;
+  float *xl, *xsum, *xs, *xqd, *xqsum;
+  int8_t* xq;
+  int32_t* xqh;
+  uint16_t* xp;
+  do {   // every buffer any path may need, so a fallback needs no second allocation
+    xl = sc.take<float>(M * K);
+    xsum = sc.take<float>(M * n_groups);
+    xs = sc.take<float>(gemv2 ? 4 * K : 0);
+    xq = sc.take<int8_t>(vnni ? nq * K : 0);
+    xqd = sc.take<float>(vnni ? nq * n_groups : 0);
+    xqsum = sc.take<float>(vnni ? n_groups : 0);
+    xqh = sc.take<int32_t>(vnni ? nq * n_groups : 0);
+    xp = sc.take<uint16_t>(avx512 ? np * M * K : 0);
+  } while (!sc.ready());
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = xl + m * K;
+    const int64_t base = m * K;
+    if (xdt == TASA_F32) {
+      const float* src = (const float*)x + base;
+      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = src[perm[r]];
+      else for (int64_t r = 0; r < K; ++r) dst[r] = src[r];
+    } else if (xdt == TASA_BF16) {
+      const uint16_t* src = (const uint16_t*)x + base;
+      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(src[perm[r]]);
+      else for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(src[r]);
+    } else {
+      const uint16_t* src = (const uint16_t*)x + base;
+      if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = tasa::half_to_float(src[perm[r]]);
+      else for (int64_t r = 0; r < K; ++r) dst[r] = tasa::half_to_float(src[r]);
+    }
+  }
+  if (vnni)
+    vnni = tasa::quantize_x_i8_avx512(xl, K, group_size, nq, xq, xqd, xqh, xqsum) == 0;
+  if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < n_groups; ++g) {
+        // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,
+        // up to 128x the scale for 8-bit groups, so its rounding error must not dominate.
+        const float* xg = xl + m * K + g * group_size;
+        double s[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t i = 0; i < group_size; i += 4)   // group_size is a multiple of 32
+          for (int c = 0; c < 4; ++c) s[c] += xg[i + c];
+        xsum[m * n_groups + g] = (float)((s[0] + s[1]) + (s[2] + s[3]));
+      }
+  // AVX2 GEMV pre-scaled activations: that kernel reads a b-bit code as (q - 2^(b-1)) * 2^(32-b)
+  // (left-aligned in its lane), so x is scaled by 2^-(32-b) once per call (exact).
+  if (gemv2)
+    for (int wdx = 0; wdx < 4; ++wdx) {
+      const float f = 1.0f / (float)(1u << (32 - widths[wdx]));   // a power of two: exact
+      for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
+    }
   const bool split = avx512 && !vnni;
-  std::vector<uint16_t> xp(split ? np * M * K : 0);
-  if (split) tasa::split_bf16_avx512(xl.data(), M * K, np, xp.data());
-  const uint16_t* xpp = xp.data();
+  if (split) tasa::split_bf16_avx512(xl, M * K, np, xp);
+  const uint16_t* xpp = xp;
   const int64_t piece = split ? M * K : 0;
-  GemmArgs a{xl.data(), xsum.data(),
-             {xs.data(), xs.data() + (gemv2 ? K : 0), xs.data() + (gemv2 ? 2 * K : 0), xs.data() + (gemv2 ? 3 * K : 0)},
+  GemmArgs a{xl, xsum,
+             {xs, xs + (gemv2 ? K : 0), xs + (gemv2 ? 2 * K : 0), xs + (gemv2 ? 3 * K : 0)},
              {xpp, xpp + (np > 1 ? piece : 0), xpp + (np > 2 ? 2 * piece : 0)}, np,
-             xq.data(), xqd.data(), xqh.data(), xqsum.data(), vnni ? nq : 0,
+             xq, xqd, xqh, xqsum, vnni ? nq : 0,
              M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt};
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
   if (isa >= TASA_ISA_AVX2) fn = M == 1 ? tasa::gemv_cols_avx2 : tasa::gemm_cols_avx2;

@@ -505,15 +505,23 @@ int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
 
 // x [K] in logical order -> nq int8 pieces per group of G (see "int8 pieces" above): xq
 // [nq][K], steps d [nq][K/G], piece sums h [nq][K/G], xsum [K/G] = sum of the pieces' values.
-// Returns 0, or 1 when a group's largest |x| is nonzero but below 2^-96 (the caller falls back).
-// x must be finite (the caller checks).
+// Returns 0; 1 when a group's largest |x| is nonzero but below 2^-96, 2 when x holds a NaN or
+// Inf or a group's sum overflows fp32: the caller then falls back to the bf16-piece GEMV (the
+// check lives here so that the driver needs no separate pass over x: see gemm.cpp).
 int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* xq, float* d,
                          int32_t* h, float* xsum) {
   const int64_t ng = K / G;
   for (int64_t g = 0; g < ng; ++g) {
     const float* xg = x + g * G;
     __m512 mx = _mm512_setzero_ps();
-    for (int64_t k = 0; k < G; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+    __mmask16 nonfinite = 0;
+    for (int64_t k = 0; k < G; k += 16) {
+      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(xg + k));
+      // "not less than Inf, or unordered": Inf and NaN (a max would drop a NaN)
+      nonfinite |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+      mx = _mm512_max_ps(mx, v);
+    }
+    if (nonfinite) return 2;
     const float m = _mm512_reduce_max_ps(mx);
     if (m != 0.f && m < 0x1p-96f) return 1;
     float dq[3], inv[3];
@@ -541,6 +549,7 @@ int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* x
       sum += (double)dq[q] * (double)h[q * ng + g];
     }
     xsum[g] = (float)sum;
+    if (!(xsum[g] - xsum[g] == 0.f)) return 2;   // the sum overflowed fp32
   }
   return 0;
 }

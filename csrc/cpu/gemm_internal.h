@@ -33,7 +33,8 @@ int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);   // bf16 x (np == 1) only
 int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1);  // M == 1, a.nq > 0
-// x [K] (finite, logical order) -> nq int8 pieces per group; 1 = a group too small to split.
+// x [K] (logical order) -> nq int8 pieces per group; 1 = a group too small to split,
+// 2 = non-finite x or group sum (0: done).
 int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* xq, float* d,
                          int32_t* h, float* xsum);
 // x [K] -> np bf16 pieces out [np][K] with sum exactly x (np = 3 suffices for any fp32 x).
