@@ -18,7 +18,6 @@ more than 100% of the copy bandwidth).
     python benchmarks/bench_gemm.py --shapes "llama3-8b k/v 1024x4096" --update   # one shape,
                                                          # merged into the existing results file
     python benchmarks/bench_gemm.py --batch 1 --isa avx2 --out gemm_cpu_avx2   # an older path
-    python benchmarks/bench_gemm.py --batch 1 --gemv-precision high medium   # both x precisions
     python benchmarks/bench_gemm.py --device cuda --batch 1 4 16 64
 """
 from __future__ import annotations
@@ -93,10 +92,6 @@ def main():
                     help="interleaved rounds over all configurations of a shape (median reported)")
     ap.add_argument("--out", default=None, help="results file stem (default gemm_<device>)")
     ap.add_argument("--isa", default="auto", help="CPU path: auto (the best), avx512, avx2, scalar")
-    ap.add_argument("--gemv-precision", nargs="+", default=["high"], choices=["high", "medium"],
-                    help="CPU batch-1 GEMV precision(s) (tasa_ext.set_cpu_gemv_precision), timed "
-                         "side by side: high (default) = x in int8 pieces finer than its dtype, "
-                         "medium = one int8 piece per group (llama.cpp-like activations)")
     ap.add_argument("--act", default=None, choices=["bfloat16", "float32", "float16"],
                     help="tasa activation dtype (default: bfloat16 on CPU, float16 on CUDA)")
     ap.add_argument("--stream-mb", type=int, default=96,
@@ -153,13 +148,8 @@ def main():
             calls = {("dense", dt): rotating(lambda o, xd=xds[dt]: torch.nn.functional.linear(xd, o[0]), sets)
                      for dt, (sets, _) in dense.items()}
             calls[("int4", None)] = rotating(lambda o: int4_call(xb, o), int4_sets)
-            precs = args.gemv_precision if (M == 1 and dev == "cpu") else args.gemv_precision[:1]
-            for prec in precs:
-                for p, (sets, _, _) in packed.items():
-                    f = rotating(lambda o: tasa_ext.gemm(xa, *o), sets)
-                    if len(precs) > 1:   # (every tasa call then pays the same ~0.2 us setter)
-                        f = lambda f=f, prec=prec: (tasa_ext.set_cpu_gemv_precision(prec), f())[1]  # noqa: E731
-                    calls[("tasa", p, prec)] = f
+            for p, (sets, _, _) in packed.items():
+                calls[("tasa", p)] = rotating(lambda o: tasa_ext.gemm(xa, *o), sets)
             samples = {k: [] for k in calls}
             for _ in range(args.rounds):
                 for k, fn in calls.items():
@@ -167,13 +157,10 @@ def main():
             med = {k: statistics.median(v) for k, v in samples.items()}
             t_dense = {dt: med[("dense", dt)] for dt in dense}
             t_int4 = med[("int4", None)]
-            if len(precs) > 1:
-                tasa_ext.set_cpu_gemv_precision(args.gemv_precision[0])
-            for prec, (p, (sets, nbytes, avg)) in itertools.product(precs, packed.items()):
-                t = med[("tasa", p, prec)]
-                lo, hi = min(samples[("tasa", p, prec)]), max(samples[("tasa", p, prec)])
+            for p, (sets, nbytes, avg) in packed.items():
+                t = med[("tasa", p)]
+                lo, hi = min(samples[("tasa", p)]), max(samples[("tasa", p)])
                 row = dict(shape=name, N=N, K=K, M=M, bits=p, avg_bits=round(avg, 4), act=str(act_dtype)[6:],
-                           gemv_precision=prec if dev == "cpu" and M == 1 else None,
                            us=round(t * 1e6, 1), us_min=round(lo * 1e6, 1), us_max=round(hi * 1e6, 1),
                            rounds=args.rounds, GBps=round(nbytes / t / 1e9, 2),
                            frac_copy_bw=round(nbytes / t / bw_shape, 3),
@@ -209,15 +196,12 @@ def main():
            "stream is read-only, which DRAM serves somewhat faster than a copy, so a few % above 100% "
            "is possible; it is measured again before each shape (the VM's bandwidth drifts). Times: "
            "each configuration is timed in `rounds` interleaved rounds (median of 5 batches each); "
-           "the median over rounds is shown, tasa's with its min-max. Ratios > 1: tasa faster. "
-           "Rows marked `x medium` ran the batch-1 GEMV at `tasa_ext.set_cpu_gemv_precision(\"medium\")` "
-           "(one int8 piece of x per group; unmarked: the default, finer than the activation dtype).", "",
+           "the median over rounds is shown, tasa's with its min-max. Ratios > 1: tasa faster.", "",
            "| shape | M | bits | avg bits | tasa µs | (min-max) | GB/s | of copy BW | "
            + " | ".join(f"{d} µs | ×{d}" for d in dn) + " | torch int4 µs | int4 GB/s | ×int4 | mode | load |",
            "|" + "---|" * (13 + 2 * len(dn))]
     for r in rows:
-        xp = f", x {r['gemv_precision']}" if r.get("gemv_precision") not in (None, "high") else ""
-        md.append(f"| {r['shape']} | {r['M']} | {r['bits']}{xp} | {r['avg_bits']} | {r['us']} | "
+        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r['avg_bits']} | {r['us']} | "
                   f"{r.get('us_min', '')}-{r.get('us_max', '')} | {r['GBps']} | "
                   f"{r['frac_copy_bw']:.0%} | " + " | ".join(f"{r[d + '_us']} | {r['x_' + d]}" for d in dn)
                   + f" | {r['torch_int4_us']} | {r.get('torch_int4_GBps', '')} | {r['x_torch_int4']} | "

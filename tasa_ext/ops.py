@@ -122,27 +122,6 @@ def set_cpu_isa(name: str) -> None:
         raise ValueError(f"tasa: unknown ISA {name!r}; choose from 'auto', {sorted(_ISA_NAMES)}")
 
 
-# tasa_cpu_set_gemv_x_pieces: int8 pieces of x in the VNNI GEMV (0 = by dtype).
-_GEMV_PRECISION = {"high": 0, "medium": 1}
-
-
-def set_cpu_gemv_precision(precision: str) -> None:
-    """How the CPU GEMV (batch 1, AVX512-VNNI path) represents x, after
-    ``torch.set_float32_matmul_precision``: "high" (the default) splits every group of 128
-    activations into int8 pieces finer than the input dtype (2 for bf16, 3 for fp16/fp32: error
-    <= 254^-pieces of the group's largest |x|); "medium" uses one int8 piece (error <= 1/254 of
-    the group's largest |x|, as llama.cpp's int8 activation blocks) and half the multiply
-    instructions. Process-wide; batches > 1 and other ISAs are not affected."""
-    if precision not in _GEMV_PRECISION:
-        raise ValueError(f"tasa: unknown GEMV precision {precision!r}; choose from {sorted(_GEMV_PRECISION)}")
-    _C.set_cpu_gemv_x_pieces(_GEMV_PRECISION[precision])
-
-
-def cpu_gemv_precision() -> str:
-    n = int(_C.cpu_gemv_x_pieces())
-    return {v: k for k, v in _GEMV_PRECISION.items()}.get(n, f"{n} pieces")
-
-
 def cpu_isas_available() -> list:
     """Every CPU instruction-set path this machine can run, lowest first."""
     detected = int(_C.cpu_isa_detected())
@@ -158,7 +137,6 @@ def build_info() -> dict:
         "format_version": int(_C.FORMAT_VERSION),
         "with_cuda": bool(_C.WITH_CUDA),
         "cpu_isa": cpu_isa(),
-        "cpu_gemv_precision": cpu_gemv_precision(),
         "cpu_isa_detected": {v: k for k, v in _ISA_NAMES.items()}[int(_C.cpu_isa_detected())],
         "torch": torch.__version__,
     }

@@ -1,7 +1,6 @@
 #include "tasa/kernels.h"
 
 static int g_isa_cap = -1;   // -1: no cap (use what the CPU has)
-static int g_gemv_x_pieces = 0;   // 0: by dtype (see kernels.h)
 
 int tasa_cpu_isa_detected(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -30,11 +29,3 @@ int tasa_cpu_set_isa(int isa) {
   g_isa_cap = isa;
   return TASA_OK;
 }
-
-int tasa_cpu_set_gemv_x_pieces(int nq) {
-  if (nq < 0 || nq > 3) return TASA_ERR_SHAPE;
-  g_gemv_x_pieces = nq;
-  return TASA_OK;
-}
-
-int tasa_cpu_gemv_x_pieces(void) { return g_gemv_x_pieces; }

@@ -123,8 +123,7 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // read them; the quantizer detects it (and an fp32 overflow of a group sum), so this path
   // skips the double-precision group sums the others need.
   bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
-  const int nq_set = tasa_cpu_gemv_x_pieces();
-  const int nq = nq_set > 0 ? nq_set : xdt == TASA_BF16 ? 2 : 3;
+  const int nq = xdt == TASA_BF16 ? 2 : 3;
   // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
   // [np][M][K].
   const int np = xdt == TASA_BF16 ? 1 : xdt == TASA_F16 ? 2 : 3;

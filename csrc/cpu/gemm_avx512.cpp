@@ -296,9 +296,7 @@ int gemv_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) { return gemv_blocks<
 //     |x - sum_q d_q h_q| <= max|x_g| * 254^-NQ      (+ fp32 rounding of the remainders)
 // i.e. 1.5e-5 of the group's largest |x| for NQ = 2 (bf16 x), 6.1e-8 (2^-24) for NQ = 3
 // (fp16 and fp32 x): below the rounding of a bf16 x (2^-9 of each |x|) and at the level of an fp32
-// dot product. NQ = 1 only on request (tasa_cpu_set_gemv_x_pieces; tasa_ext's "medium" GEMV
-// precision): 2^-8 of the group's largest |x|, what llama.cpp's int8 activation blocks give, and
-// half the vpdpbusd of bf16 x's two pieces. The integer sums are exact (|q h| <= 255 * 127 per term); each piece's sum is
+// dot product. The integer sums are exact (|q h| <= 255 * 127 per term); each piece's sum is
 // converted to fp32 once per group. The driver keeps the bf16 GEMV for non-finite x and for
 // groups whose largest |x| is below 2^-96 (their steps would leave the normal fp32 range).
 template <int B, int I>
@@ -322,8 +320,7 @@ template <int B, int NQ>
 inline __attribute__((always_inline)) __m512 group_sum_i8(const uint32_t* wp, const int8_t* const* xg,
                                                           const float* d, const int32_t* init,
                                                           int64_t tiles) {
-  // chains per piece: 8-12 in all cover vpdpbusd's 4-5 cycles of latency (one piece: 8 chains)
-  constexpr int NC = NQ == 1 ? 8 : 4;
+  constexpr int NC = 4;   // chains per piece (NQ >= 2 pieces: 8-12 chains for 4-5 cycles latency)
   __m512i acc[NQ][NC];
   for (int q = 0; q < NQ; ++q)
     for (int i = 0; i < NC; ++i) acc[q][i] = i == 0 ? _mm512_set1_epi32(init[q]) : _mm512_setzero_si512();
@@ -500,8 +497,7 @@ int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
 }
 
 int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1) {
-  switch (a.nq) {   // 2 (bf16 x) or 3 (fp16, fp32) by default, 1 on request (the driver)
-    case 1: return gemv_cols_i8<1>(a, cb0, cb1);
+  switch (a.nq) {   // 2 (bf16 x) or 3 (fp16, fp32), set by the driver
     case 2: return gemv_cols_i8<2>(a, cb0, cb1);
     default: return gemv_cols_i8<3>(a, cb0, cb1);
   }

@@ -119,10 +119,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("has_perm"));
   m.def("cpu_isa", []() { return tasa_cpu_isa(); });
   m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
-  m.def("cpu_gemv_x_pieces", []() { return tasa_cpu_gemv_x_pieces(); });
-  m.def("set_cpu_gemv_x_pieces", [](int nq) {
-    TORCH_CHECK(tasa_cpu_set_gemv_x_pieces(nq) == TASA_OK, "tasa: x pieces must be 0..3, got ", nq);
-  });
   m.def("set_cpu_isa", [](int isa) {
     TORCH_CHECK(tasa_cpu_set_isa(isa) == TASA_OK, "tasa: this CPU does not support ISA level ", isa);
   });

@@ -18,11 +18,6 @@ enum tasa_isa { TASA_ISA_SCALAR = 0, TASA_ISA_AVX2 = 1, TASA_ISA_AVX512 = 2, TAS
 int tasa_cpu_isa_detected(void);
 int tasa_cpu_isa(void);
 int tasa_cpu_set_isa(int isa);   // returns TASA_ERR_SHAPE if the CPU lacks it
-// int8 pieces of x in the VNNI GEMV: 0 = the default (2 for bf16 x, 3 for fp16/fp32: at least
-// the input's own precision), 1..3 = that many for every dtype (1 = llama.cpp-like int8
-// activations per group, |x - x_hat| <= max|x_g| / 254; faster where the GEMV is compute-bound).
-int tasa_cpu_set_gemv_x_pieces(int nq);   // TASA_ERR_SHAPE outside 0..3
-int tasa_cpu_gemv_x_pieces(void);
 
 // ---- format helpers (CPU) -------------------------------------------------------------------
 // Builds the stored-order group table from per-logical-group bits; returns packed rows in *rows.
