@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import git_commit
+from common import ci95, git_commit
 
 from tasa import defaults
 from tasa.measurement import Measurement, check_settings as check_same_settings
@@ -332,17 +332,6 @@ def per_item(mdir: Path, row: dict, task: str) -> dict:
     return out
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}   # two-sided 95% t quantiles
-
-
-def ci95(d: list) -> tuple:
-    """Mean and 95% t-interval half-width of a list of paired differences."""
-    n = len(d)
-    mean = sum(d) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
 def config_of(name: str) -> str:
