@@ -198,7 +198,10 @@ def evaluate_row(model, tok, args, raw_path: Path) -> dict:
                           limit=args.gsm8k_limit or args.limit, seed=args.seed,
                           num_fewshot={"gsm8k": args.gsm8k_shots}, batch_size=args.batch_size,
                           max_gen_toks=args.max_gen_toks,
-                          out_path=raw_path.with_suffix(".gsm8k.json"), progress=args.progress)
+                          out_path=raw_path.with_suffix(".gsm8k.json"), progress=args.progress,
+                          # the suites' exact-match rows were generated this way (batched,
+                          # left-padded): one path per suite keeps rows paired
+                          generation="hf")
         results.update(em["results"])
     ppl = None
     if args.ppl_windows > 0:

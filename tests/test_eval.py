@@ -182,6 +182,39 @@ def test_quantized_model_evaluates(tiny, tmp_path):
 
 
 @needs_lm_eval
+def test_fast_generation_equals_transformers_generate(tiny, tmp_path, monkeypatch):
+    """gsm8k through tasa's decode loop answers exactly what transformers' generate answers
+    with batch 1 (tasa's loop runs one request at a time, padding stripped, so lm-eval's batch
+    size does not change its answers)."""
+    model, tok = tiny
+    kw = dict(tasks=["gsm8k"], limit=4, seed=3, num_fewshot={"gsm8k": 1}, max_gen_toks=12,
+              progress=False)
+    resps = lambda p: [x["resps"] for x in json.loads(p.read_text())["samples"]["gsm8k"]]  # noqa: E731
+    hf = E.evaluate(model, tok, generation="hf", batch_size=1, out_path=tmp_path / "hf.json", **kw)
+    calls = []
+    real = E.tgen.generate
+    monkeypatch.setattr(E.tgen, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fast = E.evaluate(model, tok, generation="fast", batch_size=1, out_path=tmp_path / "f1.json", **kw)
+    fast4 = E.evaluate(model, tok, generation="fast", batch_size=4, out_path=tmp_path / "f4.json", **kw)
+    assert len(calls) == 8 and all(c["fast"] and callable(c["stop"]) for c in calls)
+    assert resps(tmp_path / "f1.json") == resps(tmp_path / "hf.json") == resps(tmp_path / "f4.json")
+    assert fast["results"] == hf["results"] == fast4["results"]
+    assert (fast["config"]["generation"], hf["config"]["generation"]) == ("fast", "hf")
+    with pytest.raises(ValueError, match="generation must be one of"):
+        E.evaluate(model, tok, generation="vllm", **kw)
+
+
+def test_stop_strings_end_generation():
+    tok = byte_tokenizer()
+    stop = E._stop_on_strings(tok, ["Question:", "</s>", ""])
+    ids = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    assert not stop(ids("The answer is 4"))
+    assert stop(ids("The answer is 4\n\nQuestion:"))
+    assert stop(ids("x" * 500 + "</s>"))
+    assert not stop(ids("Question" + "x" * 500))      # only the decoded tail counts
+
+
+@needs_lm_eval
 def test_cli_parser_and_handler(tmp_path, monkeypatch, capsys):
     ap = argparse.ArgumentParser(prog="tasa")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -56,6 +56,21 @@ def test_fast_loop_equals_transformers_generate(factory, fusable, path):
     assert r.n_prompt == 9 and r.decode_s > 0 and r.prefill_s > 0
 
 
+@pytest.mark.parametrize("factory,fast", [(tiny_llama, True), (tiny_gemma3, True), (tiny_llama, False)])
+def test_stop_callback_ends_every_path(factory, fast):
+    """``stop(new tokens)`` ends the text where it first holds (lean loop, the model's own
+    forward, transformers' generate), and not before ``min_new_tokens``."""
+    model = factory()
+    tok = byte_tokenizer()
+    ids = torch.randint(0, 256, (1, 5))
+    full = generate(model, tok, ids, 12, min_new_tokens=12, fast=fast).tokens
+    seen = []
+    r = generate(model, tok, ids, 12, fast=fast, stop=lambda t: seen.append(list(t)) or len(t) >= 4)
+    assert r.tokens == full[:4] and seen[-1] == full[:4]
+    r = generate(model, tok, ids, 12, min_new_tokens=7, fast=fast, stop=lambda t: len(t) >= 4)
+    assert r.tokens == full[:7]
+
+
 def test_stops_at_eos_and_checks_arguments():
     model = tiny_llama()
     tok = byte_tokenizer()

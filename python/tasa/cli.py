@@ -135,7 +135,7 @@ def cmd_eval(args) -> int:
         s = tev.evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
                      num_fewshot=_parse_fewshot(args.num_fewshot), batch_size=args.batch_size,
                      max_gen_toks=args.max_gen_toks, max_length=args.max_length,
-                     out_path=args.out, progress=not args.quiet)
+                     out_path=args.out, progress=not args.quiet, generation=args.generation)
     except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -279,6 +279,10 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="context length in tokens (default: the model's)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="write the summary and lm-eval's per-sample results as JSON")
+    p.add_argument("--generation", choices=tev.GENERATION, default="fast",
+                   help="greedy decoding of generating tasks (gsm8k): fast = tasa's decode loop, "
+                        "one request at a time (default); hf = transformers' generate on "
+                        "lm-eval's padded batches")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_eval)
     return p

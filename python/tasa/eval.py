@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from . import data as tdata
+from . import generation as tgen
 from .nn import quantized_modules
 from .util import write_json_atomic
 
@@ -410,13 +411,63 @@ def _offline_and_rng_kept(quiet: bool):
             task_mod.tqdm = task_tqdm
 
 
-def _make_lm(model, tokenizer, batch_size: int, max_length: Optional[int], progress: bool):
+GENERATION = ("fast", "hf")
+
+
+def _stop_on_strings(tokenizer, stop: Sequence[str]):
+    """``stop(new token ids)``: true once a stop string appears in the decoded tail, as
+    lm-eval's own criterion checks (it decodes the last len(stop tokens) + 2 new tokens; the
+    tail here is longer, and lm-eval cuts the text at the first stop string anyway)."""
+    stop = [x for x in stop if x]
+    look = max([len(tokenizer.encode(x, add_special_tokens=False)) for x in stop] + [1]) + 8
+
+    def check(tokens) -> bool:
+        tail = tokenizer.decode(tokens[-look:], skip_special_tokens=False)
+        return any(x in tail for x in stop)
+    return check
+
+
+def _fast_generate(lm, context, max_length: int, stop, generation_kwargs: dict):
+    """HFLM._model_generate for greedy requests through tasa's decode loop, one row at a time
+    (left padding stripped by the attention mask): the same output layout (context + new
+    tokens, padded with the pad token). None where the request samples (lm-eval's own path)."""
+    import torch
+
+    temp = generation_kwargs.get("temperature", 0.0)
+    if generation_kwargs.get("do_sample") or (temp is not None and temp > 0):
+        return None
+    mask = generation_kwargs.get("attention_mask")
+    n_new = max_length - context.shape[1]
+    stop_fn = _stop_on_strings(lm.tokenizer, stop)
+    rows = []
+    for r in range(context.shape[0]):
+        ids = context[r] if mask is None else context[r][mask[r].bool()]
+        out = tgen.generate(lm.model, lm.tokenizer, ids[None], n_new, fast=True,
+                                  stop=stop_fn)
+        rows.append(torch.cat([context[r], torch.tensor(out.tokens, dtype=context.dtype,
+                                                        device=context.device)]))
+    width = max(len(x) for x in rows)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eot_token_id
+    return torch.stack([torch.nn.functional.pad(x, (0, width - len(x)), value=pad) for x in rows])
+
+
+def _make_lm(model, tokenizer, batch_size: int, max_length: Optional[int], progress: bool,
+             fast_generation: bool = False):
     from lm_eval.models.huggingface import HFLM
 
+    base = HFLM
+    if fast_generation:
+        class _FastGenHFLM(HFLM):
+            def _model_generate(self, context, max_length, stop, **generation_kwargs):
+                out = _fast_generate(self, context, max_length, stop, generation_kwargs)
+                if out is None:
+                    return super()._model_generate(context, max_length, stop, **generation_kwargs)
+                return out
+        base = _FastGenHFLM
     if progress:
-        cls = HFLM
+        cls = base
     else:
-        class _QuietHFLM(HFLM):
+        class _QuietHFLM(base):
             def loglikelihood(self, requests, disable_tqdm: bool = False):
                 return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -499,7 +550,7 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
              limit: Optional[int] = None, seed: int = 0,
              num_fewshot: Union[None, int, Mapping[str, int]] = None, batch_size: int = 8,
              max_gen_toks: int = 256, max_length: Optional[int] = None,
-             out_path=None, progress: bool = True) -> dict:
+             out_path=None, progress: bool = True, generation: str = "fast") -> dict:
     """Evaluates ``model`` (a ``transformers.PreTrainedModel``, quantized or not) with lm-eval.
 
     Args:
@@ -521,6 +572,12 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
         out_path: if given, writes ``{"summary", "samples", "lm_eval"}`` as JSON there
             atomically; ``samples[task]`` are lm-eval's per-item logs (``log_samples``).
         progress: lm-eval's progress bars and info logging.
+        generation: how generating tasks (gsm8k) decode greedily: ``"fast"`` (default) with
+            tasa's decode loop (:func:`tasa.generation.generate`), one request at a time
+            without padding; ``"hf"`` with transformers' ``generate`` on lm-eval's padded
+            batches (what tasa used before; batched left padding can change a greedy token
+            where two logits nearly tie, so a comparison keeps one path). Sampling requests
+            always use ``"hf"``.
 
     Returns:
         ``{"results": {task: {metric: value, ..., "stderr": {metric: se or None}, "n": items,
@@ -534,6 +591,8 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
     tasks = check_tasks(tasks)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit <= 0):
         raise ValueError(f"tasa: limit must be a positive integer or None, got {limit!r}")
+    if generation not in GENERATION:
+        raise ValueError(f"tasa: generation must be one of {GENERATION}, got {generation!r}")
     if max_gen_toks <= 0 or batch_size <= 0:
         raise ValueError(f"tasa: need max_gen_toks > 0 and batch_size > 0, got {max_gen_toks}, "
                          f"{batch_size}")
@@ -575,7 +634,8 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
     with _offline_and_rng_kept(quiet=not progress):
         from lm_eval.tasks import TaskManager
 
-        lm = _make_lm(model, tokenizer, batch_size, max_length, progress)
+        lm = _make_lm(model, tokenizer, batch_size, max_length, progress,
+                      fast_generation=generation == "fast" and "gsm8k" in tasks)
         with torch.no_grad():
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
@@ -598,6 +658,7 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]] = DEFAULT_TASKS,
                       if limit is not None else "all items",
             "seed": seed, "num_fewshot": shots, "batch_size": int(batch_size),
             "max_gen_toks": int(max_gen_toks), "max_length": eff_max_length,
+            "generation": generation if "gsm8k" in tasks else None,
             "data": used, "n_available": n_available, "model": _model_info(model),
             "seconds": round(seconds, 3),
             "versions": {"lm_eval": getattr(lm_eval, "__version__", "?"),

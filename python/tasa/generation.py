@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from .nn import TasaLinear
 
@@ -204,9 +204,10 @@ class _LeanDecoder:
         return self.head(self.norm(h[:, -1:]))[:, -1]
 
 
-def _greedy(first, after, max_new_tokens, min_new_tokens, eos, on_token):
+def _greedy(first, after, max_new_tokens, min_new_tokens, eos, on_token, stop=None):
     """The greedy loop: ``first()`` -> logits of the prompt's last position, ``after(token ids
-    [1])`` -> logits after that token. Returns (tokens, prefill seconds, decode seconds)."""
+    [1])`` -> logits after that token; ``stop(tokens so far)`` ends it early (after
+    ``min_new_tokens``). Returns (tokens, prefill seconds, decode seconds)."""
     out_tokens: List[int] = []
     t0 = time.perf_counter()
     nxt = first().argmax(-1)
@@ -217,7 +218,8 @@ def _greedy(first, after, max_new_tokens, min_new_tokens, eos, on_token):
         out_tokens.append(tok)
         if on_token is not None:
             on_token(tok)
-        if len(out_tokens) >= max_new_tokens or (tok in eos and len(out_tokens) >= min_new_tokens):
+        if len(out_tokens) >= max_new_tokens or (len(out_tokens) >= min_new_tokens and (
+                tok in eos or (stop is not None and stop(out_tokens)))):
             break
         nxt = after(nxt).argmax(-1)
     return out_tokens, prefill, time.perf_counter() - t1
@@ -278,11 +280,28 @@ class _Streamer:
         pass
 
 
-def _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token):
+class _StopCriteria(StoppingCriteria):
+    """``stop(new tokens so far)`` as a transformers stopping criterion (batch 1), from
+    ``min_new`` tokens on (transformers' min_new_tokens only holds back the end-of-sequence
+    token, not a stopping criterion)."""
+
+    def __init__(self, stop, prompt_len: int, min_new: int):
+        self.stop, self.prompt_len, self.min_new = stop, prompt_len, min_new
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[0, self.prompt_len:].tolist()
+        done = len(new) >= self.min_new and bool(self.stop(new))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token, stop=None):
     s = _Streamer(on_token)
     t0 = time.perf_counter()
+    crit = StoppingCriteriaList([_StopCriteria(stop, input_ids.shape[1], min_new_tokens)]
+                                if stop else [])
     model.generate(input_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   do_sample=False, streamer=s, attention_mask=torch.ones_like(input_ids))
+                   do_sample=False, streamer=s, attention_mask=torch.ones_like(input_ids),
+                   stopping_criteria=crit)
     t_end = time.perf_counter()
     t_first = s.t_first or t_end
     return s.tokens, t_first - t0, t_end - t_first
@@ -291,11 +310,13 @@ def _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token):
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
              max_new_tokens: int = 128, *, fast: bool = True, min_new_tokens: int = 0,
-             on_token: Optional[Callable[[int], None]] = None) -> GenerationResult:
+             on_token: Optional[Callable[[int], None]] = None,
+             stop: Optional[Callable[[List[int]], bool]] = None) -> GenerationResult:
     """Greedy continuation of ``prompt`` (text, or token ids ``[1, T]``), batch 1.
 
     ``on_token(id)`` is called for every new token as it is produced (streaming). Stops at an
-    end-of-sequence token (after ``min_new_tokens``) or after ``max_new_tokens``."""
+    end-of-sequence token or when ``stop(new token ids so far)`` is true (either after
+    ``min_new_tokens``), or after ``max_new_tokens``."""
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"tasa: need 1 <= max_new_tokens and 0 <= min_new_tokens <= "
                          f"max_new_tokens, got {max_new_tokens}, {min_new_tokens}")
@@ -313,17 +334,18 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
         eos = _eos_ids(model, tokenizer)
         try:
             tokens, pre, dec = _lean(model, input_ids, max_new_tokens, min_new_tokens, eos,
-                                     on_token)
+                                     on_token, stop)
             path = "fast"
         except FastPathUnavailable:
             try:         # another architecture: the model's own forward, one call per token
                 tokens, pre, dec = _fast(model, input_ids, max_new_tokens, min_new_tokens, eos,
-                                         on_token)
+                                         on_token, stop)
                 path = "fast-model"
             except FastPathUnavailable as e:
                 warnings.warn(f"tasa: the fast decode loop cannot drive this model ({e}); "
                               f"using transformers' generate")
     if path == "eager":
-        tokens, pre, dec = _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token)
+        tokens, pre, dec = _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token,
+                                  stop)
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationResult(tokens, text, int(input_ids.shape[1]), pre, dec, path)
