@@ -67,9 +67,11 @@ using tasa::GemmArgs;
 namespace {
 
 // Per-call scratch (x in fp32, its group sums, int8 or bf16 pieces) carved from one buffer per
-// calling thread that only grows: the std::vectors it replaces were allocated and zero-filled on
-// every call, part of the fixed per-call cost that keeps small GEMVs (a 1024x4096 k/v
-// projection streams in ~35 us) off the memory bound. OpenMP workers only read it.
+// calling thread, kept between calls up to kKeepBytes: the std::vectors it replaces were
+// allocated and zero-filled on every call, part of the fixed per-call cost that keeps small
+// GEMVs (a 1024x4096 k/v projection streams in ~35 us) off the memory bound. Larger calls (a
+// long prefill: 2048 x 14336 fp32 x is 117 MB) free theirs afterwards, as before, instead of
+// holding it for the life of the thread. OpenMP workers only read it.
 class Scratch {
  public:
   template <class T>
@@ -89,6 +91,10 @@ class Scratch {
     used_ = 0;
     return true;
   }
+  void trim() {   // after a call: give a large buffer back
+    if (buf_.size() > kKeepBytes) std::vector<char>().swap(buf_);
+  }
+  static constexpr size_t kKeepBytes = 8u << 20;   // every GEMV (M = 1) of a K < 500k fits
 
  private:
   char* base() { return (char*)(((uintptr_t)buf_.data() + 63) & ~(uintptr_t)63); }
@@ -204,5 +210,6 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
     const int64_t cb0 = 2 * p0, cb1 = 2 * p1 < NB ? 2 * p1 : NB;
     if (cb0 < cb1) bad |= fn(a, cb0, cb1);
   }
+  sc.trim();
   return bad ? TASA_ERR_NONFINITE : TASA_OK;
 }
