@@ -6,7 +6,6 @@ import sys, torch, json
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasa.nn import TasaLinear
-import tasa_ext
 from bench_generate import _tasa_model
 torch.set_num_threads(2)
 
