@@ -335,8 +335,6 @@ def per_item(mdir: Path, row: dict, task: str) -> dict:
     return out
 
 
-
-
 def config_of(name: str) -> str:
     return name.split(", seed ")[0]
 

@@ -442,8 +442,7 @@ def _fast_generate(lm, context, max_length: int, stop, generation_kwargs: dict):
     rows = []
     for r in range(context.shape[0]):
         ids = context[r] if mask is None else context[r][mask[r].bool()]
-        out = tgen.generate(lm.model, lm.tokenizer, ids[None], n_new, fast=True,
-                                  stop=stop_fn)
+        out = tgen.generate(lm.model, lm.tokenizer, ids[None], n_new, fast=True, stop=stop_fn)
         rows.append(torch.cat([context[r], torch.tensor(out.tokens, dtype=context.dtype,
                                                         device=context.device)]))
     width = max(len(x) for x in rows)
