@@ -42,15 +42,17 @@ RETENTION_TASKS = (("gsm8k_nll", "bits_per_byte", "lower"), ("arc_challenge", "a
                    ("arc_easy", "acc_norm", "higher"))
 
 
-def paper_rows(bits: float, beta: float, seeds=(0, 1, 2), sweep=(), other_seeds=None) -> list:
+def paper_rows(bits: float, beta: float, seeds=(0, 1, 2), sweep=(), other_seeds=None,
+               sweep_seeds=(0,)) -> list:
     """The issue-15 suite: TASA at ``bits`` code bits (the paper's count) and at ``bits``
     storage bits against RTN W4, GPTQ W4/W3 (general-text calibration, the paper's baseline
     setting) and a non-task-aware mixed-precision baseline at the same code budget (HIGGS's
     dynamic allocation, general calibration); the TASA and GPTQ rows once per calibration seed
     (``cal_seed``: the GPTQ calibration windows; the data split stays seed 0's); then the budget
-    sweep (storage bits, seed 0). ``other_seeds``: how many of the seeds GPTQ W3 and TASA at
-    storage bits get (default all; the target comparison, TASA code bits vs GPTQ W4, always
-    gets every seed)."""
+    sweep (storage bits, seed 0; ``sweep_seeds``: the calibration seeds of the sweep rows, named
+    ", seed s" beyond seed 0 -- to tell a worse step from calibration noise). ``other_seeds``:
+    how many of the seeds GPTQ W3 and TASA at storage bits get (default all; the target
+    comparison, TASA code bits vs GPTQ W4, always gets every seed)."""
     rows = [("reference", {"kind": "ref"}),
             ("RTN W4", {"kind": "uniform", "method": "rtn", "bits": 4})]
     n_other = len(seeds) if other_seeds is None else int(other_seeds)
@@ -72,10 +74,11 @@ def paper_rows(bits: float, beta: float, seeds=(0, 1, 2), sweep=(), other_seeds=
             rows += [higgs, (f"TASA {bits:g} code bits, beta=1 (ppl-only sensitivity), seed {s}",
                              {"kind": "tasa", "bits": bits, "beta": 1.0, "budget": "code",
                               "cal_seed": s})]
-    for b in sweep:
-        rows.append((f"TASA sweep {b:.3f} storage bits", {"kind": "tasa", "bits": b, "beta": beta,
-                                                          "budget": "storage", "cal_seed": 0,
-                                                          "sweep": True}))
+    for s in sweep_seeds:
+        for b in sweep:
+            rows.append((f"TASA sweep {b:.3f} storage bits" + (f", seed {s}" if s else ""),
+                         {"kind": "tasa", "bits": b, "beta": beta, "budget": "storage",
+                          "cal_seed": s, "sweep": True}))
     return rows
 
 
@@ -83,7 +86,7 @@ def suite_rows(st: dict) -> list:
     """The rows of a model's suite from its recorded settings."""
     if st.get("suite", "ablation") == "paper":
         return paper_rows(st["bits"], st["beta"], st.get("seeds", (0, 1, 2)), st.get("sweep", ()),
-                          st.get("other_seeds"))
+                          st.get("other_seeds"), st.get("sweep_seeds") or (0,))
     return rows_for(st["bits"], st["beta"])
 
 
@@ -118,9 +121,10 @@ SETTING_KEYS = ("bits", "beta", "widths", "limit", "seed", "n_calib", "seqlen", 
                 "n_gen", "n_task", "n_test", "sens_ppl_windows", "sens_math_items",
                 "sens_arc_items", "gsm8k_em", "gsm8k_shots", "gsm8k_limit", "max_gen_toks")
 # settings of the paper suite only (absent from the older ablation folders' meta.json)
-PAPER_KEYS = ("suite", "seeds", "other_seeds", "sweep", "granularity", "sens_widths", "sens_dtype")
+PAPER_KEYS = ("suite", "seeds", "other_seeds", "sweep", "sweep_seeds", "granularity", "sens_widths",
+              "sens_dtype")
 # of those, the ones that say which rows exist, not what a row computes (a resume may add rows)
-ROW_SET_KEYS = ("seeds", "other_seeds", "sweep")
+ROW_SET_KEYS = ("seeds", "other_seeds", "sweep", "sweep_seeds")
 
 
 def settings_of(args) -> dict:
@@ -128,7 +132,7 @@ def settings_of(args) -> dict:
     d["widths"] = list(d["widths"])
     if args.suite == "paper":
         d.update({k: getattr(args, k) for k in PAPER_KEYS})
-        for k in ("seeds", "sweep", "sens_widths"):
+        for k in ("seeds", "sweep", "sweep_seeds", "sens_widths"):
             d[k] = list(d[k]) if d[k] is not None else None
     d["data"] = os.path.basename(os.path.normpath(args.data))   # the folder's name, not the path
     return d
@@ -480,7 +484,13 @@ def write_paper_section(lines: list, mname: str, mdir: Path, meta: dict, out: Pa
                      "pair: the same calibration seed; 95% t-intervals):\n")
         lines += [f"- {c}" for c in cmps]
         lines.append("")
-    sweep = sorted((r for r in rows if r["spec"].get("sweep")), key=lambda r: r["avg_bits"])
+    sweeps: dict = {}
+    for r in rows:
+        if r["spec"].get("sweep"):
+            sweeps.setdefault(r["spec"].get("cal_seed", 0), []).append(r)
+    for v in sweeps.values():
+        v.sort(key=lambda r: r["avg_bits"])
+    sweep = sweeps.pop(0, [])
     if sweep:
         lines.append("Budget sweep (TASA, storage bits, seed 0; each step paired against the "
                      "previous budget on the same items):\n")
@@ -508,7 +518,26 @@ def write_paper_section(lines: list, mname: str, mdir: Path, meta: dict, out: Pa
                          f"{fmt(metric(r, 'arc_easy', 'acc_norm'), 3)} | {step} | {changed} |")
             prev = r
         lines.append("")
-    plot(out, mname, rows)
+    if sweep and sweeps:
+        # the same steps at another calibration seed: a step that is worse at seed 0 but not at
+        # the others is calibration noise (GPTQ of every later block sees the changed widths)
+        lines.append("Sweep steps again at other calibration seeds (GSM8K gold NLL, paired on "
+                     "the same items, 95% CI; the seed-0 step between the same budgets beside it):\n")
+        at0 = {round(r["spec"]["bits"], 4): r for r in sweep}
+        for s_, rs in sorted(sweeps.items()):
+            for a, b in zip(rs, rs[1:]):
+                d = paired_seeds(mdir, [b], [a], "gsm8k_nll")
+                ka, kb = round(a["spec"]["bits"], 4), round(b["spec"]["bits"], 4)
+                d0 = (paired_seeds(mdir, [at0[kb]], [at0[ka]], "gsm8k_nll")
+                      if ka in at0 and kb in at0 else None)
+                if d:
+                    lines.append(f"- seed {s_}: {ka:.3f} -> {kb:.3f} storage bits: {d['mean']:+.4f} "
+                                 f"±{d['ci']:.4f} b/B ({fmt(metric(a, 'gsm8k_nll', 'bits_per_byte'), 4)}"
+                                 f" -> {fmt(metric(b, 'gsm8k_nll', 'bits_per_byte'), 4)})"
+                                 + (f"; seed 0: {d0['mean']:+.4f} ±{d0['ci']:.4f}" if d0 else ""))
+        lines.append("")
+    # the sweep at other seeds is the steps' noise check, not more points on the curve
+    plot(out, mname, [r for r in rows if not (r["spec"].get("sweep") and r["spec"].get("cal_seed"))])
     img = os.path.relpath(out / f"{slug(mname)}_quality_vs_bits.png", table.parent)
     lines.append(f"![quality vs bits]({img})\n")
 
@@ -724,6 +753,8 @@ def main(argv=None) -> int:
                     help="how many of --seeds GPTQ W3 and TASA at storage bits get (default all)")
     ap.add_argument("--sweep", default="", help="storage budgets of the paper suite's sweep, "
                     "e.g. 3.25:4.25:0.125 or 3.3,3.5")
+    ap.add_argument("--sweep-seeds", default="0", help="calibration seeds of the sweep rows (seed 0's "
+                    "are the sweep table; others pair each step again, with --rows to pick budgets)")
     ap.add_argument("--granularity", default=defaults.GRANULARITY, help="sensitivity unit")
     ap.add_argument("--sens-widths", default=",".join(map(str, defaults.SENS_WIDTHS)))
     ap.add_argument("--sens-dtype", default=defaults.SENS_DTYPE)
@@ -750,6 +781,7 @@ def main(argv=None) -> int:
     args.widths = tuple(int(x) for x in args.widths.split(","))
     args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     args.sens_widths = tuple(int(x) for x in args.sens_widths.split(",") if x.strip())
+    args.sweep_seeds = tuple(int(x) for x in args.sweep_seeds.split(",") if x.strip()) or (0,)
     if ":" in args.sweep:
         a, b, st = (float(x) for x in args.sweep.split(":"))
         args.sweep = tuple(round(a + i * st, 4) for i in range(int(round((b - a) / st)) + 1))
@@ -783,7 +815,8 @@ def main(argv=None) -> int:
             if getattr(args, k) is not None:
                 setattr(cfg, k, getattr(args, k))
         mpath = mdir / "measurement.json"
-        rows_def = (paper_rows(margs.bits, margs.beta, args.seeds, args.sweep, args.other_seeds)
+        rows_def = (paper_rows(margs.bits, margs.beta, args.seeds, args.sweep, args.other_seeds,
+                               args.sweep_seeds)
                     if args.suite == "paper" else rows_for(margs.bits, margs.beta, margs.extra_budgets))
         if args.rows:
             keep = [k.strip() for k in args.rows.split(";") if k.strip()]

@@ -3,8 +3,10 @@ JSON, the table is rebuilt from them, a rerun recomputes nothing, and results ar
 under fixed seeds. Data: the slices shipped with tasa, laid out as a data folder."""
 import importlib.util
 import json
+import math
 import re
 
+import numpy as np
 import pytest
 
 from helpers import REPO, byte_tokenizer, shipped_data_folder, tiny_llama
@@ -233,6 +235,53 @@ def test_paper_suite_rows():
     h = next(v for n, v in rows.items() if n.startswith("HIGGS"))
     assert h["scoring"] == "higgs" and h["alpha"] == 1.0 and h["budget"] == "code"
     assert [v["bits"] for v in rows.values() if v.get("sweep")] == [3.25, 3.5]
+    rows = dict(mod.paper_rows(3.5, 0.5, seeds=(0,), sweep=(3.25, 3.5), sweep_seeds=(0, 1)))
+    sw = {n: (v["bits"], v["cal_seed"]) for n, v in rows.items() if v.get("sweep")}
+    assert sw == {"TASA sweep 3.250 storage bits": (3.25, 0), "TASA sweep 3.500 storage bits": (3.5, 0),
+                  "TASA sweep 3.250 storage bits, seed 1": (3.25, 1),
+                  "TASA sweep 3.500 storage bits, seed 1": (3.5, 1)}
+
+
+def _fake_sweep_row(mdir, name, bits, seed, nll):
+    """A sweep row as reproduce.py writes it, with a sample log of per-item (loglik, bytes)."""
+    raw = name.replace(" ", "_").replace(",", "_") + ".raw.json"
+    samples = [{"doc_id": i, "bits_per_byte": [-v * math.log(2) * 100, 100]} for i, v in enumerate(nll)]
+    (mdir / "rows" / raw).write_text(json.dumps({"samples": {"gsm8k_nll": samples}}))
+    row = {"name": name, "spec": {"kind": "tasa", "bits": bits, "budget": "storage",
+                                  "cal_seed": seed, "sweep": True},
+           "avg_bits": bits, "code_avg_bits": bits - 0.25,
+           "eval": {"raw": raw, "wikitext2": {"ppl": 30.0},
+                    "lm_eval": {"gsm8k_nll": {"bits_per_byte": sum(nll) / len(nll)}}}}
+    (mdir / "rows" / (name.replace(" ", "_") + ".json")).write_text(json.dumps(row))
+
+
+def test_sweep_steps_at_other_seeds_in_the_table(tmp_path):
+    """The sweep table is seed 0's; the rows of --sweep-seeds pair each step again at their
+    seed, with the seed-0 step between the same budgets beside it (numbers from the logs)."""
+    mod = _load_harness_plain()
+    mdir = tmp_path / "out" / "m"
+    (mdir / "rows").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.5, 1.0, 7)
+    step0, step1 = rng.normal(0.02, 0.01, 7), rng.normal(-0.01, 0.01, 7)
+    _fake_sweep_row(mdir, "TASA sweep 3.500 storage bits", 3.5, 0, base)
+    _fake_sweep_row(mdir, "TASA sweep 3.750 storage bits", 3.75, 0, base + step0)
+    _fake_sweep_row(mdir, "TASA sweep 3.500 storage bits, seed 1", 3.5, 1, base + 0.1)
+    _fake_sweep_row(mdir, "TASA sweep 3.750 storage bits, seed 1", 3.75, 1, base + 0.1 + step1)
+    st = {"bits": 3.5, "beta": 0.5, "seeds": [0], "sweep": [3.5, 3.75], "sweep_seeds": [0, 1],
+          "other_seeds": None, "limit": 7, "seed": 0, "ppl_windows": 1, "n_calib": 2,
+          "seqlen": 64, "widths": [3, 4, 8], "granularity": "sublayer", "sens_widths": [3, 4],
+          "sens_dtype": "bfloat16"}
+    meta = {"settings": st, "command": "c", "date": "d", "commit": "x", "machine": "m"}
+    lines: list = []
+    mod.write_paper_section(lines, "m", mdir, meta, tmp_path / "out", tmp_path / "t.md")
+    text = "\n".join(lines)
+    sweep_table = text.split("Budget sweep")[1].split("Sweep steps again")[0]
+    assert "seed 1" not in sweep_table and sweep_table.count("\n| 3.") == 2
+    line = next(x for x in lines if x.startswith("- seed 1: 3.500 -> 3.750"))
+    m1, h1 = mod.ci95(step1)
+    m0, h0 = mod.ci95(step0)
+    assert f"{m1:+.4f} ±{h1:.4f}" in line and f"seed 0: {m0:+.4f} ±{h0:.4f}" in line
 
 
 @pytest.mark.slow
