@@ -282,6 +282,36 @@ def test_sweep_steps_at_other_seeds_in_the_table(tmp_path):
     m1, h1 = mod.ci95(step1)
     m0, h0 = mod.ci95(step0)
     assert f"{m1:+.4f} ±{h1:.4f}" in line and f"seed 0: {m0:+.4f} ±{h0:.4f}" in line
+    # seed noise: each budget at seeds 0 and 1 is one config at two seeds
+    rms = math.sqrt((0.1 ** 2 + (0.1 + m1 - m0) ** 2) / 2)
+    assert f"differs by {rms:.4f} b/B" in text and "over 2 seed pairs of 2 TASA configs" in text
+    step_row = next(x for x in sweep_table.splitlines() if x.startswith("| 3.750"))
+    assert ("**worse** (items)" in step_row) == (m0 > h0)      # far below 2 x 0.1
+    assert "beyond seed noise" not in step_row
+
+
+def test_sweep_step_beyond_seed_noise_is_flagged(tmp_path):
+    """A step larger than twice the seed-to-seed difference of one config is flagged as worse
+    beyond seed noise (here the two seeds of each budget differ by 0.001-0.002 b/B)."""
+    mod = _load_harness_plain()
+    mdir = tmp_path / "out" / "m"
+    (mdir / "rows").mkdir(parents=True)
+    base = np.random.default_rng(4).uniform(0.5, 1.0, 9)
+    step = 0.03 + 0.002 * np.arange(9)
+    for seed, off in ((0, 0.0), (1, 0.001)):
+        sfx = f", seed {seed}" if seed else ""
+        _fake_sweep_row(mdir, "TASA sweep 3.500 storage bits" + sfx, 3.5, seed, base + off)
+        _fake_sweep_row(mdir, "TASA sweep 3.750 storage bits" + sfx, 3.75, seed, base + 2 * off + step)
+    st = {"bits": 3.5, "beta": 0.5, "seeds": [0], "sweep": [3.5, 3.75], "sweep_seeds": [0, 1],
+          "other_seeds": None, "limit": 9, "seed": 0, "ppl_windows": 1, "n_calib": 2,
+          "seqlen": 64, "widths": [3, 4, 8], "granularity": "sublayer", "sens_widths": [3, 4],
+          "sens_dtype": "bfloat16"}
+    lines: list = []
+    mod.write_paper_section(lines, "m", mdir, {"settings": st, "command": "c", "date": "d",
+                                               "commit": "x", "machine": "m"},
+                            tmp_path / "out", tmp_path / "t.md")
+    row = next(x for x in lines if x.startswith("| 3.750"))
+    assert "**worse beyond seed noise**" in row
 
 
 @pytest.mark.slow
