@@ -344,6 +344,12 @@ def config_of(name: str) -> str:
     return name.split(", seed ")[0]
 
 
+def mean_diff(a: dict, b: dict) -> float | None:
+    """Mean of a[i] - b[i] over the items both per-item score maps have (None: none shared)."""
+    com = sorted(set(a) & set(b))
+    return sum(a[i] - b[i] for i in com) / len(com) if com else None
+
+
 def paired_seeds(mdir: Path, A: list, B: list, task: str) -> dict | None:
     """Config A against config B (each a list of rows, one per calibration seed) on the same
     items: per item, each config's score averaged over its seeds, then the paired difference
@@ -366,11 +372,8 @@ def paired_seeds(mdir: Path, A: list, B: list, task: str) -> dict | None:
            "a_higher": sum(x > 0 for x in d)}
     sa = {r["spec"].get("cal_seed"): per_item(mdir, r, task) for r in A}
     sb = {r["spec"].get("cal_seed"): per_item(mdir, r, task) for r in B}
-    seed_d = []
-    for s_ in sorted(set(sa) & set(sb), key=str):
-        com = sorted(set(sa[s_]) & set(sb[s_]))
-        if com:
-            seed_d.append(sum(sa[s_][i] - sb[s_][i] for i in com) / len(com))
+    seed_d = [x for x in (mean_diff(sa[s_], sb[s_]) for s_ in sorted(set(sa) & set(sb), key=str))
+              if x is not None]
     if seed_d:
         sm, sh = ci95(seed_d)
         out.update({"seeds": len(seed_d), "seed_mean": sm, "seed_ci": sh, "per_seed": seed_d})
@@ -390,10 +393,8 @@ def seed_noise(mdir: Path, groups: dict, task: str = "gsm8k_nll") -> dict | None
         if len(per) < 2:
             continue
         configs += 1
-        for a, b in itertools.combinations(per, 2):
-            com = sorted(set(a) & set(b))
-            if com:
-                diffs.append(sum(a[i] - b[i] for i in com) / len(com))
+        diffs += [x for x in itertools.starmap(mean_diff, itertools.combinations(per, 2))
+                  if x is not None]
     if not diffs:
         return None
     return {"rms": math.sqrt(sum(x * x for x in diffs) / len(diffs)), "pairs": len(diffs),
@@ -508,18 +509,17 @@ def write_paper_section(lines: list, mname: str, mdir: Path, meta: dict, out: Pa
                      "pair: the same calibration seed; 95% t-intervals):\n")
         lines += [f"- {c}" for c in cmps]
         lines.append("")
-    sweeps: dict = {}
+    sweeps: dict = {}            # calibration seed -> its sweep rows
+    same_budget: dict = {}       # the sweep at several seeds: one config per budget too
     for r in rows:
         if r["spec"].get("sweep"):
             sweeps.setdefault(r["spec"].get("cal_seed", 0), []).append(r)
+            if "same_as" not in r:
+                same_budget.setdefault(f"sweep {r['spec']['bits']}", []).append(r)
     for v in sweeps.values():
         v.sort(key=lambda r: r["avg_bits"])
     sweep = sweeps.pop(0, [])
     if sweep:
-        same_budget: dict = {}       # the sweep at several seeds: one config per budget too
-        for r in rows:
-            if r["spec"].get("sweep") and "same_as" not in r:
-                same_budget.setdefault(f"sweep {r['spec']['bits']}", []).append(r)
         # TASA's own seed noise: uniform GPTQ W3 moves ten times more on Gemma and would hide
         # every step
         noise = seed_noise(mdir, {**{k: v for k, v in groups.items() if v[0]["spec"]["kind"] == "tasa"},

@@ -255,6 +255,19 @@ def _fake_sweep_row(mdir, name, bits, seed, nll):
     (mdir / "rows" / (name.replace(" ", "_") + ".json")).write_text(json.dumps(row))
 
 
+def _sweep_section(mod, mdir, tmp_path, n_items) -> list:
+    """The paper section's lines for the fake sweep rows in mdir (budgets 3.5, 3.75; seeds 0, 1)."""
+    st = {"bits": 3.5, "beta": 0.5, "seeds": [0], "sweep": [3.5, 3.75], "sweep_seeds": [0, 1],
+          "other_seeds": None, "limit": n_items, "seed": 0, "ppl_windows": 1, "n_calib": 2,
+          "seqlen": 64, "widths": [3, 4, 8], "granularity": "sublayer", "sens_widths": [3, 4],
+          "sens_dtype": "bfloat16"}
+    lines: list = []
+    mod.write_paper_section(lines, "m", mdir, {"settings": st, "command": "c", "date": "d",
+                                               "commit": "x", "machine": "m"},
+                            tmp_path / "out", tmp_path / "t.md")
+    return lines
+
+
 def test_sweep_steps_at_other_seeds_in_the_table(tmp_path):
     """The sweep table is seed 0's; the rows of --sweep-seeds pair each step again at their
     seed, with the seed-0 step between the same budgets beside it (numbers from the logs)."""
@@ -268,13 +281,7 @@ def test_sweep_steps_at_other_seeds_in_the_table(tmp_path):
     _fake_sweep_row(mdir, "TASA sweep 3.750 storage bits", 3.75, 0, base + step0)
     _fake_sweep_row(mdir, "TASA sweep 3.500 storage bits, seed 1", 3.5, 1, base + 0.1)
     _fake_sweep_row(mdir, "TASA sweep 3.750 storage bits, seed 1", 3.75, 1, base + 0.1 + step1)
-    st = {"bits": 3.5, "beta": 0.5, "seeds": [0], "sweep": [3.5, 3.75], "sweep_seeds": [0, 1],
-          "other_seeds": None, "limit": 7, "seed": 0, "ppl_windows": 1, "n_calib": 2,
-          "seqlen": 64, "widths": [3, 4, 8], "granularity": "sublayer", "sens_widths": [3, 4],
-          "sens_dtype": "bfloat16"}
-    meta = {"settings": st, "command": "c", "date": "d", "commit": "x", "machine": "m"}
-    lines: list = []
-    mod.write_paper_section(lines, "m", mdir, meta, tmp_path / "out", tmp_path / "t.md")
+    lines = _sweep_section(mod, mdir, tmp_path, 7)
     text = "\n".join(lines)
     sweep_table = text.split("Budget sweep")[1].split("Sweep steps again")[0]
     assert "seed 1" not in sweep_table and sweep_table.count("\n| 3.") == 2
@@ -302,15 +309,7 @@ def test_sweep_step_beyond_seed_noise_is_flagged(tmp_path):
         sfx = f", seed {seed}" if seed else ""
         _fake_sweep_row(mdir, "TASA sweep 3.500 storage bits" + sfx, 3.5, seed, base + off)
         _fake_sweep_row(mdir, "TASA sweep 3.750 storage bits" + sfx, 3.75, seed, base + 2 * off + step)
-    st = {"bits": 3.5, "beta": 0.5, "seeds": [0], "sweep": [3.5, 3.75], "sweep_seeds": [0, 1],
-          "other_seeds": None, "limit": 9, "seed": 0, "ppl_windows": 1, "n_calib": 2,
-          "seqlen": 64, "widths": [3, 4, 8], "granularity": "sublayer", "sens_widths": [3, 4],
-          "sens_dtype": "bfloat16"}
-    lines: list = []
-    mod.write_paper_section(lines, "m", mdir, {"settings": st, "command": "c", "date": "d",
-                                               "commit": "x", "machine": "m"},
-                            tmp_path / "out", tmp_path / "t.md")
-    row = next(x for x in lines if x.startswith("| 3.750"))
+    row = next(x for x in _sweep_section(mod, mdir, tmp_path, 9) if x.startswith("| 3.750"))
     assert "**worse beyond seed noise**" in row
 
 
