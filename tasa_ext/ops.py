@@ -4,6 +4,7 @@ Ops (namespace ``tasa``):
   pack(codes u8 [N,K], group_bits i32 [K/G], G) -> (qweight i32 [ceil(N/16), R, 16], gtable i32 [K/G, 3])
   unpack(qweight, gtable, N, G) -> codes u8 [N, K]                       (logical row order)
   dequant(qweight, scales f16 [K/G, N], zeros f16? , gtable, perm i32? [K], G) -> W f32 [N, K]
+  embed(ids i64 [...], qweight, scales, zeros?, gtable, perm?, G) -> f32 [..., K]   (rows of W: a lookup)
   gemm(x [..., K] f32|bf16|f16, qweight, scales, zeros?, gtable, perm?, G) -> y [..., N] (x's dtype)
   hessian_accumulate_(H f32 [S,K,K]!, X [T,K], src i64? [T], count i64 [S]!) -> ()
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
@@ -20,6 +21,8 @@ SCHEMAS = {
     "unpack": "unpack(Tensor qweight, Tensor gtable, int N, int group_size) -> Tensor",
     "dequant": "dequant(Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, Tensor? perm, "
                "int group_size) -> Tensor",
+    "embed": "embed(Tensor ids, Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, "
+             "Tensor? perm, int group_size) -> Tensor",
     "gemm": "gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, Tensor? perm, "
             "int group_size) -> Tensor",
     "hessian_accumulate_": "hessian_accumulate_(Tensor(a!) H, Tensor X, Tensor? src, Tensor(b!) count) -> ()",
@@ -64,6 +67,14 @@ def _dequant_fake(qweight, scales, zeros, gtable, perm, group_size):
     return qweight.new_empty((scales.shape[1], gtable.shape[0] * group_size), dtype=torch.float32)
 
 
+@torch.library.register_fake("tasa::embed")
+def _embed_fake(ids, qweight, scales, zeros, gtable, perm, group_size):
+    _same_device("qweight", qweight, ids=ids, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
+    if ids.dtype != torch.int64:
+        raise RuntimeError(f"tasa: ids must be int64, got {ids.dtype}")
+    return qweight.new_empty((*ids.shape, gtable.shape[0] * group_size), dtype=torch.float32)
+
+
 @torch.library.register_fake("tasa::gemm")
 def _gemm_fake(x, qweight, scales, zeros, gtable, perm, group_size):
     _same_device("qweight", qweight, x=x, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
@@ -94,6 +105,14 @@ def unpack(qweight, gtable, n_out: int, group_size: int) -> torch.Tensor:
 
 def dequant(qweight, scales, zeros, gtable, perm, group_size: int) -> torch.Tensor:
     return torch.ops.tasa.dequant(qweight, scales, zeros, gtable, perm, group_size)
+
+
+def embed(ids, qweight, scales, zeros: Optional[torch.Tensor], gtable, perm: Optional[torch.Tensor],
+          group_size: int) -> torch.Tensor:
+    """Rows ``ids`` (int64, any shape) of the dequantized packed matrix W [N, K], fp32
+    ``[*ids.shape, K]``: the lookup of an embedding stored packed (for a tied embedding the same
+    buffers serve ``gemm`` as the output projection). An id outside [0, N) is an error."""
+    return torch.ops.tasa.embed(ids, qweight, scales, zeros, gtable, perm, group_size)
 
 
 def gemm(x, qweight, scales, zeros: Optional[torch.Tensor], gtable, perm: Optional[torch.Tensor],

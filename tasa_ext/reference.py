@@ -109,6 +109,15 @@ def dequant(qweight, scales, zeros, gtable, perm, group_size, dtype=torch.float3
     return W.to(dtype)
 
 
+def embed(ids, qweight, scales, zeros, gtable, perm, group_size) -> torch.Tensor:
+    """Rows ``ids`` of the dequantized W [N, K]: ``out[..., :] = W[ids[...], :]`` (fp32)."""
+    N = scales.shape[1]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= N):
+        raise IndexError(f"tasa: ids outside [0, {N})")
+    W = dequant(qweight, scales, zeros, gtable, perm, group_size)
+    return W[ids.long()]
+
+
 def gemm(x, qweight, scales, zeros, gtable, perm, group_size) -> torch.Tensor:
     W = dequant(qweight, scales, zeros, gtable, perm, group_size, torch.float64)
     return (x.to(torch.float64) @ W.T).to(x.dtype)

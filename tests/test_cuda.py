@@ -91,6 +91,23 @@ def test_dequant_rejects_nonfinite_scale(dev):
         tasa_ext.dequant(d["qweight"], d["scales"], d["zeros"], d["gtable"], None, 32)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("pattern", ["u3", "u8", "mix"])
+@pytest.mark.parametrize("asym,act_order", [(False, False), (True, False), (True, True)])
+def test_embed_bit_identical_to_cpu(dev, pattern, asym, act_order):
+    N, G = 53, 64
+    K = G * 5
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order)
+    ids = torch.randint(0, N, (3, 7))
+    want = tasa_ext.embed(ids, p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    d = to_dev(p, dev)
+    got = tasa_ext.embed(ids.to(dev), d["qweight"], d["scales"], d["zeros"], d["gtable"], d["perm"], G)
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(RuntimeError, match="outside"):
+        tasa_ext.embed(torch.tensor([N], device=dev), d["qweight"], d["scales"], d["zeros"],
+                       d["gtable"], d["perm"], G)
+
+
 # ---- gemm -------------------------------------------------------------------------------------
 
 # Per-element bound |y - y_ref| <= eps * (|x| @ |W|^T) + eps * |y_ref|: eps covers fp32
@@ -198,6 +215,8 @@ def test_opcheck_cuda(dev):
     opcheck(torch.ops.tasa.gemm.default, (x, p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G))
     opcheck(torch.ops.tasa.dequant.default, (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G))
     opcheck(torch.ops.tasa.unpack.default, (p["qweight"], p["gtable"], N, G))
+    opcheck(torch.ops.tasa.embed.default, (torch.tensor([[0, N - 1, 5]], device=dev), p["qweight"],
+                                           p["scales"], p["zeros"], p["gtable"], p["perm"], G))
 
 
 # ---- hessian ----------------------------------------------------------------------------------

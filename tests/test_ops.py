@@ -46,6 +46,41 @@ def test_dequant_exact(pattern, asym, act_order):
     assert torch.equal(tasa_ext.dequant(*args), ref.dequant(*args))
 
 
+@pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
+@pytest.mark.parametrize("asym,act_order", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("N,K,G,ids_shape", [(53, 320, 64, (3, 7)), (1, 96, 32, (4,)),
+                                             (37, 384, 128, (1, 1)), (1000, 160, 32, (700,))])
+def test_embed_rows_equal_dequant(pattern, asym, act_order, N, K, G, ids_shape):
+    """embed(ids) is exactly W[ids] of the same packed matrix (the reference's fp64 rounding),
+    for odd N, every width and mix, perm and zeros, ids repeated and at both ends; the
+    (700, K) case crosses the threaded branch."""
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=N)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    g = torch.Generator().manual_seed(K)
+    ids = torch.randint(0, N, ids_shape, generator=g)
+    ids.view(-1)[0] = N - 1
+    ids.view(-1)[-1] = 0
+    got = tasa_ext.embed(ids, *args)
+    assert got.shape == (*ids_shape, K) and got.dtype == torch.float32
+    assert torch.equal(got, ref.embed(ids, *args))
+    assert torch.equal(got, tasa_ext.dequant(*args)[ids])
+
+
+def test_embed_refuses_bad_ids_and_empty():
+    p = random_packed(20, 64, 32, [4, 8], asym=True, act_order=False)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 32)
+    for bad in ([20], [-1], [0, 2**62]):
+        with pytest.raises(RuntimeError, match="outside"):
+            tasa_ext.embed(torch.tensor(bad), *args)
+    with pytest.raises(RuntimeError, match="int64"):
+        tasa_ext.embed(torch.tensor([1], dtype=torch.int32), *args)
+    assert tasa_ext.embed(torch.zeros(0, dtype=torch.long), *args).shape == (0, 64)
+    p["scales"][1, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        tasa_ext.embed(torch.tensor([3]), *args)
+    assert torch.isfinite(tasa_ext.embed(torch.tensor([4]), *args)).all()   # other rows fine
+
+
 def rel_err(y, y64):
     return float((y.double() - y64).norm() / y64.norm())
 
@@ -175,13 +210,15 @@ def _sample_args():
     return p, (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
 
 
-@pytest.mark.parametrize("op", ["pack", "unpack", "dequant", "gemm", "hessian_accumulate_"])
+@pytest.mark.parametrize("op", ["pack", "unpack", "dequant", "embed", "gemm", "hessian_accumulate_"])
 def test_opcheck(op):
     p, args = _sample_args()
     samples = {
         "pack": [(p["codes"], p["gb"], 64)],
         "unpack": [(p["qweight"], p["gtable"], 37, 64)],
         "dequant": [args, (p["qweight"], p["scales"], None, p["gtable"], None, 64)],
+        "embed": [(torch.tensor([[0, 36, 5]]),) + args,
+                  (torch.tensor([2]), p["qweight"], p["scales"], None, p["gtable"], None, 64)],
         "gemm": [(torch.randn(3, 256),) + args, (torch.randn(1, 256).bfloat16(),) + args,
                  (torch.randn(2, 5, 256).half(), p["qweight"], p["scales"], None, p["gtable"], None, 64)],
         "hessian_accumulate_": [(torch.zeros(2, 33, 33), torch.randn(20, 33), torch.randint(0, 2, (20,)),

@@ -238,6 +238,11 @@ def test_fuzz_ops_match_the_reference_or_refuse_clearly(case, asym, act_order, d
     perm = torch.randperm(K, generator=g).to(torch.int32) if act_order else None
     W = tasa_ext.dequant(q, scales, zeros, t, perm, G)
     assert torch.allclose(W, ref.dequant(q, scales, zeros, t, perm, G), rtol=0, atol=0)
+    ids = torch.randint(0, N, (M,), generator=g)
+    assert torch.equal(tasa_ext.embed(ids, q, scales, zeros, t, perm, G), W[ids])
+    with pytest.raises(RuntimeError, match="tasa: an index is outside"):
+        tasa_ext.embed(ids + N, q, scales, zeros, t, perm, G) if M else tasa_ext.embed(
+            torch.tensor([N]), q, scales, zeros, t, perm, G)
     x = torch.randn(M, K, generator=g).to(dtype)
     y = tasa_ext.gemm(x, q, scales, zeros, t, perm, G)
     y_ref = ref.gemm(x, q, scales, zeros, t, perm, G)

@@ -156,6 +156,39 @@ __global__ void dequant_kernel(const uint32_t* __restrict__ qweight, const uint1
   }
 }
 
+// Embedding lookup: one thread per (id, stored tile) -- the dequant kernel's work for the
+// columns the ids name. Out-of-range ids set flag bit 2 (checked on the host afterwards: the
+// lookup is synchronous like dequant; a decode step's embedding is a few KB).
+__global__ void embed_kernel(const int64_t* __restrict__ ids, int64_t n_ids,
+                             const uint32_t* __restrict__ qweight, const uint16_t* __restrict__ scales,
+                             const uint16_t* __restrict__ zeros, const int32_t* __restrict__ gtable,
+                             const int32_t* __restrict__ perm, int64_t N, int64_t K, int64_t G,
+                             int64_t R, float* __restrict__ out, int* bad) {
+  const int64_t tpg = G / TASA_TILE_K, n_tiles = K / TASA_TILE_K;
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n_ids * n_tiles) return;
+  const int64_t i = idx / n_tiles, tt = idx % n_tiles;
+  const int64_t n = ids[i];
+  if (n < 0 || n >= N) { atomicOr(bad, 2); return; }
+  const int64_t j = tt / tpg, t = tt % tpg;
+  const int b = gtable[j * 3 + 0];
+  const int64_t off = gtable[j * 3 + 1], lg = gtable[j * 3 + 2];
+  const uint16_t sh = scales[j * N + n], zh = zeros ? zeros[j * N + n] : (uint16_t)0;
+  if (!half_bits_finite(sh) || !half_bits_finite(zh)) { atomicOr(bad, 1); return; }
+  const double s = half_bits_to_f32(sh);
+  const double z = zeros ? (double)half_bits_to_f32(zh) : (double)(1 << (b - 1));
+  const uint32_t* in = qweight + ((n / TASA_COL_BLOCK) * R + off + t * b) * TASA_COL_BLOCK + n % TASA_COL_BLOCK;
+  const int64_t r0 = lg * G + t * TASA_TILE_K;
+  float* row = out + i * K;
+  switch (b) {
+    case 2: dequant_tile<2>(in, s, z, r0, perm, row); break;
+    case 3: dequant_tile<3>(in, s, z, r0, perm, row); break;
+    case 4: dequant_tile<4>(in, s, z, r0, perm, row); break;
+    case 8: dequant_tile<8>(in, s, z, r0, perm, row); break;
+    default: break;
+  }
+}
+
 // Copies gtable (and perm) to the host and validates them like the CPU kernels do.
 int check_layout_device(const int32_t* gtable, const int32_t* perm, int64_t K, int64_t G, int64_t R,
                         cudaStream_t st) {
@@ -244,4 +277,22 @@ int tasa_dequant_cuda(const uint32_t* qweight, const uint16_t* scales, const uin
   if (launch_status() != TASA_OK) return TASA_ERR_CUDA;
   const int f = bad.read();
   return f < 0 ? TASA_ERR_CUDA : f ? TASA_ERR_NONFINITE : TASA_OK;
+}
+
+int tasa_embed_cuda(const int64_t* ids, int64_t n_ids, const uint32_t* qweight,
+                    const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                    const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                    float* out, void* stream) {
+  cudaStream_t st = (cudaStream_t)stream;
+  if (N <= 0) return TASA_ERR_SHAPE;
+  int s = check_layout_device(gtable, perm, K, group_size, R, st);
+  if (s != TASA_OK || K == 0 || n_ids == 0) return s;
+  Flag bad(st);
+  if (!bad.d) return TASA_ERR_ALLOC;
+  const int64_t threads = n_ids * (K / TASA_TILE_K);
+  embed_kernel<<<(unsigned)((threads + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+      ids, n_ids, qweight, scales, zeros, gtable, perm, N, K, group_size, R, out, bad.d);
+  if (launch_status() != TASA_OK) return TASA_ERR_CUDA;
+  const int f = bad.read();
+  return f < 0 ? TASA_ERR_CUDA : f & 2 ? TASA_ERR_INDEX : f ? TASA_ERR_NONFINITE : TASA_OK;
 }

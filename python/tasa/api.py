@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from . import defaults
-from .driver import quantize_lm_head, quantize_model
-from .hf import TasaConfig
+from .driver import quantize_embeddings, quantize_model
+from .hf import TasaConfig, embedding_entry
 from .io import load_quantized, save_quantized
+from .nn import quantized_modules
 from .pipeline import PipelineConfig, run
 from .quant import (LayerSpec, check_plan, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
                     uniform_plan)
@@ -53,6 +55,10 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
     ``settings``: any :class:`tasa.pipeline.PipelineConfig` field (``beta``, ``widths``,
     ``group_size``, ``mode``, ``alpha``, ``n_calib`` ...). Bad settings raise ``ValueError``.
     """
+    if "lm_head_bits" in settings:       # tasa < 0.2: the head alone, the embedding untied
+        warnings.warn("tasa.quantize: lm_head_bits is now embed_bits (the embedding and the "
+                      "head, one packed table when tied)", DeprecationWarning, stacklevel=2)
+        settings["embed_bits"] = settings.pop("lm_head_bits")
     unknown = sorted(set(settings) - _SETTINGS)
     if unknown:
         raise TypeError(f"tasa.quantize: unknown settings {unknown}; known: {sorted(_SETTINGS)}")
@@ -85,16 +91,16 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
                   if n in specs}
         quantize_model(model, specs, "rtn", progress=progress)
         meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
-        saved = dict(specs)                  # the model's modules: decoder linears (+ head)
-        if cfg.lm_head_bits:
-            hname, hspec = quantize_lm_head(model, cfg.lm_head_bits, cfg.group_size, cfg.mode)
-            saved[hname] = hspec
-            meta["lm_head_bits"] = cfg.lm_head_bits
-        model.config.quantization_config = TasaConfig.from_plan(saved, meta=meta)
+        if cfg.embed_bits:
+            meta["embedding"] = quantize_embeddings(model, cfg.embed_bits, cfg.group_size,
+                                                    cfg.mode)
+        model.config.quantization_config = TasaConfig.from_plan(
+            {**{n: m.spec for n, m in quantized_modules(model).items()}, **specs}, meta=meta,
+            embedding=embedding_entry(model))
         if out is not None:
-            save_quantized(model, out, saved, tokenizer=tokenizer, meta=meta)
-            # plan.json: the decoder linears only (the head is --lm-head-bits, as in the job),
-            # so it can be given back as plan=
+            save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)
+            # plan.json: the decoder linears only (embedding and head are --embed-bits, as in
+            # the job), so it can be given back as plan=
             write_json_atomic(Path(out) / defaults.PLAN_NAME, plan_to_dict(specs, shapes, **meta))
         return model
     if tokenizer is None:

@@ -172,7 +172,7 @@ def _pipeline_config(args):
     cfg = pipeline.PipelineConfig()
     for f in ("model", "bits", "data", "seed", "group_size", "mode", "widths", "alpha", "beta",
               "sens_widths", "sens_dtype", "granularity", "method", "n_calib", "seqlen", "n_gen",
-              "n_task", "n_test", "mix_seqlen", "eval_windows", "act_order", "lm_head_bits",
+              "n_task", "n_test", "mix_seqlen", "eval_windows", "act_order", "embed_bits",
               "sens_ppl_windows", "sens_math_items", "sens_arc_items"):
         v = getattr(args, f, None)
         if v is not None:
@@ -337,11 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None,
                    help="WikiText-2 windows for the report's perplexity check (0: skip)")
     p.add_argument("--no-intra", action="store_true", help="skip the intra-layer group step")
-    p.add_argument("--lm-head-bits", type=int, default=None, choices=[0, 2, 3, 4, 8],
-                   help="RTN-quantize the output projection (lm_head) to this width after GPTQ; "
-                        "0 (the default) keeps it in full precision. Reported apart from the "
-                        "decoder linears' average bits; a tied input embedding stays full "
-                        "precision and is untied")
+    p.add_argument("--embed-bits", "--lm-head-bits", dest="embed_bits", type=int, default=None,
+                   choices=[0, 2, 3, 4, 8],
+                   help=f"RTN width of the token embedding and the output projection (one packed "
+                        f"table when tied), quantized after GPTQ; 0 keeps them as the checkpoint "
+                        f"stores them (default {defaults.EMBED_BITS}). Not counted in --bits: "
+                        f"the run's last line and report.md give the whole file's bits per "
+                        f"parameter (--lm-head-bits is the old name)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--measurement", default=None,
                    help="re-use this measurement.json (same settings) instead of measuring")

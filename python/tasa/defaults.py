@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-__all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
+__all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
            "SENS_DTYPE", "GRANULARITY",
            "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
 
@@ -18,6 +18,9 @@ BETA: float = 0.5
 GROUP_SIZE: int = 128
 # the pipeline's default mode: asymmetric min/max groups (zero point per group and column)
 MODE: str = "asym"
+# the token embedding and output projection (one table when tied), RTN-quantized after GPTQ at
+# this width (0: kept as stored). Chosen by measurement: benchmarks/results/embed_bits.md
+EMBED_BITS: int = 8
 # modules left in full precision by default (matched on the last name component or the full name)
 SKIP_MODULES: Tuple[str, ...] = ("lm_head",)
 # sensitivity objectives: held-out general text, GSM8K gold solutions, ARC correct answers

@@ -13,10 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calib
-from .nn import TasaLinear, set_module
+from .nn import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
 from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn, resolve_group_size
 
-__all__ = ["quantize_model", "quantize_lm_head"]
+__all__ = ["quantize_model", "quantize_embeddings"]
 
 
 def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str = "gptq",
@@ -113,35 +113,54 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
     return {"seconds": time.perf_counter() - t0, "layers": len(plan), "errors": errors}
 
 
-def quantize_lm_head(model: nn.Module, bits: int, group_size: int = 128,
-                     mode: str = "asym") -> tuple:
-    """RTN-quantizes the output projection (lm_head) to ``bits`` in place and returns
-    ``(name, LayerSpec)``. Why: at batch 1 the fp32 lm_head of a small model is most of the
-    bytes read per token (SmolLM2-135M: 113 MB of 160 MB; 6.9 of 14 ms per token measured here).
-    RTN because GPTQ's block-wise capture covers decoder blocks only; at 8 bits its error is
-    far below the decoder's 3-4-bit noise.
+def _untie(model: nn.Module, head_name: str) -> None:
+    """Drops the tie of the output projection to the input embedding from the config (both
+    are stored and loaded by tasa as the modules it swapped in; transformers must not try to
+    tie a ``weight`` they no longer have)."""
+    for cfg in {id(model.config): model.config,
+                id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        cfg.tie_word_embeddings = False
+    if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+        model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items()
+                                       if not k.startswith(head_name + ".")}
 
-    A tied input embedding keeps its full-precision weight (a lookup reads one row per token,
-    so quantizing it saves no decode time) and the tie is dropped from the config, so saving
-    and loading keep the embedding and the packed head apart."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"tasa: the output projection is a {type(head).__name__}, not an "
-                         f"nn.Linear (already quantized?)")
-    name = next(n for n, m in model.named_modules() if m is head)
+
+def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
+                        mode: str = "asym") -> dict:
+    """RTN-quantizes the token embedding and the output projection in place and returns what
+    ``TasaConfig.embedding`` records: ``{"module", "head", "tied", "bits", "group_size", "mode",
+    "embed_scale", "avg_bits"}`` (``head``: the output projection's name; with ``tied`` it is a
+    :class:`TasaTiedHead` over the same packed table, else a TasaLinear at the same width).
+
+    Why: the embedding and head were full precision and most of a small model's file
+    (SmolLM2-135M: 113 of 160 MB fp32), and at batch 1 the fp32 head is most of the bytes
+    read per token. RTN because they are outside the decoder blocks GPTQ calibrates; the
+    quality cost of each width is measured in benchmarks/results/embed_bits.md."""
     emb = model.get_input_embeddings()
-    tied = emb is not None and emb.weight.data_ptr() == head.weight.data_ptr()
-    K = head.in_features
+    head = model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"tasa: the input embedding is a {type(emb).__name__}, not an "
+                         f"nn.Embedding (already quantized?)")
+    names = {id(m): n for n, m in model.named_modules()}
+    ename = names[id(emb)]
+    tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == emb.weight.data_ptr()
+    V, K = emb.weight.shape
     G = resolve_group_size(K, group_size)
     spec = LayerSpec([int(bits)] * (K // G), G, mode)
-    q = quantize_rtn(head.weight, spec, name=name)
-    set_module(model, name, TasaLinear.from_quantized(q, head.bias))
-    if tied:
-        emb.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-        for cfg in {id(model.config): model.config,
-                    id(model.config.get_text_config()): model.config.get_text_config()}.values():
-            cfg.tie_word_embeddings = False
-        if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
-            model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items()
-                                           if not k.startswith(name + ".")}
-    return name, spec
+    scale = getattr(emb, "embed_scale", None)
+    scale = None if scale is None else float(torch.as_tensor(scale).float())
+    q = quantize_rtn(emb.weight, spec, name=ename)
+    new = TasaEmbedding.from_quantized(q, embed_scale=scale, out_dtype=emb.weight.dtype)
+    set_module(model, ename, new)
+    hname = None
+    if isinstance(head, nn.Linear):
+        hname = names[id(head)]
+        if tied:
+            set_module(model, hname, TasaTiedHead(new))
+        else:
+            hq = quantize_rtn(head.weight, LayerSpec([int(bits)] * (K // G), G, mode), name=hname)
+            set_module(model, hname, TasaLinear.from_quantized(hq, head.bias))
+        _untie(model, hname)
+    return {"module": ename, "head": hname, "tied": bool(tied), "bits": int(bits),
+            "group_size": G, "mode": mode, "embed_scale": scale,
+            "avg_bits": new.average_bits()}

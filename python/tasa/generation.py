@@ -116,7 +116,8 @@ class _LeanDecoder:
         self.H = cfg.num_attention_heads
         self.KV = getattr(cfg, "num_key_value_heads", None) or self.H
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
-        dtype = self.embed.weight.dtype
+        # a packed embedding (TasaEmbedding) has no weight: its lookups come out in out_dtype
+        dtype = getattr(self.embed, "out_dtype", None) or self.embed.weight.dtype
         self.k = [torch.zeros(1, self.KV, max_len, self.hd, dtype=dtype) for _ in self.layers]
         self.v = [torch.zeros(1, self.KV, max_len, self.hd, dtype=dtype) for _ in self.layers]
         pos = torch.arange(max_len)[None]

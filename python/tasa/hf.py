@@ -35,15 +35,56 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 import tasa_ext
 
-from .nn import TasaLinear, expected_buffers, make_gtable, set_module, validate_tables
+from .nn import (TasaEmbedding, TasaLinear, TasaTiedHead, expected_buffers, make_gtable, set_module,
+                 validate_tables)
 from .quant import LayerSpec
 from .util import sha256_file
 
 __all__ = ["QUANT_METHOD", "CONFIG_VERSION", "TasaConfig", "TasaHfQuantizer", "read_safetensors_header",
-           "CONVERT_HINT"]
+           "CONVERT_HINT", "embedding_entry"]
 
 QUANT_METHOD = "tasa"
-CONFIG_VERSION = 1
+# 2: the packed token embedding (``embedding``; a tied head reads it). Version 1 folders (no
+# embedding entry: embedding and head as the checkpoint stored them) still load.
+CONFIG_VERSION = 2
+READS_VERSIONS = (1, 2)
+_EMBED_KEYS = {"module", "head", "tied", "bits", "group_size", "mode", "embed_scale"}
+
+
+def embedding_entry(model: nn.Module) -> Optional[dict]:
+    """The ``embedding`` entry of a model whose input embedding is a :class:`TasaEmbedding`
+    (None otherwise): read from the modules themselves, so the config cannot disagree with
+    what is saved."""
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, TasaEmbedding):
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    tied = isinstance(head, TasaTiedHead) and head.embedding is emb
+    return {"module": names[id(emb)], "head": names.get(id(head)) if head is not None else None,
+            "tied": tied, "bits": emb.group_bits, "group_size": emb.group_size, "mode": emb.mode,
+            "embed_scale": emb.embed_scale}
+
+
+def _check_embedding_entry(e) -> dict:
+    if not isinstance(e, Mapping) or set(e) != _EMBED_KEYS:
+        raise ValueError(f"tasa: quantization_config.embedding must have exactly the keys "
+                         f"{sorted(_EMBED_KEYS)}, got {sorted(e) if isinstance(e, Mapping) else e!r}")
+    if not isinstance(e["module"], str) or not (e["head"] is None or isinstance(e["head"], str)):
+        raise ValueError("tasa: quantization_config.embedding module/head must be module names")
+    if not isinstance(e["tied"], bool) or (e["tied"] and e["head"] is None):
+        raise ValueError("tasa: quantization_config.embedding.tied must be a bool (and a tied "
+                         "embedding names its head)")
+    sc = e["embed_scale"]
+    if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))
+                           or not (0 < float(sc) < float("inf"))):
+        raise ValueError(f"tasa: quantization_config.embedding.embed_scale must be a positive "
+                         f"finite number or null, got {sc!r}")
+    spec = LayerSpec.from_dict({k: e[k] for k in ("bits", "group_size", "mode")},
+                               e["module"], "quantization_config.embedding")
+    if spec.act_order:
+        raise ValueError("tasa: an embedding cannot have act_order")
+    return {**dict(e), **{k: v for k, v in spec.to_dict().items() if k != "act_order"}}
 CONVERT_HINT = "tasa convert OLD_FOLDER NEW_FOLDER"
 
 
@@ -60,13 +101,13 @@ class TasaConfig(QuantizationConfigMixin):
                  format_version: int = tasa_ext.FORMAT_VERSION, group_size: Optional[int] = None,
                  mode: Optional[str] = None, modules_to_not_convert: Optional[list] = None,
                  meta: Optional[dict] = None, quant_method: str = QUANT_METHOD,
-                 checksums: Optional[dict] = None, **kwargs):
+                 checksums: Optional[dict] = None, embedding: Optional[dict] = None, **kwargs):
         if str(getattr(quant_method, "value", quant_method)) != QUANT_METHOD:
             raise ValueError(f"tasa: quantization_config names quant_method {quant_method!r}, "
                              f"not {QUANT_METHOD!r}")
-        if version != CONFIG_VERSION:
+        if isinstance(version, bool) or version not in READS_VERSIONS:
             raise ValueError(f"tasa: quantization_config version {version!r}; this tasa reads "
-                             f"version {CONFIG_VERSION} (upgrade tasa, or re-quantize)")
+                             f"versions {list(READS_VERSIONS)} (upgrade tasa, or re-quantize)")
         if format_version != tasa_ext.FORMAT_VERSION:
             raise ValueError(f"tasa: quantization_config packing format_version {format_version!r}; "
                              f"this build of tasa_ext reads {tasa_ext.FORMAT_VERSION}; convert an "
@@ -92,20 +133,30 @@ class TasaConfig(QuantizationConfigMixin):
                 isinstance(v, str) for v in checksums.values())):
             raise ValueError("tasa: quantization_config checksums must map file names to sha256")
         self.checksums = dict(checksums or {})
+        self.embedding = None if embedding is None else _check_embedding_entry(embedding)
+        if self.embedding and self.embedding["head"] in self.modules and self.embedding["tied"]:
+            raise ValueError("tasa: quantization_config has the tied head both in modules and "
+                             "in embedding")
 
     @classmethod
-    def from_plan(cls, plan: Mapping[str, LayerSpec], meta: Optional[dict] = None) -> "TasaConfig":
-        return cls(modules=dict(plan), meta=meta)
+    def from_plan(cls, plan: Mapping[str, LayerSpec], meta: Optional[dict] = None,
+                  embedding: Optional[dict] = None) -> "TasaConfig":
+        return cls(modules=dict(plan), meta=meta, embedding=embedding)
 
     def layer_specs(self) -> Dict[str, LayerSpec]:
         return {n: LayerSpec(**d) for n, d in self.modules.items()}
+
+    def embedding_spec(self) -> Optional[LayerSpec]:
+        e = self.embedding
+        return None if e is None else LayerSpec(e["bits"], e["group_size"], e["mode"])
 
     def to_dict(self) -> Dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "version": self.version,
                 "format_version": self.format_version, "group_size": self.group_size,
                 "mode": self.mode, "modules_to_not_convert": list(self.modules_to_not_convert),
                 "meta": dict(self.meta),
-                "modules": {n: dict(d) for n, d in self.modules.items()}}
+                "modules": {n: dict(d) for n, d in self.modules.items()},
+                **({"embedding": dict(self.embedding)} if self.embedding else {})}
 
     def to_diff_dict(self) -> Dict[str, Any]:
         return self.to_dict()
@@ -150,7 +201,8 @@ def _verify_checksums(files, checksums: Mapping[str, str]) -> None:
 
 
 def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files,
-                      checksums: Optional[Mapping[str, str]] = None) -> None:
+                      checksums: Optional[Mapping[str, str]] = None,
+                      embedding: Optional[Mapping] = None) -> None:
     """Every planned module: exactly its TasaLinear buffers, with the expected shapes and integer
     / fp16 dtypes; no checkpoint that would need pickle."""
     files = [Path(f) for f in (files or [])]
@@ -164,6 +216,13 @@ def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files,
     header: Dict[str, dict] = {}
     for f in files:
         header.update(read_safetensors_header(f))
+    if embedding is not None:
+        emb, _ = _embedding_modules(model, embedding)
+        V, K = emb.weight.shape
+        spec = LayerSpec(embedding["bits"], embedding["group_size"], embedding["mode"])
+        spec.validate(V, K, embedding["module"])
+        _check_buffers(embedding["module"], _module_keys(header, embedding["module"]),
+                       expected_buffers(K, V, spec))
     for name, spec in specs.items():
         try:
             lin = model.get_submodule(name)
@@ -174,23 +233,57 @@ def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files,
             raise ValueError(f"tasa: quantization_config names {name!r}, a {type(lin).__name__}, "
                              f"not nn.Linear")
         spec.validate(lin.out_features, lin.in_features, name)
-        have = {k[len(name) + 1:]: v for k, v in header.items()
-                if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
-        want = expected_buffers(lin.in_features, lin.out_features, spec, bias="bias" in have)
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        if missing or extra:
-            raise ValueError(f"tasa: checkpoint tensors of {name} do not match its plan: missing "
-                             f"{missing}, unexpected {extra}")
-        for b, (shape, dtype) in want.items():
-            got = have[b]
-            if list(got["shape"]) != list(shape):
-                raise ValueError(f"tasa: {name}.{b} has shape {got['shape']} in the checkpoint, "
-                                 f"the plan needs {list(shape)}")
-            if dtype is not None and got["dtype"] != _ST_DTYPES[dtype]:
-                raise ValueError(f"tasa: {name}.{b} is {got['dtype']} in the checkpoint, the "
-                                 f"format needs {_ST_DTYPES[dtype]}")
+        have = _module_keys(header, name)
+        _check_buffers(name, have, expected_buffers(lin.in_features, lin.out_features, spec,
+                                                    bias="bias" in have))
     return header
+
+
+def _check_buffers(name: str, have: Mapping[str, dict], want: Mapping[str, tuple]) -> None:
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing or extra:
+        raise ValueError(f"tasa: checkpoint tensors of {name} do not match its plan: missing "
+                         f"{missing}, unexpected {extra}")
+    for b, (shape, dtype) in want.items():
+        got = have[b]
+        if list(got["shape"]) != list(shape):
+            raise ValueError(f"tasa: {name}.{b} has shape {got['shape']} in the checkpoint, "
+                             f"the plan needs {list(shape)}")
+        if dtype is not None and got["dtype"] != _ST_DTYPES[dtype]:
+            raise ValueError(f"tasa: {name}.{b} is {got['dtype']} in the checkpoint, the "
+                             f"format needs {_ST_DTYPES[dtype]}")
+
+
+def _module_keys(header: Mapping[str, dict], name: str) -> Dict[str, dict]:
+    return {k[len(name) + 1:]: v for k, v in header.items()
+            if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+
+
+def _embedding_modules(model: nn.Module, e: Mapping) -> tuple:
+    """(embedding, head) modules named by the config's embedding entry, checked."""
+    try:
+        emb = model.get_submodule(e["module"])
+    except AttributeError:
+        raise ValueError(f"tasa: quantization_config.embedding names {e['module']!r}, which this "
+                         f"{type(model).__name__} does not have") from None
+    if not isinstance(emb, nn.Embedding) or emb is not model.get_input_embeddings():
+        raise ValueError(f"tasa: quantization_config.embedding names {e['module']!r}, which is "
+                         f"not this model's input embedding")
+    head = None
+    if e["tied"]:
+        head = model.get_output_embeddings()
+        try:
+            named = model.get_submodule(e["head"])
+        except AttributeError:
+            named = None
+        if head is None or named is not head or not isinstance(head, nn.Linear):
+            raise ValueError(f"tasa: quantization_config.embedding ties head {e['head']!r}, which "
+                             f"is not this model's output projection")
+        if tuple(head.weight.shape) != tuple(emb.weight.shape):
+            raise ValueError(f"tasa: the tied head {e['head']} has shape "
+                             f"{tuple(head.weight.shape)}, the embedding {tuple(emb.weight.shape)}")
+    return emb, head
 
 
 def _check_all_keys(model: nn.Module, header: Mapping[str, dict]) -> None:
@@ -247,8 +340,19 @@ class TasaHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         specs = self.quantization_config.layer_specs()
+        e = getattr(self.quantization_config, "embedding", None)
         header = _check_checkpoint(model, specs, checkpoint_files,
-                                   getattr(self.quantization_config, "checksums", None))
+                                   getattr(self.quantization_config, "checksums", None), e)
+        if e is not None:
+            # the packed table is built on meta: no fp32 [V, K] embedding is ever allocated
+            emb, head = _embedding_modules(model, e)
+            V, K = emb.weight.shape
+            with torch.device("meta"):
+                new = TasaEmbedding(V, K, self.quantization_config.embedding_spec(),
+                                    embed_scale=e["embed_scale"], out_dtype=emb.weight.dtype)
+            set_module(model, e["module"], new)
+            if head is not None:
+                set_module(model, e["head"], TasaTiedHead(new))
         for name, spec in specs.items():
             lin = model.get_submodule(name)
             with torch.device("meta"):
@@ -261,7 +365,10 @@ class TasaHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        specs = self.quantization_config.layer_specs()
+        specs = dict(self.quantization_config.layer_specs())
+        e = getattr(self.quantization_config, "embedding", None)
+        if e is not None:
+            specs[e["module"]] = self.quantization_config.embedding_spec()
         for name, spec in specs.items():
             m = model.get_submodule(name)
             for b, t in m.named_buffers(recurse=False):

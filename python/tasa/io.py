@@ -37,12 +37,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import tasa_ext
 
-from .hf import QUANT_METHOD, TasaConfig
-from .nn import TasaLinear, swap_linears, validate_tables
+from .hf import QUANT_METHOD, TasaConfig, embedding_entry
+from .nn import TasaLinear, quantized_modules, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
 from .util import atomic_write_bytes, fault_point, read_json, sha256_file
 
-__all__ = ["save_quantized", "load_quantized", "convert_legacy", "folder_kind", "retire_model",
+__all__ = ["save_quantized", "load_quantized", "model_size", "size_line", "convert_legacy", "folder_kind", "retire_model",
            "check_output_folder",
            "HF_CONFIG_NAME",
            "LEGACY_CONFIG_NAME", "WEIGHTS_NAME"]
@@ -71,7 +71,12 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
         meta["base_model"] = str(base_model)
     if info is not None and info.prequantized:
         meta.setdefault("base_prequantized", info.note())
-    model.config.quantization_config = TasaConfig.from_plan(plan, meta=_json_safe(meta))
+    # the config describes the modules the model has: an untied packed head (a TasaLinear outside
+    # the plan) is added, and the packed embedding's entry is read from the module itself
+    emb = embedding_entry(model)
+    plan = {**{n: m.spec for n, m in quantized_modules(model).items() if n not in plan}, **plan}
+    model.config.quantization_config = TasaConfig.from_plan(plan, meta=_json_safe(meta),
+                                                            embedding=emb)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"tasa: {path} exists and is not a folder")
@@ -101,6 +106,76 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _safetensors_entries(f: Path) -> dict:
+    """``{name: (byte length, shape)}`` of a safetensors file from its header."""
+    import struct
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return {k: (v["data_offsets"][1] - v["data_offsets"][0], v["shape"]) for k, v in header.items()}
+
+
+def model_size(path) -> dict:
+    """Whole-model accounting of a saved folder, as llama.cpp reports a GGUF: the bytes of every
+    tensor file (headers included) and bits per parameter over *every* parameter of the model
+    (a packed matrix counts its N x K weights, not its int32 words), split into the token
+    embedding + output projection, the decoder's quantized linears (what ``--bits`` budgets)
+    and the rest (norms, biases, anything stored as is). Returns ``{"file_bytes", "params",
+    "bits_per_param", "parts": {part: {"bytes", "params", "bits_per_param"}}}``."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"tasa: {path} has no .safetensors file")
+    entries: dict = {}
+    for f in files:
+        entries.update(_safetensors_entries(f))
+    qc = _quantization_config(path) or {}
+    emb = qc.get("embedding") or {}
+    packed = dict(qc.get("modules") or {})
+    head_names = {emb.get("module"), emb.get("head")} - {None}
+    # untied heads and embeddings kept as stored count as "embedding + head" too
+    for k in entries:
+        if k.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
+            head_names.add(k.rpartition(".")[0])
+    if emb:
+        packed[emb["module"]] = emb
+    parts = {p: {"bytes": 0, "params": 0} for p in ("embedding + head", "decoder linears",
+                                                      "other")}
+
+    def part_of(mod: str) -> str:
+        return "embedding + head" if mod in head_names else (
+            "decoder linears" if mod in packed else "other")
+
+    for k, (nbytes, shape) in entries.items():
+        mod, _, buf = k.rpartition(".")
+        part = parts[part_of(mod)]
+        part["bytes"] += nbytes
+        if mod in packed and buf in ("qweight", "scales", "zeros", "gtable", "perm"):
+            if buf == "scales":            # [n_groups, N]: the matrix has N x n_groups*G weights
+                part["params"] += shape[1] * shape[0] * int(packed[mod]["group_size"])
+        else:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            part["params"] += n
+    total_bytes = sum(f.stat().st_size for f in files)
+    params = sum(p["params"] for p in parts.values())
+    for p in parts.values():
+        p["bits_per_param"] = 8 * p["bytes"] / p["params"] if p["params"] else None
+    return {"file_bytes": total_bytes, "params": params,
+            "bits_per_param": 8 * total_bytes / params if params else None, "parts": parts}
+
+
+def size_line(size: dict) -> str:
+    """One line a person reads: whole file, bits per parameter, and where the bytes are."""
+    p = size["parts"]
+    return (f"{size['file_bytes'] / 1e6:.1f} MB, {size['bits_per_param']:.2f} bits per parameter "
+            f"over all {size['params'] / 1e6:.1f}M parameters (decoder linears "
+            f"{p['decoder linears']['bytes'] / 1e6:.1f} MB, embedding + head "
+            f"{p['embedding + head']['bytes'] / 1e6:.1f} MB, other {p['other']['bytes'] / 1e6:.1f} MB)")
 
 
 def retire_model(path) -> None:

@@ -41,8 +41,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import calib
-from .driver import quantize_model
-from .hf import TasaConfig
+from .driver import quantize_embeddings, quantize_model
+from .hf import TasaConfig, embedding_entry
 from .io import HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, retire_model
 from .nn import TasaLinear, set_module
 from .quant import LayerSpec, quantize_rtn
@@ -190,12 +190,40 @@ def _save_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
     return sum(v.numel() * v.element_size() for v in tensors.values())
 
 
+def _quantize_rest_embeddings(model: nn.Module, tensors: Dict[str, torch.Tensor], bits: int,
+                              group_size: int, mode: str) -> Dict[str, torch.Tensor]:
+    """The checkpoint's embedding (and untied head) tensors replaced by their packed buffers,
+    the modules of ``model`` swapped as :func:`tasa.driver.quantize_embeddings` swaps them."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    ename = names[id(emb)]
+    ekey = f"{ename}.weight"
+    if ekey not in tensors:
+        raise ValueError(f"tasa: the checkpoint has no {ekey}; cannot quantize the embedding "
+                         f"(use --embed-bits 0)")
+    emb.weight = nn.Parameter(tensors.pop(ekey), requires_grad=False)
+    hname = names.get(id(head)) if head is not None else None
+    if hname is not None:
+        hkey = f"{hname}.weight"
+        # absent from the file: tied to the embedding (transformers writes tied tensors once)
+        head.weight = (nn.Parameter(tensors.pop(hkey), requires_grad=False) if hkey in tensors
+                       else emb.weight)
+    quantize_embeddings(model, bits, group_size, mode)
+    for n in filter(None, (ename, hname)):
+        for k, v in model.get_submodule(n).state_dict().items():
+            tensors[f"{n}.{k}"] = v
+    return tensors
+
+
 def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gptq",
                   calib_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
                   damp: float = 0.01, batch_size: int = 8, meta: Optional[dict] = None,
-                  progress: bool = True, dist=None) -> dict:
+                  progress: bool = True, dist=None, embed_bits: int = 0,
+                  group_size: int = 128, mode: str = "asym") -> dict:
     """Quantizes the checkpoint ``folder`` per ``plan`` block by block (module docstring) into
-    the transformers folder ``out``. ``method``: ``"gptq"`` (needs ``calib_ids``, int64 [n, T])
+    the transformers folder ``out``. ``embed_bits`` (0: as stored): the token embedding and the
+    output projection RTN-quantized last, as :func:`tasa.driver.quantize_embeddings` does in
+    memory (``group_size`` / ``mode`` of that table). ``method``: ``"gptq"`` (needs ``calib_ids``, int64 [n, T])
     or ``"rtn"``. ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
     :func:`tasa.driver.quantize_model`; every rank reads each block, rank 0 alone writes).
     Returns ``{"seconds", "block_seconds", "shards", "errors"}``."""
@@ -270,9 +298,12 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
         if not writer:
             return {"seconds": time.perf_counter() - t0, "block_seconds": block_seconds,
                     "shards": n_shards, "errors": errors}
-        # the rest (embedding, final norm, head), copied from the source as stored
+        # the rest (embedding, final norm, head), copied from the source as stored, except the
+        # embedding and head when they are quantized
         rest = [k for k in ckpt.keys() if not k.startswith(prefix + ".")]
         tensors = ckpt.read(rest)
+        if embed_bits:
+            tensors = _quantize_rest_embeddings(model, tensors, embed_bits, group_size, mode)
         total += _save_shard(tensors, out / shard(L))
         weight_map.update({k: shard(L) for k in tensors})
         del tensors
@@ -287,8 +318,12 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
             if (f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt")
                     and f.name not in (HF_CONFIG_NAME, INDEX_NAME) and not f.name.startswith(".")):
                 shutil.copyfile(f, out / f.name)
+        full_plan = {**{n: m.spec for n, m in model.named_modules()
+                        if isinstance(m, TasaLinear) and n not in plan and
+                        not n.startswith(prefix + ".")}, **plan}           # an untied packed head
         model.config.quantization_config = TasaConfig.from_plan(
-            plan, meta={"method": method, "lazy": True, "base_model": str(folder), **(meta or {})})
+            full_plan, meta={"method": method, "lazy": True, "base_model": str(folder),
+                             **(meta or {})}, embedding=embedding_entry(model))
         cfg = json.loads(model.config.to_json_string(use_diff=False))
         cfg["quantization_config"]["checksums"] = {n: sha256_file(out / n) for n in sorted(names)}
         fault_point("save:before-config")

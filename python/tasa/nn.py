@@ -28,7 +28,7 @@ from tasa_ext.format import QuantMode
 
 from .quant import LayerSpec, QuantizedWeight, quantize_gptq, quantize_rtn
 
-__all__ = ["TasaLinear", "make_gtable", "expected_buffers", "validate_tables", "set_module",
+__all__ = ["TasaLinear", "TasaEmbedding", "TasaTiedHead", "make_gtable", "expected_buffers", "validate_tables", "set_module",
            "swap_linears", "quantized_modules"]
 
 
@@ -86,15 +86,15 @@ def validate_tables(m: "TasaLinear", name: str = "TasaLinear") -> None:
             raise ValueError(f"tasa: {name}.perm is not a permutation of range({K})")
 
 
-class TasaLinear(nn.Module):
-    """A linear layer with packed 2/3/4/8-bit weights (mixed per group). See module docstring
-    for the buffers. Build with :meth:`from_linear` / :meth:`from_quantized`, or as an empty
-    skeleton ``TasaLinear(K, N, spec)`` to load a state dict into."""
+class _Packed(nn.Module):
+    """The packed buffers of one quantized matrix W [N, K] (the module docstring's table) and
+    what does not depend on how W is used: dtype-safe moves, widths, cost, dequantization.
+    :class:`TasaLinear` multiplies with it; :class:`TasaEmbedding` looks rows of it up."""
 
     def __init__(self, in_features: int, out_features: int, spec: LayerSpec, bias: bool = False,
                  bias_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        spec.validate(out_features, in_features, "TasaLinear")
+        spec.validate(out_features, in_features, type(self).__name__)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.group_size = spec.group_size
         self.mode = spec.mode
@@ -122,47 +122,21 @@ class TasaLinear(nn.Module):
         else:
             self.register_buffer("bias", None)
 
-    # -- constructors ---------------------------------------------------------------------
-    @classmethod
-    def from_quantized(cls, q: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "TasaLinear":
-        """Packs a :class:`tasa.quant.QuantizedWeight` (logical-order codes/scales/zeros)."""
-        N, K = q.codes.shape
-        spec = LayerSpec(q.bits, q.group_size, q.mode, q.perm is not None)
+    def _load_packed(self, q: QuantizedWeight) -> None:
+        """Packs a :class:`tasa.quant.QuantizedWeight` (logical-order codes/scales/zeros) into
+        this module's buffers."""
         dev = q.codes.device
-        m = cls(K, N, spec, bias=bias is not None,
-                bias_dtype=bias.dtype if bias is not None else torch.float32, device=dev)
         qweight, gtable = tasa_ext.pack(q.codes.contiguous(),
                                         torch.tensor(q.bits, dtype=torch.int32, device=dev),
                                         q.group_size)
         order = gtable[:, 2].long()
-        m.qweight = qweight
-        m.gtable = gtable
-        m.scales = q.scales.to(torch.float16)[order].contiguous()
+        self.qweight = qweight
+        self.gtable = gtable
+        self.scales = q.scales.to(torch.float16)[order].contiguous()
         if q.zeros is not None:
-            m.zeros = q.zeros.to(torch.float16)[order].contiguous()
+            self.zeros = q.zeros.to(torch.float16)[order].contiguous()
         if q.perm is not None:
-            m.perm = q.perm.to(torch.int32).contiguous()
-        if bias is not None:
-            m.bias = bias.detach().clone()
-        return m
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, method: str = "rtn",
-                    H: Optional[torch.Tensor] = None, damp: float = 0.01,
-                    name: str = "linear") -> "TasaLinear":
-        """Quantizes ``linear.weight`` with RTN (``method="rtn"``) or GPTQ (``"gptq"``, needs the
-        Hessian ``H [K, K]``) according to ``spec`` and packs it."""
-        if method == "rtn":
-            if spec.act_order:
-                raise ValueError("tasa: act_order needs a Hessian; use method='gptq'")
-            q = quantize_rtn(linear.weight, spec, name=name)
-        elif method == "gptq":
-            if H is None:
-                raise ValueError("tasa: method='gptq' needs the Hessian H")
-            q = quantize_gptq(linear.weight, H, spec, damp=damp, name=name)
-        else:
-            raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
-        return cls.from_quantized(q, linear.bias)
+            self.perm = q.perm.to(torch.int32).contiguous()
 
     # -- dtype / device moves -----------------------------------------------------------------
     _PACKED = ("qweight", "scales", "zeros", "gtable", "perm")
@@ -203,6 +177,43 @@ class TasaLinear(nn.Module):
         return tasa_ext.dequant(self.qweight, self.scales, self.zeros, self.gtable, self.perm,
                                 self.group_size)
 
+
+class TasaLinear(_Packed):
+    """A linear layer with packed 2/3/4/8-bit weights (mixed per group). See module docstring
+    for the buffers. Build with :meth:`from_linear` / :meth:`from_quantized`, or as an empty
+    skeleton ``TasaLinear(K, N, spec)`` to load a state dict into."""
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "TasaLinear":
+        """Packs a :class:`tasa.quant.QuantizedWeight` (logical-order codes/scales/zeros)."""
+        N, K = q.codes.shape
+        spec = LayerSpec(q.bits, q.group_size, q.mode, q.perm is not None)
+        m = cls(K, N, spec, bias=bias is not None,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.codes.device)
+        m._load_packed(q)
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, method: str = "rtn",
+                    H: Optional[torch.Tensor] = None, damp: float = 0.01,
+                    name: str = "linear") -> "TasaLinear":
+        """Quantizes ``linear.weight`` with RTN (``method="rtn"``) or GPTQ (``"gptq"``, needs the
+        Hessian ``H [K, K]``) according to ``spec`` and packs it."""
+        if method == "rtn":
+            if spec.act_order:
+                raise ValueError("tasa: act_order needs a Hessian; use method='gptq'")
+            q = quantize_rtn(linear.weight, spec, name=name)
+        elif method == "gptq":
+            if H is None:
+                raise ValueError("tasa: method='gptq' needs the Hessian H")
+            q = quantize_gptq(linear.weight, H, spec, damp=damp, name=name)
+        else:
+            raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
+        return cls.from_quantized(q, linear.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tasa_ext.gemm(x, self.qweight, self.scales, self.zeros, self.gtable, self.perm,
                           self.group_size)
@@ -215,6 +226,83 @@ class TasaLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, mode={self.mode}, act_order={self.perm is not None}, "
                 f"bits={hist}, avg_bits={self.average_bits():.4f}, bias={self.bias is not None}")
+
+
+class TasaEmbedding(_Packed):
+    """A token embedding stored packed: the table E [num_embeddings, embedding_dim] is the packed
+    matrix W [N = vocabulary, K = hidden] (the buffers of :class:`TasaLinear`, groups along the
+    hidden dimension), and a lookup dequantizes the rows it names (``tasa_ext.embed``), as
+    llama.cpp's Q8_0/Q6_K ``token_embd`` is read. Why packed: SmolLM2-135M's fp32 embedding was
+    113 of the 160 MB of its "3.5-bit" file; at 8 bits it is 29 MB.
+
+    ``embed_scale`` multiplies every looked-up row (Gemma's ``sqrt(hidden)``, applied in fp32
+    as its module does for fp32 weights); lookups come out in ``out_dtype`` (the model's dtype:
+    it follows ``model.to(dtype)``, the packed buffers do not). A tied output projection reads
+    the same buffers through :class:`TasaTiedHead`: one tensor in the file, none duplicated."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: LayerSpec,
+                 embed_scale: Optional[float] = None, out_dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__(embedding_dim, num_embeddings, spec, device=device)
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.out_dtype = out_dtype
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, embed_scale: Optional[float] = None,
+                       out_dtype: torch.dtype = torch.float32) -> "TasaEmbedding":
+        N, K = q.codes.shape
+        if q.perm is not None:
+            raise ValueError("tasa: an embedding has no input order to permute (act_order)")
+        m = cls(N, K, LayerSpec(q.bits, q.group_size, q.mode), embed_scale, out_dtype,
+                device=q.codes.device)
+        m._load_packed(q)
+        return m
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.out_dtype))
+        if probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = tasa_ext.embed(ids.long().contiguous(), self.qweight, self.scales, self.zeros,
+                             self.gtable, self.perm, self.group_size)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale
+        return out.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        hist = dict(sorted(Counter(self.group_bits).items()))
+        return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, "
+                f"mode={self.mode}, bits={hist}, avg_bits={self.average_bits():.4f}"
+                + (f", embed_scale={self.embed_scale:g}" if self.embed_scale is not None else ""))
+
+
+class TasaTiedHead(nn.Module):
+    """The output projection of a model whose head is tied to its input embedding: logits =
+    h @ E^T computed by ``tasa_ext.gemm`` on the :class:`TasaEmbedding`'s own packed buffers.
+    It owns no tensor (the embedding is not registered as its submodule, so the state dict and
+    the file hold the table once) and follows the embedding through device moves."""
+
+    def __init__(self, embedding: TasaEmbedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)     # a reference, not a submodule
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+
+    def average_bits(self) -> float:
+        return self.embedding.average_bits()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embedding
+        return tasa_ext.gemm(x.contiguous(), e.qweight, e.scales, e.zeros, e.gtable, e.perm,
+                             e.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, tied to the "
+                f"packed input embedding ({self.embedding.average_bits():.4f} bits)")
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:

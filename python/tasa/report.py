@@ -169,11 +169,22 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
                  f"tokens ({pp['tokens']} scored tokens) -- a quick check, not a paper number.")
     L.append("\nWidths: " + ", ".join(f"{b}-bit {100 * f:.1f}% of weights"
                                       for b, f in A["summary"]["width_fraction"].items()) + ".")
-    head = summary.get("lm_head")
-    L.append("Output projection: " + (f"`{head['module']}` RTN {head['bits']}-bit, "
-                                        f"{head['avg_bits']:.4f} average bits (not in the "
-                                        f"decoder average above)" if head else
-                                        "full precision (`--lm-head-bits` quantizes it)") + ".")
+    emb = summary.get("embedding")
+    L.append("Token embedding and output projection: " + (
+        f"`{emb['module']}`{' (tied to `' + emb['head'] + '`: one packed table)' if emb['tied'] else ''}"
+        f" RTN {emb['bits']}-bit, {emb['avg_bits']:.4f} average bits (not in the decoder "
+        f"average above)" if emb else "as the checkpoint stores them (`--embed-bits 0`)") + ".")
+    size = summary.get("size")
+    if size:
+        L.append("\n**Whole model file** (every parameter counted, as llama.cpp reports a GGUF): "
+                 f"**{size['file_bytes'] / 1e6:.1f} MB, {size['bits_per_param']:.2f} bits per "
+                 f"parameter** over {size['params'] / 1e6:.1f}M parameters.\n")
+        L.append("| part | MB | parameters (M) | bits per parameter |")
+        L.append("|---|---|---|---|")
+        for name, p in size["parts"].items():
+            if p["params"]:
+                L.append(f"| {name} | {p['bytes'] / 1e6:.2f} | {p['params'] / 1e6:.2f} | "
+                         f"{p['bits_per_param']:.3f} |")
     L.append("")
     L.append("## 1. Calibration mixture\n")
     L.append("Criterion f(alpha) = sum_l w_l tr(H_test,l (alpha H_gen,l + (1-alpha) H_task,l + "

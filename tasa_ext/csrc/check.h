@@ -17,6 +17,7 @@ inline const char* status_text(int st) {
     case TASA_ERR_SHAPE: return "inconsistent sizes or values";
     case TASA_ERR_CUDA: return "CUDA launch failed";
     case TASA_ERR_ALLOC: return "allocation failed";
+    case TASA_ERR_INDEX: return "an index is outside [0, N) (a token id beyond the vocabulary?)";
     default: return "unknown error";
   }
 }
@@ -29,6 +30,7 @@ inline const char* status_arg(int st) {
     case TASA_ERR_CODE_RANGE: return "codes";
     case TASA_ERR_PERM: return "perm";
     case TASA_ERR_NONFINITE: return "scales/zeros";
+    case TASA_ERR_INDEX: return "ids";
     default: return "shapes";
   }
 }
@@ -102,6 +104,14 @@ inline void check_scales(const at::Tensor& scales, const std::optional<at::Tenso
     check_1d(*perm, "perm", at::kInt, K);
     check_same_device(*perm, "perm", qweight);
   }
+}
+
+// ids: int64 token ids (any shape, contiguous) on qweight's device; returns how many.
+inline int64_t check_ids(const at::Tensor& ids, const at::Tensor& qweight) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "tasa: ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.is_contiguous(), "tasa: ids must be contiguous");
+  check_same_device(ids, "ids", qweight);
+  return ids.numel();
 }
 
 inline int check_activation(const at::Tensor& x, const char* name, int64_t K, const at::Tensor& qweight) {

@@ -46,6 +46,23 @@ at::Tensor dequant_cpu(const at::Tensor& qweight, const at::Tensor& scales, cons
   return W;
 }
 
+at::Tensor embed_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
+                     const std::optional<at::Tensor>& perm, int64_t group_size) {
+  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
+  const int64_t K = check_layout(qweight, gtable, N, group_size);
+  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
+  const int64_t n_ids = check_ids(ids, qweight);
+  auto out_shape = ids.sizes().vec();
+  out_shape.push_back(K);
+  auto out = at::empty(out_shape, qweight.options().dtype(at::kFloat));
+  raise_status(tasa_embed_cpu(ids.data_ptr<int64_t>(), n_ids, (const uint32_t*)qweight.data_ptr<int32_t>(),
+                              half_ptr(scales), zeros ? half_ptr(*zeros) : nullptr,
+                              gtable.data_ptr<int32_t>(), perm ? perm->data_ptr<int32_t>() : nullptr, N, K,
+                              group_size, qweight.size(1), out.data_ptr<float>()));
+  return out;
+}
+
 at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
                     const std::optional<at::Tensor>& perm, int64_t group_size) {
@@ -79,6 +96,7 @@ TORCH_LIBRARY_IMPL(tasa, CPU, m) {
   m.impl("pack", &tasa_ext::pack_cpu);
   m.impl("unpack", &tasa_ext::unpack_cpu);
   m.impl("dequant", &tasa_ext::dequant_cpu);
+  m.impl("embed", &tasa_ext::embed_cpu);
   m.impl("gemm", &tasa_ext::gemm_cpu);
   m.impl("hessian_accumulate_", &tasa_ext::hessian_accumulate_cpu);
 }

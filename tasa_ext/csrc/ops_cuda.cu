@@ -87,6 +87,25 @@ at::Tensor dequant_cuda(const at::Tensor& qweight, const at::Tensor& scales, con
   return W;
 }
 
+at::Tensor embed_cuda(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
+                      const std::optional<at::Tensor>& perm, int64_t group_size) {
+  check_cuda(qweight, "qweight");
+  c10::cuda::CUDAGuard guard(qweight.device());
+  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
+  const int64_t K = check_layout(qweight, gtable, N, group_size);
+  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
+  const int64_t n_ids = check_ids(ids, qweight);
+  auto out_shape = ids.sizes().vec();
+  out_shape.push_back(K);
+  auto out = at::empty(out_shape, qweight.options().dtype(at::kFloat));
+  raise_status(tasa_embed_cuda(ids.data_ptr<int64_t>(), n_ids, (const uint32_t*)qweight.data_ptr<int32_t>(),
+                               half_ptr(scales), zeros ? half_ptr(*zeros) : nullptr, gtable.data_ptr<int32_t>(),
+                               perm ? perm->data_ptr<int32_t>() : nullptr, N, K, group_size, qweight.size(1),
+                               out.data_ptr<float>(), stream_of(qweight)));
+  return out;
+}
+
 at::Tensor gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
                      const std::optional<at::Tensor>& perm, int64_t group_size) {
@@ -130,6 +149,7 @@ TORCH_LIBRARY_IMPL(tasa, CUDA, m) {
   m.impl("pack", &tasa_ext::pack_cuda);
   m.impl("unpack", &tasa_ext::unpack_cuda);
   m.impl("dequant", &tasa_ext::dequant_cuda);
+  m.impl("embed", &tasa_ext::embed_cuda);
   m.impl("gemm", &tasa_ext::gemm_cuda);
   m.impl("hessian_accumulate_", &tasa_ext::hessian_accumulate_cuda);
 }

@@ -78,6 +78,7 @@ enum tasa_status {
   TASA_ERR_SHAPE = 7,         // inconsistent sizes
   TASA_ERR_CUDA = 8,          // a CUDA launch failed
   TASA_ERR_ALLOC = 9,         // scratch allocation failed
+  TASA_ERR_INDEX = 10,        // a row index (token id) outside [0, N)
 };
 
 TASA_HD bool tasa_bits_supported(int b) { return b == 2 || b == 3 || b == 4 || b == 8; }

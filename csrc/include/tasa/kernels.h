@@ -39,6 +39,14 @@ int tasa_unpack_cpu(const uint32_t* qweight, const int32_t* gtable, int64_t N, i
 int tasa_dequant_cpu(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
                      const int32_t* gtable, const int32_t* perm, int64_t N, int64_t K,
                      int64_t group_size, int64_t R, float* W);
+// Embedding lookup on a packed matrix: out [n_ids, K] fp32 = rows ids[i] of the dequantized
+// W [N, K] (column ids[i] of the packed layout; perm applied). A tied input embedding and
+// output projection are one packed matrix: gemm serves the head, embed the lookup.
+// Every id must lie in [0, N) (TASA_ERR_INDEX otherwise, checked before anything is written).
+int tasa_embed_cpu(const int64_t* ids, int64_t n_ids, const uint32_t* qweight,
+                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                   const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                   float* out);
 // y [M, N] = x [M, K] . W^T, x and y of dtype xdt, fp32 accumulation.
 int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
@@ -60,6 +68,10 @@ int tasa_unpack_cuda(const uint32_t* qweight, const int32_t* gtable, int64_t N, 
 int tasa_dequant_cuda(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
                       const int32_t* gtable, const int32_t* perm, int64_t N, int64_t K,
                       int64_t group_size, int64_t R, float* W, void* stream);
+int tasa_embed_cuda(const int64_t* ids, int64_t n_ids, const uint32_t* qweight,
+                    const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                    const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                    float* out, void* stream);
 int tasa_gemm_cuda(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                    const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
                    const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,

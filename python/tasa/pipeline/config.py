@@ -55,10 +55,10 @@ class PipelineConfig:
     seqlen: int = 512
     damp: float = 0.01
     act_order: bool = False
-    # the output projection: 0 keeps it in full precision (the default: the decoder linears'
-    # average bits are what the budget and the paper count); 2/3/4/8 RTN-quantizes it after
-    # GPTQ (8 bits cut SmolLM2-135M's per-token bytes from 160 to 75 MB), reported apart
-    lm_head_bits: int = 0
+    # the token embedding and the output projection (one packed table when tied): RTN at this
+    # width after GPTQ, reported apart from the decoder linears' average (which --bits budgets);
+    # 0 keeps them as the checkpoint stores them. Default: defaults.EMBED_BITS (measured)
+    embed_bits: int = defaults.EMBED_BITS
     # report
     eval_windows: int = 4
     eval_seqlen: int = 2048
@@ -87,9 +87,10 @@ class PipelineConfig:
                                  f"got {v!r}")
         if not (isinstance(self.eval_windows, int) and self.eval_windows >= 0):
             raise ValueError(f"tasa: --eval-windows must be >= 0, got {self.eval_windows!r}")
-        if self.lm_head_bits not in (0,) + tuple(tasa_ext.SUPPORTED_BITS):
-            raise ValueError(f"tasa: --lm-head-bits must be 0 (full precision) or one of "
-                             f"{list(tasa_ext.SUPPORTED_BITS)}, got {self.lm_head_bits!r}")
+        if isinstance(self.embed_bits, bool) or self.embed_bits not in (0,) + tuple(
+                tasa_ext.SUPPORTED_BITS):
+            raise ValueError(f"tasa: --embed-bits must be 0 (as stored) or one of "
+                             f"{list(tasa_ext.SUPPORTED_BITS)}, got {self.embed_bits!r}")
         if not (self.damp > 0 and math.isfinite(self.damp)):
             raise ValueError(f"tasa: damp must be > 0, got {self.damp}")
         bad = [b for b in self.widths if b not in tasa_ext.SUPPORTED_BITS]

@@ -21,7 +21,7 @@ from .. import alloc, data, defaults, distributed, lazy
 from .. import io as tio
 from ..io import check_output_folder, retire_model
 from ..measurement import Measurement
-from ..driver import quantize_lm_head
+from ..driver import quantize_embeddings
 from ..models import ModelInfo, load_model
 from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
@@ -178,15 +178,12 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     lplan, qinfo = quantize_with_plan(model, tok, cfg, the_plan, alpha, progress=progress, log=log,
                                       split=split, shapes=plan_shapes(doc) if doc else None,
                                       dist=dist)
-    lm_head = None
-    if cfg.lm_head_bits:
-        hname, hspec = quantize_lm_head(model, cfg.lm_head_bits, cfg.group_size, cfg.mode)
-        lplan = {**lplan, hname: hspec}
-        head = model.get_submodule(hname)
-        lm_head = {"module": hname, "bits": cfg.lm_head_bits, "avg_bits": head.average_bits(),
-                   "method": "rtn"}
-        log(f"{hname}: RTN {cfg.lm_head_bits}-bit, {lm_head['avg_bits']:.4f} average bits "
-            f"(counted apart from the decoder linears)")
+    embedding = None
+    if cfg.embed_bits:
+        embedding = quantize_embeddings(model, cfg.embed_bits, cfg.group_size, cfg.mode)
+        log(f"{embedding['module']}{' + tied ' + embedding['head'] if embedding['tied'] else ''}: "
+            f"RTN {cfg.embed_bits}-bit, {embedding['avg_bits']:.4f} average bits (counted apart "
+            f"from the decoder linears)")
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     if dist.is_writer:
@@ -194,8 +191,9 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
                            tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
             "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
             "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
-            "lm_head": lm_head})
+            "embedding": embedding})
     timings["save"] = time.perf_counter() - t
+    size = tio.model_size(out) if dist.is_writer else None
     q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
     summary = {
@@ -203,7 +201,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         "alpha_star": alpha, "avg_bits": summary_["avg_bits"],
         "code_avg_bits": summary_["code_avg_bits"],
         "width_fraction": summary_["width_fraction"], "plan_given": plan is not None,
-        "lm_head": lm_head,
+        "embedding": embedding,
+        "size": size,
         "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],
         "ppl_quantized": None if q_ppl is None else q_ppl["ppl"],
         "ppl_protocol": None if q_ppl is None else {
@@ -220,7 +219,9 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     write_json_atomic(out / defaults.RUN_NAME, summary)
     if report and m is not None:
         write_report(out, m, A, summary)
-    log(f"done in {timings['total']:.0f} s: {out}")
+    log(f"done in {timings['total']:.0f} s: {out}" + (
+        f" -- {tio.size_line(size)}; the decoder linears average {summary_['avg_bits']:.3f} "
+        f"bits (what --bits budgets)" if size else ""))
     return summary
 
 
@@ -239,9 +240,6 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
     if not folder.is_dir():
         raise ValueError(f"tasa: --lazy reads a local checkpoint folder of safetensors; "
                          f"{cfg.model!r} is not a folder")
-    if cfg.lm_head_bits:
-        raise ValueError("tasa: --lazy copies the output projection as stored; "
-                         "--lm-head-bits is not available with it")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"tasa: --out {out} is a file, not a folder")
@@ -260,7 +258,8 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
     log(f"lazy: {folder} block by block with the given plan ({len(given)} linears)")
     res = lazy.quantize_lazy(folder, given, out, method=cfg.method, calib_ids=calib_ids,
                              damp=cfg.damp, batch_size=CALIB_BATCH, progress=progress, dist=dist,
-                             meta={"alpha": alpha, "tasa_pipeline": dataclasses.asdict(cfg)})
+                             meta={"alpha": alpha, "tasa_pipeline": dataclasses.asdict(cfg)},
+                             embed_bits=cfg.embed_bits, group_size=cfg.group_size, mode=cfg.mode)
     summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, shapes)
     summary = {"model": cfg.model, "lazy": True, "alpha_star": alpha, "plan_given": True,
                "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
@@ -271,7 +270,9 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
                "distributed": {"world_size": dist.world, "backend": dist.backend},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if dist.is_writer:
+        summary["size"] = tio.model_size(out)
         _write_given_plan(out, given, shapes, doc)
         write_json_atomic(out / defaults.RUN_NAME, summary)
-    log(f"done in {summary['timings_s']['total']:.0f} s: {out}")
+    log(f"done in {summary['timings_s']['total']:.0f} s: {out}"
+        + (f" -- {tio.size_line(summary['size'])}" if summary.get("size") else ""))
     return summary
