@@ -9,10 +9,11 @@ from transformers import AutoModelForCausalLM
 
 import tasa
 from tasa import cli
-from tasa.driver import quantize_lm_head
+from tasa.driver import quantize_embeddings
 from tasa.generation import generate
 from tasa.hf import TasaConfig
-from tasa.nn import TasaLinear
+from tasa.io import model_size
+from tasa.nn import TasaEmbedding, TasaLinear, TasaTiedHead
 
 from helpers import byte_tokenizer, tiny_gemma3, tiny_llama, tiny_qwen2
 
@@ -44,7 +45,7 @@ def test_fast_loop_equals_transformers_generate(factory, fusable, path):
         model = tasa.quantize(model, None, bits=4, method="rtn", group_size=32, progress=False)
     else:
         model = tasa.quantize(model, None, plan=mixed_plan(model), method="rtn", progress=False)
-    quantize_lm_head(model, 8, 32)
+    assert isinstance(model.get_input_embeddings(), TasaEmbedding)      # embed_bits' default
     tok = byte_tokenizer()
     ids = torch.randint(0, 256, (1, 9))
     want = eager_tokens(model, ids, 24)
@@ -85,7 +86,7 @@ def test_stops_at_eos_and_checks_arguments():
         generate(model, tok, torch.zeros(2, 3, dtype=torch.long), 4)
 
 
-def test_quantized_lm_head_unties_and_round_trips(tmp_path):
+def test_tied_embedding_is_one_packed_table_and_round_trips(tmp_path):
     model = tiny_llama()
     model.config.tie_word_embeddings = True
     model.tie_weights()
@@ -93,38 +94,78 @@ def test_quantized_lm_head_unties_and_round_trips(tmp_path):
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         ref = model(ids).logits
-    name, spec = quantize_lm_head(model, 8, 32)
-    assert name == "lm_head" and isinstance(model.lm_head, TasaLinear) and spec.bits == [8] * 4
+    info = quantize_embeddings(model, 8, 32)
+    e, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(e, TasaEmbedding) and isinstance(head, TasaTiedHead) and head.embedding is e
+    assert info["tied"] and info["module"] == "model.embed_tokens" and info["head"] == "lm_head"
     assert not model.config.tie_word_embeddings
-    assert torch.equal(model.model.embed_tokens.weight, emb)       # the embedding is untouched
+    # a lookup is exactly the dequantized table's rows, close to the fp32 rows at 8 bits
+    with torch.no_grad():
+        rows = e(ids)
+    assert torch.equal(rows, e.dequantize()[ids])
+    assert (rows - emb[ids]).abs().max() < 0.01 * emb.abs().max()
+    assert not [k for k in model.state_dict() if k.startswith("lm_head")]     # stored once
     with torch.no_grad():
         got = model(ids).logits
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()          # 8-bit: close, not equal
-    model.config.quantization_config = TasaConfig.from_plan({name: spec})
+    model.config.quantization_config = TasaConfig.from_plan({}, embedding=tasa.hf.embedding_entry(model))
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again.lm_head, TasaTiedHead) and again.lm_head.embedding is again.model.embed_tokens
     with torch.no_grad():
         assert torch.equal(again(ids).logits, got)
-    assert torch.equal(again.model.embed_tokens.weight, emb)
-    with pytest.raises(ValueError, match="not an nn.Linear"):
-        quantize_lm_head(model, 8, 32)
+    with pytest.raises(ValueError, match="not an nn.Embedding"):
+        quantize_embeddings(model, 8, 32)
 
 
-def test_api_lm_head_bits_counted_apart(tmp_path):
+def test_api_embed_bits_counted_apart(tmp_path):
     model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32,
-                          lm_head_bits=8, out=tmp_path, progress=False)
-    assert isinstance(model.lm_head, TasaLinear)
+                          embed_bits=8, out=tmp_path, progress=False)
+    assert isinstance(model.lm_head, TasaLinear)              # untied: a head of its own
+    assert isinstance(model.model.embed_tokens, TasaEmbedding)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qc["modules"]["lm_head"]["bits"] == [8] * 4 and qc["meta"]["lm_head_bits"] == 8
-    # plan.json holds the decoder linears (given back as plan=, with the head option again)
+    assert qc["modules"]["lm_head"]["bits"] == [8] * 4 and qc["embedding"]["bits"] == [8] * 4
+    assert qc["embedding"]["tied"] is False and qc["version"] == 2
+    # plan.json holds the decoder linears (given back as plan=, with the option again)
     assert "lm_head" not in json.loads((tmp_path / "plan.json").read_text())["layers"]
     again = tasa.quantize(tiny_llama(), None, plan=tmp_path / "plan.json", method="rtn",
-                          lm_head_bits=8, group_size=32, progress=False)
+                          embed_bits=8, group_size=32, progress=False)
     ids = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
-    with pytest.raises(ValueError, match="--lm-head-bits must be 0"):
-        tasa.quantize(tiny_llama(), None, bits=4, method="rtn", lm_head_bits=5)
+    with pytest.warns(DeprecationWarning, match="embed_bits"):
+        old = tasa.quantize(tiny_llama(), None, plan=tmp_path / "plan.json", method="rtn",
+                            lm_head_bits=8, group_size=32, progress=False)
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, model(ids).logits)
+    kept = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", embed_bits=0, progress=False)
+    assert type(kept.model.embed_tokens) is torch.nn.Embedding
+    with pytest.raises(ValueError, match="--embed-bits must be 0"):
+        tasa.quantize(tiny_llama(), None, bits=4, method="rtn", embed_bits=5)
+
+
+def test_model_size_counts_every_parameter(tmp_path):
+    """bits per parameter over the whole file: every parameter of the model once (a packed
+    matrix as its N x K weights), the bytes of the whole file."""
+    base = tiny_llama()
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    n_params = sum(p.numel() for p in base.parameters())       # tied: counted once
+    model = tasa.quantize(base, None, bits=4, method="rtn", group_size=32, out=tmp_path,
+                          progress=False)
+    size = model_size(tmp_path)
+    assert size["params"] == n_params
+    assert size["file_bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    parts = size["parts"]
+    assert sum(p["bytes"] for p in parts.values()) < size["file_bytes"]   # + the header
+    assert parts["embedding + head"]["params"] == 512 * 128
+    # 8-bit codes + fp16 scale and zero per 32: 9 bits, + the group table
+    assert 9.0 <= parts["embedding + head"]["bits_per_param"] < 9.1
+    assert 4.9 < parts["decoder linears"]["bits_per_param"] < 5.1          # 4 + 32/32
+    fp = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, embed_bits=0,
+                       out=tmp_path / "fp", progress=False)
+    assert model_size(tmp_path / "fp")["parts"]["embedding + head"]["bits_per_param"] == 32.0
+    assert fp is not None
 
 
 def test_cli_generate_streams(tmp_path, capsys):
@@ -143,7 +184,7 @@ def test_smollm2_fast_loop_equals_generate():
     from tasa.models import load_model
 
     model, tok, _ = load_model("smollm2-135m")
-    model = tasa.quantize(model, None, bits=4, method="rtn", lm_head_bits=8, progress=False)
+    model = tasa.quantize(model, None, bits=4, method="rtn", embed_bits=8, progress=False)
     ids = tok("Question: What is the capital of France?\nAnswer:", return_tensors="pt").input_ids
     want = eager_tokens(model, ids, 32)
     assert generate(model, tok, ids, 32, min_new_tokens=32).tokens == want
@@ -166,6 +207,8 @@ def test_dtype_moves_keep_the_packed_format():
     scales = lin.scales.clone()
     model = model.to(torch.bfloat16)
     assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
+    emb = model.model.embed_tokens
+    assert emb.scales.dtype == torch.float16 and emb.out_dtype == torch.bfloat16
     assert lin.qweight.dtype == torch.int32 and lin.gtable.dtype == torch.int32
     ids = torch.randint(0, 512, (1, 6))
     with torch.no_grad():

@@ -41,13 +41,24 @@ def test_config_round_trip_and_refusals():
     assert c2.to_dict() == d and c2.layer_specs() == plan
     mixed = hf.TasaConfig.from_plan({"x": Q.LayerSpec([4], 32, "sym"), "y": Q.LayerSpec([4], 64)})
     assert mixed.group_size is None and mixed.mode == "sym"
-    for bad, msg in ((dict(d, quant_method="gptq"), "not 'tasa'"), (dict(d, version=2), "version 2"),
+    for bad, msg in ((dict(d, quant_method="gptq"), "not 'tasa'"), (dict(d, version=3), "version 3"),
                      (dict(d, format_version=0), "tasa convert"), (dict(d, colour=1), "unknown keys"),
                      (dict(d, modules={"x": {"bits": [4]}}), "lacks \\['group_size'\\]"),
                      (dict(d, modules={"x": {"bits": [4], "group_size": 32, "mode": "nf4"}}),
                       "mode must be")):
         with pytest.raises(ValueError, match=msg):
             hf.TasaConfig.from_dict(bad)
+    # version 1 (before the packed embedding) still reads; the embedding entry is checked
+    assert hf.TasaConfig.from_dict(dict(d, version=1)).embedding is None
+    e = {"module": "model.embed_tokens", "head": "lm_head", "tied": True, "bits": [8, 8],
+         "group_size": 32, "mode": "asym", "embed_scale": None}
+    assert hf.TasaConfig.from_dict(dict(d, embedding=e)).to_dict()["embedding"]["bits"] == [8, 8]
+    for bad, msg in (({**e, "colour": 1}, "exactly the keys"), ({**e, "tied": "yes"}, "tied"),
+                     ({**e, "head": None}, "names its head"), ({**e, "bits": [5]}, "bits"),
+                     ({**e, "embed_scale": float("nan")}, "embed_scale"),
+                     ({**e, "embed_scale": -1.0}, "embed_scale")):
+        with pytest.raises(ValueError, match=msg):
+            hf.TasaConfig.from_dict(dict(d, embedding=bad))
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_gemma3])
@@ -81,7 +92,9 @@ def test_quantize_api_rtn_plan_and_errors(tmp_path):
             for n, m in Q.default_targets(model).items()}
     tok = byte_tokenizer()
     q = tasa.quantize(model, tok, plan=plan, method="rtn", out=tmp_path / "p", progress=False)
-    assert {n: m.group_bits for n, m in quantized_modules(q).items()} == {n: s.bits for n, s in plan.items()}
+    got = {n: m.group_bits for n, m in quantized_modules(q).items()}
+    assert set(got.pop("lm_head")) == {8}          # the untied head: embed_bits' default
+    assert got == {n: s.bits for n, s in plan.items()}
     doc = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert doc["kind"] == "tasa.plan" and doc["layers"]["model.layers.0.mlp.up_proj"]["shape"] == [256, 128]
     assert Q.read_plan(tmp_path / "p")[0] == plan
@@ -188,7 +201,7 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md:api", "exec"), ns)
     model, reloaded, ids = ns["model"], ns["reloaded"], ns["ids"]
     assert isinstance(reloaded.model.layers[0].self_attn.q_proj, TasaLinear)
-    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert reloaded.lm_head.embedding is reloaded.model.embed_tokens     # one packed table
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     qc = json.loads((tmp_path / "smollm2-rtn4" / "config.json").read_text())["quantization_config"]

@@ -84,6 +84,9 @@ def _check_embedding_entry(e) -> dict:
                                e["module"], "quantization_config.embedding")
     if spec.act_order:
         raise ValueError("tasa: an embedding cannot have act_order")
+    if not spec.bits or any(b not in tasa_ext.SUPPORTED_BITS for b in spec.bits):
+        raise ValueError(f"tasa: quantization_config.embedding bits must be widths of "
+                         f"{list(tasa_ext.SUPPORTED_BITS)}, got {spec.bits}")
     return {**dict(e), **{k: v for k, v in spec.to_dict().items() if k != "act_order"}}
 CONVERT_HINT = "tasa convert OLD_FOLDER NEW_FOLDER"
 
