@@ -1,0 +1,148 @@
+"""How far a quantized model drifts from its reference: KL divergence of the next-token
+distribution at every position, top-1 agreement, and the task NLL, on the same token ids.
+
+This is the field's yardstick (llama.cpp's ``llama-perplexity --kl-divergence``, exllamav3's
+KL-vs-bpw charts): every token of held-out text is scored, so it is far less noisy than a few
+dozen multiple-choice items. Two texts, both held out from every calibration and sensitivity
+set of tasa:
+
+* ``general``: WikiText-2 *test*, cut into windows of ``seqlen`` tokens;
+* ``gsm8k``: GSM8K *test* items as ``Question: ...\\nAnswer: <solution>``: KL over every
+  position of the item, the gold-solution NLL over the solution tokens (given the question).
+
+Per-sequence values are kept, so two models compared on the same sequences give paired
+differences with intervals.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as tdata
+
+__all__ = ["ScoredSeq", "kl_sequences", "compare", "paired_ci", "describe", "TEXTS"]
+
+TEXTS = ("general", "gsm8k")
+
+
+class ScoredSeq:
+    """Token ids of one scored sequence; NLL is scored on targets ``ids[t]`` for
+    ``t >= nll_from`` (KL on every position)."""
+
+    __slots__ = ("ids", "nll_from")
+
+    def __init__(self, ids: torch.Tensor, nll_from: int):
+        self.ids, self.nll_from = ids, int(nll_from)
+
+
+def _file(data, key: str):
+    if data is None:
+        return tdata.shipped_file(key)
+    found = tdata.folder_files(data, key)
+    if not found:
+        raise FileNotFoundError(f"tasa: no {key} file under {data} (layout of shared/data)")
+    return found[0]
+
+
+def kl_sequences(tokenizer, text: str = "general", data=None, max_tokens: int = 16384,
+                 seqlen: int = 512) -> list:
+    """The scored sequences of ``text`` (module docstring), up to ``max_tokens`` tokens."""
+    if text == "general":
+        ids = tokenizer(tdata.read_text(_file(data, "wikitext_test")),
+                        return_tensors="pt").input_ids[0]
+        n = min(len(ids), max_tokens) // seqlen
+        if n < 2:
+            raise ValueError(f"tasa: the general text has {len(ids)} tokens: fewer than 2 "
+                             f"windows of {seqlen}")
+        return [ScoredSeq(ids[i * seqlen:(i + 1) * seqlen], 1) for i in range(n)]
+    if text == "gsm8k":
+        import json
+        out, total = [], 0
+        for line in tdata.read_text(_file(data, "gsm8k_test")).splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            prompt = tdata.qa_prompt(item["question"])
+            p_ids = tokenizer(prompt).input_ids
+            ids = tokenizer(f"{prompt} {item['answer']}").input_ids[:seqlen]
+            if len(ids) <= len(p_ids) or ids[:len(p_ids)] != p_ids:
+                continue       # the prompt does not tokenize as a prefix: skip, never misalign
+            out.append(ScoredSeq(torch.tensor(ids), len(p_ids)))
+            total += len(ids)
+            if total >= max_tokens:
+                break
+        if len(out) < 2:
+            raise ValueError("tasa: fewer than 2 GSM8K items to score")
+        return out
+    raise ValueError(f"tasa: unknown text {text!r}; choose from {TEXTS}")
+
+
+@torch.no_grad()
+def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(ids[None]).logits[0].float(), -1)
+
+
+@torch.no_grad()
+def compare(reference, candidates: Mapping[str, torch.nn.Module], sequences: Sequence,
+            progress: bool = True, desc: str = "KL") -> dict:
+    """Scores every candidate against ``reference`` on ``sequences`` (reference logits computed
+    once per sequence). Returns ``{name: {"kl", "top1", "nll", "kl_seq", "top1_seq", "nll_seq",
+    "tokens"}}`` (``"reference"`` gets its own NLL too): ``kl`` / ``top1`` are means over every
+    scored position, ``nll`` the mean gold NLL in nats per scored target token; the ``*_seq``
+    lists hold each sequence's means (for paired differences)."""
+    names = ["reference", *candidates]
+    acc = {n: {"kl_seq": [], "top1_seq": [], "nll_seq": [], "kl_sum": 0.0, "top1_sum": 0.0,
+               "pos": 0, "nll_sum": 0.0, "nll_n": 0} for n in names}
+    for s in tqdm(sequences, desc=desc, disable=not progress):
+        ids = s.ids
+        lr = _log_probs(reference, ids)
+        pr = lr.exp()
+        top_r = lr.argmax(-1)
+        tgt = ids[s.nll_from:]
+        for n in names:
+            lq = lr if n == "reference" else _log_probs(candidates[n], ids)
+            if not torch.isfinite(lq).all():
+                raise ValueError(f"tasa: {n} gives non-finite log-probabilities")
+            kl = (pr * (lr - lq)).sum(-1).clamp_min(0)       # [T]; round-off can dip below 0
+            top1 = (lq.argmax(-1) == top_r).float()
+            nll = -lq[s.nll_from - 1:-1].gather(1, tgt[:, None])[:, 0]
+            a = acc[n]
+            a["kl_seq"].append(float(kl.mean()))
+            a["top1_seq"].append(float(top1.mean()))
+            a["nll_seq"].append(float(nll.mean()))
+            a["kl_sum"] += float(kl.sum())
+            a["top1_sum"] += float(top1.sum())
+            a["pos"] += kl.numel()
+            a["nll_sum"] += float(nll.sum())
+            a["nll_n"] += nll.numel()
+    return {n: {"kl": a["kl_sum"] / a["pos"], "top1": a["top1_sum"] / a["pos"],
+                "nll": a["nll_sum"] / a["nll_n"], "tokens": a["pos"],
+                "kl_seq": a["kl_seq"], "top1_seq": a["top1_seq"], "nll_seq": a["nll_seq"]}
+            for n, a in acc.items()}
+
+
+def paired_ci(a: Sequence[float], b: Sequence[float]) -> tuple:
+    """Mean of ``b - a`` over paired sequences and its 95% t-interval half width."""
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    m = sum(d) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    from scipy.stats import t
+    return m, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def describe(kl: float, top1: float, nll_ref: Optional[float] = None,
+             nll: Optional[float] = None) -> str:
+    """The drift in words, for report.md and the CLI."""
+    words = ("negligible" if kl < 0.01 else "small" if kl < 0.05 else "moderate" if kl < 0.15
+             else "large" if kl < 0.5 else "very large")
+    s = f"KL {kl:.4f} nats/token ({words}), top-1 agreement {100 * top1:.1f}%"
+    if nll_ref is not None and nll is not None:
+        s += f", gold NLL {nll_ref:.3f} -> {nll:.3f} nats/token"
+    return s
