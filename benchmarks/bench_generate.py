@@ -10,11 +10,25 @@ batch 1, ``--threads`` threads (default 2):
   GGUF checkpoint the registry ships), in fp32 / bf16.
 * ``tasa-eager``: the model's 3.5-bit TASA plan (``pipeline.allocate`` on the committed
   measurement in benchmarks/results/reproduction/<model>/), transformers ``generate``.
-* ``tasa-fast``: the same plan, output projection RTN 8-bit (``--lm-head-bits 8``), tasa's decode
-  loop (``tasa.generation``). ``tasa-fast-head32``: the loop with the full-precision head
-  (separates the two levers).
-* ``llama.cpp``: llama-cpp-python on the model's original GGUF (found installed, or skipped
-  with the command that installs it: it builds from source, ~6 minutes on 2 cores).
+* ``tasa-fast``: the same plan with tasa's defaults for the token embedding and output
+  projection (one 8-bit packed table when tied, ``--embed-bits 8``), tasa's decode loop
+  (``tasa.generation``). ``tasa-fast-head32``: the loop with the embedding and head as stored
+  (``--embed-bits 0``: separates the two levers).
+* ``tasa-saved``: what a user meets: the ``tasa-fast`` model saved as a tasa folder (by a
+  separate preparation process), then a fresh process that only loads that folder
+  (``tasa.load``) and generates: its peak RSS is loading + generating, and the table gives the
+  folder's file size (every byte) beside the GGUF's.
+* ``llama.cpp``: llama-cpp-python on the model's original GGUF, in a process that imports
+  neither torch nor transformers (the prompt is the same text, tokenized by llama.cpp), so its
+  peak RSS is llama.cpp's own. Found installed, or skipped with the command that installs it.
+  Built with default flags (GGML_NATIVE) it segfaults in decode on the Intel Xeon with AMX
+  measured here; this build works there (~5 minutes on 2 idle cores)::
+
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \
+        pip install llama-cpp-python==0.3.36
+
+  A configuration whose process dies says how (the signal, or the last line of its error).
 
 Speed depends on the widths, not on how the codes were chosen, so the tasa rows quantize with
 RTN under the TASA plan (the GPTQ codes of ``tasa quantize`` give the same kernel work).
@@ -31,17 +45,24 @@ import json
 import os
 import resource
 import statistics
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-CONFIGS = ("hf-fp32", "hf-bf16", "tasa-eager", "tasa-fast-head32", "tasa-fast", "llama.cpp")
+CONFIGS = ("hf-fp32", "hf-bf16", "tasa-eager", "tasa-fast-head32", "tasa-fast", "tasa-saved",
+           "llama.cpp")
 MEASURED = HERE / "results" / "reproduction"
-INSTALL_LLAMA = "CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python==0.3.36"
+INSTALL_LLAMA = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON '
+                 '-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON '
+                 '-DGGML_AVX512_BF16=ON" pip install llama-cpp-python==0.3.36')
+WIKI_SLICE = HERE.parent / "python" / "tasa" / "data" / "wikitext2_test_slice.txt"
 
 
 def _prompt_ids(tok, n: int, vocab: int):
@@ -53,7 +74,7 @@ def _prompt_ids(tok, n: int, vocab: int):
     return ids
 
 
-def _tasa_model(name: str, lm_head_bits: int):
+def _tasa_model(name: str, embed_bits: int):
     import tasa
     from tasa import pipeline
     from tasa.measurement import Measurement
@@ -64,7 +85,7 @@ def _tasa_model(name: str, lm_head_bits: int):
     m = Measurement.load(MEASURED / name)
     A = pipeline.allocate(m, 3.5)
     plan = as_layer_specs(A["plan"])
-    tasa.quantize(model, tok, plan=plan, method="rtn", lm_head_bits=lm_head_bits, progress=False)
+    tasa.quantize(model, tok, plan=plan, method="rtn", embed_bits=embed_bits, progress=False)
     note = (f"TASA 3.5 plan of {MEASURED.relative_to(HERE.parent) / name / 'measurement.json'}: "
             f"{A['summary']['avg_bits']:.4f} average bits (exact cost), widths "
             + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in A["summary"]["width_fraction"].items()))
@@ -99,26 +120,34 @@ def _profile_step(model, tok, fast: bool) -> str:
     return table
 
 
-def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
-            threads: int, profile_step: bool) -> dict:
-    import torch
+def prepare_saved(name: str, folder: str) -> dict:
+    """The tasa-fast model written as a tasa folder (what ``tasa quantize`` leaves a user)."""
+    import tasa  # noqa: F401
+    from tasa.io import model_size, save_quantized
 
-    torch.set_num_threads(threads)
+    model, tok, note = _tasa_model(name, 8)
+    save_quantized(model, folder, {}, tokenizer=tok)    # the plan: every packed module it has
+    return {"note": note, "size": model_size(folder)}
+
+
+def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
+            threads: int, profile_step: bool, path: str = "") -> dict:
     res = {"model": model_name, "config": config}
     if config == "llama.cpp":
+        # no torch / transformers / tasa import here: the RSS is llama.cpp's own
         try:
             import llama_cpp
         except ImportError:
             return {**res, "skipped": f"llama-cpp-python not installed ({INSTALL_LLAMA})"}
-        from tasa.models import load_model, resolve_gguf
-
-        gguf = resolve_gguf(model_name)
-        _, tok, _ = load_model(model_name)
+        gguf = Path(path)
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt_len + 32, n_batch=prompt_len,
                               n_threads=threads, n_threads_batch=threads, verbose=False)
         res["note"] = f"llama-cpp-python {llama_cpp.__version__}, {gguf.name}"
-        short = _prompt_ids(tok, 16, 10 ** 9)[0].tolist()
-        long = _prompt_ids(tok, prompt_len, 10 ** 9)[0].tolist()
+        res["file_bytes"] = gguf.stat().st_size
+        text = WIKI_SLICE.read_text(encoding="utf-8")[:20000].encode()
+        toks = llm.tokenize(text, add_bos=False)
+        short, long = toks[:16], toks[:prompt_len]
+        assert len(long) == prompt_len
 
         def decode():
             llm.reset()
@@ -135,18 +164,37 @@ def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
             llm.eval(long)
             return time.perf_counter() - t0
     else:
+        import torch
+
+        torch.set_num_threads(threads)
         from tasa.generation import generate
         from tasa.models import load_model
 
-        if config.startswith("tasa"):
+        if config == "tasa-saved":
+            import tasa
+            from transformers import AutoTokenizer
+
+            t0 = time.perf_counter()
+            model = tasa.load(path)
+            tok = AutoTokenizer.from_pretrained(path)
+            res["load_s"] = time.perf_counter() - t0
+            res["load_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            from tasa.io import model_size
+
+            size = model_size(path)
+            res["file_bytes"], res["bits_per_param"] = size["file_bytes"], size["bits_per_param"]
+            res["note"] = (f"tasa folder {size['file_bytes'] / 1e6:.1f} MB, "
+                           f"{size['bits_per_param']:.2f} bits/param; loaded in "
+                           f"{res['load_s']:.1f} s")
+        elif config.startswith("tasa"):
             model, tok, note = _tasa_model(model_name, 8 if config == "tasa-fast" else 0)
-            res["note"] = note + ("; lm_head RTN 8-bit" if config == "tasa-fast" else
-                                  "; lm_head full precision")
+            res["note"] = note + ("; embedding + head 8-bit" if config == "tasa-fast" else
+                                  "; embedding + head as stored (fp32)")
         else:
             model, tok, _ = load_model(model_name)
             if config == "hf-bf16":
                 model = model.to(torch.bfloat16)
-        fast = config in ("tasa-fast", "tasa-fast-head32")
+        fast = config in ("tasa-fast", "tasa-fast-head32", "tasa-saved")
         short = _prompt_ids(tok, 16, model.config.vocab_size)
         long = _prompt_ids(tok, prompt_len, model.config.vocab_size)
 
@@ -185,13 +233,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "generate_cpu"))
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.reps < 5 and not args.one:
         print("note: fewer than 5 repetitions: not a reportable run", file=sys.stderr)
+    if args.prepare:
+        print(json.dumps(prepare_saved(*args.prepare)))
+        return 0
     if args.one:
         print(json.dumps(run_one(*args.one, args.reps, args.new, args.prompt_len, args.threads,
-                                 args.profile)))
+                                 args.profile, args.path)))
         return 0
     from common import machine
 
@@ -200,18 +253,33 @@ def main(argv=None) -> int:
     meta["settings"] = {"reps": args.reps, "new_tokens": args.new, "prompt_len": args.prompt_len,
                         "threads": args.threads, "batch": 1}
     rows = []
+    saved_root = Path(tempfile.mkdtemp(prefix="tasa-bench-"))
+    configs = [c for c in args.configs.split(",") if c]
     for model in [m for m in args.models.split(",") if m]:
-        for config in [c for c in args.configs.split(",") if c]:
+        path = {}
+        if "tasa-saved" in configs:
+            folder = saved_root / model
+            p = subprocess.run([sys.executable, __file__, "--prepare", model, str(folder)],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit(f"preparing the tasa folder of {model} failed: {p.stderr[-800:]}")
+            path["tasa-saved"] = str(folder)
+        if "llama.cpp" in configs:
+            from tasa.models import resolve_gguf
+            path["llama.cpp"] = str(resolve_gguf(model))
+        for config in configs:
             cmd = [sys.executable, __file__, "--one", model, config, "--reps", str(args.reps),
                    "--new", str(args.new), "--prompt-len", str(args.prompt_len),
-                   "--threads", str(args.threads), "--profile"]
+                   "--threads", str(args.threads), "--profile", "--path", path.get(config, "")]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
             if p.returncode != 0:
-                rows.append({"model": model, "config": config,
-                             "error": p.stderr.strip().splitlines()[-1:]})
-                print(f"[{model}] {config}: FAILED {p.stderr[-800:]}", flush=True)
+                why = (f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+                       else f"exit {p.returncode}: "
+                       + " | ".join(p.stderr.strip().splitlines()[-1:]) or "(no message)")
+                rows.append({"model": model, "config": config, "error": why})
+                print(f"[{model}] {config}: FAILED ({why})", flush=True)
                 continue
             row = json.loads(p.stdout.strip().splitlines()[-1])
             row["wall_s"] = time.perf_counter() - t0
@@ -235,15 +303,23 @@ def main(argv=None) -> int:
     for model in dict.fromkeys(r["model"] for r in rows):
         mr = [r for r in rows if r["model"] == model]
         md.append(f"## {model}\n")
-        md.append("| configuration | decode tokens/s | prefill tokens/s | peak RSS MB | note |")
-        md.append("|---|---|---|---|---|")
+        md.append("| configuration | decode tokens/s | prefill tokens/s | peak RSS MB | model file "
+                  "MB | note |")
+        md.append("|---|---|---|---|---|---|")
         base = {r["config"]: r for r in mr if "decode_tok_s" in r}
         for r in mr:
             if "decode_tok_s" not in r:
-                md.append(f"| {r['config']} | - | - | - | {r.get('skipped') or r.get('error')} |")
+                md.append(f"| {r['config']} | - | - | - | - | {r.get('skipped') or r.get('error')} |")
                 continue
+            fb = f"{r['file_bytes'] / 1e6:.1f}" if r.get("file_bytes") else ""
             md.append(f"| {r['config']} | {_fmt(r['decode_tok_s'])} | {_fmt(r['prefill_tok_s'])} | "
-                      f"{r['peak_rss_mb']:.0f} | {r.get('note', '')} |")
+                      f"{r['peak_rss_mb']:.0f} | {fb} | {r.get('note', '')} |")
+        if "tasa-saved" in base and "llama.cpp" in base:
+            a, b = base["tasa-saved"], base["llama.cpp"]
+            md.append(f"\nUser-facing (tasa-saved vs llama.cpp, each a fresh process that loads its "
+                      f"file): file {a['file_bytes'] / b['file_bytes']:.2f}x, peak RSS "
+                      f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, decode "
+                      f"{statistics.median(a['decode_tok_s']) / statistics.median(b['decode_tok_s']):.2f}x.")
         if "llama.cpp" in base:
             ref = statistics.median(base["llama.cpp"]["decode_tok_s"])
             md.append("\nDecode relative to llama.cpp (medians): " + ", ".join(
@@ -257,6 +333,7 @@ def main(argv=None) -> int:
                 md.append(f"\n### Profile of one decode step: {model}, {r['config']}\n")
                 md.append("```\n" + r["profile"] + "\n```")
         md.append("")
+    shutil.rmtree(saved_root, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import tasa
 from tasa import cli
-from tasa.driver import quantize_embeddings
+from tasa.driver import quantize_embeddings, whole_model_estimate
+from tasa.quant import uniform_plan
 from tasa.generation import generate
 from tasa.hf import TasaConfig
 from tasa.io import model_size
@@ -151,9 +152,14 @@ def test_model_size_counts_every_parameter(tmp_path):
     base.config.tie_word_embeddings = True
     base.tie_weights()
     n_params = sum(p.numel() for p in base.parameters())       # tied: counted once
-    model = tasa.quantize(base, None, bits=4, method="rtn", group_size=32, out=tmp_path,
+    plan = uniform_plan(base, 4, 32, "asym")
+    est = whole_model_estimate(base, plan, 8, 32, "asym")
+    model = tasa.quantize(base, None, plan=plan, method="rtn", group_size=32, out=tmp_path,
                           progress=False)
     size = model_size(tmp_path)
+    # the estimate made before quantizing is the tensors' bytes exactly (the file adds a header)
+    assert est["params"] == n_params
+    assert est["bytes"] == sum(p["bytes"] for p in size["parts"].values())
     assert size["params"] == n_params
     assert size["file_bytes"] == (tmp_path / "model.safetensors").stat().st_size
     parts = size["parts"]

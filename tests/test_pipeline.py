@@ -383,6 +383,12 @@ def test_run_end_to_end_and_reload(tmp_path):
     assert "alpha*" in rep and "Kendall" in rep
     assert "split-half" in rep and "bootstrap CI" in rep          # the noise bounds
     assert "average code bits" in rep and f"{s['code_avg_bits']:.4f}" in rep   # both bit counts
+    # the whole file, every parameter: in run.json and the report
+    run_json = json.loads((tmp_path / "run.json").read_text())
+    assert run_json["size"]["file_bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    assert run_json["size"]["params"] == sum(p.numel() for p in ref_model.parameters())
+    assert run_json["embedding"]["bits"] == 8
+    assert "Whole model file" in rep and f"{run_json['size']['bits_per_param']:.2f} bits per" in rep
     # reload into a fresh skeleton: identical outputs, no re-quantization
     x = torch.randint(0, 256, (2, 20))
     with torch.no_grad():

@@ -16,7 +16,7 @@ from . import calib
 from .nn import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
 from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn, resolve_group_size
 
-__all__ = ["quantize_model", "quantize_embeddings"]
+__all__ = ["quantize_model", "quantize_embeddings", "whole_model_estimate"]
 
 
 def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str = "gptq",
@@ -164,3 +164,33 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
     return {"module": ename, "head": hname, "tied": bool(tied), "bits": int(bits),
             "group_size": G, "mode": mode, "embed_scale": scale,
             "avg_bits": new.average_bits()}
+
+
+def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_bits: int,
+                         group_size: int = 128, mode: str = "asym") -> dict:
+    """What the file of ``model`` quantized per ``plan`` (and ``embed_bits``, 0: as stored)
+    will weigh, from exact format costs, before anything is quantized: ``{"params", "bytes",
+    "bits_per_param"}`` over every parameter (each stored tensor once: a tied head is the
+    embedding). The saved folder's :func:`tasa.io.model_size` counts the file itself (plus its
+    header, a few kB)."""
+    import tasa_ext
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    packed_tables = {id(emb.weight)} if isinstance(emb, nn.Embedding) else set()
+    if isinstance(head, nn.Linear):
+        packed_tables.add(id(head.weight))
+    params, bits = 0, 0
+    for name, p in model.named_parameters():        # tied parameters once
+        mod, _, leaf = name.rpartition(".")
+        params += p.numel()
+        if leaf == "weight" and mod in plan:
+            s = plan[mod]
+            bits += tasa_ext.cost_bits(p.shape[0], p.shape[1], s.group_size, s.bits, s.mode,
+                                       s.act_order)
+        elif embed_bits and id(p) in packed_tables and p.dim() == 2:
+            V, K = p.shape
+            G = resolve_group_size(K, group_size)
+            bits += tasa_ext.cost_bits(V, K, G, [int(embed_bits)] * (K // G), mode)
+        else:
+            bits += p.numel() * p.element_size() * 8
+    return {"params": params, "bytes": bits // 8, "bits_per_param": bits / params}

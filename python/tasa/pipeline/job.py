@@ -21,14 +21,14 @@ from .. import alloc, data, defaults, distributed, lazy
 from .. import io as tio
 from ..io import check_output_folder, retire_model
 from ..measurement import Measurement
-from ..driver import quantize_embeddings
+from ..driver import quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
 from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
 from ..report import write_report
 from ..util import clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
 from .config import PipelineConfig
-from .stages import (CALIB_BATCH, Log, allocate, check_budget, check_same_model,
+from .stages import (CALIB_BATCH, Log, allocate, as_layer_specs, check_budget, check_same_model,
                      gptq_calibration, measure, measure_fingerprint, plan_document,
                      quantize_with_plan, split_data)
 
@@ -170,9 +170,15 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         pshapes = {f: shapes[f] for f in given if f in shapes}
         summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, pshapes)
         _write_given_plan(out, given, pshapes, doc)
-    log(f"plan: {summary_['avg_bits']:.4f} average bits stored, {summary_['code_avg_bits']:.4f} "
-        f"code bits (budget {f'{cfg.bits} {cfg.budget} bits' if plan is None else 'given'}); widths "
-        + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in summary_["width_fraction"].items()))
+    whole = whole_model_estimate(model, as_layer_specs(the_plan), cfg.embed_bits, cfg.group_size,
+                                 cfg.mode)
+    log(f"plan: decoder linears {summary_['avg_bits']:.4f} average bits stored, "
+        f"{summary_['code_avg_bits']:.4f} code bits (budget "
+        f"{f'{cfg.bits} {cfg.budget} bits' if plan is None else 'given'}); widths "
+        + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in summary_["width_fraction"].items())
+        + f"; whole model ~{whole['bytes'] / 1e6:.1f} MB, {whole['bits_per_param']:.2f} bits per "
+          f"parameter (embedding + head at "
+          f"{f'{cfg.embed_bits} bits' if cfg.embed_bits else 'their stored precision'})")
     # quantization
     t = time.perf_counter()
     lplan, qinfo = quantize_with_plan(model, tok, cfg, the_plan, alpha, progress=progress, log=log,
