@@ -2,6 +2,7 @@
 // for every width, and the fused GEMM on every ISA path (scalar, AVX2, AVX-512 where the CPU
 // has them) and activation dtype against a float64 dot product of the dequantized weights, on
 // odd sizes.
+#include <string.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,19 @@ static void run_case(int64_t N, int64_t K, int64_t G, const std::vector<int32_t>
   std::vector<float> W(N * K), x(M * K), y(M * N);
   EXPECT(tasa_dequant_cpu(qw.data(), scales.data(), asym ? zeros.data() : nullptr, gtable.data(),
                           perm_on ? perm.data() : nullptr, N, K, G, R, W.data()) == TASA_OK, "dequant");
+  // embed: rows of W for ids (repeated, both ends), bit-identical to dequant; a bad id refused
+  {
+    const std::vector<int64_t> ids = {N - 1, 0, N / 2, 0};
+    std::vector<float> rows(ids.size() * K, -1.f);
+    EXPECT(tasa_embed_cpu(ids.data(), (int64_t)ids.size(), qw.data(), scales.data(),
+                          asym ? zeros.data() : nullptr, gtable.data(), perm_on ? perm.data() : nullptr,
+                          N, K, G, R, rows.data()) == TASA_OK, "embed");
+    for (size_t i = 0; i < ids.size(); ++i)
+      EXPECT(memcmp(&rows[i * K], &W[ids[i] * K], sizeof(float) * K) == 0, "embed row %ld", (long)ids[i]);
+    const int64_t bad[2] = {0, N};
+    EXPECT(tasa_embed_cpu(bad, 2, qw.data(), scales.data(), asym ? zeros.data() : nullptr, gtable.data(),
+                          nullptr, N, K, G, R, rows.data()) == TASA_ERR_INDEX, "embed id N");
+  }
   for (auto& v : x) v = ux(rng);
   // x and y in each activation dtype; the reference reads the same (rounded) x and allows the
   // rounding of y to that dtype on top of fp32-level accumulation error.
