@@ -240,3 +240,34 @@ def test_smollm2_allocate_plan_quantize_and_lm_eval(tmp_path):
     a = HFLM(pretrained=str(tmp_path / "m"), **kw).loglikelihood(req)
     b = HFLM(pretrained=q, tokenizer=tok, **kw).loglikelihood(req)
     assert a[0][0] == pytest.approx(b[0][0], abs=1e-5)
+
+
+def test_loading_never_builds_the_fp32_embedding(tmp_path, monkeypatch):
+    """A packed embedding is swapped in on the meta device before the weights load: no floating
+    tensor of the table's size is allocated on a real device, during loading or after."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=4000, hidden_size=256, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=True)
+    tasa.quantize(LlamaForCausalLM(cfg).eval(), None, bits=4, method="rtn", embed_bits=8,
+                  out=tmp_path, progress=False)
+    table = 4000 * 256
+    seen = []
+    real_empty = torch.empty
+
+    def spy(*size, **kw):          # every allocation through torch.empty during the load
+        t = real_empty(*size, **kw)
+        if t.device.type != "meta" and t.is_floating_point() and t.numel() >= table:
+            seen.append(tuple(t.shape))
+        return t
+
+    torch.utils._device._device_constructors()     # cached first: the real torch.empty in it
+    monkeypatch.setattr(torch, "empty", spy)
+    m = tasa.load(tmp_path)
+    monkeypatch.undo()
+    assert not seen
+    big = [n for n, t in m.state_dict().items() if t.is_floating_point() and t.numel() >= table]
+    assert not big, big
+    assert isinstance(m.lm_head, tasa.nn.TasaTiedHead)

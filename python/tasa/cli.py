@@ -245,9 +245,10 @@ def cmd_allocate(args) -> int:
         return 2
     write_json_atomic(out, pipeline.plan_document(m, A))
     s = A["summary"]
-    print(f"{out}: {s['avg_bits']:.4f} average bits stored, {s['code_avg_bits']:.4f} code bits "
-          f"(budget {bits} {budget} bits); "
-          + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in s["width_fraction"].items()))
+    print(f"{out}: decoder linears {s['avg_bits']:.4f} average bits stored, "
+          f"{s['code_avg_bits']:.4f} code bits (budget {bits} {budget} bits); "
+          + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in s["width_fraction"].items())
+          + " (the whole file, embedding and head included: `tasa quantize --plan` reports it)")
     return 0
 
 
@@ -298,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "file, local checkpoint folder or Hugging Face id")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--bits", type=float, default=None,
-                   help="target average bits per weight of the quantized linears, exact storage "
-                        f"cost (codes + fp16 scales/zeros + tables); default {defaults.BITS}")
+                   help="target average bits per weight of the decoder's quantized linears, exact "
+                        "storage cost (codes + fp16 scales/zeros + tables); default "
+                        f"{defaults.BITS}. The token embedding and output projection are not "
+                        f"counted here (--embed-bits); the run's last line gives the whole file "
+                        f"in bits per parameter over every parameter, as llama.cpp counts")
     g.add_argument("--code-bits", type=float, default=None,
                    help="target average CODE bits per weight (the paper's convention: scales, "
                         "zeros and tables not counted); the report states both")
@@ -363,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("allocate", help="re-allocate bits from a measurement.json (seconds)")
     p.add_argument("--measurement", required=True, help="measurement.json or its folder")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--bits", type=float, help="average storage bits (every stored bit)")
+    g.add_argument("--bits", type=float, help="average storage bits of the decoder's linears "
+                                               "(every stored bit; embedding and head apart)")
     g.add_argument("--code-bits", type=float, help="average code bits (the paper's convention)")
     p.add_argument("--scoring", choices=list(pipeline.SCORINGS), default="tasa",
                    help="tasa: measured task-aware probes; higgs / hawq: the non-task-aware "

@@ -9,9 +9,11 @@ After ``import tasa``::
 
 A tasa folder is a transformers folder: ``config.json`` carries ``quantization_config`` =
 :class:`TasaConfig` (``quant_method: "tasa"``, its own ``version``, the packing
-``format_version``, and ``modules``: every quantized linear's per-group widths, group size, mode
-and act-order), ``model.safetensors`` the packed TasaLinear buffers (``qweight``, ``scales``,
-``zeros``, ``gtable``, ``perm``, ``bias``) and the full-precision rest. Loading is pre-quantized
+``format_version``, ``modules``: every quantized linear's per-group widths, group size, mode
+and act-order, and ``embedding``: the packed token embedding -- its widths, the output
+projection it serves when tied, Gemma's ``embed_scale``), ``model.safetensors`` the packed
+TasaLinear / TasaEmbedding buffers (``qweight``, ``scales``, ``zeros``, ``gtable``, ``perm``,
+``bias``; a tied head stores nothing of its own) and the full-precision rest. Loading is pre-quantized
 only (tasa quantizes with ``tasa quantize`` / :func:`tasa.quantize`, which needs calibration):
 before the weights load, :class:`TasaHfQuantizer` checks the checkpoint's tensor names, shapes
 and dtypes against the plan (from the safetensors header: nothing is read or built first) and
