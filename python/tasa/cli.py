@@ -128,9 +128,15 @@ def cmd_eval(args) -> int:
     try:
         tev.require_lm_eval()
         tasks = tev.check_tasks(args.tasks)
+        quantized = load_quantized(args.quantized) if args.quantized else None
+        base = ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get(
+            "base_model") if quantized is not None else None
+        if args.model is None:
+            args.model = base if base is not None else defaults.MODEL
         model, tok, _info = load_model(args.model)
-        if args.quantized:
-            model = load_quantized(args.quantized)
+        if quantized is not None:
+            _check_same_base(args.quantized, base, args.model, quantized, model)
+            model = quantized
             model.tasa_info = _info
         s = tev.evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
                      num_fewshot=_parse_fewshot(args.num_fewshot), batch_size=args.batch_size,
@@ -151,6 +157,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _canonical(name) -> str:
+    from .models import REGISTRY
+
+    key = str(name).lower()
+    return REGISTRY[key].name if key in REGISTRY else str(Path(str(name)).expanduser().resolve())
+
+
+def _check_same_base(folder, base, model_arg, quantized, reference) -> None:
+    """A quantized folder evaluated with another model's tokenizer and reference gives numbers
+    that mean nothing (accuracy 0.0, rc 0): refuse unless the folder's base model and the
+    vocabulary agree with ``--model``."""
+    if base is not None and _canonical(base) != _canonical(model_arg):
+        raise ValueError(f"tasa: {folder} was quantized from {base!r} but --model is "
+                         f"{model_arg!r}; pass --model {base} (or leave --model out)")
+    qv = getattr(quantized.config.get_text_config(), "vocab_size", None)
+    rv = getattr(reference.config.get_text_config(), "vocab_size", None)
+    if qv != rv:
+        raise ValueError(f"tasa: {folder} has a vocabulary of {qv} tokens but --model "
+                         f"{model_arg!r} has {rv}: not the same model")
+
+
 def _non_negative(s: str) -> int:
     try:
         v = int(s)
@@ -158,6 +185,29 @@ def _non_negative(s: str) -> int:
         v = -1
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {s!r}")
+    return v
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {s!r}")
+    return v
+
+
+def _threads(s: str) -> int:
+    """``--threads``: 0 (torch's default) up to 4x this machine's CPUs. More only oversubscribes
+    the cores, and past a few thousand OpenMP aborts (20000) or the process segfaults (100000)."""
+    import os
+
+    v = _non_negative(s)
+    cap = 4 * (os.cpu_count() or 1)
+    if v > cap:
+        raise argparse.ArgumentTypeError(f"at most {cap} (4x this machine's {os.cpu_count()} "
+                                         f"CPUs), got {v}")
     return v
 
 
@@ -258,12 +308,13 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="evaluate a model (optionally quantized) with lm-eval on local data",
         description="Evaluate with lm-eval, offline, on local files: " + ", ".join(tev.TASKS) +
                     ". Default data: the small slices shipped with tasa (quick checks).")
-    p.add_argument("--model", default=defaults.MODEL,
+    p.add_argument("--model", default=None,
                    help="registry name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), .gguf "
-                        "file or checkpoint directory (default: smollm2-135m)")
+                        "file or checkpoint directory: its tokenizer and reference (default: "
+                        "the --quantized folder's base model, else smollm2-135m)")
     p.add_argument("--quantized", default=None, metavar="DIR",
-                   help="folder written by tasa.io.save_quantized; loaded into --model's "
-                        "architecture")
+                   help="a tasa folder to evaluate; refused when it was quantized from another "
+                        "model than --model")
     p.add_argument("--tasks", default=",".join(tev.DEFAULT_TASKS),
                    help=f"comma-separated, from {','.join(tev.TASKS)} (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
@@ -359,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole model; read, quantize and write one decoder block at a time")
     p.add_argument("--fresh", action="store_true",
                    help="discard a measurement.json of other settings found in --out")
-    p.add_argument("--threads", type=_non_negative, default=0,
-                   help="torch threads (0: torch default)")
+    p.add_argument("--threads", type=_threads, default=0,
+                   help="torch threads (0: torch default; at most 4x the CPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_quantize)
@@ -384,11 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=defaults.MODEL,
                    help="registry name, .gguf file, or a model folder (a tasa folder too)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive, default=128,
+                   help="tokens to generate at most (default 128; with the prompt, within the "
+                        "model's context)")
     p.add_argument("--eager", action="store_true",
                    help="use transformers' generate instead of tasa's decode loop")
-    p.add_argument("--threads", type=_non_negative, default=0,
-                   help="torch threads (0: torch default)")
+    p.add_argument("--threads", type=_threads, default=0,
+                   help="torch threads (0: torch default; at most 4x the CPUs)")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("convert", help="rewrite a folder of an older tasa (tasa_config.json) as "
                                        "a transformers folder")

@@ -328,6 +328,13 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
     if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ValueError(f"tasa: generate takes one non-empty prompt, got ids of shape "
                          f"{tuple(input_ids.shape)}")
+    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(ctx, int) and input_ids.shape[1] + max_new_tokens > ctx:
+        # past the context the positions have no rotary table / embedding (garbage, or a KV
+        # cache preallocated for 10^9 positions): refuse before anything is allocated
+        raise ValueError(f"tasa: the prompt ({input_ids.shape[1]} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) exceed the model's context of {ctx} positions; "
+                         f"ask for at most {max(ctx - input_ids.shape[1], 0)} new tokens")
     input_ids = input_ids.to(next(model.parameters()).device)
     model.eval()
     path = "eager"
