@@ -391,3 +391,15 @@ def test_eval_refuses_a_folder_of_another_model(tmp_path, capsys):
     assert cli.main(["eval", "--quantized", str(tmp_path), "--model", "smollm2",
                      "--tasks", "arc_easy", "--limit", "2"]) == 2
     assert "quantized from 'qwen2.5-coder-0.5b' but --model is 'smollm2'" in capsys.readouterr().err
+
+
+def test_plan_leaving_out_a_linear_is_refused():
+    import tasa
+    from tasa.quant import uniform_plan
+
+    model = tiny_llama()
+    plan = uniform_plan(model, 4, 32, "asym")
+    left = sorted(plan)[3]
+    del plan[left]
+    with pytest.raises(ValueError, match=f"leaves out 1 of the model's linears \\({left}\\)"):
+        tasa.quantize(model, None, plan=plan, method="rtn", progress=False)

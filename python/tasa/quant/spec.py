@@ -265,6 +265,12 @@ def check_plan(model: nn.Module, plan: Mapping[str, LayerSpec],
                              f"{list(shapes[name])}, this model's is "
                              f"{[m.out_features, m.in_features]} (a plan for another model?)")
         spec.validate(m.out_features, m.in_features, name)
+    left = sorted(set(default_targets(model)) - set(plan))
+    if left:
+        # they would stay in full precision, silently, and out of the reported average
+        raise ValueError(f"tasa: the plan leaves out {len(left)} of the model's linears "
+                         f"({', '.join(left[:4])}{' ...' if len(left) > 4 else ''}): each needs "
+                         f"a width (a plan from `tasa allocate` names them all)")
 
 
 def resolve_group_size(k_in: int, group_size: int) -> int:
