@@ -119,7 +119,7 @@ def test_hessian_negative_count_is_refused():
 
 
 def test_allocate_never_overwrites_a_measurement(tmp_path, capsys):
-    src = Path(__file__).resolve().parents[1] / "benchmarks/results/reproduction/smollm2-135m"
+    src = Path(__file__).resolve().parents[1] / "benchmarks/results/reproduction_paper/gemma3-270m"
     m = tmp_path / "measurement.json"
     m.write_bytes((src / "measurement.json").read_bytes())
     before = sha256_file(m)
@@ -403,3 +403,25 @@ def test_plan_leaving_out_a_linear_is_refused():
     del plan[left]
     with pytest.raises(ValueError, match=f"leaves out 1 of the model's linears \\({left}\\)"):
         tasa.quantize(model, None, plan=plan, method="rtn", progress=False)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(units={}), "no units to allocate"),
+    (lambda d: d["sensitivity"]["delta"].pop(next(iter(d["units"]))), "no 3-bit probe of unit"),
+    (lambda d: d["sensitivity"]["delta_by_width"]["4"].pop(sorted(d["units"])[-1]),
+     "no 4-bit probe of unit"),
+    (lambda d: d["sensitivity"]["delta"][sorted(d["units"])[1]].update(math=float("nan")),
+     "has math loss increase nan"),
+    (lambda d: d["units"][next(iter(d["units"]))].update(linears="x"), "does not list linears"),
+])
+def test_edited_measurement_is_refused_naming_the_unit(tmp_path, capsys, edit, msg):
+    """``complete: true`` is checked against the data: a unit's probe deleted used to move it
+    4 -> 3 bits silently, ``units: {}`` divided by zero."""
+    src = Path(__file__).resolve().parents[1] / "benchmarks/results/reproduction_paper/gemma3-270m"
+    d = json.loads((src / "measurement.json").read_text())
+    edit(d)
+    (tmp_path / "measurement.json").write_text(json.dumps(d))
+    assert cli.main(["allocate", "--measurement", str(tmp_path), "--bits", "3.5",
+                     "--out", str(tmp_path / "p.json")]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

@@ -38,6 +38,7 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from pathlib import Path
@@ -328,6 +329,33 @@ def unit_errors(measurement: Measurement, beta: float = defaults.BETA,
     return err, e_meas[b0], dropped
 
 
+def check_measured(m: Measurement) -> None:
+    """A measurement that says ``complete`` must hold what the allocator reads: every unit's
+    linears, and a finite loss increase of every unit at every probe width for every objective
+    (a unit whose probe was deleted moved 4 -> 3 bits silently; an empty ``units`` divided by
+    zero). The error names the unit, width and objective."""
+    if not isinstance(m.units, dict) or not m.units:
+        raise ValueError("tasa: the measurement has no units to allocate (edited or damaged?); "
+                         "re-measure")
+    for u, spec in m.units.items():
+        lins = spec.get("linears") if isinstance(spec, dict) else None
+        if not isinstance(lins, list) or not lins or any(f not in m.linears for f in lins):
+            raise ValueError(f"tasa: the measurement's unit {u!r} does not list linears of the "
+                             f"measurement (edited or damaged?); re-measure")
+    sens = m.sensitivity
+    for b in sens.widths:
+        d = sens.delta if int(b) == int(sens.bits) else sens.delta_by_width.get(str(int(b)), {})
+        for u in m.units:
+            if u not in d:
+                raise ValueError(f"tasa: the measurement says complete but has no {b}-bit probe "
+                                 f"of unit {u!r} (edited or damaged?); re-measure")
+            for k in sens.objectives:
+                v = d[u].get(k) if isinstance(d[u], dict) else None
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"tasa: the measurement's {b}-bit probe of unit {u!r} has "
+                                     f"{k} loss increase {v!r}, not a finite number")
+
+
 def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
              widths: Sequence[int] = defaults.WIDTHS, intra: bool = True,
              act_order: bool = False, budget: str = "storage", scoring: str = "tasa") -> dict:
@@ -338,6 +366,7 @@ def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
     "layer_allocation", ...}``; raises ``ValueError`` for an infeasible budget."""
     if not measurement.complete:
         raise ValueError("tasa: the measurement has no complete sensitivity stage")
+    check_measured(measurement)
     lin = measurement.linears
     units = measurement.units
     names = list(units)
