@@ -425,3 +425,36 @@ def test_edited_measurement_is_refused_naming_the_unit(tmp_path, capsys, edit, m
                      "--out", str(tmp_path / "p.json")]) == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
+                  st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+                  st.lists(st.integers(-3, 9), max_size=5), st.dictionaries(st.text(max_size=3),
+                                                                             st.integers(), max_size=2))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_plan_reader_mutations_load_the_same_or_are_refused(data):
+    """A valid plan document with one field replaced by junk: it reads to the same plan, or is
+    refused with one `tasa:` ValueError (never another exception, never another plan)."""
+    from tasa.quant import LayerSpec, plan_from_dict, plan_to_dict
+
+    plan = {f"m{i}": LayerSpec([data.draw(st.sampled_from([2, 3, 4, 8])) for _ in range(2)], 32,
+                               data.draw(st.sampled_from(["sym", "asym"])), False)
+            for i in range(2)}
+    doc = json.loads(json.dumps(plan_to_dict(plan, {n: (16, 64) for n in plan})))
+    where = data.draw(st.sampled_from(["top", "layer"]))
+    junk = data.draw(_JUNK)
+    if where == "top":
+        key = data.draw(st.sampled_from(["kind", "version", "format_version", "layers"]))
+        doc[key] = junk
+    else:
+        key = data.draw(st.sampled_from(["bits", "group_size", "mode", "act_order", "shape"]))
+        doc["layers"]["m0"][key] = junk
+    try:
+        got = plan_from_dict(doc)
+    except ValueError as e:
+        assert str(e).startswith("tasa:")
+        return
+    assert got == plan or key == "shape"

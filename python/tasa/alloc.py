@@ -128,7 +128,12 @@ def _normalise_items(items: Items) -> Dict[str, Tuple[LayerSpec, ...]]:
 
 def budget_from_avg_bits(target_avg_bits: Union[float, str, Fraction], n_weights: int) -> int:
     """``floor(target * n_weights)`` with the target read as the decimal it prints as."""
-    t = target_avg_bits if isinstance(target_avg_bits, Fraction) else Fraction(str(target_avg_bits))
+    try:
+        t = (target_avg_bits if isinstance(target_avg_bits, Fraction)
+             else Fraction(str(target_avg_bits)))
+    except (ValueError, OverflowError):
+        raise ValueError(f"tasa: the bit budget must be a finite number, got "
+                         f"{target_avg_bits!r}") from None
     if t <= 0:
         raise ValueError(f"target_avg_bits must be > 0, got {target_avg_bits}")
     return math.floor(t * int(n_weights))

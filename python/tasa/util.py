@@ -82,6 +82,8 @@ def read_json(path, what: str = "file"):
         return json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"tasa: {p} is not JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"tasa: {p} nests too deeply to be a tasa {what}") from None
 
 
 def write_json_atomic(path, obj, default=json_default) -> None:

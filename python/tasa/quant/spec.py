@@ -5,6 +5,8 @@ The bottom of tasa's quantization layers: imports only torch and tasa_ext.
 """
 from __future__ import annotations
 
+import numbers
+
 import dataclasses
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple
@@ -165,7 +167,23 @@ class LayerSpec:
                              f"{missing}")
         if not isinstance(e["bits"], (list, tuple)):
             raise ValueError(f"tasa: {source}: layer {name!r}: bits must be a list of widths")
-        return cls(e["bits"], e["group_size"], e.get("mode", "sym"), e.get("act_order", False))
+        # JSON types exactly: 3.7 was truncated to 3, "4" and 32.0 accepted, NaN a traceback
+        bad = [b for b in e["bits"] if isinstance(b, bool) or not isinstance(b, numbers.Integral)]
+        if bad:
+            raise ValueError(f"tasa: {source}: layer {name!r}: bits must be whole numbers "
+                             f"(widths {list(tasa_ext.SUPPORTED_BITS)}), got {bad[0]!r}")
+        if not e["bits"] or any(int(b) not in tasa_ext.SUPPORTED_BITS for b in e["bits"]):
+            raise ValueError(f"tasa: {source}: layer {name!r}: bits must be a non-empty list of "
+                             f"widths {list(tasa_ext.SUPPORTED_BITS)}, got {list(e['bits'])[:8]}")
+        gs = e["group_size"]
+        if (isinstance(gs, bool) or not isinstance(gs, numbers.Integral) or gs <= 0
+                or gs % tasa_ext.TILE_K):
+            raise ValueError(f"tasa: {source}: layer {name!r}: group_size must be a positive "
+                             f"multiple of {tasa_ext.TILE_K}, got {gs!r}")
+        if "act_order" in e and not isinstance(e["act_order"], bool):
+            raise ValueError(f"tasa: {source}: layer {name!r}: act_order must be true or false, "
+                             f"got {e['act_order']!r}")
+        return cls(e["bits"], gs, e.get("mode", "sym"), e.get("act_order", False))
 
     def average_bits(self, n_out: int, k_in: int) -> float:
         return tasa_ext.average_bits(n_out, k_in, self.group_size, self.bits, self.mode,
@@ -217,11 +235,14 @@ def plan_from_dict(d: Mapping, source: str = "plan") -> dict:
         raise ValueError(f"tasa: {source} is plan version {d.get('version')!r}; this tasa reads "
                          f"version {PLAN_VERSION}")
     v = d.get("format_version")
-    if v != tasa_ext.FORMAT_VERSION:
-        raise ValueError(f"tasa: {source} has format_version {v}, this build reads "
-                         f"{tasa_ext.FORMAT_VERSION}")
+    if isinstance(v, bool) or v != tasa_ext.FORMAT_VERSION:
+        raise ValueError(f"tasa: {source} has format_version {v!r}, this build reads "
+                         f"{tasa_ext.FORMAT_VERSION} (the integer)")
     layers = d.get("layers")
-    if not isinstance(layers, Mapping) or not layers:
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"tasa: {source}: layers must be an object {{module name: layer}}, got "
+                         f"a {type(layers).__name__}")
+    if not layers:
         raise ValueError(f"tasa: {source} has no layers")
     extra = ("shape",) + (_DERIVED_KEYS if kind is None else ())
     return {name: LayerSpec.from_dict(e, name, source, extra) for name, e in layers.items()}
@@ -259,6 +280,10 @@ def check_plan(model: nn.Module, plan: Mapping[str, LayerSpec],
         if not isinstance(m, nn.Linear):
             raise ValueError(f"tasa: the plan names {name!r}, a {type(m).__name__}, not an "
                              f"nn.Linear (already quantized?)")
+        if m is model.get_output_embeddings():
+            raise ValueError(f"tasa: the plan names the output projection {name!r}: it is "
+                             f"quantized with the embedding (--embed-bits / embed_bits=), not "
+                             f"by the plan")
         if shapes is not None and name in shapes and tuple(shapes[name]) != (m.out_features,
                                                                               m.in_features):
             raise ValueError(f"tasa: the plan was made for {name} of shape "
