@@ -457,4 +457,47 @@ def test_plan_reader_mutations_load_the_same_or_are_refused(data):
     except ValueError as e:
         assert str(e).startswith("tasa:")
         return
+    if where == "layer" and key != "shape" and getattr(got["m0"], key) == junk:
+        return                                  # another valid value, read as written
     assert got == plan or key == "shape"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_quantization_config_mutations_load_the_same_or_are_refused(data):
+    """config.json's quantization_config with one field replaced by junk: the same config, or
+    one `tasa:` ValueError (transformers calls TasaConfig.from_dict with it)."""
+    from tasa import hf
+    from tasa.quant import LayerSpec
+
+    plan = {"a.q": LayerSpec([data.draw(st.sampled_from([2, 3, 4, 8])), 4], 32, "asym")}
+    emb = {"module": "e", "head": "h", "tied": True, "bits": [8, 8], "group_size": 32,
+           "mode": "asym", "embed_scale": None}
+    d = json.loads(json.dumps(hf.TasaConfig.from_plan(plan, meta={"m": 1}, embedding=emb).to_dict()))
+    want = hf.TasaConfig.from_dict(json.loads(json.dumps(d))).to_dict()
+    where = data.draw(st.sampled_from(["top", "module", "embedding"]))
+    junk = data.draw(_JUNK)
+    if where == "top":
+        key = data.draw(st.sampled_from(["quant_method", "version", "format_version", "modules",
+                                         "meta", "embedding", "checksums"]))
+        d[key] = junk
+    elif where == "module":
+        key = data.draw(st.sampled_from(["bits", "group_size", "mode", "act_order"]))
+        d["modules"]["a.q"][key] = junk
+    else:
+        key = data.draw(st.sampled_from(sorted(emb)))
+        d["embedding"][key] = junk
+    try:
+        got = hf.TasaConfig.from_dict(d).to_dict()
+    except ValueError as e:
+        assert str(e).startswith("tasa:"), e
+        return
+    # what may differ and still read: provenance, names (checked against the model at load),
+    # and an emptied module list (the checkpoint's packed tensors are then refused at load)
+    if where == "module" and got["modules"]["a.q"][key] == junk:
+        return                                  # another valid value, read as written
+    if where == "embedding" and got["embedding"][key] == junk:
+        return
+    assert got == want or (where == "top" and key in ("meta", "checksums", "version")) \
+        or (where == "top" and key in ("modules", "embedding") and junk in (None, {})) \
+        or (where == "embedding" and key in ("module", "head", "embed_scale"))

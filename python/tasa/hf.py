@@ -113,6 +113,9 @@ class TasaConfig(QuantizationConfigMixin):
         if isinstance(version, bool) or version not in READS_VERSIONS:
             raise ValueError(f"tasa: quantization_config version {version!r}; this tasa reads "
                              f"versions {list(READS_VERSIONS)} (upgrade tasa, or re-quantize)")
+        if isinstance(format_version, bool) or not isinstance(format_version, int):
+            raise ValueError(f"tasa: quantization_config format_version must be an integer, got "
+                             f"{format_version!r}")
         if format_version != tasa_ext.FORMAT_VERSION:
             raise ValueError(f"tasa: quantization_config packing format_version {format_version!r}; "
                              f"this build of tasa_ext reads {tasa_ext.FORMAT_VERSION}; convert an "
@@ -122,6 +125,12 @@ class TasaConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.version = CONFIG_VERSION
         self.format_version = tasa_ext.FORMAT_VERSION
+        if modules is not None and not isinstance(modules, Mapping):
+            raise ValueError(f"tasa: quantization_config.modules must be an object {{module name: "
+                             f"layer}}, got a {type(modules).__name__}")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise ValueError(f"tasa: quantization_config.meta must be an object, got "
+                             f"{type(meta).__name__}")
         specs = {name: d if isinstance(d, LayerSpec) else
                  LayerSpec.from_dict(d, name, "quantization_config")
                  for name, d in (modules or {}).items()}
