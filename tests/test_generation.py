@@ -110,6 +110,7 @@ def test_tied_embedding_is_one_packed_table_and_round_trips(tmp_path):
         got = model(ids).logits
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()          # 8-bit: close, not equal
     model.config.quantization_config = TasaConfig.from_plan({}, embedding=tasa.hf.embedding_entry(model))
+    tasa.hf.attach(model)                 # save_pretrained then writes the tensor checksums
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(again.lm_head, TasaTiedHead) and again.lm_head.embedding is again.model.embed_tokens

@@ -501,3 +501,31 @@ def test_quantization_config_mutations_load_the_same_or_are_refused(data):
     assert got == want or (where == "top" and key in ("meta", "checksums", "version")) \
         or (where == "top" and key in ("modules", "embedding") and junk in (None, {})) \
         or (where == "embedding" and key in ("module", "head", "embed_scale"))
+
+
+def test_checksums_always_written_and_required(tmp_path, monkeypatch):
+    """save_pretrained (the README's API example) writes every tensor's sha256 into the
+    safetensors header; an edited tensor is refused even with config.json's checksums removed;
+    a folder with no checksums at all loads only with TASA_SKIP_VERIFY=1; loading says which
+    checks ran."""
+    import tasa
+    from safetensors.torch import load_file, save_file
+
+    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
+    model.save_pretrained(tmp_path / "a")
+    a = tasa.load(tmp_path / "a")
+    assert any("every tensor's sha256" in c for c in a.tasa_load_checks)
+    f = tmp_path / "a" / "model.safetensors"
+    state = load_file(str(f))
+    key = "model.layers.0.mlp.up_proj.scales"
+    state[key] = state[key] * 2
+    meta = tasa.hf.read_safetensors_metadata(f)
+    save_file(state, str(f), metadata=meta)          # edited, the old checksums kept
+    with pytest.raises(ValueError, match=f"tensor {key} does not match the sha256"):
+        tasa.load(tmp_path / "a")
+    save_file(state, str(f), metadata={"format": "pt"})   # no checksums anywhere
+    with pytest.raises(ValueError, match="carries no checksums.*TASA_SKIP_VERIFY=1"):
+        tasa.load(tmp_path / "a")
+    monkeypatch.setenv("TASA_SKIP_VERIFY", "1")
+    b = tasa.load(tmp_path / "a")
+    assert any("NOT verified" in c for c in b.tasa_load_checks)

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import defaults
 from .driver import quantize_embeddings, quantize_model
-from .hf import TasaConfig, embedding_entry
+from .hf import TasaConfig, attach, embedding_entry
 from .io import load_quantized, save_quantized
 from .nn import quantized_modules
 from .pipeline import PipelineConfig, run
@@ -97,6 +97,7 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
         model.config.quantization_config = TasaConfig.from_plan(
             {**{n: m.spec for n, m in quantized_modules(model).items()}, **specs}, meta=meta,
             embedding=embedding_entry(model))
+        attach(model)                    # model.save_pretrained writes the tensor checksums
         if out is not None:
             save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)
             # plan.json: the decoder linears only (embedding and head are --embed-bits, as in

@@ -24,6 +24,7 @@ before any kernel can run. Pickle checkpoints (``*.bin``) are refused.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 from pathlib import Path
@@ -43,8 +44,10 @@ from .quant import LayerSpec
 from .util import sha256_file
 
 __all__ = ["QUANT_METHOD", "CONFIG_VERSION", "TasaConfig", "TasaHfQuantizer", "read_safetensors_header",
-           "CONVERT_HINT", "embedding_entry"]
+           "CONVERT_HINT", "embedding_entry", "attach", "tensor_hashes", "TENSOR_HASH_KEY",
+           "SKIP_VERIFY_ENV"]
 
+logger = logging.getLogger("tasa")
 QUANT_METHOD = "tasa"
 # 2: the packed token embedding (``embedding``; a tied head reads it). Version 1 folders (no
 # embedding entry: embedding and head as the checkpoint stored them) still load.
@@ -200,9 +203,87 @@ _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.float32: "F32"}
 
 
-def _verify_checksums(files, checksums: Mapping[str, str]) -> None:
+TENSOR_HASH_KEY = "tasa_sha256"
+SKIP_VERIFY_ENV = "TASA_SKIP_VERIFY"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as safetensors stores them (contiguous, little-endian)."""
+    import hashlib
+
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def tensor_hashes(state: Mapping[str, torch.Tensor]) -> dict:
+    """The safetensors header metadata every tasa save writes: ``{TENSOR_HASH_KEY: JSON of
+    {tensor name: sha256}}`` (save_pretrained included, through the quantizer's hook)."""
+    return {TENSOR_HASH_KEY: json.dumps({k: tensor_digest(v) for k, v in state.items()},
+                                        sort_keys=True)}
+
+
+def read_safetensors_metadata(path) -> dict:
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(path.stat().st_size - 8, 100 << 20):
+            raise ValueError(f"tasa: {path} is not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"tasa: {path} has a corrupt safetensors header ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _verify_tensor_hashes(f: Path) -> bool:
+    """Checks every tensor of ``f`` against the per-tensor sha256 in its header; False when the
+    file carries none."""
+    import hashlib
+
+    raw = read_safetensors_metadata(f).get(TENSOR_HASH_KEY)
+    if raw is None:
+        return False
+    try:
+        want = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"tasa: {f} has corrupt tensor checksums in its header") from None
+    header = read_safetensors_header(f)
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        for name, e in header.items():
+            if name not in want:
+                raise ValueError(f"tasa: {f}: tensor {name} has no checksum (added after the "
+                                 f"save?)")
+            a, b = e["data_offsets"]
+            fh.seek(8 + n + a)
+            if hashlib.sha256(fh.read(b - a)).hexdigest() != want[name]:
+                raise ValueError(f"tasa: {f}: tensor {name} does not match the sha256 written "
+                                 f"with it: the file is damaged or was edited; re-save or "
+                                 f"re-quantize")
+    return True
+
+
+def _verify_checksums(files, checksums: Mapping[str, str]) -> list:
+    """Verifies every tensor file: its per-tensor sha256 (header metadata, written by every tasa
+    save) and its whole-file sha256 (config.json, written by tasa's own save). A file with
+    neither is refused unless ``TASA_SKIP_VERIFY=1``. Returns the checks that ran."""
+    import os
+
+    ran = []
+    for f in files:
+        if _verify_tensor_hashes(f):
+            ran.append(f"{f.name}: every tensor's sha256")
+        elif not (checksums and f.name in checksums):
+            if os.environ.get(SKIP_VERIFY_ENV) == "1":
+                ran.append(f"{f.name}: NOT verified ({SKIP_VERIFY_ENV}=1)")
+                continue
+            raise ValueError(f"tasa: {f} carries no checksums (written by an older tasa or "
+                             f"another tool?): nothing proves it is the model its config "
+                             f"describes. Re-save it with this tasa, or set "
+                             f"{SKIP_VERIFY_ENV}=1 to load it unverified")
     if not checksums:
-        return
+        return ran
     for f in files:
         want = checksums.get(f.name)
         if want is None:
@@ -212,11 +293,14 @@ def _verify_checksums(files, checksums: Mapping[str, str]) -> None:
             raise ValueError(f"tasa: {f} does not match the sha256 recorded in config.json: the "
                              f"file is damaged or belongs to another model (an interrupted "
                              f"write?); re-save or re-quantize")
+        ran.append(f"{f.name}: file sha256 from config.json")
+    return ran
 
 
 def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files,
                       checksums: Optional[Mapping[str, str]] = None,
-                      embedding: Optional[Mapping] = None) -> None:
+                      embedding: Optional[Mapping] = None,
+                      checks_out: Optional[list] = None) -> None:
     """Every planned module: exactly its TasaLinear buffers, with the expected shapes and integer
     / fp16 dtypes; no checkpoint that would need pickle."""
     files = [Path(f) for f in (files or [])]
@@ -226,7 +310,9 @@ def _check_checkpoint(model: nn.Module, specs: Mapping[str, LayerSpec], files,
                          f"pickle; tasa folders store model.safetensors only")
     if not files:
         return None
-    _verify_checksums(files, checksums or {})
+    checks = _verify_checksums(files, checksums or {})
+    if checks_out is not None:
+        checks_out.extend(checks)
     header: Dict[str, dict] = {}
     for f in files:
         header.update(read_safetensors_header(f))
@@ -355,8 +441,10 @@ class TasaHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         specs = self.quantization_config.layer_specs()
         e = getattr(self.quantization_config, "embedding", None)
+        self._checks: list = []
         header = _check_checkpoint(model, specs, checkpoint_files,
-                                   getattr(self.quantization_config, "checksums", None), e)
+                                   getattr(self.quantization_config, "checksums", None), e,
+                                   checks_out=self._checks)
         if e is not None:
             # the packed table is built on meta: no fp32 [V, K] embedding is ever allocated
             emb, head = _embedding_modules(model, e)
@@ -391,7 +479,16 @@ class TasaHfQuantizer(HfQuantizer):
             if not torch.equal(m.gtable.cpu(), make_gtable(spec.bits, spec.group_size)):
                 raise ValueError(f"tasa: {name}.gtable does not match the plan's widths")
             validate_tables(m, name)
+        model.tasa_load_checks = list(getattr(self, "_checks", [])) + [
+            "tensor names, shapes and dtypes against the quantization_config",
+            "every group table and permutation"]
+        logger.info("tasa: loaded with checks: %s", "; ".join(model.tasa_load_checks))
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """``save_pretrained``'s hook: the state dict as is, and every tensor's sha256 in the
+        safetensors header (verified when the folder loads)."""
+        return None, tensor_hashes(model.state_dict())
 
     def is_serializable(self, safe_serialization=None):
         return True
@@ -403,6 +500,17 @@ class TasaHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True      # the tasa ops have fake kernels
+
+
+def attach(model: nn.Module) -> nn.Module:
+    """Gives a model tasa quantized in memory the quantizer a loaded one has, so that
+    ``model.save_pretrained`` writes the tensor checksums too (and transformers treats it as the
+    quantized model it is). Needs ``model.config.quantization_config`` (a TasaConfig)."""
+    qc = model.config.quantization_config
+    if not isinstance(qc, TasaConfig):
+        raise TypeError("tasa: attach needs model.config.quantization_config to be a TasaConfig")
+    model.hf_quantizer = TasaHfQuantizer(qc)
+    return model
 
 
 def register() -> None:

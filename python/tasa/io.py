@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import tasa_ext
 
-from .hf import QUANT_METHOD, TasaConfig, embedding_entry
+from .hf import QUANT_METHOD, TasaConfig, attach, embedding_entry
 from .nn import TasaLinear, quantized_modules, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
 from .util import atomic_write_bytes, fault_point, read_json, sha256_file
@@ -77,6 +77,7 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
     plan = {**{n: m.spec for n, m in quantized_modules(model).items() if n not in plan}, **plan}
     model.config.quantization_config = TasaConfig.from_plan(plan, meta=_json_safe(meta),
                                                             embedding=emb)
+    attach(model)                      # save_pretrained writes every tensor's sha256
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"tasa: {path} exists and is not a folder")

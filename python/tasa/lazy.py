@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import calib
 from .driver import quantize_embeddings, quantize_model
-from .hf import TasaConfig, embedding_entry
+from .hf import TasaConfig, embedding_entry, tensor_hashes
 from .io import HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, retire_model
 from .nn import TasaLinear, set_module
 from .quant import LayerSpec, quantize_rtn
@@ -185,7 +185,7 @@ def _bound_heap() -> None:
 def _save_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt"})
+              metadata={"format": "pt", **tensor_hashes(tensors)})
     os.replace(tmp, path)
     return sum(v.numel() * v.element_size() for v in tensors.values())
 
