@@ -474,3 +474,37 @@ def test_cli_quantize_bad_inputs(tmp_path, capsys):
     assert rc == 2 and "beta" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["quantize", "--widths", "3,x", "--out", str(tmp_path / "o")])
+
+
+def test_disk_full_while_saving_keeps_the_previous_model(tmp_path, monkeypatch, capsys):
+    """A save that fails (no space left) says so in one line and leaves the previous model,
+    its plan and run.json as they were: it still loads, with the same outputs."""
+    import transformers.modeling_utils as mu
+    from tasa import cli
+    from tasa.quant import uniform_plan, plan_to_dict
+
+    model = tiny3()
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(plan_to_dict(uniform_plan(model, 4, 32, "asym"))))
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg(method="rtn", eval_windows=0), out, progress=False, quiet=True,
+                 model=copy.deepcopy(model), tokenizer=ByteTok(), plan=plan)
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        before = load_quantized(out)(input_ids=x).logits
+    docs = {f: (out / f).read_bytes() for f in ("config.json", "plan.json", "run.json")}
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    plan3 = tmp_path / "plan3.json"
+    plan3.write_text(json.dumps(plan_to_dict(uniform_plan(model, 3, 32, "asym"))))
+    with pytest.raises(ValueError, match=r"No space left on device\); nothing of the model"):
+        pipeline.run(tiny_cfg(method="rtn", eval_windows=0), out, progress=False, quiet=True,
+                     model=copy.deepcopy(model), tokenizer=ByteTok(), plan=plan3)
+    monkeypatch.undo()
+    assert {f: (out / f).read_bytes() for f in docs} == docs
+    assert not (out / ".tasa-previous").exists()
+    with torch.no_grad():
+        assert torch.equal(load_quantized(out)(input_ids=x).logits, before)

@@ -42,7 +42,7 @@ from .nn import TasaLinear, quantized_modules, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
 from .util import atomic_write_bytes, fault_point, read_json, sha256_file
 
-__all__ = ["save_quantized", "load_quantized", "model_size", "size_line", "convert_legacy", "folder_kind", "retire_model",
+__all__ = ["ReplacingModel", "save_quantized", "load_quantized", "model_size", "size_line", "convert_legacy", "folder_kind", "retire_model",
            "check_output_folder",
            "HF_CONFIG_NAME",
            "LEGACY_CONFIG_NAME", "WEIGHTS_NAME"]
@@ -85,7 +85,13 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
     path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path, prefix=".save-"))
     try:
-        model.save_pretrained(str(tmp))
+        try:
+            model.save_pretrained(str(tmp))
+        except Exception as e:        # disk full: OSError or safetensors' SafetensorError
+            if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+                raise
+            raise ValueError(f"tasa: could not write the model into {path} ({e}); nothing of "
+                             f"the model there was replaced") from None
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         # the manifest: config.json records the sha256 of every tensor file (verified on load)
@@ -177,6 +183,56 @@ def size_line(size: dict) -> str:
             f"over all {size['params'] / 1e6:.1f}M parameters (decoder linears "
             f"{p['decoder linears']['bytes'] / 1e6:.1f} MB, embedding + head "
             f"{p['embedding + head']['bytes'] / 1e6:.1f} MB, other {p['other']['bytes'] / 1e6:.1f} MB)")
+
+
+PREVIOUS_DIR = ".tasa-previous"
+_DOCUMENTS = (HF_CONFIG_NAME, LEGACY_CONFIG_NAME, "plan.json", "run.json", "report.md")
+
+
+class ReplacingModel:
+    """Replacing the model in a folder without ever losing it: ``with ReplacingModel(path) as
+    r: ...; save; r.commit()``. On entry the folder stops claiming a model (its config.json and
+    the documents describing it -- plan.json, run.json, report.md -- move into
+    ``.tasa-previous/``), so a new plan never sits beside the old model. If the block fails
+    before :meth:`commit` (disk full while saving, an error, Ctrl-C) they move back and the
+    previous model loads as before; after ``commit`` (the new model is saved) they are dropped.
+    A run killed outright leaves them in ``.tasa-previous/``: the next run moves them back
+    first."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.stash = self.path / PREVIOUS_DIR
+        self.moved: list = []
+
+    def _restore(self) -> None:
+        if not self.stash.is_dir():
+            return
+        for f in self.stash.iterdir():
+            os.replace(f, self.path / f.name)
+        shutil.rmtree(self.stash, ignore_errors=True)
+
+    def __enter__(self) -> "ReplacingModel":
+        check_output_folder(self.path)
+        self._restore()                       # a killed run's previous model, back first
+        for name in _DOCUMENTS:
+            f = self.path / name
+            if f.exists():
+                self.stash.mkdir(exist_ok=True)
+                os.replace(f, self.stash / name)
+                self.moved.append(name)
+        return self
+
+    def commit(self) -> None:
+        shutil.rmtree(self.stash, ignore_errors=True)
+        self.moved = []
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and self.moved:
+            for name in _DOCUMENTS:           # what the failed run wrote goes; the old comes back
+                if name in self.moved and (self.path / name).exists():
+                    (self.path / name).unlink()
+            self._restore()
+        return False
 
 
 def retire_model(path) -> None:

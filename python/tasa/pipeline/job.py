@@ -19,7 +19,7 @@ import tasa_ext
 
 from .. import alloc, data, defaults, distributed, lazy
 from .. import io as tio
-from ..io import check_output_folder, retire_model
+from ..io import check_output_folder
 from ..measurement import Measurement
 from ..driver import quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
@@ -91,11 +91,11 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
                     prefix=f"tasa-rank{dist.rank}-")))
                 removed, quiet, report = [], True, False
         return _run(cfg, out, fresh, measurement_from, progress and dist.is_writer, quiet, report,
-                    model, tokenizer, plan, removed, dist)
+                    model, tokenizer, plan, removed, dist, stack)
 
 
 def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer, plan,
-         removed, dist):
+         removed, dist, stack):
     log = Log(quiet)
     if removed:
         log(f"removed what an interrupted run left in {out}: {', '.join(removed)}")
@@ -153,9 +153,9 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     ref_ppl = quick_ppl("eval_reference")     # before the model is quantized in place
     shapes = {f: (mod.out_features, mod.in_features) for f, mod in default_targets(model).items()}
     # a model from an earlier run in this folder stops being one before the new plan is
-    # written: a kill from here on leaves plan.json and no loadable model, never a new plan
-    # beside the old model
-    retire_model(out)
+    # written (never a new plan beside the old model); a failure before the new model is saved
+    # (disk full, an error, Ctrl-C) puts the old one back (tio.ReplacingModel)
+    swap = stack.enter_context(tio.ReplacingModel(out))
     if plan is None:       # allocation
         t = time.perf_counter()
         A = allocate(m, cfg.bits, cfg.beta, cfg.widths, cfg.intra, cfg.act_order,
@@ -198,6 +198,7 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
             "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
             "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
             "embedding": embedding})
+    swap.commit()
     timings["save"] = time.perf_counter() - t
     size = tio.model_size(out) if dist.is_writer else None
     q_ppl = quick_ppl("eval_quantized")
