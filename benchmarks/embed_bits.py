@@ -97,6 +97,8 @@ def run_model(name: str, args, tmp: Path) -> dict:
 
 def table(r: dict) -> list:
     L = [f"### {r['model']}\n",
+         f"`{r.get('command', '')}` ({r.get('tokens_per_text', '?')} tokens per text, "
+         f"{r['seconds'] / 60:.0f} min)\n",
          f"Source GGUF {r['gguf_bytes'] / 1e6:.1f} MB. Decoder plan: TASA {r['plan_avg_bits']:.3f} "
          f"storage bits (alpha* {r['alpha']:.3f}). {r['note']}.\n"]
     g, m = r["results"]["general"], r["results"]["gsm8k"]
@@ -137,16 +139,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="embed_bits")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    rows = []
+    rows, commands = [], []
+    prev = RESULTS / f"{args.out}.json"
+    if prev.is_file():               # rows of models not rerun now are kept (with their command)
+        old = json.loads(prev.read_text())
+        wanted = set(args.models.split(","))
+        rows = [r for r in old["rows"] if r["model"] not in wanted]
+        commands = [c for c in old["meta"].get("commands", [old["meta"].get("command")])
+                    if rows and c]
     with tempfile.TemporaryDirectory(prefix="tasa-embed-") as tmp:
         for name in args.models.split(","):
             rows.append(run_model(name, args, Path(tmp)))
+            rows[-1]["command"] = "python " + " ".join(sys.argv)
+            rows[-1]["tokens_per_text"] = args.tokens
             gc.collect()
             meta = {**machine(), "command": "python " + " ".join(sys.argv),
+                    "commands": commands + ["python " + " ".join(sys.argv)],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             md = [f"# Embedding / head precision: quality cost and file size\n",
                   f"- {meta['device']}; {meta['date']}; commit {meta['commit']}",
-                  f"- command: `{meta['command']}`", "- KL: nats per position, mean over every "
+                  "- commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),
+                  "- KL: nats per position, mean over every "
                   "position of the text, to the reference's next-token distribution; top-1: "
                   "agreement of the argmax with the reference's.", ""]
             for r in rows:

@@ -529,3 +529,90 @@ def test_checksums_always_written_and_required(tmp_path, monkeypatch):
     monkeypatch.setenv("TASA_SKIP_VERIFY", "1")
     b = tasa.load(tmp_path / "a")
     assert any("NOT verified" in c for c in b.tasa_load_checks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(st.sampled_from([2 ** 62, 2 ** 61, 2 ** 40, 2 ** 63 - 32]),
+                 st.integers(2 ** 38, 2 ** 63 - 1).map(lambda g: g - g % 32)))
+def test_group_sizes_near_the_integer_limits_are_refused(G):
+    """n_groups * group_size overflowed int64 to 0 and bypassed the K = 0 guard (SIGFPE in gemm,
+    a raw SymInt error in unpack): every op refuses it with a tasa: message, on the CPU and in
+    the fake kernels."""
+    T = torch.ops.tasa
+    qw, gt = T.pack(torch.zeros(32, 128, dtype=torch.uint8), torch.tensor([3, 4, 3, 8], dtype=torch.int32), 32)
+    for gtab in (gt, gt[:2]):
+        ng = gtab.shape[0]
+        with pytest.raises(RuntimeError, match="tasa: "):
+            T.gemm(torch.randn(2, 0), qw, torch.ones(ng, 32, dtype=torch.float16), None, gtab, None, G)
+        with pytest.raises(RuntimeError, match="tasa: "):
+            T.unpack(qw, gtab, 32, G)
+        with pytest.raises(RuntimeError, match="tasa: "):
+            T.embed(torch.tensor([0]), qw, torch.ones(ng, 32, dtype=torch.float16), None, gtab, None, G)
+        with torch.device("meta"):
+            with pytest.raises(RuntimeError, match="tasa: "):
+                T.unpack(qw.to("meta"), gtab.to("meta"), 32, G)
+
+
+def test_hessian_refuses_aliasing_and_count_overflow():
+    H = torch.zeros(1, 4, 4)
+    with pytest.raises(RuntimeError, match="share memory"):
+        tasa_ext.hessian_accumulate_(H, H[0], None, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="overflow"):
+        tasa_ext.hessian_accumulate_(H, torch.randn(3, 4), None,
+                                     torch.tensor([2 ** 63 - 2], dtype=torch.long))
+
+
+def test_one_line_errors_second_pass(tmp_path, capsys, monkeypatch):
+    """Each of these was a traceback or a misleading line: now one `tasa:` line (rc 2), or 130
+    for Ctrl-C."""
+    import tasa
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "q"
+    tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, out=folder,
+                  progress=False)
+    # a folder without tokenizer files
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+    # quantizing a tasa folder again
+    byte_tokenizer().save_pretrained(folder)
+    assert cli.main(["quantize", "--model", str(folder), "--bits", "4", "--out",
+                     str(tmp_path / "again"), "--no-progress", "--quiet"]) == 2
+    assert "already tasa-quantized" in capsys.readouterr().err
+    # a measurement that is not JSON names its file
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "measurement.json").write_text("[1, 2")
+    assert cli.main(["allocate", "--measurement", str(tmp_path / "m"), "--bits", "3.5",
+                     "--out", str(tmp_path / "p.json")]) == 2
+    assert "measurement.json is not JSON" in capsys.readouterr().err
+    # NaN scales: refused at load, not at the first generated token
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    state["model.layers.1.mlp.down_proj.scales"][0, 0] = float("nan")
+    save_file(state, str(f), metadata=tasa.hf.tensor_hashes(state))   # written with the NaN
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].pop("checksums")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="down_proj.scales holds NaN"):
+        tasa.load(folder)
+    # Ctrl-C: one line, exit 130
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    import argparse
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, argv=None: argparse.Namespace(fn=interrupted))
+    assert cli.main(["allocate"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_one_tasa_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert cli.main(["quantize", "--model", "smollm2-135m", "--bits", "4", "--out",
+                     str(ro / "x"), "--no-progress", "--quiet"]) == 2
+    assert "error: tasa:" in capsys.readouterr().err

@@ -251,7 +251,10 @@ def cmd_quantize(args) -> int:
                                    measurement_from=args.measurement,
                                    progress=not args.no_progress, quiet=args.quiet, plan=args.plan)
     except (ValueError, KeyError, OSError, ImportError, FolderLockedError, RankFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        if isinstance(e, OSError) and not msg.startswith("tasa:"):
+            msg = f"tasa: cannot write the output ({e})"       # read-only --out, ...
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("avg_bits", "code_avg_bits", "alpha_star",
                                               "ppl_reference", "ppl_quantized", "peak_rss_mib")}
@@ -462,7 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        # one line instead of a traceback; measurement.json / the output folder are written
+        # atomically and a re-run of the same command resumes
+        print("\ninterrupted: nothing half-written was kept; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -479,6 +479,11 @@ class TasaHfQuantizer(HfQuantizer):
             if not torch.equal(m.gtable.cpu(), make_gtable(spec.bits, spec.group_size)):
                 raise ValueError(f"tasa: {name}.gtable does not match the plan's widths")
             validate_tables(m, name)
+            for b in ("scales", "zeros"):      # a NaN scale loaded, then failed at the 1st token
+                t = getattr(m, b, None)
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"tasa: {name}.{b} holds NaN or Inf values: the checkpoint "
+                                     f"is damaged")
         model.tasa_load_checks = list(getattr(self, "_checks", [])) + [
             "tensor names, shapes and dtypes against the quantization_config",
             "every group table and permutation"]

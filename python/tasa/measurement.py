@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from . import defaults
-from .util import write_json_atomic
+from .util import read_json, write_json_atomic
 
 __all__ = ["MEASUREMENT_KIND", "MEASUREMENT_VERSION", "MixtureResult", "SensitivityResult",
            "Measurement", "settings_diff", "check_settings"]
@@ -205,6 +205,8 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, d: Mapping, source: str = "measurement") -> "Measurement":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"tasa: {source} is not a JSON object (not a tasa measurement)")
         if d.get("kind") != MEASUREMENT_KIND or d.get("version") != MEASUREMENT_VERSION:
             raise ValueError(f"tasa: {source} is not a version-{MEASUREMENT_VERSION} tasa "
                              f"measurement (kind {d.get('kind')!r}, version {d.get('version')!r})")
@@ -226,7 +228,7 @@ class Measurement:
             p = p / defaults.MEASUREMENT_NAME
         if not p.is_file():
             raise FileNotFoundError(f"tasa: {p} not found")
-        return cls.from_dict(json.loads(p.read_text()), source=str(p))
+        return cls.from_dict(read_json(p, "measurement"), source=str(p))
 
     def save(self, path) -> None:
         """Atomically (a reader sees the old file or the new one)."""

@@ -200,6 +200,11 @@ def _load_dir(path, dtype, device, trust_remote_code=False):
     if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"tasa: {path} has no config.json: not a transformers checkpoint "
                                 f"folder")
+    if os.path.isdir(path) and not any((Path(path) / f).is_file() for f in (
+            "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"tasa: {path} has no tokenizer files (tokenizer.json / "
+                                f"tokenizer_config.json): save one there with "
+                                f"tokenizer.save_pretrained({str(path)!r})")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                        trust_remote_code=trust_remote_code,

@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <limits>
+
 #include "tasa/kernels.h"
 
 namespace tasa_ext {
@@ -66,6 +68,10 @@ inline void check_group_size(int64_t K, int64_t group_size) {
               group_size);
 }
 
+// The largest K (input features) an op accepts: far above any model (2^40), far below where
+// n_groups * group_size or bits * K * N products overflow int64.
+constexpr int64_t kMaxK = int64_t(1) << 40;
+
 // qweight [NB, R, 16] int32 and gtable [n_groups, 3] int32 on one device; returns K.
 inline int64_t check_layout(const at::Tensor& qweight, const at::Tensor& gtable, int64_t N, int64_t group_size) {
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == TASA_COL_BLOCK,
@@ -82,6 +88,10 @@ inline int64_t check_layout(const at::Tensor& qweight, const at::Tensor& gtable,
   // killed the process with SIGFPE) and the CUDA path returned an uninitialized output
   TORCH_CHECK(gtable.size(0) > 0, "tasa: gtable has no groups (K = 0 input features): nothing to "
               "multiply");
+  // n_groups * group_size wrapped to 0 (or below) for group sizes near 2^62 and bypassed the
+  // K = 0 guard: a SIGFPE in gemm, a raw SymInt error in unpack
+  TORCH_CHECK(gtable.size(0) <= kMaxK / group_size, "tasa: gtable has ", gtable.size(0),
+              " groups of group_size=", group_size, ": K would exceed ", kMaxK, " input features");
   return gtable.size(0) * group_size;
 }
 
@@ -143,6 +153,12 @@ inline int check_hessian(const at::Tensor& H, const at::Tensor& X, const std::op
   // reduction (a device sync on CUDA, small next to the K x K update)
   TORCH_CHECK(*S == 0 || count.min().item<int64_t>() >= 0, "tasa: count must be >= 0 (tokens "
               "accumulated so far per source), got ", count.min().item<int64_t>());
+  // a count near 2^63 wrapped negative after adding T rows
+  TORCH_CHECK(*S == 0 || count.max().item<int64_t>() <= std::numeric_limits<int64_t>::max() - X.size(0),
+              "tasa: count would overflow int64 after adding ", X.size(0), " rows (got ",
+              count.max().item<int64_t>(), ")");
+  // X reading the H being written (a view of it) gave a different result silently
+  TORCH_CHECK(!X.is_alias_of(H), "tasa: X must not share memory with H");
   if (src) {
     check_1d(*src, "src", at::kLong, *T);
     TORCH_CHECK(src->device() == H.device(), "tasa: src is on ", src->device(), " but H is on ", H.device());

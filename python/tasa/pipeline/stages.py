@@ -404,6 +404,10 @@ def check_budget(model, cfg: PipelineConfig) -> float:
     minimum average."""
     specs = _linear_specs(model, cfg)
     if not specs:
+        if any(type(m).__name__ == "TasaLinear" for m in model.modules()):
+            raise ValueError("tasa: this model is already tasa-quantized (a tasa folder); "
+                             "quantize the model it was made from (its config.json "
+                             "quantization_config.meta.base_model)")
         raise ValueError("tasa: the model has no nn.Linear to quantize (outside lm_head)")
     lo = min(cfg.widths)
     c = sum(alloc.member_cost(s, lo, cfg.budget) for s in specs.values())
