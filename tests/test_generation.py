@@ -140,6 +140,15 @@ def test_api_embed_bits_counted_apart(tmp_path):
                             lm_head_bits=8, group_size=32, progress=False)
     with torch.no_grad():
         assert torch.equal(old(ids).logits, model(ids).logits)
+    # an untied head at its own width; a tied one has the embedding's
+    split = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, embed_bits=4,
+                          head_bits=8, progress=False)
+    assert split.model.embed_tokens.group_bits == [4] * 4 and split.lm_head.group_bits == [8] * 4
+    tied = tiny_llama()
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    with pytest.raises(ValueError, match="tied to the input embedding"):
+        tasa.quantize(tied, None, bits=4, method="rtn", embed_bits=4, head_bits=8, progress=False)
     kept = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", embed_bits=0, progress=False)
     assert type(kept.model.embed_tokens) is torch.nn.Embedding
     with pytest.raises(ValueError, match="--embed-bits must be 0"):

@@ -93,7 +93,7 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
         meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
         if cfg.embed_bits:
             meta["embedding"] = quantize_embeddings(model, cfg.embed_bits, cfg.group_size,
-                                                    cfg.mode)
+                                                    cfg.mode, cfg.head_bits)
         model.config.quantization_config = TasaConfig.from_plan(
             {**{n: m.spec for n, m in quantized_modules(model).items()}, **specs}, meta=meta,
             embedding=embedding_entry(model))

@@ -222,7 +222,7 @@ def _pipeline_config(args):
     cfg = pipeline.PipelineConfig()
     for f in ("model", "bits", "data", "seed", "group_size", "mode", "widths", "alpha", "beta",
               "sens_widths", "sens_dtype", "granularity", "method", "n_calib", "seqlen", "n_gen",
-              "n_task", "n_test", "mix_seqlen", "eval_windows", "act_order", "embed_bits",
+              "n_task", "n_test", "mix_seqlen", "eval_windows", "act_order", "embed_bits", "head_bits",
               "sens_ppl_windows", "sens_math_items", "sens_arc_items"):
         v = getattr(args, f, None)
         if v is not None:
@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"stores them (default {defaults.EMBED_BITS}). Not counted in --bits: "
                         f"the run's last line and report.md give the whole file's bits per "
                         f"parameter (--lm-head-bits is the old name)")
+    p.add_argument("--head-bits", type=int, default=None, choices=[2, 3, 4, 8],
+                   help="RTN width of an output projection that is not tied to the embedding "
+                        "(default: --embed-bits); a tied head is the embedding's table")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--measurement", default=None,
                    help="re-use this measurement.json (same settings) instead of measuring")

@@ -126,11 +126,13 @@ def _untie(model: nn.Module, head_name: str) -> None:
 
 
 def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
-                        mode: str = "asym") -> dict:
+                        mode: str = "asym", head_bits: Optional[int] = None) -> dict:
     """RTN-quantizes the token embedding and the output projection in place and returns what
     ``TasaConfig.embedding`` records: ``{"module", "head", "tied", "bits", "group_size", "mode",
-    "embed_scale", "avg_bits"}`` (``head``: the output projection's name; with ``tied`` it is a
-    :class:`TasaTiedHead` over the same packed table, else a TasaLinear at the same width).
+    "embed_scale", "avg_bits", "head_bits"}`` (``head``: the output projection's name; with
+    ``tied`` it is a :class:`TasaTiedHead` over the same packed table, else a TasaLinear at
+    ``head_bits``, default ``bits``; a tied table has one width, so ``head_bits`` must then be
+    None or ``bits``).
 
     Why: the embedding and head were full precision and most of a small model's file
     (SmolLM2-135M: 113 of 160 MB fp32), and at batch 1 the fp32 head is most of the bytes
@@ -144,6 +146,10 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
     names = {id(m): n for n, m in model.named_modules()}
     ename = names[id(emb)]
     tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == emb.weight.data_ptr()
+    hb = int(bits if head_bits is None else head_bits)
+    if tied and hb != int(bits):
+        raise ValueError(f"tasa: the output projection is tied to the input embedding (one "
+                         f"table): --head-bits {hb} cannot differ from --embed-bits {bits}")
     V, K = emb.weight.shape
     G = resolve_group_size(K, group_size)
     spec = LayerSpec([int(bits)] * (K // G), G, mode)
@@ -158,16 +164,17 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
         if tied:
             set_module(model, hname, TasaTiedHead(new))
         else:
-            hq = quantize_rtn(head.weight, LayerSpec([int(bits)] * (K // G), G, mode), name=hname)
+            hq = quantize_rtn(head.weight, LayerSpec([hb] * (K // G), G, mode), name=hname)
             set_module(model, hname, TasaLinear.from_quantized(hq, head.bias))
         _untie(model, hname)
     return {"module": ename, "head": hname, "tied": bool(tied), "bits": int(bits),
             "group_size": G, "mode": mode, "embed_scale": scale,
-            "avg_bits": new.average_bits()}
+            "avg_bits": new.average_bits(), "head_bits": hb if isinstance(head, nn.Linear) else None}
 
 
 def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_bits: int,
-                         group_size: int = 128, mode: str = "asym") -> dict:
+                         group_size: int = 128, mode: str = "asym",
+                         head_bits: Optional[int] = None) -> dict:
     """What the file of ``model`` quantized per ``plan`` (and ``embed_bits``, 0: as stored)
     will weigh, from exact format costs, before anything is quantized: ``{"params", "bytes",
     "bits_per_param"}`` over every parameter (each stored tensor once: a tied head is the
@@ -176,9 +183,9 @@ def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_
     import tasa_ext
 
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    packed_tables = {id(emb.weight)} if isinstance(emb, nn.Embedding) else set()
-    if isinstance(head, nn.Linear):
-        packed_tables.add(id(head.weight))
+    widths = {id(emb.weight): embed_bits} if isinstance(emb, nn.Embedding) else {}
+    if isinstance(head, nn.Linear) and id(head.weight) not in widths:
+        widths[id(head.weight)] = embed_bits if head_bits is None else head_bits
     params, bits = 0, 0
     for name, p in model.named_parameters():        # tied parameters once
         mod, _, leaf = name.rpartition(".")
@@ -187,10 +194,10 @@ def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_
             s = plan[mod]
             bits += tasa_ext.cost_bits(p.shape[0], p.shape[1], s.group_size, s.bits, s.mode,
                                        s.act_order)
-        elif embed_bits and id(p) in packed_tables and p.dim() == 2:
+        elif embed_bits and widths.get(id(p)) and p.dim() == 2:
             V, K = p.shape
             G = resolve_group_size(K, group_size)
-            bits += tasa_ext.cost_bits(V, K, G, [int(embed_bits)] * (K // G), mode)
+            bits += tasa_ext.cost_bits(V, K, G, [int(widths[id(p)])] * (K // G), mode)
         else:
             bits += p.numel() * p.element_size() * 8
     return {"params": params, "bytes": bits // 8, "bits_per_param": bits / params}

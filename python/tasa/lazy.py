@@ -191,7 +191,8 @@ def _save_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
 
 
 def _quantize_rest_embeddings(model: nn.Module, tensors: Dict[str, torch.Tensor], bits: int,
-                              group_size: int, mode: str) -> Dict[str, torch.Tensor]:
+                              group_size: int, mode: str,
+                              head_bits: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The checkpoint's embedding (and untied head) tensors replaced by their packed buffers,
     the modules of ``model`` swapped as :func:`tasa.driver.quantize_embeddings` swaps them."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -208,7 +209,7 @@ def _quantize_rest_embeddings(model: nn.Module, tensors: Dict[str, torch.Tensor]
         # absent from the file: tied to the embedding (transformers writes tied tensors once)
         head.weight = (nn.Parameter(tensors.pop(hkey), requires_grad=False) if hkey in tensors
                        else emb.weight)
-    quantize_embeddings(model, bits, group_size, mode)
+    quantize_embeddings(model, bits, group_size, mode, head_bits)
     for n in filter(None, (ename, hname)):
         for k, v in model.get_submodule(n).state_dict().items():
             tensors[f"{n}.{k}"] = v
@@ -219,7 +220,8 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
                   calib_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
                   damp: float = 0.01, batch_size: int = 8, meta: Optional[dict] = None,
                   progress: bool = True, dist=None, embed_bits: int = 0,
-                  group_size: int = 128, mode: str = "asym") -> dict:
+                  group_size: int = 128, mode: str = "asym",
+                  head_bits: Optional[int] = None) -> dict:
     """Quantizes the checkpoint ``folder`` per ``plan`` block by block (module docstring) into
     the transformers folder ``out``. ``embed_bits`` (0: as stored): the token embedding and the
     output projection RTN-quantized last, as :func:`tasa.driver.quantize_embeddings` does in
@@ -303,7 +305,8 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
         rest = [k for k in ckpt.keys() if not k.startswith(prefix + ".")]
         tensors = ckpt.read(rest)
         if embed_bits:
-            tensors = _quantize_rest_embeddings(model, tensors, embed_bits, group_size, mode)
+            tensors = _quantize_rest_embeddings(model, tensors, embed_bits, group_size, mode,
+                                                head_bits)
         total += _save_shard(tensors, out / shard(L))
         weight_map.update({k: shard(L) for k in tensors})
         del tensors

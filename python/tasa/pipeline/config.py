@@ -59,6 +59,8 @@ class PipelineConfig:
     # width after GPTQ, reported apart from the decoder linears' average (which --bits budgets);
     # 0 keeps them as the checkpoint stores them. Default: defaults.EMBED_BITS (measured)
     embed_bits: int = defaults.EMBED_BITS
+    # an untied output projection's width (None: embed_bits); a tied head is the embedding
+    head_bits: Optional[int] = None
     # report
     eval_windows: int = 4
     eval_seqlen: int = 2048
@@ -91,6 +93,12 @@ class PipelineConfig:
                 tasa_ext.SUPPORTED_BITS):
             raise ValueError(f"tasa: --embed-bits must be 0 (as stored) or one of "
                              f"{list(tasa_ext.SUPPORTED_BITS)}, got {self.embed_bits!r}")
+        if self.head_bits is not None and (isinstance(self.head_bits, bool) or self.head_bits
+                                           not in tasa_ext.SUPPORTED_BITS):
+            raise ValueError(f"tasa: --head-bits must be one of {list(tasa_ext.SUPPORTED_BITS)}, "
+                             f"got {self.head_bits!r}")
+        if self.head_bits is not None and not self.embed_bits:
+            raise ValueError("tasa: --head-bits needs --embed-bits (0 keeps both as stored)")
         if not (self.damp > 0 and math.isfinite(self.damp)):
             raise ValueError(f"tasa: damp must be > 0, got {self.damp}")
         bad = [b for b in self.widths if b not in tasa_ext.SUPPORTED_BITS]

@@ -171,7 +171,7 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, pshapes)
         _write_given_plan(out, given, pshapes, doc)
     whole = whole_model_estimate(model, as_layer_specs(the_plan), cfg.embed_bits, cfg.group_size,
-                                 cfg.mode)
+                                 cfg.mode, cfg.head_bits)
     log(f"plan: decoder linears {summary_['avg_bits']:.4f} average bits stored, "
         f"{summary_['code_avg_bits']:.4f} code bits (budget "
         f"{f'{cfg.bits} {cfg.budget} bits' if plan is None else 'given'}); widths "
@@ -186,7 +186,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
                                       dist=dist)
     embedding = None
     if cfg.embed_bits:
-        embedding = quantize_embeddings(model, cfg.embed_bits, cfg.group_size, cfg.mode)
+        embedding = quantize_embeddings(model, cfg.embed_bits, cfg.group_size, cfg.mode,
+                                        cfg.head_bits)
         log(f"{embedding['module']}{' + tied ' + embedding['head'] if embedding['tied'] else ''}: "
             f"RTN {cfg.embed_bits}-bit, {embedding['avg_bits']:.4f} average bits (counted apart "
             f"from the decoder linears)")
@@ -266,7 +267,8 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
     res = lazy.quantize_lazy(folder, given, out, method=cfg.method, calib_ids=calib_ids,
                              damp=cfg.damp, batch_size=CALIB_BATCH, progress=progress, dist=dist,
                              meta={"alpha": alpha, "tasa_pipeline": dataclasses.asdict(cfg)},
-                             embed_bits=cfg.embed_bits, group_size=cfg.group_size, mode=cfg.mode)
+                             embed_bits=cfg.embed_bits, group_size=cfg.group_size, mode=cfg.mode,
+                             head_bits=cfg.head_bits)
     summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, shapes)
     summary = {"model": cfg.model, "lazy": True, "alpha_star": alpha, "plan_given": True,
                "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
