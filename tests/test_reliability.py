@@ -616,3 +616,40 @@ def test_read_only_out_is_one_tasa_line(tmp_path, capsys):
     assert cli.main(["quantize", "--model", "smollm2-135m", "--bits", "4", "--out",
                      str(ro / "x"), "--no-progress", "--quiet"]) == 2
     assert "error: tasa:" in capsys.readouterr().err
+
+
+_MEASURED = Path(__file__).resolve().parents[1] / "benchmarks/results/reproduction_paper/gemma3-270m"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_measurement_mutations_allocate_the_same_or_are_refused(data):
+    """A measurement with one field replaced by junk: the allocator gives the same plan, or one
+    `tasa:` ValueError -- never another exception (k_in 10^12 was a MemoryError)."""
+    from tasa import pipeline
+    from tasa.measurement import Measurement
+
+    doc = json.loads((_MEASURED / "measurement.json").read_text())
+    want = pipeline.allocate(Measurement.from_dict(json.loads(json.dumps(doc))), 3.5)["plan"]
+    unit = data.draw(st.sampled_from(sorted(doc["units"])))
+    lin = data.draw(st.sampled_from(sorted(doc["linears"])))
+    where = data.draw(st.sampled_from(["top", "linear", "unit", "delta", "delta4"]))
+    junk = data.draw(st.one_of(_JUNK, st.just(10 ** 12)))
+    if where == "top":
+        doc[data.draw(st.sampled_from(["kind", "version", "units", "linears", "sensitivity",
+                                       "mixture"]))] = junk
+    elif where == "linear":
+        doc["linears"][lin][data.draw(st.sampled_from(["n_out", "k_in", "group_size", "mode"]))] = junk
+    elif where == "unit":
+        doc["units"][unit]["linears"] = junk
+    elif where == "delta":
+        doc["sensitivity"]["delta"][unit][data.draw(st.sampled_from(["ppl", "math", "arc"]))] = junk
+    else:
+        doc["sensitivity"]["delta_by_width"]["4"][unit] = junk
+    try:
+        got = pipeline.allocate(Measurement.from_dict(doc), 3.5)["plan"]
+    except ValueError as e:
+        assert str(e).startswith("tasa:"), e
+        return
+    # a delta replaced by another finite number is a valid (different) measurement
+    assert got == want or (where in ("delta", "delta4") and isinstance(junk, (int, float)))

@@ -214,10 +214,18 @@ class Measurement:
         known, extra = _split(cls, body)
         if "config" not in known or "format_version" not in known:
             raise ValueError(f"tasa: {source} lacks its config or format_version")
-        if known.get("mixture") is not None:
-            known["mixture"] = MixtureResult.from_dict(known["mixture"])
-        if known.get("sensitivity") is not None:
-            known["sensitivity"] = SensitivityResult.from_dict(known["sensitivity"])
+        for key in ("config", "linears", "units"):
+            if key in known and not isinstance(known[key], Mapping):
+                raise ValueError(f"tasa: {source}: {key} must be an object")
+        for key, typ in (("mixture", MixtureResult), ("sensitivity", SensitivityResult)):
+            if known.get(key) is None:
+                continue
+            if not isinstance(known[key], Mapping):
+                raise ValueError(f"tasa: {source}: {key} must be an object")
+            try:
+                known[key] = typ.from_dict(known[key])
+            except (TypeError, AttributeError, KeyError) as e:
+                raise ValueError(f"tasa: {source}: the {key} section is malformed ({e})") from None
         return cls(**known, extra=extra)
 
     @classmethod

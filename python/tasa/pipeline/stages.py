@@ -329,6 +329,9 @@ def unit_errors(measurement: Measurement, beta: float = defaults.BETA,
     return err, e_meas[b0], dropped
 
 
+MAX_DIM = 1 << 20          # a linear's side: far above any model's (LLaMA-405B: 53248)
+
+
 def check_measured(m: Measurement) -> None:
     """A measurement that says ``complete`` must hold what the allocator reads: every unit's
     linears, and a finite loss increase of every unit at every probe width for every objective
@@ -337,16 +340,33 @@ def check_measured(m: Measurement) -> None:
     if not isinstance(m.units, dict) or not m.units:
         raise ValueError("tasa: the measurement has no units to allocate (edited or damaged?); "
                          "re-measure")
+    if not isinstance(m.linears, dict):
+        raise ValueError("tasa: the measurement's linears must be an object")
+    for f, v in m.linears.items():
+        ok = isinstance(v, dict) and all(
+            isinstance(v.get(k), int) and not isinstance(v.get(k), bool)
+            and 0 < v[k] <= MAX_DIM for k in ("n_out", "k_in", "group_size"))
+        if not ok or v["group_size"] % tasa_ext.TILE_K or v["k_in"] % v["group_size"] \
+                or v.get("mode") not in ("sym", "asym"):
+            # k_in 10^12 ran the allocator out of memory
+            raise ValueError(f"tasa: the measurement's linear {f!r} has no valid n_out / k_in "
+                             f"(1..{MAX_DIM}) / group_size / mode: {v!r}"[:300])
     for u, spec in m.units.items():
         lins = spec.get("linears") if isinstance(spec, dict) else None
         if not isinstance(lins, list) or not lins or any(f not in m.linears for f in lins):
             raise ValueError(f"tasa: the measurement's unit {u!r} does not list linears of the "
                              f"measurement (edited or damaged?); re-measure")
+    if m.mixture is None:
+        raise ValueError("tasa: the measurement has no mixture stage (edited or damaged?); "
+                         "re-measure")
     sens = m.sensitivity
+    if not isinstance(sens.delta, dict) or not isinstance(sens.delta_by_width, dict) \
+            or not isinstance(sens.objectives, list) or not sens.objectives:
+        raise ValueError("tasa: the measurement's sensitivity section is malformed; re-measure")
     for b in sens.widths:
         d = sens.delta if int(b) == int(sens.bits) else sens.delta_by_width.get(str(int(b)), {})
         for u in m.units:
-            if u not in d:
+            if not isinstance(d, dict) or u not in d:
                 raise ValueError(f"tasa: the measurement says complete but has no {b}-bit probe "
                                  f"of unit {u!r} (edited or damaged?); re-measure")
             for k in sens.objectives:
