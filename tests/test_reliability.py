@@ -653,3 +653,18 @@ def test_measurement_mutations_allocate_the_same_or_are_refused(data):
         return
     # a delta replaced by another finite number is a valid (different) measurement
     assert got == want or (where in ("delta", "delta4") and isinstance(junk, (int, float)))
+
+
+def test_ops_on_meta_tensors_give_shapes():
+    """torch.compile / meta-device tracing: dequant, embed, gemm and hessian_accumulate_ run
+    their fake kernels on meta tensors (no .item() on data that does not exist)."""
+    from tasa_ext.testing import random_packed
+
+    p = random_packed(20, 64, 32, [4, 8], asym=True, act_order=False)
+    m = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+    args = (m["qweight"], m["scales"], m["zeros"], m["gtable"], None, 32)
+    assert tasa_ext.dequant(*args).shape == (20, 64)
+    assert tasa_ext.embed(torch.tensor([[1, 2]], device="meta"), *args).shape == (1, 2, 64)
+    assert tasa_ext.gemm(torch.zeros(3, 64, device="meta"), *args).shape == (3, 20)
+    tasa_ext.hessian_accumulate_(torch.zeros(1, 4, 4, device="meta"), torch.zeros(3, 4, device="meta"),
+                                 None, torch.zeros(1, dtype=torch.long, device="meta"))
