@@ -155,6 +155,22 @@ def test_api_embed_bits_counted_apart(tmp_path):
         tasa.quantize(tiny_llama(), None, bits=4, method="rtn", embed_bits=5)
 
 
+def test_embedding_width_defaults_and_conflicts():
+    from tasa.driver import embedding_widths
+
+    untied = tiny_llama()
+    assert embedding_widths(untied) == (False, 4, 8)
+    assert embedding_widths(untied, 8) == (False, 8, 8)
+    assert embedding_widths(untied, 0, None) == (False, 0, 0)
+    tied = tiny_llama()
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    assert embedding_widths(tied) == (True, 8, 8)
+    assert embedding_widths(tied, 4) == (True, 4, 4) == embedding_widths(tied, None, 4)
+    with pytest.raises(ValueError, match="tied"):
+        embedding_widths(tied, 4, 8)
+
+
 def test_model_size_counts_every_parameter(tmp_path):
     """bits per parameter over the whole file: every parameter of the model once (a packed
     matrix as its N x K weights), the bytes of the whole file."""

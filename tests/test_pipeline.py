@@ -387,7 +387,8 @@ def test_run_end_to_end_and_reload(tmp_path):
     run_json = json.loads((tmp_path / "run.json").read_text())
     assert run_json["size"]["file_bytes"] == (tmp_path / "model.safetensors").stat().st_size
     assert run_json["size"]["params"] == sum(p.numel() for p in ref_model.parameters())
-    assert run_json["embedding"]["bits"] == 8
+    # the measured defaults: an untied input embedding at 4 bits, the head at 8
+    assert run_json["embedding"]["bits"] == 4 and run_json["embedding"]["head_bits"] == 8
     assert "Whole model file" in rep and f"{run_json['size']['bits_per_param']:.2f} bits per" in rep
     # reload into a fresh skeleton: identical outputs, no re-quantization
     x = torch.randint(0, 256, (2, 20))

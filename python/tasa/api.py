@@ -91,7 +91,7 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
                   if n in specs}
         quantize_model(model, specs, "rtn", progress=progress)
         meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
-        if cfg.embed_bits:
+        if cfg.embed_bits != 0:
             meta["embedding"] = quantize_embeddings(model, cfg.embed_bits, cfg.group_size,
                                                     cfg.mode, cfg.head_bits)
         model.config.quantization_config = TasaConfig.from_plan(

@@ -397,14 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-intra", action="store_true", help="skip the intra-layer group step")
     p.add_argument("--embed-bits", "--lm-head-bits", dest="embed_bits", type=int, default=None,
                    choices=[0, 2, 3, 4, 8],
-                   help=f"RTN width of the token embedding and the output projection (one packed "
-                        f"table when tied), quantized after GPTQ; 0 keeps them as the checkpoint "
-                        f"stores them (default {defaults.EMBED_BITS}). Not counted in --bits: "
-                        f"the run's last line and report.md give the whole file's bits per "
-                        f"parameter (--lm-head-bits is the old name)")
+                   help=f"RTN width of the token embedding, quantized after GPTQ (default: "
+                        f"{defaults.HEAD_BITS} when it is tied to the output projection -- one "
+                        f"table --, {defaults.UNTIED_EMBED_BITS} when untied); 0 keeps the "
+                        f"embedding and the head as the checkpoint stores them. Not counted in "
+                        f"--bits: the run's last line and report.md give the whole file's bits "
+                        f"per parameter (--lm-head-bits is the old name)")
     p.add_argument("--head-bits", type=int, default=None, choices=[2, 3, 4, 8],
-                   help="RTN width of an output projection that is not tied to the embedding "
-                        "(default: --embed-bits); a tied head is the embedding's table")
+                   help=f"RTN width of the output projection (default {defaults.HEAD_BITS}); "
+                        f"a tied head is the embedding's table (the two must then agree)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--measurement", default=None,
                    help="re-use this measurement.json (same settings) instead of measuring")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-__all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
+__all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
            "SENS_DTYPE", "GRANULARITY",
            "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
 
@@ -18,9 +18,13 @@ BETA: float = 0.5
 GROUP_SIZE: int = 128
 # the pipeline's default mode: asymmetric min/max groups (zero point per group and column)
 MODE: str = "asym"
-# the token embedding and output projection (one table when tied), RTN-quantized after GPTQ at
-# this width (0: kept as stored). Chosen by measurement: benchmarks/results/embed_bits.md
-EMBED_BITS: int = 8
+# the token embedding and output projection, RTN-quantized after GPTQ. Chosen by measurement
+# (benchmarks/results/embed_bits.md): the output projection -- and a table tied to it -- at 8
+# bits (KL to the reference +0.0001-0.0005, against 0.2-1.2 for a 3.5-bit decoder; 4 bits cost
+# +0.03-0.16); an untied input embedding at 4 bits (Qwen2.5-Coder-0.5B: +0.0025 KL, ~1% of the
+# decoder's; the lookup's error enters once, at the input)
+HEAD_BITS: int = 8
+UNTIED_EMBED_BITS: int = 4
 # modules left in full precision by default (matched on the last name component or the full name)
 SKIP_MODULES: Tuple[str, ...] = ("lm_head",)
 # sensitivity objectives: held-out general text, GSM8K gold solutions, ARC correct answers

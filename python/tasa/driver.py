@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calib
+from . import calib, defaults
 from .nn import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
 from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn, resolve_group_size
 
-__all__ = ["quantize_model", "quantize_embeddings", "whole_model_estimate"]
+__all__ = ["quantize_model", "quantize_embeddings", "embedding_widths", "whole_model_estimate"]
 
 
 def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str = "gptq",
@@ -125,14 +125,37 @@ def _untie(model: nn.Module, head_name: str) -> None:
                                        if not k.startswith(head_name + ".")}
 
 
-def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
+def embedding_widths(model: nn.Module, embed_bits: Optional[int] = None,
+                     head_bits: Optional[int] = None) -> tuple:
+    """``(tied, embedding width, head width)`` for ``--embed-bits`` / ``--head-bits`` (None: the
+    measured defaults, defaults.HEAD_BITS for the head and a table tied to it,
+    defaults.UNTIED_EMBED_BITS for an untied input embedding; embed_bits 0: both as stored,
+    widths 0). A tied table has one width: given both, they must agree."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = (isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding)
+            and head.weight.data_ptr() == emb.weight.data_ptr())
+    if embed_bits == 0:
+        return tied, 0, 0
+    if tied:
+        if embed_bits is not None and head_bits is not None and embed_bits != head_bits:
+            raise ValueError(f"tasa: the output projection is tied to the input embedding (one "
+                             f"table): --head-bits {head_bits} cannot differ from --embed-bits "
+                             f"{embed_bits}")
+        w = embed_bits if embed_bits is not None else (
+            head_bits if head_bits is not None else defaults.HEAD_BITS)
+        return tied, int(w), int(w)
+    return (tied, int(embed_bits if embed_bits is not None else defaults.UNTIED_EMBED_BITS),
+            int(head_bits if head_bits is not None else defaults.HEAD_BITS))
+
+
+def quantize_embeddings(model: nn.Module, bits: Optional[int] = None, group_size: int = 128,
                         mode: str = "asym", head_bits: Optional[int] = None) -> dict:
     """RTN-quantizes the token embedding and the output projection in place and returns what
     ``TasaConfig.embedding`` records: ``{"module", "head", "tied", "bits", "group_size", "mode",
     "embed_scale", "avg_bits", "head_bits"}`` (``head``: the output projection's name; with
     ``tied`` it is a :class:`TasaTiedHead` over the same packed table, else a TasaLinear at
-    ``head_bits``, default ``bits``; a tied table has one width, so ``head_bits`` must then be
-    None or ``bits``).
+    ``head_bits``); widths from :func:`embedding_widths` (``bits``, ``head_bits`` None: the
+    measured defaults).
 
     Why: the embedding and head were full precision and most of a small model's file
     (SmolLM2-135M: 113 of 160 MB fp32), and at batch 1 the fp32 head is most of the bytes
@@ -145,11 +168,10 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
                          f"nn.Embedding (already quantized?)")
     names = {id(m): n for n, m in model.named_modules()}
     ename = names[id(emb)]
-    tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == emb.weight.data_ptr()
-    hb = int(bits if head_bits is None else head_bits)
-    if tied and hb != int(bits):
-        raise ValueError(f"tasa: the output projection is tied to the input embedding (one "
-                         f"table): --head-bits {hb} cannot differ from --embed-bits {bits}")
+    tied, bits, hb = embedding_widths(model, bits, head_bits)
+    if not bits:
+        raise ValueError("tasa: quantize_embeddings with width 0 (keep as stored) has nothing "
+                         "to do")
     V, K = emb.weight.shape
     G = resolve_group_size(K, group_size)
     spec = LayerSpec([int(bits)] * (K // G), G, mode)
@@ -172,7 +194,8 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 128,
             "avg_bits": new.average_bits(), "head_bits": hb if isinstance(head, nn.Linear) else None}
 
 
-def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_bits: int,
+def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec],
+                         embed_bits: Optional[int] = None,
                          group_size: int = 128, mode: str = "asym",
                          head_bits: Optional[int] = None) -> dict:
     """What the file of ``model`` quantized per ``plan`` (and ``embed_bits``, 0: as stored)
@@ -183,9 +206,10 @@ def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_
     import tasa_ext
 
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    widths = {id(emb.weight): embed_bits} if isinstance(emb, nn.Embedding) else {}
+    _, ew, hw = embedding_widths(model, embed_bits, head_bits)
+    widths = {id(emb.weight): ew} if isinstance(emb, nn.Embedding) else {}
     if isinstance(head, nn.Linear) and id(head.weight) not in widths:
-        widths[id(head.weight)] = embed_bits if head_bits is None else head_bits
+        widths[id(head.weight)] = hw
     params, bits = 0, 0
     for name, p in model.named_parameters():        # tied parameters once
         mod, _, leaf = name.rpartition(".")
@@ -194,7 +218,7 @@ def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec], embed_
             s = plan[mod]
             bits += tasa_ext.cost_bits(p.shape[0], p.shape[1], s.group_size, s.bits, s.mode,
                                        s.act_order)
-        elif embed_bits and widths.get(id(p)) and p.dim() == 2:
+        elif widths.get(id(p)) and p.dim() == 2:
             V, K = p.shape
             G = resolve_group_size(K, group_size)
             bits += tasa_ext.cost_bits(V, K, G, [int(widths[id(p)])] * (K // G), mode)

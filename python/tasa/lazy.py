@@ -219,11 +219,12 @@ def _quantize_rest_embeddings(model: nn.Module, tensors: Dict[str, torch.Tensor]
 def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gptq",
                   calib_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
                   damp: float = 0.01, batch_size: int = 8, meta: Optional[dict] = None,
-                  progress: bool = True, dist=None, embed_bits: int = 0,
+                  progress: bool = True, dist=None, embed_bits: Optional[int] = 0,
                   group_size: int = 128, mode: str = "asym",
                   head_bits: Optional[int] = None) -> dict:
     """Quantizes the checkpoint ``folder`` per ``plan`` block by block (module docstring) into
-    the transformers folder ``out``. ``embed_bits`` (0: as stored): the token embedding and the
+    the transformers folder ``out``. ``embed_bits`` / ``head_bits`` (embed_bits 0, the default
+    here: as stored; None: the measured defaults of the job): the token embedding and the
     output projection RTN-quantized last, as :func:`tasa.driver.quantize_embeddings` does in
     memory (``group_size`` / ``mode`` of that table). ``method``: ``"gptq"`` (needs ``calib_ids``, int64 [n, T])
     or ``"rtn"``. ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
@@ -304,7 +305,7 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
         # embedding and head when they are quantized
         rest = [k for k in ckpt.keys() if not k.startswith(prefix + ".")]
         tensors = ckpt.read(rest)
-        if embed_bits:
+        if embed_bits != 0:
             tensors = _quantize_rest_embeddings(model, tensors, embed_bits, group_size, mode,
                                                 head_bits)
         total += _save_shard(tensors, out / shard(L))

@@ -58,8 +58,10 @@ class PipelineConfig:
     # the token embedding and the output projection (one packed table when tied): RTN at this
     # width after GPTQ, reported apart from the decoder linears' average (which --bits budgets);
     # 0 keeps them as the checkpoint stores them. Default: defaults.EMBED_BITS (measured)
-    embed_bits: int = defaults.EMBED_BITS
-    # an untied output projection's width (None: embed_bits); a tied head is the embedding
+    # widths of the input embedding and of the output projection (driver.embedding_widths):
+    # None = the measured defaults (a tied table and the head 8, an untied embedding 4);
+    # embed_bits 0 keeps both as the checkpoint stores them
+    embed_bits: Optional[int] = None
     head_bits: Optional[int] = None
     # report
     eval_windows: int = 4
@@ -89,15 +91,15 @@ class PipelineConfig:
                                  f"got {v!r}")
         if not (isinstance(self.eval_windows, int) and self.eval_windows >= 0):
             raise ValueError(f"tasa: --eval-windows must be >= 0, got {self.eval_windows!r}")
-        if isinstance(self.embed_bits, bool) or self.embed_bits not in (0,) + tuple(
-                tasa_ext.SUPPORTED_BITS):
+        if self.embed_bits is not None and (isinstance(self.embed_bits, bool) or self.embed_bits
+                                            not in (0,) + tuple(tasa_ext.SUPPORTED_BITS)):
             raise ValueError(f"tasa: --embed-bits must be 0 (as stored) or one of "
                              f"{list(tasa_ext.SUPPORTED_BITS)}, got {self.embed_bits!r}")
         if self.head_bits is not None and (isinstance(self.head_bits, bool) or self.head_bits
                                            not in tasa_ext.SUPPORTED_BITS):
             raise ValueError(f"tasa: --head-bits must be one of {list(tasa_ext.SUPPORTED_BITS)}, "
                              f"got {self.head_bits!r}")
-        if self.head_bits is not None and not self.embed_bits:
+        if self.head_bits is not None and self.embed_bits == 0:
             raise ValueError("tasa: --head-bits needs --embed-bits (0 keeps both as stored)")
         if not (self.damp > 0 and math.isfinite(self.damp)):
             raise ValueError(f"tasa: damp must be > 0, got {self.damp}")

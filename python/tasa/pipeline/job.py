@@ -21,7 +21,7 @@ from .. import alloc, data, defaults, distributed, lazy
 from .. import io as tio
 from ..io import check_output_folder
 from ..measurement import Measurement
-from ..driver import quantize_embeddings, whole_model_estimate
+from ..driver import embedding_widths, quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
 from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
@@ -177,19 +177,23 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         f"{f'{cfg.bits} {cfg.budget} bits' if plan is None else 'given'}); widths "
         + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in summary_["width_fraction"].items())
         + f"; whole model ~{whole['bytes'] / 1e6:.1f} MB, {whole['bits_per_param']:.2f} bits per "
-          f"parameter (embedding + head at "
-          f"{f'{cfg.embed_bits} bits' if cfg.embed_bits else 'their stored precision'})")
+          f"parameter (embedding / head at "
+          + ("their stored precision" if cfg.embed_bits == 0 else
+             "{1}/{2} bits".format(*embedding_widths(model, cfg.embed_bits, cfg.head_bits)))
+          + ")")
     # quantization
     t = time.perf_counter()
     lplan, qinfo = quantize_with_plan(model, tok, cfg, the_plan, alpha, progress=progress, log=log,
                                       split=split, shapes=plan_shapes(doc) if doc else None,
                                       dist=dist)
     embedding = None
-    if cfg.embed_bits:
+    if cfg.embed_bits != 0:
         embedding = quantize_embeddings(model, cfg.embed_bits, cfg.group_size, cfg.mode,
                                         cfg.head_bits)
         log(f"{embedding['module']}{' + tied ' + embedding['head'] if embedding['tied'] else ''}: "
-            f"RTN {cfg.embed_bits}-bit, {embedding['avg_bits']:.4f} average bits (counted apart "
+            f"RTN {embedding['bits']}-bit" + (f", head {embedding['head_bits']}-bit" if not
+                                               embedding["tied"] and embedding["head"] else "")
+            + f", {embedding['avg_bits']:.4f} average bits (counted apart "
             f"from the decoder linears)")
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
