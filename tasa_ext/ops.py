@@ -40,7 +40,7 @@ _C = load_extension()
 MAX_K = 1 << 40       # tasa_ext/csrc/check.h kMaxK
 
 
-def _k_of(gtable, group_size) -> int:
+def _k_of(gtable, group_size, qweight=None) -> int:
     """K = n_groups * group_size, refused as the C++ shims refuse it (a group size near 2^62
     made it overflow int64 in C++ and a SymInt in the fake kernels)."""
     if group_size <= 0 or group_size % 32:
@@ -49,6 +49,11 @@ def _k_of(gtable, group_size) -> int:
     if K > MAX_K:
         raise RuntimeError(f"tasa: gtable has {gtable.shape[0]} groups of group_size="
                            f"{group_size}: K would exceed {MAX_K} input features")
+    if qweight is not None:         # as check.h: the packed rows bound the widths (2..8 bits)
+        lo = gtable.shape[0] * 2 * (group_size // 32)
+        if not lo <= qweight.shape[1] <= 4 * lo:
+            raise RuntimeError(f"tasa: qweight has {qweight.shape[1]} packed rows, which "
+                               f"{gtable.shape[0]} groups of group_size={group_size} cannot have")
     return K
 
 
@@ -73,13 +78,14 @@ def _pack_fake(codes, group_bits, group_size):
 @torch.library.register_fake("tasa::unpack")
 def _unpack_fake(qweight, gtable, N, group_size):
     _same_device("qweight", qweight, gtable=gtable)
-    return qweight.new_empty((N, _k_of(gtable, group_size)), dtype=torch.uint8)
+    return qweight.new_empty((N, _k_of(gtable, group_size, qweight)), dtype=torch.uint8)
 
 
 @torch.library.register_fake("tasa::dequant")
 def _dequant_fake(qweight, scales, zeros, gtable, perm, group_size):
     _same_device("qweight", qweight, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
-    return qweight.new_empty((scales.shape[1], _k_of(gtable, group_size)), dtype=torch.float32)
+    return qweight.new_empty((scales.shape[1], _k_of(gtable, group_size, qweight)),
+                             dtype=torch.float32)
 
 
 @torch.library.register_fake("tasa::embed")
@@ -87,13 +93,13 @@ def _embed_fake(ids, qweight, scales, zeros, gtable, perm, group_size):
     _same_device("qweight", qweight, ids=ids, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
     if ids.dtype != torch.int64:
         raise RuntimeError(f"tasa: ids must be int64, got {ids.dtype}")
-    return qweight.new_empty((*ids.shape, _k_of(gtable, group_size)), dtype=torch.float32)
+    return qweight.new_empty((*ids.shape, _k_of(gtable, group_size, qweight)), dtype=torch.float32)
 
 
 @torch.library.register_fake("tasa::gemm")
 def _gemm_fake(x, qweight, scales, zeros, gtable, perm, group_size):
     _same_device("qweight", qweight, x=x, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
-    if x.shape[-1] != _k_of(gtable, group_size):
+    if x.shape[-1] != _k_of(gtable, group_size, qweight):
         raise RuntimeError(f"tasa: x must have last dimension K={gtable.shape[0] * group_size}, "
                            f"got shape {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], scales.shape[1]))

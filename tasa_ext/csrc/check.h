@@ -92,6 +92,12 @@ inline int64_t check_layout(const at::Tensor& qweight, const at::Tensor& gtable,
   // K = 0 guard: a SIGFPE in gemm, a raw SymInt error in unpack
   TORCH_CHECK(gtable.size(0) <= kMaxK / group_size, "tasa: gtable has ", gtable.size(0),
               " groups of group_size=", group_size, ": K would exceed ", kMaxK, " input features");
+  // the packed rows bound the groups' widths (2..8 bits): a table that does not fit qweight is
+  // refused from the shapes alone, before an output of n_groups x group_size is allocated
+  const int64_t min_rows = gtable.size(0) * 2 * (group_size / TASA_TILE_K);
+  TORCH_CHECK(min_rows <= qweight.size(1) && qweight.size(1) <= 4 * min_rows, "tasa: qweight has ",
+              qweight.size(1), " packed rows, which ", gtable.size(0), " groups of group_size=",
+              group_size, " cannot have (", min_rows, " to ", 4 * min_rows, ")");
   return gtable.size(0) * group_size;
 }
 
