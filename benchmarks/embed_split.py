@@ -1,0 +1,30 @@
+import copy, json, sys, time
+sys.path.insert(0, "/work/main/benchmarks")
+import torch, tasa
+from tasa import divergence as dv
+from tasa.driver import quantize_embeddings
+from tasa.nn import TasaEmbedding, set_module
+from tasa.quant import LayerSpec, quantize_rtn, resolve_group_size
+from tasa.models import load_model
+name = sys.argv[1]; tokens = int(sys.argv[2])
+ref, tok, _ = load_model(name)
+seqs = {t: dv.kl_sequences(tok, t, None, tokens) for t in dv.TEXTS}
+cands = {}
+for eb in (8, 4):
+    c = copy.deepcopy(ref)
+    w = c.get_input_embeddings().weight.detach().clone()
+    quantize_embeddings(c, 8, 128, "asym")          # head (untied) at 8
+    if eb != 8:
+        V, K = w.shape; G = resolve_group_size(K, 128)
+        q = quantize_rtn(w, LayerSpec([eb] * (K // G), G, "asym"))
+        set_module(c, "model.embed_tokens", TasaEmbedding.from_quantized(q, None, w.dtype))
+    cands[f"input emb{eb} + head8 (decoder fp32)"] = c
+res = {t: dv.compare(ref, cands, s, progress=False) for t, s in seqs.items()}
+out = {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")} for n, r in R.items()} for t, R in res.items()}
+for t, R in res.items():
+    a, b = list(cands)
+    d, h = dv.paired_ci(R[a]["kl_seq"], R[b]["kl_seq"])
+    out[t]["diff_kl"] = [d, h]
+    d, h = dv.paired_ci(R[a]["nll_seq"], R[b]["nll_seq"])
+    out[t]["diff_nll"] = [d, h]
+print(json.dumps(out, indent=1))
