@@ -128,25 +128,24 @@ __global__ void unpack_kernel(const uint32_t* __restrict__ qweight, const int32_
   }
 }
 
-__global__ void dequant_kernel(const uint32_t* __restrict__ qweight, const uint16_t* __restrict__ scales,
-                               const uint16_t* __restrict__ zeros, const int32_t* __restrict__ gtable,
-                               const int32_t* __restrict__ perm, int64_t N, int64_t K, int64_t G,
-                               int64_t R, float* __restrict__ W, int* bad) {
-  const int64_t NB = tasa_num_col_blocks(N), tpg = G / TASA_TILE_K, n_tiles = K / TASA_TILE_K;
-  TileIdx ix;
-  if (!tile_index(NB, n_tiles, &ix)) return;
-  const int64_t n = ix.cb * TASA_COL_BLOCK + ix.lane;
-  if (n >= N) return;
-  const int64_t j = ix.tt / tpg, t = ix.tt % tpg;
+// Column n, stored tile tt of the packed matrix into Wn (the column's K outputs): the work of one
+// thread of both dequant (every column) and embed (the columns the ids name).
+__device__ __forceinline__ void dequant_column_tile(
+    const uint32_t* __restrict__ qweight, const uint16_t* __restrict__ scales,
+    const uint16_t* __restrict__ zeros, const int32_t* __restrict__ gtable,
+    const int32_t* __restrict__ perm, int64_t N, int64_t G, int64_t R, int64_t n, int64_t tt,
+    float* __restrict__ Wn, int* bad) {
+  const int64_t tpg = G / TASA_TILE_K;
+  const int64_t j = tt / tpg, t = tt % tpg;
   const int b = gtable[j * 3 + 0];
   const int64_t off = gtable[j * 3 + 1], lg = gtable[j * 3 + 2];
   const uint16_t sh = scales[j * N + n], zh = zeros ? zeros[j * N + n] : (uint16_t)0;
   if (!half_bits_finite(sh) || !half_bits_finite(zh)) { atomicOr(bad, 1); return; }
   const double s = half_bits_to_f32(sh);
   const double z = zeros ? (double)half_bits_to_f32(zh) : (double)(1 << (b - 1));
-  const uint32_t* in = qweight + (ix.cb * R + off + t * b) * TASA_COL_BLOCK + ix.lane;
+  const uint32_t* in = qweight + ((n / TASA_COL_BLOCK) * R + off + t * b) * TASA_COL_BLOCK +
+                       n % TASA_COL_BLOCK;
   const int64_t r0 = lg * G + t * TASA_TILE_K;
-  float* Wn = W + n * K;
   switch (b) {
     case 2: dequant_tile<2>(in, s, z, r0, perm, Wn); break;
     case 3: dequant_tile<3>(in, s, z, r0, perm, Wn); break;
@@ -154,6 +153,18 @@ __global__ void dequant_kernel(const uint32_t* __restrict__ qweight, const uint1
     case 8: dequant_tile<8>(in, s, z, r0, perm, Wn); break;
     default: break;
   }
+}
+
+__global__ void dequant_kernel(const uint32_t* __restrict__ qweight, const uint16_t* __restrict__ scales,
+                               const uint16_t* __restrict__ zeros, const int32_t* __restrict__ gtable,
+                               const int32_t* __restrict__ perm, int64_t N, int64_t K, int64_t G,
+                               int64_t R, float* __restrict__ W, int* bad) {
+  const int64_t NB = tasa_num_col_blocks(N), n_tiles = K / TASA_TILE_K;
+  TileIdx ix;
+  if (!tile_index(NB, n_tiles, &ix)) return;
+  const int64_t n = ix.cb * TASA_COL_BLOCK + ix.lane;
+  if (n >= N) return;
+  dequant_column_tile(qweight, scales, zeros, gtable, perm, N, G, R, n, ix.tt, W + n * K, bad);
 }
 
 // Embedding lookup: one thread per (id, stored tile) -- the dequant kernel's work for the
@@ -164,29 +175,14 @@ __global__ void embed_kernel(const int64_t* __restrict__ ids, int64_t n_ids,
                              const uint16_t* __restrict__ zeros, const int32_t* __restrict__ gtable,
                              const int32_t* __restrict__ perm, int64_t N, int64_t K, int64_t G,
                              int64_t R, float* __restrict__ out, int* bad) {
-  const int64_t tpg = G / TASA_TILE_K, n_tiles = K / TASA_TILE_K;
+  const int64_t n_tiles = K / TASA_TILE_K;
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n_ids * n_tiles) return;
-  const int64_t i = idx / n_tiles, tt = idx % n_tiles;
+  const int64_t i = idx / n_tiles;
   const int64_t n = ids[i];
   if (n < 0 || n >= N) { atomicOr(bad, 2); return; }
-  const int64_t j = tt / tpg, t = tt % tpg;
-  const int b = gtable[j * 3 + 0];
-  const int64_t off = gtable[j * 3 + 1], lg = gtable[j * 3 + 2];
-  const uint16_t sh = scales[j * N + n], zh = zeros ? zeros[j * N + n] : (uint16_t)0;
-  if (!half_bits_finite(sh) || !half_bits_finite(zh)) { atomicOr(bad, 1); return; }
-  const double s = half_bits_to_f32(sh);
-  const double z = zeros ? (double)half_bits_to_f32(zh) : (double)(1 << (b - 1));
-  const uint32_t* in = qweight + ((n / TASA_COL_BLOCK) * R + off + t * b) * TASA_COL_BLOCK + n % TASA_COL_BLOCK;
-  const int64_t r0 = lg * G + t * TASA_TILE_K;
-  float* row = out + i * K;
-  switch (b) {
-    case 2: dequant_tile<2>(in, s, z, r0, perm, row); break;
-    case 3: dequant_tile<3>(in, s, z, r0, perm, row); break;
-    case 4: dequant_tile<4>(in, s, z, r0, perm, row); break;
-    case 8: dequant_tile<8>(in, s, z, r0, perm, row); break;
-    default: break;
-  }
+  dequant_column_tile(qweight, scales, zeros, gtable, perm, N, G, R, n, idx % n_tiles, out + i * K,
+                      bad);
 }
 
 // Copies gtable (and perm) to the host and validates them like the CPU kernels do.
