@@ -332,8 +332,7 @@ def test_oversized_config_is_refused_before_anything_is_built(tmp_path):
     import tasa
 
     m = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
-    for key, value, msg in (("vocab_size", 10 ** 12, "model.embed_tokens.qweight has shape [32, 32, 16] "
-                                                      "in the checkpoint, the plan needs [62500000000"),
+    for key, value, msg in (("vocab_size", 10 ** 12, "in the checkpoint, the plan needs [62500000000"),
                             ("num_hidden_layers", 10 ** 6, "asks for 1000000 decoder layers")):
         d = tmp_path / key
         m.save_pretrained(d)
