@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, ci95, machine  # noqa: E402
 
 import tasa  # noqa: E402,F401
 from tasa import divergence as dv  # noqa: E402
@@ -120,9 +119,9 @@ def table(r: dict) -> list:
     for n in dec[1:] + [k for k in g if k.startswith("emb")]:
         other = base if n.startswith("decoder") else "reference"
         for t, R in (("general KL", g), ("GSM8K KL", m)):
-            d, h = dv.paired_ci(R[other]["kl_seq"], R[n]["kl_seq"])
+            d, h = ci95([b - a for a, b in zip(R[other]["kl_seq"], R[n]["kl_seq"])])
             L.append(f"- {n} vs {other}, {t}: {d:+.5f} +- {h:.5f}")
-        d, h = dv.paired_ci(m[other]["nll_seq"], m[n]["nll_seq"])
+        d, h = ci95([b - a for a, b in zip(m[other]["nll_seq"], m[n]["nll_seq"])])
         L.append(f"- {n} vs {other}, GSM8K gold NLL: {d:+.4f} +- {h:.4f} nats/token")
     L.append("")
     return L
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
             meta = {**machine(), "command": "python " + " ".join(sys.argv),
                     "commands": commands + ["python " + " ".join(sys.argv)],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            md = [f"# Embedding / head precision: quality cost and file size\n",
+            md = ["# Embedding / head precision: quality cost and file size\n",
                   f"- {meta['device']}; {meta['date']}; commit {meta['commit']}",
                   "- commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),
                   "- KL: nats per position, mean over every "

@@ -1,11 +1,24 @@
-import copy, json, sys, time
-sys.path.insert(0, "/work/main/benchmarks")
-import torch, tasa
-from tasa import divergence as dv
-from tasa.driver import quantize_embeddings
-from tasa.nn import TasaEmbedding, set_module
-from tasa.quant import LayerSpec, quantize_rtn, resolve_group_size
-from tasa.models import load_model
+"""An untied model's input embedding alone at 4 bits, the head at 8, against both at 8 (decoder
+fp32): KL to the reference and gold NLL, paired over sequences (tasa.divergence). It decided
+defaults.UNTIED_EMBED_BITS (results/embed_bits.md, addendum; raw: results/embed_split_qwen.json).
+
+    python benchmarks/embed_split.py MODEL TOKENS_PER_TEXT > results/embed_split_<model>.json
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ci95  # noqa: E402
+
+import tasa  # noqa: E402,F401
+from tasa import divergence as dv  # noqa: E402
+from tasa.driver import quantize_embeddings  # noqa: E402
+from tasa.models import load_model  # noqa: E402
+from tasa.nn import TasaEmbedding, set_module  # noqa: E402
+from tasa.quant import LayerSpec, quantize_rtn, resolve_group_size  # noqa: E402
+
 name = sys.argv[1]; tokens = int(sys.argv[2])
 ref, tok, _ = load_model(name)
 seqs = {t: dv.kl_sequences(tok, t, None, tokens) for t in dv.TEXTS}
@@ -23,8 +36,8 @@ res = {t: dv.compare(ref, cands, s, progress=False) for t, s in seqs.items()}
 out = {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")} for n, r in R.items()} for t, R in res.items()}
 for t, R in res.items():
     a, b = list(cands)
-    d, h = dv.paired_ci(R[a]["kl_seq"], R[b]["kl_seq"])
+    d, h = ci95([y - x for x, y in zip(R[a]["kl_seq"], R[b]["kl_seq"])])
     out[t]["diff_kl"] = [d, h]
-    d, h = dv.paired_ci(R[a]["nll_seq"], R[b]["nll_seq"])
+    d, h = ci95([y - x for x, y in zip(R[a]["nll_seq"], R[b]["nll_seq"])])
     out[t]["diff_nll"] = [d, h]
 print(json.dumps(out, indent=1))

@@ -22,9 +22,8 @@ from torch import nn
 
 from . import defaults
 from .driver import quantize_embeddings, quantize_model
-from .hf import TasaConfig, attach, embedding_entry
+from .hf import TasaConfig, attach
 from .io import load_quantized, save_quantized
-from .nn import quantized_modules
 from .pipeline import PipelineConfig, run
 from .quant import (LayerSpec, check_plan, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
                     uniform_plan)
@@ -94,9 +93,7 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
         if cfg.embed_bits != 0:
             meta["embedding"] = quantize_embeddings(model, cfg.embed_bits, cfg.group_size,
                                                     cfg.mode, cfg.head_bits)
-        model.config.quantization_config = TasaConfig.from_plan(
-            {**{n: m.spec for n, m in quantized_modules(model).items()}, **specs}, meta=meta,
-            embedding=embedding_entry(model))
+        model.config.quantization_config = TasaConfig.for_model(model, specs, meta=meta)
         attach(model)                    # model.save_pretrained writes the tensor checksums
         if out is not None:
             save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,7 @@ from . import eval as tev
 from .distributed import RankFailed
 from .io import convert_legacy, load_quantized
 from .measurement import Measurement
-from .models import load_model
+from .models import REGISTRY, load_model
 from .util import FolderLockedError, write_json_atomic
 
 
@@ -158,8 +159,6 @@ def cmd_eval(args) -> int:
 
 
 def _canonical(name) -> str:
-    from .models import REGISTRY
-
     key = str(name).lower()
     return REGISTRY[key].name if key in REGISTRY else str(Path(str(name)).expanduser().resolve())
 
@@ -201,8 +200,6 @@ def _positive(s: str) -> int:
 def _threads(s: str) -> int:
     """``--threads``: 0 (torch's default) up to 4x this machine's CPUs. More only oversubscribes
     the cores, and past a few thousand OpenMP aborts (20000) or the process segfaults (100000)."""
-    import os
-
     v = _non_negative(s)
     cap = 4 * (os.cpu_count() or 1)
     if v > cap:

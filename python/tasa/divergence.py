@@ -11,12 +11,12 @@ set of tasa:
   position of the item, the gold-solution NLL over the solution tokens (given the question).
 
 Per-sequence values are kept, so two models compared on the same sequences give paired
-differences with intervals.
+differences (benchmarks/common.ci95 turns them into intervals).
 """
 from __future__ import annotations
 
-import math
-from typing import Mapping, Optional, Sequence
+import json
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data as tdata
 
-__all__ = ["ScoredSeq", "kl_sequences", "compare", "paired_ci", "describe", "TEXTS"]
+__all__ = ["ScoredSeq", "kl_sequences", "compare", "TEXTS"]
 
 TEXTS = ("general", "gsm8k")
 
@@ -60,7 +60,6 @@ def kl_sequences(tokenizer, text: str = "general", data=None, max_tokens: int = 
                              f"windows of {seqlen}")
         return [ScoredSeq(ids[i * seqlen:(i + 1) * seqlen], 1) for i in range(n)]
     if text == "gsm8k":
-        import json
         out, total = [], 0
         for line in tdata.read_text(_file(data, "gsm8k_test")).splitlines():
             if not line.strip():
@@ -123,26 +122,3 @@ def compare(reference, candidates: Mapping[str, torch.nn.Module], sequences: Seq
                 "nll": a["nll_sum"] / a["nll_n"], "tokens": a["pos"],
                 "kl_seq": a["kl_seq"], "top1_seq": a["top1_seq"], "nll_seq": a["nll_seq"]}
             for n, a in acc.items()}
-
-
-def paired_ci(a: Sequence[float], b: Sequence[float]) -> tuple:
-    """Mean of ``b - a`` over paired sequences and its 95% t-interval half width."""
-    d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    m = sum(d) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
-    from scipy.stats import t
-    return m, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-
-
-def describe(kl: float, top1: float, nll_ref: Optional[float] = None,
-             nll: Optional[float] = None) -> str:
-    """The drift in words, for report.md and the CLI."""
-    words = ("negligible" if kl < 0.01 else "small" if kl < 0.05 else "moderate" if kl < 0.15
-             else "large" if kl < 0.5 else "very large")
-    s = f"KL {kl:.4f} nats/token ({words}), top-1 agreement {100 * top1:.1f}%"
-    if nll_ref is not None and nll is not None:
-        s += f", gold NLL {nll_ref:.3f} -> {nll:.3f} nats/token"
-    return s

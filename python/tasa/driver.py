@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import tasa_ext
+
 from . import calib, defaults
 from .nn import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
 from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn, resolve_group_size
@@ -203,8 +205,6 @@ def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec],
     "bits_per_param"}`` over every parameter (each stored tensor once: a tied head is the
     embedding). The saved folder's :func:`tasa.io.model_size` counts the file itself (plus its
     header, a few kB)."""
-    import tasa_ext
-
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     _, ew, hw = embedding_widths(model, embed_bits, head_bits)
     widths = {id(emb.weight): ew} if isinstance(emb, nn.Embedding) else {}

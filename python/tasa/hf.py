@@ -23,8 +23,10 @@ before any kernel can run. Pickle checkpoints (``*.bin``) are refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import struct
 from pathlib import Path
@@ -38,8 +40,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 import tasa_ext
 
-from .nn import (TasaEmbedding, TasaLinear, TasaTiedHead, expected_buffers, make_gtable, set_module,
-                 validate_tables)
+from .nn import (TasaEmbedding, TasaLinear, TasaTiedHead, expected_buffers, make_gtable,
+                 quantized_modules, set_module, validate_tables)
 from .quant import LayerSpec
 from .util import sha256_file
 
@@ -160,6 +162,16 @@ class TasaConfig(QuantizationConfigMixin):
                   embedding: Optional[dict] = None) -> "TasaConfig":
         return cls(modules=dict(plan), meta=meta, embedding=embedding)
 
+    @classmethod
+    def for_model(cls, model: nn.Module, plan: Mapping[str, LayerSpec],
+                  meta: Optional[dict] = None) -> "TasaConfig":
+        """The config of the modules ``model`` has: ``plan``, plus every other TasaLinear it
+        holds (an untied packed head), plus the packed embedding's entry read from the module
+        itself -- what every save path writes."""
+        full = {**{n: m.spec for n, m in quantized_modules(model).items() if n not in plan},
+                **plan}
+        return cls.from_plan(full, meta=meta, embedding=embedding_entry(model))
+
     def layer_specs(self) -> Dict[str, LayerSpec]:
         return {n: LayerSpec(**d) for n, d in self.modules.items()}
 
@@ -179,9 +191,9 @@ class TasaConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-def read_safetensors_header(path) -> Dict[str, dict]:
-    """``{name: {"dtype", "shape"}}`` of a safetensors file from its JSON header alone (no tensor
-    is read), so a checkpoint can be checked before anything is built."""
+def _read_header(path) -> tuple:
+    """``(header length, the JSON header with its __metadata__)`` of a safetensors file, read
+    and checked once for every reader below (nothing past the header is read)."""
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -195,8 +207,23 @@ def read_safetensors_header(path) -> Dict[str, dict]:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ValueError(f"tasa: {path} has a corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"tasa: {path} has a corrupt safetensors header (not an object)")
+    return n, header
+
+
+def read_safetensors_header(path) -> Dict[str, dict]:
+    """``{name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file from its JSON header
+    alone (no tensor is read), so a checkpoint can be checked before anything is built."""
+    header = dict(_read_header(path)[1])
     header.pop("__metadata__", None)
     return header
+
+
+def read_safetensors_metadata(path) -> dict:
+    """The string metadata of a safetensors file's header ({} when it has none)."""
+    meta = _read_header(path)[1].get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
 
 
 _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -209,8 +236,6 @@ SKIP_VERIFY_ENV = "TASA_SKIP_VERIFY"
 
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's bytes as safetensors stores them (contiguous, little-endian)."""
-    import hashlib
-
     t = t.detach().cpu().contiguous()
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -222,36 +247,21 @@ def tensor_hashes(state: Mapping[str, torch.Tensor]) -> dict:
                                         sort_keys=True)}
 
 
-def read_safetensors_metadata(path) -> dict:
-    path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(path.stat().st_size - 8, 100 << 20):
-            raise ValueError(f"tasa: {path} is not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ValueError(f"tasa: {path} has a corrupt safetensors header ({e})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
-
-
 def _verify_tensor_hashes(f: Path) -> bool:
     """Checks every tensor of ``f`` against the per-tensor sha256 in its header; False when the
     file carries none."""
-    import hashlib
-
-    raw = read_safetensors_metadata(f).get(TENSOR_HASH_KEY)
+    n, header = _read_header(f)
+    raw = (header.get("__metadata__") or {}).get(TENSOR_HASH_KEY)
     if raw is None:
         return False
     try:
         want = json.loads(raw)
     except ValueError:
         raise ValueError(f"tasa: {f} has corrupt tensor checksums in its header") from None
-    header = read_safetensors_header(f)
     with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
         for name, e in header.items():
+            if name == "__metadata__":
+                continue
             if name not in want:
                 raise ValueError(f"tasa: {f}: tensor {name} has no checksum (added after the "
                                  f"save?)")
@@ -268,8 +278,6 @@ def _verify_checksums(files, checksums: Mapping[str, str]) -> list:
     """Verifies every tensor file: its per-tensor sha256 (header metadata, written by every tasa
     save) and its whole-file sha256 (config.json, written by tasa's own save). A file with
     neither is refused unless ``TASA_SKIP_VERIFY=1``. Returns the checks that ran."""
-    import os
-
     ran = []
     for f in files:
         if _verify_tensor_hashes(f):

@@ -37,8 +37,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import tasa_ext
 
-from .hf import QUANT_METHOD, TasaConfig, attach, embedding_entry
-from .nn import TasaLinear, quantized_modules, swap_linears, validate_tables
+from .hf import QUANT_METHOD, TasaConfig, attach, read_safetensors_header
+from .nn import TasaLinear, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
 from .util import atomic_write_bytes, fault_point, read_json, sha256_file
 
@@ -71,12 +71,7 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
         meta["base_model"] = str(base_model)
     if info is not None and info.prequantized:
         meta.setdefault("base_prequantized", info.note())
-    # the config describes the modules the model has: an untied packed head (a TasaLinear outside
-    # the plan) is added, and the packed embedding's entry is read from the module itself
-    emb = embedding_entry(model)
-    plan = {**{n: m.spec for n, m in quantized_modules(model).items() if n not in plan}, **plan}
-    model.config.quantization_config = TasaConfig.from_plan(plan, meta=_json_safe(meta),
-                                                            embedding=emb)
+    model.config.quantization_config = TasaConfig.for_model(model, plan, meta=_json_safe(meta))
     attach(model)                      # save_pretrained writes every tensor's sha256
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -115,16 +110,6 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
     return path
 
 
-def _safetensors_entries(f: Path) -> dict:
-    """``{name: (byte length, shape)}`` of a safetensors file from its header."""
-    import struct
-    with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return {k: (v["data_offsets"][1] - v["data_offsets"][0], v["shape"]) for k, v in header.items()}
-
-
 def model_size(path) -> dict:
     """Whole-model accounting of a saved folder, as llama.cpp reports a GGUF: the bytes of every
     tensor file (headers included) and bits per parameter over *every* parameter of the model
@@ -136,9 +121,8 @@ def model_size(path) -> dict:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"tasa: {path} has no .safetensors file")
-    entries: dict = {}
-    for f in files:
-        entries.update(_safetensors_entries(f))
+    entries = {k: (v["data_offsets"][1] - v["data_offsets"][0], v["shape"])
+               for f in files for k, v in read_safetensors_header(f).items()}
     qc = _quantization_config(path) or {}
     emb = qc.get("embedding") or {}
     packed = dict(qc.get("modules") or {})

@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import calib
 from .driver import quantize_embeddings, quantize_model
-from .hf import TasaConfig, embedding_entry, tensor_hashes
+from .hf import TasaConfig, tensor_hashes
 from .io import HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, retire_model
 from .nn import TasaLinear, set_module
 from .quant import LayerSpec, quantize_rtn
@@ -322,12 +322,9 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
             if (f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt")
                     and f.name not in (HF_CONFIG_NAME, INDEX_NAME) and not f.name.startswith(".")):
                 shutil.copyfile(f, out / f.name)
-        full_plan = {**{n: m.spec for n, m in model.named_modules()
-                        if isinstance(m, TasaLinear) and n not in plan and
-                        not n.startswith(prefix + ".")}, **plan}           # an untied packed head
-        model.config.quantization_config = TasaConfig.from_plan(
-            full_plan, meta={"method": method, "lazy": True, "base_model": str(folder),
-                             **(meta or {})}, embedding=embedding_entry(model))
+        model.config.quantization_config = TasaConfig.for_model(
+            model, plan, meta={"method": method, "lazy": True, "base_model": str(folder),
+                               **(meta or {})})
         cfg = json.loads(model.config.to_json_string(use_diff=False))
         cfg["quantization_config"]["checksums"] = {n: sha256_file(out / n) for n in sorted(names)}
         fault_point("save:before-config")

@@ -122,12 +122,26 @@ inline void check_scales(const at::Tensor& scales, const std::optional<at::Tenso
   }
 }
 
-// ids: int64 token ids (any shape, contiguous) on qweight's device; returns how many.
-inline int64_t check_ids(const at::Tensor& ids, const at::Tensor& qweight) {
+// ids: int64 token ids (any shape, contiguous) on qweight's device; returns the fp32 output
+// [*ids.shape, K] of an embedding lookup.
+inline at::Tensor check_ids(const at::Tensor& ids, const at::Tensor& qweight, int64_t K) {
   TORCH_CHECK(ids.scalar_type() == at::kLong, "tasa: ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK(ids.is_contiguous(), "tasa: ids must be contiguous");
   check_same_device(ids, "ids", qweight);
-  return ids.numel();
+  auto shape = ids.sizes().vec();
+  shape.push_back(K);
+  return at::empty(shape, qweight.options().dtype(at::kFloat));
+}
+
+// Every op on a packed matrix (dequant, embed, gemm; CPU and CUDA): the layout, then the scales,
+// zeros and perm against it. Returns K; *N = the output features (scales' columns).
+inline int64_t check_packed(const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
+                            const std::optional<at::Tensor>& perm, int64_t group_size, int64_t* N) {
+  *N = scales.dim() == 2 ? scales.size(1) : -1;
+  const int64_t K = check_layout(qweight, gtable, *N, group_size);
+  check_scales(scales, zeros, perm, qweight, K / group_size, *N, K);
+  return K;
 }
 
 inline int check_activation(const at::Tensor& x, const char* name, int64_t K, const at::Tensor& qweight) {

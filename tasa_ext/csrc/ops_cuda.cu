@@ -75,9 +75,8 @@ at::Tensor dequant_cuda(const at::Tensor& qweight, const at::Tensor& scales, con
                         const at::Tensor& gtable, const std::optional<at::Tensor>& perm, int64_t group_size) {
   check_cuda(qweight, "qweight");
   c10::cuda::CUDAGuard guard(qweight.device());
-  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
-  const int64_t K = check_layout(qweight, gtable, N, group_size);
-  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
+  int64_t N;
+  const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
   auto W = at::empty({N, K}, qweight.options().dtype(at::kFloat));
   raise_status(tasa_dequant_cuda((const uint32_t*)qweight.data_ptr<int32_t>(), half_ptr(scales),
                                  zeros ? half_ptr(*zeros) : nullptr, gtable.data_ptr<int32_t>(),
@@ -92,14 +91,10 @@ at::Tensor embed_cuda(const at::Tensor& ids, const at::Tensor& qweight, const at
                       const std::optional<at::Tensor>& perm, int64_t group_size) {
   check_cuda(qweight, "qweight");
   c10::cuda::CUDAGuard guard(qweight.device());
-  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
-  const int64_t K = check_layout(qweight, gtable, N, group_size);
-  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
-  const int64_t n_ids = check_ids(ids, qweight);
-  auto out_shape = ids.sizes().vec();
-  out_shape.push_back(K);
-  auto out = at::empty(out_shape, qweight.options().dtype(at::kFloat));
-  raise_status(tasa_embed_cuda(ids.data_ptr<int64_t>(), n_ids, (const uint32_t*)qweight.data_ptr<int32_t>(),
+  int64_t N;
+  const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
+  auto out = check_ids(ids, qweight, K);
+  raise_status(tasa_embed_cuda(ids.data_ptr<int64_t>(), ids.numel(), (const uint32_t*)qweight.data_ptr<int32_t>(),
                                half_ptr(scales), zeros ? half_ptr(*zeros) : nullptr, gtable.data_ptr<int32_t>(),
                                perm ? perm->data_ptr<int32_t>() : nullptr, N, K, group_size, qweight.size(1),
                                out.data_ptr<float>(), stream_of(qweight)));
@@ -111,9 +106,8 @@ at::Tensor gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const std::optional<at::Tensor>& perm, int64_t group_size) {
   check_cuda(qweight, "qweight");
   c10::cuda::CUDAGuard guard(qweight.device());
-  const int64_t N = scales.dim() == 2 ? scales.size(1) : -1;
-  const int64_t K = check_layout(qweight, gtable, N, group_size);
-  check_scales(scales, zeros, perm, qweight, K / group_size, N, K);
+  int64_t N;
+  const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
   const int xdt = check_activation(x, "x", K, qweight);
   // The GEMV streams qweight with 16-byte loads (a view at an odd offset would fault).
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
