@@ -8,8 +8,11 @@ compile-check test), not auto-detection. Build without isolation so the pinned t
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,17 +50,45 @@ def ext_modules():
                           **common)]
 
 
+# tasa_autoload.pth goes to the root of site-packages, where Python runs it at start-up (see
+# python/tasa_autoload.py: it lets plain from_pretrained load tasa folders without `import tasa`).
+# Wheels have no field for that, so the file is copied into the wheel's root by hand: build_py for
+# `pip install .`, and editable_wheel (which never runs build_py's copy) for `pip install -e .`.
+AUTOLOAD_PTH = os.path.join(ROOT, "python", "tasa_autoload.pth")
+
+
+class BuildPyWithPth(build_py):
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            self.copy_file(AUTOLOAD_PTH, os.path.join(self.build_lib, "tasa_autoload.pth"))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + (
+            [] if self.editable_mode else [os.path.join(self.build_lib, "tasa_autoload.pth")])
+
+
+class EditableWheelWithPth(editable_wheel):
+    # _install_namespaces(unpacked_wheel_dir, ...) is the one step of setuptools' editable wheel
+    # (>= 64, checked on 84) that writes files into the wheel's root; the .pth joins them there.
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        shutil.copy(AUTOLOAD_PTH, os.path.join(installation_dir, "tasa_autoload.pth"))
+
+
 def cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithPth,
+            "editable_wheel": EditableWheelWithPth}
 
 
 setup(
     name="tasa",
     version="0.1.0",
     description="Task-aware mixed-precision weight quantization of LLMs with fused 2/3/4/8-bit kernels",
-    package_dir={"tasa": "python/tasa", "tasa_ext": "tasa_ext"},
+    package_dir={"": "python", "tasa": "python/tasa", "tasa_ext": "tasa_ext"},
+    py_modules=["tasa_autoload"],
     packages=["tasa_ext"] + ["tasa." + p for p in find_packages("python/tasa")] + ["tasa"],
     package_data={"tasa": ["data/*", "data/**/*"]},
     python_requires=">=3.10",

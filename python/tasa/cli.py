@@ -447,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, default=0,
                    help="torch threads (0: torch default; at most 4x the CPUs)")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("lm-eval-tasks",
+                       help="print the folder of tasa's offline lm-eval tasks (tasa_gsm8k, "
+                            "tasa_gsm8k_nll, tasa_arc_easy, tasa_arc_challenge, tasa_wikitext) for "
+                            "lm-eval's --include_path",
+                       description="Prints the folder to pass to lm-eval's own CLI as "
+                                   "--include_path; its tasks read the data shipped with tasa "
+                                   "(or --metadata '{\"tasa_data\": \"DIR\"}', a folder laid "
+                                   "out like shared/data), offline.")
+    p.set_defaults(fn=lambda args: print(tev.LM_EVAL_TASK_DIR) or 0)
     p = sub.add_parser("convert", help="rewrite a folder of an older tasa (tasa_config.json) as "
                                        "a transformers folder")
     p.add_argument("src", help="the old folder (kept as it is)")

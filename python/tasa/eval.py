@@ -67,7 +67,8 @@ from .nn import quantized_modules
 from .util import write_json_atomic
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEFAULT_FEWSHOT", "DATA_KEYS", "evaluate",
-           "resolve_data", "wikitext_documents", "format_table", "check_tasks", "require_lm_eval"]
+           "resolve_data", "wikitext_documents", "format_table", "check_tasks", "require_lm_eval",
+           "lm_eval_task", "LmEvalTask", "LM_EVAL_TASK_DIR", "LM_EVAL_PREFIX"]
 
 TASKS = ("gsm8k", "gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
 DEFAULT_TASKS = ("gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
@@ -316,6 +317,53 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
     else:  # pragma: no cover - guarded by _check_tasks
         raise AssertionError(task)
     return cfg
+
+
+# ---- the same tasks for lm-eval's own command line --------------------------------------------------
+
+LM_EVAL_PREFIX = "tasa_"
+# shipped YAML files, one per task, each `task: tasa_<name>` + `class: !function tasa.eval.lm_eval_task`
+LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
+
+
+def lm_eval_task(config: dict):
+    """Builds one of :data:`TASKS` as an lm-eval ``ConfigurableTask`` for lm-eval's own CLI, from
+    a shipped YAML file (``lm_eval run ... --include_path <LM_EVAL_TASK_DIR> --tasks
+    tasa_arc_easy``): offline, on the slices shipped with tasa, or on a ``shared/data``-like
+    folder given as ``--metadata '{"tasa_data": "/path/to/data"}'``. Few-shot examples come from
+    GSM8K train / ARC validation as in :func:`evaluate`; ``--num_fewshot`` sets k (default
+    :data:`DEFAULT_FEWSHOT`); ``--limit`` is lm-eval's (the first N items, not a seeded subset)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    name = str(config.get("task", ""))
+    task = name[len(LM_EVAL_PREFIX):] if name.startswith(LM_EVAL_PREFIX) else name
+    check_tasks([task])
+    meta = dict(config.get("metadata") or {})
+    scored_key, few_key = _TASK_DATA[task]
+    files = resolve_data(meta.get("tasa_data"), [k for k in (scored_key, few_key) if k])
+    few = None
+    if task.startswith("gsm8k"):
+        few = tdata.load_gsm8k(files[few_key], "train")
+    elif task.startswith("arc"):
+        few = tdata.load_arc(files[few_key], task.split("_")[1], "validation")
+    cfg = _task_config(task, _load_items(task, files[scored_key]), few, DEFAULT_FEWSHOT[task],
+                       int(meta.get("max_gen_toks", 256)))
+    cfg["task"] = name
+    cfg["metadata"] = {**cfg["metadata"], **meta}
+    return ConfigurableTask(config=cfg)
+
+
+class LmEvalTask:
+    """What the shipped YAML files name (``class: !function tasa.eval.LmEvalTask``): lm-eval
+    builds a Python task as ``cls(config=...)`` when ``cls.__init__`` takes ``config``, so this
+    class has that constructor and returns :func:`lm_eval_task`'s task (lm-eval stays an optional
+    import of this module)."""
+
+    def __new__(cls, config: dict):
+        return lm_eval_task(config)
+
+    def __init__(self, config: dict):  # pragma: no cover - __new__ returns another type
+        pass
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
