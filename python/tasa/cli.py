@@ -5,7 +5,7 @@
     tasa allocate --measurement F --bits B --out plan.json   re-allocate from a measurement
                                    (seconds, no model or data needed)
     tasa eval ...                  lm-eval evaluation of a model or a saved quantized model
-    tasa generate --model M --prompt TEXT   greedy generation, streamed (tasa's decode loop)
+    tasa generate --model M --prompt TEXT   chat / completion, streamed (tasa's decode loop)
     tasa convert OLD NEW           rewrite an older tasa folder as a transformers folder
     tasa info                      build and machine information
     tasa demo [--n N --k K ...]    pack a random mixed-bit matrix, check the fused kernel against
@@ -33,6 +33,7 @@ from .distributed import RankFailed
 from .io import convert_legacy, load_quantized
 from .measurement import Measurement
 from .models import REGISTRY, load_model
+from .nn import quantized_modules
 from .util import FolderLockedError, write_json_atomic
 
 
@@ -79,37 +80,91 @@ def _parse_fewshot(s: Optional[str]):
     return out
 
 
+def _stream_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _fit_history(tok, messages: list, max_new: int, ctx) -> list:
+    """Drops the oldest user/assistant turns (the system message stays) until the chat fits the
+    context with room for ``max_new`` tokens; refuses when the last message alone does not."""
+    msgs = list(messages)
+    while True:
+        n = generation.chat_ids(tok, msgs).shape[1]
+        if not isinstance(ctx, int) or n + max_new <= ctx:
+            return msgs
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first <= 1:
+            return msgs      # generation.generate refuses it with the numbers
+        del msgs[first:first + 2]
+
+
 def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prompt is None and not args.interactive:
+        print("error: give --prompt TEXT, or --interactive for a conversation", file=sys.stderr)
+        return 2
     try:
+        sampling = generation.Sampling(args.temperature, args.top_p, args.top_k, args.seed)
         model, tok, _info = load_model(args.model)
     except (ValueError, KeyError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    shown = []
-    state = {"text": ""}
-
-    def on_token(t):                 # stream: print what the new token adds to the decoded text
-        shown.append(t)
-        text = tok.decode(shown, skip_special_tokens=True)
-        if text.startswith(state["text"]) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(state["text"]):])
-            sys.stdout.flush()
-            state["text"] = text
-
-    sys.stdout.write(args.prompt)
-    try:
-        r = generation.generate(model, tok, args.prompt, args.max_new_tokens,
-                                fast=not args.eager, on_token=on_token)
-    except ValueError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+    if not quantized_modules(model):
+        print(f"[tasa] note: {args.model} is not quantized (no tasa layers): this runs the "
+              f"full-precision model; give a folder written by `tasa quantize` to run a "
+              f"quantized one", file=sys.stderr)
+    chat = not args.raw and generation.has_chat_template(tok)
+    if args.system is not None and not chat:
+        print("error: --system needs a chat template (this tokenizer has none, or --raw was "
+              "given)", file=sys.stderr)
         return 2
-    sys.stdout.write(r.text[len(state["text"]):] + "\n")
-    print(f"[tasa] {len(r.tokens)} new tokens ({r.path} path): prefill {r.n_prompt} tokens at "
-          f"{r.prefill_tokens_per_s:.1f} tokens/s, decode {r.decode_tokens_per_s:.1f} tokens/s",
-          file=sys.stderr)
-    return 0
+    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    history = [{"role": "system", "content": args.system}] if args.system is not None else []
+
+    def one(prompt: str) -> int:
+        if chat:
+            history.append({"role": "user", "content": prompt})
+            history[:] = _fit_history(tok, history, args.max_new_tokens, ctx)
+            ids = generation.chat_ids(tok, history)
+        else:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            sys.stdout.write(prompt)      # raw completion: the text continues the prompt
+        try:
+            r = generation.generate(model, tok, ids, args.max_new_tokens, fast=not args.eager,
+                                    sampling=sampling, stop_strings=args.stop,
+                                    on_text=_stream_to_stdout)
+        except ValueError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            if chat:
+                history.pop()
+            return 2
+        sys.stdout.write("\n")
+        if chat:
+            history.append({"role": "assistant", "content": r.text})
+        print(f"[tasa] {len(r.tokens)} new tokens ({r.path} path, {r.finish_reason}): prefill "
+              f"{r.n_prompt} tokens at {r.prefill_tokens_per_s:.1f} tokens/s, decode "
+              f"{r.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+        return 0
+
+    if not args.interactive:
+        return one(args.prompt)
+    print(f"[tasa] {'chat' if chat else 'raw completion'} with {args.model}; an empty line or "
+          f"Ctrl-D ends{', /reset forgets the conversation' if chat else ''}", file=sys.stderr)
+    rc = one(args.prompt) if args.prompt else 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return rc
+        if not line.strip():
+            return rc
+        if chat and line.strip() == "/reset":
+            del history[1 if args.system is not None else 0:]
+            continue
+        rc = one(line)
 
 
 def cmd_convert(args) -> int:
@@ -434,14 +489,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="plan.json path (or a folder)")
     p.set_defaults(fn=cmd_allocate)
     _add_eval_parser(sub)
-    p = sub.add_parser("generate", help="greedy text generation with the fast decode loop, "
-                                        "streamed")
+    p = sub.add_parser("generate", help="chat or complete text with a model, streamed (tasa's "
+                                        "fast decode loop)",
+                       description="Generates from a tasa folder (or any model tasa can load). "
+                                   "With a tokenizer that has a chat template (Instruct models) "
+                                   "the prompt is a user message and the answer the assistant's; "
+                                   "--raw continues the text instead. Greedy by default "
+                                   "(identical to transformers' generate); --temperature > 0 "
+                                   "samples, reproducibly for a given --seed.")
     p.add_argument("--model", default=defaults.MODEL,
-                   help="registry name, .gguf file, or a model folder (a tasa folder too)")
-    p.add_argument("--prompt", required=True)
+                   help="a tasa folder (what `tasa quantize --out` wrote), or a registry name, "
+                        ".gguf file or model folder to run unquantized (default: %(default)s)")
+    p.add_argument("--prompt", default=None,
+                   help="the user message (chat) or the text to continue (--raw); optional with "
+                        "--interactive")
+    p.add_argument("--raw", action="store_true",
+                   help="raw completion: do not apply the tokenizer's chat template")
+    p.add_argument("--system", default=None, help="a system message (chat only)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="a conversation: read a message per line, answer it, keep the history "
+                        "(oldest turns dropped to fit the context); an empty line ends")
     p.add_argument("--max-new-tokens", type=_positive, default=128,
-                   help="tokens to generate at most (default 128; with the prompt, within the "
-                        "model's context)")
+                   help="tokens to generate at most per answer (default %(default)s; with the "
+                        "prompt, within the model's context)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples from the softmax at this temperature")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches P "
+                        "(default %(default)s: all)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the K most likely tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed: the same seed gives the same text (default %(default)s)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable); the end-of-sequence token always "
+                        "stops")
     p.add_argument("--eager", action="store_true",
                    help="use transformers' generate instead of tasa's decode loop")
     p.add_argument("--threads", type=_threads, default=0,

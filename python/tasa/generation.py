@@ -1,4 +1,4 @@
-"""Greedy generation for tasa models, with a lean decode loop.
+"""Generation for tasa models (greedy by default, sampling on request), with a lean decode loop.
 
 ``transformers.generate`` spends a large part of a small model's decode step outside the model
 (logits processors, stopping criteria, ``isin`` over the whole sequence, growing attention
@@ -14,13 +14,19 @@ removes most of the bytes a small model reads per token.
 
 ``fast=False`` (or a model the loop cannot drive: no KV cache support) falls back to
 ``model.generate`` with a streamer, saying why.
+
+Sampling (:class:`Sampling`: temperature, top-k, top-p, seed) picks each token from the same
+logits with its own seeded ``torch.Generator`` (the global RNG is untouched, so a seed gives the
+same text on every run); temperature 0 is greedy. Stop strings (:class:`TextStream`) end the
+text before the first occurrence and hold back streamed text that could still become one.
+:func:`chat_ids` applies the tokenizer's chat template.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 import warnings
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +35,8 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from .nn import TasaLinear
 
-__all__ = ["GenerationResult", "generate", "FastPathUnavailable"]
+__all__ = ["GenerationResult", "generate", "FastPathUnavailable", "Sampling", "TextStream",
+           "chat_ids", "has_chat_template"]
 
 
 class FastPathUnavailable(RuntimeError):
@@ -44,6 +51,7 @@ class GenerationResult:
     prefill_s: float                 # the prompt's forward pass (first new token included)
     decode_s: float                  # every later token
     path: str                        # "fast" | "fast-model" | "eager"
+    finish_reason: str = "length"    # "stop" (end-of-sequence token or stop string) | "length"
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -53,6 +61,110 @@ class GenerationResult:
     @property
     def prefill_tokens_per_s(self) -> float:
         return self.n_prompt / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked from the logits. ``temperature == 0`` is greedy (argmax:
+    the default, identical to ``model.generate(do_sample=False)``); otherwise the logits are
+    divided by ``temperature``, cut to the ``top_k`` largest (0: all) and to the smallest set
+    whose probability reaches ``top_p`` (1.0: all), and one token is drawn with a
+    ``torch.Generator`` seeded with ``seed``."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0) or self.temperature == float("inf"):
+            raise ValueError(f"tasa: temperature must be >= 0 and finite, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"tasa: top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"tasa: top_k must be an integer >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def picker(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function logits ``[1, V]`` -> token ids ``[1]``, with its own RNG state."""
+        if self.greedy:
+            return lambda logits: logits.argmax(-1)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        t, k, p = float(self.temperature), int(self.top_k), float(self.top_p)
+
+        def pick(logits):
+            z = logits.float().cpu() / t
+            if 0 < k < z.shape[-1]:
+                kth = z.topk(k, -1).values[..., -1:]
+                z = z.masked_fill(z < kth, float("-inf"))
+            if p < 1.0:
+                srt, idx = z.sort(-1, descending=True)
+                cum = srt.softmax(-1).cumsum(-1)
+                drop = cum - srt.softmax(-1) >= p          # tokens after the nucleus is full
+                z = z.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+            probs = z.softmax(-1)
+            return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+
+        return pick
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: :meth:`push` a token, get the text that can
+    be shown now. Text that could be the start of a stop string, or that ends in a half-decoded
+    character, is held back until it is decided; once a stop string appears the text ends just
+    before it and :attr:`stopped` is set."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        if isinstance(stop, str):
+            stop = [stop]
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokens: List[int] = []
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(int(token))
+        full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = full[:cut], True
+            safe = cut
+        else:
+            self.text = full
+            hold = max((n for s in self.stop for n in range(min(len(s) - 1, len(full)), 0, -1)
+                        if full.endswith(s[:n])), default=0)
+            safe = len(full) - hold
+            while safe > 0 and full[safe - 1] == "\ufffd":     # a character still being decoded
+                safe -= 1
+        out = self.text[self.shown:safe] if safe > self.shown else ""
+        self.shown = max(self.shown, safe)
+        return out
+
+    def flush(self) -> str:
+        """The text still held back (at the end of generation)."""
+        out, self.shown = self.text[self.shown:], len(self.text)
+        return out
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_ids(tokenizer, messages: Sequence[dict]) -> torch.Tensor:
+    """Token ids ``[1, T]`` of ``messages`` (``{"role", "content"}`` dicts) through the
+    tokenizer's chat template, ending with the assistant's turn opened."""
+    if not has_chat_template(tokenizer):
+        raise ValueError("tasa: this tokenizer has no chat template; use raw completion")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            raise ValueError(f"tasa: a chat message needs string 'role' and 'content', got {m!r}")
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                        tokenize=True, return_dict=True, return_tensors="pt")
+    return ids["input_ids"]
 
 
 def _eos_ids(model, tokenizer) -> set:
@@ -205,13 +317,15 @@ class _LeanDecoder:
         return self.head(self.norm(h[:, -1:]))[:, -1]
 
 
-def _greedy(first, after, max_new_tokens, min_new_tokens, eos, on_token, stop=None):
-    """The greedy loop: ``first()`` -> logits of the prompt's last position, ``after(token ids
-    [1])`` -> logits after that token; ``stop(tokens so far)`` ends it early (after
-    ``min_new_tokens``). Returns (tokens, prefill seconds, decode seconds)."""
+def _loop(first, after, max_new_tokens, min_new_tokens, eos, on_token, stop=None, pick=None):
+    """The decode loop: ``first()`` -> logits of the prompt's last position, ``after(token ids
+    [1])`` -> logits after that token, ``pick(logits)`` -> the next token (default argmax);
+    ``stop(tokens so far)`` ends it early (after ``min_new_tokens``). Returns (tokens, prefill
+    seconds, decode seconds)."""
+    pick = pick or (lambda logits: logits.argmax(-1))
     out_tokens: List[int] = []
     t0 = time.perf_counter()
-    nxt = first().argmax(-1)
+    nxt = pick(first())
     prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
     while True:
@@ -222,7 +336,7 @@ def _greedy(first, after, max_new_tokens, min_new_tokens, eos, on_token, stop=No
         if len(out_tokens) >= max_new_tokens or (len(out_tokens) >= min_new_tokens and (
                 tok in eos or (stop is not None and stop(out_tokens)))):
             break
-        nxt = after(nxt).argmax(-1)
+        nxt = pick(after(nxt))
     return out_tokens, prefill, time.perf_counter() - t1
 
 
@@ -236,7 +350,7 @@ def _lean(model, input_ids, max_new_tokens, *args):
         pos[0] += 1
         return logits
 
-    return _greedy(lambda: step(input_ids, 0), after, max_new_tokens, *args)
+    return _loop(lambda: step(input_ids, 0), after, max_new_tokens, *args)
 
 
 def _fast(model, input_ids, max_new_tokens, *args):
@@ -255,7 +369,7 @@ def _fast(model, input_ids, max_new_tokens, *args):
         return model(input_ids=nxt[:, None], cache=cache, use_cache=True,
                      logits_to_keep=1).logits[:, -1]
 
-    return _greedy(first, after, max_new_tokens, *args)
+    return _loop(first, after, max_new_tokens, *args)
 
 
 class _Streamer:
@@ -295,14 +409,22 @@ class _StopCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token, stop=None):
+def _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token, stop=None,
+           sampling: Optional["Sampling"] = None):
     s = _Streamer(on_token)
     t0 = time.perf_counter()
     crit = StoppingCriteriaList([_StopCriteria(stop, input_ids.shape[1], min_new_tokens)]
                                 if stop else [])
-    model.generate(input_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   do_sample=False, streamer=s, attention_mask=torch.ones_like(input_ids),
-                   stopping_criteria=crit)
+    kw = dict(do_sample=False)
+    if sampling is not None and not sampling.greedy:
+        kw = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                  top_k=sampling.top_k or None)
+    with torch.random.fork_rng(devices=[]):     # the seed, without touching the caller's RNG
+        if sampling is not None:
+            torch.manual_seed(int(sampling.seed))
+        model.generate(input_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                       streamer=s, attention_mask=torch.ones_like(input_ids),
+                       stopping_criteria=crit, **kw)
     t_end = time.perf_counter()
     t_first = s.t_first or t_end
     return s.tokens, t_first - t0, t_end - t_first
@@ -312,12 +434,17 @@ def _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token, stop=None
 def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
              max_new_tokens: int = 128, *, fast: bool = True, min_new_tokens: int = 0,
              on_token: Optional[Callable[[int], None]] = None,
-             stop: Optional[Callable[[List[int]], bool]] = None) -> GenerationResult:
-    """Greedy continuation of ``prompt`` (text, or token ids ``[1, T]``), batch 1.
+             stop: Optional[Callable[[List[int]], bool]] = None,
+             sampling: Optional[Sampling] = None, stop_strings: Sequence[str] = (),
+             on_text: Optional[Callable[[str], None]] = None) -> GenerationResult:
+    """Continuation of ``prompt`` (text, or token ids ``[1, T]``: e.g. :func:`chat_ids`),
+    batch 1; greedy unless ``sampling`` says otherwise.
 
-    ``on_token(id)`` is called for every new token as it is produced (streaming). Stops at an
-    end-of-sequence token or when ``stop(new token ids so far)`` is true (either after
-    ``min_new_tokens``), or after ``max_new_tokens``."""
+    ``on_token(id)`` is called for every new token as it is produced; ``on_text(str)`` with the
+    text that can be shown so far (streaming, stop strings held back). Stops at an
+    end-of-sequence token, at the first of ``stop_strings`` (the text ends before it) or when
+    ``stop(new token ids so far)`` is true (each after ``min_new_tokens``), or after
+    ``max_new_tokens``; ``finish_reason`` says which ("stop" or "length")."""
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"tasa: need 1 <= max_new_tokens and 0 <= min_new_tokens <= "
                          f"max_new_tokens, got {max_new_tokens}, {min_new_tokens}")
@@ -337,23 +464,45 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
                          f"ask for at most {max(ctx - input_ids.shape[1], 0)} new tokens")
     input_ids = input_ids.to(next(model.parameters()).device)
     model.eval()
+    stream = TextStream(tokenizer, stop_strings) if (stop_strings or on_text) else None
+    user_token, user_stop = on_token, stop
+    if stream is not None:
+        def on_token(tok):
+            delta = stream.push(tok)
+            if user_token is not None:
+                user_token(tok)
+            if delta and on_text is not None:
+                on_text(delta)
+
+        def stop(tokens):
+            return stream.stopped or (user_stop is not None and user_stop(tokens))
+    pick = sampling.picker() if sampling is not None else None
+    eos = _eos_ids(model, tokenizer)
     path = "eager"
     if fast:
-        eos = _eos_ids(model, tokenizer)
         try:
             tokens, pre, dec = _lean(model, input_ids, max_new_tokens, min_new_tokens, eos,
-                                     on_token, stop)
+                                     on_token, stop, pick)
             path = "fast"
         except FastPathUnavailable:
             try:         # another architecture: the model's own forward, one call per token
                 tokens, pre, dec = _fast(model, input_ids, max_new_tokens, min_new_tokens, eos,
-                                         on_token, stop)
+                                         on_token, stop, pick)
                 path = "fast-model"
             except FastPathUnavailable as e:
                 warnings.warn(f"tasa: the fast decode loop cannot drive this model ({e}); "
                               f"using transformers' generate")
     if path == "eager":
         tokens, pre, dec = _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token,
-                                  stop)
-    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
-    return GenerationResult(tokens, text, int(input_ids.shape[1]), pre, dec, path)
+                                  stop, sampling)
+    if stream is not None:
+        rest = stream.flush()
+        if rest and on_text is not None:
+            on_text(rest)
+        text = stream.text
+    else:
+        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
+    stopped = (stream is not None and stream.stopped) or (bool(tokens) and tokens[-1] in eos) \
+        or (user_stop is not None and bool(tokens) and len(tokens) < max_new_tokens)
+    return GenerationResult(tokens, text, int(input_ids.shape[1]), pre, dec, path,
+                            "stop" if stopped else "length")

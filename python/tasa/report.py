@@ -1,24 +1,92 @@
-"""The report of a ``tasa quantize`` run: ``report.md`` plus PNG plots (alpha curve, per-layer
-sensitivities per objective, bit map). Plots need matplotlib (a dependency of tasa); the
-markdown is written first, so a plotting failure never loses the numbers."""
+"""The report of a ``tasa quantize`` run: ``report.md`` plus PNG plots (alpha curve, per-unit
+sensitivities at every probed width, bit map). Plots need matplotlib (a dependency of tasa); the
+markdown is written first, so a plotting failure never loses the numbers.
+
+The figures are meant to be read at a glance: units are named as in the report's table
+(``29.mlp``, never an index), every probed width gets its own series, and the bit map uses one
+fixed, distinct colour per width with a legend (a continuous scale made 3 and 4 bits two
+near-identical blues and hid the few 8-bit groups). The quality paragraph says in words how far
+the quantized model moved from the reference, and warns when the move is large."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Mapping
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .measurement import Measurement
 from .mixture import MixtureCurve
-from .stats import normalize
 from .util import atomic_write_bytes
 
-__all__ = ["write_report", "plot_alpha_curve", "plot_sensitivity", "plot_bitmap"]
+__all__ = ["write_report", "plot_alpha_curve", "plot_sensitivity", "plot_bitmap",
+           "sensitivity_figure", "bitmap_figure", "quality_lines", "width_colour",
+           "PPL_RATIO_SMALL", "PPL_RATIO_LARGE", "KL_LARGE", "NLL_DELTA_LARGE"]
+
+# ---- quality thresholds ------------------------------------------------------------------------
+# Perplexity ratio (quantized / reference) up to which the report calls the change small: the
+# quick WikiText-2 check scores a few windows, and good 4-bit quantizations of small models cost
+# a few percent, so a rise within 10% is what a usable quantization pays.
+PPL_RATIO_SMALL = 1.10
+# Above this ratio the report prints a warning: +50% perplexity is far past what any usable
+# 3-4 bit quantization of these models costs (5-30%), and is where generations visibly degrade
+# (a user saw 24 -> 68, 2.8x, with no word about it).
+PPL_RATIO_LARGE = 1.5
+# The same scale in nats per token: a mean NLL rise of ln 1.5 on a task's gold answers is a 1.5x
+# perplexity on that text, so task NLL deltas above it get the same warning.
+NLL_DELTA_LARGE = math.log(PPL_RATIO_LARGE)
+# Mean next-token KL(reference || quantized) above which the report warns. Same ln 1.5 scale
+# (0.405 nats per token); defaults.py records 0.2-1.2 for 3.5-bit decoders of small models, so
+# the upper half of that range is flagged as large.
+KL_LARGE = math.log(PPL_RATIO_LARGE)
+
+# ---- figure settings ---------------------------------------------------------------------------
+# One fixed colour per width, the same in every figure (the sensitivity series use them too):
+# neighbouring widths get colours of different hue, not shades of one, so 3 and 4 bits never
+# look alike and the rare 8-bit groups stand out.
+WIDTH_COLOURS = {1: "#000000", 2: "#7b3294", 3: "#e6550d", 4: "#2166ac", 5: "#17becf",
+                 6: "#bcbd22", 7: "#8c564b", 8: "#1a9850", 16: "#969696", 32: "#cccccc"}
+# colours for widths outside the table above (cycled; still distinct from the table's)
+_EXTRA_COLOURS = ("#e7298a", "#66a61e", "#a6761d", "#fdbf6f", "#6a3d9a")
+# at most this many unit names on an axis; beyond it every k-th name is shown (names stay names:
+# the labels are thinned, never replaced by indices)
+MAX_UNIT_LABELS = 64
+# a sensitivity panel switches to a log (or symlog, when zeros/negatives are present) y axis when
+# its nonzero magnitudes span at least this factor (two decades): on a linear axis the small
+# units of such a profile all sit on the zero line
+LOG_SPAN = 100.0
+# sub-cells per bit-map cell: a linear's groups are drawn as slices proportional to the share at
+# each width (every width present gets at least one slice, so a few 8-bit groups stay visible)
+_BITMAP_SLICES = 24
+
+
+def width_colour(bits: int) -> str:
+    """The fixed colour of a code width in every figure of the report."""
+    b = int(bits)
+    if b in WIDTH_COLOURS:
+        return WIDTH_COLOURS[b]
+    return _EXTRA_COLOURS[b % len(_EXTRA_COLOURS)]
 
 
 def _short(name: str) -> str:
+    """A unit's name without the model's module prefix, as the report's table prints it: from
+    the layer index on (``model.layers.29.mlp`` -> ``29.mlp``,
+    ``model.layers.3.mlp.down_proj`` -> ``3.mlp.down_proj``), or ``layers.0`` for a whole
+    block (a bare ``0`` reads as a count). Names without an index keep their last two parts."""
     parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            if i == len(parts) - 1 and i > 0:
+                return ".".join(parts[i - 1:])
+            return ".".join(parts[i:])
     return ".".join(parts[-2:]) if len(parts) > 2 else name
+
+
+def _short_names(units: Sequence[str]) -> List[str]:
+    """:func:`_short` of every unit, or the full names where shortening would make two alike
+    (a label that names two units is worse than a long one)."""
+    short = [_short(u) for u in units]
+    return short if len(set(short)) == len(short) else list(units)
 
 
 def _fmt(x, nd=4):
@@ -27,6 +95,11 @@ def _fmt(x, nd=4):
     if isinstance(x, float):
         return f"{x:.{nd}f}"
     return str(x)
+
+
+def _num(x: float) -> str:
+    """A perplexity-like number for prose: one decimal from 10 up, three below."""
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
 
 
 def _plt():
@@ -44,6 +117,38 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _label_units(ax, axis: str, names: Sequence[str], fontsize: float = 6) -> None:
+    """Ticks named by unit on ``axis`` ("x" or "y"), every k-th name when there are more than
+    :data:`MAX_UNIT_LABELS`."""
+    step = max(1, math.ceil(len(names) / MAX_UNIT_LABELS))
+    pos = list(range(0, len(names), step))
+    labels = [names[i] for i in pos]
+    if axis == "x":
+        ax.set_xticks(pos)
+        ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+    else:
+        ax.set_yticks(pos)
+        ax.set_yticklabels(labels, fontsize=fontsize)
+
+
+def _y_scale(ax, values) -> str:
+    """Log y axis when the panel's nonzero magnitudes span :data:`LOG_SPAN` or more: ``log``
+    when every value is positive, else ``symlog`` (linear near zero, so zero and the negative
+    increases that probe noise gives stay on the plot). Returns the scale chosen."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    mag = np.abs(v[v != 0])
+    if mag.size < 2 or mag.max() / mag.min() < LOG_SPAN:
+        return "linear"
+    if (v > 0).all():
+        ax.set_yscale("log")
+        return "log"
+    # the linear region: the small end of the magnitudes, but never below 1e-4 of the largest
+    # (else the symlog axis spends most of its height on noise-sized values)
+    ax.set_yscale("symlog", linthresh=float(max(np.percentile(mag, 10), mag.max() * 1e-4)))
+    return "symlog"
 
 
 def plot_alpha_curve(measurement: Measurement, path) -> Path:
@@ -65,28 +170,90 @@ def plot_alpha_curve(measurement: Measurement, path) -> Path:
     return _save(fig, path)
 
 
-def plot_sensitivity(measurement: Measurement, scores: Mapping[str, float], path) -> Path:
+def _width_deltas(sens, bits: int) -> Mapping:
+    """``{unit: {objective: delta}}`` at ``bits`` without :meth:`SensitivityResult.deltas`'s
+    ``setdefault`` (drawing must not add an empty width to the measurement)."""
+    if int(bits) == int(sens.bits):
+        return sens.delta
+    return sens.delta_by_width.get(str(int(bits)), {})
+
+
+def sensitivity_figure(measurement: Measurement, scores: Optional[Mapping[str, float]] = None):
+    """The sensitivity figure as a matplotlib Figure: one panel per objective with one series
+    per probed width (legend ``3 bits``, ``4 bits``, ...; loss increase in nats per scored
+    token, as the table), and, given ``scores``, a last panel with the allocation's aggregate
+    score. The x axis names the units as the table does. Units not yet probed at a width are
+    gaps, not zeros."""
     plt = _plt()
     sens = measurement.sensitivity
     units = list(measurement.units)
+    names = _short_names(units)
     x = np.arange(len(units))
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    for k in sens.objectives:
-        v = np.array([sens.delta[u][k] for u in units])
-        try:
-            ax.plot(x, normalize(v), marker=".", label=f"{k} (loss +{v.sum():.3f} total)")
-        except ValueError:
-            pass
-    ax.plot(x, [scores[u] for u in units], "k--", lw=1.5, label="aggregate s (beta)")
-    ax.set_xlabel(f"unit ({measurement.config.get('granularity', 'block')}, in model order)")
-    ax.set_ylabel("normalized sensitivity (sums to 1)")
-    ax.set_title(f"Per-unit sensitivity: RTN {sens.bits}-bit probe of one unit at a time")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    objs = list(sens.objectives)
+    panels = objs + (["aggregate"] if scores is not None else [])
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(max(8.0, min(18.0, 2.0 + 0.16 * len(units))),
+                                      1.6 + 2.2 * len(panels)))
+    axes = axes[:, 0]
+    gran = measurement.config.get("granularity", "block")
+    for ax, k in zip(axes, objs):
+        shown = []
+        for b in sens.widths:
+            d = _width_deltas(sens, b)
+            v = np.array([d.get(u, {}).get(k, np.nan) for u in units], dtype=float)
+            if not np.isfinite(v).any():
+                continue                   # nothing measured at this width yet
+            ax.plot(x, v, marker="o", ms=3, lw=1, color=width_colour(b), label=f"{b} bits")
+            shown.append(v)
+        scale = _y_scale(ax, np.concatenate(shown)) if shown else "linear"
+        if scale != "log":                # a zero line on a log axis would stretch it to 1e-15
+            ax.axhline(0, color="0.6", lw=0.6)
+        if shown:
+            ax.legend(fontsize=7, title="probe width", title_fontsize=7)
+        ax.set_ylabel(f"{k}: loss increase\n(nats / token)", fontsize=8)
+        ax.grid(axis="x", color="0.92", lw=0.5)
+    if scores is not None:
+        ax = axes[-1]
+        ax.plot(x, [scores.get(u, np.nan) for u in units], "k.-", lw=1,
+                label="aggregate s (the allocation's score)")
+        ax.set_ylabel("aggregate s", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(axis="x", color="0.92", lw=0.5)
+    _label_units(axes[-1], "x", names)
+    axes[-1].set_xlabel(f"unit ({gran}, in model order)")
+    axes[0].set_title(f"Per-unit sensitivity: RTN probe of one {gran} at a time, at "
+                      f"{', '.join(str(b) for b in sens.widths)} bits")
+    return fig
 
 
-def plot_bitmap(measurement: Measurement, plan: Mapping[str, Mapping], path) -> Path:
+def plot_sensitivity(measurement: Measurement, scores: Mapping[str, float], path) -> Path:
+    """Writes :func:`sensitivity_figure` to ``path`` (PNG)."""
+    return _save(sensitivity_figure(measurement, scores), path)
+
+
+def _slices(counts: Mapping[int, float], n: int) -> List[int]:
+    """``n`` slice widths (code widths, ascending) in proportion to ``counts``; every width
+    with a nonzero count gets at least one slice."""
+    ws = sorted(b for b, c in counts.items() if c > 0)
+    tot = float(sum(counts[b] for b in ws))
+    k = {b: max(1, int(round(n * counts[b] / tot))) for b in ws}
+    while sum(k.values()) != n:           # give or take from the widest share
+        big = max(ws, key=lambda b: k[b])
+        k[big] += 1 if sum(k.values()) < n else -1
+    return [b for b in ws for _ in range(k[b])]
+
+
+def bitmap_figure(measurement: Measurement, plan: Mapping[str, Mapping]):
+    """The bit map as a matplotlib Figure: one row per unit (named as in the table), one column
+    per linear kind (``q_proj``, ``down_proj``, ...). Each cell is split in proportion to the
+    weights of the linear stored at each width, narrowest first (the order of the groups inside
+    the linear is not shown); every width present gets a visible slice. One discrete colour
+    per width (:func:`width_colour`) and a legend entry per width present, with its share of
+    the drawn weights."""
     plt = _plt()
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
     units = measurement.units
     rows = list(units)
     kinds = []
@@ -95,20 +262,134 @@ def plot_bitmap(measurement: Measurement, plan: Mapping[str, Mapping], path) -> 
             k = f.split(".")[-1]
             if k not in kinds:
                 kinds.append(k)
-    M = np.full((len(rows), len(kinds)), np.nan)
+    R = _BITMAP_SLICES
+    cells = {}
+    share = {}                            # weights (or groups) at each width, over the map
+    weighted = all("n_out" in measurement.linears.get(f, {})
+                   for u in rows for f in units[u]["linears"] if f in plan)
     for i, u in enumerate(rows):
         for f in units[u]["linears"]:
-            b = plan[f]["bits"]
-            M[i, kinds.index(f.split(".")[-1])] = float(np.mean(b))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.22 * len(rows)))
-    im = ax.imshow(M, aspect="auto", cmap="viridis", vmin=2, vmax=8)
+            if f not in plan:
+                continue
+            e = plan[f]
+            per_group = (int(e.get("group_size", 1)) * int(measurement.linears[f]["n_out"])
+                         if weighted else 1)
+            counts = {}
+            for b in e["bits"]:
+                counts[int(b)] = counts.get(int(b), 0) + per_group
+            for b, c in counts.items():
+                share[b] = share.get(b, 0) + c
+            cells[i, kinds.index(f.split(".")[-1])] = _slices(counts, R)
+    present = sorted(share)
+    M = np.full((len(rows), len(kinds) * R), np.nan)
+    for (i, j), sl in cells.items():
+        M[i, j * R:(j + 1) * R] = [present.index(b) for b in sl]
+    # white: a kind this unit does not have (an attention unit has no down_proj)
+    cmap = ListedColormap([width_colour(b) for b in present] or ["#ffffff"]).with_extremes(
+        bad="white")
+    norm = BoundaryNorm(np.arange(len(present) + 1) - 0.5, max(1, len(present)))
+    fig, ax = plt.subplots(figsize=(2.6 + 0.9 * len(kinds), 1.0 + 0.2 * len(rows)))
+    ax.imshow(M, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
+              extent=(-0.5, len(kinds) - 0.5, len(rows) - 0.5, -0.5))
+    for j in range(1, len(kinds)):        # cell borders: slices of two linears never merge
+        ax.axvline(j - 0.5, color="white", lw=1.5)
+    for i in range(1, len(rows)):
+        ax.axhline(i - 0.5, color="white", lw=0.5)
     ax.set_xticks(range(len(kinds)))
     ax.set_xticklabels(kinds, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([_short(r) for r in rows], fontsize=6)
-    fig.colorbar(im, ax=ax, label="mean code width of the linear's groups")
-    ax.set_title("Bit map")
-    return _save(fig, path)
+    _label_units(ax, "y", _short_names(rows))
+    tot = float(sum(share.values())) or 1.0
+    what = "weights" if weighted else "groups"
+    ax.legend(handles=[Patch(facecolor=width_colour(b), edgecolor="0.3",
+                             label=f"{b} bits ({100 * share[b] / tot:.1f}% of {what})")
+                       for b in present],
+              title="code width", fontsize=7, title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title("Bit map (each cell split by its weights' widths)", fontsize=9)
+    return fig
+
+
+def plot_bitmap(measurement: Measurement, plan: Mapping[str, Mapping], path) -> Path:
+    """Writes :func:`bitmap_figure` to ``path`` (PNG)."""
+    return _save(bitmap_figure(measurement, plan), path)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def quality_lines(summary: Mapping, bits=None, widths: Optional[Sequence[int]] = None,
+                  flag: str = "--bits") -> list:
+    """How far the quantized model moved from the reference, in words (report lines).
+
+    Reads ``summary["ppl_reference"]`` / ``["ppl_quantized"]`` (the quick WikiText-2 check) and,
+    where a run records them, ``summary["kl"]`` (mean next-token KL(reference || quantized),
+    nats per token) and ``summary["task_nll"]`` (``{task: {"reference": nll, "quantized":
+    nll}}``, mean gold NLL in nats per token). A number that is absent or None is said to be
+    not measured -- never estimated. Changes past :data:`PPL_RATIO_LARGE`, :data:`KL_LARGE` or
+    :data:`NLL_DELTA_LARGE` open with a ``**Warning:**`` line that suggests a higher budget
+    (``bits``: this run's, given with ``flag``; ``widths``: its allowed widths)."""
+    warn, says, missing = [], [], []
+    advice = (f"try a higher {flag}" + (f" than {bits}" if bits is not None else "")
+              + (", or leave 2 bits out of --widths" if widths and 2 in widths else ""))
+    ref, q = summary.get("ppl_reference"), summary.get("ppl_quantized")
+    if ref is None and q is None:
+        missing.append("perplexity")
+    elif ref is None or q is None:
+        have, val = ("quantized", q) if ref is None else ("reference", ref)
+        says.append(f"Only the {have} perplexity was measured ({_fmt(val, 3)}); without the "
+                    f"{'reference' if ref is None else 'quantized'} one the change is unknown.")
+    elif not (_finite(ref) and _finite(q)) or ref <= 0:
+        warn.append(f"**Warning:** perplexity is not a finite number (reference {ref}, "
+                    f"quantized {q}): the quantized model is broken at this budget; {advice}.")
+    else:
+        r = q / ref
+        if r > PPL_RATIO_LARGE:
+            warn.append(f"**Warning:** perplexity rose {r:.1f}x ({_num(ref)} -> {_num(q)}): the "
+                        f"model lost much of its quality at this budget; {advice}.")
+        elif r > PPL_RATIO_SMALL:
+            says.append(f"Perplexity rose {100 * (r - 1):.0f}% ({_num(ref)} -> {_num(q)}): a "
+                        f"noticeable loss; check the model on your own prompts before relying "
+                        f"on it.")
+        else:
+            says.append(f"Perplexity changed {100 * (r - 1):+.1f}% ({_num(ref)} -> {_num(q)}): "
+                        f"close to the reference.")
+    kl = summary.get("kl")
+    if kl is None:
+        missing.append("KL divergence to the reference")
+    elif not _finite(kl) or kl > KL_LARGE:
+        warn.append(f"**Warning:** mean KL divergence to the reference is {kl:.3f} nats per "
+                    f"token (large: above {KL_LARGE:.2f}); the quantized model's next-token "
+                    f"distribution is far from the reference's; {advice}.")
+    else:
+        says.append(f"Mean KL divergence to the reference: {kl:.4f} nats per token"
+                    + (" (small)." if kl <= KL_LARGE / 4 else " (moderate)."))
+    tasks = summary.get("task_nll") or {}
+    if not tasks:
+        missing.append("task NLL")
+    for name, t in tasks.items():
+        a, b = (t or {}).get("reference"), (t or {}).get("quantized")
+        if a is None or b is None:
+            missing.append(f"{name} NLL ({'reference' if a is None else 'quantized'})")
+            continue
+        dl = b - a
+        if not (_finite(a) and _finite(b)) or dl > NLL_DELTA_LARGE:
+            warn.append(f"**Warning:** {name} NLL rose {dl:+.3f} nats per token ({a:.3f} -> "
+                        f"{b:.3f}, {math.exp(dl) if _finite(dl) else float('inf'):.1f}x its "
+                        f"perplexity): the task's answers lost much of their likelihood; "
+                        f"{advice}.")
+        else:
+            says.append(f"{name} NLL {a:.3f} -> {b:.3f} nats per token ({dl:+.3f}).")
+    L = list(warn)
+    if warn:
+        L.append("")
+    if says:
+        L.append(" ".join(says))
+    if missing:
+        L.append(("Not measured in this run: " if says or warn else
+                  "How far the quantized model moved from the reference was not measured in "
+                  "this run: no ") + ", ".join(missing) + ".")
+    return L
 
 
 def noise_lines(sens) -> list:
@@ -137,6 +418,9 @@ def noise_lines(sens) -> list:
 
 
 def write_report(out, measurement: Measurement, allocation: Mapping, summary: Mapping) -> Path:
+    """Writes ``report.md`` (first, so the numbers survive a plotting failure) and the PNGs it
+    shows into ``out``; returns the markdown's path. ``allocation``: the allocation document
+    (plan, scores, summary); ``summary``: the run summary (``run.json``)."""
     out = Path(out)
     m, A = measurement, allocation
     mix, sens = m.mixture, m.sensitivity
@@ -156,6 +440,10 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
              + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items() if k != "total"))
     L.append("")
     L.append("## Result\n")
+    # how far the model moved, in words, before any table: a large loss must not hide in a row
+    L.extend(quality_lines(summary, cfg.get("bits"), A.get("widths"),
+                           "--code-bits" if kind == "code" else "--bits"))
+    L.append("")
     L.append("| | average bits (exact storage cost) | average code bits (paper's count) | "
              "WikiText-2 ppl |")
     L.append("|---|---|---|---|")
@@ -223,8 +511,8 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     cols = [(b, o) for b in widths for o in objs]
     L.append("| unit | " + " | ".join(f"d{o}@{b}" for b, o in cols) + " | aggregate s | bits |")
     L.append("|---|" + "---|" * (len(cols) + 2))
-    for u in units:
-        L.append(f"| {_short(u)} | " + " | ".join(f"{sens.deltas(b)[u][o]:+.4f}" for b, o in cols)
+    for u, name in zip(units, _short_names(units)):
+        L.append(f"| {name} | " + " | ".join(f"{sens.deltas(b)[u][o]:+.4f}" for b, o in cols)
                  + f" | {A['scores'][u]:.4f} | {A['item_bits'][u]} |")
     L.append(f"\nAggregate s = beta norm(s_ppl) + (1 - beta) mean_k norm(s_k), beta = "
              f"{cfg['beta']}, norm = clip at 0 and divide by the sum."
