@@ -6,6 +6,8 @@
                                    (seconds, no model or data needed)
     tasa eval ...                  lm-eval evaluation of a model or a saved quantized model
     tasa generate --model M --prompt TEXT   chat / completion, streamed (tasa's decode loop)
+    tasa serve --model DIR         an OpenAI-compatible HTTP server (chat, completions, streaming)
+    tasa lm-eval-tasks             the folder of tasa's offline tasks for lm-eval's --include_path
     tasa convert OLD NEW           rewrite an older tasa folder as a transformers folder
     tasa info                      build and machine information
     tasa demo [--n N --k K ...]    pack a random mixed-bit matrix, check the fused kernel against
@@ -165,6 +167,33 @@ def cmd_generate(args) -> int:
             del history[1 if args.system is not None else 0:]
             continue
         rc = one(line)
+
+
+def cmd_serve(args) -> int:
+    try:   # fastapi/uvicorn are imported only by the one command that serves
+        from . import serve
+    except ImportError as e:
+        print(f"error: tasa serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tok, _info = load_model(args.model)
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not quantized_modules(model):
+        print(f"[tasa] note: {args.model} is not quantized (no tasa layers): serving the "
+              f"full-precision model", file=sys.stderr)
+    name = args.name or Path(str(args.model).rstrip("/")).name
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[tasa] warning: listening on {args.host}: anyone who can reach this port can "
+              f"use the model (there is no authentication)", file=sys.stderr)
+    print(f"[tasa] serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI-compatible: "
+          f"/v1/models, /v1/completions, /v1/chat/completions); Ctrl-C stops", file=sys.stderr)
+    serve.serve(model, tok, name, args.host, args.port, args.max_queue)
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -529,6 +558,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, default=0,
                    help="torch threads (0: torch default; at most 4x the CPUs)")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model (/v1/models, "
+                                     "/v1/completions, /v1/chat/completions, streaming)",
+                       description="Serves one model over OpenAI's HTTP API, for chat UIs, "
+                                   "agents, the openai client and lm-eval's local-completions. "
+                                   "Requests are queued and run one at a time. No "
+                                   "authentication: it listens on 127.0.0.1 unless --host says "
+                                   "otherwise.")
+    p.add_argument("--model", required=True,
+                   help="a tasa folder (or a registry name / model folder, unquantized)")
+    p.add_argument("--name", default=None,
+                   help="the model id clients ask for (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                       "%(default)s: this machine only)")
+    p.add_argument("--port", type=_positive, default=8000, help="default %(default)s")
+    p.add_argument("--max-queue", type=_positive, default=64,
+                   help="requests waiting at most; more get 503 (default %(default)s)")
+    p.add_argument("--threads", type=_threads, default=0,
+                   help="torch threads (0: torch default; at most 4x the CPUs)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("lm-eval-tasks",
                        help="print the folder of tasa's offline lm-eval tasks (tasa_gsm8k, "
                             "tasa_gsm8k_nll, tasa_arc_easy, tasa_arc_challenge, tasa_wikitext) for "
