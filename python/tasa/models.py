@@ -19,6 +19,7 @@ seconds.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -263,6 +264,25 @@ def _load_gguf(path: Path, dtype, device, use_cache: bool, source: str):
     return model.to(dtype=dtype, device=device).eval(), tok, where
 
 
+def _did_you_mean(src: str, candidates) -> str:
+    close = difflib.get_close_matches(src.lower(), [c.lower() for c in candidates], n=1,
+                                      cutoff=0.6)
+    if not close:
+        return ""
+    orig = {c.lower(): c for c in candidates}[close[0]]
+    return f" (did you mean {orig!r}?)"
+
+
+def _nearby_folders(src: str) -> list:
+    """The folders beside a missing path (for a mistyped ``--model ./tasa-ot``)."""
+    head = os.path.dirname(src.rstrip("/"))
+    try:
+        return [os.path.join(head, p.name) for p in Path(os.path.expanduser(head or "."))
+                .iterdir() if p.is_dir()][:500]
+    except OSError:
+        return []
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device="cpu", use_cache: bool = True, trust_remote_code: bool = False):
     """Loads ``(model, tokenizer, info)``.
@@ -293,9 +313,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         if meta.is_file():
             info.prequantized = "GGUF (dequantized cache)"
     elif src.startswith(("/", ".", "~")) or src.count("/") > 1 or os.sep != "/" and os.sep in src:
-        raise FileNotFoundError(f"tasa: model folder {src!r} does not exist")
+        raise FileNotFoundError(f"tasa: model folder {src!r} does not exist"
+                                + _did_you_mean(src, _nearby_folders(src)))
     elif os.path.exists(src) or "/" not in src:
-        raise KeyError(f"tasa: unknown model {src!r}: not a registry name "
+        raise KeyError(f"tasa: unknown model {src!r}{_did_you_mean(src, list(REGISTRY))}: "
+                       f"not a registry name "
                        f"({sorted(k for k in REGISTRY if REGISTRY[k].name == k)}), a .gguf file, "
                        f"a local checkpoint directory, or an owner/name Hugging Face id")
     else:

@@ -128,8 +128,12 @@ class FolderLockedError(RuntimeError):
 def folder_lock(path):
     """An exclusive lock on output folder ``path`` (``.tasa.lock`` inside it, ``flock``: released
     by the kernel when the process dies, so a killed run never leaves it locked). A second
-    writer gets a :class:`FolderLockedError` at once instead of racing the first."""
+    writer gets a :class:`FolderLockedError` at once instead of racing the first.
+
+    A folder this call created and that holds nothing but the lock when the run ends (a typo in
+    the model name, an infeasible budget) is removed: a failed run leaves no empty folder."""
     path = Path(path)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / ".tasa.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -142,6 +146,13 @@ def folder_lock(path):
         yield
     finally:
         os.close(fd)
+        if created:
+            try:
+                if [p.name for p in path.iterdir()] == [".tasa.lock"]:
+                    (path / ".tasa.lock").unlink()
+                    path.rmdir()
+            except OSError:
+                pass
 
 
 def clean_stale_temps(path) -> list:

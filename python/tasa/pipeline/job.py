@@ -55,6 +55,30 @@ def _write_given_plan(out: Path, given, shapes, doc: dict) -> None:
                           if k not in ("kind", "version", "format_version", "layers")}))
 
 
+@contextlib.contextmanager
+def _no_library_bars():
+    """``progress=False`` silences every bar, transformers' own too (its "Loading weights" and
+    "Writing model shards" bars ignore tasa's flag); the previous setting comes back after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _recorded_config(cfg: PipelineConfig, plan_given: bool) -> dict:
+    """The settings as run.json and the folder's metadata record them: with a given plan the
+    budget (``bits``/``budget``) was not used, so it is not recorded as if it had been."""
+    d = dataclasses.asdict(cfg)
+    if plan_given:
+        d["bits"] = d["budget"] = None
+    return d
+
+
 def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optional[str] = None,
         progress: bool = True, quiet: bool = False, report: bool = True,
         model: Optional[nn.Module] = None, tokenizer=None, plan=None) -> dict:
@@ -75,6 +99,8 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
     distributed.init_from_env()
     dist = distributed.current()
     with contextlib.ExitStack() as stack:
+        if not progress:
+            stack.enter_context(_no_library_bars())
         with dist.guard("the checks of --out"):      # an error here stops every rank at once
             if dist.is_writer:
                 if out.exists() and not out.is_dir():
@@ -200,7 +226,7 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     if dist.is_writer:
         tio.save_quantized(model, out, lplan,
                            tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
-            "tasa_pipeline": dataclasses.asdict(cfg), "alpha": alpha,
+            "tasa_pipeline": _recorded_config(cfg, plan is not None), "alpha": alpha,
             "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
             "embedding": embedding})
     swap.commit()
@@ -209,7 +235,9 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     q_ppl = quick_ppl("eval_quantized")
     timings["total"] = time.perf_counter() - t_start
     summary = {
-        "model": cfg.model, "model_note": info.note(), "config": dataclasses.asdict(cfg),
+        "model": cfg.model, "model_note": info.note(),
+        "config": _recorded_config(cfg, plan is not None),
+        "target_bits": None if plan is not None else cfg.bits,
         "alpha_star": alpha, "avg_bits": summary_["avg_bits"],
         "code_avg_bits": summary_["code_avg_bits"],
         "width_fraction": summary_["width_fraction"], "plan_given": plan is not None,

@@ -394,6 +394,21 @@ def allocate(measurement: Measurement, bits: float, beta: float = defaults.BETA,
     specs = {f: alloc.linear_spec(f, v["n_out"], v["k_in"], v["group_size"], v["mode"], act_order)
              for f, v in lin.items()}
     items = {u: [specs[f] for f in units[u]["linears"]] for u in names}
+    lo = min(widths)
+    n = sum(sp.n_weights for sp in specs.values())
+    floor = sum(alloc.member_cost(sp, lo, budget) for sp in specs.values())
+    if floor > alloc.budget_from_avg_bits(bits, n):
+        # the same refusal as quantize's (check_budget), with the two ways out
+        flag = "--bits" if budget == "storage" else "--code-bits"
+        hint = (f"raise {flag} to at least {floor / n:.2f}"
+                + (f", give the budget in code bits (--code-bits {bits}: the paper's convention,"
+                   f" scales not counted)" if budget == "storage" else "")
+                + (f", or allow narrower widths (--widths {','.join(map(str, sorted({2, *widths})))})"
+                   if lo > 2 else ""))
+        raise ValueError(f"tasa: {flag} {bits} is below the minimum {floor / n:.4f} average "
+                         f"bits (every linear at {lo} bits, "
+                         f"{'scales/zeros included' if budget == 'storage' else 'code bits'}); "
+                         f"{hint}")
     la = alloc.allocate_layers(items, bits, errors=errors, widths=widths, kind=budget)
     per_linear: Dict[str, Any] = dict(la.linear_bits)
     if intra:
