@@ -205,3 +205,78 @@ def test_cli_says_when_the_model_is_not_quantized(tmp_path, capsys):
     d = _folder(tmp_path, m, byte_tokenizer())
     assert cli.main(["generate", "--model", d, "--prompt", "x", "--max-new-tokens", "2"]) == 0
     assert "is not quantized" in capsys.readouterr().err
+
+
+# ---- the thread governor (issue 28 item 5) -------------------------------------------------------
+
+class _FakeThreads:
+    def __init__(self, monkeypatch, n=2, busy=0):
+        self.n, self.calls = n, []
+        monkeypatch.setattr(G.torch, "get_num_threads", lambda: self.n)
+        monkeypatch.setattr(G.torch, "set_num_threads", self.set)
+        monkeypatch.setattr(G, "other_running_threads", lambda: busy)
+        monkeypatch.setattr(G.os, "cpu_count", lambda: 2)
+
+    def set(self, n):
+        self.calls.append(n)
+        self.n = n
+
+
+def _drive(gov, threads, cost, steps):
+    """Feeds the governor the step time ``cost[threads now]`` for ``steps`` steps."""
+    for _ in range(steps):
+        gov.step_done(cost[threads.n])
+
+
+def test_governor_keeps_the_wide_team_on_an_idle_machine(monkeypatch):
+    th = _FakeThreads(monkeypatch)
+    gov = G.ThreadGovernor()
+    assert th.n == 2
+    _drive(gov, th, {2: 0.008, 1: 0.012}, 2000)
+    assert gov.current == 2 and gov.history == [(0, 2)]
+    probes = sum(1 for a, b in zip(th.calls, th.calls[1:]) if a == 1 and b == 2)
+    assert probes <= 8                      # the interval doubles after each losing probe
+    gov.close()
+    assert th.n == 2
+
+
+def test_governor_moves_to_one_thread_under_contention(monkeypatch):
+    th = _FakeThreads(monkeypatch)
+    gov = G.ThreadGovernor()
+    # 2 threads: mostly 20 ms steps with time-slice stalls; 1 thread: a steady 25 ms
+    seq = iter(([0.02] * 4 + [0.2]) * 400)
+    for _ in range(300):
+        gov.step_done(next(seq) if th.n == 2 else 0.025)
+    assert gov.current == 1 and gov.history[-1][1] == 1 and gov.history[-1][0] <= 20
+
+
+def test_governor_starts_from_the_free_cpus_and_comes_back(monkeypatch):
+    th = _FakeThreads(monkeypatch, busy=1)
+    gov = G.ThreadGovernor()
+    assert gov.current == 1 and th.n == 1           # one CPU taken by someone else
+    _drive(gov, th, {2: 0.008, 1: 0.012}, 400)      # ... who then stopped
+    assert gov.current == 2
+    # a collapsing probe is cut short
+    th2 = _FakeThreads(monkeypatch, busy=1)
+    gov = G.ThreadGovernor()
+    times = []
+    for _ in range(100):
+        t = 0.5 if th2.n == 2 else 0.02
+        times.append(t)
+        gov.step_done(t)
+    assert gov.current == 1 and times.count(0.5) <= 6
+
+
+def test_greedy_tokens_do_not_depend_on_the_thread_count(model):
+    tok = byte_tokenizer()
+    ids = tok("Thread", return_tensors="pt").input_ids
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(G.generate(model, tok, ids, 24, min_new_tokens=24,
+                                   adapt_threads=False).tokens)
+    finally:
+        torch.set_num_threads(n)
+    assert outs[0] == outs[1]

@@ -24,6 +24,7 @@ text before the first occurrence and hold back streamed text that could still be
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from typing import Callable, List, Optional, Sequence, Union
@@ -52,6 +53,7 @@ class GenerationResult:
     decode_s: float                  # every later token
     path: str                        # "fast" | "fast-model" | "eager"
     finish_reason: str = "length"    # "stop" (end-of-sequence token or stop string) | "length"
+    threads: List[tuple] = dataclasses.field(default_factory=list)  # (step, threads) switches
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -317,12 +319,121 @@ class _LeanDecoder:
         return self.head(self.norm(h[:, -1:]))[:, -1]
 
 
-def _loop(first, after, max_new_tokens, min_new_tokens, eos, on_token, stop=None, pick=None):
+class ThreadGovernor:
+    """Picks the number of threads for the decode steps while they run, from their own timings.
+
+    Why: on a machine whose cores are shared, a parallel region waits for its slowest thread,
+    and a thread whose core runs another process waits for a time slice. Measured on this
+    2-core Intel VM with one busy competing process (benchmarks/results/threads_contention.md):
+    SmolLM2 decode 59 tokens/s on 1 thread but 34 on 2 (llama.cpp: 41 vs 28); idle, 2 threads
+    give 119 against 85. No thread count is right for both, and the load changes while a
+    model generates, so the governor runs the current count, and every ``interval`` steps
+    times ``probe`` steps at another candidate ({max, max/2, 1}); the faster mean wins
+    (by at least ``margin``). A losing probe doubles the interval (to ``max_interval``), so an
+    idle machine pays well under 1% for the probes. Token results do not depend on the count:
+    the kernels split output rows, not sums (tests/test_chat.py checks greedy tokens for 1 and
+    2 threads).
+    """
+
+    def __init__(self, max_threads: Optional[int] = None, interval: int = 32, probe: int = 9,
+                 max_interval: int = 512, margin: float = 0.15, first_probe: int = 8,
+                 slow: float = 4.0):
+        self.original = torch.get_num_threads()
+        n = int(max_threads or self.original)
+        self.candidates = sorted({n, (n + 1) // 2, 1}, reverse=True)
+        # the start: as many threads as there are CPUs nobody else is running on right now
+        busy = other_running_threads()
+        free = (os.cpu_count() or n) - busy if busy is not None else n
+        self.current = max(c for c in self.candidates if c <= max(free, 1))
+        self.base_interval, self.interval = interval, interval
+        self.probe_len, self.max_interval, self.margin, self.slow = probe, max_interval, margin, slow
+        self.recent: List[float] = []
+        self.best = float("inf")            # the fastest step seen, at any count
+        self.countdown, self.probing, self.probe_times, self.turn = first_probe, None, [], 0
+        self.history: List[tuple] = [(0, self.current)]      # (step, threads) at every switch
+        self.steps = 0
+        if self.current != self.original:
+            torch.set_num_threads(self.current)
+
+    @property
+    def active(self) -> bool:
+        return len(self.candidates) > 1
+
+    def step_done(self, seconds: float) -> None:
+        self.steps += 1
+        if not self.active:
+            return
+        self.best = min(self.best, seconds)
+        if self.probing is None:
+            self.recent = (self.recent + [seconds])[-16:]
+            self.countdown -= 1
+            # a collapse (steps many times the best: threads waiting out time slices) is not
+            # sat through until the next scheduled probe
+            collapsed = len(self.recent) >= 2 and min(self.recent[-2:]) > self.slow * self.best
+            if (self.countdown <= 0 and len(self.recent) >= 8) or collapsed:
+                others = [c for c in self.candidates if c != self.current]
+                self.probing = others[self.turn % len(others)]
+                self.turn += 1
+                self.probe_times = []
+                torch.set_num_threads(self.probing)
+            return
+        self.probe_times.append(seconds)
+        mine = sum(self.recent) / len(self.recent)
+        # a probe that is clearly losing ends at once: under contention one probe step of a
+        # wider team can cost 10x a normal step, and nine of them would cost more than the
+        # probe could ever win back
+        losing = len(self.probe_times) > 1 and seconds > 2 * mine
+        if len(self.probe_times) < self.probe_len and not losing:
+            return
+        # means, not medians: under contention a team of threads pays in rare long steps (a
+        # thread that waits a whole time slice at a barrier: 120-220 ms among 20 ms steps), and
+        # those are the cost; the first probe step is a warm-up (the team changes size)
+        probe = sum(self.probe_times[1:]) / (len(self.probe_times) - 1)
+        if not losing and probe < mine * (1 - self.margin):
+            self.current, self.recent = self.probing, self.probe_times[1:]
+            self.interval = self.base_interval
+            self.history.append((self.steps, self.current))
+        else:
+            self.interval = min(2 * self.interval, self.max_interval)
+            torch.set_num_threads(self.current)
+        self.probing, self.countdown = None, self.interval
+
+    def close(self) -> None:
+        torch.set_num_threads(self.original)
+
+
+def other_running_threads() -> Optional[int]:
+    """Threads of other processes running or runnable right now (Linux: ``procs_running`` of
+    /proc/stat less this process's own running threads); None where that cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            total = next(int(ln.split()[1]) for ln in f if ln.startswith("procs_running"))
+        mine = 0
+        for t in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{t}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    mine += 1
+        return max(total - mine, 0)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _loop(first, after, max_new_tokens, min_new_tokens, eos, on_token, stop=None, pick=None,
+          governor: Optional[ThreadGovernor] = None):
     """The decode loop: ``first()`` -> logits of the prompt's last position, ``after(token ids
     [1])`` -> logits after that token, ``pick(logits)`` -> the next token (default argmax);
-    ``stop(tokens so far)`` ends it early (after ``min_new_tokens``). Returns (tokens, prefill
-    seconds, decode seconds)."""
+    ``stop(tokens so far)`` ends it early (after ``min_new_tokens``); ``governor`` times each
+    step and sets the thread count. Returns (tokens, prefill seconds, decode seconds)."""
     pick = pick or (lambda logits: logits.argmax(-1))
+    if governor is not None:
+        inner = after
+
+        def after(nxt):
+            t = time.perf_counter()
+            logits = inner(nxt)
+            governor.step_done(time.perf_counter() - t)
+            return logits
+
     out_tokens: List[int] = []
     t0 = time.perf_counter()
     nxt = pick(first())
@@ -436,7 +547,8 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
              on_token: Optional[Callable[[int], None]] = None,
              stop: Optional[Callable[[List[int]], bool]] = None,
              sampling: Optional[Sampling] = None, stop_strings: Sequence[str] = (),
-             on_text: Optional[Callable[[str], None]] = None) -> GenerationResult:
+             on_text: Optional[Callable[[str], None]] = None,
+             adapt_threads: bool = True) -> GenerationResult:
     """Continuation of ``prompt`` (text, or token ids ``[1, T]``: e.g. :func:`chat_ids`),
     batch 1; greedy unless ``sampling`` says otherwise.
 
@@ -444,7 +556,9 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
     text that can be shown so far (streaming, stop strings held back). Stops at an
     end-of-sequence token, at the first of ``stop_strings`` (the text ends before it) or when
     ``stop(new token ids so far)`` is true (each after ``min_new_tokens``), or after
-    ``max_new_tokens``; ``finish_reason`` says which ("stop" or "length")."""
+    ``max_new_tokens``; ``finish_reason`` says which ("stop" or "length"). ``adapt_threads``:
+    the decode steps choose their thread count (up to torch's) by timing
+    (:class:`ThreadGovernor`); ``GenerationResult.threads`` lists the switches."""
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"tasa: need 1 <= max_new_tokens and 0 <= min_new_tokens <= "
                          f"max_new_tokens, got {max_new_tokens}, {min_new_tokens}")
@@ -479,19 +593,25 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
     pick = sampling.picker() if sampling is not None else None
     eos = _eos_ids(model, tokenizer)
     path = "eager"
-    if fast:
-        try:
-            tokens, pre, dec = _lean(model, input_ids, max_new_tokens, min_new_tokens, eos,
-                                     on_token, stop, pick)
-            path = "fast"
-        except FastPathUnavailable:
-            try:         # another architecture: the model's own forward, one call per token
-                tokens, pre, dec = _fast(model, input_ids, max_new_tokens, min_new_tokens, eos,
-                                         on_token, stop, pick)
-                path = "fast-model"
-            except FastPathUnavailable as e:
-                warnings.warn(f"tasa: the fast decode loop cannot drive this model ({e}); "
-                              f"using transformers' generate")
+    gov = ThreadGovernor() if (adapt_threads and fast and input_ids.device.type == "cpu") \
+        else None
+    try:
+        if fast:
+            try:
+                tokens, pre, dec = _lean(model, input_ids, max_new_tokens, min_new_tokens, eos,
+                                         on_token, stop, pick, gov)
+                path = "fast"
+            except FastPathUnavailable:
+                try:     # another architecture: the model's own forward, one call per token
+                    tokens, pre, dec = _fast(model, input_ids, max_new_tokens, min_new_tokens,
+                                             eos, on_token, stop, pick, gov)
+                    path = "fast-model"
+                except FastPathUnavailable as e:
+                    warnings.warn(f"tasa: the fast decode loop cannot drive this model ({e}); "
+                                  f"using transformers' generate")
+    finally:
+        if gov is not None:
+            gov.close()
     if path == "eager":
         tokens, pre, dec = _eager(model, input_ids, max_new_tokens, min_new_tokens, on_token,
                                   stop, sampling)
@@ -505,4 +625,5 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
     stopped = (stream is not None and stream.stopped) or (bool(tokens) and tokens[-1] in eos) \
         or (user_stop is not None and bool(tokens) and len(tokens) < max_new_tokens)
     return GenerationResult(tokens, text, int(input_ids.shape[1]), pre, dec, path,
-                            "stop" if stopped else "length")
+                            "stop" if stopped else "length",
+                            list(gov.history) if gov is not None else [])
