@@ -240,7 +240,7 @@ def test_job_two_ranks_fail_resume_and_match_one(tmp_path, capfd):
     assert _job(1, model_dir, tmp_path / "one", tmp_path / "log1") == [0]
     # rank 1 fails at its 2nd probe: both ranks stop, rank 0 says which rank failed
     out = tmp_path / "two"
-    rcs = _job(2, model_dir, out, tmp_path / "log2", fault="1:sensitivity probe@2")
+    rcs = _job(2, model_dir, out, tmp_path / "log2", fault="1:sensitivity probe@2:raise")
     err = capfd.readouterr().err
     assert rcs[0] == 2 and "rank 1 of 2 failed during sensitivity probe" in err
     assert "injected fault" in err and "resumed by running it again" in err

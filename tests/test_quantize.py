@@ -118,7 +118,7 @@ def test_bad_inputs_name_the_problem():
         Q.quantize_gptq(Wn, torch.eye(128), Q.LayerSpec([4] * 4, 32))
     with pytest.raises(ValueError, match="Hessian shape"):
         Q.quantize_gptq(W, torch.eye(64), Q.LayerSpec([4] * 4, 32))
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown quantization method 'awq'"):
         quantize_model(tiny_llama(), {}, method="awq")
     with pytest.raises(ValueError, match="mode"):
         Q.LayerSpec([4], 32, "weird")

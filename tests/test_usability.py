@@ -3,9 +3,7 @@ out, no perplexity check nobody asked for, quiet means quiet, run.json's bits, n
 after a failed run, "did you mean" for a mistyped model."""
 import json
 import shutil
-from pathlib import Path
 
-import pytest
 
 from tasa import cli
 from tasa.quant import plan_to_dict, uniform_plan

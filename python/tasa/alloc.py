@@ -541,3 +541,25 @@ def plan_summary(plan: Mapping[str, Mapping[str, Any]],
     return {"n_linears": len(plan), "n_weights": w, "cost_bits": c, "avg_bits": c / w,
             "code_avg_bits": code / w,
             "width_fraction": {b: hist[b] / w for b in sorted(hist)}}
+
+
+def group_error_tables(weights: Mapping[str, torch.Tensor], specs: Mapping[str, LayerSpec],
+                       diags: Mapping[str, tuple], alpha: float, widths: Sequence[int],
+                       mode: str) -> tuple:
+    """The mixture stage's per-linear error tables from each linear's weight and the diagonals
+    ``(diag H_gen, diag H_task)`` of its input Hessians: ``group_err[name][g][i]`` the RTN error
+    of group ``g`` at ``widths[i]`` under ``diag(alpha H_gen + (1 - alpha) H_task)`` (the
+    intra-layer step's table), and ``lin_err[name] = {"gen": [per width], "rel": [per width]}``:
+    the whole linear's error under ``diag H_gen`` and its unweighted error relative to
+    ``||W||^2`` (the HAWQ / HIGGS baselines of :mod:`tasa.scoring`)."""
+    group_err, lin_err = {}, {}
+    for name, spec in specs.items():
+        dg, dt = diags[name]
+        W = weights[name]
+        h = torch.stack([alpha * dg + (1 - alpha) * dt, dg, torch.ones_like(dg)])
+        E = group_rtn_errors(W, h, spec.group_size, list(widths), mode)
+        group_err[name] = E[0].tolist()
+        wn = float(W.detach().double().square().sum())
+        lin_err[name] = {"gen": E[1].sum(0).tolist(),
+                         "rel": (E[2].sum(0) / max(wn, 1e-30)).tolist()}
+    return group_err, lin_err

@@ -21,13 +21,10 @@ import torch
 from torch import nn
 
 from . import defaults
-from .driver import quantize_embeddings, quantize_model
-from .hf import TasaConfig, attach
-from .io import load_quantized, save_quantized
+from .io import load_quantized
 from .pipeline import PipelineConfig, run
-from .quant import (LayerSpec, check_plan, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
+from .quant import (LayerSpec, check_plan, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
                     uniform_plan)
-from .util import write_json_atomic
 
 __all__ = ["quantize", "load"]
 
@@ -61,8 +58,7 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
     unknown = sorted(set(settings) - _SETTINGS)
     if unknown:
         raise TypeError(f"tasa.quantize: unknown settings {unknown}; known: {sorted(_SETTINGS)}")
-    if method not in ("gptq", "rtn"):
-        raise ValueError(f"tasa.quantize: method must be 'gptq' or 'rtn', got {method!r}")
+    meth = get_method(method)          # a ValueError naming the registered methods
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise TypeError(f"tasa.quantize: needs a transformers PreTrainedModel, got "
                         f"{type(model).__name__}")
@@ -80,34 +76,25 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
         else:
             specs, doc = plan_from_dict(plan), dict(plan)
         check_plan(model, specs, plan_shapes(doc))       # a clear error before any work
-    if method == "rtn" and (plan is not None or (bits is not None and float(bits).is_integer())):
-        # data-free: uniform RTN at an integer width, or RTN with the given plan
-        if cfg.act_order:
-            raise ValueError("tasa.quantize: act_order needs a Hessian; use method='gptq'")
-        if plan is None:
-            specs = uniform_plan(model, int(bits), cfg.group_size, cfg.mode, fit_group_size=True)
+    if plan is None and not meth.needs_hessian and bits is not None and float(bits).is_integer():
+        # data-free at an integer width: the uniform plan (group size fitted per linear)
+        specs = uniform_plan(model, int(bits), cfg.group_size, cfg.mode, fit_group_size=True)
         shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                   if n in specs}
-        quantize_model(model, specs, "rtn", progress=progress)
-        meta = {"method": "rtn"} if plan is not None else {"method": "rtn", "bits": int(bits)}
-        if cfg.embed_bits != 0:
-            meta["embedding"] = quantize_embeddings(model, cfg.embed_bits, cfg.group_size,
-                                                    cfg.mode, cfg.head_bits)
-        model.config.quantization_config = TasaConfig.for_model(model, specs, meta=meta)
-        attach(model)                    # model.save_pretrained writes the tensor checksums
-        if out is not None:
-            save_quantized(model, out, specs, tokenizer=tokenizer, meta=meta)
-            # plan.json: the decoder linears only (embedding and head are --embed-bits, as in
-            # the job), so it can be given back as plan=
-            write_json_atomic(Path(out) / defaults.PLAN_NAME, plan_to_dict(specs, shapes, **meta))
-        return model
-    if tokenizer is None:
-        raise ValueError("tasa.quantize: this needs a tokenizer (calibration / sensitivity data); "
-                         "only method='rtn' (integer bits, or a plan) runs without one")
-    if plan is not None:
+        plan = plan_to_dict(specs, shapes, method=method, bits=int(bits))
+    elif plan is not None:
         plan = plan_to_dict(specs, plan_shapes(doc), **{
             k: v for k, v in doc.items() if k not in ("kind", "version", "format_version",
                                                       "layers")})
+    if plan is not None and cfg.act_order and not meth.needs_hessian:
+        raise ValueError(f"tasa.quantize: act_order needs a Hessian; {method!r} has none")
+    if tokenizer is None and (plan is None or meth.needs_hessian):
+        raise ValueError("tasa.quantize: this needs a tokenizer (calibration / sensitivity data); "
+                         "only a data-free method such as 'rtn' (integer bits, or a plan) runs "
+                         "without one")
+    if plan is not None and "eval_windows" not in settings:
+        cfg.eval_windows = 0          # a given plan: no perplexity check unless asked
+    # the one job (tasa.pipeline.run), into `out` or a temporary folder that is discarded
     with tempfile.TemporaryDirectory(prefix="tasa-") as tmp:
         run(cfg, out if out is not None else tmp, progress=progress, quiet=not progress,
             report=out is not None, model=model, tokenizer=tokenizer, plan=plan)

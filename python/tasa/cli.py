@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from .io import convert_legacy, load_quantized
 from .measurement import Measurement
 from .models import REGISTRY, load_model
 from .nn import quantized_modules
+from .quant import METHODS, method_names
 from .util import FolderLockedError, write_json_atomic
 
 
@@ -299,18 +301,51 @@ def _widths(s: str) -> tuple:
         raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {s!r}")
 
 
-def _pipeline_config(args):
-    cfg = pipeline.PipelineConfig()
-    for f in ("model", "bits", "data", "seed", "group_size", "mode", "widths", "alpha", "beta",
-              "sens_widths", "sens_dtype", "granularity", "method", "n_calib", "seqlen", "n_gen",
-              "n_task", "n_test", "mix_seqlen", "eval_windows", "act_order", "embed_bits", "head_bits",
-              "sens_ppl_windows", "sens_math_items", "sens_arc_items"):
-        v = getattr(args, f, None)
-        if v is not None:
-            setattr(cfg, f, v)
+_PC = pipeline.PipelineConfig()        # the one home of the pipeline's defaults
+
+
+def _dflt(name: str):
+    """A PipelineConfig default as --help shows it (tuples comma-separated)."""
+    v = getattr(_PC, name)
+    return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+
+def _add_budget(p, required: bool) -> None:
+    """--bits / --code-bits, the two ways to give the budget (read back by :func:`_budget`)."""
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--bits", type=float, default=None,
+                   help="target average bits per weight of the decoder's quantized linears, exact "
+                        "storage cost (codes + fp16 scales/zeros + tables)"
+                        + ("" if required else f"; default {_dflt('bits')}")
+                        + ". The token embedding and output projection are not counted here "
+                          "(--embed-bits); the run's last line gives the whole file in bits per "
+                          "parameter over every parameter, as llama.cpp counts")
+    g.add_argument("--code-bits", type=float, default=None,
+                   help="target average CODE bits per weight (the paper's convention: scales, "
+                        "zeros and tables not counted); the report states both")
+
+
+def _budget(args) -> tuple:
+    """``(bits, budget kind)`` from --bits / --code-bits; ``(None, None)`` when neither."""
     if getattr(args, "code_bits", None) is not None:
-        cfg.bits, cfg.budget = args.code_bits, "code"
-    if args.no_intra:
+        return args.code_bits, "code"
+    if getattr(args, "bits", None) is not None:
+        return args.bits, "storage"
+    return None, None
+
+
+def _pipeline_config(args):
+    """A PipelineConfig from the parsed options: every field whose option was given (an option
+    is named after its field), the budget from :func:`_budget`, --no-intra."""
+    cfg = pipeline.PipelineConfig()
+    for f in dataclasses.fields(cfg):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name not in ("bits", "budget", "intra"):
+            setattr(cfg, f.name, v)
+    bits, budget = _budget(args)
+    if bits is not None:
+        cfg.bits, cfg.budget = bits, budget
+    if getattr(args, "no_intra", False):
         cfg.intra = False
     return cfg
 
@@ -364,8 +399,7 @@ def _check_plan_target(out: Path) -> None:
 def cmd_allocate(args) -> int:
     try:
         m = Measurement.load(args.measurement)
-        bits, budget = ((args.code_bits, "code") if args.code_bits is not None
-                        else (args.bits, "storage"))
+        bits, budget = _budget(args)
         A = pipeline.allocate(m, bits, args.beta, args.widths, not args.no_intra, budget=budget,
                               scoring=args.scoring)
     except (ValueError, FileNotFoundError) as e:
@@ -405,14 +439,17 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(tev.TASKS)} (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="score a seeded random subset of N items per task")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the --limit subset and few-shot draws (default %(default)s)")
     p.add_argument("--data", default=None,
                    help="folder laid out like shared/data (default: the shipped slices)")
     p.add_argument("--num-fewshot", default=None,
                    help="K for all tasks but wikitext, or task=K,task=K (default: gsm8k 5, "
                         "others 0)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-gen-toks", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="lm-eval's batch size (default %(default)s)")
+    p.add_argument("--max-gen-toks", type=int, default=256,
+                   help="generation cap of generating tasks, gsm8k (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help="context length in tokens (default: the model's)")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -430,54 +467,65 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tasa", description="Task-aware mixed-precision quantization of LLMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("quantize", help="run the TASA pipeline and save the quantized model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=defaults.MODEL,
+                       description="Measures (mixture search, multi-objective sensitivity), "
+                                   "allocates bits (knapsack + group DP), quantizes (--method) "
+                                   "and saves a transformers folder with its plan, measurement "
+                                   "and report. Re-running the same command resumes.")
+    p.add_argument("--model", default=None,
                    help="registry name (smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m), .gguf "
-                        "file, local checkpoint folder or Hugging Face id")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--bits", type=float, default=None,
-                   help="target average bits per weight of the decoder's quantized linears, exact "
-                        "storage cost (codes + fp16 scales/zeros + tables); default "
-                        f"{defaults.BITS}. The token embedding and output projection are not "
-                        f"counted here (--embed-bits); the run's last line gives the whole file "
-                        f"in bits per parameter over every parameter, as llama.cpp counts")
-    g.add_argument("--code-bits", type=float, default=None,
-                   help="target average CODE bits per weight (the paper's convention: scales, "
-                        "zeros and tables not counted); the report states both")
+                        f"file, local checkpoint folder or Hugging Face id (default {_dflt('model')})")
+    _add_budget(p, required=False)
     p.add_argument("--out", required=True, help="output folder (resumes a run found there)")
     p.add_argument("--data", default=None,
                    help="data folder laid out like shared/data (default: the slices shipped with tasa)")
     p.add_argument("--beta", type=float, default=None,
-                   help=f"weight of the perplexity objective in the aggregate (default {defaults.BETA})")
+                   help=f"weight of the perplexity objective in the aggregate (default {_dflt('beta')})")
     p.add_argument("--alpha", type=float, default=None,
                    help="fix the share of general text in the calibration mix (default: search)")
-    p.add_argument("--widths", type=_widths, default=None, help="allowed widths (default "
-                   + ",".join(map(str, defaults.WIDTHS)) + ")")
-    p.add_argument("--group-size", type=int, default=None, help=f"default {defaults.GROUP_SIZE}")
-    p.add_argument("--mode", choices=["sym", "asym"], default=None, help=f"default {defaults.MODE}")
-    p.add_argument("--method", choices=["gptq", "rtn"], default=None, help="default gptq")
-    p.add_argument("--act-order", action="store_true", default=None)
+    p.add_argument("--widths", type=_widths, default=None,
+                   help=f"allowed widths, comma-separated (default {_dflt('widths')})")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"weights per group (default {_dflt('group_size')})")
+    p.add_argument("--mode", choices=["sym", "asym"], default=None,
+                   help=f"symmetric or asymmetric groups (default {_dflt('mode')})")
+    p.add_argument("--method", choices=method_names(), default=None,
+                   help="the per-matrix quantizer under the plan (registered in tasa.quant: "
+                        + "; ".join(f"{n}: {METHODS[n].description}" for n in method_names())
+                        + f"; default {_dflt('method')})")
+    p.add_argument("--act-order", action="store_true", default=None,
+                   help="GPTQ columns in decreasing Hessian-diagonal order (stored as a "
+                        "permutation)")
     p.add_argument("--granularity", choices=["block", "sublayer", "linear"], default=None,
                    help=f"sensitivity/allocation unit: a decoder block, its attention or MLP, or "
-                        f"one linear (default {defaults.GRANULARITY})")
+                        f"one linear (default {_dflt('granularity')})")
     p.add_argument("--sens-widths", type=_widths, default=None,
-                   help="RTN probe widths, each measured per unit (default "
-                        + ",".join(map(str, defaults.SENS_WIDTHS)) + ")")
+                   help=f"RTN probe widths, each measured per unit (default {_dflt('sens_widths')})")
     p.add_argument("--sens-dtype", choices=["float32", "bfloat16"], default=None,
-                   help=f"the probes' compute dtype (default {defaults.SENS_DTYPE}: bf16 autocast; "
-                        f"use float32 on CPUs without AVX-512 BF16 / AMX)")
-    p.add_argument("--sens-ppl-windows", type=int, default=None, help="ppl objective windows")
-    p.add_argument("--sens-math-items", type=int, default=None, help="math objective items")
-    p.add_argument("--sens-arc-items", type=int, default=None, help="arc objective items")
-    p.add_argument("--n-calib", type=int, default=None, help="GPTQ sequences (default 32)")
-    p.add_argument("--seqlen", type=int, default=None, help="GPTQ sequence length (default 512)")
-    p.add_argument("--n-gen", type=int, default=None)
-    p.add_argument("--n-task", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--mix-seqlen", type=int, default=None)
+                   help=f"the probes' compute dtype (default {_dflt('sens_dtype')}: bf16 "
+                        f"autocast; use float32 on CPUs without AVX-512 BF16 / AMX)")
+    p.add_argument("--sens-ppl-windows", type=int, default=None,
+                   help=f"windows of the perplexity objective (default {_dflt('sens_ppl_windows')})")
+    p.add_argument("--sens-math-items", type=int, default=None,
+                   help=f"GSM8K items of the math objective (default {_dflt('sens_math_items')})")
+    p.add_argument("--sens-arc-items", type=int, default=None,
+                   help=f"ARC items of the arc objective (default {_dflt('sens_arc_items')})")
+    p.add_argument("--n-calib", type=int, default=None,
+                   help=f"GPTQ calibration sequences (default {_dflt('n_calib')})")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"GPTQ sequence length in tokens (default {_dflt('seqlen')})")
+    p.add_argument("--n-gen", type=int, default=None,
+                   help=f"general-text sequences of the mixture search (default {_dflt('n_gen')})")
+    p.add_argument("--n-task", type=int, default=None,
+                   help=f"task sequences of the mixture search (default {_dflt('n_task')})")
+    p.add_argument("--n-test", type=int, default=None,
+                   help=f"held-out task sequences the mixture is scored on (default "
+                        f"{_dflt('n_test')})")
+    p.add_argument("--mix-seqlen", type=int, default=None,
+                   help=f"sequence length of the mixture search (default {_dflt('mix_seqlen')})")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="WikiText-2 windows for the perplexity check of the reference and the "
-                        "quantized model (default 4; 0 with --plan unless given; 0: skip)")
+                        f"quantized model (default {_dflt('eval_windows')}; 0 with --plan unless "
+                        f"given; 0: skip)")
     p.add_argument("--no-intra", action="store_true", help="skip the intra-layer group step")
     p.add_argument("--embed-bits", "--lm-head-bits", dest="embed_bits", type=int, default=None,
                    choices=[0, 2, 3, 4, 8],
@@ -490,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-bits", type=int, default=None, choices=[2, 3, 4, 8],
                    help=f"RTN width of the output projection (default {defaults.HEAD_BITS}); "
                         f"a tied head is the embedding's table (the two must then agree)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of every draw (data split, subsets, calibration; default "
+                        f"{_dflt('seed')})")
     p.add_argument("--measurement", default=None,
                    help="re-use this measurement.json (same settings) instead of measuring")
     p.add_argument("--plan", default=None, metavar="FILE",
@@ -503,21 +553,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard a measurement.json of other settings found in --out")
     p.add_argument("--threads", type=_threads, default=0,
                    help="torch threads (0: torch default; at most 4x the CPUs)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (any library's)")
+    p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(fn=cmd_quantize)
-    p = sub.add_parser("allocate", help="re-allocate bits from a measurement.json (seconds)")
+    p = sub.add_parser("allocate", help="re-allocate bits from a measurement.json (seconds)",
+                       description="A new plan from an existing measurement, for another budget "
+                                   "or allocation setting: no model, no data, seconds.")
     p.add_argument("--measurement", required=True, help="measurement.json or its folder")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--bits", type=float, help="average storage bits of the decoder's linears "
-                                               "(every stored bit; embedding and head apart)")
-    g.add_argument("--code-bits", type=float, help="average code bits (the paper's convention)")
+    _add_budget(p, required=True)
     p.add_argument("--scoring", choices=list(pipeline.SCORINGS), default="tasa",
                    help="tasa: measured task-aware probes; higgs / hawq: the non-task-aware "
-                        "baselines (see tasa.pipeline.unit_errors)")
-    p.add_argument("--beta", type=float, default=defaults.BETA)
-    p.add_argument("--widths", type=_widths, default=defaults.WIDTHS)
-    p.add_argument("--no-intra", action="store_true")
+                        "baselines (see tasa.pipeline.unit_errors; default %(default)s)")
+    p.add_argument("--beta", type=float, default=_dflt("beta"),
+                   help="weight of the perplexity objective in the aggregate (default "
+                        "%(default)s)")
+    p.add_argument("--widths", type=_widths, default=_PC.widths,
+                   help=f"allowed widths, comma-separated (default {_dflt('widths')})")
+    p.add_argument("--no-intra", action="store_true", help="skip the intra-layer group step")
     p.add_argument("--out", required=True, help="plan.json path (or a folder)")
     p.set_defaults(fn=cmd_allocate)
     _add_eval_parser(sub)
@@ -599,9 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="kernel demo on a random mixed-bit matrix")
     p.add_argument("--n", type=int, default=4096, help="output features")
     p.add_argument("--k", type=int, default=4096, help="input features")
-    p.add_argument("--bits", choices=["3", "3.5", "4", "8"], default="3.5")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--bits", choices=["3", "3.5", "4", "8"], default="3.5",
+                   help="widths of the random matrix (3.5: half 3, half 4; default %(default)s)")
+    p.add_argument("--group-size", type=int, default=128, help="default %(default)s")
+    p.add_argument("--batch", type=int, default=1, help="rows of x (default %(default)s)")
     p.set_defaults(fn=cmd_demo)
     return ap
 

@@ -31,7 +31,6 @@ import contextlib
 import datetime
 import heapq
 import os
-import signal
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -40,16 +39,15 @@ from torch import nn
 
 from .nn import TasaLinear, set_module
 from .quant import LayerSpec
+from .util import FAULT_ENV, fault_point
 
 __all__ = ["Dist", "RankFailed", "current", "init_from_env", "lpt_assign", "split_batches",
            "FAULT_ENV"]
 
-# fault injection for the tests: "<rank>:<point>@<n>" makes that rank raise at the n-th visit of
-# the guarded step <point>, "<rank>:<point>@<n>:kill" SIGKILLs it there (a rank that dies without
-# a word: the others learn it from the broken collective) (tests/test_distributed.py); unset in
-# normal use
-FAULT_ENV = "TASA_DIST_FAULT"
-_visits: Dict[str, int] = {}
+# fault injection for the tests (tasa.util.fault_point, the one mechanism): every guarded step is
+# a fault point, "<rank>:<point>@<n>:raise" makes that rank raise at the n-th visit of <point>,
+# ":kill" SIGKILLs it there (a rank that dies without a word: the others learn it from the
+# broken collective) (tests/test_distributed.py)
 
 
 class RankFailed(RuntimeError):
@@ -131,7 +129,7 @@ class Dist:
         any rank failed in it, and all raise :class:`RankFailed` naming the first that did."""
         err: Optional[BaseException] = None
         try:
-            _maybe_fault(what, self.rank)
+            fault_point(what, rank=self.rank)
             yield
         except Exception as e:       # reported to the others below, then re-raised
             err = e
@@ -240,44 +238,23 @@ class Dist:
             lname, src = local[full], owner[full]
             cur = block.get_submodule(lname)
             if src != self.rank:
-                lin = cur
-                if not isinstance(lin, nn.Linear):
+                if not isinstance(cur, nn.Linear):
                     raise RuntimeError(f"tasa: rank {self.rank}: {full} is not an nn.Linear "
                                        f"before its broadcast")
-                cur = TasaLinear(lin.in_features, lin.out_features, specs[full],
-                                 bias=lin.bias is not None,
-                                 bias_dtype=lin.bias.dtype if lin.bias is not None else torch.float32,
-                                 device=lin.weight.device)
+                cur = TasaLinear.skeleton_of(cur, specs[full])
                 set_module(block, lname, cur)
-            for bname in sorted(k for k, v in cur._buffers.items() if v is not None):
-                t = cur._buffers[bname]
+            for bname, t in cur.packed_state().items():
                 buf = t.to(self.device).contiguous()
                 self._collective(f"broadcast of {full}.{bname} from rank {src}", tdist.broadcast,
                                  buf, src=src, group=self.group)
                 if src != self.rank:
-                    cur._buffers[bname] = buf.to(t.device)
+                    cur.set_packed(bname, buf.to(t.device))
 
 
 def _batch_balance(n_rows: int, batch_size: int, world: int) -> float:
     rows = [split_batches(n_rows, batch_size, world, r) for r in range(world)]
     sizes = [hi - lo for lo, hi in rows]
     return max(sizes) / (sum(sizes) / world)
-
-
-def _maybe_fault(point: str, rank: int) -> None:
-    want = os.environ.get(FAULT_ENV)
-    if not want:
-        return
-    r, _, rest = want.partition(":")
-    name, _, nth = rest.partition("@")
-    nth, _, mode = nth.partition(":")
-    if int(r) != rank or not point.startswith(name):
-        return
-    _visits[name] = _visits.get(name, 0) + 1
-    if _visits[name] >= int(nth or 1):
-        if mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at {point} ({FAULT_ENV}={want})")
 
 
 def init_from_env(backend: Optional[str] = None) -> bool:

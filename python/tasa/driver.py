@@ -16,7 +16,7 @@ import tasa_ext
 
 from . import calib, defaults
 from .nn import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
-from .quant import LayerSpec, output_error, quantize_gptq, quantize_rtn, resolve_group_size
+from .quant import LayerSpec, get_method, output_error, quantize_rtn, resolve_group_size
 
 __all__ = ["quantize_model", "quantize_embeddings", "embedding_widths", "whole_model_estimate"]
 
@@ -29,7 +29,9 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
                    dist=None, block_hooks: Optional[Mapping[str, Callable]] = None) -> dict:
     """Quantizes the linears named in ``plan`` in place (swapped to :class:`tasa.nn.TasaLinear`).
 
-    ``method="rtn"`` needs no data. ``method="gptq"`` runs GPTQ's sequential scheme through
+    ``method``: a name of :data:`tasa.quant.METHODS`. A data-free method (``"rtn"``) needs no
+    data (with ``block_hooks``, it walks the decoder blocks in order as the lazy job needs). A
+    method that ``needs_hessian`` (``"gptq"``) runs GPTQ's sequential scheme through
     :func:`tasa.calib.run_blockwise`: one decoder block at a time, Hessians from the inputs the
     block receives from the *already quantized* previous blocks. ``src`` (int64 [n], one source
     id per calibration sequence, ``n_sources`` sources) accumulates one Hessian per source;
@@ -44,22 +46,33 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
     """
     t0 = time.perf_counter()
     errors = {}
-    if method == "rtn":
+    meth = get_method(method)
+    if not meth.needs_hessian:
         mods = dict(model.named_modules())
         missing = [k for k in plan if k not in mods]
         if missing:
             raise KeyError(f"tasa: plan names modules not in the model: {missing[:5]}")
-        items = list(plan.items())
-        it = items
-        if progress:
-            it = tqdm(items, desc="RTN", unit="layer")
-        for name, spec in it:
-            lin = mods[name]
-            q = quantize_rtn(lin.weight, spec, name=name)
-            set_module(model, name, TasaLinear.from_quantized(q, lin.bias))
-    elif method == "gptq":
+        if block_hooks:         # the lazy job: one block in memory at a time, in order
+            layers, prefix = calib.decoder_layers(model)
+            for li, blk in enumerate(layers):
+                block_hooks["on_enter"](li)
+                for lname, lin in list(blk.named_modules()):
+                    full = f"{prefix}.{li}.{lname}"
+                    if full in plan and isinstance(lin, nn.Linear):
+                        q = meth.quantize(lin.weight, plan[full], damp=damp, name=full)
+                        set_module(blk, lname, TasaLinear.from_quantized(q, lin.bias))
+                block_hooks["on_leave"](li, blk)
+        else:
+            it = list(plan.items())
+            if progress:
+                it = tqdm(it, desc=meth.name.upper(), unit="layer")
+            for name, spec in it:
+                lin = mods[name]
+                q = meth.quantize(lin.weight, spec, damp=damp, name=name)
+                set_module(model, name, TasaLinear.from_quantized(q, lin.bias))
+    else:
         if calib_ids is None:
-            raise ValueError("tasa: GPTQ needs calibration token ids (calib_ids)")
+            raise ValueError(f"tasa: {meth.name} needs calibration token ids (calib_ids)")
 
         def default_combine(name, H, count):
             if H.shape[0] == 1:     # the same value without three float64 K x K temporaries
@@ -72,7 +85,7 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
         def quantize_one(block, lname, full, H, count):
             lin = block.get_submodule(lname)
             Hc = comb(full, H, count)
-            q = quantize_gptq(lin.weight, Hc, plan[full], damp=damp, name=full)
+            q = meth.quantize(lin.weight, plan[full], Hc, damp=damp, name=full)
             errors[full] = output_error(lin.weight, q.dequantize(), Hc)
             set_module(block, lname, TasaLinear.from_quantized(q, lin.bias))
 
@@ -108,10 +121,9 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
         mods = dict(model.named_modules())
         for name, spec in plan.items():
             if isinstance(mods.get(name), nn.Linear) and name not in errors:
-                raise ValueError(f"tasa: {name} is not inside a decoder block; GPTQ quantizes "
-                                 f"decoder-block linears only (use method='rtn' for it)")
-    else:
-        raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
+                raise ValueError(f"tasa: {name} is not inside a decoder block; {meth.name} "
+                                 f"quantizes decoder-block linears only (use a data-free method "
+                                 f"such as 'rtn' for it)")
     return {"seconds": time.perf_counter() - t0, "layers": len(plan), "errors": errors}
 
 

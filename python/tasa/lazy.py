@@ -44,8 +44,7 @@ from . import calib
 from .driver import quantize_embeddings, quantize_model
 from .hf import TasaConfig, tensor_hashes
 from .io import HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, retire_model
-from .nn import TasaLinear, set_module
-from .quant import LayerSpec, quantize_rtn
+from .quant import LayerSpec, get_method
 from .util import atomic_write_bytes, fault_point, folder_lock, read_json, sha256_file
 
 __all__ = ["Checkpoint", "skeleton", "materialize", "release", "quantize_lazy", "INDEX_NAME"]
@@ -226,14 +225,13 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
     the transformers folder ``out``. ``embed_bits`` / ``head_bits`` (embed_bits 0, the default
     here: as stored; None: the measured defaults of the job): the token embedding and the
     output projection RTN-quantized last, as :func:`tasa.driver.quantize_embeddings` does in
-    memory (``group_size`` / ``mode`` of that table). ``method``: ``"gptq"`` (needs ``calib_ids``, int64 [n, T])
-    or ``"rtn"``. ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
+    memory (``group_size`` / ``mode`` of that table). ``method``: a name of
+    :data:`tasa.quant.METHODS` (one that needs a Hessian, ``"gptq"``, needs ``calib_ids``,
+    int64 [n, T]). ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
     :func:`tasa.driver.quantize_model`; every rank reads each block, rank 0 alone writes).
     Returns ``{"seconds", "block_seconds", "shards", "errors"}``."""
-    if method not in ("gptq", "rtn"):
-        raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {method!r}")
-    if method == "gptq" and calib_ids is None:
-        raise ValueError("tasa: GPTQ needs calibration token ids (calib_ids)")
+    if get_method(method).needs_hessian and calib_ids is None:
+        raise ValueError(f"tasa: {method} needs calibration token ids (calib_ids)")
     folder, out = Path(folder), Path(out)
     if out.resolve() == folder.resolve():
         raise ValueError(f"tasa: --out {out} is the model folder; choose another")
@@ -283,21 +281,10 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
             block_seconds.append(time.perf_counter() - state["t"])
             fault_point("lazy:block")
 
-        if method == "gptq":
-            res = quantize_model(model, plan, "gptq", calib_ids=calib_ids, damp=damp,
-                                 batch_size=batch_size, progress=progress, dist=dist,
-                                 block_hooks={"on_enter": on_enter, "on_leave": on_leave})
-            errors = res["errors"]
-        else:
-            for li in range(L):
-                on_enter(li)
-                blk = layers[li]
-                for lname, m in list(blk.named_modules()):
-                    full = f"{prefix}.{li}.{lname}"
-                    if full in plan and isinstance(m, nn.Linear):
-                        q = quantize_rtn(m.weight, plan[full], name=full)
-                        set_module(blk, lname, TasaLinear.from_quantized(q, m.bias))
-                on_leave(li, blk)
+        res = quantize_model(model, plan, method, calib_ids=calib_ids, damp=damp,
+                             batch_size=batch_size, progress=progress, dist=dist,
+                             block_hooks={"on_enter": on_enter, "on_leave": on_leave})
+        errors = res["errors"]
         if not writer:
             return {"seconds": time.perf_counter() - t0, "block_seconds": block_seconds,
                     "shards": n_shards, "errors": errors}

@@ -11,7 +11,6 @@ Imports nothing from tasa but the defaults and the file writer (a pure data laye
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 

@@ -26,7 +26,7 @@ from torch import nn
 import tasa_ext
 from tasa_ext.format import QuantMode
 
-from .quant import LayerSpec, QuantizedWeight, quantize_gptq, quantize_rtn
+from .quant import LayerSpec, QuantizedWeight, get_method
 
 __all__ = ["TasaLinear", "TasaEmbedding", "TasaTiedHead", "make_gtable", "expected_buffers", "validate_tables", "set_module",
            "swap_linears", "quantized_modules"]
@@ -197,21 +197,67 @@ class TasaLinear(_Packed):
         return m
 
     @classmethod
+    def skeleton_of(cls, linear: nn.Linear, spec: LayerSpec) -> "TasaLinear":
+        """An empty TasaLinear with ``linear``'s shapes, bias and device for ``spec``: the
+        buffers a saved or broadcast state is loaded into."""
+        return cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
+                   bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+                   device=linear.weight.device)
+
+    @classmethod
+    def concat(cls, mods: Sequence["TasaLinear"]) -> Optional["TasaLinear"]:
+        """One TasaLinear computing ``mods`` (same input) side by side -- concatenated along
+        the output features -- or None where their formats differ (group widths, mode,
+        permutation, bias, a column count that is not whole 16-column blocks). Each output
+        column is still its own dot product over K in the same order, so the results are the
+        same bits (tasa's decode loop fuses q/k/v and gate/up this way)."""
+        m0 = mods[0]
+        if not all(isinstance(m, TasaLinear) for m in mods):
+            return None
+        same = all(m.in_features == m0.in_features and m.group_size == m0.group_size and
+                   m.mode == m0.mode and torch.equal(m.gtable, m0.gtable) and
+                   (m.perm is None) == (m0.perm is None) and
+                   (m.perm is None or torch.equal(m.perm, m0.perm)) and
+                   (m.bias is None) == (m0.bias is None) and m.out_features % 16 == 0
+                   for m in mods)
+        if not same:
+            return None
+        f = cls(m0.in_features, sum(m.out_features for m in mods), m0.spec,
+                bias=m0.bias is not None,
+                bias_dtype=m0.bias.dtype if m0.bias is not None else torch.float32)
+        f.qweight = torch.cat([m.qweight for m in mods], 0)     # 16-column blocks stack
+        f.scales = torch.cat([m.scales for m in mods], 1)
+        if m0.zeros is not None:
+            f.zeros = torch.cat([m.zeros for m in mods], 1)
+        f.gtable, f.perm = m0.gtable, m0.perm
+        if m0.bias is not None:
+            f.bias = torch.cat([m.bias for m in mods], 0)
+        return f
+
+    def packed_state(self) -> dict:
+        """``{buffer name: tensor}`` of every tensor that defines this layer (the packed format
+        and the bias), in a fixed order: what is broadcast or copied to rebuild it."""
+        return {k: v for k, v in sorted(self._buffers.items()) if v is not None}
+
+    def set_packed(self, name: str, t: torch.Tensor) -> None:
+        """Replaces one tensor of :meth:`packed_state` (same name, dtype and shape)."""
+        have = self._buffers.get(name)
+        if have is None or have.dtype != t.dtype or have.shape != t.shape:
+            raise ValueError(f"tasa: {name} of a TasaLinear must be {None if have is None else (have.dtype, tuple(have.shape))}, "
+                             f"got {(t.dtype, tuple(t.shape))}")
+        self._buffers[name] = t
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LayerSpec, method: str = "rtn",
                     H: Optional[torch.Tensor] = None, damp: float = 0.01,
                     name: str = "linear") -> "TasaLinear":
-        """Quantizes ``linear.weight`` with RTN (``method="rtn"``) or GPTQ (``"gptq"``, needs the
-        Hessian ``H [K, K]``) according to ``spec`` and packs it."""
-        if method == "rtn":
-            if spec.act_order:
-                raise ValueError("tasa: act_order needs a Hessian; use method='gptq'")
-            q = quantize_rtn(linear.weight, spec, name=name)
-        elif method == "gptq":
-            if H is None:
-                raise ValueError("tasa: method='gptq' needs the Hessian H")
-            q = quantize_gptq(linear.weight, H, spec, damp=damp, name=name)
-        else:
-            raise ValueError(f"tasa: unknown method {method!r}; choose 'rtn' or 'gptq'")
+        """Quantizes ``linear.weight`` with a registered method (:data:`tasa.quant.METHODS`:
+        ``"rtn"``, or ``"gptq"`` with the Hessian ``H [K, K]``) according to ``spec`` and
+        packs it."""
+        meth = get_method(method)
+        if meth.needs_hessian and H is None:
+            raise ValueError(f"tasa: method={meth.name!r} needs the Hessian H")
+        q = meth.quantize(linear.weight, spec, H, damp=damp, name=name)
         return cls.from_quantized(q, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,8 +362,8 @@ def swap_linears(model: nn.Module, plan: Mapping[str, Union[LayerSpec, dict]],
                  method: str = "rtn") -> nn.Module:
     """Replaces the nn.Linear modules named in ``plan`` by :class:`TasaLinear`.
 
-    With ``quantized[name]`` given, that result is packed; otherwise, with ``method="rtn"`` the
-    weight is RTN-quantized, and with ``method="skeleton"`` an empty TasaLinear of the right
+    With ``quantized[name]`` given, that result is packed; otherwise, with a data-free method
+    (``"rtn"``) the weight is quantized by it, and with ``method="skeleton"`` an empty TasaLinear of the right
     shapes is created (to load a saved state dict into). Modules not in the plan (lm_head and
     embeddings by default) stay full precision. Returns ``model``.
     """
@@ -336,12 +382,12 @@ def swap_linears(model: nn.Module, plan: Mapping[str, Union[LayerSpec, dict]],
         if quantized is not None and name in quantized:
             new = TasaLinear.from_quantized(quantized[name], lin.bias)
         elif method == "skeleton":
-            new = TasaLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None,
-                             bias_dtype=lin.weight.dtype, device=lin.weight.device)
-        elif method == "rtn":
-            new = TasaLinear.from_linear(lin, spec, "rtn", name=name)
+            new = TasaLinear.skeleton_of(lin, spec)
         else:
-            raise ValueError(f"tasa: swap_linears method must be 'rtn' or 'skeleton', got {method!r}")
+            if get_method(method).needs_hessian:
+                raise ValueError(f"tasa: swap_linears takes 'skeleton' or a data-free method, "
+                                 f"got {method!r} (it needs a Hessian: tasa.driver)")
+            new = TasaLinear.from_linear(lin, spec, method, name=name)
         set_module(model, name, new)
     return model
 

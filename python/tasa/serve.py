@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List, Optional, Union
+from typing import List, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request

@@ -11,34 +11,56 @@ import resource
 import shutil
 import signal
 import tempfile
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "flush_denormals",
            "peak_rss_mib", "sha256_file", "read_json", "folder_lock", "FolderLockedError",
-           "clean_stale_temps", "fault_point", "FAULT_ENV"]
+           "clean_stale_temps", "fault_point", "FAULT_ENV", "Log"]
 
-# Fault injection for the tests (tests/test_reliability.py): with TASA_FAULT=<point> the process
-# kills itself (SIGKILL: no cleanup, no finally) when it reaches that write point; <point>@<n>
-# at its n-th visit. Unset in normal use: one environment lookup per write.
+# Fault injection for the tests (tests/test_reliability.py, test_lazy.py, test_distributed.py):
+# with TASA_FAULT=[<rank>:]<point>[@<n>][:kill|:raise] the process stops at the n-th visit
+# (default the first) of a point whose name starts with <point> -- SIGKILL (no cleanup, no
+# finally: the default) or a RuntimeError -- and, with <rank>, only on that torch.distributed
+# rank. One mechanism for the write points and the distributed guards; unset in normal use: one
+# environment lookup per point.
 FAULT_ENV = "TASA_FAULT"
+_FAULT_SPEC = re.compile(r"(?:(\d+):)?(.+?)(?:@(\d+))?(?::(kill|raise))?")
 _fault_visits: dict = {}
 
 
-def fault_point(name: str) -> None:
-    """A named write point: SIGKILL here when ``$TASA_FAULT`` names it (see above)."""
+def fault_point(name: str, rank: Optional[int] = None) -> None:
+    """A named point where the tests can stop the process (see above)."""
     want = os.environ.get(FAULT_ENV)
     if not want:
         return
-    point, _, nth = want.partition("@")
-    if point != name:
+    m = _FAULT_SPEC.fullmatch(want)
+    if m is None:
+        raise ValueError(f"tasa: {FAULT_ENV}={want!r} is not [rank:]point[@n][:kill|:raise]")
+    r, point, nth, mode = m.groups()
+    if not name.startswith(point) or (r is not None and (rank or 0) != int(r)):
         return
-    _fault_visits[name] = _fault_visits.get(name, 0) + 1
-    if _fault_visits[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    _fault_visits[point] = _fault_visits.get(point, 0) + 1
+    if _fault_visits[point] < int(nth or 1):
+        return
+    if mode == "raise":
+        raise RuntimeError(f"injected fault at {name} ({FAULT_ENV}={want})")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Log:
+    """The jobs' log lines (``[tasa] ...`` on stdout), silenced by ``quiet``."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str):
+        if not self.quiet:
+            print(f"[tasa] {msg}", flush=True)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -49,9 +71,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data[: len(data) // 2])
-            fault_point(f"write:{path.name}")        # a kill in the middle of a write
-            f.write(data[len(data) // 2:])
+            f.write(data)
+            fault_point(f"write:{path.name}")        # a kill before the file is in place
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -9,6 +9,7 @@ from typing import Optional
 import tasa_ext
 
 from .. import defaults, mixture
+from ..quant import get_method
 
 __all__ = ["PipelineConfig"]
 
@@ -123,8 +124,7 @@ class PipelineConfig:
         unknown = set(self.objectives) - set(defaults.OBJECTIVES)
         if unknown or not self.objectives:
             raise ValueError(f"tasa: objectives must be a non-empty subset of {defaults.OBJECTIVES}")
-        if self.method not in ("gptq", "rtn"):
-            raise ValueError(f"tasa: method must be 'gptq' or 'rtn', got {self.method!r}")
+        get_method(self.method)            # a ValueError naming the registered methods
         sw = list(self.sens_widths)
         if (not sw or any(b not in tasa_ext.SUPPORTED_BITS for b in sw) or len(set(sw)) != len(sw)
                 or sw != sorted(sw)):

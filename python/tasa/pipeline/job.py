@@ -23,12 +23,12 @@ from ..io import check_output_folder
 from ..measurement import Measurement
 from ..driver import embedding_widths, quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
-from ..quant import check_plan, default_targets, plan_from_dict, plan_shapes, plan_to_dict, read_plan
+from ..quant import check_plan, default_targets, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
 from ..report import write_report
-from ..util import clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
+from ..util import Log, clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
 from .config import PipelineConfig
-from .stages import (CALIB_BATCH, Log, allocate, as_layer_specs, check_budget, check_same_model,
+from .stages import (CALIB_BATCH, allocate, as_layer_specs, check_budget, check_same_model,
                      gptq_calibration, measure, measure_fingerprint, plan_document,
                      quantize_with_plan, split_data)
 
@@ -132,8 +132,9 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     if model is None:
         model, tok, info = load_model(cfg.model)
     else:
-        if tokenizer is None:
-            raise ValueError("tasa: pass the tokenizer together with the model")
+        if tokenizer is None and (plan is None or get_method(cfg.method).needs_hessian):
+            raise ValueError("tasa: pass the tokenizer together with the model (only a "
+                             "data-free method with a given plan runs without one)")
         tok = tokenizer
         info = getattr(model, "tasa_info", None) or ModelInfo(cfg.model, "in-memory")
     timings["load"] = time.perf_counter() - t
@@ -146,7 +147,10 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         check_plan(model, given, plan_shapes(doc))
     else:
         check_budget(model, cfg)
-    split = split_data(cfg)
+    # the data: measuring, and calibrating a method that needs a Hessian (a data-free method
+    # with a given plan reads none)
+    needs_data = plan is None or get_method(cfg.method).needs_hessian
+    split = split_data(cfg) if needs_data else None
     mpath = out / defaults.MEASUREMENT_NAME
     m = None
     if plan is not None:
@@ -165,10 +169,10 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log, split=split,
                     dist=dist)
         timings["measure"] = time.perf_counter() - t
-    wt_text = data.load_wikitext2(cfg.data, "test")
+    wt_text = data.load_wikitext2(cfg.data, "test") if cfg.eval_windows > 0 else None
 
     def quick_ppl(stage):
-        if cfg.eval_windows <= 0 or not dist.is_writer:
+        if cfg.eval_windows <= 0 or not dist.is_writer or tok is None:
             return None
         t = time.perf_counter()
         r = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen, max_windows=cfg.eval_windows,
@@ -226,7 +230,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     if dist.is_writer:
         tio.save_quantized(model, out, lplan,
                            tokenizer=tok if hasattr(tok, "save_pretrained") else None, meta={
-            "tasa_pipeline": _recorded_config(cfg, plan is not None), "alpha": alpha,
+            "method": cfg.method, "tasa_pipeline": _recorded_config(cfg, plan is not None),
+            "alpha": alpha,
             "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],
             "embedding": embedding})
     swap.commit()
@@ -290,7 +295,7 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
     given, doc = _given_plan(plan)
     alpha = _given_alpha(cfg, doc)
     calib_ids, qinfo = None, {"method": cfg.method}
-    if cfg.method == "gptq":
+    if get_method(cfg.method).needs_hessian:
         calib_ids, qinfo["calibration"] = gptq_calibration(
             AutoTokenizer.from_pretrained(str(folder)), cfg, alpha, split_data(cfg), log)
     # (n_out, k_in) of every planned linear, from the plan or else the checkpoint's headers

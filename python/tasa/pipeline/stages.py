@@ -52,14 +52,15 @@ import tasa_ext
 
 from .. import alloc, calib, data, defaults, mixture, sensitivity, stats
 from ..measurement import Measurement, MixtureResult, SensitivityResult
-from ..quant import LayerSpec, check_plan, default_targets, plan_to_dict, resolve_group_size
+from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_to_dict, resolve_group_size
 from ..driver import quantize_model
+from ..scoring import SCORINGS, unit_errors
 from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
            "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "gptq_calibration",
            "quantize_with_plan",
-           "measure", "measure_fingerprint", "weights_digest", "check_same_model", "Log"]
+           "measure", "measure_fingerprint", "weights_digest", "check_same_model"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: in
                                             n_gen, seqlen, seed=seed).input_ids)
     if n_task:
         parts.append(data.calibration_batch(tokenizer, _task_pools(split, "calib"), n_task,
-                                            seqlen, seed=seed + 1).input_ids)
+                                            seqlen, seed=seed + SEED_TASK_PART).input_ids)
     return torch.cat(parts), (n_gen, n_task)
 
 
@@ -114,6 +115,12 @@ def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: in
 # torch.distributed every rank gets whole batches of this size, so results do not depend on
 # the number of processes
 CALIB_BATCH = 8
+# one seed per draw, as offsets from cfg.seed: each draw keeps its items when another draw's
+# settings change (more task sequences must not reshuffle the objectives)
+SEED_MIX_GEN, SEED_MIX_TASK, SEED_MIX_TEST = 0, 1, 2        # the mixture search's sequences
+SEED_OBJ_PPL, SEED_OBJ_MATH, SEED_OBJ_ARC = 3, 4, 5         # the sensitivity objectives
+SEED_GPTQ = 10                                              # GPTQ's calibration mix
+SEED_TASK_PART = 1         # mixture_calibration: the task part, beside the general part's seed
 
 
 def _linear_specs(model: nn.Module, cfg: PipelineConfig) -> Dict[str, LayerSpec]:
@@ -130,13 +137,13 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
     t0 = time.perf_counter()
     parts = []
     b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), cfg.n_gen,
-                               cfg.mix_seqlen, seed=cfg.seed)
+                               cfg.mix_seqlen, seed=cfg.seed + SEED_MIX_GEN)
     parts.append(b.input_ids)
     b = data.calibration_batch(tokenizer, _task_pools(split, "calib"), cfg.n_task,
-                               cfg.mix_seqlen, seed=cfg.seed + 1)
+                               cfg.mix_seqlen, seed=cfg.seed + SEED_MIX_TASK)
     parts.append(b.input_ids)
     b = data.calibration_batch(tokenizer, _task_pools(split, "heldout"), cfg.n_test,
-                               cfg.mix_seqlen, seed=cfg.seed + 2)
+                               cfg.mix_seqlen, seed=cfg.seed + SEED_MIX_TEST)
     parts.append(b.input_ids)
     ids = torch.cat(parts)
     src = torch.tensor([0] * cfg.n_gen + [1] * cfg.n_task + [2] * cfg.n_test, dtype=torch.int64)
@@ -176,18 +183,9 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
     else:
         a_star, f_star = float(cfg.alpha), curve(float(cfg.alpha))
     # per-group RTN errors under diag(H_alpha*), for the intra-layer step
-    mods = dict(model.named_modules())
-    group_err, lin_err = {}, {}
     widths = list(tasa_ext.SUPPORTED_BITS)
-    for name, spec in specs.items():
-        dg, dt = diags[name]
-        W = mods[name].weight
-        h = torch.stack([a_star * dg + (1 - a_star) * dt, dg, torch.ones_like(dg)])
-        E = alloc.group_rtn_errors(W, h, spec.group_size, widths, cfg.mode)
-        group_err[name] = E[0].tolist()
-        wn = float(W.detach().double().square().sum())
-        lin_err[name] = {"gen": E[1].sum(0).tolist(),
-                         "rel": (E[2].sum(0) / max(wn, 1e-30)).tolist()}
+    group_err, lin_err = alloc.group_error_tables(
+        {n: model.get_submodule(n).weight for n in specs}, specs, diags, a_star, widths, cfg.mode)
     table = curve.table(cfg.alpha_grid)
     layer_alpha = {}
     for n in curve.layers:
@@ -212,14 +210,14 @@ def build_objectives(tokenizer, split: dict, cfg: PipelineConfig) -> List[sensit
         if name == "ppl":
             objs.append(sensitivity.text_objective(
                 "ppl", tokenizer, split["gen_heldout"], cfg.sens_ppl_windows, cfg.sens_ppl_seqlen,
-                seed=cfg.seed + 3, description=f"held-out general text, {cfg.sens_ppl_windows} x "
+                seed=cfg.seed + SEED_OBJ_PPL, description=f"held-out general text, {cfg.sens_ppl_windows} x "
                 f"{cfg.sens_ppl_seqlen} tokens"))
         elif name == "math":
             objs.append(sensitivity.gsm8k_objective(tokenizer, split["gsm8k_heldout"],
-                                                    cfg.sens_math_items, seed=cfg.seed + 4))
+                                                    cfg.sens_math_items, seed=cfg.seed + SEED_OBJ_MATH))
         elif name == "arc":
             objs.append(sensitivity.arc_objective(tokenizer, split["arc_heldout"],
-                                                  cfg.sens_arc_items, seed=cfg.seed + 5))
+                                                  cfg.sens_arc_items, seed=cfg.seed + SEED_OBJ_ARC))
     return objs
 
 
@@ -228,106 +226,6 @@ def _units(model, cfg):
 
 
 # ---- stage 4: allocation ----------------------------------------------------------------------
-
-SCORINGS = ("tasa", "higgs", "hawq")
-
-
-def unit_errors(measurement: Measurement, beta: float = defaults.BETA,
-                widths: Sequence[int] = defaults.WIDTHS, scoring: str = "tasa") -> tuple:
-    """The knapsack's ``errors[unit][b]`` for every width of ``widths``, and
-    ``(scores, dropped objectives)`` for the report.
-
-    * ``"tasa"``: per objective ``k`` and measured width ``b``, the clipped loss increase
-      ``max(delta_k[u](b), 0) / Z_k`` with ``Z_k`` the objective's summed clipped increase at
-      the lowest measured width (one scale per objective, shared by its widths), aggregated as
-      ``beta * ppl + (1 - beta) * mean over tasks`` (:func:`tasa.stats.aggregate`). Widths
-      that were not probed come from the nearest lower measured width by the noise model
-      ``e(b) = e(b') 4^-(b - b')`` (a measurement with one probe width is exactly the older
-      noise-model allocation); 8 bits is extrapolated from the 4-bit probe (~1/256 of it, near
-      zero). Then ``e`` is made non-increasing in the width (``e(b) = min(e(b), e(b'))`` for
-      ``b' < b``): a wider probe that measured worse is noise, and must not make the DP pay to
-      lose quality.
-    * ``"higgs"`` (not task-aware; HIGGS's dynamic bit-width allocation, arXiv 2411.17525): by
-      its linearity theorem the perplexity increase is ``sum_l a_l t_l(b)^2`` with ``t_l`` the
-      relative l2 error of linear ``l``. ``t_l(b)^2`` is measured for every width
-      (``mixture.linear_errors["rel"]``, the RTN that is applied); the coefficient per unit is
-      calibrated on its general-text probe, ``a_u = max(delta_ppl[u](b0), 0) / T_u(b0)`` with
-      ``T_u = sum_{l in u} t_l^2`` (HIGGS calibrates ``a_l`` by injecting noise; the RTN probe is
-      such a perturbation of known size).
-    * ``"hawq"`` (not task-aware, no probes): GPTQ's output-error proxy on general text,
-      ``sum_{l in u} sum_k diag(H_gen)_k ||W_k - RTN_b(W)_k||^2`` (``linear_errors["gen"]``).
-    """
-    if scoring not in SCORINGS:
-        raise ValueError(f"tasa: scoring must be one of {SCORINGS}, got {scoring!r}")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"tasa: beta must be in [0, 1], got {beta}")
-    sens = measurement.sensitivity
-    units = measurement.units
-    names = list(units)
-    widths = sorted(int(b) for b in widths)
-    dropped: List[str] = []
-    if scoring in ("higgs", "hawq"):
-        mix = measurement.mixture
-        if not mix.linear_errors:
-            raise ValueError(f"tasa: scoring {scoring!r} needs the per-linear errors of the "
-                             f"mixture stage (a measurement from before they were recorded)")
-        ew = [int(b) for b in mix.group_error_widths]
-        key = "rel" if scoring == "higgs" else "gen"
-        T = {u: {b: sum(mix.linear_errors[f][key][ew.index(b)] for f in units[u]["linears"])
-                 for b in set(widths) | {int(sens.bits)}} for u in names}
-        if scoring == "hawq":
-            err = {u: {b: T[u][b] for b in widths} for u in names}
-        else:
-            if "ppl" not in sens.objectives:
-                raise ValueError("tasa: scoring 'higgs' calibrates on the ppl objective; the "
-                                 "measurement has none")
-            b0 = int(sens.bits)
-            err = {}
-            for u in names:
-                a = max(float(sens.delta[u]["ppl"]), 0.0) / max(T[u][b0], 1e-300)
-                err[u] = {b: a * T[u][b] for b in widths}
-        scores = np.array([err[u][widths[0]] for u in names])
-        return err, scores, dropped
-    measured = [b for b in sens.widths if all(u in sens.deltas(b) for u in names)]
-    b0 = measured[0]
-    prof = {b: {k: np.array(v, dtype=np.float64) for k, v in sens.profile(names, b).items()}
-            for b in measured}
-    # an objective whose probes never increased its loss carries no ranking information (e.g.
-    # an untrained model): it is left out of the aggregate, and the report says so
-    dropped = sorted(k for k, v in prof[b0].items() if not (v > 0).any())
-    objs = [k for k in sens.objectives if k not in dropped]
-    tasks = [k for k in objs if k != "ppl"]
-    if not objs:
-        w: Dict[str, float] = {}
-    elif "ppl" not in objs:
-        if beta > 0 and "ppl" not in dropped:
-            raise ValueError("tasa: beta > 0 needs the ppl objective in the measurement")
-        w = {k: 1.0 / len(tasks) for k in tasks}
-    elif not tasks:
-        w = {"ppl": 1.0}
-    else:
-        w = {"ppl": float(beta), **{k: (1.0 - float(beta)) / len(tasks) for k in tasks}}
-    Z = {k: float(np.maximum(prof[b0][k], 0.0).sum()) for k in w}
-    e_meas = {}
-    for b in measured:
-        if not w:
-            e_meas[b] = np.full(len(names), 1.0 / len(names)) * 4.0 ** -(b - b0)
-        else:
-            e_meas[b] = sum(wk * np.maximum(prof[b][k], 0.0) / Z[k] for k, wk in w.items())
-    col: Dict[int, np.ndarray] = {}      # every allowed and measured width, ascending
-    prev = None
-    for b in sorted(set(widths) | set(measured)):
-        if b in e_meas:
-            e = e_meas[b]
-        else:      # from the nearest lower measured width, as clipped below (else the lowest)
-            lower = [m for m in measured if m < b]
-            e = (col[max(lower)] * 4.0 ** -(b - max(lower)) if lower
-                 else e_meas[min(measured)] * 4.0 ** (min(measured) - b))
-        col[b] = e if prev is None else np.minimum(e, prev)
-        prev = col[b]
-    err = {u: {b: float(col[b][i]) for b in widths} for i, u in enumerate(names)}
-    return err, e_meas[b0], dropped
-
 
 MAX_DIM = 1 << 20          # a linear's side: far above any model's (LLaMA-405B: 53248)
 
@@ -481,10 +379,10 @@ def as_layer_specs(plan: Mapping) -> Dict[str, LayerSpec]:
 def gptq_calibration(tokenizer, cfg: PipelineConfig, alpha: float, split: Optional[dict] = None,
                      log=print) -> tuple:
     """GPTQ's calibration token ids for mixing ratio ``alpha``: ``cfg.n_calib`` sequences of
-    ``cfg.seqlen`` tokens drawn with seed ``cfg.seed + 10`` from the pools of ``split`` (default
+    ``cfg.seqlen`` tokens drawn with seed ``cfg.seed + SEED_GPTQ`` from the pools of ``split`` (default
     :func:`split_data` of ``cfg``). Returns ``(ids [n, seqlen], info)``."""
     ids, counts = mixture_calibration(tokenizer, split or split_data(cfg), alpha, cfg.n_calib,
-                                      cfg.seqlen, cfg.seed + 10)
+                                      cfg.seqlen, cfg.seed + SEED_GPTQ)
     log(f"GPTQ: calibration mix {counts[0]} general + {counts[1]} task sequences x {cfg.seqlen}")
     return ids, {"alpha": alpha, "n_general": counts[0], "n_task": counts[1], "seqlen": cfg.seqlen}
 
@@ -495,30 +393,20 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
                        shapes: Optional[Mapping[str, tuple]] = None, dist=None) -> tuple:
     """Quantizes ``model`` in place per ``plan`` (``{fqn: {"bits", "group_size", "mode",
     "act_order"}}``) with ``cfg.method``; GPTQ calibrates on ``cfg.n_calib`` sequences of
-    ``cfg.seqlen`` tokens drawn (seed ``cfg.seed + 10``) with mixing ratio ``alpha`` (share of
+    ``cfg.seqlen`` tokens drawn (seed ``cfg.seed + SEED_GPTQ``) with mixing ratio ``alpha`` (share of
     general text) from the pools of ``split`` (default :func:`split_data` of ``cfg``). The plan
     is checked against the model first (:func:`tasa.quant.check_plan`, with ``shapes`` when the
     plan recorded them). Returns ``(plan as LayerSpecs, info)``."""
     lplan = as_layer_specs(plan)
     check_plan(model, lplan, shapes)
     qinfo: Dict[str, Any] = {"method": cfg.method}
-    if cfg.method == "gptq":
+    ids = None
+    if get_method(cfg.method).needs_hessian:
         ids, qinfo["calibration"] = gptq_calibration(tokenizer, cfg, alpha, split, log)
-        res = quantize_model(model, lplan, "gptq", calib_ids=ids, damp=cfg.damp, progress=progress,
-                             batch_size=CALIB_BATCH, dist=dist)
-    else:
-        res = quantize_model(model, lplan, "rtn", progress=progress)
+    res = quantize_model(model, lplan, cfg.method, calib_ids=ids, damp=cfg.damp,
+                         progress=progress, batch_size=CALIB_BATCH, dist=dist)
     qinfo["seconds"] = res["seconds"]
     return lplan, qinfo
-
-
-class Log:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def __call__(self, msg: str):
-        if not self.quiet:
-            print(f"[tasa] {msg}", flush=True)
 
 
 def weights_digest(model: nn.Module) -> str:

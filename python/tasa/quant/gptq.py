@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from ..util import flush_denormals
+from .methods import Method, register_method
 from .rtn import QuantizedWeight, check_weight, quantize_codes, rtn_params
 from .spec import LayerSpec
 
@@ -109,3 +110,16 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H.float()) * D).sum())
 
 
+
+
+@register_method
+class GPTQ(Method):
+    """GPTQ (:func:`quantize_gptq`) on the Hessian of the layer's calibration inputs."""
+    name = "gptq"
+    needs_hessian = True
+    description = "GPTQ with error feedback (calibration data)"
+
+    def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
+        if H is None:
+            raise ValueError(f"tasa: GPTQ of {name} needs its Hessian")
+        return quantize_gptq(W, H, spec, damp=damp, name=name)

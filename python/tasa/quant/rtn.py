@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .methods import Method, register_method
 from .spec import LayerSpec
 
 __all__ = ["QuantizedWeight", "check_weight", "rtn_params", "quantize_codes", "rtn_fake_quant",
@@ -134,3 +135,17 @@ def quantize_rtn(W: torch.Tensor, spec: LayerSpec, perm: Optional[torch.Tensor] 
     return QuantizedWeight(codes, scales.half(), None if sym else zeros.half(),
                            None if perm is None else perm.to(torch.int32), list(spec.bits), G,
                            spec.mode)
+
+
+@register_method
+class RTN(Method):
+    """Round-to-nearest per group (:func:`quantize_rtn`): no data, no Hessian."""
+    name = "rtn"
+    needs_hessian = False
+    description = "round-to-nearest, per-group min/max (no data)"
+
+    def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
+        if spec.act_order:
+            raise ValueError(f"tasa: {name}: act_order orders columns by the Hessian; RTN has "
+                             f"none (use a method that needs one, e.g. 'gptq')")
+        return quantize_rtn(W, spec, name=name)
