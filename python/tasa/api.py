@@ -23,8 +23,7 @@ from torch import nn
 from . import defaults
 from .io import load_quantized
 from .pipeline import PipelineConfig, run
-from .quant import (LayerSpec, check_plan, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan,
-                    uniform_plan)
+from .quant import get_method, plan_to_dict, uniform_plan
 
 __all__ = ["quantize", "load"]
 
@@ -33,7 +32,7 @@ _SETTINGS = {f.name for f in dataclasses.fields(PipelineConfig)} - {"model", "bi
 
 
 def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.BITS, *,
-             method: str = "gptq", plan: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+             method: str = defaults.METHOD, plan: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
              data=None, out=None, progress: bool = True, **settings) -> nn.Module:
     """Quantizes ``model`` (a transformers causal LM) in place and returns it with TasaLinear
     layers and ``config.quantization_config`` set, ready for ``save_pretrained``.
@@ -68,24 +67,12 @@ def quantize(model: nn.Module, tokenizer=None, bits: Optional[float] = defaults.
     if bits is not None:
         cfg.bits = float(bits)
     cfg.validate()
-    if plan is not None:
-        if isinstance(plan, (str, os.PathLike)):
-            specs, doc = read_plan(plan)
-        elif plan and all(isinstance(v, LayerSpec) for v in plan.values()):
-            specs, doc = dict(plan), plan_to_dict(plan)
-        else:
-            specs, doc = plan_from_dict(plan), dict(plan)
-        check_plan(model, specs, plan_shapes(doc))       # a clear error before any work
     if plan is None and not meth.needs_hessian and bits is not None and float(bits).is_integer():
         # data-free at an integer width: the uniform plan (group size fitted per linear)
         specs = uniform_plan(model, int(bits), cfg.group_size, cfg.mode, fit_group_size=True)
         shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                   if n in specs}
         plan = plan_to_dict(specs, shapes, method=method, bits=int(bits))
-    elif plan is not None:
-        plan = plan_to_dict(specs, plan_shapes(doc), **{
-            k: v for k, v in doc.items() if k not in ("kind", "version", "format_version",
-                                                      "layers")})
     if plan is not None and cfg.act_order and not meth.needs_hessian:
         raise ValueError(f"tasa.quantize: act_order needs a Hessian; {method!r} has none")
     if tokenizer is None and (plan is None or meth.needs_hessian):

@@ -1,4 +1,7 @@
-"""One home for tasa's defaults: every module, the CLI and the benchmarks read them from here.
+"""The defaults shared across tasa's layers: every module, the CLI and the benchmarks read them
+from here. The pipeline's own settings (sample counts, sequence lengths, the holdout share ...)
+have their defaults in one place too, the fields of :class:`tasa.pipeline.PipelineConfig`
+(which reads the shared ones from here); the CLI's --help reads both, never repeats them.
 
 Imports nothing from tasa (the bottom of the import graph).
 """
@@ -8,7 +11,7 @@ from typing import Tuple
 
 __all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
            "SENS_DTYPE", "GRANULARITY",
-           "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
+           "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
 
 # the paper's allocation set: 3-, 4- and occasionally 8-bit layers (2 bits is supported by the
 # format but collapses small models, so it is opt-in through --widths)
@@ -37,6 +40,8 @@ SENS_BITS: int = SENS_WIDTHS[0]
 SENS_DTYPE: str = "bfloat16"
 # sensitivity / allocation unit
 GRANULARITY: str = "sublayer"
+# the per-matrix quantizer under a plan (a name of tasa.quant.METHODS)
+METHOD: str = "gptq"
 # the main job
 MODEL: str = "smollm2-135m"
 BITS: float = 3.5

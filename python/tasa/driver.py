@@ -21,7 +21,7 @@ from .quant import LayerSpec, get_method, output_error, quantize_rtn, resolve_gr
 __all__ = ["quantize_model", "quantize_embeddings", "embedding_widths", "whole_model_estimate"]
 
 
-def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str = "gptq",
+def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str = defaults.METHOD,
                    calib_ids: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
                    n_sources: int = 1,
                    combine: Optional[Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
@@ -59,17 +59,16 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
                 for lname, lin in list(blk.named_modules()):
                     full = f"{prefix}.{li}.{lname}"
                     if full in plan and isinstance(lin, nn.Linear):
-                        q = meth.quantize(lin.weight, plan[full], damp=damp, name=full)
-                        set_module(blk, lname, TasaLinear.from_quantized(q, lin.bias))
+                        set_module(blk, lname, TasaLinear.from_linear(lin, plan[full], meth.name,
+                                                                      damp=damp, name=full))
                 block_hooks["on_leave"](li, blk)
         else:
             it = list(plan.items())
             if progress:
                 it = tqdm(it, desc=meth.name.upper(), unit="layer")
-            for name, spec in it:
-                lin = mods[name]
-                q = meth.quantize(lin.weight, spec, damp=damp, name=name)
-                set_module(model, name, TasaLinear.from_quantized(q, lin.bias))
+            for name, spec in it:       # the one data-free construction: TasaLinear.from_linear
+                set_module(model, name, TasaLinear.from_linear(mods[name], spec, meth.name,
+                                                               damp=damp, name=name))
     else:
         if calib_ids is None:
             raise ValueError(f"tasa: {meth.name} needs calibration token ids (calib_ids)")

@@ -56,6 +56,18 @@ def _json_safe(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def config_with_checksums(cfg: dict, folder, names) -> bytes:
+    """``config.json``'s bytes with the manifest: ``quantization_config.checksums`` = the sha256
+    of every tensor file ``names`` in ``folder`` (verified on load). The one writer of the
+    manifest, for the in-memory save and the lazy job's shards; the caller writes it last (it
+    is what makes a folder a loadable model)."""
+    cfg = dict(cfg)
+    cfg["quantization_config"] = dict(cfg["quantization_config"])
+    cfg["quantization_config"]["checksums"] = {n: sha256_file(Path(folder) / n)
+                                               for n in sorted(names)}
+    return json.dumps(cfg, indent=2, sort_keys=True).encode()
+
+
 def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokenizer=None,
                    base_model: Optional[str] = None, meta: Optional[dict] = None) -> Path:
     """Writes ``model`` (already swapped per ``plan``) as a transformers folder ``path`` (module
@@ -89,12 +101,9 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
                              f"the model there was replaced") from None
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        # the manifest: config.json records the sha256 of every tensor file (verified on load)
         cfg_file = tmp / HF_CONFIG_NAME
-        cfg = json.loads(cfg_file.read_text())
-        cfg["quantization_config"]["checksums"] = {
-            f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
-        atomic_write_bytes(cfg_file, json.dumps(cfg, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(cfg_file, config_with_checksums(
+            json.loads(cfg_file.read_text()), tmp, [f.name for f in tmp.glob("*.safetensors")]))
         # an older model's config goes first (the folder stops claiming a model), the new one
         # comes last (it is what makes the folder a loadable model); between the two, a kill
         # leaves a folder that refuses to load, never a mix that loads

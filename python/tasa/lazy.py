@@ -40,12 +40,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from . import calib
+from . import calib, defaults
 from .driver import quantize_embeddings, quantize_model
 from .hf import TasaConfig, tensor_hashes
-from .io import HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, retire_model
+from .io import (HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, config_with_checksums,
+                 retire_model)
 from .quant import LayerSpec, get_method
-from .util import atomic_write_bytes, fault_point, folder_lock, read_json, sha256_file
+from .util import atomic_write_bytes, fault_point, folder_lock, read_json
 
 __all__ = ["Checkpoint", "skeleton", "materialize", "release", "quantize_lazy", "INDEX_NAME"]
 
@@ -215,12 +216,12 @@ def _quantize_rest_embeddings(model: nn.Module, tensors: Dict[str, torch.Tensor]
     return tensors
 
 
-def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gptq",
+def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = defaults.METHOD,
                   calib_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
                   damp: float = 0.01, batch_size: int = 8, meta: Optional[dict] = None,
                   progress: bool = True, dist=None, embed_bits: Optional[int] = 0,
                   group_size: int = 128, mode: str = "asym",
-                  head_bits: Optional[int] = None) -> dict:
+                  head_bits: Optional[int] = None, lock: bool = True) -> dict:
     """Quantizes the checkpoint ``folder`` per ``plan`` block by block (module docstring) into
     the transformers folder ``out``. ``embed_bits`` / ``head_bits`` (embed_bits 0, the default
     here: as stored; None: the measured defaults of the job): the token embedding and the
@@ -229,7 +230,8 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
     :data:`tasa.quant.METHODS` (one that needs a Hessian, ``"gptq"``, needs ``calib_ids``,
     int64 [n, T]). ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
     :func:`tasa.driver.quantize_model`; every rank reads each block, rank 0 alone writes).
-    Returns ``{"seconds", "block_seconds", "shards", "errors"}``."""
+    ``lock``: take the output folder's lock (False: the caller holds it). Returns
+    ``{"seconds", "block_seconds", "shards", "errors"}``."""
     if get_method(method).needs_hessian and calib_ids is None:
         raise ValueError(f"tasa: {method} needs calibration token ids (calib_ids)")
     folder, out = Path(folder), Path(out)
@@ -254,7 +256,9 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
     total = 0
     block_seconds = []
     errors: dict = {}
-    with (folder_lock(out) if writer else contextlib.nullcontext()):
+    # the job (tasa.pipeline.run_lazy) holds the folder lock as tasa.pipeline.run does, and says
+    # lock=False; a direct call takes it here
+    with (folder_lock(out) if writer and lock else contextlib.nullcontext()):
         if writer:
             retire_model(out)
         # what the capture needs: everything but the blocks and the head
@@ -312,9 +316,9 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = "gpt
         model.config.quantization_config = TasaConfig.for_model(
             model, plan, meta={"method": method, "lazy": True, "base_model": str(folder),
                                **(meta or {})})
-        cfg = json.loads(model.config.to_json_string(use_diff=False))
-        cfg["quantization_config"]["checksums"] = {n: sha256_file(out / n) for n in sorted(names)}
+        manifest = config_with_checksums(json.loads(model.config.to_json_string(use_diff=False)),
+                                         out, names)
         fault_point("save:before-config")
-        atomic_write_bytes(out / HF_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(out / HF_CONFIG_NAME, manifest)
     return {"seconds": time.perf_counter() - t0, "block_seconds": block_seconds,
             "shards": n_shards, "errors": errors}

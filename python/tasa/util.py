@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "flush_denormals",
            "peak_rss_mib", "sha256_file", "read_json", "folder_lock", "FolderLockedError",
-           "clean_stale_temps", "fault_point", "FAULT_ENV", "Log"]
+           "clean_stale_temps", "fault_point", "FAULT_ENV", "Log", "weights_digest"]
 
 # Fault injection for the tests (tests/test_reliability.py, test_lazy.py, test_distributed.py):
 # with TASA_FAULT=[<rank>:]<point>[@<n>][:kill|:raise] the process stops at the n-th visit
@@ -192,3 +192,15 @@ def clean_stale_temps(path) -> list:
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
+
+
+def weights_digest(model) -> str:
+    """blake2b of every tensor of the model's state (names, shapes, dtypes, bytes): the
+    measurement belongs to these weights, not to a path whose contents may change (~1 s per
+    500 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -51,7 +51,7 @@ class PipelineConfig:
     beta: float = defaults.BETA
     intra: bool = True
     # quantization
-    method: str = "gptq"
+    method: str = defaults.METHOD
     n_calib: int = 32
     seqlen: int = 512
     damp: float = 0.01

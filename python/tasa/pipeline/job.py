@@ -23,7 +23,7 @@ from ..io import check_output_folder
 from ..measurement import Measurement
 from ..driver import embedding_widths, quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
-from ..quant import check_plan, default_targets, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan
+from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
 from ..report import write_report
 from ..util import Log, clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
@@ -36,10 +36,14 @@ __all__ = ["run", "run_lazy"]
 
 
 def _given_plan(plan) -> tuple:
-    """``(plan {name: LayerSpec}, document)`` of a plan file or an already parsed document."""
+    """``(plan {name: LayerSpec}, document)`` of a plan given as a file, a parsed document or
+    ``{name: LayerSpec}`` (the one reader of given plans: the CLI's --plan and tasa.quantize's
+    ``plan=`` both come here)."""
     if isinstance(plan, (str, os.PathLike)):
         return read_plan(plan)
-    return plan_from_dict(plan), plan
+    if plan and all(isinstance(v, LayerSpec) for v in plan.values()):
+        return dict(plan), plan_to_dict(plan)
+    return plan_from_dict(plan), dict(plan)
 
 
 def _given_alpha(cfg: PipelineConfig, doc: dict) -> float:
@@ -117,10 +121,10 @@ def run(cfg: PipelineConfig, out, fresh: bool = False, measurement_from: Optiona
                     prefix=f"tasa-rank{dist.rank}-")))
                 removed, quiet, report = [], True, False
         return _run(cfg, out, fresh, measurement_from, progress and dist.is_writer, quiet, report,
-                    model, tokenizer, plan, removed, dist, stack)
+                    model, tokenizer, plan, removed=removed, dist=dist, stack=stack)
 
 
-def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer, plan,
+def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, tokenizer, plan, *,
          removed, dist, stack):
     log = Log(quiet)
     if removed:
@@ -290,6 +294,12 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
         raise ValueError(f"tasa: --out {out} is a file, not a folder")
     distributed.init_from_env()
     dist = distributed.current()
+    # the folder lock is held here, for the whole job, as run() holds it
+    with (folder_lock(out) if dist.is_writer else contextlib.nullcontext()):
+        return _run_lazy(cfg, folder, out, plan, progress, quiet, dist)
+
+
+def _run_lazy(cfg, folder, out, plan, progress, quiet, dist) -> dict:
     log = Log(quiet or not dist.is_writer)
     t0 = time.perf_counter()
     given, doc = _given_plan(plan)
@@ -302,10 +312,11 @@ def run_lazy(cfg: PipelineConfig, out, plan, progress: bool = True, quiet: bool 
     shapes = plan_shapes(doc) or lazy.Checkpoint(folder).linear_shapes(given)
     log(f"lazy: {folder} block by block with the given plan ({len(given)} linears)")
     res = lazy.quantize_lazy(folder, given, out, method=cfg.method, calib_ids=calib_ids,
-                             damp=cfg.damp, batch_size=CALIB_BATCH, progress=progress, dist=dist,
-                             meta={"alpha": alpha, "tasa_pipeline": dataclasses.asdict(cfg)},
-                             embed_bits=cfg.embed_bits, group_size=cfg.group_size, mode=cfg.mode,
-                             head_bits=cfg.head_bits)
+                             damp=cfg.damp, batch_size=CALIB_BATCH, progress=progress,
+                             dist=dist, meta={"alpha": alpha,
+                                              "tasa_pipeline": _recorded_config(cfg, True)},
+                             embed_bits=cfg.embed_bits, group_size=cfg.group_size,
+                             mode=cfg.mode, head_bits=cfg.head_bits, lock=False)
     summary_ = alloc.plan_summary({f: s.to_dict() for f, s in given.items()}, shapes)
     summary = {"model": cfg.model, "lazy": True, "alpha_star": alpha, "plan_given": True,
                "avg_bits": summary_["avg_bits"], "code_avg_bits": summary_["code_avg_bits"],

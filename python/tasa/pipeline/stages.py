@@ -37,7 +37,6 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -54,6 +53,7 @@ from .. import alloc, calib, data, defaults, mixture, sensitivity, stats
 from ..measurement import Measurement, MixtureResult, SensitivityResult
 from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_to_dict, resolve_group_size
 from ..driver import quantize_model
+from ..util import weights_digest
 from ..scoring import SCORINGS, unit_errors
 from .config import PipelineConfig
 
@@ -407,18 +407,6 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
                          progress=progress, batch_size=CALIB_BATCH, dist=dist)
     qinfo["seconds"] = res["seconds"]
     return lplan, qinfo
-
-
-def weights_digest(model: nn.Module) -> str:
-    """blake2b of every tensor of the model's state (names, shapes, dtypes, bytes): the
-    measurement belongs to these weights, not to a path whose contents may change (~1 s per
-    500 MB)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in model.state_dict().items():
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def measure_fingerprint(model: nn.Module, cfg: PipelineConfig) -> dict:
