@@ -30,10 +30,10 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 def run_one(args) -> dict:
     import torch
 
-    from tasa import data, models, ppl
-    from tasa.nn import quantized_modules
+    from tasa import corpora, models, ppl
+    from tasa.layers import quantized_modules
     from tasa.quant import uniform_plan
-    from tasa.driver import quantize_model
+    from tasa.modelquant import quantize_model
 
     torch.manual_seed(0)
     model, tok, info = models.load_model(args.model)
@@ -47,8 +47,8 @@ def run_one(args) -> dict:
         calib_ids = None
         t0 = time.perf_counter()
         if method == "gptq":
-            pools = {"general": data.Pool("general", data.load_general(data_src))}
-            batch = data.calibration_batch(tok, pools, args.nsamples, args.calib_seqlen, seed=0)
+            pools = {"general": corpora.Pool("general", corpora.load_general(data_src))}
+            batch = corpora.calibration_batch(tok, pools, args.nsamples, args.calib_seqlen, seed=0)
             calib_ids = batch.input_ids
         quantize_model(model, plan, method, calib_ids=calib_ids, batch_size=args.batch_size,
                        progress=False)

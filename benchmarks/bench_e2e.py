@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import tasa_ext
 from common import machine, timeit
-from tasa.nn import TasaLinear
+from tasa.layers import TasaLinear
 from tasa.quant import QuantizedWeight
 from tasa_ext.testing import random_packed
 
@@ -51,7 +51,7 @@ class DenseLinear(torch.nn.Module):
 
 
 def tasa_linear(n_out, k_in, group_bits, group_size, device, seed):
-    """tasa.nn.TasaLinear holding random symmetric codes (generated and packed on ``device``);
+    """tasa.layers.TasaLinear holding random symmetric codes (generated and packed on ``device``);
     w = (q - 2^(b-1)) * s with |w| <~ 1/sqrt(K), like the dense layer."""
     s = 1.0 / (math.sqrt(k_in) * 2 ** (max(group_bits) - 1))
     p = random_packed(n_out, k_in, group_size, group_bits, seed=seed, device=device,

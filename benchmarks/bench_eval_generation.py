@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     from bench_generate import _tasa_model
     from common import machine
-    from tasa import eval as tev
+    from tasa import evaluation as tev
 
     torch.set_num_threads(args.threads)
     meta = machine()

@@ -67,9 +67,9 @@ WIKI_SLICE = HERE.parent / "python" / "tasa" / "data" / "wikitext2_test_slice.tx
 
 def _prompt_ids(tok, n: int, vocab: int):
     """``n`` token ids of real text (the shipped WikiText-2 slice), ids < vocab."""
-    from tasa import data
+    from tasa import corpora
 
-    ids = tok(data.load_wikitext2(None, "test")[:20000], return_tensors="pt").input_ids[:, :n]
+    ids = tok(corpora.load_wikitext2(None, "test")[:20000], return_tensors="pt").input_ids[:, :n]
     assert ids.shape[1] == n and int(ids.max()) < vocab
     return ids
 
@@ -123,7 +123,7 @@ def _profile_step(model, tok, fast: bool) -> str:
 def prepare_saved(name: str, folder: str) -> dict:
     """The tasa-fast model written as a tasa folder (what ``tasa quantize`` leaves a user)."""
     import tasa  # noqa: F401
-    from tasa.io import model_size, save_quantized
+    from tasa.storage import model_size, save_quantized
 
     model, tok, note = _tasa_model(name, None)          # tasa's defaults (embedding_widths)
     save_quantized(model, folder, {}, tokenizer=tok)    # the plan: every packed module it has
@@ -179,7 +179,7 @@ def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
             tok = AutoTokenizer.from_pretrained(path)
             res["load_s"] = time.perf_counter() - t0
             res["load_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            from tasa.io import model_size
+            from tasa.storage import model_size
 
             size = model_size(path)
             res["file_bytes"], res["bits_per_param"] = size["file_bytes"], size["bits_per_param"]

@@ -10,7 +10,7 @@ Metrics on the same token ids for every row (tasa.divergence): mean KL divergenc
 reference and top-1 agreement over every position of WikiText-2 test windows and of GSM8K
 test items (question + gold solution), and the GSM8K gold-solution NLL; paired differences
 with 95% intervals over sequences. Sizes: the saved folder's bytes and bits per parameter
-over every parameter (tasa.io.model_size), against the model's source GGUF.
+over every parameter (tasa.storage.model_size), against the model's source GGUF.
 
     python benchmarks/embed_bits.py [--models smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m]
         [--data ../shared/data] [--tokens 8192] [--method gptq|rtn]
@@ -34,8 +34,8 @@ from common import RESULTS, ci95, machine  # noqa: E402
 
 import tasa  # noqa: E402,F401
 from tasa import divergence as dv  # noqa: E402
-from tasa.driver import quantize_embeddings, quantize_model  # noqa: E402
-from tasa.io import model_size, save_quantized  # noqa: E402
+from tasa.modelquant import quantize_embeddings, quantize_model  # noqa: E402
+from tasa.storage import model_size, save_quantized  # noqa: E402
 from tasa.models import load_model, resolve_gguf  # noqa: E402
 from tasa.pipeline import PipelineConfig  # noqa: E402
 from tasa.pipeline.stages import gptq_calibration, split_data  # noqa: E402

@@ -14,9 +14,9 @@ from common import ci95  # noqa: E402
 
 import tasa  # noqa: E402,F401
 from tasa import divergence as dv  # noqa: E402
-from tasa.driver import quantize_embeddings  # noqa: E402
+from tasa.modelquant import quantize_embeddings  # noqa: E402
 from tasa.models import load_model  # noqa: E402
-from tasa.nn import TasaEmbedding, set_module  # noqa: E402
+from tasa.layers import TasaEmbedding, set_module  # noqa: E402
 from tasa.quant import LayerSpec, quantize_rtn, resolve_group_size  # noqa: E402
 
 name = sys.argv[1]; tokens = int(sys.argv[2])

@@ -7,7 +7,7 @@ the paper's two claims: perplexity-only sensitivity (beta = 1), task-only sensit
 (beta = 0), task-only calibration (alpha = 0), general-only calibration (alpha = 1), and no
 intra-layer step. All TASA rows share one measurement (measure once, allocate many times).
 
-Every row is evaluated with lm-eval (tasa.eval: GSM8K gold-solution NLL, ARC-Challenge and
+Every row is evaluated with lm-eval (tasa.evaluation: GSM8K gold-solution NLL, ARC-Challenge and
 ARC-Easy test; GSM8K exact match with --gsm8k-em) on a seeded subset, plus WikiText-2 test
 perplexity (GPTQ protocol, first --ppl-windows windows). Each row writes a raw JSON (summary +
 lm-eval per-sample logs) under OUT/<model>/rows/; a row whose JSON exists is not recomputed, so
@@ -190,8 +190,8 @@ def full_command(argv: list) -> str:
 
 
 def evaluate_row(model, tok, args, raw_path: Path) -> dict:
-    from tasa import eval as tev
-    from tasa import data as tdata
+    from tasa import evaluation as tev
+    from tasa import corpora as tdata
     from tasa.ppl import perplexity
 
     res = tev.evaluate(model, tok, tasks=["gsm8k_nll", "arc_challenge", "arc_easy"], data=args.data,
@@ -622,7 +622,7 @@ def write_table(out: Path, table: Path) -> Path:
     """The table of every model under OUT, rebuilt from the row JSONs and each model's meta.json."""
     lines = ["# Reproduction: TASA mixed precision vs uniform baselines\n"]
     lines.append("Common to every model section below:\n")
-    lines.append("- evaluation: lm-eval in process (tasa.eval) on a seeded subset of each task (the same "
+    lines.append("- evaluation: lm-eval in process (tasa.evaluation) on a seeded subset of each task (the same "
                  "items for every row of a model); GSM8K gold NLL = bits per byte of the reference "
                  "solution given the question (lower is better); ARC acc_norm (test, 0-shot); GSM8K "
                  "EM = exact match, flexible extract, n-shot generation; WikiText-2 test perplexity, "

@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RES / "seed_variance.json"))
     args = ap.parse_args(argv)
 
-    from tasa import data as tdata
-    from tasa import eval as tev
+    from tasa import corpora as tdata
+    from tasa import evaluation as tev
     from tasa import pipeline
     from tasa.models import load_model
     from tasa.ppl import perplexity

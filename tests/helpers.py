@@ -73,24 +73,24 @@ def byte_tokenizer():
 
 def real_calib(n=8, seqlen=64, seed=0):
     """``n`` byte-tokenized calibration sequences from the slices shipped with tasa."""
-    from tasa import data
+    from tasa import corpora
 
-    pools = data.calibration_pools()
-    return data.calibration_batch(ByteTok(), pools, n, seqlen, seed=seed)
+    pools = corpora.calibration_pools()
+    return corpora.calibration_batch(ByteTok(), pools, n, seqlen, seed=seed)
 
 
 def shipped_data_folder(root) -> Path:
     """A data folder laid out like ../shared/data holding the slices shipped in tasa/data: each
-    data key's slice at the first path of :data:`tasa.data.DATA_FILES` with the slice's file
+    data key's slice at the first path of :data:`tasa.corpora.DATA_FILES` with the slice's file
     type (the WikiText-2 slice is joined text, not ``wiki.test.raw``'s one row per line). For
     code that wants a folder but needs only a little data."""
-    from tasa import data
+    from tasa import corpora
 
     root = Path(root)
-    for key, (shipped, files) in data.DATA_FILES.items():
+    for key, (shipped, files) in corpora.DATA_FILES.items():
         dst = root / next(f for f in files if Path(f).suffix == Path(shipped).suffix)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data.shipped_file(key), dst)
+        shutil.copyfile(corpora.shipped_file(key), dst)
     return root
 
 

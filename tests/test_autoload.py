@@ -11,7 +11,7 @@ import torch
 
 import tasa
 import tasa_autoload
-from tasa import eval as tev
+from tasa import evaluation as tev
 from tasa import hf
 
 from helpers import REPO, byte_tokenizer, tiny_llama
@@ -110,7 +110,7 @@ def test_build_py_puts_the_pth_in_the_wheel_root(tmp_path):
 
 def test_lm_eval_own_cli_runs_the_shipped_tasks(folder, tmp_path):
     """`python -m lm_eval` (not tasa's wrapper) on the folder with tasa's offline tasks scores
-    the same numbers as tasa.eval.evaluate on the same items: the model it ran is the tasa one."""
+    the same numbers as tasa.evaluation.evaluate on the same items: the model it ran is the tasa one."""
     pytest.importorskip("lm_eval")
     src = tev.resolve_data(None, ["gsm8k_test", "arc_easy_test"])
     gsm = tmp_path / "gsm.jsonl"

@@ -128,4 +128,4 @@ def test_crafted_checkpoint_is_refused(base, tmp_path, name):
 
 def test_the_uncrafted_base_loads(base):
     m = tasa.load(base)
-    assert isinstance(m.lm_head, tasa.nn.TasaTiedHead)
+    assert isinstance(m.lm_head, tasa.layers.TasaTiedHead)

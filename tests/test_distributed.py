@@ -85,7 +85,7 @@ def _core_worker(rank, world, port, out):
     tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
         from tasa import calib
-        from tasa.driver import quantize_model
+        from tasa.modelquant import quantize_model
         from tasa.quant import LayerSpec, default_targets
         from tasa.sensitivity import Objective, linear_units, measure_sensitivity
 

@@ -1,4 +1,4 @@
-"""tasa.eval: lm-eval in process on local data (tiny random LLaMA + a byte-level tokenizer built
+"""tasa.evaluation: lm-eval in process on local data (tiny random LLaMA + a byte-level tokenizer built
 offline; one SmolLM2-135M check), and the ``tasa eval`` command (tasa.cli)."""
 import argparse
 import importlib.util
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tasa import cli
-from tasa import data as tdata
-from tasa import eval as E
+from tasa import corpora as tdata
+from tasa import evaluation as E
 from tasa import models
-from tasa.nn import TasaLinear, swap_linears
+from tasa.layers import TasaLinear, swap_linears
 from tasa.quant import LayerSpec
 
 from helpers import byte_tokenizer, tiny_llama
@@ -30,7 +30,7 @@ def tiny():
 @pytest.fixture
 def no_network(monkeypatch):
     def refuse(*a, **k):
-        raise AssertionError("tasa.eval tried to open a network connection")
+        raise AssertionError("tasa.evaluation tried to open a network connection")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
@@ -229,8 +229,8 @@ def test_cli_parser_and_handler(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "arc_easy" in out and "acc_norm" in out and "bits_per_byte" in out
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["config"]["limit"] == 2
-    # --quantized: a folder written by tasa.io.save_quantized, loaded into --model's skeleton
-    from tasa.io import save_quantized
+    # --quantized: a folder written by tasa.storage.save_quantized, loaded into --model's skeleton
+    from tasa.storage import save_quantized
 
     qm = tiny_llama()
     plan = {n: LayerSpec([4] * (m.in_features // 64), 64, "sym")

@@ -9,12 +9,12 @@ from transformers import AutoModelForCausalLM
 
 import tasa
 from tasa import cli
-from tasa.driver import quantize_embeddings, whole_model_estimate
+from tasa.modelquant import quantize_embeddings, whole_model_estimate
 from tasa.quant import uniform_plan
 from tasa.generation import generate
 from tasa.hf import TasaConfig
-from tasa.io import model_size
-from tasa.nn import TasaEmbedding, TasaLinear, TasaTiedHead
+from tasa.storage import model_size
+from tasa.layers import TasaEmbedding, TasaLinear, TasaTiedHead
 
 from helpers import byte_tokenizer, tiny_gemma3, tiny_llama, tiny_qwen2
 
@@ -156,7 +156,7 @@ def test_api_embed_bits_counted_apart(tmp_path):
 
 
 def test_embedding_width_defaults_and_conflicts():
-    from tasa.driver import embedding_widths
+    from tasa.modelquant import embedding_widths
 
     untied = tiny_llama()
     assert embedding_widths(untied) == (False, 4, 8)

@@ -15,7 +15,7 @@ import tasa
 import tasa_ext
 from tasa import hf
 from tasa import quant as Q
-from tasa.nn import TasaLinear, quantized_modules
+from tasa.layers import TasaLinear, quantized_modules
 
 from helpers import REPO, byte_tokenizer, tiny_gemma3, tiny_llama, tiny_qwen2
 
@@ -160,7 +160,7 @@ def test_lm_eval_hflm_loads_a_folder(tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_command_line_on_a_folder(tmp_path):
-    """``python -m tasa.lm_eval`` = lm-eval's CLI with tasa registered; offline, a local task."""
+    """``python -m tasa.lm_eval_cli`` = lm-eval's CLI with tasa registered; offline, a local task."""
     pytest.importorskip("lm_eval")
     model = rtn_model()
     model.save_pretrained(tmp_path / "m")
@@ -175,7 +175,7 @@ def test_lm_eval_command_line_on_a_folder(tmp_path):
         "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: perplexity\n"
         "    aggregation: perplexity\n    higher_is_better: false\nmetadata:\n  version: 1\n")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "tasa.lm_eval", "run", "--model", "hf",
+    r = subprocess.run([sys.executable, "-m", "tasa.lm_eval_cli", "run", "--model", "hf",
                         "--model_args", f"pretrained={tmp_path / 'm'}", "--tasks", "tiny_sums",
                         "--include_path", str(tmp_path / "tasks"), "--batch_size", "1",
                         "--device", "cpu",
@@ -270,4 +270,4 @@ def test_loading_never_builds_the_fp32_embedding(tmp_path, monkeypatch):
     assert not seen
     big = [n for n, t in m.state_dict().items() if t.is_floating_point() and t.numel() >= table]
     assert not big, big
-    assert isinstance(m.lm_head, tasa.nn.TasaTiedHead)
+    assert isinstance(m.lm_head, tasa.layers.TasaTiedHead)

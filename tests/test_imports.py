@@ -133,7 +133,7 @@ def test_the_graph_sees_relative_and_local_imports(graph):
     # from .. import alloc, calib, data, ... (stages); from .rtn import ... (gptq); from
     # ..quant import LayerSpec (a name of the package, not a submodule)
     assert {"tasa.alloc", "tasa.calib", "tasa.defaults", "tasa.measurement",
-            "tasa.quant", "tasa.driver"} <= graph["tasa.pipeline.stages"]
+            "tasa.quant", "tasa.modelquant"} <= graph["tasa.pipeline.stages"]
     assert "tasa.quant.rtn" in graph["tasa.quant.gptq"]
     assert graph["tasa.pipeline"] >= {"tasa.pipeline.config", "tasa.pipeline.job",
                                       "tasa.pipeline.stages"}
@@ -163,13 +163,13 @@ def test_quant_imports_only_util_defaults_and_itself(graph):
 
 
 def test_nn_below_calibration_and_the_drivers(graph):
-    assert _violations(graph, ("tasa.nn",),
-                       forbidden=("tasa.calib", "tasa.driver", "tasa.pipeline")) == []
+    assert _violations(graph, ("tasa.layers",),
+                       forbidden=("tasa.calib", "tasa.modelquant", "tasa.pipeline")) == []
 
 
 def test_calib_below_the_drivers_and_nn(graph):
     assert _violations(graph, ("tasa.calib",),
-                       forbidden=("tasa.driver", "tasa.pipeline", "tasa.nn")) == []
+                       forbidden=("tasa.modelquant", "tasa.pipeline", "tasa.layers")) == []
 
 
 def test_nothing_imports_the_cli(graph):

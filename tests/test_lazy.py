@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tasa
-from tasa.driver import quantize_model
+from tasa.modelquant import quantize_model
 from tasa.lazy import INDEX_NAME, Checkpoint, quantize_lazy, skeleton
 from tasa.quant import uniform_plan
 
@@ -143,7 +143,7 @@ def test_lazy_killed_mid_run_leaves_no_model_and_reruns(tmp_path):
     model (config.json is written last); the rerun writes a complete, loadable one."""
     import os
 
-    from tasa import io as tio
+    from tasa import storage as tio
 
     tiny_llama().save_pretrained(tmp_path / "src")
     script = ("import sys, torch; from tasa.lazy import quantize_lazy; "

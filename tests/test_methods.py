@@ -5,7 +5,7 @@ import torch
 
 import tasa
 from tasa import cli
-from tasa.nn import quantized_modules
+from tasa.layers import quantized_modules
 from tasa.quant import METHODS, Method, get_method, quantize_rtn, register_method
 
 from helpers import tiny_llama

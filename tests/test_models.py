@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasa import calib, data, models, ppl
+from tasa import calib, corpora, models, ppl
 from tasa import quant as Q
 
 from helpers import ByteTok, tiny_llama
@@ -66,65 +66,65 @@ def test_registry_entries():
 # ---- data ---------------------------------------------------------------------------------------
 
 def test_shipped_slices():
-    assert len(data.load_general()) == 50 and sum(map(len, data.load_general())) > 90_000
-    g = data.load_gsm8k()
+    assert len(corpora.load_general()) == 50 and sum(map(len, corpora.load_general())) > 90_000
+    g = corpora.load_gsm8k()
     assert len(g) == 300 and "####" in g[0]["answer"]
-    a = data.load_arc(subset="challenge")
+    a = corpora.load_arc(subset="challenge")
     assert len(a) == 150
     assert all(0 <= x["gold"] < len(x["choices"]) for x in a)
-    assert len(data.load_arc(subset="easy")) == 150
-    wt = data.load_wikitext2()
+    assert len(corpora.load_arc(subset="easy")) == 150
+    wt = corpora.load_wikitext2()
     assert wt.startswith(" \n = Robert Boulter =") or "Robert Boulter" in wt[:100]
-    assert (data.PACKAGE_DATA / "licenses" / "grade-school-math.LICENSE").is_file()
+    assert (corpora.PACKAGE_DATA / "licenses" / "grade-school-math.LICENSE").is_file()
     with pytest.raises(ValueError, match="subset"):
-        data.load_arc(subset="hard")
+        corpora.load_arc(subset="hard")
 
 
 def test_local_loaders_match_shipped_prefix(shared_data):
-    full = data.load_wikitext2(shared_data)
-    assert full.startswith(data.load_wikitext2())
-    raw = data.load_wikitext2(shared_data / "wikitext2" / "wiki.test.raw")
+    full = corpora.load_wikitext2(shared_data)
+    assert full.startswith(corpora.load_wikitext2())
+    raw = corpora.load_wikitext2(shared_data / "wikitext2" / "wiki.test.raw")
     assert raw == full
-    assert len(data.load_gsm8k(shared_data, "test")) == 1319
-    assert data.load_gsm8k(shared_data)[:300] == data.load_gsm8k()
-    t = data.load_arc(shared_data, "challenge", "test")
+    assert len(corpora.load_gsm8k(shared_data, "test")) == 1319
+    assert corpora.load_gsm8k(shared_data)[:300] == corpora.load_gsm8k()
+    t = corpora.load_arc(shared_data, "challenge", "test")
     assert len(t) == 1172 and all(not x["question"].startswith("Question:") for x in t)
-    assert len(data.load_general(shared_data)) > 1000
+    assert len(corpora.load_general(shared_data)) > 1000
 
 
 def test_calibration_sampling_mixture_and_seed():
-    pools = data.calibration_pools()
+    pools = corpora.calibration_pools()
     tok = ByteTok()
-    b = data.calibration_batch(tok, pools, 10, 64, seed=3,
+    b = corpora.calibration_batch(tok, pools, 10, 64, seed=3,
                                proportions={"general": 0.5, "gsm8k": 0.3, "arc": 0.2})
     assert b.input_ids.shape == (10, 64) and b.sources == ["general", "gsm8k", "arc"]
     assert torch.bincount(b.src, minlength=3).tolist() == [5, 3, 2]
     assert b.token_src().shape == (640,)
-    b2 = data.calibration_batch(tok, pools, 10, 64, seed=3,
+    b2 = corpora.calibration_batch(tok, pools, 10, 64, seed=3,
                                 proportions={"general": 0.5, "gsm8k": 0.3, "arc": 0.2})
     assert torch.equal(b.input_ids, b2.input_ids)
-    b3 = data.calibration_batch(tok, pools, 10, 64, seed=4)
+    b3 = corpora.calibration_batch(tok, pools, 10, 64, seed=4)
     assert not torch.equal(b.input_ids, b3.input_ids)
-    one = data.calibration_batch(tok, pools["gsm8k"], 4, 32)
+    one = corpora.calibration_batch(tok, pools["gsm8k"], 4, 32)
     assert one.src.tolist() == [0] * 4
     with pytest.raises(KeyError, match="unknown pools"):
-        data.calibration_batch(tok, pools, 4, 32, proportions={"wiki": 1})
-    ev = data.Pool("wt2", [data.load_wikitext2()], role="evaluation")
+        corpora.calibration_batch(tok, pools, 4, 32, proportions={"wiki": 1})
+    ev = corpora.Pool("wt2", [corpora.load_wikitext2()], role="evaluation")
     with pytest.raises(ValueError, match="disjoint"):
-        data.calibration_batch(tok, {"wt2": ev}, 4, 32)
+        corpora.calibration_batch(tok, {"wt2": ev}, 4, 32)
 
 
 def test_calibration_and_evaluation_disjoint():
-    wt = data.load_wikitext2()
+    wt = corpora.load_wikitext2()
     paras = [p.strip() for p in wt.split("\n\n") if len(p.strip()) > 200][:20]
-    cal = "\n".join("\n".join(p.docs) for p in data.calibration_pools().values())
+    cal = "\n".join("\n".join(p.docs) for p in corpora.calibration_pools().values())
     assert paras and not any(p[:200] in cal for p in paras)
 
 
 def test_perplexity_protocol():
     model = tiny_llama()
     tok = ByteTok()
-    text = data.load_wikitext2()[:3000]
+    text = corpora.load_wikitext2()[:3000]
     r = ppl.perplexity(model, tok, text, seqlen=256, max_windows=3, progress=False)
     assert r["windows"] == 3 and r["tokens"] == 3 * 255
     # a random 512-way model is close to uniform
@@ -157,7 +157,7 @@ def test_smollm2_loads_and_is_marked_prequantized(smol):
 @pytest.mark.slow
 def test_smollm2_gptq_beats_rtn_layer0(smol):
     model, tok, _ = smol
-    batch = data.calibration_batch(tok, data.calibration_pools(), 6, 256, seed=0)
+    batch = corpora.calibration_batch(tok, corpora.calibration_pools(), 6, 256, seed=0)
     hs = {}
 
     def on_block(idx, block, prefix, hessians):

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import tasa_ext
 from tasa import cli
-from tasa import io as tio
+from tasa import storage as tio
 from tasa import quant as Q
-from tasa.nn import TasaLinear, quantized_modules, swap_linears
-from tasa.driver import quantize_model
+from tasa.layers import TasaLinear, quantized_modules, swap_linears
+from tasa.modelquant import quantize_model
 
 from tasa.util import sha256_file
 

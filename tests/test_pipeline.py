@@ -10,8 +10,8 @@ import torch
 
 import tasa_ext
 from tasa import cli, pipeline, sensitivity as S
-from tasa import data
-from tasa.io import load_quantized
+from tasa import corpora
+from tasa.storage import load_quantized
 from tasa.measurement import Measurement
 from tasa.quant import LayerSpec, quantize_rtn, resolve_group_size
 
@@ -72,7 +72,7 @@ def test_probe_equals_quantizing_the_unit_in_a_copy(factory):
     computed by a plain full forward."""
     model = factory()
     tok = ByteTok()
-    text = data.load_general()[:3]
+    text = corpora.load_general()[:3]
     objs = [S.text_objective("ppl", tok, text, 3, 40, seed=1),
             S.qa_objective("qa", tok, [("Question: abc?\nAnswer:", " def ghi")])]
     units = S.block_units(model)
@@ -106,7 +106,7 @@ def test_bf16_probes_agree_with_fp32():
     losses themselves close)."""
     model = tiny3(hidden=256)
     tok = ByteTok()
-    objs = [S.text_objective("ppl", tok, data.load_general()[:4], 4, 64, seed=2)]
+    objs = [S.text_objective("ppl", tok, corpora.load_general()[:4], 4, 64, seed=2)]
     units = S.sublayer_units(model)
     r32 = S.measure_sensitivity(model, objs, units, widths=(2,), progress=False)
     r16 = S.measure_sensitivity(model, objs, units, widths=(2,), progress=False,

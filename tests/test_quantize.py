@@ -1,5 +1,5 @@
 """Per-matrix quantizers (tasa.quant: RTN, GPTQ), calibration capture (tasa.calib) and the
-sequential GPTQ driver (tasa.driver.quantize_model)."""
+sequential GPTQ driver (tasa.modelquant.quantize_model)."""
 import copy
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 
 from tasa import calib
 from tasa import quant as Q
-from tasa.nn import TasaLinear
-from tasa.driver import quantize_model
+from tasa.layers import TasaLinear
+from tasa.modelquant import quantize_model
 
 from helpers import real_calib, tiny_gemma3, tiny_llama, tiny_qwen2
 

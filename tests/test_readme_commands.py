@@ -16,7 +16,7 @@ import torch
 
 import tasa
 from tasa import cli
-from tasa import eval as tev
+from tasa import evaluation as tev
 
 from helpers import REPO, tiny_llama
 from test_chat import chat_tokenizer

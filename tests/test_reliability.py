@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tasa_ext
-from tasa import cli, data, io as tio
+from tasa import cli, corpora, storage as tio
 from tasa.util import FAULT_ENV, folder_lock, sha256_file
 from tasa_ext import reference as ref
 
@@ -162,7 +162,7 @@ def test_garbage_jsonl_names_the_file_and_line(tmp_path):
     lines[4] = "{not json"
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"train.jsonl, line 5: not JSON"):
-        data.load_gsm8k(d, "train")
+        corpora.load_gsm8k(d, "train")
 
 
 def test_legacy_config_errors(tmp_path):

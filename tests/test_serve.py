@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import tasa  # noqa: E402
-from tasa import eval as tev  # noqa: E402
+from tasa import evaluation as tev  # noqa: E402
 from tasa import generation as G  # noqa: E402
 
 from helpers import byte_tokenizer, tiny_llama  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import defaults
-from .io import load_quantized
+from .storage import load_quantized
 from .pipeline import PipelineConfig, run
 from .quant import get_method, plan_to_dict, uniform_plan
 

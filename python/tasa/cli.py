@@ -31,12 +31,12 @@ from tasa_ext.machine import timeit
 from tasa_ext.testing import random_packed
 
 from . import defaults, generation, pipeline
-from . import eval as tev
+from . import evaluation as tev
 from .distributed import RankFailed
-from .io import convert_legacy, load_quantized
+from .storage import convert_legacy, load_quantized
 from .measurement import Measurement
 from .models import REGISTRY, load_model
-from .nn import quantized_modules
+from .layers import quantized_modules
 from .quant import METHODS, method_names
 from .util import FolderLockedError, write_json_atomic
 

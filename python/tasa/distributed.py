@@ -37,7 +37,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .nn import TasaLinear, set_module
+from .layers import TasaLinear, set_module
 from .quant import LayerSpec
 from .util import FAULT_ENV, fault_point
 

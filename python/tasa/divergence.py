@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import data as tdata
+from . import corpora as tdata
 
 __all__ = ["ScoredSeq", "kl_sequences", "compare", "TEXTS"]
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from .nn import TasaLinear
+from .layers import TasaLinear
 
 __all__ = ["GenerationResult", "generate", "FastPathUnavailable", "Sampling", "TextStream",
            "chat_ids", "has_chat_template"]
@@ -440,7 +440,7 @@ def _lean(model, input_ids, max_new_tokens, *args):
     return _loop(lambda: step(input_ids, 0), after, max_new_tokens, *args)
 
 
-def _fast(model, input_ids, max_new_tokens, *args):
+def _model_loop(model, input_ids, max_new_tokens, *args):
     if not getattr(model, "_supports_cache_class", True) or not hasattr(model, "forward"):
         raise FastPathUnavailable(f"{type(model).__name__} does not take a KV cache object")
     cache = DynamicCache(config=model.config)
@@ -579,7 +579,7 @@ def generate(model: nn.Module, tokenizer, prompt: Union[str, torch.Tensor],
                 path = "fast"
             except FastPathUnavailable:
                 try:     # another architecture: the model's own forward, one call per token
-                    tokens, pre, dec = _fast(model, input_ids, max_new_tokens, min_new_tokens,
+                    tokens, pre, dec = _model_loop(model, input_ids, max_new_tokens, min_new_tokens,
                                              eos, on_token, stop, pick, gov)
                     path = "fast-model"
                 except FastPathUnavailable as e:

@@ -40,7 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 import tasa_ext
 
-from .nn import (TasaEmbedding, TasaLinear, TasaTiedHead, expected_buffers, make_gtable,
+from .layers import (TasaEmbedding, TasaLinear, TasaTiedHead, expected_buffers, make_gtable,
                  quantized_modules, set_module, validate_tables)
 from .quant import LayerSpec
 from .util import sha256_file
@@ -146,7 +146,7 @@ class TasaConfig(QuantizationConfigMixin):
         self.mode = mode if mode is not None else (ms.pop() if len(ms) == 1 else None)
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else ["lm_head"]
         self.meta = dict(meta or {})
-        # sha256 of the tensor files, written by tasa.io.save_quantized into config.json and
+        # sha256 of the tensor files, written by tasa.storage.save_quantized into config.json and
         # verified on load; not serialized again (a re-save writes other files)
         if checksums is not None and not (isinstance(checksums, dict) and all(
                 isinstance(v, str) for v in checksums.values())):

@@ -11,7 +11,7 @@ sharded ``model.safetensors.index.json``) without ever holding the model:
    from the source file to the output at the end);
 3. for block ``l``: its tensors are read from the checkpoint (``load_state_dict(assign=True)``:
    no second copy), its Hessians accumulated, the block quantized (GPTQ through
-   :func:`tasa.driver.quantize_model`, or RTN), its outputs recomputed for block ``l+1``, then
+   :func:`tasa.modelquant.quantize_model`, or RTN), its outputs recomputed for block ``l+1``, then
    the quantized block is written as its own shard ``model-000{l+1}-of-...safetensors`` and the
    block goes back to ``meta``;
 4. the non-block tensors are copied into the last shard, then ``model.safetensors.index.json``,
@@ -41,9 +41,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import calib, defaults
-from .driver import quantize_embeddings, quantize_model
+from .modelquant import quantize_embeddings, quantize_model
 from .hf import TasaConfig, tensor_hashes
-from .io import (HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, config_with_checksums,
+from .storage import (HF_CONFIG_NAME, WEIGHTS_NAME, check_output_folder, config_with_checksums,
                  retire_model)
 from .quant import LayerSpec, get_method
 from .util import atomic_write_bytes, fault_point, folder_lock, read_json
@@ -194,7 +194,7 @@ def _quantize_rest_embeddings(model: nn.Module, tensors: Dict[str, torch.Tensor]
                               group_size: int, mode: str,
                               head_bits: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The checkpoint's embedding (and untied head) tensors replaced by their packed buffers,
-    the modules of ``model`` swapped as :func:`tasa.driver.quantize_embeddings` swaps them."""
+    the modules of ``model`` swapped as :func:`tasa.modelquant.quantize_embeddings` swaps them."""
     names = {id(m): n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     ename = names[id(emb)]
@@ -225,11 +225,11 @@ def quantize_lazy(folder, plan: Mapping[str, LayerSpec], out, method: str = defa
     """Quantizes the checkpoint ``folder`` per ``plan`` block by block (module docstring) into
     the transformers folder ``out``. ``embed_bits`` / ``head_bits`` (embed_bits 0, the default
     here: as stored; None: the measured defaults of the job): the token embedding and the
-    output projection RTN-quantized last, as :func:`tasa.driver.quantize_embeddings` does in
+    output projection RTN-quantized last, as :func:`tasa.modelquant.quantize_embeddings` does in
     memory (``group_size`` / ``mode`` of that table). ``method``: a name of
     :data:`tasa.quant.METHODS` (one that needs a Hessian, ``"gptq"``, needs ``calib_ids``,
     int64 [n, T]). ``dist``: a :class:`tasa.distributed.Dist` (GPTQ data parallel as in
-    :func:`tasa.driver.quantize_model`; every rank reads each block, rank 0 alone writes).
+    :func:`tasa.modelquant.quantize_model`; every rank reads each block, rank 0 alone writes).
     ``lock``: take the output folder's lock (False: the caller holds it). Returns
     ``{"seconds", "block_seconds", "shards", "errors"}``."""
     if get_method(method).needs_hessian and calib_ids is None:

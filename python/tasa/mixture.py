@@ -89,7 +89,7 @@ import torch
 
 __all__ = [
     "DEFAULT_GRID", "NORMALIZATIONS", "damping", "mixture_hessian", "layer_terms",
-    "layer_curve_direct", "layer_norm", "trace_curve_direct", "MixtureCurve", "build_curve",
+    "layer_curve_direct", "layer_weight", "trace_curve_direct", "MixtureCurve", "build_curve",
     "mixture_counts",
 ]
 
@@ -187,7 +187,7 @@ def layer_curve_direct(H_gen: torch.Tensor, H_task: torch.Tensor, H_test: torch.
     return np.asarray(out)
 
 
-def layer_norm(H_test: torch.Tensor, lam: float, normalize: str = "oracle") -> float:
+def layer_weight(H_test: torch.Tensor, lam: float, normalize: str = "oracle") -> float:
     """The normalisation factor ``norm_l`` of one layer (module docstring, "Layer weights")."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -229,7 +229,7 @@ def trace_curve_direct(hessians: Hessians, alphas: Sequence[float] = DEFAULT_GRI
     total = np.zeros_like(alphas)
     for name, Hg, Ht, Hs in _iter_hessians(hessians):
         lam = damping(Hg, Ht, percdamp)
-        w = (1.0 if weights is None else float(weights.get(name, 1.0))) * layer_norm(Hs, lam, normalize)
+        w = (1.0 if weights is None else float(weights.get(name, 1.0))) * layer_weight(Hs, lam, normalize)
         total += w * layer_curve_direct(Hg, Ht, Hs, alphas, lam=lam)
     return total
 
@@ -274,7 +274,7 @@ class MixtureCurve:
         if not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"layer {name!r}: weight must be finite and >= 0, got {weight}")
         d, mu, lam = layer_terms(H_gen, H_task, H_test, percdamp=self.percdamp)
-        w = float(weight) * layer_norm(H_test, lam, self.normalize)
+        w = float(weight) * layer_weight(H_test, lam, self.normalize)
         self.layers[name] = _Layer(d, mu, w, lam)
 
     # -- evaluation --------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 non-overlapping windows of ``seqlen`` tokens (or windows every ``stride`` tokens, scoring only
 the last ``stride`` tokens of each, when ``stride < seqlen``), and report
 ``exp(mean token NLL)`` over the scored tokens. For WikiText-2 the text is the test rows joined
-with ``"\\n\\n"`` (:func:`tasa.data.load_wikitext2`)."""
+with ``"\\n\\n"`` (:func:`tasa.corpora.load_wikitext2`)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import data
+from . import corpora
 
 __all__ = ["perplexity", "wikitext2_perplexity"]
 
@@ -57,5 +57,5 @@ def wikitext2_perplexity(model, tokenizer, source=None, seqlen: int = 2048,
                          max_windows: Optional[int] = None, progress: bool = True) -> dict:
     """WikiText-2 *test* perplexity. ``source=None`` uses the slice shipped with tasa (quick
     check only); pass the full test file / data folder / HF name for the reportable number."""
-    return perplexity(model, tokenizer, data.load_wikitext2(source, "test"), seqlen=seqlen,
+    return perplexity(model, tokenizer, corpora.load_wikitext2(source, "test"), seqlen=seqlen,
                       max_windows=max_windows, progress=progress)

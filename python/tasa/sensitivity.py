@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calib, defaults
-from .data import calibration_batch, qa_prompt
+from .corpora import calibration_batch, qa_prompt
 from .quant import LayerSpec, quantize_rtn, resolve_group_size
 from .util import flush_denormals
 

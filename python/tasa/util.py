@@ -178,7 +178,7 @@ def folder_lock(path):
 
 def clean_stale_temps(path) -> list:
     """Removes what a killed writer left in ``path``: ``.<name>.*.tmp`` files of
-    :func:`atomic_write_bytes` and ``.save-*`` folders of ``tasa.io.save_quantized``. Call it
+    :func:`atomic_write_bytes` and ``.save-*`` folders of ``tasa.storage.save_quantized``. Call it
     holding :func:`folder_lock`. Returns the names removed."""
     path = Path(path)
     gone = []

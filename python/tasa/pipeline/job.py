@@ -17,11 +17,11 @@ from transformers import AutoTokenizer
 
 import tasa_ext
 
-from .. import alloc, data, defaults, distributed, lazy
-from .. import io as tio
-from ..io import check_output_folder
+from .. import alloc, corpora, defaults, distributed, lazy
+from .. import storage as tio
+from ..storage import check_output_folder
 from ..measurement import Measurement
-from ..driver import embedding_widths, quantize_embeddings, whole_model_estimate
+from ..modelquant import embedding_widths, quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
 from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan
 from ..ppl import perplexity
@@ -173,7 +173,7 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         m = measure(model, tok, cfg, mpath, fresh=fresh, progress=progress, log=log, split=split,
                     dist=dist)
         timings["measure"] = time.perf_counter() - t
-    wt_text = data.load_wikitext2(cfg.data, "test") if cfg.eval_windows > 0 else None
+    wt_text = corpora.load_wikitext2(cfg.data, "test") if cfg.eval_windows > 0 else None
 
     def quick_ppl(stage):
         if cfg.eval_windows <= 0 or not dist.is_writer or tok is None:

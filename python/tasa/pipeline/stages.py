@@ -31,7 +31,7 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
    linear the group-level step around the chosen width using the measured per-group errors.
 5. **Quantization**: GPTQ (or RTN) with a calibration set drawn with mixing ratio ``alpha*``
    (``mixture.mixture_counts``), one decoder block at a time; the model is saved with
-   :func:`tasa.io.save_quantized` (+ ``plan.json``).
+   :func:`tasa.storage.save_quantized` (+ ``plan.json``).
 6. **Report**: ``report.md`` and PNG plots (alpha curve, sensitivities, bit map), WikiText-2
    perplexity of the reference and of the quantized model on the first ``eval_windows`` windows.
 """
@@ -49,10 +49,10 @@ from torch import nn
 
 import tasa_ext
 
-from .. import alloc, calib, data, defaults, mixture, sensitivity, stats
+from .. import alloc, calib, corpora, defaults, mixture, sensitivity, stats
 from ..measurement import Measurement, MixtureResult, SensitivityResult
 from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_to_dict, resolve_group_size
-from ..driver import quantize_model
+from ..modelquant import quantize_model
 from ..util import weights_digest
 from ..scoring import SCORINGS, unit_errors
 from .config import PipelineConfig
@@ -68,9 +68,9 @@ __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_object
 def split_data(cfg: PipelineConfig) -> dict:
     """The pools of the module docstring: ``gen_calib``, ``gen_heldout`` (documents),
     ``gsm8k_calib``, ``gsm8k_heldout``, ``arc_calib``, ``arc_heldout`` (items)."""
-    gen = data.load_general(cfg.data)
-    gsm = data.load_gsm8k(cfg.data, "train")
-    arc = data.load_arc(cfg.data, "challenge", "validation") + data.load_arc(cfg.data, "easy", "validation")
+    gen = corpora.load_general(cfg.data)
+    gsm = corpora.load_gsm8k(cfg.data, "train")
+    arc = corpora.load_arc(cfg.data, "challenge", "validation") + corpora.load_arc(cfg.data, "easy", "validation")
     n_gh = max(1, int(round(len(gen) * cfg.holdout)))
     if len(gen) - n_gh < 1:
         raise ValueError("tasa: not enough general documents to hold some out")
@@ -90,8 +90,8 @@ def split_data(cfg: PipelineConfig) -> dict:
 
 
 def _task_pools(split: dict, which: str) -> dict:
-    return {"gsm8k": data.Pool("gsm8k", [data.format_gsm8k(x) for x in split[f"gsm8k_{which}"]]),
-            "arc": data.Pool("arc", [data.format_arc(x) for x in split[f"arc_{which}"]])}
+    return {"gsm8k": corpora.Pool("gsm8k", [corpora.format_gsm8k(x) for x in split[f"gsm8k_{which}"]]),
+            "arc": corpora.Pool("arc", [corpora.format_arc(x) for x in split[f"arc_{which}"]])}
 
 
 def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: int, seed: int):
@@ -101,10 +101,10 @@ def mixture_calibration(tokenizer, split: dict, alpha: float, n: int, seqlen: in
     n_gen, n_task = mixture.mixture_counts(alpha, n)
     parts = []
     if n_gen:
-        parts.append(data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]),
+        parts.append(corpora.calibration_batch(tokenizer, corpora.Pool("general", split["gen_calib"]),
                                             n_gen, seqlen, seed=seed).input_ids)
     if n_task:
-        parts.append(data.calibration_batch(tokenizer, _task_pools(split, "calib"), n_task,
+        parts.append(corpora.calibration_batch(tokenizer, _task_pools(split, "calib"), n_task,
                                             seqlen, seed=seed + SEED_TASK_PART).input_ids)
     return torch.cat(parts), (n_gen, n_task)
 
@@ -136,13 +136,13 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
                     progress=True, dist=None) -> MixtureResult:
     t0 = time.perf_counter()
     parts = []
-    b = data.calibration_batch(tokenizer, data.Pool("general", split["gen_calib"]), cfg.n_gen,
+    b = corpora.calibration_batch(tokenizer, corpora.Pool("general", split["gen_calib"]), cfg.n_gen,
                                cfg.mix_seqlen, seed=cfg.seed + SEED_MIX_GEN)
     parts.append(b.input_ids)
-    b = data.calibration_batch(tokenizer, _task_pools(split, "calib"), cfg.n_task,
+    b = corpora.calibration_batch(tokenizer, _task_pools(split, "calib"), cfg.n_task,
                                cfg.mix_seqlen, seed=cfg.seed + SEED_MIX_TASK)
     parts.append(b.input_ids)
-    b = data.calibration_batch(tokenizer, _task_pools(split, "heldout"), cfg.n_test,
+    b = corpora.calibration_batch(tokenizer, _task_pools(split, "heldout"), cfg.n_test,
                                cfg.mix_seqlen, seed=cfg.seed + SEED_MIX_TEST)
     parts.append(b.input_ids)
     ids = torch.cat(parts)

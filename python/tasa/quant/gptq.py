@@ -1,5 +1,5 @@
 """GPTQ (Frantar et al. 2022) on one matrix, fed a Hessian by the caller (the model driver,
-:mod:`tasa.driver`, or anyone with ``H``). Group parameters come from :func:`rtn_params`.
+:mod:`tasa.modelquant`, or anyone with ``H``). Group parameters come from :func:`rtn_params`.
 """
 from __future__ import annotations
 

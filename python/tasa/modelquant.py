@@ -1,6 +1,6 @@
 """The whole-model quantization driver: feeds the per-matrix quantizers of :mod:`tasa.quant`
 (RTN, GPTQ) one decoder block at a time through :mod:`tasa.calib`'s block-wise capture and swaps
-the results in as :class:`tasa.nn.TasaLinear` (as gptq's ``llama.py`` feeds ``GPTQ.add_batch`` /
+the results in as :class:`tasa.layers.TasaLinear` (as gptq's ``llama.py`` feeds ``GPTQ.add_batch`` /
 ``fasterquant``).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import tasa_ext
 
 from . import calib, defaults
-from .nn import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
+from .layers import TasaEmbedding, TasaLinear, TasaTiedHead, set_module
 from .quant import LayerSpec, get_method, output_error, quantize_rtn, resolve_group_size
 
 __all__ = ["quantize_model", "quantize_embeddings", "embedding_widths", "whole_model_estimate"]
@@ -27,7 +27,7 @@ def quantize_model(model: nn.Module, plan: Mapping[str, LayerSpec], method: str 
                    combine: Optional[Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                    damp: float = 0.01, batch_size: int = 8, progress: bool = True,
                    dist=None, block_hooks: Optional[Mapping[str, Callable]] = None) -> dict:
-    """Quantizes the linears named in ``plan`` in place (swapped to :class:`tasa.nn.TasaLinear`).
+    """Quantizes the linears named in ``plan`` in place (swapped to :class:`tasa.layers.TasaLinear`).
 
     ``method``: a name of :data:`tasa.quant.METHODS`. A data-free method (``"rtn"``) needs no
     data (with ``block_hooks``, it walks the decoder blocks in order as the lazy job needs). A
@@ -214,7 +214,7 @@ def whole_model_estimate(model: nn.Module, plan: Mapping[str, LayerSpec],
     """What the file of ``model`` quantized per ``plan`` (and ``embed_bits``, 0: as stored)
     will weigh, from exact format costs, before anything is quantized: ``{"params", "bytes",
     "bits_per_param"}`` over every parameter (each stored tensor once: a tied head is the
-    embedding). The saved folder's :func:`tasa.io.model_size` counts the file itself (plus its
+    embedding). The saved folder's :func:`tasa.storage.model_size` counts the file itself (plus its
     header, a few kB)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     _, ew, hw = embedding_widths(model, embed_bits, head_bits)

@@ -1,7 +1,7 @@
 """Evaluation with lm-eval (EleutherAI lm-evaluation-harness), in process and fully offline.
 
 Any causal LM that is a ``transformers.PreTrainedModel`` — full precision, or with its
-``nn.Linear`` modules swapped for :class:`tasa.nn.TasaLinear` — is wrapped as it is (no reload)
+``nn.Linear`` modules swapped for :class:`tasa.layers.TasaLinear` — is wrapped as it is (no reload)
 in ``lm_eval.models.huggingface.HFLM`` and evaluated with ``lm_eval.simple_evaluate`` on task
 configs built here in Python that read **local files** (no Hugging Face hub, no data set
 download):
@@ -37,7 +37,7 @@ quick checks, not reportable numbers); a folder laid out like the project's ``sh
 ``arc/ARC-*-validation.jsonl``, ``wikitext2/wiki.test.raw``); or a mapping from the keys of
 :data:`DATA_KEYS` to files (keys it does not name use the shipped slices). Evaluation reads
 only *test* splits; few-shot examples come from train (GSM8K) / validation (ARC) — never from
-the split being scored. Calibration (:mod:`tasa.data`) never uses the test splits.
+the split being scored. Calibration (:mod:`tasa.corpora`) never uses the test splits.
 
 ``limit=N`` scores a **seeded random subset** of N items (documents for ``wikitext``) of each
 task, drawn with ``random.Random(seed)`` from the whole file and kept in file order; the same
@@ -61,9 +61,9 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from . import data as tdata
+from . import corpora as tdata
 from . import generation as tgen
-from .nn import quantized_modules
+from .layers import quantized_modules
 from .util import write_json_atomic
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEFAULT_FEWSHOT", "DATA_KEYS", "evaluate",
@@ -74,7 +74,7 @@ TASKS = ("gsm8k", "gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
 DEFAULT_TASKS = ("gsm8k_nll", "arc_challenge", "arc_easy", "wikitext")
 DEFAULT_FEWSHOT = {"gsm8k": 5, "gsm8k_nll": 0, "arc_challenge": 0, "arc_easy": 0, "wikitext": 0}
 
-# the data keys evaluation reads (their files: tasa.data.DATA_FILES, the one table)
+# the data keys evaluation reads (their files: tasa.corpora.DATA_FILES, the one table)
 DATA_KEYS = tuple(k for k in tdata.DATA_FILES if k != "general")
 # task -> (data key scored, data key for few-shot examples)
 _TASK_DATA = {
@@ -95,7 +95,7 @@ def require_lm_eval():
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"tasa.eval needs lm-eval (EleutherAI lm-evaluation-harness), which is "
+        raise ImportError(f"tasa.evaluation needs lm-eval (EleutherAI lm-evaluation-harness), which is "
                           f"not installed or broken ({e}); install with: {_INSTALL_HINT}") from e
     return lm_eval
 
@@ -267,7 +267,7 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
         return {name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}
 
     cfg = {"task": task, "custom_dataset": custom_dataset, "test_split": "test",
-           "num_fewshot": k, "metadata": {"version": 1.0, "source": "tasa.eval"}}
+           "num_fewshot": k, "metadata": {"version": 1.0, "source": "tasa.evaluation"}}
     if fewshot is not None:
         cfg["fewshot_split"] = "train"
     if task == "gsm8k":
@@ -322,7 +322,7 @@ def _task_config(task: str, scored: list, fewshot: Optional[list], k: int,
 # ---- the same tasks for lm-eval's own command line --------------------------------------------------
 
 LM_EVAL_PREFIX = "tasa_"
-# shipped YAML files, one per task, each `task: tasa_<name>` + `class: !function tasa.eval.lm_eval_task`
+# shipped YAML files, one per task, each `task: tasa_<name>` + `class: !function tasa.evaluation.lm_eval_task`
 LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
 
 
@@ -354,7 +354,7 @@ def lm_eval_task(config: dict):
 
 
 class LmEvalTask:
-    """What the shipped YAML files name (``class: !function tasa.eval.LmEvalTask``): lm-eval
+    """What the shipped YAML files name (``class: !function tasa.evaluation.LmEvalTask``): lm-eval
     builds a Python task as ``cls(config=...)`` when ``cls.__init__`` takes ``config``, so this
     class has that constructor and returns :func:`lm_eval_task`'s task (lm-eval stays an optional
     import of this module)."""

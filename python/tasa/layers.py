@@ -386,7 +386,7 @@ def swap_linears(model: nn.Module, plan: Mapping[str, Union[LayerSpec, dict]],
         else:
             if get_method(method).needs_hessian:
                 raise ValueError(f"tasa: swap_linears takes 'skeleton' or a data-free method, "
-                                 f"got {method!r} (it needs a Hessian: tasa.driver)")
+                                 f"got {method!r} (it needs a Hessian: tasa.modelquant)")
             new = TasaLinear.from_linear(lin, spec, method, name=name)
         set_module(model, name, new)
     return model

@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import tasa_ext
 
 from .hf import QUANT_METHOD, TasaConfig, attach, read_safetensors_header
-from .nn import TasaLinear, swap_linears, validate_tables
+from .layers import TasaLinear, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
 from .util import atomic_write_bytes, fault_point, read_json, sha256_file
 
