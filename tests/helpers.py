@@ -71,6 +71,18 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
 
 
+def rtn_folder(path, tokenizer=None, seed: int = 0):
+    """A saved tasa folder at ``path``: the tiny LLaMA (seeded), uniform 4-bit RTN with groups of
+    32, with ``tokenizer`` (default the byte tokenizer). Returns ``path``."""
+    import tasa
+
+    torch.manual_seed(seed)
+    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
+    model.save_pretrained(path)
+    (tokenizer or byte_tokenizer()).save_pretrained(path)
+    return path
+
+
 def real_calib(n=8, seqlen=64, seed=0):
     """``n`` byte-tokenized calibration sequences from the slices shipped with tasa."""
     from tasa import corpora

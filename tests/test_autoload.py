@@ -14,7 +14,7 @@ import tasa_autoload
 from tasa import evaluation as tev
 from tasa import hf
 
-from helpers import REPO, byte_tokenizer, tiny_llama
+from helpers import REPO, byte_tokenizer, rtn_folder
 
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 OFFLINE.pop("TASA_NO_AUTOLOAD", None)
@@ -22,12 +22,7 @@ OFFLINE.pop("TASA_NO_AUTOLOAD", None)
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tasa_folder")
-    torch.manual_seed(0)
-    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
-    model.save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+    return rtn_folder(tmp_path_factory.mktemp("tasa_folder"))
 
 
 def _fresh(code: str, env=None, **kw):

@@ -20,7 +20,7 @@ import tasa  # noqa: E402
 from tasa import evaluation as tev  # noqa: E402
 from tasa import generation as G  # noqa: E402
 
-from helpers import byte_tokenizer, tiny_llama  # noqa: E402
+from helpers import byte_tokenizer, rtn_folder  # noqa: E402
 from test_chat import chat_tokenizer  # noqa: E402
 
 NAME = "tiny-tasa"
@@ -34,11 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
-    model.save_pretrained(d)
-    chat_tokenizer().save_pretrained(d)
+    d = rtn_folder(tmp_path_factory.mktemp("served"), chat_tokenizer())
     port = _free_port()
     log = open(d / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tasa.cli", "serve", "--model", str(d),
