@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import subprocess
@@ -12,31 +11,20 @@ from pathlib import Path
 
 import torch
 
+from tasa import stats as _stats
 from tasa_ext.machine import cpu_name, timeit  # noqa: F401  (timeit: re-exported for the scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# Two-sided 95% Student t quantiles by degrees of freedom; beyond the table 1.96 + 2.4/df
-# (within 0.002 of the exact value from df = 30 on).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 def t975(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+    return _stats.t975(df)
 
 
 def ci95(d) -> tuple:
-    """Mean and 95% t-interval half-width of paired differences (nan below 2 values)."""
-    d = [float(x) for x in d]
-    n = len(d)
-    mean = sum(d) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    return mean, t975(n - 1) * sd / math.sqrt(n)
+    """Mean and 95% t-interval half-width of paired differences (nan below 2 values):
+    tasa.stats.mean_ci95, the one implementation."""
+    return _stats.mean_ci95([float(x) for x in d])
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:

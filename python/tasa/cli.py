@@ -209,9 +209,28 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Handler of ``tasa export --gguf``: a tasa plan (or a saved folder's) as a GGUF."""
+    from . import gguf_export
+    try:
+        report = gguf_export.export(args.gguf, model=args.model, plan=args.plan,
+                                    quantized=args.quantized, alpha=args.alpha, data=args.data,
+                                    progress=not args.quiet)
+    except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(gguf_export.format_report(report))
+    if args.report:
+        write_json_atomic(args.report, report)
+        print(f"per-tensor report written to {args.report}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Handler of ``tasa eval``: loads the model (and the quantized folder), evaluates, prints a
     table; returns the exit status."""
+    if args.kl:
+        return _cmd_eval_kl(args)
     try:
         tev.require_lm_eval()
         tasks = tev.check_tasks(args.tasks)
@@ -241,6 +260,42 @@ def cmd_eval(args) -> int:
     print(f"limit {c['limit']} ({c['subset']}), seed {c['seed']}, {c['seconds']:.1f} s")
     if args.out:
         print(f"summary and per-sample results written to {args.out}")
+    return 0
+
+
+def _cmd_eval_kl(args) -> int:
+    """``tasa eval --kl``: KL divergence and top-1 agreement of a tasa folder against its
+    reference (the field's yardstick) on every token of a text, with 95% intervals."""
+    from . import divergence
+    try:
+        if not args.quantized:
+            raise ValueError("tasa: --kl compares a quantized folder with its reference: give "
+                             "--quantized DIR")
+        quantized = load_quantized(args.quantized)
+        base = ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get(
+            "base_model")
+        if args.model is None:
+            args.model = base if base is not None else defaults.MODEL
+        reference, tok, _info = load_model(args.model)
+        _check_same_base(args.quantized, base, args.model, quantized, reference)
+        seqs = divergence.kl_sequences(tok, args.text, data=args.data, max_tokens=args.kl_tokens,
+                                       seqlen=args.seqlen)
+        name = Path(args.quantized).name or "quantized"
+        scores = divergence.compare(reference, {name: quantized}, seqs, progress=not args.quiet)
+    except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = divergence.summarize(scores)
+    print(divergence.format_summary(summary))
+    tokens = scores["reference"]["tokens"]
+    print(f"\ntext: {args.text} ({len(seqs)} sequences, {tokens} scored positions); "
+          f"KL(reference || quantized) of the next-token distribution at every position; "
+          f"+- are 95% t-intervals over sequences (NLL - ref: paired)")
+    if args.out:
+        write_json_atomic(args.out, {"text": args.text, "model": args.model,
+                                     "quantized": str(args.quantized), "sequences": len(seqs),
+                                     "summary": summary, "scores": scores})
+        print(f"written to {args.out}")
     return 0
 
 
@@ -458,6 +513,17 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="greedy decoding of generating tasks (gsm8k): fast = tasa's decode loop, "
                         "one request at a time (default); hf = transformers' generate on "
                         "lm-eval's padded batches")
+    p.add_argument("--kl", action="store_true",
+                   help="instead of lm-eval tasks: KL divergence and top-1 agreement of the "
+                        "--quantized folder against its reference over every token of --text "
+                        "(llama.cpp's --kl-divergence yardstick)")
+    p.add_argument("--text", default="general",
+                   help="with --kl: general (WikiText-2 test), gsm8k (test questions with their "
+                        "solutions) or the path of your own UTF-8 text file (default %(default)s)")
+    p.add_argument("--kl-tokens", type=_positive, default=16384,
+                   help="with --kl: score up to this many tokens (default %(default)s)")
+    p.add_argument("--seqlen", type=_positive, default=512,
+                   help="with --kl: window length in tokens (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_eval)
     return p
@@ -641,6 +707,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(or --metadata '{\"tasa_data\": \"DIR\"}', a folder laid "
                                    "out like shared/data), offline.")
     p.set_defaults(fn=lambda args: print(tev.LM_EVAL_TASK_DIR) or 0)
+    p = sub.add_parser("export", help="write a tasa plan as a GGUF that llama.cpp runs (llama.cpp "
+                                      "quantizes the reference with the plan's type per tensor and "
+                                      "tasa's task-aware importance matrix)",
+                       description="The plan's width per tensor becomes a llama.cpp type (2 Q2_K, "
+                                   "3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0; rows that are no "
+                                   "multiple of 256 get llama.cpp's own fallback, stated); the "
+                                   "importance matrix is tasa's Hessian diagonal on the plan's "
+                                   "calibration mix alpha*. Needs llama-cpp-python.")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--plan", metavar="FILE", help="a plan.json (tasa allocate / tasa quantize)")
+    g.add_argument("--quantized", metavar="DIR", help="a saved tasa folder: its plan and widths")
+    p.add_argument("--model", default=None,
+                   help="the reference: a registry name or a .gguf file (default: the folder's "
+                        "base model, else smollm2-135m)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="calibration mix of the importance matrix (default: the plan's alpha*)")
+    p.add_argument("--data", default=None,
+                   help="folder laid out like shared/data (default: the shipped slices)")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write the per-tensor report (widths, types, bytes) as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("convert", help="rewrite a folder of an older tasa (tasa_config.json) as "
                                        "a transformers folder")
     p.add_argument("src", help="the old folder (kept as it is)")

@@ -10,12 +10,17 @@ set of tasa:
 * ``gsm8k``: GSM8K *test* items as ``Question: ...\\nAnswer: <solution>``: KL over every
   position of the item, the gold-solution NLL over the solution tokens (given the question).
 
+* a path to a UTF-8 text file of the user's own (``tasa eval --kl --text FILE``), cut into
+  windows like ``general``.
+
 Per-sequence values are kept, so two models compared on the same sequences give paired
-differences (benchmarks/common.ci95 turns them into intervals).
+differences (:func:`summarize` / ``tasa.stats.mean_ci95`` turn them into intervals).
 """
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -23,8 +28,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import corpora as tdata
+from .stats import mean_ci95
 
-__all__ = ["ScoredSeq", "kl_sequences", "compare", "TEXTS"]
+__all__ = ["ScoredSeq", "kl_sequences", "compare", "summarize", "TEXTS"]
 
 TEXTS = ("general", "gsm8k")
 
@@ -48,17 +54,35 @@ def _file(data, key: str):
     return found[0]
 
 
+def _windows(ids: torch.Tensor, max_tokens: int, seqlen: int, what: str) -> list:
+    n = min(len(ids), max_tokens) // seqlen
+    if n < 2:
+        raise ValueError(f"tasa: {what} has {len(ids)} tokens: fewer than 2 windows of {seqlen} "
+                         f"(give more text or a smaller --seqlen)")
+    return [ScoredSeq(ids[i * seqlen:(i + 1) * seqlen], 1) for i in range(n)]
+
+
 def kl_sequences(tokenizer, text: str = "general", data=None, max_tokens: int = 16384,
                  seqlen: int = 512) -> list:
-    """The scored sequences of ``text`` (module docstring), up to ``max_tokens`` tokens."""
+    """The scored sequences of ``text`` (module docstring: ``general``, ``gsm8k`` or the path of
+    a UTF-8 text file), up to ``max_tokens`` tokens."""
+    if seqlen < 2:
+        raise ValueError(f"tasa: seqlen must be >= 2, got {seqlen}")
     if text == "general":
         ids = tokenizer(tdata.read_text(_file(data, "wikitext_test")),
                         return_tensors="pt").input_ids[0]
-        n = min(len(ids), max_tokens) // seqlen
-        if n < 2:
-            raise ValueError(f"tasa: the general text has {len(ids)} tokens: fewer than 2 "
-                             f"windows of {seqlen}")
-        return [ScoredSeq(ids[i * seqlen:(i + 1) * seqlen], 1) for i in range(n)]
+        return _windows(ids, max_tokens, seqlen, "the general text")
+    if text not in TEXTS:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tasa: --text {text!r} is neither one of {TEXTS} nor a file")
+        try:
+            body = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"tasa: {path} is not UTF-8 text ({e.reason} at byte {e.start})") \
+                from None
+        ids = tokenizer(body, return_tensors="pt").input_ids[0]
+        return _windows(ids, max_tokens, seqlen, str(path))
     if text == "gsm8k":
         out, total = [], 0
         for line in tdata.read_text(_file(data, "gsm8k_test")).splitlines():
@@ -77,7 +101,7 @@ def kl_sequences(tokenizer, text: str = "general", data=None, max_tokens: int = 
         if len(out) < 2:
             raise ValueError("tasa: fewer than 2 GSM8K items to score")
         return out
-    raise ValueError(f"tasa: unknown text {text!r}; choose from {TEXTS}")
+    raise AssertionError(text)      # unreachable: every other text is a file path
 
 
 @torch.no_grad()
@@ -122,3 +146,31 @@ def compare(reference, candidates: Mapping[str, torch.nn.Module], sequences: Seq
                 "nll": a["nll_sum"] / a["nll_n"], "tokens": a["pos"],
                 "kl_seq": a["kl_seq"], "top1_seq": a["top1_seq"], "nll_seq": a["nll_seq"]}
             for n, a in acc.items()}
+
+
+def summarize(scores: Mapping[str, dict], reference: str = "reference") -> dict:
+    """Per model of :func:`compare`'s result: ``kl`` with its 95% interval over sequences
+    (``kl_ci``), ``top1`` (with ``top1_ci``), the mean gold NLL and its perplexity, and the NLL
+    increase over the reference as a paired difference (``dnll``, ``dnll_ci``)."""
+    ref = scores[reference]
+    out = {}
+    for name, r in scores.items():
+        row = {"tokens": r["tokens"], "kl": r["kl"], "top1": r["top1"], "nll": r["nll"],
+               "ppl": math.exp(r["nll"]) if r["nll"] < 700 else float("inf")}
+        row["kl_ci"] = mean_ci95(r["kl_seq"])[1]
+        row["top1_ci"] = mean_ci95(r["top1_seq"])[1]
+        row["dnll"], row["dnll_ci"] = mean_ci95(
+            [a - b for a, b in zip(r["nll_seq"], ref["nll_seq"])])
+        out[name] = row
+    return out
+
+
+def format_summary(summary: Mapping[str, dict]) -> str:
+    """The table ``tasa eval --kl`` prints."""
+    lines = [f"{'model':<22} {'KL (nats/token)':>22} {'top-1 agree':>17} {'gold NLL':>9} "
+             f"{'PPL':>9} {'NLL - ref':>20}"]
+    for name, r in summary.items():
+        lines.append(f"{name:<22} {r['kl']:>12.5f} +- {r['kl_ci']:<7.5f} "
+                     f"{r['top1']:>9.4f} +- {r['top1_ci']:<5.4f}{r['nll']:>9.4f} {r['ppl']:>9.3f} "
+                     f"{r['dnll']:>+10.5f} +- {r['dnll_ci']:<7.5f}")
+    return "\n".join(lines)

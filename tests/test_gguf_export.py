@@ -1,0 +1,298 @@
+"""GGUF export (tasa.gguf_export, `tasa export --gguf`) and the KL yardstick (`tasa eval --kl`).
+
+The model under test is a tiny LLaMA cut out of SmolLM2's own GGUF (2 blocks, width 256, its
+tokenizer and metadata kept): rows of 256 take k-quants, the 384-long rows of ffn_down take
+llama.cpp's fallback, so both paths of the type table run. Only the tests that run llama.cpp
+need llama-cpp-python (skipped with the install command when it is missing).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tasa import gguf_export as ge
+from tasa.quant.spec import LayerSpec, plan_to_dict
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _need_llama_cpp():
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        pytest.skip(f"llama-cpp-python missing; install it with: {ge.INSTALL}")
+
+
+def tiny_gguf(path, n_layers=2, n_embd=256, n_ff=384, n_head=4, n_kv=2):
+    """A small LLaMA GGUF cut out of SmolLM2-135M's file: the first heads / channels of its
+    first blocks, every tensor F32, its tokenizer and metadata kept."""
+    import gguf
+    from tasa import models
+    try:
+        src = models.resolve_gguf("smollm2-135m")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    r = gguf.GGUFReader(str(src))
+    hd = int(r.fields["llama.embedding_length"].contents()) // int(
+        r.fields["llama.attention.head_count"].contents())
+    sizes = {"llama.block_count": n_layers, "llama.embedding_length": n_embd,
+             "llama.feed_forward_length": n_ff, "llama.attention.head_count": n_head,
+             "llama.attention.head_count_kv": n_kv}
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        vt = f.types[0]
+        val = sizes.get(name, f.contents())
+        w.add_key_value(name, val, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY
+                        else None)
+    w.add_file_type(0)
+    cut = {"attn_q": (n_head * hd, n_embd), "attn_k": (n_kv * hd, n_embd),
+           "attn_v": (n_kv * hd, n_embd), "attn_output": (n_embd, n_head * hd),
+           "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd), "ffn_down": (n_embd, n_ff)}
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and int(parts[1]) >= n_layers:
+            continue
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        a = a.reshape([int(x) for x in reversed(t.shape)])
+        kind = parts[2] if parts[0] == "blk" else parts[0]
+        if kind in cut:
+            rows, cols = cut[kind]
+            a = a[:rows, :cols]
+        elif a.ndim == 2:                # token_embd [vocab, n_embd]
+            a = a[:, :n_embd]
+        else:                            # norms
+            a = a[:n_embd]
+        w.add_tensor(t.name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import os
+    root = tmp_path_factory.mktemp("gguf")
+    old = os.environ.get("TASA_CACHE")
+    os.environ["TASA_CACHE"] = str(root / "cache")
+    try:
+        path = tiny_gguf(root / "tiny.gguf")
+        from tasa.models import load_model
+        model, tok, _ = load_model(str(path))
+        yield root, path, model, tok
+    finally:
+        if old is None:
+            os.environ.pop("TASA_CACHE", None)
+        else:
+            os.environ["TASA_CACHE"] = old
+
+
+def _plan(model):
+    """Block 0 at 3 bits, block 1 at 4, its down_proj at 8, block 0's up_proj mixing 3 and 4
+    across its two groups (average 3.5)."""
+    plan = {}
+    for i in range(model.config.num_hidden_layers):
+        for lin in LINEARS:
+            n = f"model.layers.{i}.{lin}"
+            k_in = model.get_submodule(n).weight.shape[1]
+            w = 3 if i == 0 else (8 if lin == "mlp.down_proj" else 4)
+            bits = [w] * (k_in // 128)
+            if i == 0 and lin == "mlp.up_proj":
+                bits = [3, 4]
+            plan[n] = LayerSpec(bits, 128)
+    return plan
+
+
+# ---- without llama.cpp -------------------------------------------------------------------------
+
+def test_tensor_types_table_and_fallbacks():
+    specs = {"a": LayerSpec([3, 3], 128), "b": LayerSpec([4] * 3, 128),
+             "c": LayerSpec([3, 4], 128), "d": LayerSpec([3, 3, 8], 128),
+             "e": LayerSpec([8] * 3, 128), "f": LayerSpec([2, 2], 128)}
+    shapes = {"a": (64, 256), "b": (64, 384), "c": (64, 256), "d": (64, 384), "e": (64, 384),
+              "f": (64, 256)}
+    t = ge.tensor_types(specs, shapes)
+    assert (t["a"]["asked"], t["a"]["type"]) == ("Q3_K", "Q3_K")
+    assert (t["b"]["asked"], t["b"]["type"]) == ("Q4_K", "Q5_0")      # 384: llama.cpp's fallback
+    assert t["c"]["mixed"] and t["c"]["width"] == 4                     # 3.5: half rounds up
+    assert t["d"]["mixed"] and t["d"]["width"] == 5 and t["d"]["type"] == "Q5_1"   # avg 4.67
+    assert t["e"]["type"] == "Q8_0" and t["f"]["type"] == "Q2_K"
+    assert not t["a"]["mixed"] and math.isclose(t["d"]["avg_width"], 14 / 3)
+
+
+def test_gguf_name_map_and_unknown_names():
+    m = ge.gguf_name_map("llama", 2, ["model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                                      "lm_head"])
+    assert m == {"model.layers.1.self_attn.q_proj": "blk.1.attn_q.weight",
+                 "model.layers.0.mlp.down_proj": "blk.0.ffn_down.weight",
+                 "lm_head": "output.weight"}
+    with pytest.raises(ValueError, match="no llama.cpp tensor name"):
+        ge.gguf_name_map("llama", 2, ["model.layers.0.mystery"])
+    with pytest.raises(ValueError, match="no architecture"):
+        ge.gguf_name_map("not-an-arch", 2, [])
+
+
+def test_importance_is_the_mean_square_input_per_channel():
+    from helpers import tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 200, (5, 23))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    got = ge.importance(model, ids, names, batch_size=2, progress=False)
+    seen = {n: [] for n in names}
+    hs = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, i, n=n: seen[n].append(i[0].reshape(-1, i[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        model(ids)
+    for h in hs:
+        h.remove()
+    for n in names:
+        x = torch.cat(seen[n]).double()
+        assert got[n].shape == (x.shape[1],)
+        torch.testing.assert_close(got[n], (x * x).mean(0).float(), rtol=1e-5, atol=1e-7)
+
+
+def test_reference_gguf_keeps_metadata_and_weights(tiny, tmp_path):
+    import gguf
+    _root, path, model, _tok = tiny
+    # re-quantize the tiny file's ffn_up to Q8_0 so the rewrite has something to dequantize
+    out = ge.reference_gguf(path, tmp_path / "ref.gguf", progress=False)
+    a, b = gguf.GGUFReader(str(path)), gguf.GGUFReader(str(out))
+    keys = [k for k in a.fields if not k.startswith("GGUF.")]
+    assert keys and all(k in b.fields for k in keys)
+    assert b.fields["tokenizer.ggml.tokens"].contents()[:50] == \
+        a.fields["tokenizer.ggml.tokens"].contents()[:50]
+    assert b.fields["general.file_type"].contents() == 0
+    ta = {t.name: t for t in a.tensors}
+    for t in b.tensors:
+        assert t.tensor_type.name == "F32"
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(ta[t.name].data))
+    with pytest.raises(ValueError, match="F32 or F16"):
+        ge.reference_gguf(path, tmp_path / "x.gguf", "Q4_0")
+
+
+def test_export_refuses_a_non_gguf_source(tmp_path):
+    with pytest.raises(ValueError, match="convert_hf_to_gguf"):
+        ge.source_gguf(str(tmp_path))
+    with pytest.raises(ValueError, match="one of the two"):
+        ge.export(tmp_path / "o.gguf", plan=None, quantized=None)
+
+
+# ---- with llama.cpp ----------------------------------------------------------------------------
+
+def test_export_types_sizes_and_logits(tiny, tmp_path):
+    """The exported file loads in llama.cpp, every tensor has the type the plan asked (or the
+    stated fallback), and its logits stay close to the reference's, as close as llama.cpp's
+    own Q4_K_M of the same reference."""
+    _need_llama_cpp()
+    import gguf
+    from tasa import divergence
+    root, path, model, tok = tiny
+    plan = _plan(model)
+    pf = tmp_path / "plan.json"
+    pf.write_text(json.dumps(plan_to_dict(plan, alpha=0.5)))
+    out = tmp_path / "tasa.gguf"
+    rep = ge.export(out, model=str(path), plan=pf, progress=False, log=lambda *a: None)
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    expect = {0: "Q3_K", 1: "Q4_K"}
+    for i in range(2):
+        for lin, g in zip(LINEARS, ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                    "ffn_up", "ffn_down")):
+            want = expect[i]
+            if lin == "mlp.down_proj":           # k_in 384: no 256-superblocks
+                want = "IQ4_NL" if i == 0 else "Q8_0"
+            if i == 0 and lin == "mlp.up_proj":  # widths [3, 4]: average 3.5 -> 4
+                want = "Q4_K"
+            assert written[f"blk.{i}.{g}.weight"] == want, (i, lin)
+    assert written["token_embd.weight"] == "Q8_0"          # the tied table at tasa's 8 bits
+    assert rep["fallbacks"] == 1 and rep["mixed"] == 1 and rep["alpha"] == 0.5
+    assert rep["bytes"] == out.stat().st_size
+    assert rep["calibration"]["n_general"] + rep["calibration"]["n_task"] > 0
+
+    ids = tok(open(__file__).read()[:3000], return_tensors="pt").input_ids[0][:256]
+    seqs = [divergence.ScoredSeq(ids[:128], 1), divergence.ScoredSeq(ids[128:256], 1)]
+    k_m = tmp_path / "q4km.gguf"
+    ge.llama_quantize(rep["reference_gguf"], k_m, "Q4_K_M")
+    ref_cpp = ge.LlamaCppLogits(rep["reference_gguf"], n_ctx=128)
+    cands = {"llama.cpp F32": ref_cpp, "tasa gguf": ge.LlamaCppLogits(out, n_ctx=128),
+             "Q4_K_M": ge.LlamaCppLogits(k_m, n_ctx=128)}
+    s = divergence.compare(model, cands, seqs, progress=False)
+    # the reference file through llama.cpp is the transformers reference (round-off only)
+    assert s["llama.cpp F32"]["kl"] < 1e-3 and s["llama.cpp F32"]["top1"] > 0.97
+    # the 3/4-bit export drifts, but no further than a few times llama.cpp's own 4.5-bit mix
+    assert 0 < s["tasa gguf"]["kl"] < max(0.05, 4 * s["Q4_K_M"]["kl"])
+    assert s["tasa gguf"]["top1"] > 0.8
+
+
+def test_llama_quantize_imatrix_reaches_the_quantizer(tiny, tmp_path):
+    """An importance matrix that weights one half of the input channels changes the quantized
+    codes (so the array really reaches llama.cpp), and a bad mix name is refused."""
+    _need_llama_cpp()
+    import gguf
+    _root, path, model, _tok = tiny
+    ref = ge.reference_gguf(path, tmp_path / "ref.gguf", progress=False)
+    name = "blk.0.attn_q.weight"
+    flat = {name: torch.ones(256)}
+    skew = {name: torch.cat([torch.full((128,), 100.0), torch.full((128,), 1e-3)])}
+    a = ge.llama_quantize(ref, tmp_path / "a.gguf", "Q3_K_M", overrides={name: "Q3_K"},
+                          imatrix=flat)
+    b = ge.llama_quantize(ref, tmp_path / "b.gguf", "Q3_K_M", overrides={name: "Q3_K"},
+                          imatrix=skew)
+    ta = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
+    assert ta[name].tensor_type.name == tb[name].tensor_type.name == "Q3_K"
+    wa = gguf.quants.dequantize(ta[name].data, ta[name].tensor_type)
+    wb = gguf.quants.dequantize(tb[name].data, tb[name].tensor_type)
+    w = gguf.quants.dequantize(next(t for t in gguf.GGUFReader(str(ref)).tensors
+                                    if t.name == name).data, gguf.GGMLQuantizationType.F32)
+    w = w.reshape(wa.shape)
+    err = lambda q, cols: float(((q - w)[:, cols] ** 2).sum())   # noqa: E731
+    assert err(wb, slice(0, 128)) < err(wa, slice(0, 128))        # the weighted half: better
+    with pytest.raises(ValueError, match="unknown llama.cpp mix"):
+        ge.llama_quantize(ref, tmp_path / "c.gguf", "Q9_Z")
+
+
+# ---- tasa eval --kl ----------------------------------------------------------------------------
+
+def test_eval_kl_cli_on_a_folder(tiny, tmp_path, capsys):
+    """`tasa eval --kl` on a 3-bit RTN folder of the tiny model and a text file of the user's:
+    KL > 0, top-1 < 1, a JSON report whose numbers equal divergence.compare's."""
+    import tasa
+    from tasa import cli, divergence
+    _root, path, model, tok = tiny
+    q = tasa.quantize(model, None, bits=3, method="rtn", group_size=128, progress=False)
+    folder = tmp_path / "q3"
+    q.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = tmp_path / "mine.txt"
+    text.write_text(open(__file__).read() * 2)
+    rep = tmp_path / "kl.json"
+    rc = cli.main(["eval", "--kl", "--quantized", str(folder), "--model", str(path), "--text",
+                   str(text), "--kl-tokens", "1024", "--seqlen", "128", "--out", str(rep),
+                   "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "KL" in out and "q3" in out
+    r = json.loads(rep.read_text())
+    s = r["summary"]["q3"]
+    assert s["kl"] > 0 and s["top1"] < 1 and s["kl_ci"] > 0
+    assert r["summary"]["reference"]["kl"] == 0
+    from tasa.models import load_model
+    ref, _tok, _ = load_model(str(path))
+    seqs = divergence.kl_sequences(tok, str(text), max_tokens=1024, seqlen=128)
+    again = divergence.compare(ref, {"q3": tasa.load(folder)}, seqs, progress=False)
+    assert math.isclose(again["q3"]["kl"], s["kl"], rel_tol=1e-5)
+    # no folder, a missing file: one-line errors
+    assert cli.main(["eval", "--kl", "--model", str(path)]) == 2
+    assert "--quantized" in capsys.readouterr().err
+    assert cli.main(["eval", "--kl", "--quantized", str(folder), "--model", str(path),
+                     "--text", str(tmp_path / "nope.txt")]) == 2
+    assert "neither" in capsys.readouterr().err
