@@ -198,3 +198,20 @@ def test_bootstrap_tau_interval_covers_the_truth_and_flags_noise():
     assert rep["reliability"]["x"]["mean"] > rep["reliability"]["z"]["mean"]
     with pytest.raises(ValueError, match="unit count"):
         S.bootstrap_tau(*a, X := np.zeros((3, 5)), np.ones(5))
+
+
+def test_mean_ci95_matches_scipy_t_interval():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from tasa.stats import mean_ci95, t975
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 7, 29, 30, 31, 200):
+        x = rng.normal(0.3, 2.0, n)
+        m, h = mean_ci95(x)
+        lo, hi = scipy_stats.t.interval(0.95, n - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+        assert m == pytest.approx(x.mean())
+        assert h == pytest.approx((hi - lo) / 2, rel=2e-3), n      # the table is 3 decimals
+    assert math.isnan(mean_ci95([1.0])[1])
+    with pytest.raises(ValueError):
+        mean_ci95([])
+    with pytest.raises(ValueError):
+        t975(0)
