@@ -271,6 +271,9 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     log(f"done in {timings['total']:.0f} s: {out}" + (
         f" -- {tio.size_line(size)}; the decoder linears average {summary_['avg_bits']:.3f} "
         f"bits (what --bits budgets)" if size else ""))
+    if dist.is_writer:
+        log(f"how far it drifts from the reference, token by token: tasa eval --kl --quantized "
+            f"{out}" + ("" if cfg.data is None else f" --data {cfg.data}"))
     return summary
 
 

@@ -41,7 +41,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
 
 
 def quantize_gptq(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, damp: float = 0.01,
-                  block_size: int = 128, name: str = "weight") -> QuantizedWeight:
+                  block_size: int = 128, name: str = "weight", params=None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): column-by-column quantization with error feedback through the
     Cholesky factor of the damped inverse Hessian, lazy batched updates in blocks, optional
     act-order (``spec.act_order``: columns by decreasing diag(H), groups over the permuted order).
@@ -49,12 +49,16 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, damp: float
     ``H [K, K]`` is the (running-mean) Hessian ``2/n sum x x^T`` of the layer inputs. Group
     parameters are computed from the error-updated weights when the group starts; blocks are
     aligned to groups (block = a multiple of G) so those weights are up to date.
+
+    ``params``: the group-parameter routine, ``params(W_group [N, G], bits, sym, weight [G])``
+    with ``weight`` the group's ``diag(H)`` (default: :func:`rtn_params`, min/max, unweighted;
+    :func:`tasa.quant.mse.mse_params` searches clipped ranges).
     """
     with flush_denormals():
-        return _gptq(W, H, spec, damp, block_size, name)
+        return _gptq(W, H, spec, damp, block_size, name, params)
 
 
-def _gptq(W, H, spec, damp, block_size, name):
+def _gptq(W, H, spec, damp, block_size, name, params=None):
     W = check_weight(W, spec, name).clone()
     N, K = W.shape
     if H.shape != (K, K):
@@ -70,6 +74,7 @@ def _gptq(W, H, spec, damp, block_size, name):
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+    hdiag = torch.diag(H).clone()
     U = _inverse_cholesky(H, damp, name)
     bs = G * max(1, round(block_size / G))
     codes = torch.empty(N, K, dtype=torch.uint8)
@@ -86,7 +91,10 @@ def _gptq(W, H, spec, damp, block_size, name):
             if col % G == 0:
                 g = col // G
                 b = spec.bits[g]
-                s, z = rtn_params(W1[:, i:i + G], b, sym)
+                if params is None:
+                    s, z = rtn_params(W1[:, i:i + G], b, sym)
+                else:
+                    s, z = params(W1[:, i:i + G], b, sym, hdiag[col:col + G])
                 scales[g], zeros[g] = s, z
                 maxq = 2 ** b - 1
             w = W1[:, i]

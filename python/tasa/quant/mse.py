@@ -1,0 +1,121 @@
+"""Group parameters by a clipping search (issue 27 item 3): the scale / zero point of each
+(group, output row) chosen among shrunken ranges to minimise the (Hessian-diagonal weighted)
+squared rounding error, instead of the min/max range of :func:`~tasa.quant.rtn.rtn_params`.
+
+Min/max spends the code range on the group's largest weight; a slightly clipped range rounds
+the many small weights more finely. llama.cpp's k-quants (``make_qx_quants`` with the
+importance matrix as weights) and GPTQ's reference ``find_params(mse=True)`` (as GPTQModel's
+``mse`` option) search the same way. The candidates are ``p * range`` for ``p`` in
+:data:`SHRINK` (1.0 included, so the result is never worse than min/max on the weighted error
+it minimises); scales stay exactly representable in fp16 and zero points integer, so the
+packed format and every kernel are unchanged.
+
+Two registered methods:
+
+* ``rtn-mse``: round-to-nearest with the searched parameters, no data (unweighted error);
+* ``gptq-mse``: GPTQ whose group parameters, computed when each group starts from the
+  error-updated weights, are searched with ``diag(H)`` of the group's columns as weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .methods import Method, register_method
+from .rtn import QuantizedWeight, check_weight, quantize_codes, rtn_params
+from .gptq import quantize_gptq
+
+__all__ = ["SHRINK", "mse_params", "quantize_rtn_mse", "RTNMSE", "GPTQMSE"]
+
+# range factors tried: 1.0 (min/max) down to 0.5 in steps of 0.025 (21 candidates)
+SHRINK = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
+
+
+def _shrunk_params(W: torch.Tensor, bits: int, sym: bool, p: float):
+    """:func:`rtn_params` of the range shrunk by ``p`` (``W [..., G]``)."""
+    if p == 1.0:
+        return rtn_params(W, bits, sym)
+    if sym:
+        return rtn_params(W.clamp(-p * W.abs().amax(-1, keepdim=True),
+                                  p * W.abs().amax(-1, keepdim=True)), bits, sym)
+    lo = W.amin(-1, keepdim=True).clamp(max=0) * p
+    hi = W.amax(-1, keepdim=True).clamp(min=0) * p
+    return rtn_params(torch.maximum(torch.minimum(W, hi), lo), bits, sym)
+
+
+def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Tensor] = None,
+               shrink=SHRINK):
+    """Scale and zero point ``[...]`` of each row of ``W [..., G]`` minimising
+    ``sum_k weight_k (w_k - q(w_k))^2`` over the ranges ``p * range``, ``p`` in ``shrink``
+    (``weight [G]`` non-negative; None: all ones). Same conventions as :func:`rtn_params`."""
+    if weight is not None:
+        if weight.shape != W.shape[-1:]:
+            raise ValueError(f"tasa: mse_params weight has shape {tuple(weight.shape)}, the "
+                             f"groups are {W.shape[-1]} wide")
+        if not torch.isfinite(weight).all() or (weight < 0).any():
+            raise ValueError("tasa: mse_params weights must be finite and >= 0")
+    if 1.0 not in shrink:
+        raise ValueError("tasa: the shrink factors must include 1.0 (min/max)")
+    maxq = 2 ** bits - 1
+    best_s = best_z = best_e = None
+    for p in shrink:
+        s, z = _shrunk_params(W, bits, sym, float(p))
+        _, wq = quantize_codes(W, s[..., None], z[..., None], maxq)
+        d2 = (W - wq) ** 2
+        e = (d2 * weight).sum(-1) if weight is not None else d2.sum(-1)
+        if best_e is None:
+            best_s, best_z, best_e = s, z, e
+        else:
+            better = e < best_e
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+            best_e = torch.where(better, e, best_e)
+    return best_s, best_z
+
+
+def quantize_rtn_mse(W: torch.Tensor, spec, name: str = "weight") -> QuantizedWeight:
+    """Round-to-nearest with :func:`mse_params` per (group, row), unweighted."""
+    W = check_weight(W, spec, name)
+    N, K = W.shape
+    G = spec.group_size
+    sym = spec.mode == "sym"
+    codes = torch.empty(N, K, dtype=torch.uint8)
+    scales = torch.empty(K // G, N)
+    zeros = torch.empty(K // G, N)
+    for g, b in enumerate(spec.bits):
+        Wg = W[:, g * G:(g + 1) * G]
+        s, z = mse_params(Wg, b, sym)
+        q, _ = quantize_codes(Wg, s[:, None], z[:, None], 2 ** b - 1)
+        codes[:, g * G:(g + 1) * G] = q.to(torch.uint8)
+        scales[g], zeros[g] = s, z
+    return QuantizedWeight(codes, scales.half(), None if sym else zeros.half(), None,
+                           list(spec.bits), G, spec.mode)
+
+
+@register_method
+class RTNMSE(Method):
+    """Round-to-nearest with a clipping search per group (:func:`quantize_rtn_mse`)."""
+    name = "rtn-mse"
+    needs_hessian = False
+    description = "round-to-nearest, per-group clipping search on the squared error (no data)"
+
+    def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
+        if spec.act_order:
+            raise ValueError(f"tasa: {name}: act_order orders columns by the Hessian; rtn-mse "
+                             f"has none (use 'gptq-mse')")
+        return quantize_rtn_mse(W, spec, name=name)
+
+
+@register_method
+class GPTQMSE(Method):
+    """GPTQ whose group parameters come from :func:`mse_params` weighted by the group's
+    ``diag(H)`` (:func:`~tasa.quant.gptq.quantize_gptq` with ``params=``)."""
+    name = "gptq-mse"
+    needs_hessian = True
+    description = "GPTQ with a diag(H)-weighted clipping search per group (calibration data)"
+
+    def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
+        if H is None:
+            raise ValueError(f"tasa: GPTQ of {name} needs its Hessian")
+        return quantize_gptq(W, H, spec, damp=damp, name=name, params=mse_params)
