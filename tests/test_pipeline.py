@@ -101,6 +101,64 @@ def test_probe_equals_quantizing_the_unit_in_a_copy(factory):
     assert any(abs(d["ppl"]) > 1e-4 for d in res["delta"][2].values())
 
 
+@pytest.mark.parametrize("factory", [tiny3, tiny_gemma3])
+def test_kl_probe_equals_the_kl_of_a_quantized_copy(factory, monkeypatch):
+    """scoring="kl": the probe of unit u == the KL(reference || copy with u quantized) summed
+    over each item's scored positions, computed from two plain full forwards (top-K = the whole
+    vocabulary here, so the bucketed KL is the full one); never negative."""
+    monkeypatch.setattr(S, "KL_TOP_K", 10 ** 6)
+    model = factory()
+    tok = ByteTok()
+    text = corpora.load_general()[:3]
+    objs = [S.text_objective("ppl", tok, text, 3, 40, seed=1),
+            S.qa_objective("qa", tok, [("Question: abc?\nAnswer:", " def ghi"),
+                                       ("Question: x?\nAnswer:", " yz")])]
+    units = S.block_units(model)
+    res = S.measure_sensitivity(model, objs, units, widths=(2,), group_size=128,
+                                progress=False, scoring="kl")
+    with torch.no_grad():
+        ref = {o.name: torch.log_softmax(model(input_ids=o.input_ids).logits.double(), -1)
+               for o in objs}
+    for u, (_, fqns) in units.items():
+        m2 = copy.deepcopy(model)
+        for f in fqns:
+            lin = m2.get_submodule(f)
+            G = resolve_group_size(lin.in_features, 128)
+            lin.weight.data = quantize_rtn(
+                lin.weight, LayerSpec([2] * (lin.in_features // G), G, "asym")).dequantize()
+        for o in objs:
+            with torch.no_grad():
+                lq = torch.log_softmax(m2(input_ids=o.input_ids).logits.double(), -1)
+            lp = ref[o.name]
+            kl = (lp.exp() * (lp - lq)).sum(-1)[:, :-1] * o.score[:, 1:]   # t-1 predicts t
+            want = kl.sum(1).numpy()
+            got = np.asarray(res["items"][2][u][o.name])
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+            assert (got >= 0).all()
+            assert res["delta"][2][u][o.name] == pytest.approx(
+                want.sum() / o.score[:, 1:].sum().item(), rel=2e-4)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        S.measure_sensitivity(model, objs, units, widths=(2,), progress=False, scoring="acc")
+
+
+def test_bucketed_kl_is_a_lower_bound_exact_with_every_token():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(7, 300, generator=g), -1)
+    lq = torch.log_softmax(lp + 0.8 * torch.randn(7, 300, generator=g), -1)
+    full = (lp.exp() * (lp - lq)).sum(-1).double()
+    top, idx = lp.topk(300, -1)
+    torch.testing.assert_close(S.bucketed_kl(top, idx, lq, S._log_rest(lp, idx)), full,
+                               rtol=1e-6, atol=1e-9)
+    for k in (1, 10, 64):
+        top, idx = lp.topk(k, -1)
+        b = S.bucketed_kl(top, idx, lq, S._log_rest(lp, idx))
+        assert (b <= full + 1e-6).all() and (b >= 0).all()
+        b2 = S.bucketed_kl(top, idx, lq)                 # the rest as 1 - sum(top)
+        torch.testing.assert_close(b2, b, rtol=1e-4, atol=1e-6)
+    top, idx = lp.topk(64, -1)
+    assert S.bucketed_kl(top, idx, lq, S._log_rest(lp, idx)).sum() > 0.9 * full.sum()
+
+
 def test_bf16_probes_agree_with_fp32():
     """bf16 autocast probes rank the units as the fp32 ones do (the fp32 head keeps the
     losses themselves close)."""

@@ -569,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sens-dtype", choices=["float32", "bfloat16"], default=None,
                    help=f"the probes' compute dtype (default {_dflt('sens_dtype')}: bf16 "
                         f"autocast; use float32 on CPUs without AVX-512 BF16 / AMX)")
+    p.add_argument("--sens-scoring", choices=list(defaults.SENS_SCORINGS), default=None,
+                   help=f"how a probe is scored: nll = the gold-token NLL increase, kl = the KL "
+                        f"divergence from the full-precision model at every scored position "
+                        f"(default {_dflt('sens_scoring')})")
     p.add_argument("--sens-ppl-windows", type=int, default=None,
                    help=f"windows of the perplexity objective (default {_dflt('sens_ppl_windows')})")
     p.add_argument("--sens-math-items", type=int, default=None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Tuple
 
 __all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
-           "SENS_DTYPE", "GRANULARITY",
+           "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "GRANULARITY",
            "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
 
 # the paper's allocation set: 3-, 4- and occasionally 8-bit layers (2 bits is supported by the
@@ -38,6 +38,10 @@ SENS_WIDTHS: Tuple[int, ...] = (3, 4)
 SENS_BITS: int = SENS_WIDTHS[0]
 # the probes' forward passes: bf16 autocast (matmuls bf16, residual/norms/head fp32)
 SENS_DTYPE: str = "bfloat16"
+# how a probe is scored (tasa.sensitivity): "nll" = gold-token NLL increase, "kl" = KL divergence
+# from the full-precision model at every scored position (issue 27 item 1)
+SENS_SCORINGS: tuple = ("nll", "kl")
+SENS_SCORING: str = "nll"
 # sensitivity / allocation unit
 GRANULARITY: str = "sublayer"
 # the per-matrix quantizer under a plan (a name of tasa.quant.METHODS)

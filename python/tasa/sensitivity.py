@@ -27,6 +27,19 @@ soft-capping) runs through the model's own ``forward``, so any transformers deco
 whose blocks take the hidden states as first argument works (LLaMA, Qwen2, Gemma3, ...).
 Losses are computed on the scored positions only (the hidden states are gathered before
 ``lm_head``), so no ``[batch, T, vocab]`` logits tensor is materialised.
+
+Two scorings of a probe (``scoring``, issue 27 item 1):
+
+* ``"nll"`` -- the increase of the gold-token NLL (above);
+* ``"kl"``  -- the KL divergence of the probed model's next-token distribution from the
+  full-precision one at every scored position, ``KL(p_ref || p_probe)`` summed per item (nats;
+  the objective's value is its mean per scored token). The gold NLL moves by the log-probability
+  of ONE token, whose change can have either sign; the KL sums the move of the whole
+  distribution, is never negative and is what the field measures a quantized model by. The
+  reference distribution is kept as its top :data:`KL_TOP_K` log-probabilities plus the rest
+  as one bucket (``K x 8`` bytes per position instead of the vocabulary): the bucketed KL is a
+  lower bound of the full one (coarse-graining never increases a KL) and equals it when the
+  top K hold the reference's mass.
 """
 from __future__ import annotations
 
@@ -50,7 +63,38 @@ from .util import flush_denormals
 
 __all__ = ["Objective", "text_objective", "qa_objective", "gsm8k_objective", "arc_objective",
            "block_units", "sublayer_units", "linear_units", "UNIT_BUILDERS", "objective_losses",
-           "measure_sensitivity"]
+           "measure_sensitivity", "SCORINGS", "KL_TOP_K", "bucketed_kl"]
+
+SCORINGS = defaults.SENS_SCORINGS
+# reference log-probabilities kept per scored position for the KL scoring: 256 of 49152
+# (SmolLM2) to 262144 (Gemma-3) tokens
+KL_TOP_K = 256
+
+
+def _log_rest(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``idx`` per row (``-inf`` when ``idx`` holds every
+    token), by logsumexp over the other entries: no ``1 - sum`` cancellation."""
+    rest = logp.scatter(1, idx, float("-inf"))
+    return torch.logsumexp(rest.double(), 1)
+
+
+def bucketed_kl(ref_top: torch.Tensor, ref_idx: torch.Tensor, logq: torch.Tensor,
+                ref_log_rest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``KL(p || q)`` per row over the reference's top tokens ``ref_idx [P, K]`` (log-probs
+    ``ref_top [P, K]``) plus one bucket for every other token (its log-mass ``ref_log_rest
+    [P]``, kept when the reference was complete; None: ``1 - sum`` of the top); ``logq [P, V]``
+    the probed log-probabilities. Returns float64 ``[P]`` (clamped at 0 against round-off)."""
+    lq = logq.gather(1, ref_idx).double()
+    lp = ref_top.double()
+    head = (lp.exp() * (lp - lq)).sum(1)
+    if ref_log_rest is None:
+        ref_log_rest = (1 - lp.exp().sum(1)).clamp_min(0).log()
+    lpr = ref_log_rest.double()
+    lqr = _log_rest(logq, ref_idx)
+    finite = torch.isfinite(lpr)
+    tail = torch.where(finite, lpr.clamp_min(-1e300).exp() * (lpr - lqr.clamp_min(-1e300)),
+                       torch.zeros_like(lpr))
+    return (head + tail).clamp_min(0)
 
 
 @dataclasses.dataclass
@@ -242,7 +286,13 @@ class _Prober:
     """
 
     def __init__(self, model, objectives: Sequence[Objective], tokens_per_batch: int,
-                 record: bool = True, compute_dtype: torch.dtype = torch.float32):
+                 record: bool = True, compute_dtype: torch.dtype = torch.float32,
+                 scoring: str = "nll"):
+        if scoring not in SCORINGS:
+            raise ValueError(f"tasa: sensitivity scoring must be one of {SCORINGS}, got "
+                             f"{scoring!r}")
+        self.scoring = scoring
+        self.ref: Dict[tuple, tuple] = {}          # (obj, batch) -> reference top-K (KL scoring)
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"tasa: sensitivity compute dtype must be float32 or bfloat16, "
                              f"got {compute_dtype}")
@@ -261,9 +311,12 @@ class _Prober:
     def losses(self, items: Mapping[str, np.ndarray]) -> Dict[str, float]:
         return {k: float(v.sum() / self.tokens[k].sum()) for k, v in items.items()}
 
-    def _final(self, hidden, obj: Objective, rows, L: int) -> torch.Tensor:
+    def _final(self, hidden, obj: Objective, rows, L: int, key=None,
+                base: bool = False) -> torch.Tensor:
         """Summed NLL of the scored tokens of each row of one batch (float64 [rows]), from the
-        final hidden; the output head runs in fp32 whatever the blocks ran in."""
+        final hidden; the output head runs in fp32 whatever the blocks ran in. With the KL
+        scoring the baseline run (``base``) keeps the reference's top-K at ``key`` and a probe
+        returns each row's summed KL to it instead."""
         score = obj.score[rows, :L].to(self.dev)
         tgt = obj.input_ids[rows, :L].to(self.dev)
         pos = score[:, 1:]                       # hidden at t-1 predicts token t
@@ -274,10 +327,19 @@ class _Prober:
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        nll = F.cross_entropy(logits, tgt[:, 1:][pos], reduction="none").double()
         row = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[pos]
-        return torch.zeros(pos.shape[0], dtype=torch.float64, device=nll.device).index_add_(
-            0, row, nll).cpu()
+        if self.scoring == "kl" and not base:
+            ref_top, ref_idx, ref_rest = self.ref[key]
+            per_pos = bucketed_kl(ref_top, ref_idx, F.log_softmax(logits, -1), ref_rest)
+        else:
+            if self.scoring == "kl":
+                lp = F.log_softmax(logits, -1)
+                k = min(KL_TOP_K, lp.shape[-1])
+                top, idx = lp.topk(k, -1)
+                self.ref[key] = (top, idx, _log_rest(lp, idx))
+            per_pos = F.cross_entropy(logits, tgt[:, 1:][pos], reduction="none").double()
+        return torch.zeros(pos.shape[0], dtype=torch.float64, device=per_pos.device).index_add_(
+            0, row, per_pos.to(torch.float64)).cpu()
 
     def _run(self, start: Optional[int], record: bool = False) -> Dict[str, np.ndarray]:
         """Per-item summed NLL per objective. ``start``: first block to recompute (None: all);
@@ -315,7 +377,8 @@ class _Prober:
                     with torch.autocast(self.dev.type, dtype=self.compute_dtype, enabled=autocast):
                         res = base_model(input_ids=obj.input_ids[rows, :L].to(self.dev),
                                          use_cache=False)
-                    items[rows] = self._final(res.last_hidden_state, obj, rows, L)
+                    items[rows] = self._final(res.last_hidden_state, obj, rows, L,
+                                              key=(obj.name, bi), base=start is None)
                 out[obj.name] = items.numpy()
         finally:
             for h in handles:
@@ -363,9 +426,10 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
                                                       Dict[str, list]], None]] = None,
                         base: Optional[Mapping[str, float]] = None,
                         compute_dtype: torch.dtype = torch.float32,
-                        progress: bool = True, dist=None) -> dict:
+                        progress: bool = True, dist=None, scoring: str = "nll") -> dict:
     """Loss increase of every objective when only unit ``u`` is RTN-quantized at each width of
-    ``widths``.
+    ``widths`` (``scoring="kl"``: the KL divergence from the full-precision model instead,
+    module docstring).
 
     ``units``: ``{name: (block index, [linear fqns])}`` (:func:`block_units`,
     :func:`sublayer_units`, :func:`linear_units`). ``done[b][u]``: probes already measured
@@ -399,7 +463,8 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
     delta: Dict[int, Dict[str, Dict[str, float]]] = {b: {} for b in widths}
     items: Dict[int, Dict[str, Dict[str, list]]] = {b: {} for b in widths}
     with torch.no_grad(), flush_denormals():
-        prober = _Prober(model, objectives, tokens_per_batch, compute_dtype=compute_dtype)
+        prober = _Prober(model, objectives, tokens_per_batch, compute_dtype=compute_dtype,
+                         scoring=scoring)
         if base is not None:
             _check_base(base, prober.base)
         todo = [(b, u) for b in widths for u in units if u not in done.get(b, {})]
@@ -449,6 +514,7 @@ def _probe_unit(prober, mods, units, bits, u, group_size, mode) -> tuple:
         G = resolve_group_size(lin.in_features, group_size)
         specs.append(LayerSpec([bits] * (lin.in_features // G), G, mode))
     got = prober.probe(start, lins, specs)
-    di = {k: (got[k] - prober.base_items[k]) for k in got}
+    # NLL: the increase over the baseline; KL: already a divergence from it
+    di = {k: got[k] if prober.scoring == "kl" else got[k] - prober.base_items[k] for k in got}
     d = {k: float(v.sum() / prober.tokens[k].sum()) for k, v in di.items()}
     return d, {k: v.tolist() for k, v in di.items()}

@@ -41,6 +41,7 @@ class PipelineConfig:
     # sensitivity
     sens_widths: tuple = defaults.SENS_WIDTHS   # RTN probe widths, each measured per unit
     sens_dtype: str = defaults.SENS_DTYPE       # compute dtype of the probes' forward passes
+    sens_scoring: str = defaults.SENS_SCORING   # "nll" | "kl" (tasa.sensitivity)
     granularity: str = defaults.GRANULARITY     # "block" | "sublayer" | "linear"
     objectives: tuple = defaults.OBJECTIVES
     sens_ppl_windows: int = 8
@@ -70,7 +71,7 @@ class PipelineConfig:
 
     # fields whose change invalidates the measurement (everything the measured numbers depend on)
     MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
-                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_widths", "sens_dtype",
+                    "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_widths", "sens_dtype", "sens_scoring",
                     "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
                     "sens_math_items", "sens_arc_items")
 
@@ -119,6 +120,9 @@ class PipelineConfig:
                              f"{self.granularity!r}")
         if self.budget not in ("storage", "code"):
             raise ValueError(f"tasa: budget must be 'storage' or 'code', got {self.budget!r}")
+        if self.sens_scoring not in defaults.SENS_SCORINGS:
+            raise ValueError(f"tasa: --sens-scoring must be one of {list(defaults.SENS_SCORINGS)}, "
+                             f"got {self.sens_scoring!r}")
         if self.sens_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"tasa: --sens-dtype must be float32 or bfloat16, got {self.sens_dtype!r}")
         unknown = set(self.objectives) - set(defaults.OBJECTIVES)
@@ -135,4 +139,7 @@ class PipelineConfig:
 
     def measure_fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
+        out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
+        if out["sens_scoring"] == "nll":      # the only scoring before the setting existed:
+            del out["sens_scoring"]           # measurements written then still match
+        return out

@@ -515,7 +515,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
         res = sensitivity.measure_sensitivity(
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
             done=done, on_result=on_result, base=sens.base, progress=progress,
-            compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist)
+            compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist, scoring=cfg.sens_scoring)
         sens.base = res["base"]
         sens.base_items = res["base_items"]
         sens.item_tokens = res["tokens"]
