@@ -200,6 +200,18 @@ class LlamaScorer:
         return F.log_softmax(self.a(ids[None]).logits[0], -1)
 
     def mc(self, ctx, conts):
+        out = self._mc(ctx, conts)
+        if not getattr(self, "checked", False):       # the prefix re-use equals a full pass
+            self.checked = True
+            for c, ll in zip(conts, out[0]):
+                lp = self.logprobs(torch.tensor(ctx + c))
+                pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c))
+                full = float(lp[pos, torch.tensor(c)].sum())
+                if abs(full - ll) > 1e-2 * max(1.0, abs(full)):
+                    raise RuntimeError(f"llama.cpp prefix re-use gives {ll}, a full pass {full}")
+        return out
+
+    def _mc(self, ctx, conts):
         llm = self.llm
         llm.reset()
         llm.eval(ctx)
