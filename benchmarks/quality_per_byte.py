@@ -433,24 +433,38 @@ def main(argv=None) -> int:
     scorers = {"reference": HFScorer(ref)}
     for n, p in paths.items():
         scorers[n] = LlamaScorer(p) if p.suffix == ".gguf" else HFScorer(tasa.load(p))
-    cache = work / (f"scores-g{args.general_tokens}-t{args.task_tokens}-mc{args.mc}-"
-                    f"s{args.seed}.json")
-    scores = json.loads(cache.read_text()) if cache.is_file() else {}
-    if scores and set(next(iter(scores.values()))) != set(scorers):
-        scores = {}                                   # other rows: score again
-    if "general" not in scores:
-        seqs = divergence.kl_sequences(tok, "general", data=args.data,
-                                       max_tokens=args.general_tokens, seqlen=512)
-        scores["general"] = score_text(scorers, seqs, "general")
-        cache.write_text(json.dumps(scores))
-    if "gsm8k" not in scores:
-        seqs = divergence.kl_sequences(tok, "gsm8k", data=args.data,
-                                       max_tokens=args.task_tokens, seqlen=512)
-        scores["gsm8k"] = score_text(scorers, seqs, "gsm8k")
-        cache.write_text(json.dumps(scores))
-    if "arc" not in scores:
-        scores["arc"] = score_mc(scorers, mc_items(tok, args.data, args.mc, args.seed))
-        cache.write_text(json.dumps(scores))
+    # one cache file per text and its settings (a later run with another --mc keeps the texts
+    # already scored); the older combined files are read too
+    def cached(text, tag, compute):
+        f = work / f"scores-{text}-{tag}.json"
+        got = json.loads(f.read_text()) if f.is_file() else None
+        if got is None:
+            for old in work.glob("scores-g*-t*-mc*-s*.json"):
+                g, t, mc, sd = old.stem.split("-")[1:]
+                want = {"general": g == f"g{args.general_tokens}",
+                        "gsm8k": t == f"t{args.task_tokens}",
+                        "arc": mc == f"mc{args.mc}" and sd == f"s{args.seed}"}[text]
+                d = json.loads(old.read_text())
+                if want and text in d:
+                    got = d[text]
+        if got is not None and set(got) != set(scorers):
+            got = None                                # other rows: score again
+        if got is None:
+            got = compute()
+            f.write_text(json.dumps(got))
+        return got
+
+    scores = {
+        "general": cached("general", f"g{args.general_tokens}", lambda: score_text(
+            scorers, divergence.kl_sequences(tok, "general", data=args.data,
+                                             max_tokens=args.general_tokens, seqlen=512),
+            "general")),
+        "gsm8k": cached("gsm8k", f"t{args.task_tokens}", lambda: score_text(
+            scorers, divergence.kl_sequences(tok, "gsm8k", data=args.data,
+                                             max_tokens=args.task_tokens, seqlen=512),
+            "gsm8k")),
+        "arc": cached("arc", f"mc{args.mc}-s{args.seed}", lambda: score_mc(
+            scorers, mc_items(tok, args.data, args.mc, args.seed)))}
     meta = machine()
     meta.update({"model": args.model, "model_note": info.note(),
                  "command": "python benchmarks/quality_per_byte.py " + " ".join(
