@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", default="3,4")
     ap.add_argument("--general-tokens", type=int, default=10240)
     ap.add_argument("--task-tokens", type=int, default=10240)
+    ap.add_argument("--methods", default="gptq,gptq-mse,rtn,rtn-mse")
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
     import tasa
@@ -43,9 +44,9 @@ def main(argv=None) -> int:
     ref, tok, info = load_model(args.model)
     folders = {}
     for w in [int(x) for x in args.widths.split(",")]:
-        for method in ("gptq", "gptq-mse", "rtn", "rtn-mse"):
+        for method in args.methods.split(","):
             name = f"W{w} {method}"
-            folder = work / f"w{w}-{method}"
+            folder = work / f"w{w}-{method}" if method != "rtn-mse" else work / f"w{w}-{method}-w2"
             if not (folder / "run.json").is_file():
                 print(time.strftime("%H:%M:%S"), name, "->", folder, flush=True)
                 model, mtok, _ = load_model(args.model)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     L += ["", "Paired: the clipping search minus its min/max twin (negative = better):", "",
           "| pair | ΔKL general | ΔKL GSM8K | ΔGSM8K NLL |", "|---|---|---|---|"]
     for n in folders:
-        if n.endswith("-mse"):
+        if n.endswith("-mse") and n[:-4] in folders:
             base = n[:-4]
 
             def d(text, key):
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
                      f"{'{:+.4f} ± {:.4f}'.format(*d('gsm8k', 'kl_seq'))} | "
                      f"{'{:+.4f} ± {:.4f}'.format(*d('gsm8k', 'nll_seq'))} |")
     md = "\n".join(L) + "\n"
-    stem = f"mse_methods_{args.model}"
+    stem = f"mse_methods_{args.model}" + ("" if args.methods == "gptq,gptq-mse,rtn,rtn-mse" else
+                                          "_" + args.methods.replace(",", "_"))
     (RESULTS / f"{stem}.md").write_text(md)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "results": {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")}
