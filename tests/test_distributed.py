@@ -119,8 +119,8 @@ def _core_worker(rank, world, port, out):
         res["errors"] = r["errors"]
         # the same GPTQ, lazily from the checkpoint (rank 0 writes the shards)
         from tasa.lazy import quantize_lazy
-        quantize_lazy(Path(out) / "src", plan, Path(out) / f"lazy_w{world}", calib_ids=ids,
-                      batch_size=4, progress=False, dist=d)
+        quantize_lazy(Path(out) / "src", plan, Path(out) / f"lazy_w{world}", method="gptq",
+                      calib_ids=ids, batch_size=4, progress=False, dist=d)
         res["balance"] = dict(d.balance)
         # sensitivity probes (per linear), on a fresh model
         model = tiny_llama(seed=0)
