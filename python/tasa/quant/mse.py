@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .methods import Method, register_method
-from .rtn import QuantizedWeight, check_weight, quantize_codes, rtn_params
+from .rtn import QuantizedWeight, quantize_codes, quantize_rtn, rtn_params
 from .gptq import quantize_gptq
 
 __all__ = ["SHRINK", "mse_params", "quantize_rtn_mse", "RTNMSE", "GPTQMSE"]
@@ -81,21 +81,8 @@ def quantize_rtn_mse(W: torch.Tensor, spec, name: str = "weight") -> QuantizedWe
     by its own square (llama.cpp's rule for its k-quants without an importance matrix): an
     unweighted search clipped the large weights that carry the output and measured WORSE than
     min/max on SmolLM2 (W3 KL 3.56 vs 2.48, benchmarks/results/mse_methods_smollm2-135m.md)."""
-    W = check_weight(W, spec, name)
-    N, K = W.shape
-    G = spec.group_size
-    sym = spec.mode == "sym"
-    codes = torch.empty(N, K, dtype=torch.uint8)
-    scales = torch.empty(K // G, N)
-    zeros = torch.empty(K // G, N)
-    for g, b in enumerate(spec.bits):
-        Wg = W[:, g * G:(g + 1) * G]
-        s, z = mse_params(Wg, b, sym, Wg.float() ** 2)
-        q, _ = quantize_codes(Wg, s[:, None], z[:, None], 2 ** b - 1)
-        codes[:, g * G:(g + 1) * G] = q.to(torch.uint8)
-        scales[g], zeros[g] = s, z
-    return QuantizedWeight(codes, scales.half(), None if sym else zeros.half(), None,
-                           list(spec.bits), G, spec.mode)
+    return quantize_rtn(W, spec, name=name,
+                        params=lambda Wg, b, sym: mse_params(Wg, b, sym, Wg.float() ** 2))
 
 
 @register_method

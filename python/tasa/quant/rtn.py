@@ -115,8 +115,9 @@ def rtn_fake_quant(W: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
 
 
 def quantize_rtn(W: torch.Tensor, spec: LayerSpec, perm: Optional[torch.Tensor] = None,
-                 name: str = "weight") -> QuantizedWeight:
-    """Round-to-nearest with per-(group, column) min/max parameters."""
+                 name: str = "weight", params=None) -> QuantizedWeight:
+    """Round-to-nearest with per-(group, column) parameters: min/max (:func:`rtn_params`), or
+    ``params(W_group [N, G], bits, sym) -> (s, z)`` (e.g. :mod:`tasa.quant.mse`'s search)."""
     W = check_weight(W, spec, name)
     if perm is not None:
         W = W[:, perm.long()]
@@ -128,7 +129,7 @@ def quantize_rtn(W: torch.Tensor, spec: LayerSpec, perm: Optional[torch.Tensor] 
     zeros = torch.empty(K // G, N)
     for g, b in enumerate(spec.bits):
         Wg = W[:, g * G:(g + 1) * G]
-        s, z = rtn_params(Wg, b, sym)
+        s, z = (params or rtn_params)(Wg, b, sym)
         q, _ = quantize_codes(Wg, s[:, None], z[:, None], 2 ** b - 1)
         codes[:, g * G:(g + 1) * G] = q.to(torch.uint8)
         scales[g], zeros[g] = s, z
