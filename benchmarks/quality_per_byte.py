@@ -110,8 +110,8 @@ def build_llama(model_name, args, work: Path, ref, tok) -> dict:
         cfg = pipeline.PipelineConfig(model=model_name, data=args.data)
         ids, _ = pipeline.gptq_calibration(tok, cfg, 1.0, log=log)
         im = ge.importance(ref, ids, names, progress=False)
-        arch = ge._gguf().GGUFReader(str(ref_file)).fields["general.architecture"].contents()
-        gmap = ge.gguf_name_map(arch, ref.config.get_text_config().num_hidden_layers, names)
+        gmap = ge.gguf_name_map(ge.gguf_architecture(ref_file),
+                                ref.config.get_text_config().num_hidden_layers, names)
         im = {gmap[n]: v for n, v in im.items()}
         for m in todo:
             log(f"llama.cpp {m} (imatrix: general text) -> {work / f'llama-{m}.gguf'}")

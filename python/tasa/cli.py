@@ -234,14 +234,8 @@ def cmd_eval(args) -> int:
     try:
         tev.require_lm_eval()
         tasks = tev.check_tasks(args.tasks)
-        quantized = load_quantized(args.quantized) if args.quantized else None
-        base = ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get(
-            "base_model") if quantized is not None else None
-        if args.model is None:
-            args.model = base if base is not None else defaults.MODEL
-        model, tok, _info = load_model(args.model)
+        quantized, model, tok, _info = _quantized_and_reference(args)
         if quantized is not None:
-            _check_same_base(args.quantized, base, args.model, quantized, model)
             model = quantized
             model.tasa_info = _info
         s = tev.evaluate(model, tok, tasks=tasks, data=args.data, limit=args.limit, seed=args.seed,
@@ -271,13 +265,7 @@ def _cmd_eval_kl(args) -> int:
         if not args.quantized:
             raise ValueError("tasa: --kl compares a quantized folder with its reference: give "
                              "--quantized DIR")
-        quantized = load_quantized(args.quantized)
-        base = ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get(
-            "base_model")
-        if args.model is None:
-            args.model = base if base is not None else defaults.MODEL
-        reference, tok, _info = load_model(args.model)
-        _check_same_base(args.quantized, base, args.model, quantized, reference)
+        quantized, reference, tok, _info = _quantized_and_reference(args)
         seqs = divergence.kl_sequences(tok, args.text, data=args.data, max_tokens=args.kl_tokens,
                                        seqlen=args.seqlen)
         name = Path(args.quantized).name or "quantized"
@@ -297,6 +285,20 @@ def _cmd_eval_kl(args) -> int:
                                      "summary": summary, "scores": scores})
         print(f"written to {args.out}")
     return 0
+
+
+def _quantized_and_reference(args) -> tuple:
+    """``(the --quantized folder's model or None, the reference, tokenizer, info)``: --model
+    defaults to the folder's base model (else tasa's default) and must be that model."""
+    quantized = load_quantized(args.quantized) if args.quantized else None
+    base = ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get(
+        "base_model") if quantized is not None else None
+    if args.model is None:
+        args.model = base if base is not None else defaults.MODEL
+    reference, tok, info = load_model(args.model)
+    if quantized is not None:
+        _check_same_base(args.quantized, base, args.model, quantized, reference)
+    return quantized, reference, tok, info
 
 
 def _canonical(name) -> str:

@@ -45,7 +45,7 @@ from .quant.spec import LayerSpec
 
 __all__ = ["INSTALL", "WIDTH_TYPES", "FALLBACK", "FTYPES", "require_llama_cpp", "gguf_name_map",
            "reference_gguf", "importance", "tensor_types", "llama_quantize", "gguf_tensors",
-           "export_plan", "LlamaCppLogits"]
+           "export_plan", "LlamaCppLogits", "gguf_architecture"]
 
 # llama-cpp-python built with explicit ISA flags: the default (GGML_NATIVE) build segfaults in
 # decode on the AMX Xeon of these benchmarks (benchmarks/results/generate_cpu.md); ~5-6 min.
@@ -106,6 +106,11 @@ def gguf_name_map(architecture: str, n_layers: int, names: Sequence[str]) -> Dic
         raise ValueError(f"tasa: no llama.cpp tensor name for {missing[:4]}"
                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     return out
+
+
+def gguf_architecture(path) -> str:
+    """``general.architecture`` of a GGUF file (``llama``, ``qwen2``, ``gemma3`` ...)."""
+    return _gguf().GGUFReader(str(path)).fields["general.architecture"].contents()
 
 
 # ---- 1. the reference GGUF -----------------------------------------------------------------------
@@ -460,8 +465,8 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
     ids, info = stages.gptq_calibration(tok, cfg, a, log=log)
     im = importance(ref, ids, list(specs), progress=progress)
     text_cfg = ref.config.get_text_config()
-    arch = _gguf().GGUFReader(str(ref_file)).fields["general.architecture"].contents()
-    report = export_plan(ref_file, out, specs, shapes, arch, int(text_cfg.num_hidden_layers),
+    report = export_plan(ref_file, out, specs, shapes, gguf_architecture(ref_file),
+                         int(text_cfg.num_hidden_layers),
                          imatrix=im, embedding_width=e_w or None,
                          head_width=None if tied else (h_w or None),
                          embed_k_in=int(ref.get_input_embeddings().weight.shape[1]))

@@ -331,12 +331,12 @@ class _Prober:
         if self.scoring == "kl" and not base:
             ref_top, ref_idx, ref_rest = self.ref[key]
             per_pos = bucketed_kl(ref_top, ref_idx, F.log_softmax(logits, -1), ref_rest)
+        elif self.scoring == "kl":        # the baseline: keep its top-K, score its NLL
+            lp = F.log_softmax(logits, -1)
+            top, idx = lp.topk(min(KL_TOP_K, lp.shape[-1]), -1)
+            self.ref[key] = (top, idx, _log_rest(lp, idx))
+            per_pos = -lp.gather(1, tgt[:, 1:][pos][:, None])[:, 0].double()
         else:
-            if self.scoring == "kl":
-                lp = F.log_softmax(logits, -1)
-                k = min(KL_TOP_K, lp.shape[-1])
-                top, idx = lp.topk(k, -1)
-                self.ref[key] = (top, idx, _log_rest(lp, idx))
             per_pos = F.cross_entropy(logits, tgt[:, 1:][pos], reduction="none").double()
         return torch.zeros(pos.shape[0], dtype=torch.float64, device=per_pos.device).index_add_(
             0, row, per_pos.to(torch.float64)).cpu()

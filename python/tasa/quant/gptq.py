@@ -127,7 +127,10 @@ class GPTQ(Method):
     needs_hessian = True
     description = "GPTQ with error feedback (calibration data)"
 
+    #: the group-parameter routine (None: min/max); see :func:`quantize_gptq`'s ``params``
+    params = None
+
     def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
         if H is None:
             raise ValueError(f"tasa: GPTQ of {name} needs its Hessian")
-        return quantize_gptq(W, H, spec, damp=damp, name=name)
+        return quantize_gptq(W, H, spec, damp=damp, name=name, params=self.params)

@@ -23,26 +23,14 @@ from typing import Optional
 
 import torch
 
-from .methods import Method, register_method
-from .rtn import QuantizedWeight, quantize_codes, quantize_rtn, rtn_params
-from .gptq import quantize_gptq
+from .gptq import GPTQ
+from .methods import register_method
+from .rtn import RTN, QuantizedWeight, quantize_codes, quantize_rtn, rtn_params
 
-__all__ = ["SHRINK", "mse_params", "quantize_rtn_mse", "RTNMSE", "GPTQMSE"]
+__all__ = ["SHRINK", "mse_params", "w2_params", "quantize_rtn_mse", "RTNMSE", "GPTQMSE"]
 
 # range factors tried: 1.0 (min/max) down to 0.5 in steps of 0.025 (21 candidates)
 SHRINK = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
-
-
-def _shrunk_params(W: torch.Tensor, bits: int, sym: bool, p: float):
-    """:func:`rtn_params` of the range shrunk by ``p`` (``W [..., G]``)."""
-    if p == 1.0:
-        return rtn_params(W, bits, sym)
-    if sym:
-        return rtn_params(W.clamp(-p * W.abs().amax(-1, keepdim=True),
-                                  p * W.abs().amax(-1, keepdim=True)), bits, sym)
-    lo = W.amin(-1, keepdim=True).clamp(max=0) * p
-    hi = W.amax(-1, keepdim=True).clamp(min=0) * p
-    return rtn_params(torch.maximum(torch.minimum(W, hi), lo), bits, sym)
 
 
 def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Tensor] = None,
@@ -60,9 +48,18 @@ def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Ten
     if 1.0 not in shrink:
         raise ValueError("tasa: the shrink factors must include 1.0 (min/max)")
     maxq = 2 ** bits - 1
+    # the range bounds once; each candidate is rtn_params of W clamped to p times them
+    if sym:
+        hi = W.abs().amax(-1, keepdim=True)
+        lo = -hi
+    else:
+        lo = W.amin(-1, keepdim=True).clamp(max=0)
+        hi = W.amax(-1, keepdim=True).clamp(min=0)
     best_s = best_z = best_e = None
     for p in shrink:
-        s, z = _shrunk_params(W, bits, sym, float(p))
+        p = float(p)
+        s, z = rtn_params(W if p == 1.0 else torch.maximum(torch.minimum(W, p * hi), p * lo),
+                          bits, sym)
         _, wq = quantize_codes(W, s[..., None], z[..., None], maxq)
         d2 = (W - wq) ** 2
         e = (d2 * weight).sum(-1) if weight is not None else d2.sum(-1)
@@ -76,38 +73,31 @@ def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Ten
     return best_s, best_z
 
 
+def w2_params(W: torch.Tensor, bits: int, sym: bool):
+    """:func:`mse_params` with each weight's error weighted by its own square (llama.cpp's rule
+    for its k-quants without an importance matrix): an unweighted search clipped the large
+    weights that carry the output and measured WORSE than min/max on SmolLM2 (W3 KL 3.56 vs
+    2.48, benchmarks/results/mse_methods_smollm2-135m.md)."""
+    return mse_params(W, bits, sym, W.float() ** 2)
+
+
 def quantize_rtn_mse(W: torch.Tensor, spec, name: str = "weight") -> QuantizedWeight:
-    """Round-to-nearest with :func:`mse_params` per (group, row), each weight's error weighted
-    by its own square (llama.cpp's rule for its k-quants without an importance matrix): an
-    unweighted search clipped the large weights that carry the output and measured WORSE than
-    min/max on SmolLM2 (W3 KL 3.56 vs 2.48, benchmarks/results/mse_methods_smollm2-135m.md)."""
-    return quantize_rtn(W, spec, name=name,
-                        params=lambda Wg, b, sym: mse_params(Wg, b, sym, Wg.float() ** 2))
+    """Round-to-nearest with :func:`w2_params` per (group, row)."""
+    return quantize_rtn(W, spec, name=name, params=w2_params)
 
 
 @register_method
-class RTNMSE(Method):
-    """Round-to-nearest with a clipping search per group (:func:`quantize_rtn_mse`)."""
+class RTNMSE(RTN):
+    """Round-to-nearest with a clipping search per group (:func:`w2_params`)."""
     name = "rtn-mse"
-    needs_hessian = False
     description = "round-to-nearest, per-group clipping search on the w^2-weighted error (no data)"
-
-    def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
-        if spec.act_order:
-            raise ValueError(f"tasa: {name}: act_order orders columns by the Hessian; rtn-mse "
-                             f"has none (use 'gptq-mse')")
-        return quantize_rtn_mse(W, spec, name=name)
+    params = staticmethod(w2_params)
 
 
 @register_method
-class GPTQMSE(Method):
+class GPTQMSE(GPTQ):
     """GPTQ whose group parameters come from :func:`mse_params` weighted by the group's
     ``diag(H)`` (:func:`~tasa.quant.gptq.quantize_gptq` with ``params=``)."""
     name = "gptq-mse"
-    needs_hessian = True
     description = "GPTQ with a diag(H)-weighted clipping search per group (calibration data)"
-
-    def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
-        if H is None:
-            raise ValueError(f"tasa: GPTQ of {name} needs its Hessian")
-        return quantize_gptq(W, H, spec, damp=damp, name=name, params=mse_params)
+    params = staticmethod(mse_params)

@@ -145,8 +145,12 @@ class RTN(Method):
     needs_hessian = False
     description = "round-to-nearest, per-group min/max (no data)"
 
+    #: the group-parameter routine (None: min/max, :func:`rtn_params`); a subclass that only
+    #: changes it is a new method (:mod:`tasa.quant.mse`)
+    params = None
+
     def quantize(self, W, spec, H=None, *, damp=0.01, name="weight"):
         if spec.act_order:
-            raise ValueError(f"tasa: {name}: act_order orders columns by the Hessian; RTN has "
-                             f"none (use a method that needs one, e.g. 'gptq')")
-        return quantize_rtn(W, spec, name=name)
+            raise ValueError(f"tasa: {name}: act_order orders columns by the Hessian; {self.name} "
+                             f"has none (use a method that needs one, e.g. 'gptq')")
+        return quantize_rtn(W, spec, name=name, params=self.params)
