@@ -114,14 +114,16 @@ def _big_llama(path, layers=6):
     return blk, whole
 
 
+@pytest.mark.slow
 def test_lazy_peak_rss_near_one_block(tmp_path):
     """The increase of the resident set during the lazy GPTQ run (sampled every 2 ms, after
-    the model code is loaded) against one fp32 block (40 MiB here; 10 blocks, 408 MiB with the
-    embeddings). Measured on the 2-core machine: 4.0x a block (the block, its Hessians, GPTQ's
-    K x K temporaries of down_proj, the quantized copy, the calibration activations); the bound
-    is 5x, half the whole model's 10.2x, so loading the model whole (or keeping the blocks)
-    fails it."""
-    blk, whole = _big_llama(tmp_path / "src", layers=10)
+    the model code is loaded) against one fp32 block (40 MiB here; 14 blocks, 568 MiB with the
+    embeddings). Measured on the 2-core machines, default method (gptq-mse): 4.3-5.1x a block
+    over five runs (the block, its Hessians, GPTQ's K x K temporaries of down_proj, the
+    quantized copy, the calibration activations; glibc's arenas make it drift by ~0.8 block
+    from run to run; CI once saw 5.09 against the former 5.0 bound). The bound is 6.5x, under
+    half the whole model's 14.2x, so loading the model whole (or keeping the blocks) fails it."""
+    blk, whole = _big_llama(tmp_path / "src", layers=14)
     import os
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO / "python"), str(REPO)] + sys.path))
@@ -133,8 +135,8 @@ def test_lazy_peak_rss_near_one_block(tmp_path):
     factor = (m["peak"] - m["before"]) / blk
     print(f"lazy peak RSS increase: {(m['peak'] - m['before']) / 2**20:.1f} MiB = {factor:.2f} x "
           f"one block ({blk / 2**20:.1f} MiB); whole model {whole / 2**20:.1f} MiB")
-    assert whole > 2 * 5.0 * blk
-    assert factor < 5.0
+    assert whole > 2 * 6.5 * blk
+    assert factor < 6.5
     assert tasa.load(tmp_path / "out") is not None
 
 
