@@ -6,6 +6,7 @@ Ops (namespace ``tasa``):
   dequant(qweight, scales f16 [K/G, N], zeros f16? , gtable, perm i32? [K], G) -> W f32 [N, K]
   embed(ids i64 [...], qweight, scales, zeros?, gtable, perm?, G) -> f32 [..., K]   (rows of W: a lookup)
   gemm(x [..., K] f32|bf16|f16, qweight, scales, zeros?, gtable, perm?, G) -> y [..., N] (x's dtype)
+        (CPU, from dense_rows() rows of x on: dequantize once + torch matmul, see set_dense_rows)
   hessian_accumulate_(H f32 [S,K,K]!, X [T,K], src i64? [T], count i64 [S]!) -> ()
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
@@ -162,6 +163,25 @@ def set_cpu_isa(name: str) -> None:
         raise ValueError(f"tasa: unknown ISA {name!r}; choose from 'auto', {sorted(_ISA_NAMES)}")
 
 
+def set_dense_rows(rows: Optional[int]) -> None:
+    """From how many rows of x (tokens: a prefill) the CPU ``gemm`` dequantizes the matrix once,
+    in cache-sized column chunks, and runs torch's matmul on it (bf16 x: a bf16 matmul, AMX on
+    CPUs that have it; fp32 / fp16 x: fp32) instead of the fused kernel. 0: never; None: the
+    measured default (:data:`DENSE_ROWS_DEFAULT`). For tests and benchmarks."""
+    if rows is None:
+        rows = DENSE_ROWS_DEFAULT
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"tasa: dense rows must be an int >= 0 (0: never) or None, got {rows!r}")
+    _C.set_dense_rows(rows)
+
+
+def dense_rows() -> int:
+    return int(_C.dense_rows())
+
+
+DENSE_ROWS_DEFAULT = int(_C.DENSE_ROWS_DEFAULT)
+
+
 def cpu_isas_available() -> list:
     """Every CPU instruction-set path this machine can run, lowest first."""
     detected = int(_C.cpu_isa_detected())
@@ -178,5 +198,6 @@ def build_info() -> dict:
         "with_cuda": bool(_C.WITH_CUDA),
         "cpu_isa": cpu_isa(),
         "cpu_isa_detected": {v: k for k, v in _ISA_NAMES.items()}[int(_C.cpu_isa_detected())],
+        "dense_rows": dense_rows(),
         "torch": torch.__version__,
     }

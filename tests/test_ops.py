@@ -85,22 +85,39 @@ def rel_err(y, y64):
     return float((y.double() - y64).norm() / y64.norm())
 
 
+@pytest.fixture
+def dense_rows():
+    """Sets the CPU gemm's dense-path threshold for one test, restoring the default after."""
+    yield tasa_ext.ops.set_dense_rows
+    tasa_ext.ops.set_dense_rows(None)
+
+
+@pytest.mark.parametrize("path", ["fused", "dense"])
 @pytest.mark.parametrize("M", [1, 3, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
 @pytest.mark.parametrize("asym,act_order", [(False, False), (True, False), (True, True)])
-def test_gemm_matches_float64(isa, M, dtype, pattern, asym, act_order):
+def test_gemm_matches_float64(isa, dense_rows, path, M, dtype, pattern, asym, act_order):
+    """Both CPU paths at every M: the fused kernel (dense path off) and dequantize-once + torch
+    matmul (dense path from one row on), each against float64 within 2x torch's own matmul
+    error in the same dtype (the dense bf16 path rounds W to bf16, as torch's matmul here)."""
     N, K, G = 53, 768, 128
     p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=M)
     x = torch.randn(M, K).to(dtype)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     W64 = ref.dequant(*args, dtype=torch.float64)
     y64 = x.double() @ W64.T
+    dense_rows(1 if path == "dense" else 0)
     y = tasa_ext.gemm(x, *args)
     assert y.dtype == dtype and y.shape == (M, N)
     y_torch = x @ W64.to(dtype).T                 # torch's own matmul in the same dtype
     err, err_torch = rel_err(y, y64), rel_err(y_torch, y64)
-    assert err <= 2 * err_torch + 1e-7, (err, err_torch)
+    # the dense path's sgemm accumulates along K in order (x @ W^T with W^T [K, N] row-major):
+    # measured up to 3x torch's x @ W.T (a blocked dot product) at M = 1, so the bound is floored
+    # at the typical fp32 dot-product error u * sqrt(K) * |x||W| / |y| (a wrong decode is O(1))
+    floor = 1e-7 if path == "fused" else 2.0 ** -24 * math.sqrt(K) * float(
+        (x.double().abs() @ W64.abs().T).norm() / y64.norm())
+    assert err <= 2 * err_torch + floor, (err, err_torch, floor)
 
 
 SIMD_ISAS = [i for i in tasa_ext.ops.cpu_isas_available() if i != "scalar"]
@@ -137,7 +154,7 @@ def test_gemv_simd_matches_scalar_twin(simd, dtype, pattern, N, K, G, asym, act_
     assert err <= 2 * err_scalar + floor, (err, err_scalar, floor)
 
 
-@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("M", [1, 4, 70])
 def test_gemm_nonfinite_x_propagates(isa, M):
     """A NaN/Inf in x makes exactly the outputs that read it non-finite, on every path (the
     AVX-512 GEMV splits x into bf16 pieces: a NaN must not become Inf, Inf - Inf no NaN)."""
@@ -159,6 +176,53 @@ def test_gemm_nonfinite_x_propagates(isa, M):
     assert torch.equal(torch.isnan(y2), torch.isnan(expect))
     assert torch.equal(torch.isinf(y2), torch.isinf(expect))
     assert torch.equal(torch.sign(y2[torch.isinf(y2)]), torch.sign(expect[torch.isinf(expect)]).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
+@pytest.mark.parametrize("N,K,G,asym,act_order", [(700, 768, 128, True, True),
+                                                   (33, 96, 32, False, False),
+                                                   (1, 320, 64, True, False)])
+def test_dense_path_dequantizes_bit_exactly(isa, dense_rows, dtype, pattern, N, K, G, asym,
+                                            act_order):
+    """x = the identity (K one-hot rows, channel order) makes the dense path's output its
+    dequantized W^T itself: sums of one exact product. fp32 must equal tasa_ext.dequant (the
+    exact value rounded once) bit for bit, bf16 that rounded to nearest even; on every ISA (the
+    AVX-512 kernel and its scalar twin), with perm, zeros, a partial last column block and, at
+    N = 700, several column chunks."""
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=N + K)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    dense_rows(1)
+    y = tasa_ext.gemm(torch.eye(K, dtype=dtype), *args)
+    W = tasa_ext.dequant(*args)
+    assert torch.equal(W, ref.dequant(*args))
+    assert torch.equal(y, W.T.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_threshold_picks_the_path(dense_rows, dtype):
+    """Below the threshold the fused kernel runs, from it on the dense path: a bf16 x tells
+    them apart (the dense path rounds W to bf16, the fused one keeps it exact); the default is
+    the measured DENSE_ROWS_DEFAULT and a bad threshold is refused."""
+    assert tasa_ext.ops.dense_rows() == tasa_ext.ops.DENSE_ROWS_DEFAULT > 1
+    p = random_packed(48, 256, 64, BIT_PATTERNS["mix"], True, False, seed=3)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
+    x = torch.randn(8, 256).to(dtype)
+    dense_rows(0)
+    fused = tasa_ext.gemm(x, *args)
+    dense_rows(9)
+    assert torch.equal(tasa_ext.gemm(x, *args), fused)          # 8 rows < 9: fused
+    dense_rows(8)
+    dense = tasa_ext.gemm(x, *args)
+    W = tasa_ext.dequant(*args)
+    if dtype == torch.bfloat16:
+        assert not torch.equal(dense, fused)
+        torch.testing.assert_close(dense, x @ W.to(dtype).T)
+    else:
+        torch.testing.assert_close(dense, (x.float() @ W.T).to(dtype))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="dense rows"):
+            tasa_ext.ops.set_dense_rows(bad)
 
 
 def test_gemm_batched_leading_dims():
@@ -288,7 +352,7 @@ def test_bad_dtype_device_and_layout():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 70])
 def test_nonfinite_scales(isa, bad, M):
     p, args = _sample_args()
     s = p["scales"].clone()

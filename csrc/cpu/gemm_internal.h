@@ -44,3 +44,15 @@ void split_bf16_avx512(const float* x, int64_t K, int np, uint16_t* out);
 void store_block(const GemmArgs& a, int64_t m, int64_t n0, const float* v16);
 
 }  // namespace tasa
+
+namespace tasa {
+// W^T tile of stored group j, column blocks [cb0, cb1): rows lg*G .. lg*G+G-1 of out (leading
+// dimension ldw, column 0 = column cb0*16), fp32 (odt TASA_F32) or bf16; nonzero if a scale or
+// zero it read was NaN/Inf (dequant_t.cpp: the scalar twin; gemm_avx512.cpp-style ISA file).
+int dequant_t_scalar(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
+                     const int32_t* gtable, int64_t N, int64_t group_size, int64_t R, int64_t j,
+                     int64_t cb0, int64_t cb1, void* out, int64_t ldw, int odt);
+int dequant_t_avx512(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
+                     const int32_t* gtable, int64_t N, int64_t group_size, int64_t R, int64_t j,
+                     int64_t cb0, int64_t cb1, void* out, int64_t ldw, int odt);
+}  // namespace tasa

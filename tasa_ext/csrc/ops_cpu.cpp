@@ -58,6 +58,46 @@ at::Tensor embed_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at:
   return out;
 }
 
+// ---- prefill path: dequantize once, dense matmul ---------------------------------------------
+// From g_dense_rows rows of x on, gemm dequantizes W^T in column chunks (tasa_dequant_t_cpu)
+// and hands each chunk to torch's matmul: bf16 x -> bf16 W^T (oneDNN's AMX kernels where the
+// CPU has them, AVX-512 BF16 otherwise; W^T rounded to bf16 as a bf16 model's weights are),
+// fp32 / fp16 x -> fp32 W^T and sgemm (the fused kernel's fp32 semantics; fp16 x is computed
+// in fp32 and rounded back). Measured on the 2-core Intel Xeon with AMX
+// (benchmarks/results/prefill_cpu.md): see kDenseRowsDefault.
+constexpr int64_t kDenseRowsDefault = 64;
+int64_t g_dense_rows = kDenseRowsDefault;
+// W^T chunk of at most this many bytes: it stays in the L2 cache (2 MB per core here) between
+// the dequantization that writes it and the matmul that reads it.
+constexpr int64_t kChunkBytes = 1 << 20;
+
+at::Tensor gemm_dense_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
+                          const std::optional<at::Tensor>& perm, int64_t group_size, int64_t N,
+                          int64_t K, int64_t M) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && tasa_cpu_isa() >= TASA_ISA_AVX512;
+  const auto cdt = bf16 ? at::kBFloat16 : at::kFloat;
+  auto x2 = x.reshape({M, K});
+  if (perm) x2 = x2.index_select(1, *perm);          // logical order: column r = channel perm[r]
+  x2 = x2.to(cdt).contiguous();
+  const int64_t NB = tasa_num_col_blocks(N), elt = bf16 ? 2 : 4;
+  const int64_t cbs = std::max<int64_t>(1, std::min<int64_t>(NB, kChunkBytes / (K * 16 * elt)));
+  auto Wt = at::empty({K, cbs * 16}, x2.options());
+  auto y = at::empty({M, N}, x2.options());
+  for (int64_t cb0 = 0; cb0 < NB; cb0 += cbs) {
+    const int64_t cb1 = std::min(NB, cb0 + cbs), nc = std::min(N, cb1 * 16) - cb0 * 16;
+    raise_status(tasa_dequant_t_cpu((const uint32_t*)qweight.data_ptr<int32_t>(), half_ptr(scales),
+                                    zeros ? half_ptr(*zeros) : nullptr, gtable.data_ptr<int32_t>(),
+                                    N, K, group_size, qweight.size(1), cb0, cb1, Wt.data_ptr(),
+                                    Wt.size(1), bf16 ? TASA_BF16 : TASA_F32));
+    auto yc = y.narrow(1, cb0 * 16, nc);
+    at::mm_out(yc, x2, Wt.narrow(1, 0, nc));
+  }
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
 at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
                     const std::optional<at::Tensor>& perm, int64_t group_size) {
@@ -65,6 +105,11 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
   const int xdt = check_activation(x, "x", K, qweight);
   const int64_t M = x.numel() / K;
+  if (g_dense_rows > 0 && M >= g_dense_rows) {
+    if (perm) raise_status(tasa_check_layout_cpu(gtable.data_ptr<int32_t>(), perm->data_ptr<int32_t>(), K,
+                                                 group_size, qweight.size(1)), "perm");
+    return gemm_dense_cpu(x, qweight, scales, zeros, gtable, perm, group_size, N, K, M);
+  }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   auto y = at::empty(out_shape, x.options());
@@ -129,6 +174,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "zeros if asymmetric, the group table, the permutation if any).",
         py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("group_bits"), py::arg("has_zeros"),
         py::arg("has_perm"));
+  m.def("dense_rows", []() { return tasa_ext::g_dense_rows; },
+        "Rows of x from which the CPU gemm dequantizes once and calls torch's matmul (0: never).");
+  m.def("set_dense_rows", [](int64_t rows) {
+    TORCH_CHECK(rows >= 0, "tasa: dense_rows must be >= 0 (0 turns the dense path off), got ", rows);
+    tasa_ext::g_dense_rows = rows;
+  });
+  m.attr("DENSE_ROWS_DEFAULT") = tasa_ext::kDenseRowsDefault;
   m.def("cpu_isa", []() { return tasa_cpu_isa(); });
   m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
   m.def("set_cpu_isa", [](int isa) {

@@ -47,6 +47,13 @@ int tasa_embed_cpu(const int64_t* ids, int64_t n_ids, const uint32_t* qweight,
                    const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
                    const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
                    float* out);
+// W^T of column blocks [cb0, cb1) for a dense matmul (the prefill path): out [K, ldw] of dtype
+// odt (TASA_F32 or TASA_BF16), row r = logical input row r (perm NOT applied: the caller
+// permutes x instead), column c = output column cb0*16 + c (c < min(N, cb1*16) - cb0*16 <= ldw).
+// fp32 values equal tasa_dequant_cpu's bit for bit; bf16 ones are those rounded to nearest even.
+int tasa_dequant_t_cpu(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros,
+                       const int32_t* gtable, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                       int64_t cb0, int64_t cb1, void* out, int64_t ldw, int odt);
 // y [M, N] = x [M, K] . W^T, x and y of dtype xdt, fp32 accumulation.
 int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
