@@ -29,6 +29,11 @@ batch 1, ``--threads`` threads (default 2):
         pip install llama-cpp-python==0.3.36
 
   A configuration whose process dies says how (the signal, or the last line of its error).
+* ``tasa-saved-bf16``: the saved folder loaded, then ``model.to(torch.bfloat16)`` (the packed
+  codes and fp16 scales stay as stored; activations, norms, attention and the prefill's dense
+  matmuls run in bf16: oneDNN's AMX kernels where the CPU has them), the like of ``hf-bf16``.
+  A ``-fused`` suffix on either tasa-saved configuration turns the dense prefill path off
+  (every M through the fused dequant-GEMM, as before it existed).
 
 Speed depends on the widths, not on how the codes were chosen, so the tasa rows quantize with
 RTN under the TASA plan (the GPTQ codes of ``tasa quantize`` give the same kernel work).
@@ -57,7 +62,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CONFIGS = ("hf-fp32", "hf-bf16", "tasa-eager", "tasa-fast-head32", "tasa-fast", "tasa-saved",
-           "llama.cpp")
+           "tasa-saved-bf16", "llama.cpp")
+# also accepted (not in the default list): "-fused" after a tasa-saved configuration turns the
+# CPU gemm's dense prefill path off (tasa_ext.ops.set_dense_rows(0)), for side-by-side ratios
 MEASURED = HERE / "results" / "reproduction"
 INSTALL_LLAMA = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON '
                  '-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON '
@@ -170,12 +177,17 @@ def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
         from tasa.generation import generate
         from tasa.models import load_model
 
-        if config == "tasa-saved":
+        if config.startswith("tasa-saved"):
             import tasa
+            import tasa_ext
             from transformers import AutoTokenizer
 
+            if config.endswith("-fused"):
+                tasa_ext.ops.set_dense_rows(0)
             t0 = time.perf_counter()
             model = tasa.load(path)
+            if "-bf16" in config:
+                model = model.to(torch.bfloat16)
             tok = AutoTokenizer.from_pretrained(path)
             res["load_s"] = time.perf_counter() - t0
             res["load_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -194,7 +206,7 @@ def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
             model, tok, _ = load_model(model_name)
             if config == "hf-bf16":
                 model = model.to(torch.bfloat16)
-        fast = config in ("tasa-fast", "tasa-fast-head32", "tasa-saved")
+        fast = config in ("tasa-fast", "tasa-fast-head32") or config.startswith("tasa-saved")
         short = _prompt_ids(tok, 16, model.config.vocab_size)
         long = _prompt_ids(tok, prompt_len, model.config.vocab_size)
 
@@ -261,13 +273,13 @@ def main(argv=None) -> int:
     configs = [c for c in args.configs.split(",") if c]
     for model in [m for m in args.models.split(",") if m]:
         path = {}
-        if "tasa-saved" in configs:
+        if any(c.startswith("tasa-saved") for c in configs):
             folder = saved_root / model
             p = subprocess.run([sys.executable, __file__, "--prepare", model, str(folder)],
                                capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"preparing the tasa folder of {model} failed: {p.stderr[-800:]}")
-            path["tasa-saved"] = str(folder)
+            path.update({c: str(folder) for c in configs if c.startswith("tasa-saved")})
         if "llama.cpp" in configs:
             from tasa.models import resolve_gguf
             path["llama.cpp"] = str(resolve_gguf(model))
@@ -328,10 +340,12 @@ def main(argv=None) -> int:
             ref = statistics.median(base["llama.cpp"]["decode_tok_s"])
             md.append("\nDecode relative to llama.cpp (medians): " + ", ".join(
                 f"{c} {statistics.median(r['decode_tok_s']) / ref:.2f}x" for c, r in base.items()))
-        if "hf-fp32" in base:
-            ref = statistics.median(base["hf-fp32"]["prefill_tok_s"])
-            md.append("\nPrefill relative to transformers fp32 (medians): " + ", ".join(
-                f"{c} {statistics.median(r['prefill_tok_s']) / ref:.2f}x" for c, r in base.items()))
+        for hf in ("hf-fp32", "hf-bf16"):
+            if hf in base:
+                ref = statistics.median(base[hf]["prefill_tok_s"])
+                md.append(f"\nPrefill relative to transformers {hf[3:]} (medians): " + ", ".join(
+                    f"{c} {statistics.median(r['prefill_tok_s']) / ref:.2f}x"
+                    for c, r in base.items()))
         for r in mr:
             if r.get("profile"):
                 md.append(f"\n### Profile of one decode step: {model}, {r['config']}\n")

@@ -193,7 +193,11 @@ def test_dense_path_dequantizes_bit_exactly(isa, dense_rows, dtype, pattern, N, 
     p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=N + K)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     dense_rows(1)
-    y = tasa_ext.gemm(torch.eye(K, dtype=dtype), *args)
+    try:
+        tasa_ext.ops._C.set_dense_chunk_bytes(64 << 10)     # N = 700: 9-10 chunks, ragged tail
+        y = tasa_ext.gemm(torch.eye(K, dtype=dtype), *args)
+    finally:
+        tasa_ext.ops._C.set_dense_chunk_bytes(0)
     W = tasa_ext.dequant(*args)
     assert torch.equal(W, ref.dequant(*args))
     assert torch.equal(y, W.T.to(dtype))

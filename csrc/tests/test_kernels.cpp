@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "tasa/kernels.h"
@@ -67,6 +68,46 @@ static void run_case(int64_t N, int64_t K, int64_t G, const std::vector<int32_t>
     const int64_t bad[2] = {0, N};
     EXPECT(tasa_embed_cpu(bad, 2, qw.data(), scales.data(), asym ? zeros.data() : nullptr, gtable.data(),
                           nullptr, N, K, G, R, rows.data()) == TASA_ERR_INDEX, "embed id N");
+  }
+  // dequant_t (the prefill path's W^T, logical rows, no perm): fp32 equal to dequant's values
+  // bit for bit, bf16 their round-to-nearest-even; in two column ranges (a ragged tail) on every
+  // ISA; bad arguments refused
+  {
+    const int64_t NB = tasa_num_col_blocks(N), half = NB / 2, ldw = NB * 16 + 3;
+    std::vector<float> Wt(K * ldw, -7.f);
+    std::vector<uint16_t> Wtb(K * ldw, 0xFFFF);
+    for (int isa = 0; isa <= tasa_cpu_isa_detected(); ++isa) {
+      tasa_cpu_set_isa(isa);
+      for (auto r : {std::pair<int64_t, int64_t>{0, half}, {half, NB}}) {
+        const int64_t off = r.first * 16;
+        EXPECT(tasa_dequant_t_cpu(qw.data(), scales.data(), asym ? zeros.data() : nullptr, gtable.data(),
+                                  N, K, G, R, r.first, r.second, Wt.data() + off, ldw, TASA_F32) == TASA_OK,
+               "dequant_t f32");
+        EXPECT(tasa_dequant_t_cpu(qw.data(), scales.data(), asym ? zeros.data() : nullptr, gtable.data(),
+                                  N, K, G, R, r.first, r.second, Wtb.data() + off, ldw, TASA_BF16) == TASA_OK,
+               "dequant_t bf16");
+      }
+      int wrong = 0;
+      for (int64_t rr = 0; rr < K; ++rr)
+        for (int64_t n = 0; n < N; ++n) {
+          const float w = W[n * K + perm[rr]];           // logical row rr is channel perm[rr]
+          wrong += memcmp(&Wt[rr * ldw + n], &w, 4) != 0;
+          wrong += Wtb[rr * ldw + n] != tasa::float_to_bf16(w);
+        }
+      EXPECT(wrong == 0, "dequant_t isa=%d N=%ld K=%ld G=%ld: %d values differ", isa, (long)N, (long)K,
+             (long)G, wrong);
+    }
+    tasa_cpu_set_isa(-1);
+    EXPECT(tasa_dequant_t_cpu(qw.data(), scales.data(), nullptr, gtable.data(), N, K, G, R, 0, NB + 1,
+                              Wt.data(), ldw, TASA_F32) == TASA_ERR_SHAPE, "dequant_t cb1 > blocks");
+    EXPECT(tasa_dequant_t_cpu(qw.data(), scales.data(), nullptr, gtable.data(), N, K, G, R, 0, NB,
+                              Wt.data(), 15, TASA_F32) == TASA_ERR_SHAPE, "dequant_t ldw too small");
+    EXPECT(tasa_dequant_t_cpu(qw.data(), scales.data(), nullptr, gtable.data(), N, K, G, R, 0, NB,
+                              Wt.data(), ldw, TASA_F16) == TASA_ERR_SHAPE, "dequant_t fp16 out");
+    std::vector<uint16_t> sbad(scales);
+    sbad[(ng - 1) * N + N - 1] = 0x7C00;                // +Inf in the last column's last group
+    EXPECT(tasa_dequant_t_cpu(qw.data(), sbad.data(), nullptr, gtable.data(), N, K, G, R, 0, NB,
+                              Wt.data(), ldw, TASA_F32) == TASA_ERR_NONFINITE, "dequant_t Inf scale");
   }
   for (auto& v : x) v = ux(rng);
   // x and y in each activation dtype; the reference reads the same (rounded) x and allows the

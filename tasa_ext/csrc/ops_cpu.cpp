@@ -67,9 +67,14 @@ at::Tensor embed_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at:
 // (benchmarks/results/prefill_cpu.md): see kDenseRowsDefault.
 constexpr int64_t kDenseRowsDefault = 64;
 int64_t g_dense_rows = kDenseRowsDefault;
-// W^T chunk of at most this many bytes: it stays in the L2 cache (2 MB per core here) between
-// the dequantization that writes it and the matmul that reads it.
-constexpr int64_t kChunkBytes = 1 << 20;
+// W^T chunk of at most this many bytes. Measured on the 2-core Intel Xeon (bf16, M = 512,
+// noisy: torch's own matmul varied 1.7-4.7 ms on one shape within minutes): 256 KB and 1 MB
+// chunks cost 1.5-4x the matmul alone on Qwen's 4864x896 / 896x4864 (one oneDNN call per
+// chunk, each repacking its operand), a whole matrix 1.3x; 16 MB holds every matrix of the
+// registry's models in one bf16 chunk and bounds the transient at 8B shapes (14336 x 4096 bf16
+// is 117 MB whole).
+constexpr int64_t kChunkBytesDefault = 16 << 20;
+int64_t g_chunk_bytes = kChunkBytesDefault;   // settable for the tests of the chunk loop
 
 at::Tensor gemm_dense_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
@@ -81,7 +86,7 @@ at::Tensor gemm_dense_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   if (perm) x2 = x2.index_select(1, *perm);          // logical order: column r = channel perm[r]
   x2 = x2.to(cdt).contiguous();
   const int64_t NB = tasa_num_col_blocks(N), elt = bf16 ? 2 : 4;
-  const int64_t cbs = std::max<int64_t>(1, std::min<int64_t>(NB, kChunkBytes / (K * 16 * elt)));
+  const int64_t cbs = std::max<int64_t>(1, std::min<int64_t>(NB, g_chunk_bytes / (K * 16 * elt)));
   auto Wt = at::empty({K, cbs * 16}, x2.options());
   auto y = at::empty({M, N}, x2.options());
   for (int64_t cb0 = 0; cb0 < NB; cb0 += cbs) {
@@ -181,6 +186,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     tasa_ext::g_dense_rows = rows;
   });
   m.attr("DENSE_ROWS_DEFAULT") = tasa_ext::kDenseRowsDefault;
+  m.def("set_dense_chunk_bytes", [](int64_t n) {   // tests: several chunks on small matrices
+    tasa_ext::g_chunk_bytes = n > 0 ? n : tasa_ext::kChunkBytesDefault;
+  });
   m.def("cpu_isa", []() { return tasa_cpu_isa(); });
   m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
   m.def("set_cpu_isa", [](int isa) {
