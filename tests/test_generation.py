@@ -211,25 +211,31 @@ def test_cli_generate_streams(tmp_path, capsys):
     assert cap.out.startswith("Hello") and "fast path" in cap.err and "decode" in cap.err
 
 
-def test_cli_generate_dtype_bfloat16(tmp_path, capsys):
-    """--dtype bfloat16 runs the folder's model in bf16 activations: the streamed text is what
-    tasa's loop gives on model.to(bfloat16), and the default stays float32."""
+def test_cli_generate_dtype_bfloat16(tmp_path, capsys, monkeypatch):
+    """--dtype bfloat16 runs the folder's model in bf16 activations (what reaches tasa's loop:
+    a bf16 model; its text is the loop's on model.to(bfloat16)); the default stays float32."""
     model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
     model.save_pretrained(tmp_path)
     tok = byte_tokenizer()
     tok.save_pretrained(tmp_path)
+    seen = []
+    real = cli.generation.generate
+
+    def spy(m, *a, **k):
+        seen.append(m.model.norm.weight.dtype)
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(cli.generation, "generate", spy)
     prompt = "Hello there, " * 8                      # > 64 tokens: the dense prefill path
-    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--raw",
-                     "--max-new-tokens", "8", "--dtype", "bfloat16"]) == 0
-    out = capsys.readouterr().out
     ids = tok(prompt, return_tensors="pt").input_ids
     assert ids.shape[1] >= tasa_ext.ops.dense_rows()
-    bf = tasa.load(tmp_path).to(torch.bfloat16)
-    want_ids = generate(bf, tok, ids, 8).tokens
-    want = tok.decode(want_ids)
-    assert out == prompt + want + "\n"              # the CLI ends the line
-    # (on this tiny random model fp32 greedy differs from bf16: a CLI ignoring --dtype fails)
-    assert generate(tasa.load(tmp_path), tok, ids, 8).tokens != want_ids
+    for dtype in ("bfloat16", "float32"):
+        assert cli.main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--raw",
+                         "--max-new-tokens", "8", "--dtype", dtype]) == 0
+        out = capsys.readouterr().out
+        want = tok.decode(real(tasa.load(tmp_path).to(getattr(torch, dtype)), tok, ids, 8).tokens)
+        assert out == prompt + want + "\n"          # the CLI ends the line
+    assert seen == [torch.bfloat16, torch.float32]
     args = cli.build_parser().parse_args(["generate", "--prompt", "x"])
     assert args.dtype == "float32"
 
