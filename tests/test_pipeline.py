@@ -1,6 +1,7 @@
 """The TASA pipeline on tiny models: objectives, sensitivity probes, resume, allocation from a
 measurement, the end-to-end job and its CLI."""
 import copy
+import math
 import importlib
 import json
 
@@ -448,6 +449,24 @@ def test_run_end_to_end_and_reload(tmp_path):
     # the measured defaults: an untied input embedding at 4 bits, the head at 8
     assert run_json["embedding"]["bits"] == 4 and run_json["embedding"]["head_bits"] == 8
     assert "Whole model file" in rep and f"{run_json['size']['bits_per_param']:.2f} bits per" in rep
+    # how far it moved: KL / top-1 / NLL on general text and held-out GSM8K, the KL recomputed
+    # here with both models in memory (the job kept only the reference's top-256 per position)
+    from tasa import corpora, divergence
+
+    d = run_json["drift"]
+    assert set(d) == {"general", "gsm8k"} and run_json["kl"] == d["general"]["kl"] > 0
+    assert run_json["task_nll"]["gsm8k"]["quantized"] == d["gsm8k"]["nll"]
+    assert run_json["ppl_quantized"] == pytest.approx(math.exp(d["general"]["nll"]))
+    seqs = divergence.text_windows(tok, corpora.load_wikitext2(None, "test"), cfg.eval_windows,
+                                   cfg.eval_seqlen)
+    full = divergence.compare(ref_model, {"q": model}, seqs, progress=False)
+    assert d["general"]["kl"] <= full["q"]["kl"] * (1 + 1e-6)        # top-k: a lower bound
+    # (a flat random 512-token model puts much mass outside its top 256: 60% of the KL here;
+    # SmolLM2 at 3 bits keeps 94%, README "KL divergence to the reference")
+    assert d["general"]["kl"] >= 0.4 * full["q"]["kl"]
+    assert d["general"]["nll"] == pytest.approx(full["q"]["nll"], rel=1e-5)
+    assert "Drift from the reference" in rep and f"{d['gsm8k']['kl']:.4f}" in rep
+    assert "Mean KL divergence to the reference" in rep or "**Warning:** mean KL" in rep
     # reload into a fresh skeleton: identical outputs, no re-quantization
     x = torch.randint(0, 256, (2, 20))
     with torch.no_grad():

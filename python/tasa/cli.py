@@ -445,7 +445,8 @@ def cmd_quantize(args) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("avg_bits", "code_avg_bits", "alpha_star",
-                                              "ppl_reference", "ppl_quantized", "peak_rss_mib")}
+                                              "ppl_reference", "ppl_quantized", "kl",
+                                              "peak_rss_mib")}
                      | {"seconds": round(summary["timings_s"]["total"], 1), "out": args.out}))
     return 0
 
@@ -608,9 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix-seqlen", type=int, default=None,
                    help=f"sequence length of the mixture search (default {_dflt('mix_seqlen')})")
     p.add_argument("--eval-windows", type=int, default=None,
-                   help="WikiText-2 windows for the perplexity check of the reference and the "
-                        f"quantized model (default {_dflt('eval_windows')}; 0 with --plan unless "
-                        f"given; 0: skip)")
+                   help="WikiText-2 windows for the drift check of the quantized model "
+                        "against the reference (perplexity, KL, top-1; with "
+                        f"{defaults.DRIFT_TASK_TOKENS} tokens of GSM8K test; default "
+                        f"{_dflt('eval_windows')}; 0 with --plan unless given; 0: skip)")
     p.add_argument("--no-intra", action="store_true", help="skip the intra-layer group step")
     p.add_argument("--embed-bits", "--lm-head-bits", dest="embed_bits", type=int, default=None,
                    choices=[0, 2, 3, 4, 8],

@@ -56,3 +56,7 @@ BITS: float = 3.5
 MEASUREMENT_NAME = "measurement.json"
 PLAN_NAME = "plan.json"
 RUN_NAME = "run.json"
+# the job's drift check (run.json "drift", report.md "Result"): GSM8K test tokens scored beside
+# the eval windows of general text (a forward pass each with the reference and the quantized
+# model: ~4 s on SmolLM2 on the 2-core machine)
+DRIFT_TASK_TOKENS: int = 4096

@@ -455,6 +455,20 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     if pp:
         L.append(f"\nPerplexity: {pp['text']}, first {pp['windows']} windows of {pp['seqlen']} "
                  f"tokens ({pp['tokens']} scored tokens) -- a quick check, not a paper number.")
+    drift = summary.get("drift")
+    if drift:
+        L.append("\nDrift from the reference, token by token (`tasa eval --kl` measures more "
+                 "text):\n")
+        L.append("| text | positions | KL (nats/token) | top-1 agreement | gold NLL reference -> "
+                 "quantized | NLL change (paired) |")
+        L.append("|---|---|---|---|---|---|")
+        for text, d in drift.items():
+            L.append(f"| {text} | {d['tokens']} | {d['kl']:.4f} +- {d['kl_ci']:.4f} | "
+                     f"{100 * d['top1']:.1f}% +- {100 * d['top1_ci']:.1f} | "
+                     f"{d['nll_reference']:.3f} -> {d['nll']:.3f} | "
+                     f"{d['dnll']:+.3f} +- {d['dnll_ci']:.3f} |")
+        if summary.get("drift_protocol"):
+            L.append(f"\n{summary['drift_protocol']}.")
     L.append("\nWidths: " + ", ".join(f"{b}-bit {100 * f:.1f}% of weights"
                                       for b, f in A["summary"]["width_fraction"].items()) + ".")
     emb = summary.get("embedding")

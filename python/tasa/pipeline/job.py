@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import tempfile
 import platform
@@ -17,15 +18,14 @@ from transformers import AutoTokenizer
 
 import tasa_ext
 
-from .. import alloc, corpora, defaults, distributed, lazy
+from .. import alloc, corpora, defaults, distributed, divergence, lazy
 from .. import storage as tio
 from ..storage import check_output_folder
 from ..measurement import Measurement
 from ..modelquant import embedding_widths, quantize_embeddings, whole_model_estimate
 from ..models import ModelInfo, load_model
 from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_from_dict, plan_shapes, plan_to_dict, read_plan
-from ..ppl import perplexity
-from ..report import write_report
+from ..report import quality_lines, write_report
 from ..util import Log, clean_stale_temps, folder_lock, peak_rss_mib, write_json_atomic
 from .config import PipelineConfig
 from .stages import (CALIB_BATCH, allocate, as_layer_specs, check_budget, check_same_model,
@@ -175,16 +175,37 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         timings["measure"] = time.perf_counter() - t
     wt_text = corpora.load_wikitext2(cfg.data, "test") if cfg.eval_windows > 0 else None
 
-    def quick_ppl(stage):
-        if cfg.eval_windows <= 0 or not dist.is_writer or tok is None:
+    # How far the model moves (issue 27 item 4): the reference's top-k next-token
+    # distributions on the first eval windows of WikiText-2 test and on held-out GSM8K test
+    # items, kept while the model is quantized in place, then KL / top-1 / NLL of the
+    # quantized model on the same tokens (perplexity = exp of the general text's NLL, the
+    # quick check run.json always had).
+    drift_seqs = {}
+    if cfg.eval_windows > 0 and dist.is_writer and tok is not None:
+        drift_seqs["general"] = divergence.text_windows(tok, wt_text, cfg.eval_windows,
+                                                        cfg.eval_seqlen)
+        try:
+            drift_seqs["gsm8k"] = divergence.kl_sequences(
+                tok, "gsm8k", data=cfg.data, max_tokens=defaults.DRIFT_TASK_TOKENS,
+                seqlen=min(1024, getattr(model.config.get_text_config(),
+                                         "max_position_embeddings", None) or 1024))
+        except (OSError, ValueError) as e:
+            log(f"note: no GSM8K drift check ({e})")
+
+    def drift_pass(stage, refs=None):
+        if not drift_seqs:
             return None
         t = time.perf_counter()
-        r = perplexity(model, tok, wt_text, seqlen=cfg.eval_seqlen, max_windows=cfg.eval_windows,
-                       progress=progress)
+        with torch.inference_mode():
+            r = {text: (divergence.reference_top(model, seqs, progress=progress,
+                                                 desc=f"reference ({text})") if refs is None
+                        else divergence.drift(model, seqs, refs[text], progress=progress,
+                                              desc=f"KL ({text})"))
+                 for text, seqs in drift_seqs.items()}
         timings[stage] = time.perf_counter() - t
         return r
 
-    ref_ppl = quick_ppl("eval_reference")     # before the model is quantized in place
+    ref_top = drift_pass("eval_reference")     # before the model is quantized in place
     shapes = {f: (mod.out_features, mod.in_features) for f, mod in default_targets(model).items()}
     # a model from an earlier run in this folder stops being one before the new plan is
     # written (never a new plan beside the old model); a failure before the new model is saved
@@ -241,7 +262,13 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     swap.commit()
     timings["save"] = time.perf_counter() - t
     size = tio.model_size(out) if dist.is_writer else None
-    q_ppl = quick_ppl("eval_quantized")
+    scores = drift_pass("eval_quantized", ref_top)
+    drift = None if scores is None else {
+        text: {**divergence.summarize(sc)["quantized"],
+               "nll_reference": sc["reference"]["nll"],
+               "ppl_reference": math.exp(sc["reference"]["nll"]),
+               "sequences": len(sc["quantized"]["kl_seq"])}
+        for text, sc in scores.items()}
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "model": cfg.model, "model_note": info.note(),
@@ -252,11 +279,25 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
         "width_fraction": summary_["width_fraction"], "plan_given": plan is not None,
         "embedding": embedding,
         "size": size,
-        "ppl_reference": None if ref_ppl is None else ref_ppl["ppl"],
-        "ppl_quantized": None if q_ppl is None else q_ppl["ppl"],
-        "ppl_protocol": None if q_ppl is None else {
-            "windows": q_ppl["windows"], "seqlen": q_ppl["seqlen"], "tokens": q_ppl["tokens"],
+        "ppl_reference": None if drift is None else drift["general"]["ppl_reference"],
+        "ppl_quantized": None if drift is None else drift["general"]["ppl"],
+        "ppl_protocol": None if drift is None else {
+            "windows": drift["general"]["sequences"], "seqlen": cfg.eval_seqlen,
+            "tokens": drift["general"]["tokens"] - drift["general"]["sequences"],
             "text": "WikiText-2 test (" + ("shipped slice" if cfg.data is None else str(cfg.data)) + ")"},
+        # report.quality_lines reads these two: KL on the general text, task NLLs
+        "kl": None if drift is None else drift["general"]["kl"],
+        "task_nll": None if drift is None else {
+            t: {"reference": d["nll_reference"], "quantized": d["nll"]}
+            for t, d in drift.items() if t != "general"},
+        "drift": drift,
+        "drift_protocol": None if drift is None else (
+            f"KL(reference || quantized) of the next-token distribution at every position, over "
+            f"the reference's top {divergence.KL_TOP_K} tokens + one bucket for the rest (a "
+            f"lower bound of the full KL); general = the first {cfg.eval_windows} windows of "
+            f"{cfg.eval_seqlen} tokens of WikiText-2 test, gsm8k = GSM8K test items (held out "
+            f"from calibration and sensitivity; NLL over the gold solutions), up to "
+            f"{defaults.DRIFT_TASK_TOKENS} tokens; 95% t-intervals over sequences"),
         "quantization": qinfo, "timings_s": timings, "peak_rss_mib": peak_rss_mib(),
         "distributed": {"world_size": dist.world, "backend": dist.backend,
                         "max_over_mean_work": dict(dist.balance)},
@@ -271,6 +312,10 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     log(f"done in {timings['total']:.0f} s: {out}" + (
         f" -- {tio.size_line(size)}; the decoder linears average {summary_['avg_bits']:.3f} "
         f"bits (what --bits budgets)" if size else ""))
+    if drift:     # in words, as report.md opens its result (a large loss is never silent)
+        for line in quality_lines(summary, None if plan is not None else cfg.bits, cfg.widths,
+                                  "--code-bits" if cfg.budget == "code" else "--bits"):
+            log(line.replace("**", ""))
     if dist.is_writer:
         log(f"how far it drifts from the reference, token by token: tasa eval --kl --quantized "
             f"{out}" + ("" if cfg.data is None else f" --data {cfg.data}"))
