@@ -315,7 +315,8 @@ def _run(cfg, out, fresh, measurement_from, progress, quiet, report, model, toke
     if drift:     # in words, as report.md opens its result (a large loss is never silent)
         for line in quality_lines(summary, None if plan is not None else cfg.bits, cfg.widths,
                                   "--code-bits" if cfg.budget == "code" else "--bits"):
-            log(line.replace("**", ""))
+            if line:
+                log(line.replace("**", ""))
     if dist.is_writer:
         log(f"how far it drifts from the reference, token by token: tasa eval --kl --quantized "
             f"{out}" + ("" if cfg.data is None else f" --data {cfg.data}"))
