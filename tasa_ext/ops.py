@@ -148,12 +148,13 @@ def hessian_accumulate_(H, X, src: Optional[torch.Tensor], count) -> None:
 
 
 # csrc/include/tasa/kernels.h enum tasa_isa. avx512vnni differs from avx512 in the GEMV (M = 1)
-# only: int8 pieces of x against the codes (see csrc/cpu/gemm_avx512.cpp).
-_ISA_NAMES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
+# only: int8 pieces of x against the codes (see csrc/cpu/gemm_avx512.cpp); amx from avx512vnni
+# in the GEMMs with 1 < M only (the tile unit, same file).
+_ISA_NAMES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "amx": 4}
 
 
 def set_cpu_isa(name: str) -> None:
-    """Caps the CPU kernels' instruction set ("scalar", "avx2", "avx512", "avx512vnni") or lifts the cap
+    """Caps the CPU kernels' instruction set ("scalar", "avx2", "avx512", "avx512vnni", "amx") or lifts the cap
     ("auto"). For tests and benchmarks; the default is the best the CPU has."""
     if name == "auto":
         _C.set_cpu_isa(-1)

@@ -118,7 +118,11 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // AVX-512 for the GEMV and for bf16 GEMMs; fp32/fp16 GEMMs (M > 1) stay on the AVX2 kernel:
   // with x split into 3 (2) bf16 pieces the vdpbf16ps GEMM does 3 (2) instructions per 32
   // multiply-adds and measured 2.5x slower than dequantize-once + ymm FMA at M = 16 in fp32.
-  const bool avx512 = isa >= TASA_ISA_AVX512 && (M == 1 || xdt == TASA_BF16);
+  // AMX for every GEMM (1 < M) where present: a tile op does 16 rows x 16 columns x 32 of x's
+  // bf16 pieces at once, so fp32 x's 3 pieces cost little (benchmarks/results/gemm_cpu_amx.md).
+  const bool amx = M > 1 && isa >= TASA_ISA_AMX;
+  const bool avx512 = isa >= TASA_ISA_AVX512 && (M == 1 || xdt == TASA_BF16 || amx);
+  const int64_t Mpad = amx ? (M + 15) / 16 * 16 : M;   // the AMX tiles read 16 rows of x
   const bool gemv2 = M == 1 && isa == TASA_ISA_AVX2;
   const int widths[4] = {2, 3, 4, 8};
   // VNNI GEMV: x as int8 pieces (2 for bf16 x, 3 for fp16 and fp32: error <= 254^-nq of each
@@ -139,15 +143,16 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   int32_t* xqh;
   uint16_t* xp;
   do {   // every buffer any path may need, so a fallback needs no second allocation
-    xl = sc.take<float>(M * K);
+    xl = sc.take<float>(Mpad * K);
     xsum = sc.take<float>(M * n_groups);
     xs = sc.take<float>(gemv2 ? 4 * K : 0);
     xq = sc.take<int8_t>(vnni ? nq * K : 0);
     xqd = sc.take<float>(vnni ? nq * n_groups : 0);
     xqsum = sc.take<float>(vnni ? n_groups : 0);
     xqh = sc.take<int32_t>(vnni ? nq * n_groups : 0);
-    xp = sc.take<uint16_t>(avx512 ? np * M * K : 0);
+    xp = sc.take<uint16_t>(avx512 ? np * Mpad * K : 0);
   } while (!sc.ready());
+  for (int64_t i = M * K; i < Mpad * K; ++i) xl[i] = 0.f;      // AMX padding rows
   for (int64_t m = 0; m < M; ++m) {
     float* dst = xl + m * K;
     const int64_t base = m * K;
@@ -186,9 +191,9 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
       for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
     }
   const bool split = avx512 && !vnni;
-  if (split) tasa::split_bf16_avx512(xl, M * K, np, xp);
+  if (split) tasa::split_bf16_avx512(xl, Mpad * K, np, xp);
   const uint16_t* xpp = xp;
-  const int64_t piece = split ? M * K : 0;
+  const int64_t piece = split ? Mpad * K : 0;
   GemmArgs a{xl, xsum,
              {xs, xs + (gemv2 ? K : 0), xs + (gemv2 ? 2 * K : 0), xs + (gemv2 ? 3 * K : 0)},
              {xpp, xpp + (np > 1 ? piece : 0), xpp + (np > 2 ? 2 * piece : 0)}, np,
@@ -198,6 +203,7 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   if (isa >= TASA_ISA_AVX2) fn = M == 1 ? tasa::gemv_cols_avx2 : tasa::gemm_cols_avx2;
   if (avx512) fn = M == 1 ? tasa::gemv_cols_avx512 : tasa::gemm_cols_avx512;
   if (vnni) fn = tasa::gemv_cols_avx512_i8;
+  if (amx) fn = tasa::gemm_cols_amx;
   const int64_t NB = tasa_num_col_blocks(N);
   int bad = 0;
 #pragma omp parallel reduction(| : bad)

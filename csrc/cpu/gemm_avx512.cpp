@@ -36,7 +36,9 @@
 // z*sum(x): the fp32 error stays at the level of a dense fp32 matmul. Per group the sums are
 // reduced once and scaled once: y += s * g - s * (z - centre) * sum(x_group) (asymmetric z).
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512bf16,avx512vnni,avx2,fma,f16c")
+// (amx-tile/amx-bf16: only the tile intrinsics of gemm_cols_amx use them; the compiler never
+// emits tile instructions on its own, so the other kernels run on CPUs without AMX)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512bf16,avx512vnni,avx2,fma,f16c,amx-tile,amx-bf16")
 // GCC 12's unmasked shift intrinsics start from _mm512_undefined_*: a -Wmaybe-uninitialized
 // false positive in every inlined use.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -486,7 +488,96 @@ int gemm_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   return bad;
 }
 
+// ---- AMX: 1 < M ------------------------------------------------------------------------------
+// The decoded group above is already a tile: unit p of tile t holds, per column (dword lane),
+// the bf16 code pair (2p, 2p+1) -- exactly row p of a TDPBF16PS B operand (16 rows of K-pairs x
+// 16 columns). So per 32-row tile of a group: one tile load of the decoded codes (two for 8-bit
+// groups: the low- and high-nibble units, stride 128 B), and per bf16 piece of x one tile load
+// of 16 rows x 32 values of x and one TDPBF16PS (16 x 16 x 32 multiply-adds; the vdpbf16ps GEMM
+// above needs 16 rows x 16 instructions for the same work). The group's sums leave the tile
+// through a 1 KB store and get the same scale / zero-point epilogue as gemm_cols. x is padded
+// to a multiple of 16 rows with zeros by the driver (a fixed tile shape: one configuration per
+// call). Products of bf16 values are exact and accumulate in fp32, as in the other paths.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int NP>
+int gemm_cols_amx_np(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32, M = a.M, Mpad = (M + 15) / 16 * 16;
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }   // C, A, B, B (8-bit high)
+  _tile_loadconfig(&cfg);
+  std::vector<uint8_t> mem(tiles * 32 * 2 * 64 + 64 + 16 * 16 * 4 + 64);
+  __m512i* buf = (__m512i*)(((uintptr_t)mem.data() + 63) & ~(uintptr_t)63);
+  float* cbuf = (float*)(buf + tiles * 32 * 2);
+  std::vector<float> yaccv(M * 16);
+  float* yacc = yaccv.data();
+  const int xstride = (int)(a.K * 2);
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const uint32_t* blk = a.qweight + cb * a.R * 16;
+    for (int64_t i = 0; i < M * 16; ++i) yacc[i] = 0.f;
+    prefetch_scales(a, cb, cb1);
+    for (int64_t j = 0; j < a.n_groups; ++j) {
+      const int b = a.gtable[j * 3];
+      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+      const uint32_t* wp = blk + off * 16;
+      switch (b) {
+        case 2: decode_group<2>(wp, tiles, buf); break;
+        case 3: decode_group<3>(wp, tiles, buf); break;
+        case 4: decode_group<4>(wp, tiles, buf); break;
+        default: decode_group<8>(wp, tiles, buf); break;
+      }
+      const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, &bad);
+      const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));
+      __m512 zc = _mm512_setzero_ps();
+      if (a.zeros || b == 8) {
+        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, &bad)
+                                 : _mm512_set1_ps(128.f);
+        zc = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s);
+      }
+      for (int64_t m0 = 0; m0 < Mpad; m0 += 16) {
+        _tile_zero(0);
+        for (int64_t t = 0; t < tiles; ++t) {
+          if (b == 8) {
+            _tile_loadd(2, buf + t * 32, 128);
+            _tile_loadd(3, buf + t * 32 + 1, 128);
+          } else {
+            _tile_loadd(2, buf + t * 16, 64);
+          }
+          static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
+            _tile_loadd(1, a.xp[decltype(Q)::value] + m0 * a.K + lg * a.G + t * 32, xstride);
+            _tile_dpbf16ps(0, 1, 2);
+            if (b == 8) _tile_dpbf16ps(0, 1, 3);
+          });
+        }
+        _tile_stored(0, cbuf, 64);
+        for (int64_t m = m0; m < M && m < m0 + 16; ++m) {
+          __m512 y = _mm512_fmadd_ps(s, _mm512_load_ps(cbuf + (m - m0) * 16),
+                                     _mm512_loadu_ps(yacc + m * 16));
+          y = _mm512_fnmadd_ps(zc, _mm512_set1_ps(a.xsum[m * a.n_groups + lg]), y);
+          _mm512_storeu_ps(yacc + m * 16, y);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) store_block(a, m, cb * 16, yacc + m * 16);
+  }
+  _tile_release();
+  return bad;
+}
+
 }  // namespace
+
+int gemm_cols_amx(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  switch (a.np) {
+    case 1: return gemm_cols_amx_np<1>(a, cb0, cb1);
+    case 2: return gemm_cols_amx_np<2>(a, cb0, cb1);
+    default: return gemm_cols_amx_np<3>(a, cb0, cb1);
+  }
+}
 
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   switch (a.np) {

@@ -33,6 +33,8 @@ int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);   // bf16 x (np == 1) only
 int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1);  // M == 1, a.nq > 0
+// 1 < M on the AMX tile unit: x pieces [np][Mpad][K] with Mpad = M rounded up to 16 (zero rows)
+int gemm_cols_amx(const GemmArgs& a, int64_t cb0, int64_t cb1);
 // x [K] (logical order) -> nq int8 pieces per group; 1 = a group too small to split,
 // 2 = non-finite x or group sum (0: done).
 int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* xq, float* d,

@@ -14,7 +14,10 @@ enum tasa_dtype { TASA_F32 = 0, TASA_BF16 = 1, TASA_F16 = 2 };
 // AVX2 = AVX2 + FMA + F16C; AVX512 = that + AVX-512 F/BW/VL/DQ/VBMI/BF16 (Zen 4+, Sapphire Rapids+);
 // AVX512_VNNI = that + AVX512-VNNI and VBMI2 (every CPU above has them): the same kernels except the GEMV
 // (M = 1), which multiplies the codes with x split into int8 pieces (gemm_avx512.cpp).
-enum tasa_isa { TASA_ISA_SCALAR = 0, TASA_ISA_AVX2 = 1, TASA_ISA_AVX512 = 2, TASA_ISA_AVX512_VNNI = 3 };
+// AMX = that + AMX-TILE/AMX-BF16 with the OS's permission (Sapphire Rapids and later): GEMMs with
+// 1 < M run on the tile unit (gemm_avx512.cpp, "AMX"); the GEMV stays the VNNI one.
+enum tasa_isa { TASA_ISA_SCALAR = 0, TASA_ISA_AVX2 = 1, TASA_ISA_AVX512 = 2, TASA_ISA_AVX512_VNNI = 3,
+                TASA_ISA_AMX = 4 };
 int tasa_cpu_isa_detected(void);
 int tasa_cpu_isa(void);
 int tasa_cpu_set_isa(int isa);   // returns TASA_ERR_SHAPE if the CPU lacks it
