@@ -229,6 +229,30 @@ def test_dense_threshold_picks_the_path(dense_rows, dtype):
             tasa_ext.ops.set_dense_rows(bad)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N", [17, 53, 100, 161])
+@pytest.mark.parametrize("M", [2, 16, 33])
+def test_gemm_every_column_block_count(isa, dense_rows, threads, N, M):
+    """The GEMMs walk column blocks in passes (the AMX kernel takes up to 4 blocks per pass, the
+    threads split the blocks in pairs): 2 to 11 blocks, ragged last blocks, 1 and 2 threads,
+    16-row chunks with a padded tail; against float64 within 2x torch's own error."""
+    p = random_packed(N, 384, 64, BIT_PATTERNS["mix"], True, True, seed=N * M)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 64)
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    dense_rows(0)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, 384).to(dtype)
+            y64 = x.double() @ W64.T
+            err = rel_err(tasa_ext.gemm(x, *args), y64)
+            err_torch = rel_err(x @ W64.to(dtype).T, y64)
+            assert err <= 2 * err_torch + 1e-7, (dtype, err, err_torch)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_gemm_batched_leading_dims():
     p = random_packed(40, 256, 32, BIT_PATTERNS["mix35"], True, False)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 32)

@@ -44,6 +44,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -504,66 +505,119 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-template <int NP>
-int gemm_cols_amx_np(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+// NB column blocks per pass (C tiles 4..4+NB-1): every tile load of x then feeds NB products.
+// One block per pass re-read all of x (np pieces x 16 rows x K bf16: 384 KB at K = 4096, fp32 x)
+// from L2 for every 32 KB of 4-bit weights, and a 16-row step cost 6-7x a 1-row one with fp32 x
+// (3.1-4.0x with bf16 x: benchmarks/results/batched_cpu.md, first run).
+constexpr int kAmxBlocks = 4;
+
+// GCC's tile intrinsics paste the tile number into the asm text: literal numbers only, so the
+// C tile of block k (tile 4 + k) is picked by if constexpr.
+template <int k> inline __attribute__((always_inline)) void c_zero() {
+  if constexpr (k == 0) _tile_zero(4); else if constexpr (k == 1) _tile_zero(5);
+  else if constexpr (k == 2) _tile_zero(6); else _tile_zero(7);
+}
+template <int k, int B> inline __attribute__((always_inline)) void c_dp() {   // C_k += A(0) . B(1 or 2)
+  if constexpr (B == 1) {
+    if constexpr (k == 0) _tile_dpbf16ps(4, 0, 1); else if constexpr (k == 1) _tile_dpbf16ps(5, 0, 1);
+    else if constexpr (k == 2) _tile_dpbf16ps(6, 0, 1); else _tile_dpbf16ps(7, 0, 1);
+  } else {
+    if constexpr (k == 0) _tile_dpbf16ps(4, 0, 2); else if constexpr (k == 1) _tile_dpbf16ps(5, 0, 2);
+    else if constexpr (k == 2) _tile_dpbf16ps(6, 0, 2); else _tile_dpbf16ps(7, 0, 2);
+  }
+}
+template <int k> inline __attribute__((always_inline)) void c_store(float* dst) {
+  if constexpr (k == 0) _tile_stored(4, dst, 64); else if constexpr (k == 1) _tile_stored(5, dst, 64);
+  else if constexpr (k == 2) _tile_stored(6, dst, 64); else _tile_stored(7, dst, 64);
+}
+
+template <int NP, int NB>
+int amx_pass(const GemmArgs& a, int64_t cb, __m512i* bufs, float* cbuf, float* yacc) {
   int bad = 0;
   const int64_t tiles = a.G / 32, M = a.M, Mpad = (M + 15) / 16 * 16;
-  TileConfig cfg;
-  for (int t = 0; t < 4; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }   // C, A, B, B (8-bit high)
-  _tile_loadconfig(&cfg);
-  std::vector<uint8_t> mem(tiles * 32 * 2 * 64 + 64 + 16 * 16 * 4 + 64);
-  __m512i* buf = (__m512i*)(((uintptr_t)mem.data() + 63) & ~(uintptr_t)63);
-  float* cbuf = (float*)(buf + tiles * 32 * 2);
-  std::vector<float> yaccv(M * 16);
-  float* yacc = yaccv.data();
+  const int64_t bufstride = tiles * 32 * 2;              // zmm units per block buffer
   const int xstride = (int)(a.K * 2);
-  for (int64_t cb = cb0; cb < cb1; ++cb) {
-    const uint32_t* blk = a.qweight + cb * a.R * 16;
-    for (int64_t i = 0; i < M * 16; ++i) yacc[i] = 0.f;
-    prefetch_scales(a, cb, cb1);
-    for (int64_t j = 0; j < a.n_groups; ++j) {
-      const int b = a.gtable[j * 3];
-      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
-      const uint32_t* wp = blk + off * 16;
+  for (int64_t i = 0; i < NB * M * 16; ++i) yacc[i] = 0.f;
+  for (int64_t j = 0; j < a.n_groups; ++j) {
+    const int b = a.gtable[j * 3];
+    const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+    __m512 s[NB], zc[NB];
+    for (int k = 0; k < NB; ++k) {
+      const uint32_t* wp = a.qweight + (cb + k) * a.R * 16 + off * 16;
+      __m512i* buf = bufs + k * bufstride;
       switch (b) {
         case 2: decode_group<2>(wp, tiles, buf); break;
         case 3: decode_group<3>(wp, tiles, buf); break;
         case 4: decode_group<4>(wp, tiles, buf); break;
         default: decode_group<8>(wp, tiles, buf); break;
       }
-      const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, &bad);
+      s[k] = load_half16(a.scales + j * a.N, (cb + k) * 16, a.N, &bad);
       const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));
-      __m512 zc = _mm512_setzero_ps();
+      zc[k] = _mm512_setzero_ps();
       if (a.zeros || b == 8) {
-        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, &bad)
+        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, (cb + k) * 16, a.N, &bad)
                                  : _mm512_set1_ps(128.f);
-        zc = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s);
-      }
-      for (int64_t m0 = 0; m0 < Mpad; m0 += 16) {
-        _tile_zero(0);
-        for (int64_t t = 0; t < tiles; ++t) {
-          if (b == 8) {
-            _tile_loadd(2, buf + t * 32, 128);
-            _tile_loadd(3, buf + t * 32 + 1, 128);
-          } else {
-            _tile_loadd(2, buf + t * 16, 64);
-          }
-          static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
-            _tile_loadd(1, a.xp[decltype(Q)::value] + m0 * a.K + lg * a.G + t * 32, xstride);
-            _tile_dpbf16ps(0, 1, 2);
-            if (b == 8) _tile_dpbf16ps(0, 1, 3);
-          });
-        }
-        _tile_stored(0, cbuf, 64);
-        for (int64_t m = m0; m < M && m < m0 + 16; ++m) {
-          __m512 y = _mm512_fmadd_ps(s, _mm512_load_ps(cbuf + (m - m0) * 16),
-                                     _mm512_loadu_ps(yacc + m * 16));
-          y = _mm512_fnmadd_ps(zc, _mm512_set1_ps(a.xsum[m * a.n_groups + lg]), y);
-          _mm512_storeu_ps(yacc + m * 16, y);
-        }
+        zc[k] = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s[k]);
       }
     }
-    for (int64_t m = 0; m < M; ++m) store_block(a, m, cb * 16, yacc + m * 16);
+    for (int64_t m0 = 0; m0 < Mpad; m0 += 16) {
+      static_for(std::make_integer_sequence<int, NB>{}, [&](auto K_) {
+        c_zero<decltype(K_)::value>();
+      });
+      for (int64_t t = 0; t < tiles; ++t) {
+        static_for(std::make_integer_sequence<int, NP>{}, [&](auto Q) {
+          _tile_loadd(0, a.xp[decltype(Q)::value] + m0 * a.K + lg * a.G + t * 32, xstride);
+          static_for(std::make_integer_sequence<int, NB>{}, [&](auto K_) {
+            constexpr int k = decltype(K_)::value;
+            const __m512i* buf = bufs + k * bufstride;
+            if (b == 8) {
+              _tile_loadd(1, buf + t * 32, 128);
+              _tile_loadd(2, buf + t * 32 + 1, 128);
+              c_dp<k, 1>();
+              c_dp<k, 2>();
+            } else {
+              _tile_loadd(1, buf + t * 16, 64);
+              c_dp<k, 1>();
+            }
+          });
+        });
+      }
+      static_for(std::make_integer_sequence<int, NB>{}, [&](auto K_) {
+        constexpr int k = decltype(K_)::value;
+        c_store<k>(cbuf);
+        for (int64_t m = m0; m < M && m < m0 + 16; ++m) {
+          float* ya = yacc + (k * M + m) * 16;
+          __m512 y = _mm512_fmadd_ps(s[k], _mm512_load_ps(cbuf + (m - m0) * 16), _mm512_loadu_ps(ya));
+          y = _mm512_fnmadd_ps(zc[k], _mm512_set1_ps(a.xsum[m * a.n_groups + lg]), y);
+          _mm512_storeu_ps(ya, y);
+        }
+      });
+    }
+  }
+  for (int k = 0; k < NB; ++k)
+    for (int64_t m = 0; m < M; ++m) store_block(a, m, (cb + k) * 16, yacc + (k * M + m) * 16);
+  return bad;
+}
+
+template <int NP>
+int gemm_cols_amx_np(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32;
+  TileConfig cfg;   // 0: x (A), 1-2: decoded codes (B; 2: 8-bit high nibbles), 4-7: sums (C)
+  for (int t : {0, 1, 2, 4, 5, 6, 7}) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+  std::vector<uint8_t> mem(kAmxBlocks * tiles * 32 * 2 * 64 + 64 + 16 * 16 * 4 + 64);
+  __m512i* bufs = (__m512i*)(((uintptr_t)mem.data() + 63) & ~(uintptr_t)63);
+  float* cbuf = (float*)(bufs + kAmxBlocks * tiles * 32 * 2);
+  std::vector<float> yacc(kAmxBlocks * a.M * 16);
+  for (int64_t cb = cb0; cb < cb1; cb += kAmxBlocks) {
+    prefetch_scales(a, cb, cb1);
+    switch (std::min<int64_t>(kAmxBlocks, cb1 - cb)) {
+      case 1: bad |= amx_pass<NP, 1>(a, cb, bufs, cbuf, yacc.data()); break;
+      case 2: bad |= amx_pass<NP, 2>(a, cb, bufs, cbuf, yacc.data()); break;
+      case 3: bad |= amx_pass<NP, 3>(a, cb, bufs, cbuf, yacc.data()); break;
+      default: bad |= amx_pass<NP, 4>(a, cb, bufs, cbuf, yacc.data()); break;
+    }
   }
   _tile_release();
   return bad;
