@@ -108,9 +108,21 @@ def kl_sequences(tokenizer, text: str = "general", data=None, max_tokens: int = 
     raise AssertionError(text)      # unreachable: every other text is a file path
 
 
+# positions per slice of the [T, vocabulary] work arrays: the top-k / rest-mass / KL of a
+# 2048-token SmolLM2 window in one piece held ~2 GB of temporaries (the job's peak RSS went
+# 2.3 -> 4.3 GB); slices of 256 positions hold ~100 MB
+ROWS = 256
+
+
 @torch.no_grad()
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(ids[None]).logits[0].float(), -1)
+    logits = model(ids[None], use_cache=False).logits[0].float()
+    # in place, a slice at a time: log_softmax (and logsumexp's exp) would allocate second
+    # [T, vocabulary] arrays (400 MB each for a 2048-token SmolLM2 window)
+    for i in range(0, logits.shape[0], ROWS):
+        c = logits[i:i + ROWS]
+        c.sub_(torch.logsumexp(c, -1, keepdim=True))
+    return logits
 
 
 @torch.no_grad()
@@ -172,9 +184,16 @@ def reference_top(model, sequences: Sequence, k: int = KL_TOP_K, progress: bool 
     out = []
     for s in tqdm(sequences, desc=desc, disable=not progress):
         lr = _log_probs(model, s.ids)
-        top, idx = lr.topk(min(k, lr.shape[-1]), -1)
+        tops, idxs, rests = [], [], []
+        for i in range(0, lr.shape[0], ROWS):
+            top, idx = lr[i:i + ROWS].topk(min(k, lr.shape[-1]), -1)
+            tops.append(top)
+            idxs.append(idx.int())
+            rests.append(_log_rest(lr[i:i + ROWS], idx))
         nll = -lr[s.nll_from - 1:-1].gather(1, s.ids[s.nll_from:, None])[:, 0]
-        out.append({"top": top, "idx": idx.int(), "rest": _log_rest(lr, idx), "nll": nll})
+        out.append({"top": torch.cat(tops), "idx": torch.cat(idxs), "rest": torch.cat(rests),
+                    "nll": nll})
+        del lr
     return out
 
 
@@ -198,7 +217,8 @@ def drift(model, sequences: Sequence, refs: Sequence, progress: bool = True,
         if not torch.isfinite(lq).all():
             raise ValueError("tasa: the quantized model gives non-finite log-probabilities")
         idx = r["idx"].long()
-        kl = bucketed_kl(r["top"], idx, lq, r["rest"])
+        kl = torch.cat([bucketed_kl(r["top"][i:i + ROWS], idx[i:i + ROWS], lq[i:i + ROWS],
+                                    r["rest"][i:i + ROWS]) for i in range(0, len(idx), ROWS)])
         top1 = (lq.argmax(-1) == idx[:, 0]).double()
         nll = -lq[s.nll_from - 1:-1].gather(1, s.ids[s.nll_from:, None])[:, 0]
         pos += kl.numel()
