@@ -98,6 +98,11 @@ def test_save_load_identical(tmp_path, factory, act_order):
     out = tio.save_quantized(model, tmp_path / "q", plan, meta={"method": "gptq"})
     # a transformers folder, no temp files left
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    # every file with the umask's permissions (transformers alone leaves the weights 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {
+        f: 0o666 & ~umask for f in os.listdir(out)}
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "tasa" and qc["format_version"] == tasa_ext.FORMAT_VERSION
     assert qc["modules"] == {k: v.to_dict() for k, v in plan.items()}

@@ -110,9 +110,15 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
         for stale in (path / HF_CONFIG_NAME, path / LEGACY_CONFIG_NAME):
             if stale.exists():
                 stale.unlink()
+        umask = os.umask(0)
+        os.umask(umask)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == HF_CONFIG_NAME):
             if f.name == HF_CONFIG_NAME:
                 fault_point("save:before-config")
+            # transformers writes model.safetensors 0600 (a temporary file moved into place);
+            # a model folder is shared like any other: the umask's permissions, as config.json
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
