@@ -153,6 +153,19 @@ def test_settings_diff_and_check_name_every_differing_key():
     assert "model" not in msg and msg.endswith("; use another --out")
 
 
+def test_check_settings_names_a_setting_left_out_at_its_default():
+    """A KL-scored measurement reused without --sens-scoring: the fingerprint leaves the default
+    scoring out, and the error says 'nll' (the default) and the flag that reuses the file."""
+    with pytest.raises(ValueError) as ei:
+        check_settings({"seed": 0, "sens_scoring": "kl"}, {"seed": 0}, "m.json")
+    assert "sens_scoring: 'kl' there, 'nll' (the default) now" in str(ei.value)
+    assert "to reuse it give --sens-scoring kl" in str(ei.value)
+    with pytest.raises(ValueError) as ei:
+        check_settings({"seed": 0}, {"seed": 0, "sens_scoring": "kl"}, "m.json")
+    assert "sens_scoring: 'nll' (the default) there, 'kl' now" in str(ei.value)
+    assert "to reuse it" not in str(ei.value)
+
+
 def test_measurement_check_settings_uses_its_config():
     m = Measurement.from_dict(small())
     m.check_settings({"model": "tiny", "seed": 0, "sens_bits": 3}, "m")

@@ -11,7 +11,8 @@ from typing import Tuple
 
 __all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
            "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "GRANULARITY",
-           "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME", "PLAN_NAME", "RUN_NAME"]
+           "FINGERPRINT_ABSENT", "DRIFT_TASK_TOKENS", "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME",
+           "PLAN_NAME", "RUN_NAME"]
 
 # the paper's allocation set: 3-, 4- and occasionally 8-bit layers (2 bits is supported by the
 # format but collapses small models, so it is opt-in through --widths)
@@ -42,6 +43,9 @@ SENS_DTYPE: str = "bfloat16"
 # from the full-precision model at every scored position (issue 27 item 1)
 SENS_SCORINGS: tuple = ("nll", "kl")
 SENS_SCORING: str = "nll"
+# settings a measurement fingerprint leaves out at these values (files written before the
+# setting existed still match); error messages name them instead of None
+FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll"}
 # sensitivity / allocation unit
 GRANULARITY: str = "sublayer"
 # the per-matrix quantizer under a plan (a name of tasa.quant.METHODS). gptq-mse (GPTQ with a

@@ -35,8 +35,14 @@ def check_settings(recorded: Mapping, current: Mapping, what: str, hint: str = "
     file) was made with settings other than ``current`` -- never a silent reuse."""
     diff = settings_diff(recorded, current)
     if diff:
-        detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now" for k in diff)
+        def say(d, k):       # a setting left out of a fingerprint at its old default
+            return repr(d[k]) if k in d else (f"{defaults.FINGERPRINT_ABSENT[k]!r} (the default)"
+                                              if k in defaults.FINGERPRINT_ABSENT else "None")
+        detail = ", ".join(f"{k}: {say(recorded, k)} there, {say(current, k)} now" for k in diff)
+        flags = [f"--{k.replace('_', '-')} {recorded[k]}" for k in diff
+                 if k in defaults.FINGERPRINT_ABSENT and k in recorded]
         raise ValueError(f"tasa: {what} was made with other settings ({detail})"
+                         + (f"; to reuse it give {' '.join(flags)}" if flags else "")
                          + (f"; {hint}" if hint else ""))
 
 

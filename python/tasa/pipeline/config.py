@@ -140,6 +140,7 @@ class PipelineConfig:
     def measure_fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
         out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
-        if out["sens_scoring"] == "nll":      # the only scoring before the setting existed:
-            del out["sens_scoring"]           # measurements written then still match
+        for k, v in defaults.FINGERPRINT_ABSENT.items():   # the only value before the setting
+            if out.get(k) == v:                              # existed: files written then match
+                del out[k]
         return out
