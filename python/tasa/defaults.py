@@ -42,7 +42,11 @@ SENS_DTYPE: str = "bfloat16"
 # how a probe is scored (tasa.sensitivity): "nll" = gold-token NLL increase, "kl" = KL divergence
 # from the full-precision model at every scored position (issue 27 item 1)
 SENS_SCORINGS: tuple = ("nll", "kl")
-SENS_SCORING: str = "nll"
+# KL: the same probes' unit rankings are far more reliable (split-half Kendall tau 0.72-0.90
+# against 0.15-0.68 with NLL, SmolLM2, benchmarks/results/probe_scoring_smollm2-135m.md) and
+# the job's model moved less: KL to the reference 0.62 -> 0.51 at 3.5 bits, GSM8K-text KL
+# 0.205 -> 0.166 at 4.25 (benchmarks/results/budget_sweep_smollm2.md)
+SENS_SCORING: str = "kl"
 # settings a measurement fingerprint leaves out at these values (files written before the
 # setting existed still match); error messages name them instead of None
 FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll"}

@@ -116,7 +116,9 @@ ROWS = 256
 
 @torch.no_grad()
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids[None], use_cache=False).logits[0].float()
+    # (no KV cache for a one-pass score; adapters such as gguf_export.LlamaCppLogits take ids only)
+    kw = {"use_cache": False} if isinstance(model, torch.nn.Module) else {}
+    logits = model(ids[None], **kw).logits[0].float()
     # in place, a slice at a time: log_softmax (and logsumexp's exp) would allocate second
     # [T, vocabulary] arrays (400 MB each for a 2048-token SmolLM2 window)
     for i in range(0, logits.shape[0], ROWS):
