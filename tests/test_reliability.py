@@ -638,7 +638,8 @@ def test_measurement_mutations_allocate_the_same_or_are_refused(data):
         doc[data.draw(st.sampled_from(["kind", "version", "units", "linears", "sensitivity",
                                        "mixture"]))] = junk
     elif where == "linear":
-        doc["linears"][lin][data.draw(st.sampled_from(["n_out", "k_in", "group_size", "mode"]))] = junk
+        field = data.draw(st.sampled_from(["n_out", "k_in", "group_size", "mode"]))
+        doc["linears"][lin][field] = junk
     elif where == "unit":
         doc["units"][unit]["linears"] = junk
     elif where == "delta":
@@ -650,8 +651,13 @@ def test_measurement_mutations_allocate_the_same_or_are_refused(data):
     except ValueError as e:
         assert str(e).startswith("tasa:"), e
         return
-    # a delta replaced by another finite number is a valid (different) measurement
-    assert got == want or (where in ("delta", "delta4") and isinstance(junk, (int, float)))
+    # a delta replaced by another finite number is a valid (different) measurement; so is
+    # another output width of a linear (nothing else in the file records it: the knapsack's
+    # costs follow it; hypothesis found n_out = 1 on down_proj moving a unit to 4 bits)
+    valid_n_out = (where == "linear" and field == "n_out" and isinstance(junk, int)
+                   and not isinstance(junk, bool) and 0 < junk <= 1 << 20)
+    assert got == want or valid_n_out or (where in ("delta", "delta4")
+                                          and isinstance(junk, (int, float)))
 
 
 def test_ops_on_meta_tensors_give_shapes():

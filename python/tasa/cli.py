@@ -444,9 +444,9 @@ def cmd_quantize(args) -> int:
             msg = f"tasa: cannot write the output ({e})"       # read-only --out, ...
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("avg_bits", "code_avg_bits", "alpha_star",
-                                              "ppl_reference", "ppl_quantized", "kl",
-                                              "peak_rss_mib")}
+    print(json.dumps({k: summary.get(k) for k in ("avg_bits", "code_avg_bits", "alpha_star",
+                                                  "ppl_reference", "ppl_quantized", "kl",
+                                                  "peak_rss_mib")}
                      | {"seconds": round(summary["timings_s"]["total"], 1), "out": args.out}))
     return 0
 

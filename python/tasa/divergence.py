@@ -21,20 +21,49 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import corpora as tdata
-from .sensitivity import KL_TOP_K, _log_rest, bucketed_kl
 from .stats import mean_ci95
 
 __all__ = ["ScoredSeq", "kl_sequences", "compare", "summarize", "TEXTS", "reference_top",
-           "drift", "text_windows"]
+           "drift", "text_windows", "KL_TOP_K", "bucketed_kl"]
 
 TEXTS = ("general", "gsm8k")
+
+# reference log-probabilities kept per scored position for the KL scoring: 256 of 49152
+# (SmolLM2) to 262144 (Gemma-3) tokens
+KL_TOP_K = 256
+
+
+def _log_rest(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``idx`` per row (``-inf`` when ``idx`` holds every
+    token), by logsumexp over the other entries: no ``1 - sum`` cancellation."""
+    rest = logp.scatter(1, idx, float("-inf"))
+    return torch.logsumexp(rest.double(), 1)
+
+
+def bucketed_kl(ref_top: torch.Tensor, ref_idx: torch.Tensor, logq: torch.Tensor,
+                ref_log_rest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``KL(p || q)`` per row over the reference's top tokens ``ref_idx [P, K]`` (log-probs
+    ``ref_top [P, K]``) plus one bucket for every other token (its log-mass ``ref_log_rest
+    [P]``, kept when the reference was complete; None: ``1 - sum`` of the top); ``logq [P, V]``
+    the probed log-probabilities. Returns float64 ``[P]`` (clamped at 0 against round-off)."""
+    lq = logq.gather(1, ref_idx).double()
+    lp = ref_top.double()
+    head = (lp.exp() * (lp - lq)).sum(1)
+    if ref_log_rest is None:
+        ref_log_rest = (1 - lp.exp().sum(1)).clamp_min(0).log()
+    lpr = ref_log_rest.double()
+    lqr = _log_rest(logq, ref_idx)
+    finite = torch.isfinite(lpr)
+    tail = torch.where(finite, lpr.clamp_min(-1e300).exp() * (lpr - lqr.clamp_min(-1e300)),
+                       torch.zeros_like(lpr))
+    return (head + tail).clamp_min(0)
 
 
 class ScoredSeq:
