@@ -15,10 +15,6 @@
 namespace tasa {
 namespace {
 
-template <class F, int... I>
-inline __attribute__((always_inline)) void each(std::integer_sequence<int, I...>, F&& f) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
 
 // Code of tile row I (0..31) of every column: bits [B*I, B*I + B) of the tile's B words.
 template <int B, int I>
@@ -54,7 +50,7 @@ int run(const uint32_t* qweight, const uint16_t* scales, const uint16_t* zeros, 
       __m512i w[B];
       for (int k = 0; k < B; ++k) w[k] = _mm512_loadu_si512((const void*)(blk + (t * B + k) * 16));
       const int64_t r0 = lg * G + t * 32;
-      each(std::make_integer_sequence<int, 32>{}, [&](auto I) {
+      static_for(std::make_integer_sequence<int, 32>{}, [&](auto I) {
         const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(code<B, I.value>(w)), s, nzs);
         const int64_t at = (r0 + I.value) * ldw + col;
         if (bf16)

@@ -54,10 +54,6 @@
 namespace tasa {
 namespace {
 
-template <class F, int... I>
-inline __attribute__((always_inline)) void static_for(std::integer_sequence<int, I...>, F&& f) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
 
 // bf16 bit pattern of a small integer v (|v| <= 128: at most 8 significant bits, exact).
 constexpr uint16_t bf16_int(int v) {

@@ -2,6 +2,17 @@
 #pragma once
 #include <stdint.h>
 
+#include <utility>
+
+namespace tasa {
+// f(std::integral_constant<int, I>{}) for every I of the sequence: loops whose index must be a
+// compile-time constant (intrinsics' immediates, template arguments), unrolled.
+template <class F, int... I>
+inline __attribute__((always_inline)) void static_for(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+}  // namespace tasa
+
 namespace tasa {
 
 struct GemmArgs {

@@ -156,6 +156,30 @@ def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+class _Scores:
+    """Per-sequence and pooled KL / top-1 / gold NLL of one model (:func:`compare`,
+    :func:`drift`)."""
+
+    def __init__(self):
+        self.seq = {"kl": [], "top1": [], "nll": []}
+        self.kl = self.top1 = self.nll = 0.0
+        self.pos = self.nll_n = 0
+
+    def add(self, kl: torch.Tensor, top1: torch.Tensor, nll: torch.Tensor) -> None:
+        for k, v in (("kl", kl), ("top1", top1), ("nll", nll)):
+            self.seq[k].append(float(v.mean()))
+        self.kl += float(kl.sum())
+        self.top1 += float(top1.sum())
+        self.nll += float(nll.sum())
+        self.pos += kl.numel()
+        self.nll_n += nll.numel()
+
+    def result(self) -> dict:
+        return {"kl": self.kl / self.pos, "top1": self.top1 / self.pos,
+                "nll": self.nll / self.nll_n, "tokens": self.pos, "kl_seq": self.seq["kl"],
+                "top1_seq": self.seq["top1"], "nll_seq": self.seq["nll"]}
+
+
 @torch.no_grad()
 def compare(reference, candidates: Mapping[str, torch.nn.Module], sequences: Sequence,
             progress: bool = True, desc: str = "KL") -> dict:
@@ -165,8 +189,7 @@ def compare(reference, candidates: Mapping[str, torch.nn.Module], sequences: Seq
     scored position, ``nll`` the mean gold NLL in nats per scored target token; the ``*_seq``
     lists hold each sequence's means (for paired differences)."""
     names = ["reference", *candidates]
-    acc = {n: {"kl_seq": [], "top1_seq": [], "nll_seq": [], "kl_sum": 0.0, "top1_sum": 0.0,
-               "pos": 0, "nll_sum": 0.0, "nll_n": 0} for n in names}
+    acc = {n: _Scores() for n in names}
     for s in tqdm(sequences, desc=desc, disable=not progress):
         ids = s.ids
         lr = _log_probs(reference, ids)
@@ -179,20 +202,8 @@ def compare(reference, candidates: Mapping[str, torch.nn.Module], sequences: Seq
                 raise ValueError(f"tasa: {n} gives non-finite log-probabilities")
             kl = (pr * (lr - lq)).sum(-1).clamp_min(0)       # [T]; round-off can dip below 0
             top1 = (lq.argmax(-1) == top_r).float()
-            nll = -lq[s.nll_from - 1:-1].gather(1, tgt[:, None])[:, 0]
-            a = acc[n]
-            a["kl_seq"].append(float(kl.mean()))
-            a["top1_seq"].append(float(top1.mean()))
-            a["nll_seq"].append(float(nll.mean()))
-            a["kl_sum"] += float(kl.sum())
-            a["top1_sum"] += float(top1.sum())
-            a["pos"] += kl.numel()
-            a["nll_sum"] += float(nll.sum())
-            a["nll_n"] += nll.numel()
-    return {n: {"kl": a["kl_sum"] / a["pos"], "top1": a["top1_sum"] / a["pos"],
-                "nll": a["nll_sum"] / a["nll_n"], "tokens": a["pos"],
-                "kl_seq": a["kl_seq"], "top1_seq": a["top1_seq"], "nll_seq": a["nll_seq"]}
-            for n, a in acc.items()}
+            acc[n].add(kl, top1, -lq[s.nll_from - 1:-1].gather(1, tgt[:, None])[:, 0])
+    return {n: a.result() for n, a in acc.items()}
 
 
 def text_windows(tokenizer, text: str, windows: int, seqlen: int) -> list:
@@ -240,9 +251,7 @@ def drift(model, sequences: Sequence, refs: Sequence, progress: bool = True,
     and the NLLs are exact."""
     if len(refs) != len(sequences):
         raise ValueError(f"tasa: {len(refs)} reference records for {len(sequences)} sequences")
-    acc = {n: {"kl_seq": [], "top1_seq": [], "nll_seq": [], "kl_sum": 0.0, "top1_sum": 0.0,
-               "nll_sum": 0.0, "nll_n": 0} for n in ("reference", "quantized")}
-    pos = 0
+    acc = {"reference": _Scores(), "quantized": _Scores()}
     for s, r in tqdm(list(zip(sequences, refs)), desc=desc, disable=not progress):
         lq = _log_probs(model, s.ids)
         if not torch.isfinite(lq).all():
@@ -251,21 +260,10 @@ def drift(model, sequences: Sequence, refs: Sequence, progress: bool = True,
         kl = torch.cat([bucketed_kl(r["top"][i:i + ROWS], idx[i:i + ROWS], lq[i:i + ROWS],
                                     r["rest"][i:i + ROWS]) for i in range(0, len(idx), ROWS)])
         top1 = (lq.argmax(-1) == idx[:, 0]).double()
+        acc["reference"].add(torch.zeros_like(kl), torch.ones_like(top1), r["nll"])
         nll = -lq[s.nll_from - 1:-1].gather(1, s.ids[s.nll_from:, None])[:, 0]
-        pos += kl.numel()
-        for name, k_, t_, n_ in (("reference", torch.zeros_like(kl), torch.ones_like(top1), r["nll"]),
-                                 ("quantized", kl, top1, nll)):
-            a = acc[name]
-            a["kl_seq"].append(float(k_.mean()))
-            a["top1_seq"].append(float(t_.mean()))
-            a["nll_seq"].append(float(n_.mean()))
-            a["kl_sum"] += float(k_.sum())
-            a["top1_sum"] += float(t_.sum())
-            a["nll_sum"] += float(n_.sum())
-            a["nll_n"] += n_.numel()
-    return {n: {"kl": a["kl_sum"] / pos, "top1": a["top1_sum"] / pos,
-                "nll": a["nll_sum"] / a["nll_n"], "tokens": pos, "kl_seq": a["kl_seq"],
-                "top1_seq": a["top1_seq"], "nll_seq": a["nll_seq"]} for n, a in acc.items()}
+        acc["quantized"].add(kl, top1, nll)
+    return {n: a.result() for n, a in acc.items()}
 
 
 def summarize(scores: Mapping[str, dict], reference: str = "reference") -> dict:
