@@ -119,7 +119,7 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // with x split into 3 (2) bf16 pieces the vdpbf16ps GEMM does 3 (2) instructions per 32
   // multiply-adds and measured 2.5x slower than dequantize-once + ymm FMA at M = 16 in fp32.
   // AMX for every GEMM (1 < M) where present: a tile op does 16 rows x 16 columns x 32 of x's
-  // bf16 pieces at once, so fp32 x's 3 pieces cost little (benchmarks/results/gemm_cpu_amx.md).
+  // bf16 pieces at once, so fp32 x's 3 pieces cost little (benchmarks/results/batched_cpu.md).
   const bool amx = M > 1 && isa >= TASA_ISA_AMX;
   const bool avx512 = isa >= TASA_ISA_AVX512 && (M == 1 || xdt == TASA_BF16 || amx);
   const int64_t Mpad = amx ? (M + 15) / 16 * 16 : M;   // the AMX tiles read 16 rows of x

@@ -404,6 +404,31 @@ void decode_group(const uint32_t* wp, int64_t tiles, __m512i* buf) {
   }
 }
 
+// decode_group for a width known at run time (stored group j's).
+inline void decode_group_b(int b, const uint32_t* wp, int64_t tiles, __m512i* buf) {
+  switch (b) {
+    case 2: decode_group<2>(wp, tiles, buf); break;
+    case 3: decode_group<3>(wp, tiles, buf); break;
+    case 4: decode_group<4>(wp, tiles, buf); break;
+    default: decode_group<8>(wp, tiles, buf); break;
+  }
+}
+
+// The epilogue of stored group j (width b) for column block cb: y += s * g - zc * sum(x_group)
+// with g the centred sums (centre 2^(b-1), 136 for 8-bit), zc = s * (z - centre) (z = 2^(b-1)
+// when symmetric, so zc = 0 except for 8-bit groups); *bad |= a NaN/Inf scale or zero.
+inline void group_affine(const GemmArgs& a, int64_t j, int64_t cb, int b, __m512* s, __m512* zc,
+                         int* bad) {
+  *s = load_half16(a.scales + j * a.N, cb * 16, a.N, bad);
+  const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));
+  *zc = _mm512_setzero_ps();
+  if (a.zeros || b == 8) {
+    const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, bad)
+                             : _mm512_set1_ps(128.f);
+    *zc = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), *s);
+  }
+}
+
 // g[m] = sum over the group of buf . x[m] for MC rows; x[q][m]: piece q of row m at the group.
 template <int MC, int NP>
 void dp_rows(const __m512i* buf, int64_t units, int ushift, const uint16_t* const* x, int64_t M,
@@ -450,22 +475,10 @@ int gemm_cols(const GemmArgs& a, int64_t cb0, int64_t cb1) {
     for (int64_t j = 0; j < a.n_groups; ++j) {
       const int b = a.gtable[j * 3];
       const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
-      const uint32_t* wp = blk + off * 16;
-      switch (b) {
-        case 2: decode_group<2>(wp, tiles, buf); break;
-        case 3: decode_group<3>(wp, tiles, buf); break;
-        case 4: decode_group<4>(wp, tiles, buf); break;
-        default: decode_group<8>(wp, tiles, buf); break;
-      }
+      decode_group_b(b, blk + off * 16, tiles, buf);
       const int64_t units = tiles * 16 * (b == 8 ? 2 : 1);
-      const __m512 s = load_half16(a.scales + j * a.N, cb * 16, a.N, &bad);
-      const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));   // as in the GEMV
-      __m512 zc = _mm512_setzero_ps();
-      if (a.zeros || b == 8) {
-        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, cb * 16, a.N, &bad)
-                                 : _mm512_set1_ps(128.f);
-        zc = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s);
-      }
+      __m512 s, zc;
+      group_affine(a, j, cb, b, &s, &zc, &bad);     // centred as in the GEMV
       // Even split of the M rows into chunks of at most 8 (8 accumulators, one per row).
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         const int64_t m0 = M * ch / nchunks, m1 = M * (ch + 1) / nchunks;
@@ -539,22 +552,8 @@ int amx_pass(const GemmArgs& a, int64_t cb, __m512i* bufs, float* cbuf, float* y
     const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
     __m512 s[NB], zc[NB];
     for (int k = 0; k < NB; ++k) {
-      const uint32_t* wp = a.qweight + (cb + k) * a.R * 16 + off * 16;
-      __m512i* buf = bufs + k * bufstride;
-      switch (b) {
-        case 2: decode_group<2>(wp, tiles, buf); break;
-        case 3: decode_group<3>(wp, tiles, buf); break;
-        case 4: decode_group<4>(wp, tiles, buf); break;
-        default: decode_group<8>(wp, tiles, buf); break;
-      }
-      s[k] = load_half16(a.scales + j * a.N, (cb + k) * 16, a.N, &bad);
-      const float centre = b == 8 ? 136.f : (float)(1 << (b - 1));
-      zc[k] = _mm512_setzero_ps();
-      if (a.zeros || b == 8) {
-        const __m512 z = a.zeros ? load_half16(a.zeros + j * a.N, (cb + k) * 16, a.N, &bad)
-                                 : _mm512_set1_ps(128.f);
-        zc[k] = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(centre)), s[k]);
-      }
+      decode_group_b(b, a.qweight + (cb + k) * a.R * 16 + off * 16, tiles, bufs + k * bufstride);
+      group_affine(a, j, cb + k, b, &s[k], &zc[k], &bad);
     }
     for (int64_t m0 = 0; m0 < Mpad; m0 += 16) {
       static_for(std::make_integer_sequence<int, NB>{}, [&](auto K_) {

@@ -38,6 +38,10 @@ TEXTS = ("general", "gsm8k")
 # reference log-probabilities kept per scored position for the KL scoring: 256 of 49152
 # (SmolLM2) to 262144 (Gemma-3) tokens
 KL_TOP_K = 256
+# positions per slice of the [T, vocabulary] work arrays: the top-k / rest-mass / KL of a
+# 2048-token SmolLM2 window in one piece held ~2 GB of temporaries (the job's peak RSS went
+# 2.3 -> 4.3 GB); slices of 256 positions hold ~100 MB
+ROWS = 256
 
 
 def _log_rest(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -64,6 +68,19 @@ def bucketed_kl(ref_top: torch.Tensor, ref_idx: torch.Tensor, logq: torch.Tensor
     tail = torch.where(finite, lpr.clamp_min(-1e300).exp() * (lpr - lqr.clamp_min(-1e300)),
                        torch.zeros_like(lpr))
     return (head + tail).clamp_min(0)
+
+
+def top_and_rest(lp: torch.Tensor, k: int = KL_TOP_K):
+    """What the KL against a reference keeps of its log-probs ``lp [P, V]``: the top-``k``
+    values and ids (int64) per row and the log-mass of all other tokens, computed ``ROWS`` rows
+    at a time (the rest mass needs [rows, V] float64 temporaries)."""
+    tops, idxs, rests = [], [], []
+    for i in range(0, lp.shape[0], ROWS):
+        top, idx = lp[i:i + ROWS].topk(min(k, lp.shape[-1]), -1)
+        tops.append(top)
+        idxs.append(idx)
+        rests.append(_log_rest(lp[i:i + ROWS], idx))
+    return torch.cat(tops), torch.cat(idxs), torch.cat(rests)
 
 
 class ScoredSeq:
@@ -135,12 +152,6 @@ def kl_sequences(tokenizer, text: str = "general", data=None, max_tokens: int = 
             raise ValueError("tasa: fewer than 2 GSM8K items to score")
         return out
     raise AssertionError(text)      # unreachable: every other text is a file path
-
-
-# positions per slice of the [T, vocabulary] work arrays: the top-k / rest-mass / KL of a
-# 2048-token SmolLM2 window in one piece held ~2 GB of temporaries (the job's peak RSS went
-# 2.3 -> 4.3 GB); slices of 256 positions hold ~100 MB
-ROWS = 256
 
 
 @torch.no_grad()
@@ -226,15 +237,9 @@ def reference_top(model, sequences: Sequence, k: int = KL_TOP_K, progress: bool 
     out = []
     for s in tqdm(sequences, desc=desc, disable=not progress):
         lr = _log_probs(model, s.ids)
-        tops, idxs, rests = [], [], []
-        for i in range(0, lr.shape[0], ROWS):
-            top, idx = lr[i:i + ROWS].topk(min(k, lr.shape[-1]), -1)
-            tops.append(top)
-            idxs.append(idx.int())
-            rests.append(_log_rest(lr[i:i + ROWS], idx))
+        top, idx, rest = top_and_rest(lr, k)
         nll = -lr[s.nll_from - 1:-1].gather(1, s.ids[s.nll_from:, None])[:, 0]
-        out.append({"top": torch.cat(tops), "idx": torch.cat(idxs), "rest": torch.cat(rests),
-                    "nll": nll})
+        out.append({"top": top, "idx": idx.int(), "rest": rest, "nll": nll})
         del lr
     return out
 

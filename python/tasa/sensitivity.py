@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from . import calib, defaults
 from .corpora import calibration_batch, qa_prompt
-from .divergence import KL_TOP_K, _log_rest, bucketed_kl  # noqa: F401 (re-exported)
+from .divergence import KL_TOP_K, bucketed_kl, top_and_rest  # noqa: F401 (re-exported)
 from .quant import LayerSpec, quantize_rtn, resolve_group_size
 from .util import flush_denormals
 
@@ -303,8 +303,7 @@ class _Prober:
             per_pos = bucketed_kl(ref_top, ref_idx, F.log_softmax(logits, -1), ref_rest)
         elif self.scoring == "kl":        # the baseline: keep its top-K, score its NLL
             lp = F.log_softmax(logits, -1)
-            top, idx = lp.topk(min(KL_TOP_K, lp.shape[-1]), -1)
-            self.ref[key] = (top, idx, _log_rest(lp, idx))
+            self.ref[key] = top_and_rest(lp, KL_TOP_K)
             per_pos = -lp.gather(1, tgt[:, 1:][pos][:, None])[:, 0].double()
         else:
             per_pos = F.cross_entropy(logits, tgt[:, 1:][pos], reduction="none").double()

@@ -40,7 +40,7 @@ import tasa_ext
 from .hf import QUANT_METHOD, TasaConfig, attach, read_safetensors_header
 from .layers import TasaLinear, swap_linears, validate_tables
 from .quant import LayerSpec, plan_from_dict
-from .util import atomic_write_bytes, fault_point, read_json, sha256_file
+from .util import atomic_write_bytes, fault_point, file_mode, read_json, sha256_file
 
 __all__ = ["ReplacingModel", "save_quantized", "load_quantized", "model_size", "size_line", "convert_legacy", "folder_kind", "retire_model",
            "check_output_folder",
@@ -110,15 +110,14 @@ def save_quantized(model: nn.Module, path, plan: Mapping[str, LayerSpec], tokeni
         for stale in (path / HF_CONFIG_NAME, path / LEGACY_CONFIG_NAME):
             if stale.exists():
                 stale.unlink()
-        umask = os.umask(0)
-        os.umask(umask)
+        mode = file_mode()
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == HF_CONFIG_NAME):
             if f.name == HF_CONFIG_NAME:
                 fault_point("save:before-config")
             # transformers writes model.safetensors 0600 (a temporary file moved into place);
             # a model folder is shared like any other: the umask's permissions, as config.json
             if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
+                os.chmod(f, mode)
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

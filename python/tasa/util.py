@@ -63,6 +63,14 @@ class Log:
             print(f"[tasa] {msg}", flush=True)
 
 
+def file_mode() -> int:
+    """The permissions a new regular file gets under this process's umask (0o666 & ~umask):
+    for files first written by ``mkstemp`` (0600) and then moved into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path`` (creating the folder), fsyncs it and
     moves it into place: a reader sees the old file or the new one, never half of one."""
@@ -75,9 +83,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
             fault_point(f"write:{path.name}")        # a kill before the file is in place
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a normal file instead
+        os.chmod(tmp, file_mode())             # mkstemp makes 0600; a normal file instead
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
