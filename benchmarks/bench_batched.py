@@ -21,7 +21,7 @@ import torch
 
 import tasa_ext
 from bench_gemm import SHAPES, copies, rotating, tasa_operands
-from common import copy_bandwidth, machine, timeit, write_results
+from common import copy_bandwidth, machine, stream_bytes_default, timeit, write_results
 
 PATTERNS = {"3": [3], "3.5 (3/4 mix)": [3, 4], "4": [4]}
 
@@ -34,9 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", nargs="+", default=["avx512vnni", "amx"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.1)
-    ap.add_argument("--stream-mb", type=int, default=96)
+    ap.add_argument("--stream-mb", type=int, default=None,
+                    help="MB of weight copies per operand (default 3x the last-level cache, >= 96)")
     ap.add_argument("--out", default="batched_cpu")
     args = ap.parse_args(argv)
+    if args.stream_mb is None:
+        args.stream_mb = stream_bytes_default() >> 20
     have = tasa_ext.ops.cpu_isas_available()
     paths = [p for p in args.paths if p in have]
     if not paths:

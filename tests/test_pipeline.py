@@ -295,6 +295,103 @@ def test_resume_after_interruption_gives_the_same_plan(measured, tmp_path, monke
     assert any("predates weight fingerprints" in s for s in logs)
 
 
+def test_probe_weights_replace_the_rtn_probe():
+    """A probe given weights for its unit's linears measures exactly a copy of the model with
+    those weights; a missing or misshapen weight is an error, not an RTN probe."""
+    model = tiny3()
+    tok = ByteTok()
+    objs = [S.text_objective("ppl", tok, corpora.load_general()[:3], 3, 40, seed=1)]
+    units = S.sublayer_units(model)
+    g = torch.Generator().manual_seed(3)
+    pw = {(4, f): model.get_submodule(f).weight.detach() * (1 + 0.05 * torch.randn(
+        model.get_submodule(f).weight.shape, generator=g)) for _, fs in units.values() for f in fs}
+    res = S.measure_sensitivity(model, objs, units, widths=(4,), progress=False, probe_weights=pw)
+    rtn = S.measure_sensitivity(model, objs, units, widths=(4,), progress=False)
+    base = S.objective_losses(model, objs)
+    for u, (_, fqns) in units.items():
+        m2 = copy.deepcopy(model)
+        for f in fqns:
+            m2.get_submodule(f).weight.data = pw[(4, f)].clone()
+        ref = S.objective_losses(m2, objs)
+        assert res["delta"][4][u]["ppl"] == pytest.approx(ref["ppl"] - base["ppl"], abs=2e-5)
+        assert res["delta"][4][u]["ppl"] != pytest.approx(rtn["delta"][4][u]["ppl"], abs=1e-4)
+    assert S.objective_losses(model, objs) == pytest.approx(base)      # model untouched
+    some = next(iter(pw))
+    with pytest.raises(KeyError, match="probe weight"):
+        S.measure_sensitivity(model, objs, units, widths=(4,), progress=False,
+                              probe_weights={k: v for k, v in pw.items() if k != some})
+    rect = next(k for k, v in pw.items() if v.shape[0] != v.shape[1])
+    with pytest.raises(ValueError, match="shape"):
+        S.measure_sensitivity(model, objs, units, widths=(4,), progress=False,
+                              probe_weights={k: v.t() if k == rect else v for k, v in pw.items()})
+
+
+def test_gptq_probe_weights_quantize_each_unit_alone_on_full_precision_inputs():
+    """Block 0 sees the same inputs alone or in the sequential quantization: its probe weights
+    are the sequential GPTQ's bit for bit. Later blocks get the full-precision model's inputs
+    (a probe changes one unit), so they differ from the sequential run's; and with a Hessian from
+    inputs captured by hooks on the full-precision model, GPTQ gives them again."""
+    from tasa.modelquant import quantize_model
+    from tasa.quant import get_method
+    cfg = tiny_cfg(sens_method="gptq", sens_widths=(3,))
+    model, tok = tiny3(), ByteTok()
+    units = S.sublayer_units(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pw = pipeline.probe_weights(model, tok, cfg, 0.5, units, progress=False, log=lambda s: None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    fqns = sorted(f for _, fs in units.values() for f in fs)
+    assert sorted(f for _, f in pw) == fqns and {b for b, _ in pw} == {3}
+    ids, _ = pipeline.gptq_calibration(tok, cfg, 0.5, log=lambda s: None)
+    seq = copy.deepcopy(model)
+    plan = {}
+    for f in fqns:
+        lin = seq.get_submodule(f)
+        G = resolve_group_size(lin.in_features, cfg.group_size)
+        plan[f] = LayerSpec([3] * (lin.in_features // G), G, cfg.mode)
+    quantize_model(seq, plan, "gptq", calib_ids=ids, progress=False)
+    deq = {f: seq.get_submodule(f).dequantize() for f in fqns}
+    first = [f for f in fqns if ".layers.0." in f]
+    assert len(first) == 7
+    for f in first:
+        assert torch.equal(pw[(3, f)], deq[f].to(torch.bfloat16)), f
+    last = [f for f in fqns if ".layers.2.mlp." in f]
+    assert any(not torch.equal(pw[(3, f)], deq[f].to(torch.bfloat16)) for f in last)
+    # the Hessian of layers.2.mlp.down_proj from hooks on the full-precision model
+    f = "model.layers.2.mlp.down_proj"
+    lin = model.get_submodule(f)
+    xs = []
+    h = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], 8):
+            model(input_ids=ids[i:i + 8], use_cache=False)
+    h.remove()
+    X = torch.cat(xs).double()
+    H = (2 * X.T @ X / X.shape[0]).float()
+    q = get_method("gptq").quantize(lin.weight, plan[f], H, damp=cfg.damp, name=f)
+    agree = (q.dequantize().to(torch.bfloat16) == pw[(3, f)]).float().mean().item()
+    assert agree > 0.98, agree          # (GPTQ's rounding flips where H differs in the last bits)
+
+
+def test_gptq_probes_in_the_measurement(measured, tmp_path):
+    """--sens-method gptq: the probes run on GPTQ's weights (other deltas than RTN's, each the
+    loss of the unit quantized alone), the fingerprint says so and an RTN measurement of the same
+    settings is refused, not silently reused."""
+    cfg = tiny_cfg(sens_method="gptq")
+    model, tok = tiny3(), ByteTok()
+    path = tmp_path / "measurement.json"
+    m = pipeline.measure(model, tok, cfg, path, progress=False, log=lambda s: None)
+    fp = pipeline.measure_fingerprint(model, cfg)
+    assert fp["sens_method"] == "gptq" and fp["n_calib"] == cfg.n_calib
+    assert "sens_method" not in pipeline.measure_fingerprint(model, tiny_cfg())
+    rtn = measured[1]             # tiny_cfg(): RTN probes, the same settings otherwise
+    for b in cfg.sens_widths:
+        d, r = m.sensitivity.deltas(b), rtn.sensitivity.deltas(b)
+        assert set(d) == set(r)
+        assert any(abs(d[u]["ppl"] - r[u]["ppl"]) > 1e-5 for u in d)
+    with pytest.raises(ValueError, match="other settings"):
+        pipeline.measure(tiny3(), tok, tiny_cfg(), path, progress=False, log=lambda s: None)
+
+
 @pytest.mark.parametrize("bits", [3.3, 3.5, 4.0, 4.4, 6.0])
 @pytest.mark.parametrize("intra", [False, True])
 def test_allocation_meets_the_budget_exactly(measured, bits, intra):
@@ -541,7 +638,7 @@ def test_config_validation():
     for bad in (dict(beta=2.0), dict(alpha=-0.1), dict(widths=(3, 5)), dict(granularity="x"),
                 dict(objectives=("ppl", "mmlu")), dict(method="awq"), dict(bits=0),
                 dict(budget="bytes"), dict(sens_widths=(4, 3)), dict(sens_widths=(3, 5)),
-                dict(sens_widths=()), dict(sens_dtype="float16")):
+                dict(sens_widths=()), dict(sens_dtype="float16"), dict(sens_method="awq")):
         with pytest.raises(ValueError):
             tiny_cfg(**bad).validate()
 

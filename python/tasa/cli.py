@@ -589,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how a probe is scored: nll = the gold-token NLL increase, kl = the KL "
                         f"divergence from the full-precision model at every scored position "
                         f"(default {_dflt('sens_scoring')})")
+    p.add_argument("--sens-method", choices=method_names(), default=None,
+                   help=f"the probes' quantizer: rtn, or the method the model is quantized with "
+                        f"(a Hessian method probes each unit alone with it, calibrated as the "
+                        f"final quantization at alpha*; costs one quantization of the model per "
+                        f"probe width) (default {_dflt('sens_method')})")
     p.add_argument("--sens-ppl-windows", type=int, default=None,
                    help=f"windows of the perplexity objective (default {_dflt('sens_ppl_windows')})")
     p.add_argument("--sens-math-items", type=int, default=None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Tuple
 
 __all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
-           "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "GRANULARITY",
+           "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "SENS_METHOD", "GRANULARITY",
            "FINGERPRINT_ABSENT", "DRIFT_TASK_TOKENS", "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME",
            "PLAN_NAME", "RUN_NAME"]
 
@@ -49,7 +49,12 @@ SENS_SCORINGS: tuple = ("nll", "kl")
 SENS_SCORING: str = "kl"
 # settings a measurement fingerprint leaves out at these values (files written before the
 # setting existed still match); error messages name them instead of None
-FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll"}
+FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll", "sens_method": "rtn"}
+# the quantizer of the sensitivity probes (a name of tasa.quant.METHODS): "rtn" probes every unit
+# with round-to-nearest; a Hessian method (gptq, gptq-mse) probes each unit with the quantizer the
+# model is then quantized with, calibrated like the final quantization at alpha* (issue 27 item
+# 2; tasa.pipeline.stages.probe_weights)
+SENS_METHOD: str = "rtn"
 # sensitivity / allocation unit
 GRANULARITY: str = "sublayer"
 # the per-matrix quantizer under a plan (a name of tasa.quant.METHODS). gptq-mse (GPTQ with a

@@ -506,7 +506,8 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     L.append("![alpha curve](alpha_curve.png)\n")
     L.append("## 2. Sensitivity and the perplexity illusion\n")
     widths = sens.widths
-    L.append(f"RTN probe of one {cfg['granularity']} at a time at {widths} bits "
+    L.append(f"{cfg.get('sens_method', 'rtn').upper()} probe of one "
+             f"{cfg['granularity']} at a time at {widths} bits "
              f"({sens.compute_dtype or 'float32'} compute); loss increase "
              "in nats per scored token. Objectives: "
              + "; ".join(f"`{o['name']}`: {o['description']} ({o['scored_tokens']} scored tokens)"

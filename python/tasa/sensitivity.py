@@ -357,13 +357,20 @@ class _Prober:
         return out
 
     def probe(self, start: int, linears: Sequence[nn.Linear],
-              specs: Sequence[LayerSpec]) -> Dict[str, np.ndarray]:
-        """Per-item summed NLL with ``linears`` RTN-quantized per ``specs``."""
+              specs: Sequence[LayerSpec],
+              weights: Optional[Sequence[Optional[torch.Tensor]]] = None) -> Dict[str, np.ndarray]:
+        """Per-item summed NLL with ``linears`` RTN-quantized per ``specs``, or set to
+        ``weights`` (dequantized, one per linear; None entries: RTN) where given."""
         saved = [lin.weight.data for lin in linears]
         try:
-            for lin, spec in zip(linears, specs):
-                q = quantize_rtn(lin.weight, spec)
-                lin.weight.data = q.dequantize().to(lin.weight.dtype).to(lin.weight.device)
+            for i, (lin, spec) in enumerate(zip(linears, specs)):
+                w = weights[i] if weights is not None else None
+                if w is None:
+                    w = quantize_rtn(lin.weight, spec).dequantize()
+                elif tuple(w.shape) != tuple(lin.weight.shape):
+                    raise ValueError(f"tasa: probe weight of shape {tuple(w.shape)} for a linear "
+                                     f"of shape {tuple(lin.weight.shape)}")
+                lin.weight.data = w.to(lin.weight.dtype).to(lin.weight.device)
             return self._run(start)
         finally:
             for lin, w in zip(linears, saved):
@@ -395,10 +402,17 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
                                                       Dict[str, list]], None]] = None,
                         base: Optional[Mapping[str, float]] = None,
                         compute_dtype: torch.dtype = torch.float32,
-                        progress: bool = True, dist=None, scoring: str = "nll") -> dict:
+                        progress: bool = True, dist=None, scoring: str = "nll",
+                        probe_weights: Optional[Mapping[tuple, torch.Tensor]] = None,
+                        probe_name: str = "RTN") -> dict:
     """Loss increase of every objective when only unit ``u`` is RTN-quantized at each width of
     ``widths`` (``scoring="kl"``: the KL divergence from the full-precision model instead,
     module docstring).
+
+    ``probe_weights``: ``{(bits, linear fqn): dequantized weight}`` -- the probe of unit ``u`` at
+    ``bits`` sets its linears to these (e.g. GPTQ's, ``tasa.pipeline.stages.probe_weights``: the
+    quantizer the model is then quantized with) instead of quantizing them with RTN; a linear
+    missing from it is an error. ``probe_name`` names them in the progress bar.
 
     ``units``: ``{name: (block index, [linear fqns])}`` (:func:`block_units`,
     :func:`sublayer_units`, :func:`linear_units`). ``done[b][u]``: probes already measured
@@ -445,14 +459,16 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
             rounds = [[p] for p in todo]
         it = rounds
         if progress:
-            it = tqdm(rounds, desc=f"sensitivity (RTN {'/'.join(map(str, widths))}-bit probes)",
-                      unit="probe")
+            it = tqdm(rounds, desc=f"sensitivity ({probe_name} {'/'.join(map(str, widths))}-bit "
+                                   f"probes)", unit="probe")
         for r in it:
             if dist is None or not dist.active:
-                got = {p: _probe_unit(prober, mods, units, *p, group_size, mode) for p in r}
+                got = {p: _probe_unit(prober, mods, units, *p, group_size, mode, probe_weights)
+                       for p in r}
             else:
                 with dist.guard(f"sensitivity probe {r[0] if r else '(idle)'}"):
-                    got = {p: _probe_unit(prober, mods, units, *p, group_size, mode) for p in r}
+                    got = {p: _probe_unit(prober, mods, units, *p, group_size, mode, probe_weights)
+                       for p in r}
                 got = {p: v for part in dist.gather(got, "sensitivity results")
                        for p, v in part.items()}
             for p in sorted(got, key=todo.index):
@@ -468,9 +484,9 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
             "delta": delta, "items": items, "seconds": time.perf_counter() - t0}
 
 
-def _probe_unit(prober, mods, units, bits, u, group_size, mode) -> tuple:
+def _probe_unit(prober, mods, units, bits, u, group_size, mode, probe_weights=None) -> tuple:
     """``(loss increase per objective, summed NLL increase per item per objective)`` with unit
-    ``u`` alone RTN-quantized at ``bits``."""
+    ``u`` alone quantized at ``bits`` (RTN, or ``probe_weights[(bits, fqn)]``)."""
     start, fqns = units[u]
     lins = []
     for f in fqns:
@@ -482,7 +498,14 @@ def _probe_unit(prober, mods, units, bits, u, group_size, mode) -> tuple:
     for lin in lins:
         G = resolve_group_size(lin.in_features, group_size)
         specs.append(LayerSpec([bits] * (lin.in_features // G), G, mode))
-    got = prober.probe(start, lins, specs)
+    ws = None
+    if probe_weights is not None:
+        missing = [f for f in fqns if (bits, f) not in probe_weights]
+        if missing:
+            raise KeyError(f"tasa: sensitivity unit {u!r}: no {bits}-bit probe weight for "
+                           f"{missing[:3]}")
+        ws = [probe_weights[(bits, f)] for f in fqns]
+    got = prober.probe(start, lins, specs, ws)
     # NLL: the increase over the baseline; KL: already a divergence from it
     di = {k: got[k] if prober.scoring == "kl" else got[k] - prober.base_items[k] for k in got}
     d = {k: float(v.sum() / prober.tokens[k].sum()) for k, v in di.items()}

@@ -42,6 +42,7 @@ class PipelineConfig:
     sens_widths: tuple = defaults.SENS_WIDTHS   # RTN probe widths, each measured per unit
     sens_dtype: str = defaults.SENS_DTYPE       # compute dtype of the probes' forward passes
     sens_scoring: str = defaults.SENS_SCORING   # "nll" | "kl" (tasa.sensitivity)
+    sens_method: str = defaults.SENS_METHOD     # the probes' quantizer (tasa.quant.METHODS)
     granularity: str = defaults.GRANULARITY     # "block" | "sublayer" | "linear"
     objectives: tuple = defaults.OBJECTIVES
     sens_ppl_windows: int = 8
@@ -72,7 +73,7 @@ class PipelineConfig:
     # fields whose change invalidates the measurement (everything the measured numbers depend on)
     MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
                     "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_widths", "sens_dtype", "sens_scoring",
-                    "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
+                    "sens_method", "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
                     "sens_math_items", "sens_arc_items")
 
     def validate(self) -> None:
@@ -129,6 +130,7 @@ class PipelineConfig:
         if unknown or not self.objectives:
             raise ValueError(f"tasa: objectives must be a non-empty subset of {defaults.OBJECTIVES}")
         get_method(self.method)            # a ValueError naming the registered methods
+        get_method(self.sens_method)
         sw = list(self.sens_widths)
         if (not sw or any(b not in tasa_ext.SUPPORTED_BITS for b in sw) or len(set(sw)) != len(sw)
                 or sw != sorted(sw)):
@@ -140,6 +142,8 @@ class PipelineConfig:
     def measure_fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
         out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
+        if get_method(self.sens_method).needs_hessian:    # its probes depend on its calibration
+            out.update(n_calib=self.n_calib, seqlen=self.seqlen, damp=self.damp)
         for k, v in defaults.FINGERPRINT_ABSENT.items():   # the only value before the setting
             if out.get(k) == v:                              # existed: files written then match
                 del out[k]

@@ -20,7 +20,8 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
    ``sum_k diag(H_alpha)_k ||W_k - RTN_b(W_k)||^2`` of every linear at every width, for the
    intra-layer step.
 3. **Sensitivity** (:mod:`tasa.sensitivity`): per decoder block, attention/MLP or linear
-   (``granularity``), RTN of that unit alone at every width of ``sens_widths``; loss increase
+   (``granularity``), RTN of that unit alone at every width of ``sens_widths`` (or, with
+   ``sens_method``, the unit alone quantized by that method: :func:`probe_weights`); loss increase
    for ``ppl``, ``math``, ``arc``, with per-item losses. Each probe is written to
    ``measurement.json`` as soon as it finishes (an interrupted run resumes there); at the end the
    rank agreement between objectives and its noise bounds (:func:`noise_bounds`).
@@ -59,7 +60,7 @@ from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
            "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "gptq_calibration",
-           "quantize_with_plan",
+           "quantize_with_plan", "probe_weights",
            "measure", "measure_fingerprint", "weights_digest", "check_same_model"]
 
 
@@ -409,6 +410,60 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     return lplan, qinfo
 
 
+def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Mapping[str, tuple],
+                  split: Optional[dict] = None, progress: bool = True,
+                  log=print) -> Dict[tuple, torch.Tensor]:
+    """``{(bits, fqn): dequantized weight (bf16)}`` of every linear of ``units`` quantized alone by
+    ``cfg.sens_method`` at every width of ``cfg.sens_widths`` (group size and mode as the plan's):
+    what the probes set a unit to (issue 27 item 2: RTN probes measured a quantizer other than
+    the one the model is then quantized with; GPTQ repairs some units far better than others).
+
+    A Hessian method is calibrated as the final quantization (:func:`gptq_calibration` at
+    ``alpha``: the same sequences), but every block's Hessians come from the inputs of the
+    *full-precision* model -- a probe quantizes its unit alone, the rest unchanged -- so the
+    model is not modified. Memory: 2 bytes x widths x the probed linears' weights (SmolLM2-135M,
+    2 widths: 0.4 GB). Time: one quantization of the model per width."""
+    meth = get_method(cfg.sens_method)
+    widths = [int(b) for b in cfg.sens_widths]
+    wanted = {f for _, fqns in units.values() for f in fqns}
+    mods = dict(model.named_modules())
+    missing = sorted(f for f in wanted if not isinstance(mods.get(f), nn.Linear))
+    if missing:
+        raise ValueError(f"tasa: probe weights: not nn.Linear modules: {missing[:3]}")
+    out: Dict[tuple, torch.Tensor] = {}
+
+    def one(full, lin, H):
+        G = resolve_group_size(lin.in_features, cfg.group_size)
+        for b in widths:
+            spec = LayerSpec([b] * (lin.in_features // G), G, cfg.mode)
+            q = meth.quantize(lin.weight, spec, H, damp=cfg.damp, name=full)
+            out[(b, full)] = q.dequantize().to(torch.bfloat16).cpu()
+
+    t0 = time.perf_counter()
+    if not meth.needs_hessian:
+        for full in sorted(wanted):
+            one(full, mods[full], None)
+    else:
+        ids, _ = gptq_calibration(tokenizer, cfg, alpha, split, log)
+
+        def on_block(idx, block, prefix, hessians):
+            for lname, (H, count) in hessians.items():
+                full = f"{prefix}.{lname}"
+                if full in wanted:
+                    one(full, block.get_submodule(lname), H[0])
+            return False             # the next block's inputs stay the full-precision ones
+
+        calib.run_blockwise(model, ids, on_block, progress=progress, batch_size=CALIB_BATCH,
+                            linear_filter=lambda f: f in wanted)
+    absent = sorted(f for f in wanted if (widths[0], f) not in out)
+    if absent:
+        raise ValueError(f"tasa: probe weights: {cfg.sens_method} quantizes decoder-block "
+                         f"linears only; no weights for {absent[:3]}")
+    log(f"probe weights: {len(wanted)} linears x widths {widths} by {cfg.sens_method} in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return out
+
+
 def measure_fingerprint(model: nn.Module, cfg: PipelineConfig) -> dict:
     """What a measurement depends on: the measurement settings and the model's weights."""
     return {**cfg.measure_fingerprint(), "weights": weights_digest(model)}
@@ -512,10 +567,17 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
             sens.seconds = t_prev + time.perf_counter() - t0
             save()
 
+        pw = None
+        todo_units = {u: units[u] for u in units if any(u not in done[b] for b in widths)}
+        if cfg.sens_method != "rtn" and todo_units:
+            # (every rank computes them all: the same calibration, deterministic)
+            pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, todo_units, split,
+                               progress, log)
         res = sensitivity.measure_sensitivity(
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
             done=done, on_result=on_result, base=sens.base, progress=progress,
-            compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist, scoring=cfg.sens_scoring)
+            compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist, scoring=cfg.sens_scoring,
+            probe_weights=pw, probe_name=cfg.sens_method.upper())
         sens.base = res["base"]
         sens.base_items = res["base_items"]
         sens.item_tokens = res["tokens"]
