@@ -7,7 +7,7 @@ For each shape (bench_gemm.SHAPES), width pattern and activation dtype: the time
 ``tasa_ext.gemm`` at every M of ``--batch`` on the AMX path (``amx``: the tile unit for 1 < M)
 and on the path before it (``avx512vnni``: vdpbf16ps GEMM for bf16 x, the AVX2 kernel for
 fp32 x), and torch's bf16 matmul on dense weights at the largest M for scale. Weights stream
-from DRAM (every operand rotates through >= 96 MB of copies, as bench_gemm). The target:
+from DRAM (every operand rotates through copies of 3x the last-level cache, as bench_gemm). The target:
 t(16) <= 3 t(1). Configurations are timed in interleaved rounds; medians over rounds.
 Results: benchmarks/results/batched_cpu.{md,json} with machine, date, commit, command.
 """

@@ -296,3 +296,24 @@ def test_eval_kl_cli_on_a_folder(tiny, tmp_path, capsys):
     assert cli.main(["eval", "--kl", "--quantized", str(folder), "--model", str(path),
                      "--text", str(tmp_path / "nope.txt")]) == 2
     assert "neither" in capsys.readouterr().err
+    # --against: a 4-bit folder scored on the same tokens; the paired difference is the mean of
+    # the per-sequence differences (so it lies within the two means' difference exactly)
+    q4 = tasa.quantize(load_model(str(path))[0], None, bits=4, method="rtn", group_size=128,
+                       progress=False)
+    f4 = tmp_path / "sub" / "q3"           # the same name: told apart in the tables
+    q4.save_pretrained(f4)
+    rep2 = tmp_path / "kl2.json"
+    assert cli.main(["eval", "--kl", "--quantized", str(folder), "--against", str(f4),
+                     "--model", str(path), "--text", str(text), "--kl-tokens", "1024",
+                     "--seqlen", "128", "--out", str(rep2), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    r2 = json.loads(rep2.read_text())
+    assert set(r2["summary"]) == {"reference", "q3", "q3#2"}
+    d = r2["paired"]["q3#2"]
+    assert d["sequences"] == len(seqs) and d["dkl_ci"] > 0
+    assert math.isclose(d["dkl"], r2["summary"]["q3#2"]["kl"] - r2["summary"]["q3"]["kl"],
+                        rel_tol=1e-6, abs_tol=1e-9)       # equal-length sequences: same weights
+    assert d["dkl"] < 0 and "KL(q3#2) - KL(q3)" in out     # 4 bits moved the model less
+    assert math.isclose(r2["summary"]["q3"]["kl"], s["kl"], rel_tol=1e-6)
+    assert cli.main(["eval", "--against", str(f4), "--model", str(path)]) == 2
+    assert "--kl" in capsys.readouterr().err

@@ -244,6 +244,9 @@ def cmd_eval(args) -> int:
     table; returns the exit status."""
     if args.kl:
         return _cmd_eval_kl(args)
+    if getattr(args, "against", None):
+        print("error: tasa: --against compares KL divergences: use it with --kl", file=sys.stderr)
+        return 2
     try:
         tev.require_lm_eval()
         tasks = tev.check_tasks(args.tasks)
@@ -279,25 +282,50 @@ def _cmd_eval_kl(args) -> int:
             raise ValueError("tasa: --kl compares a quantized folder with its reference: give "
                              "--quantized DIR")
         quantized, reference, tok, _info = _quantized_and_reference(args)
+        cands = {_folder_name(args.quantized, {}): quantized}
+        for d in args.against or []:
+            other = load_quantized(d)
+            base = ((getattr(other, "tasa_config", None) or {}).get("meta") or {}).get("base_model")
+            _check_same_base(d, base, args.model, other, reference)
+            cands[_folder_name(d, cands)] = other
         seqs = divergence.kl_sequences(tok, args.text, data=args.data, max_tokens=args.kl_tokens,
                                        seqlen=args.seqlen)
-        name = Path(args.quantized).name or "quantized"
-        scores = divergence.compare(reference, {name: quantized}, seqs, progress=not args.quiet)
+        scores = divergence.compare(reference, cands, seqs, progress=not args.quiet)
     except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = divergence.summarize(scores)
     print(divergence.format_summary(summary))
+    first = next(iter(cands))
+    paired = {}
+    for n in list(cands)[1:]:
+        paired[n] = divergence.paired_kl(scores, first, n)
+        d = paired[n]
+        print(f"KL({n}) - KL({first}): {d['dkl']:+.5f} +- {d['dkl_ci']:.5f} nats per token "
+              f"(paired over {d['sequences']} sequences, 95%); top-1 agreement "
+              f"{d['dtop1']:+.4f} +- {d['dtop1_ci']:.4f}")
     tokens = scores["reference"]["tokens"]
     print(f"\ntext: {args.text} ({len(seqs)} sequences, {tokens} scored positions); "
           f"KL(reference || quantized) of the next-token distribution at every position; "
           f"+- are 95% t-intervals over sequences (NLL - ref: paired)")
     if args.out:
         write_json_atomic(args.out, {"text": args.text, "model": args.model,
-                                     "quantized": str(args.quantized), "sequences": len(seqs),
-                                     "summary": summary, "scores": scores})
+                                     "quantized": str(args.quantized),
+                                     "against": [str(d) for d in args.against or []],
+                                     "sequences": len(seqs), "summary": summary,
+                                     "paired": paired, "scores": scores})
         print(f"written to {args.out}")
     return 0
+
+
+def _folder_name(folder, taken) -> str:
+    """A folder's name for the tables (its last path component, made unique among ``taken``;
+    "quantized" for a bare root)."""
+    name = Path(str(folder)).name or "quantized"
+    base, i = name, 2
+    while name in taken or name == "reference":
+        name, i = f"{base}#{i}", i + 1
+    return name
 
 
 def _quantized_and_reference(args) -> tuple:
@@ -533,6 +561,10 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="instead of lm-eval tasks: KL divergence and top-1 agreement of the "
                         "--quantized folder against its reference over every token of --text "
                         "(llama.cpp's --kl-divergence yardstick)")
+    p.add_argument("--against", action="append", default=None, metavar="DIR",
+                   help="with --kl: another tasa folder of the same base model, scored on the "
+                        "same tokens, with its KL minus the --quantized folder's as a paired "
+                        "difference over sequences (repeatable)")
     p.add_argument("--text", default="general",
                    help="with --kl: general (WikiText-2 test), gsm8k (test questions with their "
                         "solutions) or the path of your own UTF-8 text file (default %(default)s)")

@@ -31,7 +31,7 @@ from . import corpora as tdata
 from .stats import mean_ci95
 
 __all__ = ["ScoredSeq", "kl_sequences", "compare", "summarize", "TEXTS", "reference_top",
-           "drift", "text_windows", "KL_TOP_K", "bucketed_kl"]
+           "drift", "text_windows", "KL_TOP_K", "bucketed_kl", "paired_kl"]
 
 TEXTS = ("general", "gsm8k")
 
@@ -286,6 +286,19 @@ def summarize(scores: Mapping[str, dict], reference: str = "reference") -> dict:
             [a - b for a, b in zip(r["nll_seq"], ref["nll_seq"])])
         out[name] = row
     return out
+
+
+def paired_kl(scores: Mapping[str, dict], a: str, b: str) -> dict:
+    """KL and top-1 agreement of model ``b`` minus model ``a`` (:func:`compare`'s result, same
+    sequences) as paired differences over sequences: ``dkl``, ``dkl_ci``, ``dtop1``,
+    ``dtop1_ci`` (95% t-half-widths), ``sequences``. Pairing removes the spread between texts
+    that both models share, which dominates each model's own interval."""
+    ka, kb = scores[a]["kl_seq"], scores[b]["kl_seq"]
+    if len(ka) != len(kb):
+        raise ValueError(f"tasa: {a} and {b} were scored on different sequences")
+    dkl, dkl_ci = mean_ci95([y - x for x, y in zip(ka, kb)])
+    dt, dt_ci = mean_ci95([y - x for x, y in zip(scores[a]["top1_seq"], scores[b]["top1_seq"])])
+    return {"dkl": dkl, "dkl_ci": dkl_ci, "dtop1": dt, "dtop1_ci": dt_ci, "sequences": len(ka)}
 
 
 def format_summary(summary: Mapping[str, dict]) -> str:
