@@ -91,6 +91,35 @@ def test_second_writer_is_refused_while_the_lock_is_held(model_dir, tmp_path, ca
     assert not (out / "measurement.json").exists()
 
 
+def test_the_lock_file_goes_with_the_run(tmp_path):
+    """A finished run leaves no .tasa.lock; a folder it created and left empty is removed; a
+    lock file unlinked by its holder (an orphan) is never counted as the lock."""
+    import fcntl
+    import os
+    out = tmp_path / "out"
+    with folder_lock(out):
+        assert (out / ".tasa.lock").exists()
+        (out / "model.safetensors").write_bytes(b"x")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    empty = tmp_path / "empty"
+    with folder_lock(empty):
+        pass
+    assert not empty.exists()
+    # an orphan: a file opened and locked by someone after the path was unlinked
+    d = tmp_path / "race"
+    d.mkdir()
+    fd = os.open(d / ".tasa.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    os.unlink(d / ".tasa.lock")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)    # held, but no longer at the path
+    try:
+        with folder_lock(d):                         # a new file: taken, not refused
+            with pytest.raises(Exception, match="another tasa run"):
+                with folder_lock(d):
+                    pass
+    finally:
+        os.close(fd)
+
+
 def test_out_naming_a_file_is_refused(model_dir, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("keep me")

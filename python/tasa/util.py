@@ -157,26 +157,43 @@ def folder_lock(path):
     by the kernel when the process dies, so a killed run never leaves it locked). A second
     writer gets a :class:`FolderLockedError` at once instead of racing the first.
 
-    A folder this call created and that holds nothing but the lock when the run ends (a typo in
-    the model name, an infeasible budget) is removed: a failed run leaves no empty folder."""
+    The lock file is removed when the run ends (users saw an empty ``.tasa.lock`` in every
+    finished folder); a folder this call created that holds nothing else then (a typo in the
+    model name, an infeasible budget) is removed too: a failed run leaves no empty folder.
+    Removing a lock file opens a race -- a writer that opened the old file before it was unlinked
+    could lock that orphan while a third locks a new file -- so a lock counts only if the file
+    locked is still the one at the path (same inode); otherwise it is taken again."""
     path = Path(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / ".tasa.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    lock = path / ".tasa.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise FolderLockedError(f"tasa: another tasa run is writing into {path} (its "
-                                    f"lock {path / '.tasa.lock'} is held); wait for it or use "
+                                    f"lock {lock} is held); wait for it or use "
                                     f"another --out") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)              # an orphan: its holder unlinked it while we waited to lock
+    try:
         yield
     finally:
+        try:
+            lock.unlink()         # still holding it: nobody can hold this file now
+        except OSError:
+            pass
         os.close(fd)
         if created:
             try:
-                if [p.name for p in path.iterdir()] == [".tasa.lock"]:
-                    (path / ".tasa.lock").unlink()
+                if not any(path.iterdir()):
                     path.rmdir()
             except OSError:
                 pass
