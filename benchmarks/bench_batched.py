@@ -7,8 +7,8 @@ For each shape (bench_gemm.SHAPES), width pattern and activation dtype: the time
 ``tasa_ext.gemm`` at every M of ``--batch`` on the AMX path (``amx``: the tile unit for 1 < M)
 and on the path before it (``avx512vnni``: vdpbf16ps GEMM for bf16 x, the AVX2 kernel for
 fp32 x), and torch's bf16 matmul on dense weights at the largest M for scale. Weights stream
-from DRAM (every operand rotates through copies of 3x the last-level cache, as bench_gemm). The target:
-t(16) <= 3 t(1). Configurations are timed in interleaved rounds; medians over rounds.
+from DRAM (every operand rotates through copies of 3x the last-level cache, as bench_gemm).
+The target: t(16) <= 3 t(1). Configurations are timed in interleaved rounds; medians over rounds.
 Results: benchmarks/results/batched_cpu.{md,json} with machine, date, commit, command.
 """
 from __future__ import annotations
@@ -34,12 +34,11 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", nargs="+", default=["avx512vnni", "amx"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.1)
-    ap.add_argument("--stream-mb", type=int, default=None,
-                    help="MB of weight copies per operand (default 3x the last-level cache, >= 96)")
+    ap.add_argument("--stream-mb", type=int, default=stream_bytes_default() >> 20,
+                    help="MB of weight copies per operand (default here %(default)s: 3x the "
+                         "last-level cache, >= 96)")
     ap.add_argument("--out", default="batched_cpu")
     args = ap.parse_args(argv)
-    if args.stream_mb is None:
-        args.stream_mb = stream_bytes_default() >> 20
     have = tasa_ext.ops.cpu_isas_available()
     paths = [p for p in args.paths if p in have]
     if not paths:

@@ -9,8 +9,8 @@ timed side by side in this run. Random weights: the kernels' speed does not depe
 Streaming (the default): batch-1 decode reads every weight once per token from DRAM, so each
 timed call must too. Every timed operand -- tasa's packed matrices, torch's dense fp32/bf16
 weights and its int4-packed ones alike -- is cloned until its copies total >= --stream-mb
-(default 3x the last-level cache and >= 96 MB: common.stream_bytes_default), and consecutive calls rotate through the copies: by the time a
-copy comes round again the others have pushed it out of the last-level cache. `--resident`
+(default 3x the last-level cache and >= 96 MB: common.stream_bytes_default), and consecutive
+calls rotate through the copies: by the time a copy comes round again the others have pushed it out of the last-level cache. `--resident`
 reuses one copy (the old mode: shapes smaller than the LLC then run from cache and can report
 more than 100% of the copy bandwidth).
 
@@ -94,17 +94,15 @@ def main():
     ap.add_argument("--isa", default="auto", help="CPU path: auto (the best), avx512, avx2, scalar")
     ap.add_argument("--act", default=None, choices=["bfloat16", "float32", "float16"],
                     help="tasa activation dtype (default: bfloat16 on CPU, float16 on CUDA)")
-    ap.add_argument("--stream-mb", type=int, default=None,
+    ap.add_argument("--stream-mb", type=int, default=stream_bytes_default() >> 20,
                     help="streaming mode: MB of weight copies each timed operand rotates through "
-                         "(default 3x the last-level cache, >= 96)")
+                         "(default here %(default)s: 3x the last-level cache, >= 96)")
     ap.add_argument("--resident", action="store_true",
                     help="reuse one weight copy (cache-resident for shapes smaller than the LLC)")
     ap.add_argument("--update", action="store_true",
                     help="merge into the existing results file: replace only the rows of the shapes "
                          "and batches measured now (each row keeps its run's load and bandwidth)")
     args = ap.parse_args()
-    if args.stream_mb is None:
-        args.stream_mb = stream_bytes_default() >> 20
     stream_bytes = 0 if args.resident else args.stream_mb << 20
     dev, G = args.device, args.group_size
     if dev == "cpu":

@@ -15,6 +15,15 @@
 #include "tasa/kernels.h"
 #include "tasa/format.h"
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+// q copied into 2 MB-aligned memory, madvise(MADV_HUGEPAGE)d unless HUGE=0 (never freed: a
+// benchmark's lifetime)
+static uint32_t* huge_copy(const std::vector<uint32_t>& q) {
+  const size_t nb = (q.size() * 4 + (2u << 20) - 1) & ~((size_t)(2u << 20) - 1);
+  void* p = aligned_alloc(2u << 20, nb);
+  if (atoi(getenv("HUGE"))) madvise(p, nb, MADV_HUGEPAGE);
+  memcpy(p, q.data(), q.size() * 4);
+  return (uint32_t*)p;
+}
 struct Mat { std::vector<uint32_t> q; uint32_t* qp = nullptr; std::vector<uint16_t> s; std::vector<int32_t> gt; int64_t R; };
 static Mat make(int64_t N, int64_t K, int64_t G, const std::vector<int>& bits, std::mt19937& rng) {
   Mat m; int64_t ng = K / G; std::vector<int32_t> gb(ng);
@@ -25,10 +34,7 @@ static Mat make(int64_t N, int64_t K, int64_t G, const std::vector<int>& bits, s
   m.q.assign(((N + 15) / 16) * m.R * 16, 0);
   tasa_pack_cpu(codes.data(), N, K, m.gt.data(), G, m.R, m.q.data());
   m.s.assign(ng * N, 0x3c00);
-  m.qp = m.q.data();
-  if (getenv("HUGE")) { size_t nb = (m.q.size() * 4 + (2u<<20) - 1) & ~((size_t)(2u<<20) - 1);
-    void* p = aligned_alloc(2u << 20, nb); if (atoi(getenv("HUGE"))) madvise(p, nb, MADV_HUGEPAGE);
-    memcpy(p, m.q.data(), m.q.size() * 4); m.qp = (uint32_t*)p; }
+  m.qp = getenv("HUGE") ? huge_copy(m.q) : m.q.data();
   return m;
 }
 // dependent add chain: 1 add/cycle -> frequency

@@ -244,7 +244,7 @@ def cmd_eval(args) -> int:
     table; returns the exit status."""
     if args.kl:
         return _cmd_eval_kl(args)
-    if getattr(args, "against", None):
+    if args.against:
         print("error: tasa: --against compares KL divergences: use it with --kl", file=sys.stderr)
         return 2
     try:
@@ -285,8 +285,7 @@ def _cmd_eval_kl(args) -> int:
         cands = {_folder_name(args.quantized, {}): quantized}
         for d in args.against or []:
             other = load_quantized(d)
-            base = ((getattr(other, "tasa_config", None) or {}).get("meta") or {}).get("base_model")
-            _check_same_base(d, base, args.model, other, reference)
+            _check_same_base(d, _base_model(other), args.model, other, reference)
             cands[_folder_name(d, cands)] = other
         seqs = divergence.kl_sequences(tok, args.text, data=args.data, max_tokens=args.kl_tokens,
                                        seqlen=args.seqlen)
@@ -328,12 +327,16 @@ def _folder_name(folder, taken) -> str:
     return name
 
 
+def _base_model(quantized):
+    """The base model a loaded tasa folder records (None if it records none)."""
+    return ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get("base_model")
+
+
 def _quantized_and_reference(args) -> tuple:
     """``(the --quantized folder's model or None, the reference, tokenizer, info)``: --model
     defaults to the folder's base model (else tasa's default) and must be that model."""
     quantized = load_quantized(args.quantized) if args.quantized else None
-    base = ((getattr(quantized, "tasa_config", None) or {}).get("meta") or {}).get(
-        "base_model") if quantized is not None else None
+    base = _base_model(quantized) if quantized is not None else None
     if args.model is None:
         args.model = base if base is not None else defaults.MODEL
     reference, tok, info = load_model(args.model)

@@ -467,8 +467,8 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
                        for p in r}
             else:
                 with dist.guard(f"sensitivity probe {r[0] if r else '(idle)'}"):
-                    got = {p: _probe_unit(prober, mods, units, *p, group_size, mode, probe_weights)
-                       for p in r}
+                    got = {p: _probe_unit(prober, mods, units, *p, group_size, mode,
+                                          probe_weights) for p in r}
                 got = {p: v for part in dist.gather(got, "sensitivity results")
                        for p, v in part.items()}
             for p in sorted(got, key=todo.index):
@@ -484,6 +484,13 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
             "delta": delta, "items": items, "seconds": time.perf_counter() - t0}
 
 
+def probe_spec(lin: nn.Linear, bits: int, group_size: int, mode: str) -> LayerSpec:
+    """The uniform ``bits``-wide spec a probe quantizes ``lin`` with (group size: the largest
+    multiple of 32 <= ``group_size`` dividing its K, :func:`tasa.quant.resolve_group_size`)."""
+    G = resolve_group_size(lin.in_features, group_size)
+    return LayerSpec([bits] * (lin.in_features // G), G, mode)
+
+
 def _probe_unit(prober, mods, units, bits, u, group_size, mode, probe_weights=None) -> tuple:
     """``(loss increase per objective, summed NLL increase per item per objective)`` with unit
     ``u`` alone quantized at ``bits`` (RTN, or ``probe_weights[(bits, fqn)]``)."""
@@ -494,10 +501,7 @@ def _probe_unit(prober, mods, units, bits, u, group_size, mode, probe_weights=No
         if not isinstance(m, nn.Linear):
             raise ValueError(f"tasa: sensitivity unit {u!r}: {f!r} is not an nn.Linear")
         lins.append(m)
-    specs = []
-    for lin in lins:
-        G = resolve_group_size(lin.in_features, group_size)
-        specs.append(LayerSpec([bits] * (lin.in_features // G), G, mode))
+    specs = [probe_spec(lin, bits, group_size, mode) for lin in lins]
     ws = None
     if probe_weights is not None:
         missing = [f for f in fqns if (bits, f) not in probe_weights]

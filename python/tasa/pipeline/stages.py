@@ -433,9 +433,8 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
     out: Dict[tuple, torch.Tensor] = {}
 
     def one(full, lin, H):
-        G = resolve_group_size(lin.in_features, cfg.group_size)
         for b in widths:
-            spec = LayerSpec([b] * (lin.in_features // G), G, cfg.mode)
+            spec = sensitivity.probe_spec(lin, b, cfg.group_size, cfg.mode)
             q = meth.quantize(lin.weight, spec, H, damp=cfg.damp, name=full)
             out[(b, full)] = q.dequantize().to(torch.bfloat16).cpu()
 
