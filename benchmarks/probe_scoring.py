@@ -5,9 +5,9 @@ ranking with the gold-NLL scoring and with the KL scoring of the same probes (is
 
 The pipeline's own objectives, units and probes (tasa's defaults: sublayer units, RTN 3- and
 4-bit probes, bf16 probe passes; ``--ppl-windows`` / ``--math-items`` / ``--arc-items`` enlarge
-the objective sets), measured twice: ``scoring="nll"`` (the gold-token NLL increase) and
+the objective sets), scored two ways: ``scoring="nll"`` (the gold-token NLL increase) and
 ``scoring="kl"`` (KL from the full-precision model at every scored position,
-``tasa.sensitivity``). Reliability: Kendall tau between the unit rankings of two random
+``tasa.sensitivity``), both from the same probe passes. Reliability: Kendall tau between the unit rankings of two random
 disjoint halves of the objective's items, mean and 95% range over 200 splits
 (``tasa.stats.split_half_tau``; halves, so it bounds the full set's reliability from below).
 Also: tau between the NLL and KL rankings of each objective (all items), and between the
@@ -53,15 +53,16 @@ def main(argv=None) -> int:
     split = pipeline.split_data(cfg)
     objs = stages.build_objectives(tok, split, cfg)
     units = stages._units(model, cfg)
-    res, secs = {}, {}
-    for scoring in ("nll", "kl"):
-        t = time.time()
-        print(time.strftime("%H:%M:%S"), f"probes, {scoring} scoring", flush=True)
-        res[scoring] = sensitivity.measure_sensitivity(
-            model, objs, units, widths=cfg.sens_widths, group_size=cfg.group_size,
-            mode=cfg.mode, compute_dtype=getattr(torch, cfg.sens_dtype), scoring=scoring,
-            progress=False)
-        secs[scoring] = time.time() - t
+    # one pass gives both scorings: a KL-scored probe also returns the gold-NLL increases of
+    # the same forward (``nll_items``; tests/test_pipeline.py checks they equal an NLL run's)
+    t = time.time()
+    print(time.strftime("%H:%M:%S"), "probes (KL and NLL scoring, one pass)", flush=True)
+    kl = sensitivity.measure_sensitivity(
+        model, objs, units, widths=cfg.sens_widths, group_size=cfg.group_size,
+        mode=cfg.mode, compute_dtype=getattr(torch, cfg.sens_dtype), scoring="kl",
+        progress=True)
+    res = {"kl": kl, "nll": {"items": kl["nll_items"], "tokens": kl["tokens"]}}
+    secs = {"both": time.time() - t}
     names = [o.name for o in objs]
     U = list(units)
     table = {}
@@ -91,8 +92,8 @@ def main(argv=None) -> int:
                     f"scored tokens" for o in objs}
     L = [f"# Probe scoring: gold NLL vs KL, {args.model}", "",
          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}; "
-         f"command: `{meta['command']}`; probes took {secs['nll']:.0f} s (NLL) and "
-         f"{secs['kl']:.0f} s (KL) on a shared machine.", "",
+         f"command: `{meta['command']}`; the probes (one pass, both scorings) took "
+         f"{secs['both']:.0f} s.", "",
          f"{len(U)} units ({cfg.granularity}), RTN probes at {list(cfg.sens_widths)} bits, group "
          f"{cfg.group_size} {cfg.mode}, {cfg.sens_dtype} probe passes. Objectives: "
          + "; ".join(desc.values()) + ".", "",

@@ -142,6 +142,35 @@ def test_kl_probe_equals_the_kl_of_a_quantized_copy(factory, monkeypatch):
         S.measure_sensitivity(model, objs, units, widths=(2,), progress=False, scoring="acc")
 
 
+def test_kl_probes_also_give_the_nll_scoring_of_the_same_pass():
+    """scoring="kl" returns ``nll_items``: the gold-NLL increases of the same probe passes,
+    equal to what a separate scoring="nll" run measures (so one run gives both scorings)."""
+    model = tiny3()
+    tok = ByteTok()
+    text = corpora.load_general()[:3]
+    objs = [S.text_objective("ppl", tok, text, 3, 40, seed=3),
+            S.qa_objective("qa", tok, [("Question: abc?\nAnswer:", " def ghi"),
+                                       ("Question: x?\nAnswer:", " yz")])]
+    units = S.sublayer_units(model)
+    kl = S.measure_sensitivity(model, objs, units, widths=(2, 3), group_size=128,
+                               progress=False, scoring="kl")
+    nll = S.measure_sensitivity(model, objs, units, widths=(2, 3), group_size=128,
+                                progress=False, scoring="nll")
+    assert "nll_items" not in nll
+    moved = 0.0
+    for b in (2, 3):
+        assert list(kl["nll_items"][b]) == list(units)
+        for u in units:
+            for o in objs:
+                got = np.asarray(kl["nll_items"][b][u][o.name])
+                want = np.asarray(nll["items"][b][u][o.name])
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+                moved += np.abs(want).sum()
+                # and they differ from the KL items themselves
+                assert not np.allclose(got, np.asarray(kl["items"][b][u][o.name]))
+    assert moved > 0
+
+
 def test_bucketed_kl_is_a_lower_bound_exact_with_every_token():
     from tasa.divergence import _log_rest      # the KL helpers live in divergence
 

@@ -263,6 +263,8 @@ class _Prober:
                              f"{scoring!r}")
         self.scoring = scoring
         self.ref: Dict[tuple, tuple] = {}          # (obj, batch) -> reference top-K (KL scoring)
+        # KL scoring: the last probe's summed gold NLL per item (obj -> [items]), same pass
+        self.last_nll: Dict[str, np.ndarray] = {}
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"tasa: sensitivity compute dtype must be float32 or bfloat16, "
                              f"got {compute_dtype}")
@@ -300,7 +302,12 @@ class _Prober:
         row = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[pos]
         if self.scoring == "kl" and not base:
             ref_top, ref_idx, ref_rest = self.ref[key]
-            per_pos = bucketed_kl(ref_top, ref_idx, F.log_softmax(logits, -1), ref_rest)
+            lp = F.log_softmax(logits, -1)
+            per_pos = bucketed_kl(ref_top, ref_idx, lp, ref_rest)
+            # the gold NLL of the same pass comes free: kept so one probe gives both scorings
+            nll = -lp.gather(1, tgt[:, 1:][pos][:, None])[:, 0].double()
+            self.last_nll_rows = torch.zeros(pos.shape[0], dtype=torch.float64).index_add_(
+                0, row.cpu(), nll.cpu())
         elif self.scoring == "kl":        # the baseline: keep its top-K, score its NLL
             lp = F.log_softmax(logits, -1)
             self.ref[key] = top_and_rest(lp, KL_TOP_K)
@@ -338,6 +345,7 @@ class _Prober:
         try:
             for obj in self.objectives:
                 items = torch.zeros(obj.input_ids.shape[0], dtype=torch.float64)
+                nll_items = torch.zeros_like(items)
                 for bi, (rows, L) in enumerate(self.batches[obj.name]):
                     state["obj"], state["b"] = obj.name, bi
                     if start is not None:
@@ -348,7 +356,11 @@ class _Prober:
                                          use_cache=False)
                     items[rows] = self._final(res.last_hidden_state, obj, rows, L,
                                               key=(obj.name, bi), base=start is None)
+                    if self.scoring == "kl" and start is not None:
+                        nll_items[rows] = self.last_nll_rows
                 out[obj.name] = items.numpy()
+                if self.scoring == "kl" and start is not None:
+                    self.last_nll[obj.name] = nll_items.numpy()
         finally:
             for h in handles:
                 h.remove()
@@ -445,6 +457,7 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
     done = done or {}
     delta: Dict[int, Dict[str, Dict[str, float]]] = {b: {} for b in widths}
     items: Dict[int, Dict[str, Dict[str, list]]] = {b: {} for b in widths}
+    nll_items: Dict[int, Dict[str, Dict[str, list]]] = {b: {} for b in widths}
     with torch.no_grad(), flush_denormals():
         prober = _Prober(model, objectives, tokens_per_batch, compute_dtype=compute_dtype,
                          scoring=scoring)
@@ -473,15 +486,21 @@ def measure_sensitivity(model: nn.Module, objectives: Sequence[Objective],
                        for p, v in part.items()}
             for p in sorted(got, key=todo.index):
                 b, u = p
-                delta[b][u], items[b][u] = got[p]
+                delta[b][u], items[b][u], nll = got[p]
+                if nll is not None:
+                    nll_items[b][u] = nll
                 if on_result is not None:
-                    on_result(b, u, *got[p])
+                    on_result(b, u, *got[p][:2])
     # in the units' order, however the ranks' rounds delivered them
     delta = {b: {u: delta[b][u] for u in units if u in delta[b]} for b in widths}
     items = {b: {u: items[b][u] for u in units if u in items[b]} for b in widths}
-    return {"base": prober.base, "base_items": {k: v.tolist() for k, v in prober.base_items.items()},
-            "tokens": {k: v.tolist() for k, v in prober.tokens.items()},
-            "delta": delta, "items": items, "seconds": time.perf_counter() - t0}
+    out = {"base": prober.base, "base_items": {k: v.tolist() for k, v in prober.base_items.items()},
+           "tokens": {k: v.tolist() for k, v in prober.tokens.items()},
+           "delta": delta, "items": items, "seconds": time.perf_counter() - t0}
+    if scoring == "kl":
+        out["nll_items"] = {b: {u: nll_items[b][u] for u in units if u in nll_items[b]}
+                            for b in widths}
+    return out
 
 
 def probe_spec(lin: nn.Linear, bits: int, group_size: int, mode: str) -> LayerSpec:
@@ -513,4 +532,7 @@ def _probe_unit(prober, mods, units, bits, u, group_size, mode, probe_weights=No
     # NLL: the increase over the baseline; KL: already a divergence from it
     di = {k: got[k] if prober.scoring == "kl" else got[k] - prober.base_items[k] for k in got}
     d = {k: float(v.sum() / prober.tokens[k].sum()) for k, v in di.items()}
-    return d, {k: v.tolist() for k, v in di.items()}
+    # KL scoring: the same pass's gold-NLL increases too (None with NLL scoring: they are ``di``)
+    nll = ({k: (prober.last_nll[k] - prober.base_items[k]).tolist() for k in got}
+           if prober.scoring == "kl" else None)
+    return d, {k: v.tolist() for k, v in di.items()}, nll
