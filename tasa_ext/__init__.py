@@ -17,10 +17,10 @@ from .format import (
     average_bits,
     cost_bits,
 )
-from .ops import build_info, dequant, embed, gemm, hessian_accumulate_, pack, set_cpu_isa, unpack
+from .ops import build_info, dequant, embed, gemm, gptq_cols_, hessian_accumulate_, mse_params, pack, set_cpu_isa, unpack
 
 __all__ = [
     "COL_BLOCK", "FORMAT_VERSION", "SUPPORTED_BITS", "TILE_K", "QuantMode", "average_bits",
-    "cost_bits", "build_info", "dequant", "embed", "gemm", "hessian_accumulate_", "pack", "set_cpu_isa",
+    "cost_bits", "build_info", "dequant", "embed", "gemm", "gptq_cols_", "hessian_accumulate_", "mse_params", "pack", "set_cpu_isa",
     "unpack", "ops",
 ]

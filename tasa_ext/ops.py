@@ -8,6 +8,10 @@ Ops (namespace ``tasa``):
   gemm(x [..., K] f32|bf16|f16, qweight, scales, zeros?, gtable, perm?, G) -> y [..., N] (x's dtype)
         (CPU, from dense_rows() rows of x on: dequantize once + torch matmul, see set_dense_rows)
   hessian_accumulate_(H f32 [S,K,K]!, X [T,K], src i64? [T], count i64 [S]!) -> ()
+  gptq_cols_(W f32 [N,B]!, U f32 [B,B], scale f32 [N], zero f32 [N], maxq, c0, c1, codes u8 [N,B]!,
+             err f32 [N,B]!) -> ()   (GPTQ's column loop over one group's columns; CPU only)
+  mse_params(W f32 [...,G], bits, sym, weight f32? [G] or [...,G], shrink f32 [C]) -> (scale, zero) f32 [...]
+             (the clipping search of group parameters, tasa.quant.mse; CPU only)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
 from __future__ import annotations
@@ -27,6 +31,9 @@ SCHEMAS = {
     "gemm": "gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, Tensor? perm, "
             "int group_size) -> Tensor",
     "hessian_accumulate_": "hessian_accumulate_(Tensor(a!) H, Tensor X, Tensor? src, Tensor(b!) count) -> ()",
+    "gptq_cols_": "gptq_cols_(Tensor(a!) W, Tensor U, Tensor scale, Tensor zero, int maxq, int c0, int c1, "
+                  "Tensor(b!) codes, Tensor(c!) err) -> ()",
+    "mse_params": "mse_params(Tensor W, int bits, bool sym, Tensor? weight, Tensor shrink) -> (Tensor, Tensor)",
 }
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
@@ -112,6 +119,18 @@ def _hessian_fake(H, X, src, count):
     return None
 
 
+@torch.library.register_fake("tasa::gptq_cols_")
+def _gptq_cols_fake(W, U, scale, zero, maxq, c0, c1, codes, err):
+    _same_device("W", W, U=U, scale=scale, zero=zero, codes=codes, err=err)
+    return None
+
+
+@torch.library.register_fake("tasa::mse_params")
+def _mse_params_fake(W, bits, sym, weight, shrink):
+    _same_device("W", W, weight=weight, shrink=shrink)
+    return W.new_empty(W.shape[:-1]), W.new_empty(W.shape[:-1])
+
+
 # ---- Python API -----------------------------------------------------------------------------
 
 def pack(codes: torch.Tensor, group_bits: torch.Tensor, group_size: int):
@@ -145,6 +164,18 @@ def gemm(x, qweight, scales, zeros: Optional[torch.Tensor], gtable, perm: Option
 
 def hessian_accumulate_(H, X, src: Optional[torch.Tensor], count) -> None:
     torch.ops.tasa.hessian_accumulate_(H, X, src, count)
+
+
+def gptq_cols_(W, U, scale, zero, maxq: int, c0: int, c1: int, codes, err) -> None:
+    """GPTQ's column loop over columns ``[c0, c1)`` of one block (one group's columns): see
+    :func:`tasa_ext.reference.gptq_cols_` (the semantics, bit for bit). CPU tensors only."""
+    torch.ops.tasa.gptq_cols_(W, U, scale, zero, maxq, c0, c1, codes, err)
+
+
+def mse_params(W, bits: int, sym: bool, weight: Optional[torch.Tensor], shrink: torch.Tensor):
+    """The clipping search of group parameters over the last axis of ``W`` (fp32, CPU): see
+    :func:`tasa_ext.reference.mse_params`. Returns ``(scale, zero)`` of shape ``W.shape[:-1]``."""
+    return torch.ops.tasa.mse_params(W, bits, sym, weight, shrink)
 
 
 # csrc/include/tasa/kernels.h enum tasa_isa. avx512vnni differs from avx512 in the GEMV (M = 1)

@@ -136,3 +136,68 @@ def hessian_accumulate_(H: torch.Tensor, X: torch.Tensor, src: Optional[torch.Te
         xs = xs.double() * (2.0 / (n + m)) ** 0.5
         H[s] = (h + xs.T @ xs).to(H.dtype)
         count[s] = n + m
+
+
+def gptq_cols_(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               maxq: int, c0: int, c1: int, codes: torch.Tensor, err: torch.Tensor) -> None:
+    """GPTQ's column loop over columns ``[c0, c1)`` of one block ``W [N, B]`` (fp32, in place):
+    column ``i`` is quantized with ``scale``/``zero`` (``[N]``, one group), its scaled error
+    ``(w - q(w)) / U[i, i]`` is written to ``err[:, i]`` and fed to columns ``i ..`` of the
+    block through row ``i`` of ``U``. The torch loop tasa's GPTQ ran before the kernel (fp32,
+    the same operations in the same order)."""
+    s, z = scale[:, None], zero[:, None]
+    for i in range(c0, c1):
+        w = W[:, i:i + 1]
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        wq = (q - z) * s
+        e = (w - wq) / U[i, i]
+        codes[:, i] = q[:, 0].to(torch.uint8)
+        err[:, i] = e[:, 0]
+        W[:, i:] -= e * U[i, i:][None, :]
+
+
+def _rtn_params(W: torch.Tensor, bits: int, sym: bool):
+    """Min/max (scale, zero) over the last axis, as tasa.quant.rtn.rtn_params (fp16-exact
+    scale; the asym range always contains 0)."""
+    maxq = 2 ** bits - 1
+    if sym:
+        s = 2 * W.abs().amax(-1) / maxq
+    else:
+        lo = W.amin(-1).clamp(max=0)
+        s = (W.amax(-1).clamp(min=0) - lo) / maxq
+    s = torch.where(s > 0, s, torch.ones_like(s)).half().to(W.dtype)
+    s = torch.where(s > 0, s, torch.full_like(s, 2.0 ** -24))
+    z = (torch.full_like(s, 2.0 ** (bits - 1)) if sym
+         else torch.round(-lo / s).clamp(0, maxq))
+    return s, z
+
+
+def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Tensor],
+               shrink: torch.Tensor):
+    """Scale and zero ``[...]`` of each row of ``W [..., G]`` minimising
+    ``sum_k weight_k (w_k - q(w_k))^2`` over the ranges ``p * [lo, hi]``, ``p`` in ``shrink``
+    (``weight``: None = ones, ``[G]`` shared or W's shape); the first candidate wins ties. The
+    torch loop tasa.quant.mse ran before the kernel."""
+    maxq = 2 ** bits - 1
+    if sym:
+        hi = W.abs().amax(-1, keepdim=True)
+        lo = -hi
+    else:
+        lo = W.amin(-1, keepdim=True).clamp(max=0)
+        hi = W.amax(-1, keepdim=True).clamp(min=0)
+    best_s = best_z = best_e = None
+    for p in shrink.tolist():
+        p = float(torch.tensor(p, dtype=torch.float32))
+        Wc = W if p == 1.0 else torch.maximum(torch.minimum(W, p * hi), p * lo)
+        s, z = _rtn_params(Wc, bits, sym)
+        q = torch.clamp(torch.round(W / s[..., None]) + z[..., None], 0, maxq)
+        d2 = (W - (q - z[..., None]) * s[..., None]) ** 2
+        e = ((d2 * weight) if weight is not None else d2).double().sum(-1)
+        if best_e is None:
+            best_s, best_z, best_e = s, z, e
+        else:
+            better = e < best_e
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+            best_e = torch.where(better, e, best_e)
+    return best_s, best_z

@@ -202,3 +202,28 @@ def test_sequential_gptq_model():
         e_g = ((m3g(ids).logits - model(ids).logits) ** 2).mean()
         e_r = ((m3r(ids).logits - model(ids).logits) ** 2).mean()
     assert e_g < e_r
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-mse"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_the_column_kernel_equals_the_torch_loop(method, act_order, monkeypatch):
+    """quantize_gptq with the tasa::gptq_cols_ kernel gives the codes, scales and zeros of the
+    torch column loop (tasa_ext.reference.gptq_cols_), mixed widths, odd row count."""
+    import tasa_ext
+    from tasa_ext import reference
+    from tasa.quant import get_method
+
+    g = torch.Generator().manual_seed(5)
+    N, K, G = 45, 384, 64
+    W = torch.randn(N, K, generator=g) * 0.05
+    X = torch.randn(2000, K, generator=g) * torch.linspace(0.2, 3, K)
+    H = 2 * X.T @ X / 2000
+    spec = Q.LayerSpec([3, 4, 8, 3, 2, 4], G, "asym", act_order=act_order)
+    meth = get_method(method)
+    fast = meth.quantize(W, spec, H)
+    monkeypatch.setattr(tasa_ext, "gptq_cols_", reference.gptq_cols_)
+    slow = meth.quantize(W, spec, H)
+    assert torch.equal(fast.codes, slow.codes)
+    assert torch.equal(fast.scales, slow.scales)
+    assert torch.equal(fast.zeros, slow.zeros)
+    assert (fast.perm is None) == (not act_order)

@@ -134,6 +134,53 @@ void hessian_accumulate_cpu(at::Tensor& H, const at::Tensor& X, const std::optio
                                            count.data_ptr<int64_t>()), "src");
 }
 
+void gptq_cols_cpu(at::Tensor& W, const at::Tensor& U, const at::Tensor& scale,
+                   const at::Tensor& zero, int64_t maxq, int64_t c0, int64_t c1, at::Tensor& codes,
+                   at::Tensor& err) {
+  check_2d(W, "W", at::kFloat);
+  const int64_t N = W.size(0), B = W.size(1);
+  check_2d(U, "U", at::kFloat);
+  TORCH_CHECK(U.size(0) == B && U.size(1) == B, "tasa: U must have shape [", B, ", ", B, "], got ", U.sizes());
+  check_1d(scale, "scale", at::kFloat, N);
+  check_1d(zero, "zero", at::kFloat, N);
+  check_2d(codes, "codes", at::kByte);
+  TORCH_CHECK(codes.size(0) == N && codes.size(1) == B, "tasa: codes must have shape [", N, ", ", B, "], got ", codes.sizes());
+  check_2d(err, "err", at::kFloat);
+  TORCH_CHECK(err.size(0) == N && err.size(1) == B, "tasa: err must have shape [", N, ", ", B, "], got ", err.sizes());
+  TORCH_CHECK(0 <= c0 && c0 <= c1 && c1 <= B, "tasa: columns [", c0, ", ", c1, ") outside [0, ", B, ")");
+  TORCH_CHECK(1 <= maxq && maxq <= 255, "tasa: maxq must be in [1, 255], got ", maxq);
+  raise_status(tasa_gptq_cols_cpu(W.data_ptr<float>(), N, B, U.data_ptr<float>(), c0, c1,
+                                  scale.data_ptr<float>(), zero.data_ptr<float>(), maxq,
+                                  codes.data_ptr<uint8_t>(), err.data_ptr<float>()),
+               "scale/zero or U's diagonal");
+}
+
+std::tuple<at::Tensor, at::Tensor> mse_params_cpu(const at::Tensor& W, int64_t bits, bool sym,
+                                                  const std::optional<at::Tensor>& weight,
+                                                  const at::Tensor& shrink) {
+  check_tensor(W, "W", at::kFloat);
+  TORCH_CHECK(W.dim() >= 1 && W.size(-1) >= 1, "tasa: W must have a non-empty last axis, got ", W.sizes());
+  TORCH_CHECK(1 <= bits && bits <= 8, "tasa: bits must be in [1, 8], got ", bits);
+  const int64_t G = W.size(-1), R = W.numel() / G;
+  int64_t wrows = 0;
+  if (weight) {
+    check_tensor(*weight, "weight", at::kFloat);
+    if (weight->dim() == 1 && weight->size(0) == G) wrows = 1;
+    else if (weight->sizes() == W.sizes()) wrows = R;
+    else TORCH_CHECK(false, "tasa: weight must have shape [", G, "] or W's shape ", W.sizes(), ", got ", weight->sizes());
+  }
+  TORCH_CHECK(shrink.dim() == 1 && shrink.size(0) >= 1, "tasa: shrink must be a non-empty 1-D tensor");
+  check_tensor(shrink, "shrink", at::kFloat);
+  auto out_shape = W.sizes().vec();
+  out_shape.pop_back();
+  auto s = at::empty(out_shape, W.options()), z = at::empty(out_shape, W.options());
+  raise_status(tasa_mse_params_cpu(W.data_ptr<float>(), R, G, bits, sym ? 1 : 0,
+                                   weight ? weight->data_ptr<float>() : nullptr, wrows,
+                                   shrink.data_ptr<float>(), shrink.size(0), s.data_ptr<float>(),
+                                   z.data_ptr<float>()));
+  return {s, z};
+}
+
 }  // namespace tasa_ext
 
 TORCH_LIBRARY_IMPL(tasa, CPU, m) {
@@ -143,6 +190,8 @@ TORCH_LIBRARY_IMPL(tasa, CPU, m) {
   m.impl("embed", &tasa_ext::embed_cpu);
   m.impl("gemm", &tasa_ext::gemm_cpu);
   m.impl("hessian_accumulate_", &tasa_ext::hessian_accumulate_cpu);
+  m.impl("gptq_cols_", &tasa_ext::gptq_cols_cpu);
+  m.impl("mse_params", &tasa_ext::mse_params_cpu);
 }
 
 namespace py = pybind11;

@@ -69,6 +69,26 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
 int tasa_hessian_accumulate_cpu(float* H, int64_t S, const void* X, int xdt, int64_t T,
                                 int64_t K, const int64_t* src, int64_t* count);
 
+// GPTQ's column loop over columns [c0, c1) of one block W fp32 [N, B] (row-major), with U fp32
+// [B, B] the block of the upper Cholesky factor of the damped inverse Hessian and scale/zero
+// fp32 [N] the (one) group's parameters of every row: for each row n and column i in order
+//   c = clamp(round_half_even(W[n,i] / scale[n]) + zero[n], 0, maxq); codes[n, i] = c;
+//   err[n, i] = (W[n,i] - (c - zero[n]) * scale[n]) / U[i,i];  W[n, j] -= err[n,i] * U[i, j]
+// for j in [i, B). codes u8 [N, B] and err fp32 [N, B] are written at columns [c0, c1) only.
+// Scales must be finite and > 0, U[i,i] finite and > 0 (TASA_ERR_NONFINITE otherwise).
+int tasa_gptq_cols_cpu(float* W, int64_t N, int64_t B, const float* U, int64_t c0, int64_t c1,
+                       const float* scale, const float* zero, int64_t maxq, uint8_t* codes,
+                       float* err);
+
+// Clipping search of group parameters (tasa.quant.mse.mse_params) for each row of W fp32
+// [R, G]: among the ranges shrink[c] * [lo, hi] ([min(w,0), max(w,0)], sym: [-max|w|, max|w|]),
+// each turned into (scale, zero) as rtn_params does, the one minimising
+// sum_k weight_k (w_k - q(w_k))^2 (weight: NULL = ones, [G] shared (weight_rows 1) or [R, G]
+// (weight_rows R)); the first candidate wins ties. scale/zero fp32 [R].
+int tasa_mse_params_cpu(const float* W, int64_t R, int64_t G, int64_t bits, int sym,
+                        const float* weight, int64_t weight_rows, const float* shrink,
+                        int64_t n_shrink, float* scale, float* zero);
+
 // ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
 #ifdef TASA_WITH_CUDA
 int tasa_pack_cuda(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,

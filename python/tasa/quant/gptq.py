@@ -8,9 +8,12 @@ import warnings
 
 import torch
 
+import tasa_ext
+from tasa_ext import reference
+
 from ..util import flush_denormals
 from .methods import Method, register_method
-from .rtn import QuantizedWeight, check_weight, quantize_codes, rtn_params
+from .rtn import QuantizedWeight, check_weight, rtn_params
 from .spec import LayerSpec
 
 __all__ = ["quantize_gptq", "output_error"]
@@ -80,31 +83,27 @@ def _gptq(W, H, spec, damp, block_size, name, params=None):
     codes = torch.empty(N, K, dtype=torch.uint8)
     scales = torch.empty(K // G, N)
     zeros = torch.empty(K // G, N)
+    # the column loop: the tasa::gptq_cols_ kernel on CPU, its torch reference elsewhere (the
+    # same operations; bit for bit, tests/test_ops.py and tests/test_quantize.py)
+    cols = tasa_ext.gptq_cols_ if W.device.type == "cpu" else reference.gptq_cols_
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].contiguous()
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        C1 = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
+        U1 = U[i1:i2, i1:i2].contiguous()
+        for i in range(0, i2 - i1, G):          # blocks are whole groups
             col = i1 + i
-            if col % G == 0:
-                g = col // G
-                b = spec.bits[g]
-                if params is None:
-                    s, z = rtn_params(W1[:, i:i + G], b, sym)
-                else:
-                    s, z = params(W1[:, i:i + G], b, sym, hdiag[col:col + G])
-                scales[g], zeros[g] = s, z
-                maxq = 2 ** b - 1
-            w = W1[:, i]
-            d = U1[i, i]
-            q, wq = quantize_codes(w, s, z, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            Q1[:, i] = wq
-            err = (w - wq) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
+            g = col // G
+            b = spec.bits[g]
+            if params is None:
+                s, z = rtn_params(W1[:, i:i + G], b, sym)
+            else:
+                s, z = params(W1[:, i:i + G], b, sym, hdiag[col:col + G])
+            scales[g], zeros[g] = s, z
+            cols(W1, U1, s.float().contiguous(), z.float().contiguous(), 2 ** b - 1, i, i + G,
+                 C1, Err1)
+        codes[:, i1:i2] = C1.cpu()
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return QuantizedWeight(codes, scales.half(), None if sym else zeros.half(),
                            None if perm is None else perm.to(torch.int32), list(spec.bits), G,
