@@ -154,16 +154,21 @@ def test_settings_diff_and_check_name_every_differing_key():
 
 
 def test_check_settings_names_a_setting_left_out_at_its_default():
-    """A KL-scored measurement reused without --sens-scoring: the fingerprint leaves the default
-    scoring out, and the error says 'nll' (the default) and the flag that reuses the file."""
+    """A fingerprint leaves a setting out at its first value (files written before it existed
+    still match): the error names that value and, either way round, the flags that reuse the
+    file (an old RTN-probed, NLL-scored measurement under today's defaults: --sens-method rtn
+    --sens-scoring nll)."""
     with pytest.raises(ValueError) as ei:
         check_settings({"seed": 0, "sens_scoring": "kl"}, {"seed": 0}, "m.json")
-    assert "sens_scoring: 'kl' there, 'nll' (the default) now" in str(ei.value)
+    assert "sens_scoring: 'kl' there, 'nll' (unrecorded: " in str(ei.value)
     assert "to reuse it give --sens-scoring kl" in str(ei.value)
     with pytest.raises(ValueError) as ei:
-        check_settings({"seed": 0}, {"seed": 0, "sens_scoring": "kl"}, "m.json")
-    assert "sens_scoring: 'nll' (the default) there, 'kl' now" in str(ei.value)
-    assert "to reuse it" not in str(ei.value)
+        check_settings({"seed": 0}, {"seed": 0, "sens_scoring": "kl", "sens_method": "gptq-mse"},
+                       "m.json")
+    msg = str(ei.value)
+    assert "sens_scoring: 'nll' (unrecorded: the value before the setting existed) there, 'kl' now" in msg
+    assert "sens_method: 'rtn' (unrecorded" in msg and "'gptq-mse' now" in msg
+    assert "to reuse it give --sens-method rtn --sens-scoring nll" in msg
 
 
 def test_measurement_check_settings_uses_its_config():

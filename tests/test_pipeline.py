@@ -20,9 +20,11 @@ from helpers import ByteTok, tiny_gemma3, tiny_qwen2
 
 
 def tiny_cfg(**kw):
+    # RTN probes: these tests measure the probes themselves; the default gptq-mse probes run in
+    # the command-line tests (TINY_ARGS) and test_gptq_probes_*
     base = dict(model="tiny", n_gen=2, n_task=2, n_test=2, mix_seqlen=64, sens_ppl_windows=2,
                 sens_ppl_seqlen=48, sens_math_items=2, sens_arc_items=3, n_calib=4, seqlen=64,
-                eval_windows=1, eval_seqlen=128)
+                eval_windows=1, eval_seqlen=128, sens_method="rtn")
     base.update(kw)
     return pipeline.PipelineConfig(**base)
 

@@ -53,8 +53,12 @@ FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll", "sens_method": "rtn"}
 # the quantizer of the sensitivity probes (a name of tasa.quant.METHODS): "rtn" probes every unit
 # with round-to-nearest; a Hessian method (gptq, gptq-mse) probes each unit with the quantizer the
 # model is then quantized with, calibrated like the final quantization at alpha* (issue 27 item
-# 2; tasa.pipeline.stages.probe_weights)
-SENS_METHOD: str = "rtn"
+# 2; tasa.pipeline.stages.probe_weights). gptq-mse: the README job's model moved less from the
+# reference (SmolLM2 4.25 bits: KL 0.265 -> 0.217, perplexity 32.5 -> 30.4, GSM8K NLL +0.154 ->
+# +0.126; paired over sequences -0.051 +- 0.008 nats, benchmarks/results/probe_method_smollm2.md)
+# for 66 s more (the job 12:55 -> 13:39 on the 2-core AMD EPYC, with the column-loop and
+# clipping-search kernels)
+SENS_METHOD: str = "gptq-mse"
 # sensitivity / allocation unit
 GRANULARITY: str = "sublayer"
 # the per-matrix quantizer under a plan (a name of tasa.quant.METHODS). gptq-mse (GPTQ with a

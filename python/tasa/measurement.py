@@ -35,12 +35,16 @@ def check_settings(recorded: Mapping, current: Mapping, what: str, hint: str = "
     file) was made with settings other than ``current`` -- never a silent reuse."""
     diff = settings_diff(recorded, current)
     if diff:
-        def say(d, k):       # a setting left out of a fingerprint at its old default
-            return repr(d[k]) if k in d else (f"{defaults.FINGERPRINT_ABSENT[k]!r} (the default)"
-                                              if k in defaults.FINGERPRINT_ABSENT else "None")
+        absent = defaults.FINGERPRINT_ABSENT
+
+        def say(d, k):       # a setting left out of a fingerprint at its first value
+            return repr(d[k]) if k in d else (f"{absent[k]!r} (unrecorded: the value before "
+                                              f"the setting existed)" if k in absent else "None")
         detail = ", ".join(f"{k}: {say(recorded, k)} there, {say(current, k)} now" for k in diff)
-        flags = [f"--{k.replace('_', '-')} {recorded[k]}" for k in diff
-                 if k in defaults.FINGERPRINT_ABSENT and k in recorded]
+        # the flags that reproduce the file's settings (an unrecorded one: its first value,
+        # e.g. --sens-method rtn for a file measured before gptq-mse probes were the default)
+        flags = [f"--{k.replace('_', '-')} {recorded.get(k, absent[k])}" for k in diff
+                 if k in absent]
         raise ValueError(f"tasa: {what} was made with other settings ({detail})"
                          + (f"; to reuse it give {' '.join(flags)}" if flags else "")
                          + (f"; {hint}" if hint else ""))

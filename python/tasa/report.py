@@ -221,7 +221,8 @@ def sensitivity_figure(measurement: Measurement, scores: Optional[Mapping[str, f
         ax.grid(axis="x", color="0.92", lw=0.5)
     _label_units(axes[-1], "x", names)
     axes[-1].set_xlabel(f"unit ({gran}, in model order)")
-    axes[0].set_title(f"Per-unit sensitivity: RTN probe of one {gran} at a time, at "
+    probe = ((measurement.config or {}).get("sens_method") or "rtn").upper()
+    axes[0].set_title(f"Per-unit sensitivity: {probe} probe of one {gran} at a time, at "
                       f"{', '.join(str(b) for b in sens.widths)} bits")
     return fig
 
