@@ -110,7 +110,10 @@ def main(argv=None) -> int:
     for (b, sc, a, c), v in between.items():
         L.append(f"| {b} | {sc} | {a} vs {c} | {v:.3f} |")
     md = "\n".join(L) + "\n"
-    stem = f"probe_scoring_{args.model}"
+    # objective sizes other than the job's: their own files, the default run's kept
+    sizes = "".join(f"_{k.split('_')[0]}{v}" for k, v in (("ppl_windows", args.ppl_windows),
+                    ("math_items", args.math_items), ("arc_items", args.arc_items)) if v is not None)
+    stem = f"probe_scoring_{args.model}{sizes}"
     (RESULTS / f"{stem}.md").write_text(md)
     (RESULTS / f"{stem}.json").write_text(json.dumps({
         "meta": meta, "units": U,
