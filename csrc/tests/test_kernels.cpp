@@ -1,7 +1,8 @@
 // Torch-free unit tests of the CPU kernels (built and run by CMake/ctest): pack/unpack round trip
 // for every width, and the fused GEMM on every ISA path (scalar, AVX2, AVX-512 where the CPU
 // has them) and activation dtype against a float64 dot product of the dequantized weights, on
-// odd sizes.
+// odd sizes; GPTQ's column loop against its formula written out, bit for bit; the clipping
+// search against a brute-force search over explicitly clamped rows.
 #include <string.h>
 #include <math.h>
 #include <stdio.h>
@@ -160,6 +161,121 @@ static void run_case(int64_t N, int64_t K, int64_t G, const std::vector<int32_t>
   tasa_cpu_set_isa(-1);
 }
 
+
+// GPTQ's column loop: the header's formula, one row at a time, serial
+static void gptq_cols_ref(std::vector<float>& W, int64_t N, int64_t B, const std::vector<float>& U,
+                          int64_t c0, int64_t c1, const std::vector<float>& s,
+                          const std::vector<float>& z, int64_t maxq, std::vector<uint8_t>& codes,
+                          std::vector<float>& err) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = c0; i < c1; ++i) {
+      float c = nearbyintf(W[n * B + i] / s[n]) + z[n];
+      c = std::min(std::max(c, 0.f), (float)maxq);
+      const float e = (W[n * B + i] - (c - z[n]) * s[n]) / U[i * B + i];
+      codes[n * B + i] = (uint8_t)c;
+      err[n * B + i] = e;
+      for (int64_t j = i; j < B; ++j) W[n * B + j] -= e * U[i * B + j];
+    }
+}
+
+static void gptq_cols_case(int64_t N, int64_t B, int64_t c0, int64_t c1, int64_t maxq,
+                           std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<float> ud(0.5f, 1.5f);
+  std::vector<float> W(N * B), U(B * B, 0.f), s(N), z(N);
+  for (auto& v : W) v = nd(rng);
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = i; j < B; ++j) U[i * B + j] = j == i ? ud(rng) : 0.3f * nd(rng);
+  for (int64_t n = 0; n < N; ++n) {
+    s[n] = 0.05f * ud(rng);
+    z[n] = (float)((maxq + 1) / 2);
+  }
+  std::vector<float> W2 = W, err(N * B, -7.f), err2 = err;
+  std::vector<uint8_t> q(N * B, 99), q2 = q;
+  EXPECT(tasa_gptq_cols_cpu(W.data(), N, B, U.data(), c0, c1, s.data(), z.data(), maxq, q.data(),
+                            err.data()) == TASA_OK, "gptq_cols status");
+  gptq_cols_ref(W2, N, B, U, c0, c1, s, z, maxq, q2, err2);
+  EXPECT(memcmp(W.data(), W2.data(), W.size() * 4) == 0, "gptq_cols W N=%lld B=%lld c=[%lld,%lld)",
+         (long long)N, (long long)B, (long long)c0, (long long)c1);
+  EXPECT(q == q2 && memcmp(err.data(), err2.data(), err.size() * 4) == 0,
+         "gptq_cols codes/err N=%lld B=%lld", (long long)N, (long long)B);
+  s[N / 2] = 0.f;                                      // a zero scale is refused
+  EXPECT(tasa_gptq_cols_cpu(W.data(), N, B, U.data(), c0, c1, s.data(), z.data(), maxq, q.data(),
+                            err.data()) == TASA_ERR_NONFINITE, "gptq_cols zero scale");
+  EXPECT(tasa_gptq_cols_cpu(W.data(), N, B, U.data(), c0, B + 1, s.data(), z.data(), maxq,
+                            q.data(), err.data()) == TASA_ERR_SHAPE, "gptq_cols c1 > B");
+}
+
+// the clipping search by brute force: clamp the row, rtn parameters, float64 error
+static double mse_err(const float* w, const float* wt, int64_t G, float s, float z, float maxq) {
+  double e = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    float q = std::min(std::max(nearbyintf(w[k] / s) + z, 0.f), maxq);
+    const float d = w[k] - (q - z) * s;
+    e += wt ? (double)(d * d * wt[k]) : (double)(d * d);
+  }
+  return e;
+}
+
+static void mse_ref(const float* w, const float* wt, int64_t G, int bits, bool sym,
+                    const std::vector<float>& shrink, float* best_s, float* best_z) {
+  const float maxq = (float)((1 << bits) - 1);
+  float mn = 0, mx = 0, a = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    mn = std::min(mn, w[k]);
+    mx = std::max(mx, w[k]);
+    a = std::max(a, fabsf(w[k]));
+  }
+  double best = 0;
+  for (size_t c = 0; c < shrink.size(); ++c) {
+    const float p = shrink[c], lo = sym ? -p * a : p * mn, hi = sym ? p * a : p * mx;
+    float cmn = INFINITY, cmx = -INFINITY, ca = 0;
+    for (int64_t k = 0; k < G; ++k) {
+      const float v = std::max(std::min(w[k], hi), lo);
+      cmn = std::min(cmn, v);
+      cmx = std::max(cmx, v);
+      ca = std::max(ca, fabsf(v));
+    }
+    const float clo = std::min(cmn, 0.f);
+    float s = sym ? 2.f * ca / maxq : (std::max(cmx, 0.f) - clo) / maxq;
+    if (!(s > 0.f)) s = 1.f;
+    s = tasa::half_to_float(tasa::float_to_half(s));
+    if (!(s > 0.f)) s = 5.9604644775390625e-08f;
+    const float z = sym ? (float)(1 << (bits - 1))
+                        : std::min(std::max(nearbyintf(-clo / s), 0.f), maxq);
+    const double e = mse_err(w, wt, G, s, z, maxq);
+    if (c == 0 || e < best) { best = e; *best_s = s; *best_z = z; }
+  }
+}
+
+static void mse_case(int64_t R, int64_t G, int bits, bool sym, int wmode, std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<float> ud(0.f, 3.f);
+  std::vector<float> W(R * G), wt(wmode == 2 ? R * G : G), s(R), z(R);
+  for (auto& v : W) v = nd(rng);
+  W[3] *= 30.f;                                         // an outlier worth clipping
+  for (auto& v : wt) v = ud(rng);
+  std::vector<float> shrink;
+  for (int i = 0; i <= 20; ++i) shrink.push_back(1.f - 0.025f * i);
+  const float* wp = wmode == 0 ? nullptr : wt.data();
+  EXPECT(tasa_mse_params_cpu(W.data(), R, G, bits, sym, wp, wmode == 2 ? R : 1, shrink.data(),
+                             (int64_t)shrink.size(), s.data(), z.data()) == TASA_OK, "mse status");
+  int same = 0;
+  const float maxq = (float)((1 << bits) - 1);
+  for (int64_t r = 0; r < R; ++r) {
+    float rs = 0, rz = 0;
+    const float* wr = wmode == 2 ? wt.data() + r * G : wp;
+    mse_ref(W.data() + r * G, wr, G, bits, sym, shrink, &rs, &rz);
+    same += rs == s[r] && rz == z[r];
+    const double e = mse_err(W.data() + r * G, wr, G, s[r], z[r], maxq);
+    const double re = mse_err(W.data() + r * G, wr, G, rs, rz, maxq);
+    EXPECT(e <= re * (1 + 1e-6) + 1e-12, "mse row %lld: error %g > brute force %g", (long long)r,
+           e, re);
+    EXPECT(s[r] > 0.f && s[r] == tasa::half_to_float(tasa::float_to_half(s[r])), "mse scale fp16");
+  }
+  EXPECT(same >= R * 99 / 100, "mse: %d of %lld rows as the brute force", same, (long long)R);
+}
+
 int main() {
   std::mt19937 rng(1234);
   const std::vector<std::vector<int32_t>> patterns = {{2}, {3}, {4}, {8}, {3, 4}, {8, 2, 4, 3}};
@@ -169,6 +285,27 @@ int main() {
         run_case(37, G * 4, G, p, (M & 1) == 1, M == 3, M, rng);
         if (M == 1) run_case(53, G * 6, G, p, false, true, M, rng);   // GEMV: sym + perm too
       }
+  for (int64_t B : {32, 96, 128})
+    for (int64_t maxq : {3, 7, 15, 255}) {
+      gptq_cols_case(37, B, 0, 32, maxq, rng);
+      gptq_cols_case(5, B, B - 32, B, maxq, rng);
+    }
+  for (int isa = TASA_ISA_SCALAR; isa <= TASA_ISA_AVX2; ++isa) {   // the mse kernel's two loops
+    if (tasa_cpu_set_isa(isa) != TASA_OK) continue;
+    for (int bits : {2, 3, 4, 8})
+      for (int wmode = 0; wmode < 3; ++wmode) {
+        mse_case(301, 96, bits, false, wmode, rng);
+        mse_case(67, 37, bits, true, wmode, rng);
+      }
+    tasa_cpu_set_isa(-1);
+  }
+  {
+    std::vector<float> w(64), sc(2), zr(2), sh = {1.f};
+    EXPECT(tasa_mse_params_cpu(w.data(), 2, 32, 9, 0, nullptr, 0, sh.data(), 1, sc.data(),
+                               zr.data()) == TASA_ERR_SHAPE, "mse bits 9");
+    EXPECT(tasa_mse_params_cpu(w.data(), 2, 32, 4, 0, w.data(), 3, sh.data(), 1, sc.data(),
+                               zr.data()) == TASA_ERR_SHAPE, "mse weight rows");
+  }
   // invalid inputs give error codes, never UB
   std::vector<int32_t> bad_bits = {5};
   std::vector<int32_t> gt(3);
