@@ -40,6 +40,7 @@ for _schema in SCHEMAS.values():
 
 # The implementations register themselves (TORCH_LIBRARY_IMPL) when the extension loads; the
 # schemas above must exist first, hence the import here.
+from . import reference  # noqa: E402
 from ._build import load_extension  # noqa: E402
 
 _C = load_extension()
@@ -168,13 +169,19 @@ def hessian_accumulate_(H, X, src: Optional[torch.Tensor], count) -> None:
 
 def gptq_cols_(W, U, scale, zero, maxq: int, c0: int, c1: int, codes, err) -> None:
     """GPTQ's column loop over columns ``[c0, c1)`` of one block (one group's columns): see
-    :func:`tasa_ext.reference.gptq_cols_` (the semantics, bit for bit). CPU tensors only."""
+    :func:`tasa_ext.reference.gptq_cols_` (the semantics, bit for bit). The op on CPU tensors;
+    elsewhere (no CUDA kernel) the reference itself."""
+    if W.device.type != "cpu":
+        return reference.gptq_cols_(W, U, scale, zero, maxq, c0, c1, codes, err)
     torch.ops.tasa.gptq_cols_(W, U, scale, zero, maxq, c0, c1, codes, err)
 
 
 def mse_params(W, bits: int, sym: bool, weight: Optional[torch.Tensor], shrink: torch.Tensor):
-    """The clipping search of group parameters over the last axis of ``W`` (fp32, CPU): see
-    :func:`tasa_ext.reference.mse_params`. Returns ``(scale, zero)`` of shape ``W.shape[:-1]``."""
+    """The clipping search of group parameters over the last axis of ``W`` (fp32): see
+    :func:`tasa_ext.reference.mse_params`. Returns ``(scale, zero)`` of shape ``W.shape[:-1]``.
+    The op on CPU tensors; elsewhere (no CUDA kernel) the reference itself."""
+    if W.device.type != "cpu":
+        return reference.mse_params(W, bits, sym, weight, shrink)
     return torch.ops.tasa.mse_params(W, bits, sym, weight, shrink)
 
 

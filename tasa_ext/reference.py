@@ -156,13 +156,17 @@ def gptq_cols_(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torc
         W[:, i:] -= e * U[i, i:][None, :]
 
 
-def _rtn_params(W: torch.Tensor, bits: int, sym: bool):
-    """Min/max (scale, zero) over the last axis, as tasa.quant.rtn.rtn_params (fp16-exact
-    scale; the asym range always contains 0)."""
+def rtn_params(W: torch.Tensor, bits: int, sym: bool):
+    """Min/max (scale, zero) over the last axis (fp16-exact scale; the asym range always
+    contains 0): tasa.quant.rtn.rtn_params, documented there, and the candidates of
+    :func:`mse_params`."""
     maxq = 2 ** bits - 1
     if sym:
         s = 2 * W.abs().amax(-1) / maxq
     else:
+        # the range always includes 0 (reference GPTQ's rule): a group of one sign would
+        # otherwise need a zero point outside the code range, and clamping it left such groups
+        # up to 13 steps off (tests/test_quantize.py::test_every_weight_within_one_step...)
         lo = W.amin(-1).clamp(max=0)
         s = (W.amax(-1).clamp(min=0) - lo) / maxq
     s = torch.where(s > 0, s, torch.ones_like(s)).half().to(W.dtype)
@@ -189,7 +193,7 @@ def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Ten
     for p in shrink.tolist():
         p = float(torch.tensor(p, dtype=torch.float32))
         Wc = W if p == 1.0 else torch.maximum(torch.minimum(W, p * hi), p * lo)
-        s, z = _rtn_params(Wc, bits, sym)
+        s, z = rtn_params(Wc, bits, sym)
         q = torch.clamp(torch.round(W / s[..., None]) + z[..., None], 0, maxq)
         d2 = (W - (q - z[..., None]) * s[..., None]) ** 2
         e = ((d2 * weight) if weight is not None else d2).double().sum(-1)

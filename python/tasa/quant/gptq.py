@@ -9,7 +9,6 @@ import warnings
 import torch
 
 import tasa_ext
-from tasa_ext import reference
 
 from ..util import flush_denormals
 from .methods import Method, register_method
@@ -83,9 +82,6 @@ def _gptq(W, H, spec, damp, block_size, name, params=None):
     codes = torch.empty(N, K, dtype=torch.uint8)
     scales = torch.empty(K // G, N)
     zeros = torch.empty(K // G, N)
-    # the column loop: the tasa::gptq_cols_ kernel on CPU, its torch reference elsewhere (the
-    # same operations; bit for bit, tests/test_ops.py and tests/test_quantize.py)
-    cols = tasa_ext.gptq_cols_ if W.device.type == "cpu" else reference.gptq_cols_
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
         W1 = W[:, i1:i2].contiguous()
@@ -101,8 +97,10 @@ def _gptq(W, H, spec, damp, block_size, name, params=None):
             else:
                 s, z = params(W1[:, i:i + G], b, sym, hdiag[col:col + G])
             scales[g], zeros[g] = s, z
-            cols(W1, U1, s.float().contiguous(), z.float().contiguous(), 2 ** b - 1, i, i + G,
-                 C1, Err1)
+            # the column loop: the tasa::gptq_cols_ kernel (bit for bit the torch loop,
+            # tests/test_ops.py and tests/test_quantize.py)
+            tasa_ext.gptq_cols_(W1, U1, s.float().contiguous(), z.float().contiguous(),
+                                2 ** b - 1, i, i + G, C1, Err1)
         codes[:, i1:i2] = C1.cpu()
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return QuantizedWeight(codes, scales.half(), None if sym else zeros.half(),

@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 import tasa_ext
-from tasa_ext import reference
 
 from .gptq import GPTQ
 from .methods import register_method
@@ -53,13 +52,10 @@ def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Ten
     shrink_t = torch.tensor([float(p) for p in shrink], dtype=torch.float32)
     Wf = W.float()
     wf = None if weight is None else weight.float().contiguous()
-    if W.device.type == "cpu":
-        # the tasa::mse_params kernel: the same candidates per row, 3-8x faster than the
-        # torch loop it replaced on SmolLM2's shapes (tasa_ext.reference.mse_params, the tests'
-        # oracle; benchmarks/results/bench_quantizers_smollm2-135m.md, AMD EPYC)
-        s, z = tasa_ext.mse_params(Wf.contiguous(), bits, sym, wf, shrink_t)
-    else:
-        s, z = reference.mse_params(Wf, bits, sym, wf, shrink_t.to(W.device))
+    # the tasa::mse_params kernel: the same candidates per row, 3-8x faster than the torch
+    # loop it replaced on SmolLM2's shapes (tasa_ext.reference.mse_params, the tests' oracle;
+    # benchmarks/results/bench_quantizers_smollm2-135m.md, AMD EPYC)
+    s, z = tasa_ext.mse_params(Wf.contiguous(), bits, sym, wf, shrink_t.to(W.device))
     return s.to(W.dtype), z.to(W.dtype)
 
 

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+from tasa_ext import reference
 
 from .methods import Method, register_method
 from .spec import LayerSpec
@@ -78,27 +79,9 @@ def rtn_params(W: torch.Tensor, bits: int, sym: bool):
     ``z = round(-min / s)``. A zero scale (all-zero group) becomes 1 and
     an fp16 underflow the smallest fp16 subnormal, so ``w / s`` is always finite.
     """
-    maxq = 2 ** bits - 1
-    if sym:
-        amax = W.abs().amax(-1)
-        s = 2 * amax / maxq
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        z = None
-    else:
-        # the range always includes 0 (reference GPTQ's rule): a group of one sign would
-        # otherwise need a zero point outside the code range, and clamping it left such groups
-        # up to 13 steps off (tests/test_quantize.py::test_every_weight_within_one_step...)
-        lo = W.amin(-1).clamp(max=0)
-        hi = W.amax(-1).clamp(min=0)
-        s = (hi - lo) / maxq
-        s = torch.where(s > 0, s, torch.ones_like(s))
-    s = s.half().to(W.dtype)
-    s = torch.where(s > 0, s, torch.full_like(s, 2.0 ** -24))  # fp16 underflow
-    if sym:
-        z = torch.full_like(s, 2.0 ** (bits - 1))
-    else:
-        z = torch.round(-lo / s).clamp(0, maxq)
-    return s, z
+    # one copy of the arithmetic: the reference the kernels' tests also use (tasa_ext's
+    # mse_params kernel computes its candidates the same way, tests/test_ops.py)
+    return reference.rtn_params(W, bits, sym)
 
 
 def quantize_codes(w: torch.Tensor, s, z, maxq: int):
