@@ -11,16 +11,18 @@ from . import ops
 from .format import (
     COL_BLOCK,
     FORMAT_VERSION,
+    READS_FORMAT_VERSIONS,
     SUPPORTED_BITS,
     TILE_K,
     QuantMode,
     average_bits,
     cost_bits,
 )
-from .ops import build_info, dequant, embed, gemm, gptq_cols_, hessian_accumulate_, mse_params, pack, set_cpu_isa, unpack
+from .ops import (build_info, dequant, embed, gemm, gptq_cols_, hadamard, hadamard_block,
+                  hessian_accumulate_, mse_params, pack, set_cpu_isa, unpack)
 
 __all__ = [
-    "COL_BLOCK", "FORMAT_VERSION", "SUPPORTED_BITS", "TILE_K", "QuantMode", "average_bits",
-    "cost_bits", "build_info", "dequant", "embed", "gemm", "gptq_cols_", "hessian_accumulate_", "mse_params", "pack", "set_cpu_isa",
+    "COL_BLOCK", "FORMAT_VERSION", "READS_FORMAT_VERSIONS", "SUPPORTED_BITS", "TILE_K", "QuantMode", "average_bits",
+    "cost_bits", "build_info", "dequant", "embed", "gemm", "gptq_cols_", "hadamard", "hadamard_block", "hessian_accumulate_", "mse_params", "pack", "set_cpu_isa",
     "unpack", "ops",
 ]

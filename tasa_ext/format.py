@@ -14,6 +14,9 @@ from ._build import load_extension
 _C = load_extension()
 
 FORMAT_VERSION: int = int(_C.FORMAT_VERSION)
+#: the versions this build reads: version 2 added rotated matrices (format.h), a version-1 file
+#: is a version-2 file without them
+READS_FORMAT_VERSIONS: tuple = (1, FORMAT_VERSION)
 TILE_K: int = int(_C.TILE_K)          # rows of one packed tile (group_size is a multiple of it)
 COL_BLOCK: int = int(_C.COL_BLOCK)    # output columns per packed column block
 SUPPORTED_BITS: tuple = tuple(_C.SUPPORTED_BITS)

@@ -12,6 +12,8 @@ Ops (namespace ``tasa``):
              err f32 [N,B]!) -> ()   (GPTQ's column loop over one group's columns; CPU only)
   mse_params(W f32 [...,G], bits, sym, weight f32? [G] or [...,G], shrink f32 [C]) -> (scale, zero) f32 [...]
              (the clipping search of group parameters, tasa.quant.mse; CPU only)
+  hadamard(x [..., K] f32|bf16|f16, G, inverse) -> [..., K] (x's dtype)
+             (format version 2's incoherence rotation: x R, or x R^T with inverse)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ SCHEMAS = {
     "gptq_cols_": "gptq_cols_(Tensor(a!) W, Tensor U, Tensor scale, Tensor zero, int maxq, int c0, int c1, "
                   "Tensor(b!) codes, Tensor(c!) err) -> ()",
     "mse_params": "mse_params(Tensor W, int bits, bool sym, Tensor? weight, Tensor shrink) -> (Tensor, Tensor)",
+    "hadamard": "hadamard(Tensor x, int group_size, bool inverse) -> Tensor",
 }
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
@@ -132,6 +135,16 @@ def _mse_params_fake(W, bits, sym, weight, shrink):
     return W.new_empty(W.shape[:-1]), W.new_empty(W.shape[:-1])
 
 
+@torch.library.register_fake("tasa::hadamard")
+def _hadamard_fake(x, group_size, inverse):
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise RuntimeError(f"tasa: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or group_size <= 0 or x.shape[-1] % group_size:
+        raise RuntimeError(f"tasa: x's last dimension K={x.shape[-1] if x.dim() else None} is "
+                           f"not a multiple of group_size={group_size}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 # ---- Python API -----------------------------------------------------------------------------
 
 def pack(codes: torch.Tensor, group_bits: torch.Tensor, group_size: int):
@@ -183,6 +196,20 @@ def mse_params(W, bits: int, sym: bool, weight: Optional[torch.Tensor], shrink: 
     if W.device.type != "cpu":
         return reference.mse_params(W, bits, sym, weight, shrink)
     return torch.ops.tasa.mse_params(W, bits, sym, weight, shrink)
+
+
+def hadamard(x, group_size: int, inverse: bool = False) -> torch.Tensor:
+    """The incoherence rotation of format version 2 (csrc/include/tasa/format.h) over the last
+    axis of ``x``: ``x R`` (what a rotated matrix's GEMM multiplies) or, with ``inverse``,
+    ``x R^T`` (a rotated weight row back to input channels). Rotated in fp32, returned in x's
+    dtype; :func:`tasa_ext.reference.hadamard` is the semantics."""
+    return torch.ops.tasa.hadamard(x, group_size, inverse)
+
+
+def hadamard_block(group_size: int) -> int:
+    """Rotation block of a group size (the largest power of two dividing it, at most
+    ``HAD_MAX_BLOCK``)."""
+    return int(_C.hadamard_block(int(group_size)))
 
 
 # csrc/include/tasa/kernels.h enum tasa_isa. avx512vnni differs from avx512 in the GEMV (M = 1)

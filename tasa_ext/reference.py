@@ -205,3 +205,58 @@ def mse_params(W: torch.Tensor, bits: int, sym: bool, weight: Optional[torch.Ten
             best_z = torch.where(better, z, best_z)
             best_e = torch.where(better, e, best_e)
     return best_s, best_z
+
+
+_M64 = (1 << 64) - 1
+_SIGNS: dict = {}
+
+
+def hadamard_signs(K: int) -> torch.Tensor:
+    """``s_k`` (+1/-1, fp32 ``[K]``) of format.h's ``tasa_hadamard_sign``: the top bit of
+    output ``k`` of splitmix64 seeded 0, written out with Python integers."""
+    if K not in _SIGNS:
+        out = []
+        for k in range(K):
+            z = ((k + 1) * 0x9E3779B97F4A7C15) & _M64
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+            z ^= z >> 31
+            out.append(-1.0 if z >> 63 else 1.0)
+        _SIGNS[K] = torch.tensor(out, dtype=torch.float32)
+    return _SIGNS[K]
+
+
+def hadamard_block(group_size: int) -> int:
+    """format.h's ``tasa_hadamard_block``: the largest power of two dividing ``group_size``,
+    at most 128."""
+    return min(group_size & -group_size, 128)
+
+
+def sylvester(n: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix ``H_n`` (entries +-1, ``n`` a power of two)."""
+    H = torch.ones(1, 1)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+def hadamard(x: torch.Tensor, group_size: int, inverse: bool = False) -> torch.Tensor:
+    """The incoherence rotation of format version 2 over the last axis of ``x``: ``x R``
+    (forward) or ``x R^T`` (inverse), ``R`` block-diagonal with blocks
+    ``diag(s) H_b / sqrt(b)``, as a matrix product per block (the kernels use the fast
+    transform). Computed in fp32 (float64 for float64 input), returned in x's dtype."""
+    K = x.shape[-1]
+    if group_size <= 0 or K % group_size:
+        raise RuntimeError(f"tasa: x's last dimension K={K} is not a multiple of "
+                           f"group_size={group_size}")
+    b = hadamard_block(group_size)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    Hb = sylvester(b).to(device=x.device, dtype=ct) / b ** 0.5
+    s = hadamard_signs(K).to(device=x.device, dtype=ct)
+    v = x.to(ct)
+    if not inverse:
+        v = v * s
+    v = (v.reshape(*x.shape[:-1], K // b, b) @ Hb).reshape(x.shape)   # H_b is symmetric
+    if inverse:
+        v = v * s
+    return v.to(x.dtype)

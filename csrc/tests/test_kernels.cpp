@@ -2,7 +2,8 @@
 // for every width, and the fused GEMM on every ISA path (scalar, AVX2, AVX-512 where the CPU
 // has them) and activation dtype against a float64 dot product of the dequantized weights, on
 // odd sizes; GPTQ's column loop against its formula written out, bit for bit; the clipping
-// search against a brute-force search over explicitly clamped rows.
+// search against a brute-force search over explicitly clamped rows; the incoherence rotation
+// against the block matrix of format.h written out (float64), forward and inverse.
 #include <string.h>
 #include <math.h>
 #include <stdio.h>
@@ -276,8 +277,46 @@ static void mse_case(int64_t R, int64_t G, int bits, bool sym, int wmode, std::m
   EXPECT(same >= R * 99 / 100, "mse: %d of %lld rows as the brute force", same, (long long)R);
 }
 
+// x R (or x R^T) with R's blocks diag(s) H_b / sqrt(b) built entry by entry: H_b[i][j] =
+// (-1)^popcount(i & j) is the Sylvester matrix, s from tasa_hadamard_sign.
+static void hadamard_case(int64_t M, int64_t K, int64_t G, int inverse, std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  std::vector<float> x(M * K), y;
+  for (auto& v : x) v = nd(rng);
+  y = x;
+  EXPECT(tasa_hadamard_cpu(y.data(), M, K, G, inverse) == TASA_OK, "hadamard status");
+  const int64_t b = tasa_hadamard_block(G);
+  EXPECT(b > 0 && G % b == 0 && (b & (b - 1)) == 0 && b <= TASA_HAD_MAX_BLOCK, "block %lld",
+         (long long)b);
+  double worst = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t a = j / b * b;
+      double acc = 0;
+      for (int64_t i = a; i < a + b; ++i) {
+        const double h = (__builtin_popcountll((uint64_t)((i - a) & (j - a))) & 1) ? -1.0 : 1.0;
+        // forward: R[i][j] = s_i H[i][j]; inverse: R^T[i][j] = R[j][i] = s_j H[j][i] (H symmetric)
+        const double r = (inverse ? tasa_hadamard_sign(j) : tasa_hadamard_sign(i)) * h / sqrt((double)b);
+        acc += (double)x[m * K + i] * r;
+      }
+      worst = std::max(worst, fabs(acc - (double)y[m * K + j]));
+    }
+  EXPECT(worst < 1e-5, "hadamard M=%lld K=%lld G=%lld inverse=%d: max error %g", (long long)M,
+         (long long)K, (long long)G, inverse, worst);
+}
+
 int main() {
   std::mt19937 rng(1234);
+  for (int64_t G : {32, 96, 128, 160, 256})
+    for (int inverse = 0; inverse < 2; ++inverse) hadamard_case(3, G * 3, G, inverse, rng);
+  {
+    std::vector<float> x(100);
+    EXPECT(tasa_hadamard_cpu(x.data(), 1, 100, 64, 0) == TASA_ERR_GROUP_SIZE, "hadamard K % G");
+    EXPECT(tasa_hadamard_cpu(x.data(), 1, 100, 0, 0) == TASA_ERR_GROUP_SIZE, "hadamard G 0");
+    int plus = 0;
+    for (int64_t k = 0; k < 4096; ++k) plus += tasa_hadamard_sign(k) > 0;
+    EXPECT(plus > 1843 && plus < 2253, "hadamard signs unbalanced: %d of 4096", plus);
+  }
   const std::vector<std::vector<int32_t>> patterns = {{2}, {3}, {4}, {8}, {3, 4}, {8, 2, 4, 3}};
   for (auto& p : patterns)
     for (int64_t G : {32, 64, 128})

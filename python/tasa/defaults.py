@@ -49,7 +49,7 @@ SENS_SCORINGS: tuple = ("nll", "kl")
 SENS_SCORING: str = "kl"
 # settings a measurement fingerprint leaves out at these values (files written before the
 # setting existed still match); error messages name them instead of None
-FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll", "sens_method": "rtn"}
+FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll", "sens_method": "rtn", "hadamard": False}
 # the quantizer of the sensitivity probes (a name of tasa.quant.METHODS): "rtn" probes every unit
 # with round-to-nearest; a Hessian method (gptq, gptq-mse) probes each unit with the quantizer the
 # model is then quantized with, calibrated like the final quantization at alpha* (issue 27 item

@@ -121,9 +121,10 @@ class TasaConfig(QuantizationConfigMixin):
         if isinstance(format_version, bool) or not isinstance(format_version, int):
             raise ValueError(f"tasa: quantization_config format_version must be an integer, got "
                              f"{format_version!r}")
-        if format_version != tasa_ext.FORMAT_VERSION:
+        if format_version not in tasa_ext.READS_FORMAT_VERSIONS:
             raise ValueError(f"tasa: quantization_config packing format_version {format_version!r}; "
-                             f"this build of tasa_ext reads {tasa_ext.FORMAT_VERSION}; convert an "
+                             f"this build of tasa_ext reads "
+                             f"{' or '.join(map(str, tasa_ext.READS_FORMAT_VERSIONS))}; convert an "
                              f"older folder with `{CONVERT_HINT}` or re-quantize")
         if kwargs:
             raise ValueError(f"tasa: quantization_config has unknown keys {sorted(kwargs)}")
@@ -168,8 +169,9 @@ class TasaConfig(QuantizationConfigMixin):
         """The config of the modules ``model`` has: ``plan``, plus every other TasaLinear it
         holds (an untied packed head), plus the packed embedding's entry read from the module
         itself -- what every save path writes."""
-        full = {**{n: m.spec for n, m in quantized_modules(model).items() if n not in plan},
-                **plan}
+        # a module's own spec wins over the plan's: what the file holds (a rotated matrix,
+        # format version 2) must be what the config says, whatever the plan asked
+        full = {**plan, **{n: m.spec for n, m in quantized_modules(model).items()}}
         return cls.from_plan(full, meta=meta, embedding=embedding_entry(model))
 
     def layer_specs(self) -> Dict[str, LayerSpec]:

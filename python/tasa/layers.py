@@ -12,6 +12,10 @@ perm       int32   [K] or absent                act-order: logical row r is chan
 bias       (dtype) [N] or absent
 =========  ======  ==========================  ==============================================
 
+A *rotated* matrix (``spec.hadamard``, format version 2: the codes hold ``W R``) has no
+extra buffer: ``forward`` rotates x first (``tasa_ext.hadamard``) and :meth:`dequantize`
+rotates the rows back.
+
 ``forward(x [..., K]) -> [..., N]`` calls ``tasa_ext.gemm`` (C++ on CPU, CUDA on GPU: the same
 op), fp32 accumulation, output in x's dtype (fp32, bf16 or fp16).
 """
@@ -99,6 +103,7 @@ class _Packed(nn.Module):
         self.group_size = spec.group_size
         self.mode = spec.mode
         self.act_order = spec.act_order
+        self.hadamard = spec.hadamard
         n_groups = in_features // spec.group_size
         gtable = make_gtable(spec.bits, spec.group_size)
         R = int(sum(spec.bits)) * spec.group_size // tasa_ext.TILE_K
@@ -166,16 +171,19 @@ class _Packed(nn.Module):
 
     @property
     def spec(self) -> LayerSpec:
-        return LayerSpec(self.group_bits, self.group_size, self.mode, self.perm is not None)
+        return LayerSpec(self.group_bits, self.group_size, self.mode, self.perm is not None,
+                         hadamard=self.hadamard)
 
     def average_bits(self) -> float:
         return tasa_ext.average_bits(self.out_features, self.in_features, self.group_size,
                                      self.group_bits, self.mode, self.perm is not None)
 
     def dequantize(self) -> torch.Tensor:
-        """W [N, K] fp32 in input-channel order (``tasa_ext.dequant``)."""
-        return tasa_ext.dequant(self.qweight, self.scales, self.zeros, self.gtable, self.perm,
-                                self.group_size)
+        """W [N, K] fp32 in input-channel order (``tasa_ext.dequant``; a rotated matrix rotated
+        back)."""
+        W = tasa_ext.dequant(self.qweight, self.scales, self.zeros, self.gtable, self.perm,
+                             self.group_size)
+        return tasa_ext.hadamard(W, self.group_size, True) if self.hadamard else W
 
 
 class TasaLinear(_Packed):
@@ -188,7 +196,7 @@ class TasaLinear(_Packed):
     def from_quantized(cls, q: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "TasaLinear":
         """Packs a :class:`tasa.quant.QuantizedWeight` (logical-order codes/scales/zeros)."""
         N, K = q.codes.shape
-        spec = LayerSpec(q.bits, q.group_size, q.mode, q.perm is not None)
+        spec = LayerSpec(q.bits, q.group_size, q.mode, q.perm is not None, hadamard=q.hadamard)
         m = cls(K, N, spec, bias=bias is not None,
                 bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.codes.device)
         m._load_packed(q)
@@ -216,6 +224,7 @@ class TasaLinear(_Packed):
             return None
         same = all(m.in_features == m0.in_features and m.group_size == m0.group_size and
                    m.mode == m0.mode and torch.equal(m.gtable, m0.gtable) and
+                   m.hadamard == m0.hadamard and
                    (m.perm is None) == (m0.perm is None) and
                    (m.perm is None or torch.equal(m.perm, m0.perm)) and
                    (m.bias is None) == (m0.bias is None) and m.out_features % 16 == 0
@@ -261,6 +270,8 @@ class TasaLinear(_Packed):
         return cls.from_quantized(q, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard:
+            x = tasa_ext.hadamard(x, self.group_size, False)
         y = tasa_ext.gemm(x, self.qweight, self.scales, self.zeros, self.gtable, self.perm,
                           self.group_size)
         if self.bias is not None:
@@ -271,6 +282,7 @@ class TasaLinear(_Packed):
         hist = dict(sorted(Counter(self.group_bits).items()))
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, mode={self.mode}, act_order={self.perm is not None}, "
+                + ("hadamard=True, " if self.hadamard else "") +
                 f"bits={hist}, avg_bits={self.average_bits():.4f}, bias={self.bias is not None}")
 
 
@@ -289,6 +301,9 @@ class TasaEmbedding(_Packed):
     def __init__(self, num_embeddings: int, embedding_dim: int, spec: LayerSpec,
                  embed_scale: Optional[float] = None, out_dtype: torch.dtype = torch.float32,
                  device=None):
+        if spec.hadamard:
+            raise ValueError("tasa: an embedding is looked up by row, it cannot be stored "
+                             "rotated (hadamard)")
         super().__init__(embedding_dim, num_embeddings, spec, device=device)
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self.embed_scale = None if embed_scale is None else float(embed_scale)
@@ -300,6 +315,9 @@ class TasaEmbedding(_Packed):
         N, K = q.codes.shape
         if q.perm is not None:
             raise ValueError("tasa: an embedding has no input order to permute (act_order)")
+        if q.hadamard:
+            raise ValueError("tasa: an embedding is looked up by row, it cannot be stored "
+                             "rotated (hadamard)")
         m = cls(N, K, LayerSpec(q.bits, q.group_size, q.mode), embed_scale, out_dtype,
                 device=q.codes.device)
         m._load_packed(q)

@@ -331,9 +331,10 @@ def read_config(path) -> dict:
     if not isinstance(cfg, dict) or "plan" not in cfg:
         raise ValueError(f"tasa: {p} has no \"plan\": not a tasa model config")
     v = cfg.get("format_version")
-    if v != tasa_ext.FORMAT_VERSION:
+    if isinstance(v, bool) or v not in tasa_ext.READS_FORMAT_VERSIONS:
         raise ValueError(f"tasa: {p} has format_version {v!r}, but this build of tasa_ext reads "
-                         f"format_version {tasa_ext.FORMAT_VERSION}; re-quantize or use a "
+                         f"format_version {' or '.join(map(str, tasa_ext.READS_FORMAT_VERSIONS))}; "
+                         f"re-quantize or use a "
                          f"matching tasa version")
     return cfg
 
@@ -368,7 +369,7 @@ def _load_legacy(path, model: Optional[nn.Module] = None, dtype: torch.dtype = t
         raise FileNotFoundError(f"tasa: {wfile} not found")
     with safe_open(str(wfile), framework="pt") as f:
         v = (f.metadata() or {}).get("tasa_format_version")
-        if v is not None and int(v) != tasa_ext.FORMAT_VERSION:
+        if v is not None and int(v) not in tasa_ext.READS_FORMAT_VERSIONS:
             raise ValueError(f"tasa: {wfile} has format_version {v}, this build reads "
                              f"{tasa_ext.FORMAT_VERSION}")
         keys = set(f.keys())

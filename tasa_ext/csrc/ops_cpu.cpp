@@ -181,6 +181,22 @@ std::tuple<at::Tensor, at::Tensor> mse_params_cpu(const at::Tensor& W, int64_t b
   return {s, z};
 }
 
+at::Tensor hadamard_cpu(const at::Tensor& x, int64_t group_size, bool inverse) {
+  TORCH_CHECK(x.device().is_cpu(), "tasa: x must be a CPU tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "tasa: x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(x.dim() >= 1, "tasa: x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "tasa: x's last dimension K=", K,
+              " is not a multiple of group_size=", group_size);
+  // a fresh fp32 copy, rotated in place (the rotation adds in fp32 whatever x's dtype)
+  auto y = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const int64_t M = K > 0 ? y.numel() / K : 0;
+  raise_status(tasa_hadamard_cpu(y.data_ptr<float>(), M, K, group_size, inverse ? 1 : 0));
+  return dt == at::kFloat ? y : y.to(dt);
+}
+
 }  // namespace tasa_ext
 
 TORCH_LIBRARY_IMPL(tasa, CPU, m) {
@@ -192,6 +208,7 @@ TORCH_LIBRARY_IMPL(tasa, CPU, m) {
   m.impl("hessian_accumulate_", &tasa_ext::hessian_accumulate_cpu);
   m.impl("gptq_cols_", &tasa_ext::gptq_cols_cpu);
   m.impl("mse_params", &tasa_ext::mse_params_cpu);
+  m.impl("hadamard", &tasa_ext::hadamard_cpu);
 }
 
 namespace py = pybind11;
@@ -206,6 +223,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TILE_K") = TASA_TILE_K;
   m.attr("COL_BLOCK") = TASA_COL_BLOCK;
   m.attr("GTABLE_COLS") = TASA_GTABLE_COLS;
+  m.attr("HAD_MAX_BLOCK") = TASA_HAD_MAX_BLOCK;
+  m.def("hadamard_block", [](int64_t group_size) { return tasa_hadamard_block(group_size); },
+        "Rotation block of a group size (format.h, version 2).");
   m.attr("SUPPORTED_BITS") = py::make_tuple(2, 3, 4, 8);
 #ifdef TASA_WITH_CUDA
   m.attr("WITH_CUDA") = true;

@@ -136,6 +136,24 @@ void hessian_accumulate_cuda(at::Tensor& H, const at::Tensor& X, const std::opti
                "H/X (sizes)");
 }
 
+at::Tensor hadamard_cuda(const at::Tensor& x, int64_t group_size, bool inverse) {
+  check_cuda(x, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "tasa: x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(x.dim() >= 1, "tasa: x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "tasa: x's last dimension K=", K,
+              " is not a multiple of group_size=", group_size);
+  auto y = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const int64_t M = K > 0 ? y.numel() / K : 0;
+  for (int64_t m0 = 0; m0 < M; m0 += 65535)      // the launcher's grid.y limit
+    raise_status(tasa_hadamard_cuda(y.data_ptr<float>() + m0 * K, std::min<int64_t>(65535, M - m0),
+                                    K, group_size, inverse ? 1 : 0, stream_of(x)));
+  return dt == at::kFloat ? y : y.to(dt);
+}
+
 }  // namespace
 }  // namespace tasa_ext
 
@@ -145,6 +163,7 @@ TORCH_LIBRARY_IMPL(tasa, CUDA, m) {
   m.impl("dequant", &tasa_ext::dequant_cuda);
   m.impl("embed", &tasa_ext::embed_cuda);
   m.impl("gemm", &tasa_ext::gemm_cuda);
+  m.impl("hadamard", &tasa_ext::hadamard_cuda);
   m.impl("hessian_accumulate_", &tasa_ext::hessian_accumulate_cuda);
 }
 

@@ -50,11 +50,30 @@
 // Cost. Every stored bit counts (tasa_cost_bits): codes (padded columns included), fp16 scales,
 // fp16 zeros (asymmetric), the group table (3 x int32 per group) and the permutation
 // (int32 per input row). "Average bits" in this project = cost_bits / (N * K).
+//
+// ============================================================================================
+// Format version 2 = version 1 + an optional incoherence rotation per matrix
+// ============================================================================================
+// A matrix may be stored *rotated* (a per-matrix flag in the model's config, "hadamard": true;
+// no tensor): its codes then hold W' = W R, and y = x W^T is computed as (x R) W'^T. R is
+// block-diagonal over the input channels, blocks of b = tasa_hadamard_block(group_size)
+// columns (the largest power of two dividing group_size, at most TASA_HAD_MAX_BLOCK: a block
+// never straddles two groups), each block diag(s_k) H_b / sqrt(b) with H_b the Sylvester
+// Hadamard matrix (H_1 = [1], H_2m = [[H_m, H_m], [H_m, -H_m]]) and s_k = tasa_hadamard_sign(k)
+// of input channel k (a fixed function of k: every matrix with the same K and group size has
+// the same R, so fused q/k/v or gate/up matrices share one rotated x). R is orthonormal, so
+// W = W' R^T. Rotation is applied to channels in input order, before any act-order
+// permutation (perm then indexes the rotated channels). Why: the rotation spreads a group's
+// outliers over the whole block, so a group's range shrinks relative to its typical weight;
+// GPTQ at 3 bits on SmolLM2 went from KL 0.67 to 0.41 (benchmarks/results/hadamard_probe_*).
+// A version-1 file is a version-2 file without rotated matrices; a reader of version 1
+// refuses version 2.
 // ============================================================================================
 #pragma once
 #include <stdint.h>
 
-#define TASA_FORMAT_VERSION 1
+#define TASA_FORMAT_VERSION 2
+#define TASA_HAD_MAX_BLOCK 128
 #define TASA_TILE_K 32
 #define TASA_COL_BLOCK 16
 #define TASA_GTABLE_COLS 3
@@ -144,4 +163,24 @@ TASA_HD uint32_t tasa_tile_code(const uint32_t* words, int stride, int bits, int
   uint64_t v = words[(int64_t)w * stride];
   if (sh + bits > 32) v |= (uint64_t)words[(int64_t)(w + 1) * stride] << 32;
   return (uint32_t)(v >> sh) & ((1u << bits) - 1u);
+}
+
+// ---- format version 2: the incoherence rotation ------------------------------------------------
+// Rotation block of a group size: the largest power of two dividing it, at most
+// TASA_HAD_MAX_BLOCK (groups of 128 -> 128, 96 -> 32, 64 -> 64).
+TASA_HD int64_t tasa_hadamard_block(int64_t group_size) {
+  if (group_size <= 0) return 0;
+  const int64_t low = group_size & -group_size;
+  return low < TASA_HAD_MAX_BLOCK ? low : TASA_HAD_MAX_BLOCK;
+}
+
+// Sign s_k of input channel k: +1 or -1 from the top bit of output k of splitmix64 seeded 0
+// (z = (k + 1) * 0x9E3779B97F4A7C15, then splitmix64's two xor-shift-multiply rounds). A fixed
+// function of k so no tensor is stored; tasa_ext.reference.hadamard_signs is its Python twin.
+TASA_HD float tasa_hadamard_sign(int64_t k) {
+  uint64_t z = ((uint64_t)k + 1u) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (z >> 63) ? -1.0f : 1.0f;
 }

@@ -89,6 +89,13 @@ int tasa_mse_params_cpu(const float* W, int64_t R, int64_t G, int64_t bits, int 
                         const float* weight, int64_t weight_rows, const float* shrink,
                         int64_t n_shrink, float* scale, float* zero);
 
+// Incoherence rotation (format.h, version 2) of every row of x fp32 [M, K] in place, per block
+// of b = tasa_hadamard_block(group_size) columns: forward (inverse == 0) x <- x R, i.e.
+// x <- H_b (s * x) / sqrt(b); inverse x <- x R^T, i.e. x <- s * (H_b x) / sqrt(b). The forward
+// turns an activation row into the input of a rotated matrix; the inverse turns a rotated
+// weight row back (dequantization). K must be a multiple of group_size.
+int tasa_hadamard_cpu(float* x, int64_t M, int64_t K, int64_t group_size, int inverse);
+
 // ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
 #ifdef TASA_WITH_CUDA
 int tasa_pack_cuda(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,
@@ -108,4 +115,6 @@ int tasa_gemm_cuda(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                    void* y, void* stream);
 int tasa_hessian_accumulate_cuda(float* H, int64_t S, const void* X, int xdt, int64_t T,
                                  int64_t K, const int64_t* src, int64_t* count, void* stream);
+int tasa_hadamard_cuda(float* x, int64_t M, int64_t K, int64_t group_size, int inverse,
+                       void* stream);
 #endif

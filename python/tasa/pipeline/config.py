@@ -58,6 +58,10 @@ class PipelineConfig:
     seqlen: int = 512
     damp: float = 0.01
     act_order: bool = False
+    # format version 2's incoherence rotation of every quantized linear (and of the probes'
+    # quantizer): GPTQ-MSE at uniform 3 bits on SmolLM2 KL 0.67 -> 0.41, RTN worse
+    # (benchmarks/results/hadamard_probe_smollm2-135m.md)
+    hadamard: bool = False
     # the token embedding and the output projection (one packed table when tied): RTN at this
     # width after GPTQ, reported apart from the decoder linears' average (which --bits budgets);
     # 0 keeps them as the checkpoint stores them. Default: defaults.EMBED_BITS (measured)
@@ -74,7 +78,7 @@ class PipelineConfig:
     MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
                     "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_widths", "sens_dtype", "sens_scoring",
                     "sens_method", "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
-                    "sens_math_items", "sens_arc_items")
+                    "sens_math_items", "sens_arc_items", "hadamard")
 
     def validate(self) -> None:
         """Every setting checked before any work (a bad count used to fail only after the whole

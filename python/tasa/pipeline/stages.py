@@ -38,6 +38,8 @@ Stages (``tasa quantize`` runs them all; every measured quantity lands in ``meas
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import time
@@ -400,7 +402,9 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     plan recorded them). Returns ``(plan as LayerSpecs, info)``."""
     lplan = as_layer_specs(plan)
     check_plan(model, lplan, shapes)
-    qinfo: Dict[str, Any] = {"method": cfg.method}
+    if cfg.hadamard:            # the rotation is a property of how, not of how many bits
+        lplan = {n: dataclasses.replace(s, hadamard=True) for n, s in lplan.items()}
+    qinfo: Dict[str, Any] = {"method": cfg.method, "hadamard": cfg.hadamard}
     ids = None
     if get_method(cfg.method).needs_hessian:
         ids, qinfo["calibration"] = gptq_calibration(tokenizer, cfg, alpha, split, log)
@@ -434,7 +438,8 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
 
     def one(full, lin, H):
         for b in widths:
-            spec = sensitivity.probe_spec(lin, b, cfg.group_size, cfg.mode)
+            spec = dataclasses.replace(sensitivity.probe_spec(lin, b, cfg.group_size, cfg.mode),
+                                       hadamard=cfg.hadamard)
             q = meth.quantize(lin.weight, spec, H, damp=cfg.damp, name=full)
             out[(b, full)] = q.dequantize().to(torch.bfloat16).cpu()
 
@@ -568,7 +573,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
 
         pw = None
         todo_units = {u: units[u] for u in units if any(u not in done[b] for b in widths)}
-        if cfg.sens_method != "rtn" and todo_units:
+        if (cfg.sens_method != "rtn" or cfg.hadamard) and todo_units:
             # (every rank computes them all: the same calibration, deterministic)
             pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, todo_units, split,
                                progress, log)

@@ -13,6 +13,8 @@ type: the caller names what it wants, the registry finds who does it.)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -22,7 +24,18 @@ __all__ = ["Method", "METHODS", "register_method", "get_method", "method_names"]
 
 class Method:
     """One quantization method. Subclasses set :attr:`name` and :attr:`needs_hessian` and
-    implement :meth:`quantize`."""
+    implement :meth:`quantize`.
+
+    A spec with ``hadamard`` (format version 2's incoherence rotation) is honoured here, once,
+    for every method: :meth:`quantize` of each subclass is wrapped so that it quantizes
+    ``W R`` with the Hessian ``R^T H R`` of the rotated inputs and returns the weight marked
+    rotated (``QuantizedWeight.hadamard``: dequantize() rotates it back, TasaLinear rotates x).
+    """
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "quantize" in cls.__dict__:
+            cls.quantize = _honour_rotation(cls.__dict__["quantize"])
 
     name: str = ""
     #: True: :meth:`quantize` gets ``H [K, K]``, the mean of ``2 x x^T`` over calibration inputs
@@ -36,6 +49,38 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<tasa method {self.name!r}>"
+
+
+def _rotate_inputs(W: torch.Tensor, H: Optional[torch.Tensor], group_size: int):
+    """``(W R, R^T H R)`` for the rotation of format version 2 (``H`` None stays None)."""
+    import tasa_ext
+    Wr = tasa_ext.hadamard(W.detach().float().contiguous(), group_size, False)
+    if H is None:
+        return Wr, None
+    HR = tasa_ext.hadamard(H.float().contiguous(), group_size, False)          # H R
+    Hr = tasa_ext.hadamard(HR.T.contiguous(), group_size, False).T            # R^T H R
+    return Wr, 0.5 * (Hr + Hr.T)          # symmetric to the last bit (Cholesky follows)
+
+
+def _honour_rotation(fn):
+    @functools.wraps(fn)
+    def quantize(self, W, spec, H=None, **kw):
+        if not getattr(spec, "hadamard", False):
+            return fn(self, W, spec, H, **kw)
+        # the method itself sees an unrotated spec: a subclass calling super().quantize must
+        # not rotate twice
+        plain = dataclasses.replace(spec, hadamard=False)
+        if W.dim() != 2:
+            return fn(self, W, plain, H, **kw)                   # its own clear error
+        spec.validate(W.shape[0], W.shape[1], kw.get("name", "weight"))
+        if H is not None and H.shape != (W.shape[1], W.shape[1]):
+            return fn(self, W, plain, H, **kw)                   # its own clear error
+        Wr, Hr = _rotate_inputs(W, H, spec.group_size)
+        q = fn(self, Wr, plain, Hr, **kw)
+        q.hadamard = True
+        return q
+    quantize._tasa_rotation = True
+    return quantize
 
 
 METHODS: Dict[str, Method] = {}

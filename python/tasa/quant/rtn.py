@@ -16,6 +16,8 @@ import dataclasses
 from typing import Optional
 
 import torch
+
+import tasa_ext
 from tasa_ext import reference
 
 from .methods import Method, register_method
@@ -33,6 +35,8 @@ class QuantizedWeight:
     scales fp16  [K/G, N]          logical group order
     zeros  fp16  [K/G, N] or None  (None: symmetric, z = 2^(b-1))
     perm   int32 [K] or None       logical column r is input channel perm[r]
+    hadamard                       the codes hold W R (format version 2's rotation, over
+                                   input channels before perm); dequantize() returns W
     """
 
     codes: torch.Tensor
@@ -42,9 +46,11 @@ class QuantizedWeight:
     bits: list
     group_size: int
     mode: str
+    hadamard: bool = False
 
     def dequantize(self) -> torch.Tensor:
-        """W [N, K] fp32 in input-channel order, (q - z) * s."""
+        """W [N, K] fp32 in input-channel order, (q - z) * s (rotated back for a rotated
+        matrix)."""
         G = self.group_size
         s = self.scales.float().T.repeat_interleave(G, 1)
         if self.zeros is None:
@@ -56,6 +62,8 @@ class QuantizedWeight:
             out = torch.empty_like(W)
             out[:, self.perm.long()] = W
             W = out
+        if self.hadamard:
+            W = tasa_ext.hadamard(W.contiguous(), self.group_size, True)
         return W
 
 

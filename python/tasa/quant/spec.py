@@ -26,7 +26,7 @@ __all__ = ["SUPPORTED_BITS", "LayerSpec", "Plan", "PLAN_KIND", "PLAN_VERSION", "
 SUPPORTED_BITS = tuple(tasa_ext.SUPPORTED_BITS)
 PLAN_KIND = "tasa.plan"
 PLAN_VERSION = 1
-_LAYER_KEYS = ("bits", "group_size", "mode", "act_order")
+_LAYER_KEYS = ("bits", "group_size", "mode", "act_order", "hadamard")
 # per-layer keys of the plan.json that `tasa allocate` wrote before plan version 1 (derived from
 # the others by the exact cost function, so they are ignored on reading)
 _DERIVED_KEYS = ("cost_bits", "avg_bits")
@@ -42,7 +42,9 @@ class LayerSpec:
     """How one linear is quantized -- tasa's one spec class: ``bits`` (one width per logical
     group, length K/G; empty while the widths are still to be allocated), ``group_size`` G,
     ``mode`` ("sym"/"asym") and ``act_order``; optionally the linear's ``name`` and shape
-    ``n_out`` x ``k_in`` (what the allocator needs: exact costs, :meth:`cost`).
+    ``n_out`` x ``k_in`` (what the allocator needs: exact costs, :meth:`cost`), and
+    ``hadamard``: the matrix is quantized and stored rotated (format version 2's incoherence
+    rotation, csrc/include/tasa/format.h; every registered method honours it, no bytes).
 
     Plans map module names to LayerSpecs (:func:`plan_to_dict` / :func:`plan_from_dict`), the
     allocator's items are LayerSpecs with a shape (:func:`tasa.alloc.linear_spec`), TasaLinear
@@ -55,6 +57,7 @@ class LayerSpec:
     name: str = ""
     n_out: Optional[int] = None
     k_in: Optional[int] = None
+    hadamard: bool = False
 
     def __post_init__(self):
         self.bits = [int(b) for b in self.bits]
@@ -64,6 +67,7 @@ class LayerSpec:
         except ValueError:
             raise ValueError(f"tasa: mode must be 'sym' or 'asym', got {self.mode!r}") from None
         self.act_order = bool(self.act_order)
+        self.hadamard = bool(self.hadamard)
         if (self.n_out is None) != (self.k_in is None):
             raise ValueError(f"{self.name}: give both n_out and k_in, or neither")
         if self.n_out is not None:
@@ -149,9 +153,13 @@ class LayerSpec:
                              f"supported: {list(SUPPORTED_BITS)}")
 
     def to_dict(self) -> dict:
-        """``{"bits", "group_size", "mode", "act_order"}``: a plan layer / config module entry."""
-        return {"bits": list(self.bits), "group_size": self.group_size, "mode": self.mode,
-                "act_order": self.act_order}
+        """``{"bits", "group_size", "mode", "act_order"}`` (and ``"hadamard": true`` for a
+        rotated matrix, format version 2): a plan layer / config module entry."""
+        d = {"bits": list(self.bits), "group_size": self.group_size, "mode": self.mode,
+             "act_order": self.act_order}
+        if self.hadamard:
+            d["hadamard"] = True
+        return d
 
     @classmethod
     def from_dict(cls, e, name: str = "layer", source: str = "plan",
@@ -183,7 +191,11 @@ class LayerSpec:
         if "act_order" in e and not isinstance(e["act_order"], bool):
             raise ValueError(f"tasa: {source}: layer {name!r}: act_order must be true or false, "
                              f"got {e['act_order']!r}")
-        return cls(e["bits"], gs, e.get("mode", "sym"), e.get("act_order", False))
+        if "hadamard" in e and not isinstance(e["hadamard"], bool):
+            raise ValueError(f"tasa: {source}: layer {name!r}: hadamard must be true or false, "
+                             f"got {e['hadamard']!r}")
+        return cls(e["bits"], gs, e.get("mode", "sym"), e.get("act_order", False),
+                   hadamard=e.get("hadamard", False))
 
     def average_bits(self, n_out: int, k_in: int) -> float:
         return tasa_ext.average_bits(n_out, k_in, self.group_size, self.bits, self.mode,
@@ -235,9 +247,9 @@ def plan_from_dict(d: Mapping, source: str = "plan") -> dict:
         raise ValueError(f"tasa: {source} is plan version {d.get('version')!r}; this tasa reads "
                          f"version {PLAN_VERSION}")
     v = d.get("format_version")
-    if isinstance(v, bool) or v != tasa_ext.FORMAT_VERSION:
+    if isinstance(v, bool) or v not in tasa_ext.READS_FORMAT_VERSIONS:
         raise ValueError(f"tasa: {source} has format_version {v!r}, this build reads "
-                         f"{tasa_ext.FORMAT_VERSION} (the integer)")
+                         f"{' or '.join(map(str, tasa_ext.READS_FORMAT_VERSIONS))} (the integer)")
     layers = d.get("layers")
     if not isinstance(layers, Mapping):
         raise ValueError(f"tasa: {source}: layers must be an object {{module name: layer}}, got "
@@ -319,13 +331,15 @@ def default_targets(model: nn.Module, skip: Sequence[str] = defaults.SKIP_MODULE
 
 def uniform_plan(model: nn.Module, bits: int, group_size: int = defaults.GROUP_SIZE, mode="sym",
                  act_order: bool = False, skip: Sequence[str] = defaults.SKIP_MODULES,
-                 fit_group_size: bool = False) -> dict:
+                 fit_group_size: bool = False, hadamard: bool = False) -> dict:
     """Same width for every group of every target linear. ``fit_group_size``: where K is not
-    divisible by ``group_size`` use :func:`resolve_group_size` instead of failing."""
+    divisible by ``group_size`` use :func:`resolve_group_size` instead of failing;
+    ``hadamard``: every linear rotated (:class:`LayerSpec`)."""
     plan = {}
     for name, m in default_targets(model, skip).items():
         G = resolve_group_size(m.in_features, group_size) if fit_group_size else group_size
-        spec = LayerSpec([bits] * max(1, m.in_features // G), G, mode, act_order)
+        spec = LayerSpec([bits] * max(1, m.in_features // G), G, mode, act_order,
+                         hadamard=hadamard)
         spec.validate(m.out_features, m.in_features, name)
         plan[name] = spec
     return plan
