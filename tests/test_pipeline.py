@@ -787,3 +787,37 @@ def test_disk_full_while_saving_keeps_the_previous_model(tmp_path, monkeypatch, 
     assert not (out / ".tasa-previous").exists()
     with torch.no_grad():
         assert torch.equal(load_quantized(out)(input_ids=x).logits, before)
+
+
+def test_run_with_hadamard_rotates_every_decoder_linear_and_its_probes(tmp_path):
+    """--hadamard (format version 2): the saved model's decoder linears are rotated and their
+    outputs are the un-rotated dequantized weights' (it is the model it claims to be); the
+    measurement records the setting, so a plain measurement is not re-used for it."""
+    from tasa.layers import TasaLinear
+
+    model = tiny3()
+    ref_model = copy.deepcopy(model)
+    tok = ByteTok()
+    plain = tmp_path / "plain"
+    pipeline.run(tiny_cfg(bits=3.8), plain, progress=False, quiet=True,
+                 model=copy.deepcopy(ref_model), tokenizer=tok, report=False)
+    s = pipeline.run(tiny_cfg(bits=3.8, hadamard=True), tmp_path, progress=False, quiet=True,
+                     model=model, tokenizer=tok, report=False)
+    assert "measure" in s["timings_s"]
+    m = json.loads((tmp_path / "measurement.json").read_text())
+    assert m["config"]["hadamard"] is True
+    assert "hadamard" not in json.loads((plain / "measurement.json").read_text())["config"]
+    back = load_quantized(tmp_path)
+    lin = {n: x for n, x in back.named_modules() if isinstance(x, TasaLinear) and ".layers." in n}
+    assert lin and all(x.hadamard for x in lin.values())
+    for n, mod in lin.items():
+        x = torch.randn(3, mod.in_features)
+        torch.testing.assert_close(mod(x), x @ mod.dequantize().T, atol=1e-4, rtol=1e-4)
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, back(input_ids=ids).logits)
+    # a plain measurement is refused for a rotated job (the probes differ), the flag named
+    with pytest.raises(ValueError, match="hadamard"):
+        pipeline.run(tiny_cfg(bits=3.8, hadamard=True), tmp_path / "re", progress=False,
+                     quiet=True, model=copy.deepcopy(ref_model), tokenizer=tok,
+                     measurement_from=str(plain), report=False)
