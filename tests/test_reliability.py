@@ -298,6 +298,27 @@ def test_fuzz_hessian_accumulate_matches_the_reference(S, K, T, seed, dtype):
     assert torch.allclose(H, H_ref, rtol=1e-4, atol=1e-4)
 
 
+@given(st.integers(1, 300), st.integers(1, 4), st.integers(0, 5), st.booleans(),
+       st.integers(0, 2 ** 16), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_fuzz_hadamard_matches_the_reference_or_refuses_clearly(G, groups, M, inverse, seed,
+                                                                 dtype):
+    """Any group size (not only the format's multiples of 32), any row count: the kernel equals
+    the block-matrix reference, or a K that is no multiple of G is refused by name."""
+    g = torch.Generator().manual_seed(seed)
+    K = G * groups + (seed % 3 == 0) * (seed % 7)        # now and then not a multiple
+    x = torch.randn(M, K, generator=g).to(dtype)
+    if K % G:
+        with pytest.raises(RuntimeError, match="multiple of group_size"):
+            tasa_ext.hadamard(x, G, inverse)
+        return
+    y = tasa_ext.hadamard(x, G, inverse)
+    y_ref = ref.hadamard(x, G, inverse)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    scale = max(y_ref.float().abs().max().item() if M else 0.0, 1.0)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.allclose(y.float(), y_ref.float(), rtol=tol, atol=tol * scale)
+
+
 # ---- killed runs: resume to the same result, never trust a half-written file ---------------------
 
 # (write point, whether the folder already holds a complete model from an earlier run)

@@ -471,7 +471,10 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
                          head_width=None if tied else (h_w or None),
                          embed_k_in=int(ref.get_input_embeddings().weight.shape[1]))
     report.update({"model": model, "alpha": a, "calibration": info,
-                   "reference_gguf": str(ref_file)})
+                   "reference_gguf": str(ref_file),
+                   # llama.cpp has no counterpart of format version 2's rotation: its quantizer
+                   # quantizes the reference's own (unrotated) weights at the plan's widths
+                   "rotated_in_tasa": sum(1 for s in specs.values() if s.hadamard)})
     return report
 
 
@@ -492,6 +495,10 @@ def format_report(r: Mapping) -> str:
     if r["mixed"]:
         lines.append(f"  {r['mixed']} tensors mix widths across groups in the plan: one type "
                      f"each from the average width (GGUF types are per tensor)")
+    if r.get("rotated_in_tasa"):
+        lines.append(f"  {r['rotated_in_tasa']} matrices are stored rotated in tasa (--hadamard); "
+                     f"llama.cpp has no such rotation: the GGUF holds its own quantization of "
+                     f"the unrotated weights at the plan's widths")
     lines.append(f"importance matrix: tasa's Hessian diagonals on the calibration mix alpha = "
                  f"{r['alpha']:.3f} ({r['calibration']['n_general']} general + "
                  f"{r['calibration']['n_task']} task sequences x {r['calibration']['seqlen']})")
