@@ -222,6 +222,8 @@ def sensitivity_figure(measurement: Measurement, scores: Optional[Mapping[str, f
     _label_units(axes[-1], "x", names)
     axes[-1].set_xlabel(f"unit ({gran}, in model order)")
     probe = ((measurement.config or {}).get("sens_method") or "rtn").upper()
+    if (measurement.config or {}).get("hadamard"):
+        probe += " (rotated)"
     axes[0].set_title(f"Per-unit sensitivity: {probe} probe of one {gran} at a time, at "
                       f"{', '.join(str(b) for b in sens.widths)} bits")
     return fig
@@ -450,7 +452,8 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     L.append("|---|---|---|---|")
     pp = summary.get("ppl_protocol") or {}
     L.append(f"| reference (full precision) | 32 | 32 | {_fmt(summary['ppl_reference'], 3)} |")
-    L.append(f"| tasa ({cfg['method']}, budget {cfg['bits']} {kind} bits) | "
+    rot = ", rotated" if cfg.get("hadamard") else ""
+    L.append(f"| tasa ({cfg['method']}{rot}, budget {cfg['bits']} {kind} bits) | "
              f"{summary['avg_bits']:.4f} | {A['summary']['code_avg_bits']:.4f} | "
              f"{_fmt(summary['ppl_quantized'], 3)} |")
     if pp:
@@ -507,7 +510,8 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     L.append("![alpha curve](alpha_curve.png)\n")
     L.append("## 2. Sensitivity and the perplexity illusion\n")
     widths = sens.widths
-    L.append(f"{cfg.get('sens_method', 'rtn').upper()} probe of one "
+    L.append(f"{cfg.get('sens_method', 'rtn').upper()}"
+             f"{' (rotated, --hadamard)' if cfg.get('hadamard') else ''} probe of one "
              f"{cfg['granularity']} at a time at {widths} bits "
              f"({sens.compute_dtype or 'float32'} compute); loss increase "
              "in nats per scored token. Objectives: "

@@ -581,7 +581,8 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
             done=done, on_result=on_result, base=sens.base, progress=progress,
             compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist, scoring=cfg.sens_scoring,
-            probe_weights=pw, probe_name=cfg.sens_method.upper())
+            probe_weights=pw,
+            probe_name=cfg.sens_method.upper() + (" (rotated)" if cfg.hadamard else ""))
         sens.base = res["base"]
         sens.base_items = res["base_items"]
         sens.item_tokens = res["tokens"]
