@@ -449,7 +449,9 @@ def test_gptq_probe_weights_quantize_each_unit_alone_on_full_precision_inputs():
     for f in fqns:
         lin = seq.get_submodule(f)
         G = resolve_group_size(lin.in_features, cfg.group_size)
-        plan[f] = LayerSpec([3] * (lin.in_features // G), G, cfg.mode)
+        # the probes quantize as the job would: rotated where it rotates (the default for GPTQ)
+        plan[f] = LayerSpec([3] * (lin.in_features // G), G, cfg.mode, hadamard=cfg.rotates())
+    assert cfg.rotates()
     quantize_model(seq, plan, "gptq", calib_ids=ids, progress=False)
     deq = {f: seq.get_submodule(f).dequantize() for f in fqns}
     first = [f for f in fqns if ".layers.0." in f]
@@ -790,34 +792,44 @@ def test_disk_full_while_saving_keeps_the_previous_model(tmp_path, monkeypatch, 
 
 
 def test_run_with_hadamard_rotates_every_decoder_linear_and_its_probes(tmp_path):
-    """--hadamard (format version 2): the saved model's decoder linears are rotated and their
-    outputs are the un-rotated dequantized weights' (it is the model it claims to be); the
-    measurement records the setting, so a plain measurement is not re-used for it."""
+    """--hadamard (format version 2; the default for the GPTQ methods): the saved model's decoder
+    linears are rotated and their outputs are the un-rotated dequantized weights' (it is the
+    model it claims to be); the measurement records the setting, so a measurement without the
+    rotation is not re-used for it; RTN does not rotate unless asked."""
     from tasa.layers import TasaLinear
 
+    assert tiny_cfg().rotates() and tiny_cfg(method="gptq").rotates()
+    assert not tiny_cfg(method="rtn").rotates() and not tiny_cfg(hadamard=False).rotates()
+    with pytest.warns(UserWarning, match="measured worse with RTN"):
+        tiny_cfg(method="rtn", hadamard=True).validate()
     model = tiny3()
     ref_model = copy.deepcopy(model)
     tok = ByteTok()
     plain = tmp_path / "plain"
-    pipeline.run(tiny_cfg(bits=3.8), plain, progress=False, quiet=True,
+    pipeline.run(tiny_cfg(bits=3.8, hadamard=False), plain, progress=False, quiet=True,
                  model=copy.deepcopy(ref_model), tokenizer=tok, report=False)
-    s = pipeline.run(tiny_cfg(bits=3.8, hadamard=True), tmp_path, progress=False, quiet=True,
+    s = pipeline.run(tiny_cfg(bits=3.8), tmp_path, progress=False, quiet=True,
                      model=model, tokenizer=tok, report=False)
     assert "measure" in s["timings_s"]
     m = json.loads((tmp_path / "measurement.json").read_text())
     assert m["config"]["hadamard"] is True
+    # False is the value before the setting existed: not written, so older files still match
     assert "hadamard" not in json.loads((plain / "measurement.json").read_text())["config"]
     back = load_quantized(tmp_path)
     lin = {n: x for n, x in back.named_modules() if isinstance(x, TasaLinear) and ".layers." in n}
     assert lin and all(x.hadamard for x in lin.values())
+    plain_lin = [x for n, x in load_quantized(plain).named_modules()
+                 if isinstance(x, TasaLinear) and ".layers." in n]
+    assert plain_lin and not any(x.hadamard for x in plain_lin)
     for n, mod in lin.items():
         x = torch.randn(3, mod.in_features)
         torch.testing.assert_close(mod(x), x @ mod.dequantize().T, atol=1e-4, rtol=1e-4)
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, back(input_ids=ids).logits)
-    # a plain measurement is refused for a rotated job (the probes differ), the flag named
-    with pytest.raises(ValueError, match="hadamard"):
-        pipeline.run(tiny_cfg(bits=3.8, hadamard=True), tmp_path / "re", progress=False,
+    # a measurement without the rotation is refused for a rotated job (the probes differ), with
+    # the switch that re-uses it
+    with pytest.raises(ValueError, match="to reuse it give --no-hadamard"):
+        pipeline.run(tiny_cfg(bits=3.8), tmp_path / "re", progress=False,
                      quiet=True, model=copy.deepcopy(ref_model), tokenizer=tok,
                      measurement_from=str(plain), report=False)

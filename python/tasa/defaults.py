@@ -12,7 +12,7 @@ from typing import Tuple
 __all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
            "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "SENS_METHOD", "GRANULARITY",
            "FINGERPRINT_ABSENT", "DRIFT_TASK_TOKENS", "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME",
-           "PLAN_NAME", "RUN_NAME"]
+           "PLAN_NAME", "RUN_NAME", "HADAMARD"]
 
 # the paper's allocation set: 3-, 4- and occasionally 8-bit layers (2 bits is supported by the
 # format but collapses small models, so it is opt-in through --widths)
@@ -50,6 +50,11 @@ SENS_SCORING: str = "kl"
 # settings a measurement fingerprint leaves out at these values (files written before the
 # setting existed still match); error messages name them instead of None
 FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll", "sens_method": "rtn", "hadamard": False}
+# format version 2's in-group Hadamard rotation for the methods with a Hessian (gptq, gptq-mse;
+# RTN never by default): uniform GPTQ-MSE on SmolLM2, KL to the reference W3 0.653 -> 0.425,
+# W4 0.191 -> 0.120, GSM8K gold NLL -0.19 at both (paired, beyond noise); RTN W3 2.68 -> 3.81
+# (benchmarks/results/hadamard_probe_smollm2-135m.md)
+HADAMARD: bool = True
 # the quantizer of the sensitivity probes (a name of tasa.quant.METHODS): "rtn" probes every unit
 # with round-to-nearest; a Hessian method (gptq, gptq-mse) probes each unit with the quantizer the
 # model is then quantized with, calibrated like the final quantization at alpha* (issue 27 item

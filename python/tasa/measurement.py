@@ -43,8 +43,13 @@ def check_settings(recorded: Mapping, current: Mapping, what: str, hint: str = "
         detail = ", ".join(f"{k}: {say(recorded, k)} there, {say(current, k)} now" for k in diff)
         # the flags that reproduce the file's settings (an unrecorded one: its first value,
         # e.g. --sens-method rtn for a file measured before gptq-mse probes were the default)
-        flags = [f"--{k.replace('_', '-')} {recorded.get(k, absent[k])}" for k in diff
-                 if k in absent]
+        def flag(k):
+            v = recorded.get(k, absent[k])
+            name = k.replace('_', '-')
+            if isinstance(v, bool):          # a switch: --hadamard / --no-hadamard
+                return f"--{name}" if v else f"--no-{name}"
+            return f"--{name} {v}"
+        flags = [flag(k) for k in diff if k in absent]
         raise ValueError(f"tasa: {what} was made with other settings ({detail})"
                          + (f"; to reuse it give {' '.join(flags)}" if flags else "")
                          + (f"; {hint}" if hint else ""))

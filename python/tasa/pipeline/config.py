@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Optional
 
 import tasa_ext
@@ -59,9 +60,9 @@ class PipelineConfig:
     damp: float = 0.01
     act_order: bool = False
     # format version 2's incoherence rotation of every quantized linear (and of the probes'
-    # quantizer): GPTQ-MSE at uniform 3 bits on SmolLM2 KL 0.67 -> 0.41, RTN worse
-    # (benchmarks/results/hadamard_probe_smollm2-135m.md)
-    hadamard: bool = False
+    # quantizer); None: defaults.HADAMARD for a method with a Hessian, off for a data-free one
+    # (validate() resolves it to a bool, which the measurement and the report record)
+    hadamard: Optional[bool] = None
     # the token embedding and the output projection (one packed table when tied): RTN at this
     # width after GPTQ, reported apart from the decoder linears' average (which --bits budgets);
     # 0 keeps them as the checkpoint stores them. Default: defaults.EMBED_BITS (measured)
@@ -135,6 +136,15 @@ class PipelineConfig:
             raise ValueError(f"tasa: objectives must be a non-empty subset of {defaults.OBJECTIVES}")
         get_method(self.method)            # a ValueError naming the registered methods
         get_method(self.sens_method)
+        if self.hadamard is not None and not isinstance(self.hadamard, bool):
+            raise ValueError(f"tasa: hadamard must be true, false or None (the default for the "
+                             f"method), got {self.hadamard!r}")
+        if self.hadamard and not get_method(self.method).needs_hessian:
+            warnings.warn(f"tasa: --hadamard with the data-free method {self.method!r}: the "
+                          f"rotation measured worse with RTN on SmolLM2 (uniform W3 KL 2.68 -> "
+                          f"3.81; benchmarks/results/hadamard_probe_smollm2-135m.md)",
+                          stacklevel=2)
+        self.hadamard = self.rotates()
         sw = list(self.sens_widths)
         if (not sw or any(b not in tasa_ext.SUPPORTED_BITS for b in sw) or len(set(sw)) != len(sw)
                 or sw != sorted(sw)):
@@ -143,9 +153,17 @@ class PipelineConfig:
         if self.beta < 1.0 and not (set(self.objectives) - {"ppl"}):
             raise ValueError("tasa: beta < 1 needs at least one task objective (math, arc)")
 
+    def rotates(self) -> bool:
+        """Whether the linears (and the probes) are stored rotated: ``hadamard``, or where it is
+        None, :data:`tasa.defaults.HADAMARD` for a method with a Hessian (off for RTN)."""
+        if self.hadamard is not None:
+            return bool(self.hadamard)
+        return defaults.HADAMARD and get_method(self.method).needs_hessian
+
     def measure_fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
         out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
+        out["hadamard"] = self.rotates()
         if get_method(self.sens_method).needs_hessian:    # its probes depend on its calibration
             out.update(n_calib=self.n_calib, seqlen=self.seqlen, damp=self.damp)
         for k, v in defaults.FINGERPRINT_ABSENT.items():   # the only value before the setting

@@ -402,9 +402,9 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     plan recorded them). Returns ``(plan as LayerSpecs, info)``."""
     lplan = as_layer_specs(plan)
     check_plan(model, lplan, shapes)
-    if cfg.hadamard:            # the rotation is a property of how, not of how many bits
+    if cfg.rotates():           # the rotation is a property of how, not of how many bits
         lplan = {n: dataclasses.replace(s, hadamard=True) for n, s in lplan.items()}
-    qinfo: Dict[str, Any] = {"method": cfg.method, "hadamard": cfg.hadamard}
+    qinfo: Dict[str, Any] = {"method": cfg.method, "hadamard": cfg.rotates()}
     ids = None
     if get_method(cfg.method).needs_hessian:
         ids, qinfo["calibration"] = gptq_calibration(tokenizer, cfg, alpha, split, log)
@@ -439,7 +439,7 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
     def one(full, lin, H):
         for b in widths:
             spec = dataclasses.replace(sensitivity.probe_spec(lin, b, cfg.group_size, cfg.mode),
-                                       hadamard=cfg.hadamard)
+                                       hadamard=cfg.rotates())
             q = meth.quantize(lin.weight, spec, H, damp=cfg.damp, name=full)
             out[(b, full)] = q.dequantize().to(torch.bfloat16).cpu()
 
@@ -573,7 +573,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
 
         pw = None
         todo_units = {u: units[u] for u in units if any(u not in done[b] for b in widths)}
-        if (cfg.sens_method != "rtn" or cfg.hadamard) and todo_units:
+        if (cfg.sens_method != "rtn" or cfg.rotates()) and todo_units:
             # (every rank computes them all: the same calibration, deterministic)
             pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, todo_units, split,
                                progress, log)
@@ -582,7 +582,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
             done=done, on_result=on_result, base=sens.base, progress=progress,
             compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist, scoring=cfg.sens_scoring,
             probe_weights=pw,
-            probe_name=cfg.sens_method.upper() + (" (rotated)" if cfg.hadamard else ""))
+            probe_name=cfg.sens_method.upper() + (" (rotated)" if cfg.rotates() else ""))
         sens.base = res["base"]
         sens.base_items = res["base_items"]
         sens.item_tokens = res["tokens"]
