@@ -195,3 +195,21 @@ def test_cli_quantize_lazy_equals_in_memory_with_the_same_plan(tmp_path, capsys)
     capsys.readouterr()
     assert cli.main(common[:3] + ["--out", str(tmp_path / "x"), "--lazy", "--quiet"]) == 2
     assert "--lazy quantizes with a given --plan" in capsys.readouterr().err
+
+
+def test_lazy_rotated_equals_in_memory(tmp_path):
+    """Format version 2: a rotated plan quantized block by block is the in-memory model bit for
+    bit, and its saved config says every planned linear is rotated (read from the modules, which
+    the lazy job has released to meta by then)."""
+    m = tiny_llama()
+    m.save_pretrained(tmp_path / "src")
+    plan = uniform_plan(m, 3, 32, "asym", hadamard=True)
+    ids = _calib()
+    quantize_lazy(tmp_path / "src", plan, tmp_path / "out", method="gptq", calib_ids=ids,
+                  batch_size=4, progress=False)
+    quantize_model(m, plan, "gptq", calib_ids=ids, batch_size=4, progress=False)
+    q = tasa.load(tmp_path / "out")
+    qc = q.config.quantization_config.to_dict()
+    assert {n for n, e in qc["modules"].items() if e.get("hadamard")} == set(plan)
+    x = torch.randint(0, 256, (1, 12))
+    assert torch.equal(m(x).logits, q(x).logits)

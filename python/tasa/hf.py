@@ -23,6 +23,8 @@ before any kernel can run. Pickle checkpoints (``*.bin``) are refused.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -169,9 +171,15 @@ class TasaConfig(QuantizationConfigMixin):
         """The config of the modules ``model`` has: ``plan``, plus every other TasaLinear it
         holds (an untied packed head), plus the packed embedding's entry read from the module
         itself -- what every save path writes."""
-        # a module's own spec wins over the plan's: what the file holds (a rotated matrix,
-        # format version 2) must be what the config says, whatever the plan asked
-        full = {**plan, **{n: m.spec for n, m in quantized_modules(model).items()}}
+        qm = quantized_modules(model)
+        full = {**{n: m.spec for n, m in qm.items() if n not in plan}, **plan}
+        # whether a matrix is stored rotated (format version 2) is read from the module itself
+        # (a plain attribute: the lazy job's released modules are on meta): the config must say
+        # what the file holds, whatever the plan asked
+        full = {n: (dataclasses.replace(LayerSpec(**s.to_dict()) if isinstance(s, LayerSpec)
+                                        else LayerSpec.from_dict(s, n, "plan"),
+                                        hadamard=qm[n].hadamard) if n in qm else s)
+                for n, s in full.items()}
         return cls.from_plan(full, meta=meta, embedding=embedding_entry(model))
 
     def layer_specs(self) -> Dict[str, LayerSpec]:

@@ -30,7 +30,7 @@ from ..util import Log, clean_stale_temps, folder_lock, peak_rss_mib, write_json
 from .config import PipelineConfig
 from .stages import (CALIB_BATCH, allocate, as_layer_specs, check_budget, check_same_model,
                      gptq_calibration, measure, measure_fingerprint, plan_document,
-                     quantize_with_plan, split_data)
+                     quantize_with_plan, split_data, with_rotation)
 
 __all__ = ["run", "run_lazy"]
 
@@ -352,8 +352,9 @@ def _run_lazy(cfg, folder, out, plan, progress, quiet, dist) -> dict:
     log = Log(quiet or not dist.is_writer)
     t0 = time.perf_counter()
     given, doc = _given_plan(plan)
+    given = with_rotation(cfg, given)
     alpha = _given_alpha(cfg, doc)
-    calib_ids, qinfo = None, {"method": cfg.method}
+    calib_ids, qinfo = None, {"method": cfg.method, "hadamard": cfg.rotates()}
     if get_method(cfg.method).needs_hessian:
         calib_ids, qinfo["calibration"] = gptq_calibration(
             AutoTokenizer.from_pretrained(str(folder)), cfg, alpha, split_data(cfg), log)

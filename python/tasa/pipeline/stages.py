@@ -62,7 +62,7 @@ from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
            "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "gptq_calibration",
-           "quantize_with_plan", "probe_weights",
+           "quantize_with_plan", "with_rotation", "probe_weights",
            "measure", "measure_fingerprint", "weights_digest", "check_same_model"]
 
 
@@ -390,6 +390,15 @@ def gptq_calibration(tokenizer, cfg: PipelineConfig, alpha: float, split: Option
     return ids, {"alpha": alpha, "n_general": counts[0], "n_task": counts[1], "seqlen": cfg.seqlen}
 
 
+def with_rotation(cfg: PipelineConfig, lplan: Mapping[str, LayerSpec]) -> dict:
+    """The plan's specs with ``hadamard`` set as the job says (:meth:`PipelineConfig.rotates`):
+    the rotation is a property of how a linear is quantized, not of how many bits it gets, so
+    plans (and their files) do not carry it; every quantizing path (in memory, lazy) asks
+    here."""
+    rot = cfg.rotates()
+    return {n: dataclasses.replace(s, hadamard=rot) for n, s in lplan.items()}
+
+
 def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str, Any],
                        alpha: float, progress: bool = True, log=print,
                        split: Optional[dict] = None,
@@ -402,8 +411,7 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
     plan recorded them). Returns ``(plan as LayerSpecs, info)``."""
     lplan = as_layer_specs(plan)
     check_plan(model, lplan, shapes)
-    if cfg.rotates():           # the rotation is a property of how, not of how many bits
-        lplan = {n: dataclasses.replace(s, hadamard=True) for n, s in lplan.items()}
+    lplan = with_rotation(cfg, lplan)
     qinfo: Dict[str, Any] = {"method": cfg.method, "hadamard": cfg.rotates()}
     ids = None
     if get_method(cfg.method).needs_hessian:
