@@ -38,13 +38,18 @@ def mixed_plan(model):
     return plan
 
 
-@pytest.mark.parametrize("factory,fusable,path", [
-    (tiny_llama, True, "fast"), (tiny_qwen2, True, "fast"), (tiny_llama, False, "fast"),
-    (tiny_gemma3, True, "fast-model")])
-def test_fast_loop_equals_transformers_generate(factory, fusable, path):
+@pytest.mark.parametrize("factory,fusable,path,rotated", [
+    (tiny_llama, True, "fast", False), (tiny_qwen2, True, "fast", False),
+    (tiny_llama, False, "fast", False), (tiny_gemma3, True, "fast-model", False),
+    (tiny_llama, True, "fast", True), (tiny_qwen2, True, "fast", True)])
+def test_fast_loop_equals_transformers_generate(factory, fusable, path, rotated):
     model = factory()
     if fusable:
-        model = tasa.quantize(model, None, bits=4, method="rtn", group_size=32, progress=False)
+        # rotated (format version 2): the fused q/k/v and gate/up share one rotated x
+        model = tasa.quantize(model, None, bits=4, method="rtn", group_size=32, progress=False,
+                              hadamard=rotated or None)
+        assert all(m.hadamard == rotated for n, m in model.named_modules()
+                   if isinstance(m, TasaLinear) and ".layers." in n)
     else:
         model = tasa.quantize(model, None, plan=mixed_plan(model), method="rtn", progress=False)
     assert isinstance(model.get_input_embeddings(), TasaEmbedding)      # embed_bits' default
