@@ -10,7 +10,7 @@ Rows (every one built from the same reference weights: the model's dequantized G
   8-bit packed embedding/head: tasa's defaults; one measurement with tasa's current default
   settings, re-used by every budget), GPTQ on the alpha* mix.
 * ``GPTQ W3/W4 g128``: uniform GPTQ with GPTQModel's usual settings (group 128, symmetric,
-  act-order) on general text only (alpha = 1: 32 x 512 tokens of the general pool), run by
+  act-order, no rotation) on general text only (alpha = 1: 32 x 512 tokens of the general pool), run by
   tasa's own GPTQ (GPTQModel itself is not installed here), tasa's default 8-bit embedding/head.
 * ``llama.cpp <mix>``: llama.cpp's quantizer (llama-cpp-python's ``llama_model_quantize``) on
   the F32 reference GGUF (``tasa.gguf_export.reference_gguf``: metadata and tokenizer kept), with
@@ -90,8 +90,10 @@ def build_gptq(model_name, args, work: Path) -> dict:
             plan = uniform_plan(model, w, 128, "sym", fit_group_size=True)
             for s in plan.values():
                 s.act_order = True
+            # GPTQModel does not rotate: tasa's format-version-2 rotation stays off here
             cfg = pipeline.PipelineConfig(model=model_name, data=args.data, alpha=1.0,
-                                          mode="sym", act_order=True, eval_windows=0)
+                                          mode="sym", act_order=True, eval_windows=0,
+                                          hadamard=False)
             pipeline.run(cfg, folder, progress=False, quiet=True, report=False, model=model,
                          tokenizer=tok, plan=plan_to_dict(plan))
         out[f"GPTQ W{w} g128"] = folder
