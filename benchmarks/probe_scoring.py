@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     print(time.strftime("%H:%M:%S"), "probes (KL and NLL scoring, one pass)", flush=True)
     kl = sensitivity.measure_sensitivity(
         model, objs, units, widths=cfg.sens_widths, group_size=cfg.group_size,
-        mode=cfg.mode, compute_dtype=getattr(torch, cfg.sens_dtype), scoring="kl",
+        mode=cfg.mode, compute_dtype=getattr(torch, cfg.probe_dtype()), scoring="kl",
         progress=True)
     res = {"kl": kl, "nll": {"items": kl["nll_items"], "tokens": kl["tokens"]}}
     secs = {"both": time.time() - t}
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
          f"command: `{meta['command']}`; the probes (one pass, both scorings) took "
          f"{secs['both']:.0f} s.", "",
          f"{len(U)} units ({cfg.granularity}), RTN probes at {list(cfg.sens_widths)} bits, group "
-         f"{cfg.group_size} {cfg.mode}, {cfg.sens_dtype} probe passes. Objectives: "
+         f"{cfg.group_size} {cfg.mode}, {cfg.probe_dtype()} probe passes. Objectives: "
          + "; ".join(desc.values()) + ".", "",
          "Split-half reliability = Kendall tau between the unit rankings of two disjoint random "
          f"halves of the items, mean [2.5%, 97.5%] over {args.splits} splits.", "",

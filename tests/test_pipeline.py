@@ -833,3 +833,25 @@ def test_run_with_hadamard_rotates_every_decoder_linear_and_its_probes(tmp_path)
         pipeline.run(tiny_cfg(bits=3.8), tmp_path / "re", progress=False,
                      quiet=True, model=copy.deepcopy(ref_model), tokenizer=tok,
                      measurement_from=str(plain), report=False)
+
+
+def test_probe_dtype_auto_follows_native_bf16(monkeypatch):
+    """sens_dtype "auto" (the default): bf16 probes only where bf16 matmuls are native (emulated
+    bf16 ran 7x slower than fp32 on an AVX2-only CPU); validate() records the resolved dtype,
+    which the measurement fingerprint holds."""
+    import tasa_ext
+
+    info = dict(tasa_ext.build_info())
+    for isa, want in (("avx2", "float32"), ("scalar", "float32"), ("avx512", "bfloat16"),
+                      ("amx", "bfloat16")):
+        monkeypatch.setattr(tasa_ext, "build_info", lambda isa=isa: {**info,
+                                                                    "cpu_isa_detected": isa})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        cfg = tiny_cfg()
+        assert cfg.sens_dtype == "auto" and cfg.probe_dtype() == want
+        assert cfg.measure_fingerprint()["sens_dtype"] == want
+        cfg.validate()
+        assert cfg.sens_dtype == want
+        assert tiny_cfg(sens_dtype="float32").probe_dtype() == "float32"
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        tiny_cfg(sens_dtype="float16").validate()

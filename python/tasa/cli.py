@@ -622,9 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"one linear (default {_dflt('granularity')})")
     p.add_argument("--sens-widths", type=_widths, default=None,
                    help=f"RTN probe widths, each measured per unit (default {_dflt('sens_widths')})")
-    p.add_argument("--sens-dtype", choices=["float32", "bfloat16"], default=None,
+    p.add_argument("--sens-dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help=f"the probes' compute dtype (default {_dflt('sens_dtype')}: bf16 "
-                        f"autocast; use float32 on CPUs without AVX-512 BF16 / AMX)")
+                        f"autocast where bf16 is native -- a GPU, a CPU with AVX-512 BF16 or "
+                        f"AMX -- float32 elsewhere, where emulated bf16 ran 7x slower)")
     p.add_argument("--sens-scoring", choices=list(defaults.SENS_SCORINGS), default=None,
                    help=f"how a probe is scored: nll = the gold-token NLL increase, kl = the KL "
                         f"divergence from the full-precision model at every scored position "

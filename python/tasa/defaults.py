@@ -37,8 +37,12 @@ OBJECTIVES: Tuple[str, ...] = ("ppl", "math", "arc")
 # knapsack uses the measured loss increases (8 bits is extrapolated from the 4-bit probe)
 SENS_WIDTHS: Tuple[int, ...] = (3, 4)
 SENS_BITS: int = SENS_WIDTHS[0]
-# the probes' forward passes: bf16 autocast (matmuls bf16, residual/norms/head fp32)
-SENS_DTYPE: str = "bfloat16"
+# the probes' forward passes: bf16 autocast (matmuls bf16, residual/norms/head fp32) where the
+# machine multiplies bf16 natively (a GPU; a CPU with AVX-512 BF16 or AMX), fp32 elsewhere
+# ("auto"). Measured on an AVX2-only AMD EPYC (2026-12-06): a 4096-token SmolLM2 forward took
+# 58 s under bf16 autocast against 8.3 s in fp32 (bf16 emulated), so the README job's probes
+# ran ~40 s each instead of ~4 s on the AVX-512 BF16 machines.
+SENS_DTYPE: str = "auto"
 # how a probe is scored (tasa.sensitivity): "nll" = gold-token NLL increase, "kl" = KL divergence
 # from the full-precision model at every scored position (issue 27 item 1)
 SENS_SCORINGS: tuple = ("nll", "kl")

@@ -129,8 +129,10 @@ class PipelineConfig:
         if self.sens_scoring not in defaults.SENS_SCORINGS:
             raise ValueError(f"tasa: --sens-scoring must be one of {list(defaults.SENS_SCORINGS)}, "
                              f"got {self.sens_scoring!r}")
-        if self.sens_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"tasa: --sens-dtype must be float32 or bfloat16, got {self.sens_dtype!r}")
+        if self.sens_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"tasa: --sens-dtype must be auto, float32 or bfloat16, got "
+                             f"{self.sens_dtype!r}")
+        self.sens_dtype = self.probe_dtype()
         unknown = set(self.objectives) - set(defaults.OBJECTIVES)
         if unknown or not self.objectives:
             raise ValueError(f"tasa: objectives must be a non-empty subset of {defaults.OBJECTIVES}")
@@ -153,6 +155,18 @@ class PipelineConfig:
         if self.beta < 1.0 and not (set(self.objectives) - {"ppl"}):
             raise ValueError("tasa: beta < 1 needs at least one task objective (math, arc)")
 
+    def probe_dtype(self) -> str:
+        """The probes' compute dtype: ``sens_dtype``, or for "auto" bfloat16 where bf16 matmuls
+        are native (CUDA; a CPU at tasa's avx512 level or above, which includes AVX-512 BF16)
+        and float32 elsewhere (:data:`tasa.defaults.SENS_DTYPE`)."""
+        if self.sens_dtype != "auto":
+            return self.sens_dtype
+        import torch
+        if torch.cuda.is_available():
+            return "bfloat16"
+        native = tasa_ext.build_info()["cpu_isa_detected"] in ("avx512", "avx512vnni", "amx")
+        return "bfloat16" if native else "float32"
+
     def rotates(self) -> bool:
         """Whether the linears (and the probes) are stored rotated: ``hadamard``, or where it is
         None, :data:`tasa.defaults.HADAMARD` for a method with a Hessian (off for RTN)."""
@@ -164,6 +178,7 @@ class PipelineConfig:
         d = dataclasses.asdict(self)
         out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.MEASURE_KEYS}
         out["hadamard"] = self.rotates()
+        out["sens_dtype"] = self.probe_dtype()
         if get_method(self.sens_method).needs_hessian:    # its probes depend on its calibration
             out.update(n_calib=self.n_calib, seqlen=self.seqlen, damp=self.damp)
         for k, v in defaults.FINGERPRINT_ABSENT.items():   # the only value before the setting

@@ -563,7 +563,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
         sens.objective_data = [o.summary() for o in objs]
         widths = list(cfg.sens_widths)
         sens.bits = widths[0]
-        sens.compute_dtype = cfg.sens_dtype
+        sens.compute_dtype = cfg.probe_dtype()
         t_prev = float(sens.seconds)
         t0 = time.perf_counter()
         m.sensitivity = sens
@@ -571,7 +571,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
         n_done = sum(len(v) for v in done.values())
         log(f"sensitivity: {len(units)} {cfg.granularity} units x widths {widths} = "
             f"{len(units) * len(widths)} probes x {len(objs)} objectives ({n_done} already "
-            f"measured; {cfg.sens_dtype} compute)")
+            f"measured; {cfg.probe_dtype()} compute)")
 
         def on_result(b, u, d, items):
             sens.deltas(b)[u] = d
@@ -588,7 +588,7 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
         res = sensitivity.measure_sensitivity(
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
             done=done, on_result=on_result, base=sens.base, progress=progress,
-            compute_dtype=getattr(torch, cfg.sens_dtype), dist=dist, scoring=cfg.sens_scoring,
+            compute_dtype=getattr(torch, cfg.probe_dtype()), dist=dist, scoring=cfg.sens_scoring,
             probe_weights=pw,
             probe_name=cfg.sens_method.upper() + (" (rotated)" if cfg.rotates() else ""))
         sens.base = res["base"]
