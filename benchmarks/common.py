@@ -102,3 +102,32 @@ def write_results(stem: str, meta: dict, rows: list, markdown: str) -> Path:
     path = RESULTS / f"{stem}.md"
     path.write_text(markdown)
     return path
+
+
+# ---- KL tables of the method comparisons (mse_methods, hadamard_probe, hadamard_quality) --------
+
+KL_HEADER = ["| row | KL general | top-1 general | KL GSM8K | top-1 GSM8K | GSM8K NLL |",
+             "|---|---|---|---|---|---|"]
+
+
+def kl_row(name: str, res: dict, extra: str = "") -> str:
+    """One table row of ``tasa.divergence.compare`` results on the "general" and "gsm8k" texts
+    (``extra``: cells inserted after the name, e.g. sizes, each ending in " | ")."""
+    g, m = res["general"][name], res["gsm8k"][name]
+    return (f"| {name} | {extra}{g['kl']:.4f} ± {ci95(g['kl_seq'])[1]:.4f} | {g['top1']:.4f} | "
+            f"{m['kl']:.4f} ± {ci95(m['kl_seq'])[1]:.4f} | {m['top1']:.4f} | {m['nll']:.4f} |")
+
+
+def paired_cells(res: dict, base: str, row: str) -> str:
+    """``ΔKL general | ΔKL GSM8K | ΔGSM8K NLL`` of ``row`` minus ``base`` (95% t-intervals over
+    the same sequences), as table cells."""
+    def d(text, key):
+        a, b = res[text][base][key], res[text][row][key]
+        return "{:+.4f} ± {:.4f}".format(*ci95([y - x for x, y in zip(a, b)]))
+    return f"{d('general', 'kl_seq')} | {d('gsm8k', 'kl_seq')} | {d('gsm8k', 'nll_seq')}"
+
+
+def kl_summary_json(res: dict) -> dict:
+    """The results without their per-sequence lists (what the .json files keep)."""
+    return {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")} for n, r in rs.items()}
+            for t, rs in res.items()}

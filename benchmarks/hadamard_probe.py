@@ -40,7 +40,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, ci95, machine  # noqa: E402
+from common import KL_HEADER, RESULTS, kl_row, kl_summary_json, machine, paired_cells  # noqa: E402
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -154,32 +154,18 @@ def main(argv=None) -> int:
          f"sequences. General = WikiText-2 test ({res['general']['reference']['tokens']} "
          f"positions), GSM8K = test items ({res['gsm8k']['reference']['tokens']} positions; NLL "
          "over gold-solution tokens).", "",
-         "| row | KL general | top-1 general | KL GSM8K | top-1 GSM8K | GSM8K NLL |",
-         "|---|---|---|---|---|---|"]
-    for n in cands:
-        g, m = res["general"][n], res["gsm8k"][n]
-        L.append(f"| {n} | {g['kl']:.4f} ± {ci95(g['kl_seq'])[1]:.4f} | {g['top1']:.4f} | "
-                 f"{m['kl']:.4f} ± {ci95(m['kl_seq'])[1]:.4f} | {m['top1']:.4f} | "
-                 f"{m['nll']:.4f} |")
+         *KL_HEADER]
+    L += [kl_row(n, res) for n in cands]
     L += ["", "Paired: rotated minus plain (negative = the rotation helps):", "",
           "| pair | ΔKL general | ΔKL GSM8K | ΔGSM8K NLL |", "|---|---|---|---|"]
     for n in cands:
         if n.endswith(" +had"):
-            base = n[:-5]
-
-            def d(text, key):
-                a, b = res[text][base][key], res[text][n][key]
-                return ci95([y - x for x, y in zip(a, b)])
-            L.append(f"| {n} - plain | {'{:+.4f} ± {:.4f}'.format(*d('general', 'kl_seq'))} | "
-                     f"{'{:+.4f} ± {:.4f}'.format(*d('gsm8k', 'kl_seq'))} | "
-                     f"{'{:+.4f} ± {:.4f}'.format(*d('gsm8k', 'nll_seq'))} |")
+            L.append(f"| {n} - plain | {paired_cells(res, n[:-5], n)} |")
     md = "\n".join(L) + "\n"
     stem = f"hadamard_probe_{args.model}" + ("" if args.group == 128 else f"_g{args.group}")
     (RESULTS / f"{stem}.md").write_text(md)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "results": {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")}
-                                        for n, r in rs.items()} for t, rs in res.items()}},
-        indent=1))
+        {"meta": meta, "results": kl_summary_json(res)}, indent=1))
     print(md)
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, ci95, machine  # noqa: E402
+from common import KL_HEADER, RESULTS, kl_row, kl_summary_json, machine, paired_cells  # noqa: E402
 
 
 def log(*a):
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="3.5")
     ap.add_argument("--general-tokens", type=int, default=10240)
     ap.add_argument("--task-tokens", type=int, default=10240)
+    ap.add_argument("--tasa-rows", default="plain,had",
+                    help="which TASA rows to build: plain, had or both (each measures its own "
+                         "sensitivities: ~15-20 min on 2 cores)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
     import tasa
@@ -66,8 +69,11 @@ def main(argv=None) -> int:
                 pipeline.run(cfg, folder, progress=False, quiet=True, report=False,
                              model=model, tokenizer=mtok, plan=plan_to_dict(plan))
             folders[name] = folder
+    tasa_rows = [r for r in args.tasa_rows.split(",") if r]
+    if set(tasa_rows) - {"plain", "had"}:
+        raise SystemExit(f"--tasa-rows: plain and/or had, got {args.tasa_rows!r}")
     for b in [float(x) for x in args.budgets.split(",") if x]:
-        for had in (False, True):
+        for had in [r == "had" for r in tasa_rows]:
             name = f"TASA c{b}" + (" +had" if had else "")
             folder = work / (f"tasa-c{b}" + ("-had" if had else ""))
             if not (folder / "run.json").is_file():
@@ -103,33 +109,33 @@ def main(argv=None) -> int:
          "± = 95% t-interval over sequences. General = WikiText-2 test "
          f"({res['general']['reference']['tokens']} positions), GSM8K = test items "
          f"({res['gsm8k']['reference']['tokens']} positions; NLL over gold-solution tokens).", "",
-         "| row | MB | bits/param | KL general | top-1 general | KL GSM8K | top-1 GSM8K | "
-         "GSM8K NLL |", "|---|---|---|---|---|---|---|---|"]
-    for n in folders:
-        g, m, s = res["general"][n], res["gsm8k"][n], sizes[n]
-        L.append(f"| {n} | {s['file_bytes'] / 1e6:.1f} | {s['bits_per_param']:.3f} | "
-                 f"{g['kl']:.4f} ± {ci95(g['kl_seq'])[1]:.4f} | {g['top1']:.4f} | "
-                 f"{m['kl']:.4f} ± {ci95(m['kl_seq'])[1]:.4f} | {m['top1']:.4f} | "
-                 f"{m['nll']:.4f} |")
+         KL_HEADER[0].replace("| row |", "| row | MB | bits/param |"),
+         KL_HEADER[1] + "---|---|"]
+    L += [kl_row(n, res, f"{sizes[n]['file_bytes'] / 1e6:.1f} | "
+                         f"{sizes[n]['bits_per_param']:.3f} | ") for n in folders]
     L += ["", "Paired: rotated minus plain (negative = the rotation helps):", "",
           "| pair | ΔKL general | ΔKL GSM8K | ΔGSM8K NLL |", "|---|---|---|---|"]
     for n in folders:
-        if n.endswith(" +had"):
-            base = n[:-5]
-
-            def d(text, key):
-                a, b = res[text][base][key], res[text][n][key]
-                return ci95([y - x for x, y in zip(a, b)])
-            L.append(f"| {base} | {'{:+.4f} ± {:.4f}'.format(*d('general', 'kl_seq'))} | "
-                     f"{'{:+.4f} ± {:.4f}'.format(*d('gsm8k', 'kl_seq'))} | "
-                     f"{'{:+.4f} ± {:.4f}'.format(*d('gsm8k', 'nll_seq'))} |")
+        if n.endswith(" +had") and n[:-5] in folders:
+            L.append(f"| {n[:-5]} | {paired_cells(res, n[:-5], n)} |")
+    tasa_names = [n for n in folders if n.startswith("TASA")]
+    base_w = [n for n in ("W4", "W4 +had") if n in folders]
+    if tasa_names and base_w:
+        L += ["", "Paired: TASA minus uniform W4 (issue 27's target: TASA at 3.5 code bits below "
+              "GPTQ W4; negative = TASA better):", "",
+              "| pair | Δbits/param | ΔKL general | ΔKL GSM8K | ΔGSM8K NLL |",
+              "|---|---|---|---|---|"]
+        for n in tasa_names:
+            for w in base_w:
+                L.append(f"| {n} - {w} | "
+                         f"{sizes[n]['bits_per_param'] - sizes[w]['bits_per_param']:+.3f} | "
+                         f"{paired_cells(res, w, n)} |")
     md = "\n".join(L) + "\n"
     stem = f"hadamard_quality_{args.model}"
     (RESULTS / f"{stem}.md").write_text(md)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "sizes": sizes,
-         "results": {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")}
-                         for n, r in rs.items()} for t, rs in res.items()}}, indent=1))
+         "results": kl_summary_json(res)}, indent=1))
     print(md)
     return 0
 

@@ -158,6 +158,19 @@ inline int check_activation(const at::Tensor& x, const char* name, int64_t K, co
   return -1;
 }
 
+// The rotation's input (tasa::hadamard, both devices): returns a fresh contiguous fp32 copy of x
+// to rotate in place, and in *K its last dimension.
+inline at::Tensor hadamard_input(const at::Tensor& x, int64_t group_size, int64_t* K) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "tasa: x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(x.dim() >= 1, "tasa: x must have at least one dimension");
+  *K = x.size(-1);
+  TORCH_CHECK(group_size > 0 && *K % group_size == 0, "tasa: x's last dimension K=", *K,
+              " is not a multiple of group_size=", group_size);
+  return x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
 inline int check_hessian(const at::Tensor& H, const at::Tensor& X, const std::optional<at::Tensor>& src,
                          const at::Tensor& count, int64_t* S, int64_t* K, int64_t* T) {
   TORCH_CHECK(H.dim() == 3 && H.size(1) == H.size(2), "tasa: H must have shape [S, K, K], got ", H.sizes());

@@ -183,18 +183,12 @@ std::tuple<at::Tensor, at::Tensor> mse_params_cpu(const at::Tensor& W, int64_t b
 
 at::Tensor hadamard_cpu(const at::Tensor& x, int64_t group_size, bool inverse) {
   TORCH_CHECK(x.device().is_cpu(), "tasa: x must be a CPU tensor");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "tasa: x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(x.dim() >= 1, "tasa: x must have at least one dimension");
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "tasa: x's last dimension K=", K,
-              " is not a multiple of group_size=", group_size);
+  int64_t K;
   // a fresh fp32 copy, rotated in place (the rotation adds in fp32 whatever x's dtype)
-  auto y = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  auto y = hadamard_input(x, group_size, &K);
   const int64_t M = K > 0 ? y.numel() / K : 0;
   raise_status(tasa_hadamard_cpu(y.data_ptr<float>(), M, K, group_size, inverse ? 1 : 0));
-  return dt == at::kFloat ? y : y.to(dt);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace tasa_ext

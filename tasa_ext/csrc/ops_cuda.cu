@@ -139,19 +139,13 @@ void hessian_accumulate_cuda(at::Tensor& H, const at::Tensor& X, const std::opti
 at::Tensor hadamard_cuda(const at::Tensor& x, int64_t group_size, bool inverse) {
   check_cuda(x, "x");
   c10::cuda::CUDAGuard guard(x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "tasa: x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(x.dim() >= 1, "tasa: x must have at least one dimension");
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "tasa: x's last dimension K=", K,
-              " is not a multiple of group_size=", group_size);
-  auto y = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  int64_t K;
+  auto y = hadamard_input(x, group_size, &K);
   const int64_t M = K > 0 ? y.numel() / K : 0;
   for (int64_t m0 = 0; m0 < M; m0 += 65535)      // the launcher's grid.y limit
     raise_status(tasa_hadamard_cuda(y.data_ptr<float>() + m0 * K, std::min<int64_t>(65535, M - m0),
                                     K, group_size, inverse ? 1 : 0, stream_of(x)));
-  return dt == at::kFloat ? y : y.to(dt);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
