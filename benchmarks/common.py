@@ -131,3 +131,38 @@ def kl_summary_json(res: dict) -> dict:
     """The results without their per-sequence lists (what the .json files keep)."""
     return {t: {n: {k: v for k, v in r.items() if not k.endswith("_seq")} for n, r in rs.items()}
             for t, rs in res.items()}
+
+
+def kl_scores(ref, cands: dict, tok, data, general_tokens: int, task_tokens: int) -> dict:
+    """``tasa.divergence.compare`` of ``cands`` against ``ref`` on WikiText-2 test windows and on
+    GSM8K test items (512-token windows): ``{"general": ..., "gsm8k": ...}``."""
+    from tasa import divergence
+    res = {}
+    for text, n_tok in (("general", general_tokens), ("gsm8k", task_tokens)):
+        seqs = divergence.kl_sequences(tok, text, data=data, max_tokens=n_tok, seqlen=512)
+        res[text] = divergence.compare(ref, cands, seqs, desc=text)
+    return res
+
+
+def run_meta(script: str, model: str, info, t0: float, argv=None, **extra) -> dict:
+    """:func:`machine` plus the model, its note, the seconds since ``t0`` and the command line
+    that ran ``benchmarks/<script>``."""
+    import sys
+    import time
+    meta = machine()
+    meta.update({"model": model, "model_note": info.note(), "seconds": time.time() - t0,
+                 "command": f"python benchmarks/{script} " + " ".join(
+                     sys.argv[1:] if argv is None else argv), **extra})
+    return meta
+
+
+def write_kl_results(stem: str, lines: list, meta: dict, res: dict, **extra) -> str:
+    """``RESULTS/<stem>.md`` from ``lines`` and ``RESULTS/<stem>.json`` (``meta``, ``extra``,
+    :func:`kl_summary_json` of ``res``); prints and returns the markdown."""
+    md = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text(md)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, **extra, "results": kl_summary_json(res)}, indent=1))
+    print(md)
+    return md

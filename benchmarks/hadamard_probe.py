@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import KL_HEADER, RESULTS, kl_row, kl_summary_json, machine, paired_cells  # noqa: E402
+from common import (KL_HEADER, kl_row, kl_scores, paired_cells,  # noqa: E402
+                    run_meta, write_kl_results)
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--task-tokens", type=int, default=10240)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from tasa import calib, divergence, pipeline
+    from tasa import calib, pipeline
     from tasa.models import load_model
     from tasa.quant import get_method, uniform_plan
     t0 = time.time()
@@ -83,7 +83,6 @@ def main(argv=None) -> int:
     ref.eval()
     cfg = pipeline.PipelineConfig(model=args.model, data=args.data, alpha=1.0)
     ids, _ = pipeline.gptq_calibration(tok, cfg, 1.0)
-    plan = uniform_plan(ref, 3, args.group, "sym", fit_group_size=True)
     rot_cache = {}
 
     def build(width, method, had):
@@ -135,14 +134,8 @@ def main(argv=None) -> int:
                 name = f"W{w} {m}" + (" +had" if had else "")
                 print(time.strftime("%H:%M:%S"), "building", name, flush=True)
                 cands[name] = build(w, m, had)
-    res = {}
-    for text, n_tok in (("general", args.general_tokens), ("gsm8k", args.task_tokens)):
-        seqs = divergence.kl_sequences(tok, text, data=args.data, max_tokens=n_tok, seqlen=512)
-        res[text] = divergence.compare(ref, cands, seqs, desc=text)
-    meta = machine()
-    meta.update({"model": args.model, "model_note": info.note(), "seconds": time.time() - t0,
-                 "command": "python benchmarks/hadamard_probe.py " + " ".join(
-                     sys.argv[1:] if argv is None else argv)})
+    res = kl_scores(ref, cands, tok, args.data, args.general_tokens, args.task_tokens)
+    meta = run_meta("hadamard_probe.py", args.model, info, t0, argv)
     L = [f"# In-group Hadamard rotation vs none (exact arithmetic): {args.model}", "",
          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}; "
          f"command: `{meta['command']}`", "",
@@ -161,12 +154,8 @@ def main(argv=None) -> int:
     for n in cands:
         if n.endswith(" +had"):
             L.append(f"| {n} - plain | {paired_cells(res, n[:-5], n)} |")
-    md = "\n".join(L) + "\n"
     stem = f"hadamard_probe_{args.model}" + ("" if args.group == 128 else f"_g{args.group}")
-    (RESULTS / f"{stem}.md").write_text(md)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "results": kl_summary_json(res)}, indent=1))
-    print(md)
+    write_kl_results(stem, L, meta, res)
     return 0
 
 

@@ -19,14 +19,14 @@ Results: benchmarks/results/hadamard_quality_<model>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import KL_HEADER, RESULTS, kl_row, kl_summary_json, machine, paired_cells  # noqa: E402
+from common import (KL_HEADER, kl_row, kl_scores, paired_cells,  # noqa: E402
+                    run_meta, write_kl_results)
 
 
 def log(*a):
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
     import tasa
-    from tasa import divergence, pipeline, storage
+    from tasa import pipeline, storage
     from tasa.models import cache_dir, load_model
     from tasa.quant import plan_to_dict, uniform_plan
     work = Path(args.work) if args.work else cache_dir() / "hadamard" / args.model
@@ -90,14 +90,8 @@ def main(argv=None) -> int:
         if not rot or any(rot) != n.endswith("+had") or all(rot) != n.endswith("+had"):
             raise SystemExit(f"{n}: the loaded model's rotation flags do not match the row")
     sizes = {n: storage.model_size(f) for n, f in folders.items()}
-    res = {}
-    for text, n_tok in (("general", args.general_tokens), ("gsm8k", args.task_tokens)):
-        seqs = divergence.kl_sequences(tok, text, data=args.data, max_tokens=n_tok, seqlen=512)
-        res[text] = divergence.compare(ref, cands, seqs, desc=text)
-    meta = machine()
-    meta.update({"model": args.model, "model_note": info.note(), "seconds": time.time() - t0,
-                 "work": str(work), "command": "python benchmarks/hadamard_quality.py " + " ".join(
-                     sys.argv[1:] if argv is None else argv)})
+    res = kl_scores(ref, cands, tok, args.data, args.general_tokens, args.task_tokens)
+    meta = run_meta("hadamard_quality.py", args.model, info, t0, argv, work=str(work))
     L = [f"# Incoherence rotation through the tasa job: {args.model}", "",
          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}; "
          f"command: `{meta['command']}`", "",
@@ -130,13 +124,8 @@ def main(argv=None) -> int:
                 L.append(f"| {n} - {w} | "
                          f"{sizes[n]['bits_per_param'] - sizes[w]['bits_per_param']:+.3f} | "
                          f"{paired_cells(res, w, n)} |")
-    md = "\n".join(L) + "\n"
     stem = f"hadamard_quality_{args.model}"
-    (RESULTS / f"{stem}.md").write_text(md)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "sizes": sizes,
-         "results": kl_summary_json(res)}, indent=1))
-    print(md)
+    write_kl_results(stem, L, meta, res, sizes=sizes)
     return 0
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 # version 2's rotation existed: it stays off here so a re-run extends them consistently; the
 # rotation is measured apart (benchmarks/hadamard_quality.py, hadamard_probe.py).
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import KL_HEADER, RESULTS, kl_row, kl_summary_json, machine, paired_cells  # noqa: E402
+from common import (KL_HEADER, kl_row, kl_scores, paired_cells,  # noqa: E402
+                    run_meta, write_kl_results)
 
 
 def main(argv=None) -> int:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
     import tasa
-    from tasa import divergence, pipeline
+    from tasa import pipeline
     from tasa.models import cache_dir, load_model
     from tasa.quant import plan_to_dict, uniform_plan
     work = Path(args.work) if args.work else cache_dir() / "mse" / args.model
@@ -64,14 +64,8 @@ def main(argv=None) -> int:
                              model=model, tokenizer=mtok, plan=plan_to_dict(plan))
             folders[name] = folder
     cands = {n: tasa.load(f) for n, f in folders.items()}
-    res = {}
-    for text, n_tok in (("general", args.general_tokens), ("gsm8k", args.task_tokens)):
-        seqs = divergence.kl_sequences(tok, text, data=args.data, max_tokens=n_tok, seqlen=512)
-        res[text] = divergence.compare(ref, cands, seqs, desc=text)
-    meta = machine()
-    meta.update({"model": args.model, "model_note": info.note(), "seconds": time.time() - t0,
-                 "command": "python benchmarks/mse_methods.py " + " ".join(
-                     sys.argv[1:] if argv is None else argv)})
+    res = kl_scores(ref, cands, tok, args.data, args.general_tokens, args.task_tokens)
+    meta = run_meta("mse_methods.py", args.model, info, t0, argv)
     L = [f"# Clipping search vs min/max group parameters: {args.model}", "",
          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}; "
          f"command: `{meta['command']}`", "",
@@ -88,13 +82,9 @@ def main(argv=None) -> int:
     for n in folders:
         if n.endswith("-mse") and n[:-4] in folders:
             L.append(f"| {n} - {n[:-4]} | {paired_cells(res, n[:-4], n)} |")
-    md = "\n".join(L) + "\n"
     stem = f"mse_methods_{args.model}" + ("" if args.methods == "gptq,gptq-mse,rtn,rtn-mse" else
                                           "_" + args.methods.replace(",", "_"))
-    (RESULTS / f"{stem}.md").write_text(md)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "results": kl_summary_json(res)}, indent=1))
-    print(md)
+    write_kl_results(stem, L, meta, res)
     return 0
 
 
