@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from tasa_ext.reference import sylvester
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -43,20 +44,10 @@ from common import (KL_HEADER, kl_row, kl_scores, paired_cells,  # noqa: E402
                     run_meta, write_kl_results)
 
 
-def hadamard(n: int) -> torch.Tensor:
-    """Sylvester Hadamard matrix of order ``n`` (a power of two), entries +-1."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"hadamard order must be a power of two, got {n}")
-    H = torch.ones(1, 1)
-    while H.shape[0] < n:
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H
-
-
 def rotation(K: int, G: int, seed: int) -> torch.Tensor:
     """Block-diagonal orthonormal ``R [K, K]``: per group ``diag(signs) H_G / sqrt(G)``."""
     g = torch.Generator().manual_seed(seed)
-    Hg = hadamard(G) / G ** 0.5
+    Hg = sylvester(G) / G ** 0.5
     R = torch.zeros(K, K)
     for a in range(0, K, G):
         s = torch.randint(0, 2, (G,), generator=g).float() * 2 - 1

@@ -24,7 +24,6 @@ before any kernel can run. Pickle checkpoints (``*.bin``) are refused.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import logging
@@ -176,10 +175,10 @@ class TasaConfig(QuantizationConfigMixin):
         # whether a matrix is stored rotated (format version 2) is read from the module itself
         # (a plain attribute: the lazy job's released modules are on meta): the config must say
         # what the file holds, whatever the plan asked
-        full = {n: (dataclasses.replace(LayerSpec(**s.to_dict()) if isinstance(s, LayerSpec)
-                                        else LayerSpec.from_dict(s, n, "plan"),
-                                        hadamard=qm[n].hadamard) if n in qm else s)
-                for n, s in full.items()}
+        for n, s in full.items():
+            if n in qm:
+                s = s if isinstance(s, LayerSpec) else LayerSpec.from_dict(s, n, "plan")
+                full[n] = dataclasses.replace(s, hadamard=qm[n].hadamard)
         return cls.from_plan(full, meta=meta, embedding=embedding_entry(model))
 
     def layer_specs(self) -> Dict[str, LayerSpec]:

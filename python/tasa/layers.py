@@ -315,11 +315,8 @@ class TasaEmbedding(_Packed):
         N, K = q.codes.shape
         if q.perm is not None:
             raise ValueError("tasa: an embedding has no input order to permute (act_order)")
-        if q.hadamard:
-            raise ValueError("tasa: an embedding is looked up by row, it cannot be stored "
-                             "rotated (hadamard)")
-        m = cls(N, K, LayerSpec(q.bits, q.group_size, q.mode), embed_scale, out_dtype,
-                device=q.codes.device)
+        m = cls(N, K, LayerSpec(q.bits, q.group_size, q.mode, hadamard=q.hadamard), embed_scale,
+                out_dtype, device=q.codes.device)
         m._load_packed(q)
         return m
 

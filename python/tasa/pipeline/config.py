@@ -7,6 +7,8 @@ import math
 import warnings
 from typing import Optional
 
+import torch
+
 import tasa_ext
 
 from .. import defaults, mixture
@@ -161,7 +163,6 @@ class PipelineConfig:
         and float32 elsewhere (:data:`tasa.defaults.SENS_DTYPE`)."""
         if self.sens_dtype != "auto":
             return self.sens_dtype
-        import torch
         if torch.cuda.is_available():
             return "bfloat16"
         native = tasa_ext.build_info()["cpu_isa_detected"] in ("avx512", "avx512vnni", "amx")

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 
 import torch
 
+import tasa_ext
+
 __all__ = ["Method", "METHODS", "register_method", "get_method", "method_names"]
 
 
@@ -53,7 +55,6 @@ class Method:
 
 def _rotate_inputs(W: torch.Tensor, H: Optional[torch.Tensor], group_size: int):
     """``(W R, R^T H R)`` for the rotation of format version 2 (``H`` None stays None)."""
-    import tasa_ext
     Wr = tasa_ext.hadamard(W.detach().float().contiguous(), group_size, False)
     if H is None:
         return Wr, None
