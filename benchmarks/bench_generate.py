@@ -28,6 +28,10 @@ batch 1, ``--threads`` threads (default 2):
         -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \
         pip install llama-cpp-python==0.3.36
 
+  On a CPU without AVX-512 (the AVX2-only EPYC) that build dies with SIGILL: leave the
+  -DGGML_AVX512* flags out there. ``python -c "from tasa.gguf_export import INSTALL;
+  print(INSTALL)"`` prints the command for the CPU at hand.
+
   A configuration whose process dies says how (the signal, or the last line of its error).
 * ``tasa-saved-bf16``: the saved folder loaded, then ``model.to(torch.bfloat16)`` (the packed
   codes and fp16 scales stay as stored; activations, norms, attention and the prefill's dense
@@ -66,9 +70,9 @@ CONFIGS = ("hf-fp32", "hf-bf16", "tasa-eager", "tasa-fast-head32", "tasa-fast", 
 # also accepted (not in the default list): "-fused" after a tasa-saved configuration turns the
 # CPU gemm's dense prefill path off (tasa_ext.ops.set_dense_rows(0)), for side-by-side ratios
 MEASURED = HERE / "results" / "reproduction"
-INSTALL_LLAMA = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON '
-                 '-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON '
-                 '-DGGML_AVX512_BF16=ON" pip install llama-cpp-python==0.3.36')
+# (this process may import no tasa: the build command for this CPU is printed by tasa's own)
+INSTALL_LLAMA = ('the build command for this CPU: python -c "from tasa.gguf_export import '
+                 'INSTALL; print(INSTALL)"')
 WIKI_SLICE = HERE.parent / "python" / "tasa" / "data" / "wikitext2_test_slice.txt"
 
 

@@ -10,8 +10,12 @@ Rows (every one built from the same reference weights: the model's dequantized G
   8-bit packed embedding/head: tasa's defaults; one measurement with tasa's current default
   settings, re-used by every budget), GPTQ on the alpha* mix.
 * ``GPTQ W3/W4 g128``: uniform GPTQ with GPTQModel's usual settings (group 128, symmetric,
-  act-order, no rotation) on general text only (alpha = 1: 32 x 512 tokens of the general pool), run by
-  tasa's own GPTQ (GPTQModel itself is not installed here), tasa's default 8-bit embedding/head.
+  act-order, no rotation) on general text only (alpha = 1: 32 x 512 tokens of the general pool),
+  run by tasa's own GPTQ with its default method (gptq-mse: the Hessian-weighted scale search
+  GPTQModel's ``mse`` option does; GPTQModel itself is not installed here), tasa's default 8-bit
+  embedding/head.
+* ``tasa W3/W4 +had`` (``--rotated``): the same uniform rows with tasa's in-group Hadamard
+  rotation (format version 2; the same bytes).
 * ``llama.cpp <mix>``: llama.cpp's quantizer (llama-cpp-python's ``llama_model_quantize``) on
   the F32 reference GGUF (``tasa.gguf_export.reference_gguf``: metadata and tokenizer kept), with
   an importance matrix from the SAME general-text calibration sequences as the GPTQ rows.
@@ -78,25 +82,29 @@ def build_tasa(model_name, args, work: Path) -> dict:
 
 
 def build_gptq(model_name, args, work: Path) -> dict:
+    """Uniform GPTQ W3/W4 g128: as GPTQModel makes them (no rotation) and, for widths in
+    ``--rotated``, tasa's uniform rows with its in-group rotation (format version 2)."""
     from tasa import pipeline
     from tasa.models import load_model
     from tasa.quant import plan_to_dict, uniform_plan
     out = {}
-    for w in (3, 4):
-        folder = work / f"gptq-w{w}"
+    rows = [(w, False) for w in (3, 4)] + [(w, True) for w in args.rotated]
+    for w, had in rows:
+        folder = work / (f"gptq-w{w}" + ("-had" if had else ""))
+        name = f"tasa W{w} +had" if had else f"GPTQ W{w} g128"
         if not (folder / "run.json").is_file():
-            log(f"GPTQ W{w} g128 -> {folder}")
+            log(f"{name} -> {folder}")
             model, tok, _ = load_model(model_name)
             plan = uniform_plan(model, w, 128, "sym", fit_group_size=True)
             for s in plan.values():
                 s.act_order = True
-            # GPTQModel does not rotate: tasa's format-version-2 rotation stays off here
+            # GPTQModel does not rotate: tasa's rotation only on the "tasa W +had" rows
             cfg = pipeline.PipelineConfig(model=model_name, data=args.data, alpha=1.0,
                                           mode="sym", act_order=True, eval_windows=0,
-                                          hadamard=False)
+                                          hadamard=had)
             pipeline.run(cfg, folder, progress=False, quiet=True, report=False, model=model,
                          tokenizer=tok, plan=plan_to_dict(plan))
-        out[f"GPTQ W{w} g128"] = folder
+        out[name] = folder
     return out
 
 
@@ -372,10 +380,10 @@ def plot(model_name, rows, scores, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     fams = {"TASA c": ("tab:red", "o"), "GPTQ": ("tab:blue", "s"), "llama.cpp": ("tab:green", "^"),
-            "-> GGUF": ("tab:purple", "D")}
+            "-> GGUF": ("tab:purple", "D"), "tasa W": ("tab:orange", "v")}
 
     def fam(n):
-        for k in ("-> GGUF", "TASA c", "GPTQ", "llama.cpp"):
+        for k in ("-> GGUF", "TASA c", "tasa W", "GPTQ", "llama.cpp"):
             if k in n:
                 return k
     for ax, (text, title) in zip(axes, (("general", "KL, general text"),
@@ -403,6 +411,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"))
     ap.add_argument("--budgets", default="3.0,3.5,4.0,4.25")
     ap.add_argument("--export-budgets", default="3.5,4.25")
+    ap.add_argument("--rotated", default="3,4",
+                    help="widths of uniform rows with tasa's rotation beside the GPTQ rows")
     ap.add_argument("--general-tokens", type=int, default=20480)
     ap.add_argument("--task-tokens", type=int, default=20480)
     ap.add_argument("--mc", type=int, default=500)
@@ -411,15 +421,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.budgets = [float(x) for x in args.budgets.split(",")]
     args.export_budgets = [float(x) for x in args.export_budgets.split(",") if x]
+    args.rotated = [int(x) for x in args.rotated.split(",") if x]
     from tasa import divergence
-    from tasa.gguf_export import require_llama_cpp
+    from tasa.gguf_export import llama_cpp_problem
     from tasa.models import cache_dir, load_model
-    try:
-        require_llama_cpp()
-        log("llama-cpp-python found")
-    except ImportError as e:
-        print(e, file=sys.stderr)
+    why = llama_cpp_problem()     # in a child: a build for another CPU would kill this run
+    if why:
+        print(why, file=sys.stderr)
         return 2
+    log("llama-cpp-python found")
     work = Path(args.work) if args.work else cache_dir() / "qpb" / args.model
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

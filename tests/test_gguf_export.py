@@ -21,11 +21,13 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _need_llama_cpp():
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pytest.skip(f"llama-cpp-python missing; install it with: {ge.INSTALL}")
+def _need_llama_cpp(gguf_path=None):
+    """Skip, with the reason, unless llama-cpp-python imports, fits this CPU and (given a GGUF)
+    quantizes and runs it in a child process: a build for another CPU dies with SIGILL, which
+    in-process would end the whole test session."""
+    why = ge.llama_cpp_problem(None if gguf_path is None else str(gguf_path))
+    if why:
+        pytest.skip(why)
 
 
 def tiny_gguf(path, n_layers=2, n_embd=256, n_ff=384, n_head=4, n_kv=2):
@@ -113,6 +115,51 @@ def _plan(model):
 
 # ---- without llama.cpp -------------------------------------------------------------------------
 
+
+def test_install_command_follows_the_cpu():
+    """The build recipe asks for AVX-512 only on a CPU that has it (a build with it dies with
+    SIGILL on an AVX2-only CPU) and never for the native build (it segfaults on AMX)."""
+    avx2 = ge.install_command(frozenset({"avx2", "fma", "f16c"}))
+    full = ge.install_command(frozenset({"avx2", "avx512f", "avx512_vnni", "avx512vbmi",
+                                         "avx512_bf16"}))
+    assert "-DGGML_AVX2=ON" in avx2 and "AVX512" not in avx2
+    for opt in ("GGML_AVX512=ON", "GGML_AVX512_VNNI=ON", "GGML_AVX512_VBMI=ON",
+                "GGML_AVX512_BF16=ON"):
+        assert opt in full
+    assert "-DGGML_NATIVE=OFF" in avx2 and "-DGGML_NATIVE=OFF" in full
+    assert ge.INSTALL == ge.install_command()
+
+
+def test_build_mismatch_names_what_the_cpu_lacks():
+    info = ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | "
+            "AVX512_VNNI = 1 | AVX512_BF16 = 0 | LLAMAFILE = 1 | OPENMP = 1 |")
+    avx2 = frozenset({"avx", "avx2", "fma", "f16c"})
+    assert ge.build_mismatch(info, avx2) == ["AVX512", "AVX512_VNNI"]
+    assert ge.build_mismatch(info, avx2 | {"avx512f", "avx512_vnni"}) == []
+    assert ge.build_mismatch(info, frozenset()) == []         # flags unknown: no claim
+
+
+def _child(code):
+    import sys
+    return [sys.executable, "-c", code]
+
+
+def test_child_problem_turns_a_crash_into_a_reason():
+    """A llama.cpp smoke child killed by a signal, failing, or built for another CPU gives a
+    reason naming it (the test session survives); a clean one gives None."""
+    assert ge.child_problem(_child("print('SMOKE_OK')")) is None
+    why = ge.child_problem(_child("import os, signal; os.kill(os.getpid(), signal.SIGILL)"))
+    assert "SIGILL" in why and "illegal instruction" in why and "rebuild" in why
+    assert "SIGSEGV" in ge.child_problem(
+        _child("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"))
+    why = ge.child_problem(_child("import sys; sys.exit('llama_model_quantize failed')"))
+    assert "exit 1" in why and "llama_model_quantize failed" in why
+    assert "no message" in ge.child_problem(_child("pass"))   # no SMOKE_OK: not a pass
+    why = ge.child_problem(_child("print('SYSTEM_INFO CPU : AVX2 = 1 | AVX512 = 1 |'); "
+                                  "print('SMOKE_OK')"), flags=frozenset({"avx2"}))
+    assert "AVX512" in why and "SIGILL" in why
+    assert "ran past" in ge.child_problem(_child("import time; time.sleep(5)"), timeout=0.5)
+
 def test_tensor_types_table_and_fallbacks():
     specs = {"a": LayerSpec([3, 3], 128), "b": LayerSpec([4] * 3, 128),
              "c": LayerSpec([3, 4], 128), "d": LayerSpec([3, 3, 8], 128),
@@ -192,10 +239,10 @@ def test_export_types_sizes_and_logits(tiny, tmp_path):
     """The exported file loads in llama.cpp, every tensor has the type the plan asked (or the
     stated fallback), and its logits stay close to the reference's, as close as llama.cpp's
     own Q4_K_M of the same reference."""
-    _need_llama_cpp()
+    root, path, model, tok = tiny
+    _need_llama_cpp(path)
     import gguf
     from tasa import divergence
-    root, path, model, tok = tiny
     plan = _plan(model)
     pf = tmp_path / "plan.json"
     pf.write_text(json.dumps(plan_to_dict(plan, alpha=0.5)))
@@ -235,9 +282,9 @@ def test_export_types_sizes_and_logits(tiny, tmp_path):
 def test_llama_quantize_imatrix_reaches_the_quantizer(tiny, tmp_path):
     """An importance matrix that weights one half of the input channels changes the quantized
     codes (so the array really reaches llama.cpp), and a bad mix name is refused."""
-    _need_llama_cpp()
-    import gguf
     _root, path, model, _tok = tiny
+    _need_llama_cpp(path)
+    import gguf
     ref = ge.reference_gguf(path, tmp_path / "ref.gguf", progress=False)
     name = "blk.0.attn_q.weight"
     flat = {name: torch.ones(256)}

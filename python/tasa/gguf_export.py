@@ -25,13 +25,19 @@ across groups (the intra-layer step) gets one type from its average width (GGUF 
 tensor), rounded to the nearest width that has a type; the report lists every such tensor.
 
 llama-cpp-python is optional: every function that needs it raises ImportError with the build
-recipe (:data:`INSTALL`).
+recipe for this CPU (:data:`INSTALL`), and refuses a build that uses instructions this CPU lacks
+(:func:`llama_cpp_problem` also runs it in a child process, so a crash is a reason, not a kill).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import os
 import re
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
@@ -43,16 +49,121 @@ from tqdm.auto import tqdm
 
 from .quant.spec import LayerSpec
 
-__all__ = ["INSTALL", "WIDTH_TYPES", "FALLBACK", "FTYPES", "require_llama_cpp", "gguf_name_map",
+__all__ = ["INSTALL", "install_command", "cpu_flags", "build_mismatch", "llama_cpp_problem",
+           "child_problem", "WIDTH_TYPES", "FALLBACK", "FTYPES", "require_llama_cpp",
+           "gguf_name_map",
            "reference_gguf", "importance", "tensor_types", "llama_quantize", "gguf_tensors",
            "export_plan", "LlamaCppLogits", "gguf_architecture"]
 
 # llama-cpp-python built with explicit ISA flags: the default (GGML_NATIVE) build segfaults in
 # decode on the AMX Xeon of these benchmarks (benchmarks/results/generate_cpu.md); ~5-6 min.
-INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON '
-           '-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON '
-           '-DGGML_AVX512_BF16=ON" pip install --no-binary llama-cpp-python '
-           'llama-cpp-python==0.3.36')
+# The AVX-512 flags only where the CPU has them: a build with them dies with SIGILL on an
+# AVX2-only EPYC (2026-12-06), taking the calling process (a whole pytest run) with it.
+_ISA_FLAGS = (("avx512f", "GGML_AVX512"), ("avx512_vnni", "GGML_AVX512_VNNI"),
+              ("avx512vbmi", "GGML_AVX512_VBMI"), ("avx512_bf16", "GGML_AVX512_BF16"))
+# llama.cpp's system-info feature name -> the /proc/cpuinfo flag the build then needs
+_SYSINFO_FLAGS = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c",
+                  "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+                  "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+                  "AMX_INT8": "amx_int8"}
+
+
+def cpu_flags() -> Optional[frozenset]:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def install_command(flags: Optional[frozenset] = None) -> str:
+    """The pip command that builds llama-cpp-python 0.3.36 for this CPU (``flags``: its
+    /proc/cpuinfo flags; default: this machine's): AVX2 always, the AVX-512 parts it has."""
+    flags = cpu_flags() if flags is None else flags
+    opts = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+            "-DGGML_F16C=ON"] + [f"-D{o}=ON" for f, o in _ISA_FLAGS if f in (flags or ())]
+    return (f'CMAKE_ARGS="{" ".join(opts)}" pip install --no-binary llama-cpp-python '
+            'llama-cpp-python==0.3.36')
+
+
+INSTALL = install_command()
+
+
+def build_mismatch(system_info: str, flags: Optional[frozenset] = None) -> list:
+    """The instruction-set features a llama.cpp build uses (its ``llama_print_system_info``:
+    ``AVX512 = 1 | ...``) that this CPU lacks; [] when it fits or the CPU's flags are unknown."""
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return []
+    used = re.findall(r"\b([A-Z0-9_]+) = 1\b", system_info)
+    return [u for u in used if u in _SYSINFO_FLAGS and _SYSINFO_FLAGS[u] not in flags]
+
+
+# Run in a child: import, backend, the CPU check; with a GGUF, quantize it to Q4_K_M and
+# evaluate a few tokens of that (the code paths the export and the benchmarks use).
+_SMOKE = r"""
+import os, sys, tempfile, llama_cpp
+llama_cpp.llama_backend_init()
+print("SYSTEM_INFO", llama_cpp.llama_print_system_info().decode(errors="replace"), flush=True)
+if len(sys.argv) > 1:
+    fd, q = tempfile.mkstemp(suffix=".gguf"); os.close(fd)
+    try:
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype = 15
+        if llama_cpp.llama_model_quantize(sys.argv[1].encode(), q.encode(), p) != 0:
+            sys.exit("llama_model_quantize failed")
+        llm = llama_cpp.Llama(model_path=q, n_ctx=64, n_batch=64, verbose=False)
+        llm.eval(llm.tokenize(b"The capital of France is")[:6])
+        llm.close()
+    finally:
+        os.unlink(q)
+print("SMOKE_OK", flush=True)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def llama_cpp_problem(gguf_path: Optional[str] = None, timeout: float = 600.0) -> Optional[str]:
+    """Why llama-cpp-python cannot be used here, or None: it is missing, it was built for
+    instructions this CPU lacks, or a child process that imports it (and, given a GGUF,
+    quantizes it and evaluates a few tokens) fails or is killed by a signal. Run before any
+    in-process use where a crash would take more than one command down (a test session)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"llama-cpp-python missing; install it with: {INSTALL}"
+    return child_problem([sys.executable, "-c", _SMOKE] + ([str(gguf_path)] if gguf_path else []),
+                         timeout)
+
+
+def child_problem(argv: Sequence[str], timeout: float = 600.0,
+                  flags: Optional[frozenset] = None) -> Optional[str]:
+    """Runs the llama.cpp smoke command ``argv`` and says what went wrong, or None: the build's
+    features (its ``SYSTEM_INFO`` line) against the CPU's ``flags``, a kill by a signal (named),
+    an exit status, or no ``SMOKE_OK`` line."""
+    try:
+        r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"llama-cpp-python's smoke test ran past {timeout:.0f} s"
+    info = next((ln[len("SYSTEM_INFO "):] for ln in r.stdout.splitlines()
+                 if ln.startswith("SYSTEM_INFO ")), "")
+    bad = build_mismatch(info, flags)
+    if bad:
+        return (f"llama-cpp-python was built for {', '.join(bad)}, which this CPU lacks "
+                f"(it dies with SIGILL); rebuild it with: {INSTALL}")
+    if r.returncode < 0:
+        try:
+            name = signal.Signals(-r.returncode).name
+        except ValueError:
+            name = f"signal {-r.returncode}"
+        why = " (illegal instruction: built for a CPU this is not)" if name == "SIGILL" else ""
+        return f"llama-cpp-python was killed by {name}{why}; rebuild it with: {INSTALL}"
+    if r.returncode or "SMOKE_OK" not in r.stdout:
+        tail = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"llama-cpp-python failed its smoke test (exit {r.returncode}): {tail}"
+    return None
+
 
 QK_K = 256          # a k-quant super-block: rows must be a multiple of it
 # a plan width -> llama.cpp type (by name, resolved in gguf.GGMLQuantizationType)
@@ -69,12 +180,17 @@ FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q2_K"
 
 
 def require_llama_cpp():
-    """The ``llama_cpp`` module, or ImportError with the build recipe."""
+    """The ``llama_cpp`` module, or ImportError with the build recipe: also when the build
+    uses instructions this CPU lacks (it would die with SIGILL mid-run, losing the work)."""
     try:
         import llama_cpp
     except ImportError:
         raise ImportError(f"tasa: this needs llama-cpp-python; install it with: {INSTALL}") \
             from None
+    bad = build_mismatch(llama_cpp.llama_print_system_info().decode(errors="replace"))
+    if bad:
+        raise ImportError(f"tasa: llama-cpp-python was built for {', '.join(bad)}, which this "
+                          f"CPU lacks (it would die with SIGILL); rebuild it with: {INSTALL}")
     return llama_cpp
 
 
