@@ -9,6 +9,9 @@ and on the path before it (``avx512vnni``: vdpbf16ps GEMM for bf16 x, the AVX2 k
 fp32 x), and torch's bf16 matmul on dense weights at the largest M for scale. Weights stream
 from DRAM (every operand rotates through copies of 3x the last-level cache, as bench_gemm).
 The target: t(16) <= 3 t(1). Configurations are timed in interleaved rounds; medians over rounds.
+``--gemv-rows 1 16`` runs every path at each setting of ``tasa_ext.ops.set_gemv_rows`` (up to
+how many rows the AVX2 kernel shares the GEMV's decode across rows; 1 = the dequantize-into-L1
+GEMM), side by side: how its default was chosen (``--paths avx2`` on an AVX2-only CPU).
 Results: benchmarks/results/batched_cpu.{md,json} with machine, date, commit, command.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--acts", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--paths", nargs="+", default=["avx512vnni", "amx"])
+    ap.add_argument("--gemv-rows", type=int, nargs="+", default=[None],
+                    help="settings of tasa_ext.ops.set_gemv_rows to compare (default: its own)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.1)
     ap.add_argument("--stream-mb", type=int, default=stream_bytes_default() >> 20,
@@ -62,10 +67,14 @@ def main(argv=None) -> int:
                 for _ in range(args.rounds):
                     for path in paths:
                         tasa_ext.set_cpu_isa(path)
-                        for M in args.batch:
-                            fn = rotating(lambda o, x=xs[M]: tasa_ext.gemm(x, *o), sets)
-                            samples.setdefault((path, M), []).append(T(fn))
+                        for gr in args.gemv_rows:
+                            tasa_ext.ops.set_gemv_rows(gr)
+                            label = path if len(args.gemv_rows) == 1 else f"{path} gemv_rows={gr}"
+                            for M in args.batch:
+                                fn = rotating(lambda o, x=xs[M]: tasa_ext.gemm(x, *o), sets)
+                                samples.setdefault((label, M), []).append(T(fn))
                     tasa_ext.set_cpu_isa("auto")
+                    tasa_ext.ops.set_gemv_rows(None)
                     xb = torch.randn(max(args.batch), K).bfloat16()
                     samples.setdefault(("torch-bf16", max(args.batch)), []).append(
                         T(rotating(lambda o: torch.nn.functional.linear(xb, o[0]), dense)))
@@ -83,7 +92,8 @@ def main(argv=None) -> int:
     Mx = max(args.batch)
     md = [f"# Batched decode steps on the CPU (fused GEMM, M = {args.batch})", "",
           f"- {meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
-          f"copy bandwidth {meta['copy_bandwidth_GBps']} GB/s",
+          f"copy bandwidth {meta['copy_bandwidth_GBps']} GB/s, default gemv_rows "
+          f"{tasa_ext.ops.gemv_rows()}",
           f"- command: `{meta['command']}`",
           f"- group 128 symmetric; weights streamed from DRAM (>= {args.stream_mb} MB of copies per "
           f"operand); median of {args.rounds} interleaved rounds; `x of 1 row` = t(M) / t(1) on "

@@ -16,6 +16,7 @@ from .format import (
     TILE_K,
     QuantMode,
     average_bits,
+    check_format_version,
     cost_bits,
 )
 from .ops import (build_info, dequant, embed, gemm, gptq_cols_, hadamard, hadamard_block,
@@ -23,6 +24,6 @@ from .ops import (build_info, dequant, embed, gemm, gptq_cols_, hadamard, hadama
 
 __all__ = [
     "COL_BLOCK", "FORMAT_VERSION", "READS_FORMAT_VERSIONS", "SUPPORTED_BITS", "TILE_K", "QuantMode", "average_bits",
-    "cost_bits", "build_info", "dequant", "embed", "gemm", "gptq_cols_", "hadamard", "hadamard_block", "hessian_accumulate_", "mse_params", "pack", "set_cpu_isa",
+    "check_format_version", "cost_bits", "build_info", "dequant", "embed", "gemm", "gptq_cols_", "hadamard", "hadamard_block", "hessian_accumulate_", "mse_params", "pack", "set_cpu_isa",
     "unpack", "ops",
 ]

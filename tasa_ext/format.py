@@ -17,6 +17,17 @@ FORMAT_VERSION: int = int(_C.FORMAT_VERSION)
 #: the versions this build reads: version 2 added rotated matrices (format.h), a version-1 file
 #: is a version-2 file without them
 READS_FORMAT_VERSIONS: tuple = (1, FORMAT_VERSION)
+
+
+def check_format_version(v, source: str, hint: str = "re-quantize, or use a tasa that reads it"):
+    """``v`` when it is a packing format version this build reads (an int of
+    :data:`READS_FORMAT_VERSIONS`), else ValueError naming ``source``, the versions read and
+    what to do (``hint``). Every reader of a tasa file asks here: one message, one list."""
+    if isinstance(v, bool) or not isinstance(v, int) or v not in READS_FORMAT_VERSIONS:
+        raise ValueError(f"tasa: {source} has format_version {v!r}; this build of tasa_ext reads "
+                         f"format_version {' or '.join(map(str, READS_FORMAT_VERSIONS))} (an "
+                         f"integer); {hint}")
+    return v
 TILE_K: int = int(_C.TILE_K)          # rows of one packed tile (group_size is a multiple of it)
 COL_BLOCK: int = int(_C.COL_BLOCK)    # output columns per packed column block
 SUPPORTED_BITS: tuple = tuple(_C.SUPPORTED_BITS)

@@ -245,7 +245,25 @@ def dense_rows() -> int:
     return int(_C.dense_rows())
 
 
+def set_gemv_rows(rows: Optional[int]) -> None:
+    """Up to how many rows of x (2 <= M <= rows: a batched decode step, a speculative draft)
+    the CPU ``gemm``'s AVX2 kernel decodes each weight once for all rows, as the GEMV does,
+    instead of dequantizing every group into a cache buffer first. 1: never; None: the measured
+    default. At most ``GEMV_ROWS_MAX``. For tests and benchmarks."""
+    if rows is None:
+        rows = -1
+    elif isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= GEMV_ROWS_MAX:
+        raise ValueError(f"tasa: gemv rows must be an int in 1..{GEMV_ROWS_MAX} (1: off) or "
+                         f"None, got {rows!r}")
+    _C.set_gemv_rows(rows)
+
+
+def gemv_rows() -> int:
+    return int(_C.gemv_rows())
+
+
 DENSE_ROWS_DEFAULT = int(_C.DENSE_ROWS_DEFAULT)
+GEMV_ROWS_MAX = int(_C.GEMV_ROWS_MAX)
 
 
 def cpu_isas_available() -> list:
@@ -265,5 +283,6 @@ def build_info() -> dict:
         "cpu_isa": cpu_isa(),
         "cpu_isa_detected": {v: k for k, v in _ISA_NAMES.items()}[int(_C.cpu_isa_detected())],
         "dense_rows": dense_rows(),
+        "gemv_rows": gemv_rows(),
         "torch": torch.__version__,
     }

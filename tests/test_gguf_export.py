@@ -139,6 +139,18 @@ def test_build_mismatch_names_what_the_cpu_lacks():
     assert ge.build_mismatch(info, frozenset()) == []         # flags unknown: no claim
 
 
+def test_require_llama_cpp_names_the_install_when_missing(monkeypatch):
+    """Missing llama-cpp-python: an ImportError with this CPU's build command, no crash."""
+    ge.llama_cpp_problem.cache_clear()
+    monkeypatch.setattr(ge.importlib.util, "find_spec", lambda name: None)
+    try:
+        with pytest.raises(ImportError, match="missing; install it with: CMAKE_ARGS="):
+            ge.require_llama_cpp()
+    finally:
+        monkeypatch.undo()
+        ge.llama_cpp_problem.cache_clear()
+
+
 def _child(code):
     import sys
     return [sys.executable, "-c", code]

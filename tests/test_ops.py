@@ -154,6 +154,62 @@ def test_gemv_simd_matches_scalar_twin(simd, dtype, pattern, N, K, G, asym, act_
     assert err <= 2 * err_scalar + floor, (err, err_scalar, floor)
 
 
+ROW_SHARED_ISAS = [i for i in ("avx2", "avx512", "avx512vnni")
+                   if i in tasa_ext.ops.cpu_isas_available()]
+
+
+@pytest.mark.skipif(not ROW_SHARED_ISAS, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("simd", ROW_SHARED_ISAS)
+@pytest.mark.parametrize("M", [2, 3, 4, 5, 7, 9, 16])
+@pytest.mark.parametrize("pattern", list(BIT_PATTERNS))
+@pytest.mark.parametrize("asym,act_order", [(False, False), (True, True)])
+def test_row_shared_gemv_matches_float64(dense_rows, simd, M, pattern, asym, act_order):
+    """2 <= M <= gemv_rows: the GEMV's decode shared by chunks of up to 4 rows (every chunk
+    size 1-4 occurs: M = 5 -> 3 + 2, 7 -> 4 + 3, 9 -> 3 + 3 + 3), the scale folded with the
+    code's 2^-(32-b); odd N (a ragged last block), every width, zeros, perm, x over six decades.
+    Against float64 within 2x torch's own error, and no worse than the dequantize-into-L1 GEMM
+    it replaces (gemv_rows 1) and the scalar twin."""
+    N, K, G = 37, 384, 64
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=M * 7 + len(pattern))
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    dense_rows(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(M, K) * torch.logspace(-3, 3, K)[torch.randperm(K)]).to(dtype)
+        y64 = x.double() @ W64.T
+        try:
+            tasa_ext.set_cpu_isa(simd)
+            tasa_ext.ops.set_gemv_rows(16)
+            y = tasa_ext.gemm(x, *args)
+            tasa_ext.ops.set_gemv_rows(1)
+            y_gemm = tasa_ext.gemm(x, *args)
+            tasa_ext.set_cpu_isa("scalar")
+            y_scalar = tasa_ext.gemm(x, *args)
+        finally:
+            tasa_ext.ops.set_gemv_rows(None)
+            tasa_ext.set_cpu_isa("auto")
+        assert y.dtype == dtype and y.shape == (M, N)
+        floor = 2.0 ** -24 * math.sqrt(K) * float((x.double().abs() @ W64.abs().T).norm()
+                                                  / y64.norm())
+        err = rel_err(y, y64)
+        for other in (x @ W64.to(dtype).T, y_gemm, y_scalar):
+            assert err <= 2 * rel_err(other, y64) + floor, (dtype, err, rel_err(other, y64))
+
+
+def test_gemv_rows_setting_is_checked():
+    default = tasa_ext.ops.gemv_rows()
+    assert 1 <= default <= tasa_ext.ops.GEMV_ROWS_MAX
+    for bad in (0, tasa_ext.ops.GEMV_ROWS_MAX + 1, -3, True, 2.0):
+        with pytest.raises(ValueError, match="gemv rows"):
+            tasa_ext.ops.set_gemv_rows(bad)
+    try:
+        tasa_ext.ops.set_gemv_rows(3)
+        assert tasa_ext.ops.gemv_rows() == 3
+    finally:
+        tasa_ext.ops.set_gemv_rows(None)
+    assert tasa_ext.ops.gemv_rows() == default
+
+
 @pytest.mark.parametrize("M", [1, 4, 70])
 def test_gemm_nonfinite_x_propagates(isa, M):
     """A NaN/Inf in x makes exactly the outputs that read it non-finite, on every path (the

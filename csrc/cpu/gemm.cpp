@@ -104,7 +104,23 @@ class Scratch {
 
 thread_local Scratch t_scratch;
 
+// The row-shared GEMV's range (2 <= M <= g_gemv_rows), measured on the 2-core AVX2 EPYC: see
+// kGemvRowsDefault's comment below.
+int g_gemv_rows = -1;
+
 }  // namespace
+
+// Measured (benchmarks/results/batched_cpu_avx2.md, bench_batched.py --gemv-rows): see there.
+static constexpr int kGemvRowsDefault = 8;
+
+int tasa_cpu_gemv_rows(void) { return g_gemv_rows < 0 ? kGemvRowsDefault : g_gemv_rows; }
+
+int tasa_cpu_set_gemv_rows(int rows) {
+  if (rows < 0) { g_gemv_rows = -1; return TASA_OK; }
+  if (rows < 1 || rows > TASA_GEMV_ROWS_MAX) return TASA_ERR_SHAPE;
+  g_gemv_rows = rows;
+  return TASA_OK;
+}
 
 int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
@@ -200,7 +216,9 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
              xq, xqd, xqh, xqsum, vnni ? nq : 0,
              M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt};
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
-  if (isa >= TASA_ISA_AVX2) fn = M == 1 ? tasa::gemv_cols_avx2 : tasa::gemm_cols_avx2;
+  if (isa >= TASA_ISA_AVX2)
+    fn = M == 1 ? tasa::gemv_cols_avx2
+         : M <= tasa_cpu_gemv_rows() ? tasa::gemv_rows_cols_avx2 : tasa::gemm_cols_avx2;
   if (avx512) fn = M == 1 ? tasa::gemv_cols_avx512 : tasa::gemm_cols_avx512;
   if (vnni) fn = tasa::gemv_cols_avx512_i8;
   if (amx) fn = tasa::gemm_cols_amx;

@@ -21,6 +21,7 @@
 
 #include "gemm_internal.h"
 #include "tasa/format.h"
+#include "tasa/kernels.h"
 
 namespace tasa {
 namespace {
@@ -132,6 +133,71 @@ __attribute__((noinline)) void gemv_group(const uint32_t* wp, const float* xg, i
   g1 = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
 }
 
+// ---- 2 <= M <= tasa_cpu_gemv_rows(): the GEMV decode shared by up to 4 rows -------------------------
+// Each code vector is decoded once (code_top: slli + and + cvt) and feeds MR rows' FMAs, so a
+// batched decode step reads and decodes the weights once, as the GEMV does, instead of the
+// dequantize-to-L1 GEMM's sub + mul + store + reload per code. Chains: MR rows x 2 halves x C
+// (8 independent FMA chains for MR = 2 and 4, 6 for MR = 3: the FMA latency hidden); x is NOT
+// pre-scaled here (that would need 4 x M x K floats): the 2^-(32-B) of code_top is folded into
+// the group's scale instead (a power of two: the same products, exactly).
+template <int B, int MR>
+__attribute__((noinline)) void gemv_group_rows(const uint32_t* wp, const float* x, int64_t K,
+                                               int64_t tiles, __m256 (&g)[MR][2]) {
+  constexpr int C = MR == 2 ? 2 : 1;
+  __m256 acc[MR][2][C];
+  static_for(std::make_integer_sequence<int, MR>{}, [&](auto M) {
+    static_for(std::make_integer_sequence<int, C>{}, [&](auto Ci) {
+      acc[decltype(M)::value][0][decltype(Ci)::value] = _mm256_setzero_ps();
+      acc[decltype(M)::value][1][decltype(Ci)::value] = _mm256_setzero_ps();
+    });
+  });
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint32_t* tp = wp + t * B * 16;
+    const float* xt = x + t * 32;
+    static_for(std::make_integer_sequence<int, 32>{}, [&](auto I) {
+      constexpr int i = decltype(I)::value, c = i % C;
+      const __m256 w0 = code_top<B, i>(tp), w1 = code_top<B, i>(tp + 8);
+      static_for(std::make_integer_sequence<int, MR>{}, [&](auto M) {
+        constexpr int m = decltype(M)::value;
+        const __m256 xb = _mm256_broadcast_ss(xt + m * K + i);
+        acc[m][0][c] = _mm256_fmadd_ps(w0, xb, acc[m][0][c]);
+        acc[m][1][c] = _mm256_fmadd_ps(w1, xb, acc[m][1][c]);
+      });
+    });
+  }
+  static_for(std::make_integer_sequence<int, MR>{}, [&](auto M) {
+    constexpr int m = decltype(M)::value;
+    for (int h = 0; h < 2; ++h) {
+      g[m][h] = acc[m][h][0];
+      if constexpr (C == 2) g[m][h] = _mm256_add_ps(g[m][h], acc[m][h][1]);
+    }
+  });
+}
+
+// The group's centred sums for rows m0 .. m0 + MR of x (logical order, row stride K) into
+// tot[(m0 + m) * 2 + h], each times the (folded) scale sc.
+template <int B, int MR>
+inline void rows_group(const uint32_t* wp, const float* x, int64_t K, int64_t tiles, __m256 sc0,
+                       __m256 sc1, __m256* tot) {
+  __m256 g[MR][2];
+  gemv_group_rows<B, MR>(wp, x, K, tiles, g);
+  for (int m = 0; m < MR; ++m) {
+    tot[m * 2] = _mm256_fmadd_ps(sc0, g[m][0], tot[m * 2]);
+    tot[m * 2 + 1] = _mm256_fmadd_ps(sc1, g[m][1], tot[m * 2 + 1]);
+  }
+}
+
+template <int B>
+inline void rows_group_n(int mr, const uint32_t* wp, const float* x, int64_t K, int64_t tiles,
+                         __m256 sc0, __m256 sc1, __m256* tot) {
+  switch (mr) {
+    case 1: rows_group<B, 1>(wp, x, K, tiles, sc0, sc1, tot); break;
+    case 2: rows_group<B, 2>(wp, x, K, tiles, sc0, sc1, tot); break;
+    case 3: rows_group<B, 3>(wp, x, K, tiles, sc0, sc1, tot); break;
+    default: rows_group<B, 4>(wp, x, K, tiles, sc0, sc1, tot); break;
+  }
+}
+
 // ---- M > 1: dequantize one group of one block into buf [G][16] fp32 ------------------------
 template <int B>
 inline void dequant_group(const uint32_t* wp, int64_t tiles, __m256 s_lo, __m256 s_hi,
@@ -215,6 +281,58 @@ int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
     _mm256_store_ps(out, tot0);
     _mm256_store_ps(out + 8, tot1);
     store_block(a, 0, cb * 16, out);
+  }
+  return bad;
+}
+
+int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
+  int bad = 0;
+  const int64_t tiles = a.G / 32, M = a.M;
+  const int64_t nchunks = (M + 3) / 4;   // even split into chunks of at most 4 rows
+  __m256 tot[2 * TASA_GEMV_ROWS_MAX];
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const uint32_t* blk = a.qweight + cb * a.R * 16;
+    for (int64_t i = 0; i < 2 * M; ++i) tot[i] = _mm256_setzero_ps();
+    // group-outer, rows-inner: the group's codes (<= 1 KB) stay in L1 for every chunk
+    for (int64_t j = 0; j < a.n_groups; ++j) {
+      const int b = a.gtable[j * 3];
+      const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
+      const uint32_t* wp = blk + off * 16;
+      __m256 s0, s1;
+      bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
+      const __m256 f = _mm256_set1_ps(1.0f / (float)(1u << (32 - b)));   // exact power of two
+      const __m256 sc0 = _mm256_mul_ps(s0, f), sc1 = _mm256_mul_ps(s1, f);
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t m0 = M * ch / nchunks, m1 = M * (ch + 1) / nchunks;
+        const float* xg = a.xl + m0 * a.K + lg * a.G;
+        __m256* t = tot + 2 * m0;
+        const int mr = (int)(m1 - m0);
+        switch (b) {
+          case 2: rows_group_n<2>(mr, wp, xg, a.K, tiles, sc0, sc1, t); break;
+          case 3: rows_group_n<3>(mr, wp, xg, a.K, tiles, sc0, sc1, t); break;
+          case 4: rows_group_n<4>(mr, wp, xg, a.K, tiles, sc0, sc1, t); break;
+          default: rows_group_n<8>(mr, wp, xg, a.K, tiles, sc0, sc1, t); break;
+        }
+      }
+      if (a.zeros) {   // asymmetric: y -= s * (z - 2^(b-1)) * sum(x_group), per row
+        __m256 z0, z1;
+        bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, z0, z1);
+        const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
+        const __m256 zs0 = _mm256_mul_ps(_mm256_sub_ps(z0, c), s0);
+        const __m256 zs1 = _mm256_mul_ps(_mm256_sub_ps(z1, c), s1);
+        for (int64_t m = 0; m < M; ++m) {
+          const __m256 xs = _mm256_set1_ps(a.xsum[m * a.n_groups + lg]);
+          tot[2 * m] = _mm256_fnmadd_ps(zs0, xs, tot[2 * m]);
+          tot[2 * m + 1] = _mm256_fnmadd_ps(zs1, xs, tot[2 * m + 1]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      alignas(32) float out[16];
+      _mm256_store_ps(out, tot[2 * m]);
+      _mm256_store_ps(out + 8, tot[2 * m + 1]);
+      store_block(a, m, cb * 16, out);
+    }
   }
   return bad;
 }

@@ -41,6 +41,9 @@ struct GemmArgs {
 int gemm_cols_scalar(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
+// 2 <= M <= tasa_cpu_gemv_rows() (<= TASA_GEMV_ROWS_MAX): the GEMV's decode shared by chunks
+// of up to 4 rows (gemm_avx2.cpp)
+int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);   // bf16 x (np == 1) only
 int gemv_cols_avx512_i8(const GemmArgs& a, int64_t cb0, int64_t cb1);  // M == 1, a.nq > 0

@@ -86,8 +86,10 @@ def install_command(flags: Optional[frozenset] = None) -> str:
     flags = cpu_flags() if flags is None else flags
     opts = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
             "-DGGML_F16C=ON"] + [f"-D{o}=ON" for f, o in _ISA_FLAGS if f in (flags or ())]
-    return (f'CMAKE_ARGS="{" ".join(opts)}" pip install --no-binary llama-cpp-python '
-            'llama-cpp-python==0.3.36')
+    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS, so a wheel built for another CPU
+    # (kept from an earlier install) would come back (it did, 2026-12-06: SIGILL)
+    return (f'CMAKE_ARGS="{" ".join(opts)}" pip install --no-cache-dir --no-binary '
+            'llama-cpp-python llama-cpp-python==0.3.36')
 
 
 INSTALL = install_command()
@@ -180,17 +182,14 @@ FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q2_K"
 
 
 def require_llama_cpp():
-    """The ``llama_cpp`` module, or ImportError with the build recipe: also when the build
-    uses instructions this CPU lacks (it would die with SIGILL mid-run, losing the work)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ImportError(f"tasa: this needs llama-cpp-python; install it with: {INSTALL}") \
-            from None
-    bad = build_mismatch(llama_cpp.llama_print_system_info().decode(errors="replace"))
-    if bad:
-        raise ImportError(f"tasa: llama-cpp-python was built for {', '.join(bad)}, which this "
-                          f"CPU lacks (it would die with SIGILL); rebuild it with: {INSTALL}")
+    """The ``llama_cpp`` module, or ImportError with the build recipe: also when a child process
+    finds the build unusable here (:func:`llama_cpp_problem`: built for instructions this CPU
+    lacks, it imports but dies with SIGILL at its first call -- asking it in-process would
+    kill this one and lose the work)."""
+    why = llama_cpp_problem()
+    if why:
+        raise ImportError(f"tasa: {why}")
+    import llama_cpp
     return llama_cpp
 
 

@@ -119,14 +119,9 @@ class TasaConfig(QuantizationConfigMixin):
         if isinstance(version, bool) or version not in READS_VERSIONS:
             raise ValueError(f"tasa: quantization_config version {version!r}; this tasa reads "
                              f"versions {list(READS_VERSIONS)} (upgrade tasa, or re-quantize)")
-        if isinstance(format_version, bool) or not isinstance(format_version, int):
-            raise ValueError(f"tasa: quantization_config format_version must be an integer, got "
-                             f"{format_version!r}")
-        if format_version not in tasa_ext.READS_FORMAT_VERSIONS:
-            raise ValueError(f"tasa: quantization_config packing format_version {format_version!r}; "
-                             f"this build of tasa_ext reads "
-                             f"{' or '.join(map(str, tasa_ext.READS_FORMAT_VERSIONS))}; convert an "
-                             f"older folder with `{CONVERT_HINT}` or re-quantize")
+        tasa_ext.check_format_version(format_version, "quantization_config",
+                                      f"convert an older folder with `{CONVERT_HINT}` or "
+                                      f"re-quantize")
         if kwargs:
             raise ValueError(f"tasa: quantization_config has unknown keys {sorted(kwargs)}")
         self.quant_method = QUANT_METHOD

@@ -330,12 +330,7 @@ def read_config(path) -> dict:
     cfg = read_json(p, "tasa model config (not a saved tasa model folder?)")
     if not isinstance(cfg, dict) or "plan" not in cfg:
         raise ValueError(f"tasa: {p} has no \"plan\": not a tasa model config")
-    v = cfg.get("format_version")
-    if isinstance(v, bool) or v not in tasa_ext.READS_FORMAT_VERSIONS:
-        raise ValueError(f"tasa: {p} has format_version {v!r}, but this build of tasa_ext reads "
-                         f"format_version {' or '.join(map(str, tasa_ext.READS_FORMAT_VERSIONS))}; "
-                         f"re-quantize or use a "
-                         f"matching tasa version")
+    tasa_ext.check_format_version(cfg.get("format_version"), str(p))
     return cfg
 
 
@@ -369,9 +364,8 @@ def _load_legacy(path, model: Optional[nn.Module] = None, dtype: torch.dtype = t
         raise FileNotFoundError(f"tasa: {wfile} not found")
     with safe_open(str(wfile), framework="pt") as f:
         v = (f.metadata() or {}).get("tasa_format_version")
-        if v is not None and int(v) not in tasa_ext.READS_FORMAT_VERSIONS:
-            raise ValueError(f"tasa: {wfile} has format_version {v}, this build reads "
-                             f"{tasa_ext.FORMAT_VERSION}")
+        if v is not None:     # safetensors metadata is text
+            tasa_ext.check_format_version(int(v) if str(v).isdigit() else v, str(wfile))
         keys = set(f.keys())
         missing = sorted(k for k in expected if k not in keys and k not in aliases)
         unexpected = sorted(k for k in keys if k not in expected)

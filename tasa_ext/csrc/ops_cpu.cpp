@@ -249,10 +249,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     tasa_ext::g_dense_rows = rows;
   });
   m.attr("DENSE_ROWS_DEFAULT") = tasa_ext::kDenseRowsDefault;
+  m.attr("GEMV_ROWS_MAX") = TASA_GEMV_ROWS_MAX;
   m.def("set_dense_chunk_bytes", [](int64_t n) {   // tests: several chunks on small matrices
     tasa_ext::g_chunk_bytes = n > 0 ? n : tasa_ext::kChunkBytesDefault;
   });
   m.def("cpu_isa", []() { return tasa_cpu_isa(); });
+  m.def("gemv_rows", []() { return tasa_cpu_gemv_rows(); },
+        "up to how many rows the AVX2 gemm shares the GEMV's decode across rows");
+  m.def("set_gemv_rows", [](int rows) {
+    TORCH_CHECK(tasa_cpu_set_gemv_rows(rows) == TASA_OK, "tasa: gemv_rows must be 1..",
+                TASA_GEMV_ROWS_MAX, " (1: off) or -1 (the default), got ", rows);
+  });
   m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
   m.def("set_cpu_isa", [](int isa) {
     TORCH_CHECK(tasa_cpu_set_isa(isa) == TASA_OK, "tasa: this CPU does not support ISA level ", isa);

@@ -21,6 +21,12 @@ enum tasa_isa { TASA_ISA_SCALAR = 0, TASA_ISA_AVX2 = 1, TASA_ISA_AVX512 = 2, TAS
 int tasa_cpu_isa_detected(void);
 int tasa_cpu_isa(void);
 int tasa_cpu_set_isa(int isa);   // returns TASA_ERR_SHAPE if the CPU lacks it
+// Up to how many rows of x (2 <= M <= it) the AVX2 GEMM shares the GEMV's decode across rows
+// instead of dequantizing each group into L1 (gemm_avx2.cpp); 1 turns that path off; at most
+// TASA_GEMV_ROWS_MAX. Tests and benchmarks set it; the default is measured (gemm.cpp).
+#define TASA_GEMV_ROWS_MAX 16
+int tasa_cpu_gemv_rows(void);
+int tasa_cpu_set_gemv_rows(int rows);   // TASA_ERR_SHAPE outside 1..TASA_GEMV_ROWS_MAX; < 0: default
 
 // ---- format helpers (CPU) -------------------------------------------------------------------
 // Builds the stored-order group table from per-logical-group bits; returns packed rows in *rows.

@@ -246,10 +246,7 @@ def plan_from_dict(d: Mapping, source: str = "plan") -> dict:
     if kind == PLAN_KIND and d.get("version") != PLAN_VERSION:
         raise ValueError(f"tasa: {source} is plan version {d.get('version')!r}; this tasa reads "
                          f"version {PLAN_VERSION}")
-    v = d.get("format_version")
-    if isinstance(v, bool) or v not in tasa_ext.READS_FORMAT_VERSIONS:
-        raise ValueError(f"tasa: {source} has format_version {v!r}, this build reads "
-                         f"{' or '.join(map(str, tasa_ext.READS_FORMAT_VERSIONS))} (the integer)")
+    tasa_ext.check_format_version(d.get("format_version"), str(source))
     layers = d.get("layers")
     if not isinstance(layers, Mapping):
         raise ValueError(f"tasa: {source}: layers must be an object {{module name: layer}}, got "
