@@ -67,7 +67,10 @@ def build_tasa(model_name, args, work: Path) -> dict:
     """The tasa job at each budget: the first measures (tasa's current defaults), the others
     re-use its measurement.json (allocation + GPTQ only)."""
     from tasa import pipeline
-    out, mpath = {}, None
+    out = {}
+    # a budget already built lends its measurement to the others, whatever their order
+    mpath = next((work / f"tasa-c{b}" / "measurement.json" for b in args.budgets
+                  if (work / f"tasa-c{b}" / "run.json").is_file()), None)
     for b in args.budgets:
         folder = work / f"tasa-c{b}"
         if not (folder / "run.json").is_file():
