@@ -342,6 +342,15 @@ def write_report(model_name, rows, scores, meta, stem):
          "again (the Q4_1 row on SmolLM2), while tasa's groups of 128 and GPTQ's cannot: "
          "llama.cpp's 4.5-bit rows are favoured here in a way they would not be on original "
          "bf16 weights, which no package on this machine ships.", "",
+         "Rows: `TASA c<b>` = the tasa job with its defaults at <b> code bits (GPTQ-MSE, the "
+         "in-group Hadamard rotation, 8-bit embedding/head; one measurement for every budget); "
+         "`GPTQ W<w> g128` = uniform GPTQ as GPTQModel makes it (group 128, symmetric, "
+         "act-order, no rotation; tasa's GPTQ with its MSE scale search; general-text "
+         "calibration); `tasa W<w> +had` = the same with tasa's rotation (the same bytes); "
+         "`llama.cpp <mix>` = llama.cpp's quantizer with an importance matrix from the same "
+         "general-text calibration; `TASA c<b> -> GGUF` = that TASA folder's plan exported by "
+         "`tasa export --gguf` (llama.cpp's own quantizer and types, tasa's importance matrix "
+         "at alpha*: llama.cpp has no rotation, so the export quantizes unrotated weights).", "",
          f"Texts: general = WikiText-2 test, {scores['general']['reference']['pos']} positions; "
          f"GSM8K = test questions + gold solutions, {scores['gsm8k']['reference']['pos']} "
          f"positions (NLL = gold-solution NLL in nats/token); ARC = {len(scores['arc']['reference']['correct'])} "
