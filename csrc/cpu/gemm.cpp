@@ -104,13 +104,14 @@ class Scratch {
 
 thread_local Scratch t_scratch;
 
-// The row-shared GEMV's range (2 <= M <= g_gemv_rows), measured on the 2-core AVX2 EPYC: see
-// kGemvRowsDefault's comment below.
+// The row-shared GEMV's range (2 <= M <= g_gemv_rows); -1: kGemvRowsDefault (below).
 int g_gemv_rows = -1;
 
 }  // namespace
 
-// Measured (benchmarks/results/batched_cpu_avx2.md, bench_batched.py --gemv-rows): see there.
+// Measured side by side on the AVX2-only EPYC (benchmarks/results/batched_cpu_avx2.md,
+// bench_batched.py --gemv-rows 1 16): the row-shared GEMV is 2.2-2.4x faster at M = 2, 1.4-1.7x
+// at M = 4, 10-20% at M = 8, a tie at 12 and up to 7% slower at 16 (both FMA-bound there).
 static constexpr int kGemvRowsDefault = 8;
 
 int tasa_cpu_gemv_rows(void) { return g_gemv_rows < 0 ? kGemvRowsDefault : g_gemv_rows; }
