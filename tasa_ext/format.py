@@ -17,6 +17,9 @@ FORMAT_VERSION: int = int(_C.FORMAT_VERSION)
 #: the versions this build reads: version 2 added rotated matrices (format.h), a version-1 file
 #: is a version-2 file without them
 READS_FORMAT_VERSIONS: tuple = (1, FORMAT_VERSION)
+TILE_K: int = int(_C.TILE_K)          # rows of one packed tile (group_size is a multiple of it)
+COL_BLOCK: int = int(_C.COL_BLOCK)    # output columns per packed column block
+SUPPORTED_BITS: tuple = tuple(_C.SUPPORTED_BITS)
 
 
 def check_format_version(v, source: str, hint: str = "re-quantize, or use a tasa that reads it"):
@@ -28,9 +31,6 @@ def check_format_version(v, source: str, hint: str = "re-quantize, or use a tasa
                          f"format_version {' or '.join(map(str, READS_FORMAT_VERSIONS))} (an "
                          f"integer); {hint}")
     return v
-TILE_K: int = int(_C.TILE_K)          # rows of one packed tile (group_size is a multiple of it)
-COL_BLOCK: int = int(_C.COL_BLOCK)    # output columns per packed column block
-SUPPORTED_BITS: tuple = tuple(_C.SUPPORTED_BITS)
 
 
 class QuantMode(str, enum.Enum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -152,7 +153,6 @@ def test_require_llama_cpp_names_the_install_when_missing(monkeypatch):
 
 
 def _child(code):
-    import sys
     return [sys.executable, "-c", code]
 
 

@@ -105,8 +105,9 @@ def build_mismatch(system_info: str, flags: Optional[frozenset] = None) -> list:
     return [u for u in used if u in _SYSINFO_FLAGS and _SYSINFO_FLAGS[u] not in flags]
 
 
-# Run in a child: import, backend, the CPU check; with a GGUF, quantize it to Q4_K_M and
-# evaluate a few tokens of that (the code paths the export and the benchmarks use).
+# Run in a child: import, backend, the CPU check; with a GGUF (argv[1]), quantize it to the mix
+# argv[2] (an llama_ftype: Q4_K_M) and evaluate a few tokens of that (the code paths the export
+# and the benchmarks use).
 _SMOKE = r"""
 import os, sys, tempfile, llama_cpp
 llama_cpp.llama_backend_init()
@@ -115,7 +116,7 @@ if len(sys.argv) > 1:
     fd, q = tempfile.mkstemp(suffix=".gguf"); os.close(fd)
     try:
         p = llama_cpp.llama_model_quantize_default_params()
-        p.ftype = 15
+        p.ftype = int(sys.argv[2])
         if llama_cpp.llama_model_quantize(sys.argv[1].encode(), q.encode(), p) != 0:
             sys.exit("llama_model_quantize failed")
         llm = llama_cpp.Llama(model_path=q, n_ctx=64, n_batch=64, verbose=False)
@@ -135,8 +136,8 @@ def llama_cpp_problem(gguf_path: Optional[str] = None, timeout: float = 600.0) -
     in-process use where a crash would take more than one command down (a test session)."""
     if importlib.util.find_spec("llama_cpp") is None:
         return f"llama-cpp-python missing; install it with: {INSTALL}"
-    return child_problem([sys.executable, "-c", _SMOKE] + ([str(gguf_path)] if gguf_path else []),
-                         timeout)
+    args = [str(gguf_path), str(FTYPES["Q4_K_M"])] if gguf_path else []
+    return child_problem([sys.executable, "-c", _SMOKE] + args, timeout)
 
 
 def child_problem(argv: Sequence[str], timeout: float = 600.0,
