@@ -148,6 +148,27 @@ def build_exports(model_name, args, work: Path, tasa_rows: dict) -> dict:
     return out
 
 
+def build_fits(model_name, args, work: Path, tasa_rows: dict, llama_rows: dict) -> dict:
+    """``tasa export --gguf --size-mb``: the TASA measurement fitted to llama.cpp's type menu at
+    the exact size of each llama.cpp mix of ``--fit`` (``tasa.gguf_fit``), by each scoring of
+    ``--fit-scorings`` ("tasa": the probes' gains; "proxy": the task-aware Hessian alone)."""
+    from tasa import gguf_export as ge
+    out = {}
+    folder = tasa_rows[f"TASA c{args.budgets[0]}"]
+    for mix in args.fit:
+        size = llama_rows[f"llama.cpp {mix}"].stat().st_size
+        for sc in args.fit_scorings:
+            f = work / f"fit-{sc}-{mix}.gguf"
+            if not f.is_file() or not f.with_suffix(".gguf.json").is_file():
+                log(f"fit ({sc}) to llama.cpp {mix}'s {size} bytes -> {f}")
+                rep = ge.export(f, model=model_name, quantized=folder, data=args.data,
+                                progress=False, log=log, size_bytes=size, fit_scoring=sc)
+                rep["fit"].pop("table", None)
+                f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
+            out[("TASA" if sc == "tasa" else "proxy") + f" fit @{mix}"] = f
+    return out
+
+
 # ---- sizes -------------------------------------------------------------------------------------
 
 def size_of(path: Path) -> dict:
@@ -350,7 +371,12 @@ def write_report(model_name, rows, scores, meta, stem):
          "`llama.cpp <mix>` = llama.cpp's quantizer with an importance matrix from the same "
          "general-text calibration; `TASA c<b> -> GGUF` = that TASA folder's plan exported by "
          "`tasa export --gguf` (llama.cpp's own quantizer and types, tasa's importance matrix "
-         "at alpha*: llama.cpp has no rotation, so the export quantizes unrotated weights).", "",
+         "at alpha*: llama.cpp has no rotation, so the export quantizes unrotated weights); "
+         "`TASA fit @<mix>` = `tasa export --gguf --size-mb` at exactly that llama.cpp mix's "
+         "file size: the TASA measurement fitted to llama.cpp's type menu (tasa.gguf_fit: each "
+         "type's Hessian-weighted error on the alpha* mix x the unit's gain calibrated on its "
+         "probes, a knapsack over the real bytes); `proxy fit @<mix>` = the same with every "
+         "gain 1 (the task-aware Hessian alone, no probes).", "",
          f"Texts: general = WikiText-2 test, {scores['general']['reference']['pos']} positions; "
          f"GSM8K = test questions + gold solutions, {scores['gsm8k']['reference']['pos']} "
          f"positions (NLL = gold-solution NLL in nats/token); ARC = {len(scores['arc']['reference']['correct'])} "
@@ -371,12 +397,24 @@ def write_report(model_name, rows, scores, meta, stem):
           "| from -> to | Δbits/param | ΔKL general | ΔKL GSM8K | ΔGSM8K NLL | ΔARC acc |",
           "|---|---|---|---|---|---|"]
     q = [n for n in order if n != "reference"]
-    for a_, b_ in zip(q, q[1:]):
+
+    def pair(a_, b_):
         def d(text, key):
             return ci95([y - x for x, y in zip(scores[text][a_][key], scores[text][b_][key])])
-        L.append(f"| {a_} -> {b_} | {rows[b_]['bpp'] - rows[a_]['bpp']:+.3f} | "
-                 f"{fmt_ci(*d('general', 'kl_seq'))} | {fmt_ci(*d('gsm8k', 'kl_seq'))} | "
-                 f"{fmt_ci(*d('gsm8k', 'nll_seq'))} | {fmt_ci(*d('arc', 'correct'), 3)} |")
+        return (f"| {a_} -> {b_} | {rows[b_]['bpp'] - rows[a_]['bpp']:+.3f} | "
+                f"{fmt_ci(*d('general', 'kl_seq'))} | {fmt_ci(*d('gsm8k', 'kl_seq'))} | "
+                f"{fmt_ci(*d('gsm8k', 'nll_seq'))} | {fmt_ci(*d('arc', 'correct'), 3)} |")
+    for a_, b_ in zip(q, q[1:]):
+        L.append(pair(a_, b_))
+    fits = [(n.split("@")[1], n) for n in q if " fit @" in n]
+    if fits:
+        L += ["", "Each fitted export against the llama.cpp mix of its size (fit minus mix; "
+              "negative = the fit is closer to the reference):", "",
+              "| mix -> fit | Δbits/param | ΔKL general | ΔKL GSM8K | ΔGSM8K NLL | ΔARC acc |",
+              "|---|---|---|---|---|---|"]
+        for mix, n in fits:
+            if f"llama.cpp {mix}" in rows:
+                L.append(pair(f"llama.cpp {mix}", n))
     L += ["", "llama.cpp tensor types (2-D tensors; rows that are no multiple of 256 cannot "
           "hold k-quants and take llama.cpp's fallback types):", ""]
     for n in order:
@@ -392,10 +430,11 @@ def plot(model_name, rows, scores, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     fams = {"TASA c": ("tab:red", "o"), "GPTQ": ("tab:blue", "s"), "llama.cpp": ("tab:green", "^"),
-            "-> GGUF": ("tab:purple", "D"), "tasa W": ("tab:orange", "v")}
+            "-> GGUF": ("tab:purple", "D"), "tasa W": ("tab:orange", "v"),
+            "TASA fit": ("tab:brown", "*"), "proxy fit": ("tab:gray", "x")}
 
     def fam(n):
-        for k in ("-> GGUF", "TASA c", "tasa W", "GPTQ", "llama.cpp"):
+        for k in ("TASA fit", "proxy fit", "-> GGUF", "TASA c", "tasa W", "GPTQ", "llama.cpp"):
             if k in n:
                 return k
     for ax, (text, title) in zip(axes, (("general", "KL, general text"),
@@ -425,6 +464,9 @@ def main(argv=None) -> int:
     ap.add_argument("--export-budgets", default="3.5,4.25")
     ap.add_argument("--rotated", default="3,4",
                     help="widths of uniform rows with tasa's rotation beside the GPTQ rows")
+    ap.add_argument("--fit", default="IQ4_XS,Q3_K_M,Q4_K_S",
+                    help="llama.cpp mixes whose file size a fitted export is made at")
+    ap.add_argument("--fit-scorings", default="tasa,proxy")
     ap.add_argument("--general-tokens", type=int, default=20480)
     ap.add_argument("--task-tokens", type=int, default=20480)
     ap.add_argument("--mc", type=int, default=500)
@@ -434,6 +476,11 @@ def main(argv=None) -> int:
     args.budgets = [float(x) for x in args.budgets.split(",")]
     args.export_budgets = [float(x) for x in args.export_budgets.split(",") if x]
     args.rotated = [int(x) for x in args.rotated.split(",") if x]
+    args.fit = [x for x in args.fit.split(",") if x]
+    args.fit_scorings = [x for x in args.fit_scorings.split(",") if x]
+    unknown = [m for m in args.fit if m not in LLAMA_MIXES]
+    if unknown:
+        ap.error(f"--fit: {unknown} are not among the llama.cpp rows {list(LLAMA_MIXES)}")
     from tasa import divergence
     from tasa.gguf_export import llama_cpp_problem
     from tasa.models import cache_dir, load_model
@@ -451,6 +498,7 @@ def main(argv=None) -> int:
     paths.update(build_gptq(args.model, args, work))
     paths.update(build_llama(args.model, args, work, ref, tok))
     paths.update(build_exports(args.model, args, work, {k: v for k, v in paths.items()}))
+    paths.update(build_fits(args.model, args, work, dict(paths), dict(paths)))
     rows = {n: size_of(p) for n, p in paths.items()}
     rows["reference"] = {"bytes": float("nan"), "bpp": 32.0, "linear_bits": 32.0}
     import tasa
@@ -471,24 +519,28 @@ def main(argv=None) -> int:
                 d = json.loads(old.read_text())
                 if want and text in d:
                     got = d[text]
-        if got is not None and set(got) != set(scorers):
-            got = None                                # other rows: score again
-        if got is None:
-            got = compute()
-            f.write_text(json.dumps(got))
+        got = {n: r for n, r in (got or {}).items() if n in scorers}
+        todo = [n for n in scorers if n not in got]
+        if todo:                      # only the rows not scored yet (the reference is re-run)
+            log(f"{text}: scoring {', '.join(n for n in todo if n != 'reference')}")
+            new = compute({n: scorers[n] for n in ["reference"] + todo})
+            got.update({n: new[n] for n in todo})
+            old = json.loads(f.read_text()) if f.is_file() else {}
+            old.update(got)
+            f.write_text(json.dumps(old))
         return got
 
     scores = {
-        "general": cached("general", f"g{args.general_tokens}", lambda: score_text(
-            scorers, divergence.kl_sequences(tok, "general", data=args.data,
-                                             max_tokens=args.general_tokens, seqlen=512),
+        "general": cached("general", f"g{args.general_tokens}", lambda sc: score_text(
+            sc, divergence.kl_sequences(tok, "general", data=args.data,
+                                        max_tokens=args.general_tokens, seqlen=512),
             "general")),
-        "gsm8k": cached("gsm8k", f"t{args.task_tokens}", lambda: score_text(
-            scorers, divergence.kl_sequences(tok, "gsm8k", data=args.data,
-                                             max_tokens=args.task_tokens, seqlen=512),
+        "gsm8k": cached("gsm8k", f"t{args.task_tokens}", lambda sc: score_text(
+            sc, divergence.kl_sequences(tok, "gsm8k", data=args.data,
+                                        max_tokens=args.task_tokens, seqlen=512),
             "gsm8k")),
-        "arc": cached("arc", f"mc{args.mc}-s{args.seed}", lambda: score_mc(
-            scorers, mc_items(tok, args.data, args.mc, args.seed)))}
+        "arc": cached("arc", f"mc{args.mc}-s{args.seed}", lambda sc: score_mc(
+            sc, mc_items(tok, args.data, args.mc, args.seed)))}
     meta = machine()
     meta.update({"model": args.model, "model_note": info.note(),
                  "command": "python benchmarks/quality_per_byte.py " + " ".join(

@@ -376,3 +376,154 @@ def test_eval_kl_cli_on_a_folder(tiny, tmp_path, capsys):
     assert math.isclose(r2["summary"]["q3"]["kl"], s["kl"], rel_tol=1e-6)
     assert cli.main(["eval", "--against", str(f4), "--model", str(path)]) == 2
     assert "--kl" in capsys.readouterr().err
+
+
+# ---- fitting llama.cpp's menu to a size (tasa.gguf_fit) ------------------------------------------
+
+def _brute(options, weight, capacity):
+    import itertools
+    names = list(options)
+    best = None
+    for combo in itertools.product(*[list(options[n].items()) for n in names]):
+        b = sum(o["bytes"] for _t, o in combo)
+        if b > capacity:
+            continue
+        e = sum(weight[n] * o["error"] for n, (_t, o) in zip(names, combo))
+        if best is None or e < best:
+            best = e
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_types_is_the_exact_knapsack(seed, monkeypatch):
+    """On random option tables (odd byte counts, errors falling with bytes plus noise) the fit
+    reaches the brute-force optimum under the capacity; with the unit coarsened (few units) it
+    stays within the capacity and no worse than the all-smallest choice; a capacity below the
+    smallest choice is refused."""
+    from tasa import gguf_fit as gf
+    rng = np.random.default_rng(seed)
+    opts, weight = {}, {}
+    for i in range(5):
+        types = rng.choice(["Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
+                           size=int(rng.integers(2, 5)), replace=False)
+        size = np.sort(rng.integers(50, 1000, size=len(types)))
+        err = np.sort(rng.random(len(types)))[::-1] * rng.uniform(0.1, 10)
+        opts[f"t{i}"] = {str(t): {"bytes": int(b), "error": float(e)}
+                         for t, b, e in zip(types, size, err)}
+        weight[f"t{i}"] = float(rng.uniform(0.1, 3))
+    lo = sum(min(o["bytes"] for o in v.values()) for v in opts.values())
+    hi = sum(max(o["bytes"] for o in v.values()) for v in opts.values())
+    for cap in (lo, int(rng.integers(lo, hi)), int(rng.integers(lo, hi)), hi):
+        got = gf.fit_types(opts, weight, cap)
+        used = sum(opts[n][t]["bytes"] for n, t in got.items())
+        e = sum(weight[n] * opts[n][t]["error"] for n, t in got.items())
+        assert used <= cap
+        assert e == pytest.approx(_brute(opts, weight, cap), rel=1e-12)
+    monkeypatch.setattr(gf, "MAX_UNITS", 7)
+    cap = (lo + hi) // 2
+    got = gf.fit_types(opts, weight, cap)
+    assert sum(opts[n][t]["bytes"] for n, t in got.items()) <= cap
+    e_small = sum(weight[n] * min(v.values(), key=lambda o: o["bytes"])["error"]
+                  for n, v in opts.items())
+    assert sum(weight[n] * opts[n][t]["error"] for n, t in got.items()) <= e_small
+    with pytest.raises(ValueError, match="smallest types"):
+        gf.fit_types(opts, weight, lo - 1)
+
+
+def test_unit_gains_recover_a_linear_loss_model():
+    """D_u(b) = g_u P_u(b) exactly -> g_u back; a unit whose probes never raised the loss gets
+    the smallest positive gain (not 0); all-zero probes -> every gain 1."""
+    from tasa import gguf_fit as gf
+    rng = np.random.default_rng(3)
+    g = {f"u{i}": float(rng.uniform(0.5, 5)) for i in range(6)}
+    P = {u: {3: float(rng.uniform(1, 10)), 4: float(rng.uniform(0.1, 1))} for u in g}
+    D = {u: {b: g[u] * P[u][b] for b in (3, 4)} for u in g}
+    D["u5"] = {3: -0.01, 4: 0.0}
+    got = gf.unit_gains(D, P)
+    for u in list(g)[:5]:
+        assert got[u] == pytest.approx(g[u], rel=1e-12)
+    assert got["u5"] == pytest.approx(min(g[u] for u in list(g)[:5]), rel=1e-12)
+    assert set(gf.unit_gains({u: {3: 0.0, 4: -1.0} for u in g}, P).values()) == {1.0}
+
+
+def test_menu_follows_the_row_length():
+    from tasa import gguf_fit as gf
+    assert gf.menu(512) == gf.K_MENU and gf.menu(256 * 7) == gf.K_MENU
+    assert gf.menu(576) == gf.LEGACY_MENU and gf.menu(384) == gf.LEGACY_MENU
+    # every menu type has a GGML type and a size: the knapsack's bytes come from the file
+    import gguf
+    for t in gf.K_MENU + gf.LEGACY_MENU:
+        assert t in gguf.GGMLQuantizationType.__members__ and gguf.GGMLQuantizationType[t] in \
+            gguf.GGML_QUANT_SIZES
+
+
+def _tiny_measurement(model, hot: str):
+    """A measurement of the tiny model with RTN probes in which unit ``hot`` raised the loss
+    30x more than every other unit."""
+    from tasa.measurement import Measurement, SensitivityResult
+    from tasa.sensitivity import sublayer_units
+    units = sublayer_units(model)
+    d3 = {u: {"ppl": (30.0 if u == hot else 1.0) * 1e-2} for u in units}
+    d4 = {u: {"ppl": v["ppl"] / 4} for u, v in d3.items()}
+    sens = SensitivityResult(objectives=["ppl"], delta=d3, bits=3, complete=True,
+                             delta_by_width={"4": d4})
+    return Measurement(config={"sens_method": "rtn", "group_size": 128, "mode": "asym",
+                               "hadamard": False, "damp": 0.01},
+                       format_version=2,
+                       units={u: {"block": i, "linears": list(f)} for u, (i, f) in units.items()},
+                       sensitivity=sens)
+
+
+@pytest.mark.slow
+def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
+    """`export(size_bytes=...)`: the file is at most the size asked and uses most of it, every
+    tensor's type is one its row length allows, wider types measure smaller errors; with TASA
+    gains a unit measured 30x more sensitive gets at least the bytes the proxy alone gives it;
+    a size below the smallest menu is refused; the option table is kept and re-used."""
+    root, path, model, tok = tiny
+    _need_llama_cpp(path)
+    from tasa import gguf_fit as gf
+    plan = _plan(model)
+    pf = tmp_path / "plan.json"
+    pf.write_text(json.dumps(plan_to_dict(plan, alpha=0.5)))
+    lo = ge.export(tmp_path / "lo.gguf", model=str(path), plan=pf, progress=False,
+                   log=lambda *a: None)["bytes"]
+    size = int(lo * 1.08)
+    hot = "model.layers.1.mlp"
+    (tmp_path / "measurement.json").write_text(json.dumps(
+        _tiny_measurement(model, hot).to_dict()))
+    logs = []
+    reps = {}
+    for sc in ("proxy", "tasa"):
+        out = tmp_path / f"{sc}.gguf"
+        r = ge.export(out, model=str(path), plan=pf, progress=False, log=logs.append,
+                      size_bytes=size, fit_scoring=sc)
+        assert out.stat().st_size == r["bytes"] <= size
+        assert r["bytes"] > 0.9 * size
+        for t in r["tensors"]:
+            assert t["written"] in gf.menu(model.get_submodule(t["module"]).weight.shape[1])
+        reps[sc] = r
+    tab = reps["tasa"]["fit"]["table"]
+    for f, row in tab.items():
+        by = sorted(row["options"].values(), key=lambda o: o["bytes"])
+        assert by[-1]["error"] < by[0]["error"], f            # Q8_0 beats the smallest type
+        assert row["probe"][3] > row["probe"][4] > 0
+    g = reps["tasa"]["fit"]["gains"]
+    assert g[hot] > 5 * min(g.values())
+
+    def unit_bytes(r):
+        return sum(t["bytes"] for t in r["tensors"] if t["module"].startswith(hot))
+    assert unit_bytes(reps["tasa"]) >= unit_bytes(reps["proxy"])
+    assert not any("option table from" in str(m) for m in logs)
+    again = ge.export(tmp_path / "again.gguf", model=str(path), plan=pf, progress=False,
+                      log=logs.append, size_bytes=size - 4096)
+    assert any("option table from" in str(m) for m in logs)  # another size: the table re-used
+    assert again["bytes"] <= size - 4096
+    assert "fitted" in ge.format_report(reps["tasa"])
+    with pytest.raises(ValueError, match="smallest file"):
+        ge.export(tmp_path / "x.gguf", model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, size_bytes=lo // 4, fit_scoring="proxy")
+    (tmp_path / "measurement.json").unlink()
+    with pytest.raises(ValueError, match="measurement.json"):
+        ge.export(tmp_path / "y.gguf", model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, size_bytes=size)

@@ -222,13 +222,34 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _export_model(args) -> str:
+    """The reference ``tasa export`` falls back to: the folder's base model, else the default."""
+    from . import defaults, gguf_export
+    if args.quantized is not None:
+        return gguf_export._folder_plan(args.quantized)[2].get("base_model") or defaults.MODEL
+    return defaults.MODEL
+
+
 def cmd_export(args) -> int:
     """Handler of ``tasa export --gguf``: a tasa plan (or a saved folder's) as a GGUF."""
     from . import gguf_export
     try:
+        size = None
+        if args.size_mb is not None:
+            if not args.size_mb > 0:
+                raise ValueError(f"--size-mb must be positive, got {args.size_mb}")
+            size = int(args.size_mb * 1e6)
+        elif args.bits_per_param is not None:
+            if not args.bits_per_param > 0:
+                raise ValueError(f"--bits-per-param must be positive, got {args.bits_per_param}")
+            ref = gguf_export.cached_reference(args.model or _export_model(args),
+                                               progress=not args.quiet)
+            params = sum(t["params"] for t in gguf_export.gguf_tensors(ref).values())
+            size = int(args.bits_per_param * params / 8)
         report = gguf_export.export(args.gguf, model=args.model, plan=args.plan,
                                     quantized=args.quantized, alpha=args.alpha, data=args.data,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, size_bytes=size,
+                                    fit_scoring=args.fit_scoring, measurement=args.measurement)
     except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -795,6 +816,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration mix of the importance matrix (default: the plan's alpha*)")
     p.add_argument("--data", default=None,
                    help="folder laid out like shared/data (default: the shipped slices)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--size-mb", type=float, default=None, metavar="MB",
+                   help="instead of the plan's widths: fit llama.cpp's own types (Q3_K .. Q8_0, "
+                        "IQ4_XS/NL, Q4_1 .. Q5_1) to a whole file of at most MB megabytes (1e6 "
+                        "bytes), by the job's measured sensitivities x each type's "
+                        "Hessian-weighted error (tasa.gguf_fit)")
+    s.add_argument("--bits-per-param", type=float, default=None, metavar="BPP",
+                   help="as --size-mb, the size given in whole-file bits per parameter")
+    p.add_argument("--fit-scoring", choices=("tasa", "proxy"), default="tasa",
+                   help="with a size: 'tasa' weighs each unit by its probes (needs the job's "
+                        "measurement.json), 'proxy' by the task-aware Hessian alone "
+                        "(default: %(default)s)")
+    p.add_argument("--measurement", default=None, metavar="FILE",
+                   help="the job's measurement.json (default: beside the plan / in the folder)")
     p.add_argument("--report", default=None, metavar="FILE",
                    help="write the per-tensor report (widths, types, bytes) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

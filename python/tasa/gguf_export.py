@@ -427,12 +427,7 @@ def export_plan(reference_file, out, specs: Mapping[str, LayerSpec], shapes: Map
     overrides = {names[n]: t["type"] for n, t in plan_types.items()}
 
     def embed_type(width):
-        if width is None:
-            return None
-        if width not in WIDTH_TYPES:
-            raise ValueError(f"tasa: embedding width {width} has no llama.cpp type")
-        t = WIDTH_TYPES[width]
-        return FALLBACK.get(t, t) if embed_k_in is not None and embed_k_in % QK_K else t
+        return _embed_type(width, QK_K if embed_k_in is None else embed_k_in)
 
     im = None
     if imatrix is not None:
@@ -459,6 +454,48 @@ def export_plan(reference_file, out, specs: Mapping[str, LayerSpec], shapes: Map
             "linear_bits_per_weight": 8 * lin_bytes / lin_params,
             "fallbacks": sum(r["fallback"] for r in rows),
             "mixed": sum(r["mixed"] for r in rows),
+            "embedding_type": written.get("token_embd.weight", {}).get("type"),
+            "head_type": written.get("output.weight", {}).get("type")}
+
+
+def _embed_type(width: Optional[int], k_in: int) -> Optional[str]:
+    """llama.cpp's type for an embedding / head stored at ``width`` bits (None: llama.cpp's
+    default for the mix)."""
+    if width is None:
+        return None
+    if width not in WIDTH_TYPES:
+        raise ValueError(f"tasa: embedding width {width} has no llama.cpp type")
+    t = WIDTH_TYPES[width]
+    return FALLBACK.get(t, t) if k_in % QK_K else t
+
+
+def export_types(reference_file, out, asked: Mapping[str, str], names: Mapping[str, str],
+                 imatrix=None, token_embedding_type: Optional[str] = None,
+                 output_tensor_type: Optional[str] = None) -> dict:
+    """Writes ``out``: the reference quantized by llama.cpp with ``asked {llama.cpp tensor name:
+    type}`` (types the tensors can hold: no fallback expected) and ``imatrix`` keyed by
+    llama.cpp names. The report has :func:`export_plan`'s keys (``width`` None: no plan width);
+    a written type other than the asked one is an error."""
+    llama_quantize(reference_file, out, "Q8_0", overrides=dict(asked), imatrix=imatrix,
+                   token_embedding_type=token_embedding_type,
+                   output_tensor_type=output_tensor_type)
+    written = gguf_tensors(out)
+    by_g = {g: n for n, g in names.items()}
+    rows, wrong = [], []
+    for g, t in asked.items():
+        got = written[g]["type"]
+        if got != t:
+            wrong.append(f"{g}: expected {t}, written {got}")
+        rows.append({"module": by_g.get(g, g), "tensor": g, "width": None, "asked": t,
+                     "type": t, "written": got, "fallback": False, "mixed": False,
+                     "bytes": written[g]["bytes"]})
+    if wrong:
+        raise RuntimeError("tasa: llama.cpp wrote other types than asked: " + "; ".join(wrong[:4]))
+    summary = file_summary(out)
+    lin_bytes = sum(r["bytes"] for r in rows)
+    lin_params = sum(written[r["tensor"]]["params"] for r in rows)
+    return {"file": str(out), **summary, "tensors": rows,
+            "linear_bits_per_weight": 8 * lin_bytes / lin_params, "fallbacks": 0, "mixed": 0,
             "embedding_type": written.get("token_embd.weight", {}).get("type"),
             "head_type": written.get("output.weight", {}).get("type")}
 
@@ -536,12 +573,26 @@ def _folder_plan(folder) -> tuple:
     return tc.layer_specs(), tc.embedding, dict(tc.meta)
 
 
+def _measurement_beside(path) -> Optional[Path]:
+    p = Path(path)
+    m = (p if p.is_dir() else p.parent) / "measurement.json"
+    return m if m.is_file() else None
+
+
 def export(out, model: Optional[str] = None, plan=None, quantized=None,
-           alpha: Optional[float] = None, data=None, progress: bool = True, log=print) -> dict:
+           alpha: Optional[float] = None, data=None, progress: bool = True, log=print,
+           size_bytes: Optional[int] = None, fit_scoring: str = "tasa",
+           measurement=None) -> dict:
     """``tasa export --gguf``: the plan of ``plan`` (a plan.json) or of the tasa folder
     ``quantized`` written as the GGUF ``out`` (module docstring). ``model``: the reference
     (default: the folder's base model, else tasa's default); ``alpha``: the calibration mix of
-    the importance matrix (default: the plan's / folder's alpha*)."""
+    the importance matrix (default: the plan's / folder's alpha*).
+
+    ``size_bytes``: instead of mapping the plan's widths to types, fit the job's measurement to
+    llama.cpp's type menu for a file of at most that many bytes (:mod:`tasa.gguf_fit`;
+    ``fit_scoring`` "tasa" calibrates per-unit gains on the measurement -- ``measurement``, or
+    the measurement.json beside the plan / in the folder -- "proxy" uses the task-aware Hessian
+    alone)."""
     from . import defaults
     from .models import load_model
     from .modelquant import embedding_widths
@@ -554,10 +605,18 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
         specs, emb, meta = _folder_plan(quantized)
         model = model or meta.get("base_model") or defaults.MODEL
         doc_alpha = meta.get("alpha")
+        beta = (meta.get("tasa_pipeline") or {}).get("beta")
     else:
         specs, doc = read_plan(plan)
         doc_alpha = doc.get("alpha")
+        beta = doc.get("beta")
         model = model or defaults.MODEL
+    if size_bytes is not None and fit_scoring == "tasa" and measurement is None:
+        measurement = _measurement_beside(quantized if quantized is not None else plan)
+        if measurement is None:
+            raise ValueError("tasa: fitting to a size with TASA's gains needs the job's "
+                             "measurement.json beside the plan (or in the folder); give "
+                             "--measurement, or --fit-scoring proxy")
     a = float(alpha if alpha is not None else (doc_alpha if doc_alpha is not None else 1.0))
     ref_file = cached_reference(model, progress=progress, log=log)
     ref, tok, _info = load_model(model)
@@ -581,11 +640,34 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
     ids, info = stages.gptq_calibration(tok, cfg, a, log=log)
     im = importance(ref, ids, list(specs), progress=progress)
     text_cfg = ref.config.get_text_config()
-    report = export_plan(ref_file, out, specs, shapes, gguf_architecture(ref_file),
-                         int(text_cfg.num_hidden_layers),
-                         imatrix=im, embedding_width=e_w or None,
-                         head_width=None if tied else (h_w or None),
-                         embed_k_in=int(ref.get_input_embeddings().weight.shape[1]))
+    arch, n_layers = gguf_architecture(ref_file), int(text_cfg.num_hidden_layers)
+    e_k = int(ref.get_input_embeddings().weight.shape[1])
+    if size_bytes is None:
+        report = export_plan(ref_file, out, specs, shapes, arch, n_layers, imatrix=im,
+                             embedding_width=e_w or None,
+                             head_width=None if tied else (h_w or None), embed_k_in=e_k)
+    else:
+        from . import gguf_fit
+        from .measurement import Measurement
+        if isinstance(measurement, (str, Path)):
+            measurement = Measurement.load(measurement)
+        names = gguf_name_map(arch, n_layers, list(specs))
+        gim = {names[n]: v for n, v in im.items()}
+        e_t = _embed_type(e_w or None, e_k)
+        h_t = None if tied else _embed_type(h_w or None, e_k)
+        fitted = gguf_fit.fit(ref, tok, cfg, a, names, ref_file, int(size_bytes),
+                              measurement=measurement, beta=beta, scoring=fit_scoring,
+                              imatrix=gim, token_embedding_type=e_t, output_tensor_type=h_t,
+                              progress=progress, log=log)
+        report = export_types(ref_file, out, fitted["asked"], names, imatrix=gim,
+                              token_embedding_type=e_t, output_tensor_type=h_t)
+        if report["bytes"] > size_bytes:
+            raise RuntimeError(f"tasa: the fitted file is {report['bytes']} bytes, over the "
+                               f"{int(size_bytes)} asked (the fixed part was measured at "
+                               f"{fitted['fixed_bytes']}): a bug, please report it")
+        report["fit"] = {k: fitted[k] for k in ("scoring", "predicted", "gains", "fixed_bytes",
+                                                "table")}
+        report["fit"]["size_bytes"] = int(size_bytes)
     report.update({"model": model, "alpha": a, "calibration": info,
                    "reference_gguf": str(ref_file),
                    # llama.cpp has no counterpart of format version 2's rotation: its quantizer
@@ -596,6 +678,8 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
 
 def format_report(r: Mapping) -> str:
     """The lines ``tasa export --gguf`` prints."""
+    if r.get("fit"):
+        return _format_fit(r)
     by: Dict[tuple, int] = {}
     for t in r["tensors"]:
         k = (t["width"], t["asked"], t["type"])
@@ -615,6 +699,28 @@ def format_report(r: Mapping) -> str:
         lines.append(f"  {r['rotated_in_tasa']} matrices are stored rotated in tasa (--hadamard); "
                      f"llama.cpp has no such rotation: the GGUF holds its own quantization of "
                      f"the unrotated weights at the plan's widths")
+    lines.append(f"importance matrix: tasa's Hessian diagonals on the calibration mix alpha = "
+                 f"{r['alpha']:.3f} ({r['calibration']['n_general']} general + "
+                 f"{r['calibration']['n_task']} task sequences x {r['calibration']['seqlen']})")
+    return "\n".join(lines)
+
+
+def _format_fit(r: Mapping) -> str:
+    f = r["fit"]
+    by: Dict[str, list] = {}
+    for t in r["tensors"]:
+        by.setdefault(t["type"], []).append(t["bytes"])
+    lines = [f"{r['file']}: {r['bytes'] / 1e6:.2f} MB (asked at most {f['size_bytes'] / 1e6:.2f}), "
+             f"{r['bits_per_param']:.3f} bits per parameter (whole file); decoder linears "
+             f"{r['linear_bits_per_weight']:.3f} bits per weight; token embedding "
+             f"{r['embedding_type']}" + (f", output {r['head_type']}" if r.get("head_type")
+                                         else " (tied output)"),
+             f"types fitted to the size from llama.cpp's menu ({f['scoring']} scoring: "
+             + ("the probes' per-unit gains x the Hessian-weighted error of each type"
+                if f["scoring"] == "tasa" else "the task-aware Hessian-weighted error alone")
+             + ")"]
+    for typ, b in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {typ}: {len(b)} tensors, {sum(b) / 1e6:.2f} MB")
     lines.append(f"importance matrix: tasa's Hessian diagonals on the calibration mix alpha = "
                  f"{r['alpha']:.3f} ({r['calibration']['n_general']} general + "
                  f"{r['calibration']['n_task']} task sequences x {r['calibration']['seqlen']})")
