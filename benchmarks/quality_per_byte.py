@@ -152,7 +152,7 @@ def build_fits(model_name, args, work: Path, tasa_rows: dict, llama_rows: dict) 
     """``tasa export --gguf --size-mb``: the TASA measurement fitted to llama.cpp's type menu at
     the exact size of each llama.cpp mix of ``--fit`` (``tasa.gguf_fit``), by each scoring of
     ``--fit-scorings`` ("tasa": the probes' gains; "proxy": the task-aware Hessian alone)."""
-    from tasa import gguf_export as ge
+    from tasa import gguf_fit
     out = {}
     folder = tasa_rows[f"TASA c{args.budgets[0]}"]
     for mix in args.fit:
@@ -161,8 +161,8 @@ def build_fits(model_name, args, work: Path, tasa_rows: dict, llama_rows: dict) 
             f = work / f"fit-{sc}-{mix}.gguf"
             if not f.is_file() or not f.with_suffix(".gguf.json").is_file():
                 log(f"fit ({sc}) to llama.cpp {mix}'s {size} bytes -> {f}")
-                rep = ge.export(f, model=model_name, quantized=folder, data=args.data,
-                                progress=False, log=log, size_bytes=size, fit_scoring=sc)
+                rep = gguf_fit.export(f, size, model=model_name, quantized=folder,
+                                      data=args.data, scoring=sc, progress=False, log=log)
                 rep["fit"].pop("table", None)
                 f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
             out[("TASA" if sc == "tasa" else "proxy") + f" fit @{mix}"] = f

@@ -476,13 +476,15 @@ def _tiny_measurement(model, hot: str):
 
 @pytest.mark.slow
 def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
-    """`export(size_bytes=...)`: the file is at most the size asked and uses most of it, every
+    """`gguf_fit.export` (`tasa export --size-mb`): the file is at most the size asked and uses most of it, every
     tensor's type is one its row length allows, wider types measure smaller errors; with TASA
     gains a unit measured 30x more sensitive gets at least the bytes the proxy alone gives it;
     a size below the smallest menu is refused; the option table is kept and re-used."""
-    root, path, model, tok = tiny
+    _root, path, _model, _tok = tiny
     _need_llama_cpp(path)
     from tasa import gguf_fit as gf
+    from tasa.models import load_model
+    model = load_model(str(path))[0]       # the fixture's may have been quantized in place
     plan = _plan(model)
     pf = tmp_path / "plan.json"
     pf.write_text(json.dumps(plan_to_dict(plan, alpha=0.5)))
@@ -496,8 +498,8 @@ def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
     reps = {}
     for sc in ("proxy", "tasa"):
         out = tmp_path / f"{sc}.gguf"
-        r = ge.export(out, model=str(path), plan=pf, progress=False, log=logs.append,
-                      size_bytes=size, fit_scoring=sc)
+        r = gf.export(out, size, model=str(path), plan=pf, progress=False, log=logs.append,
+                      scoring=sc)
         assert out.stat().st_size == r["bytes"] <= size
         assert r["bytes"] > 0.9 * size
         for t in r["tensors"]:
@@ -515,15 +517,24 @@ def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
         return sum(t["bytes"] for t in r["tensors"] if t["module"].startswith(hot))
     assert unit_bytes(reps["tasa"]) >= unit_bytes(reps["proxy"])
     assert not any("option table from" in str(m) for m in logs)
-    again = ge.export(tmp_path / "again.gguf", model=str(path), plan=pf, progress=False,
-                      log=logs.append, size_bytes=size - 4096)
+    again = gf.export(tmp_path / "again.gguf", size - 4096, model=str(path), plan=pf,
+                      progress=False, log=logs.append)
     assert any("option table from" in str(m) for m in logs)  # another size: the table re-used
     assert again["bytes"] <= size - 4096
     assert "fitted" in ge.format_report(reps["tasa"])
     with pytest.raises(ValueError, match="smallest file"):
-        ge.export(tmp_path / "x.gguf", model=str(path), plan=pf, progress=False,
-                  log=lambda *a: None, size_bytes=lo // 4, fit_scoring="proxy")
+        gf.export(tmp_path / "x.gguf", lo // 4, model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, scoring="proxy")
+    # the command: --size-mb through the CLI (the proxy table is cached: one llama.cpp call),
+    # and the fitting options refused without a size
+    from tasa import cli
+    cf = tmp_path / "cli.gguf"
+    assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
+                     "--size-mb", str(size / 1e6), "--fit-scoring", "proxy", "--quiet"]) == 0
+    assert cf.stat().st_size <= size
+    assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
+                     "--fit-scoring", "proxy", "--quiet"]) == 2
     (tmp_path / "measurement.json").unlink()
     with pytest.raises(ValueError, match="measurement.json"):
-        ge.export(tmp_path / "y.gguf", model=str(path), plan=pf, progress=False,
-                  log=lambda *a: None, size_bytes=size)
+        gf.export(tmp_path / "y.gguf", size, model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None)

@@ -246,10 +246,19 @@ def cmd_export(args) -> int:
                                                progress=not args.quiet)
             params = sum(t["params"] for t in gguf_export.gguf_tensors(ref).values())
             size = int(args.bits_per_param * params / 8)
-        report = gguf_export.export(args.gguf, model=args.model, plan=args.plan,
-                                    quantized=args.quantized, alpha=args.alpha, data=args.data,
-                                    progress=not args.quiet, size_bytes=size,
-                                    fit_scoring=args.fit_scoring, measurement=args.measurement)
+        if size is None:
+            if args.measurement is not None or args.fit_scoring != "tasa":
+                raise ValueError("--measurement and --fit-scoring go with --size-mb or "
+                                 "--bits-per-param (fitting types to a size)")
+            report = gguf_export.export(args.gguf, model=args.model, plan=args.plan,
+                                        quantized=args.quantized, alpha=args.alpha,
+                                        data=args.data, progress=not args.quiet)
+        else:
+            from . import gguf_fit
+            report = gguf_fit.export(args.gguf, size, model=args.model, plan=args.plan,
+                                     quantized=args.quantized, alpha=args.alpha, data=args.data,
+                                     scoring=args.fit_scoring, measurement=args.measurement,
+                                     progress=not args.quiet)
     except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

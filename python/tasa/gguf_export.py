@@ -573,26 +573,13 @@ def _folder_plan(folder) -> tuple:
     return tc.layer_specs(), tc.embedding, dict(tc.meta)
 
 
-def _measurement_beside(path) -> Optional[Path]:
-    p = Path(path)
-    m = (p if p.is_dir() else p.parent) / "measurement.json"
-    return m if m.is_file() else None
-
-
-def export(out, model: Optional[str] = None, plan=None, quantized=None,
-           alpha: Optional[float] = None, data=None, progress: bool = True, log=print,
-           size_bytes: Optional[int] = None, fit_scoring: str = "tasa",
-           measurement=None) -> dict:
-    """``tasa export --gguf``: the plan of ``plan`` (a plan.json) or of the tasa folder
-    ``quantized`` written as the GGUF ``out`` (module docstring). ``model``: the reference
-    (default: the folder's base model, else tasa's default); ``alpha``: the calibration mix of
-    the importance matrix (default: the plan's / folder's alpha*).
-
-    ``size_bytes``: instead of mapping the plan's widths to types, fit the job's measurement to
-    llama.cpp's type menu for a file of at most that many bytes (:mod:`tasa.gguf_fit`;
-    ``fit_scoring`` "tasa" calibrates per-unit gains on the measurement -- ``measurement``, or
-    the measurement.json beside the plan / in the folder -- "proxy" uses the task-aware Hessian
-    alone)."""
+def setup(model: Optional[str] = None, plan=None, quantized=None, alpha: Optional[float] = None,
+          data=None, progress: bool = True, log=print) -> dict:
+    """What every export starts from: the plan's specs (of ``plan``, a plan.json, or of the tasa
+    folder ``quantized``), the reference (``model``; default: the folder's base model, else
+    tasa's default) as a transformers model and as the cached F32 GGUF, the calibration mix
+    ``alpha`` (default: the plan's / folder's alpha*), its token ids, tasa's importance matrix
+    keyed by llama.cpp names, the llama.cpp types of the embedding and an untied head."""
     from . import defaults
     from .models import load_model
     from .modelquant import embedding_widths
@@ -611,12 +598,6 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
         doc_alpha = doc.get("alpha")
         beta = doc.get("beta")
         model = model or defaults.MODEL
-    if size_bytes is not None and fit_scoring == "tasa" and measurement is None:
-        measurement = _measurement_beside(quantized if quantized is not None else plan)
-        if measurement is None:
-            raise ValueError("tasa: fitting to a size with TASA's gains needs the job's "
-                             "measurement.json beside the plan (or in the folder); give "
-                             "--measurement, or --fit-scoring proxy")
     a = float(alpha if alpha is not None else (doc_alpha if doc_alpha is not None else 1.0))
     ref_file = cached_reference(model, progress=progress, log=log)
     ref, tok, _info = load_model(model)
@@ -642,38 +623,38 @@ def export(out, model: Optional[str] = None, plan=None, quantized=None,
     text_cfg = ref.config.get_text_config()
     arch, n_layers = gguf_architecture(ref_file), int(text_cfg.num_hidden_layers)
     e_k = int(ref.get_input_embeddings().weight.shape[1])
-    if size_bytes is None:
-        report = export_plan(ref_file, out, specs, shapes, arch, n_layers, imatrix=im,
-                             embedding_width=e_w or None,
-                             head_width=None if tied else (h_w or None), embed_k_in=e_k)
-    else:
-        from . import gguf_fit
-        from .measurement import Measurement
-        if isinstance(measurement, (str, Path)):
-            measurement = Measurement.load(measurement)
-        names = gguf_name_map(arch, n_layers, list(specs))
-        gim = {names[n]: v for n, v in im.items()}
-        e_t = _embed_type(e_w or None, e_k)
-        h_t = None if tied else _embed_type(h_w or None, e_k)
-        fitted = gguf_fit.fit(ref, tok, cfg, a, names, ref_file, int(size_bytes),
-                              measurement=measurement, beta=beta, scoring=fit_scoring,
-                              imatrix=gim, token_embedding_type=e_t, output_tensor_type=h_t,
-                              progress=progress, log=log)
-        report = export_types(ref_file, out, fitted["asked"], names, imatrix=gim,
-                              token_embedding_type=e_t, output_tensor_type=h_t)
-        if report["bytes"] > size_bytes:
-            raise RuntimeError(f"tasa: the fitted file is {report['bytes']} bytes, over the "
-                               f"{int(size_bytes)} asked (the fixed part was measured at "
-                               f"{fitted['fixed_bytes']}): a bug, please report it")
-        report["fit"] = {k: fitted[k] for k in ("scoring", "predicted", "gains", "fixed_bytes",
-                                                "table")}
-        report["fit"]["size_bytes"] = int(size_bytes)
-    report.update({"model": model, "alpha": a, "calibration": info,
-                   "reference_gguf": str(ref_file),
+    names = gguf_name_map(arch, n_layers, list(specs))
+    return {"specs": specs, "shapes": shapes, "model": model, "alpha": a, "beta": beta,
+            "ref_file": ref_file, "ref": ref, "tok": tok, "cfg": cfg, "ids": ids, "info": info,
+            "arch": arch, "n_layers": n_layers, "names": names, "imatrix": im,
+            "gguf_imatrix": {names[n]: v for n, v in im.items()},
+            "embedding_width": e_w or None, "head_width": None if tied else (h_w or None),
+            "embed_k_in": e_k, "embedding_type": _embed_type(e_w or None, e_k),
+            "head_type": None if tied else _embed_type(h_w or None, e_k)}
+
+
+def finish_report(report: dict, s: Mapping) -> dict:
+    """The keys every export report shares, from :func:`setup`'s ``s``."""
+    report.update({"model": s["model"], "alpha": s["alpha"], "calibration": s["info"],
+                   "reference_gguf": str(s["ref_file"]),
                    # llama.cpp has no counterpart of format version 2's rotation: its quantizer
                    # quantizes the reference's own (unrotated) weights at the plan's widths
-                   "rotated_in_tasa": sum(1 for s in specs.values() if s.hadamard)})
+                   "rotated_in_tasa": sum(1 for sp in s["specs"].values() if sp.hadamard)})
     return report
+
+
+def export(out, model: Optional[str] = None, plan=None, quantized=None,
+           alpha: Optional[float] = None, data=None, progress: bool = True, log=print) -> dict:
+    """``tasa export --gguf``: the plan of ``plan`` (a plan.json) or of the tasa folder
+    ``quantized`` written as the GGUF ``out`` (module docstring), each tensor at its plan width's
+    type. ``model``: the reference (default: the folder's base model, else tasa's default);
+    ``alpha``: the calibration mix of the importance matrix (default: the plan's / folder's
+    alpha*). (``tasa export --size-mb``, types fitted to a size: :func:`tasa.gguf_fit.export`.)"""
+    s = setup(model, plan, quantized, alpha, data, progress, log)
+    report = export_plan(s["ref_file"], out, s["specs"], s["shapes"], s["arch"], s["n_layers"],
+                         imatrix=s["imatrix"], embedding_width=s["embedding_width"],
+                         head_width=s["head_width"], embed_k_in=s["embed_k_in"])
+    return finish_report(report, s)
 
 
 def format_report(r: Mapping) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tempfile
 from itertools import zip_longest
 from pathlib import Path
@@ -254,12 +253,14 @@ def _table_key(ref_file, ids, names, imatrix, emb, head, probe) -> str:
 def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_bytes: int,
         measurement=None, beta: Optional[float] = None, scoring: str = "tasa", imatrix=None,
         token_embedding_type: Optional[str] = None, output_tensor_type: Optional[str] = None,
-        table_cache=DEFAULT_CACHE, progress: bool = True, log=print) -> dict:
+        table_cache=DEFAULT_CACHE, calibration: Optional[tuple] = None, progress: bool = True,
+        log=print) -> dict:
     """The type of every linear of ``names`` (``{fqn: llama.cpp name}``) for a file of at most
     ``size_bytes``: the option files, the error table, the gains (``scoring="tasa"``: from
     ``measurement``, :class:`tasa.measurement.Measurement`, with its plan's ``beta``), the
     knapsack. ``table_cache``: a folder keeping the option tables by what they depend on
-    (default: ``$TASA_CACHE/fit``; None: not kept). Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error,
+    (default: ``$TASA_CACHE/fit``; None: not kept); ``calibration``: ``(ids, info)`` of
+    :func:`tasa.pipeline.stages.gptq_calibration` at ``alpha`` if the caller has them. Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error,
     "gains": {unit: g}, "table": ...}``."""
     from . import defaults, sensitivity
     from .pipeline.stages import gptq_calibration
@@ -297,7 +298,8 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
                 lin, b, int(mc.get("group_size", defaults.GROUP_SIZE)),
                 mc.get("mode", defaults.MODE)), hadamard=rot)
         probe = (meth, widths, spec_of, float(mc.get("damp", 0.01)))
-    ids, info = gptq_calibration(tok, cfg, alpha, log=log)
+    ids, info = calibration if calibration is not None else gptq_calibration(tok, cfg, alpha,
+                                                                              log=log)
     # the table depends on the reference, the calibration, the importance matrix, the fixed
     # types and the probe settings -- not on the size: kept, so trying other sizes costs seconds
     # (SmolLM2-135M: the table takes ~4 min on 2 cores, the knapsack < 1 s)
@@ -348,3 +350,49 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
             "predicted": predicted, "gains": gains, "scoring": scoring,
             "fixed_bytes": tab["fixed_bytes"], "calibration": info,
             "table": {f: {"tensor": names[f], **r} for f, r in lin.items()}}
+
+
+def _measurement_beside(path) -> Optional[Path]:
+    p = Path(path)
+    m = (p if p.is_dir() else p.parent) / "measurement.json"
+    return m if m.is_file() else None
+
+
+def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantized=None,
+           alpha: Optional[float] = None, data=None, scoring: str = "tasa", measurement=None,
+           progress: bool = True, log=print) -> dict:
+    """``tasa export --gguf --size-mb``: the GGUF ``out`` of at most ``size_bytes``, each tensor
+    at the llama.cpp type :func:`fit` picks; the plan (``plan`` / ``quantized``, as
+    :func:`tasa.gguf_export.export`) gives the linears, the embedding's width and alpha*, its
+    job's measurement the gains (``measurement``: a Measurement or a path; default: the
+    measurement.json beside the plan / in the folder). The report has the plan export's keys and
+    ``fit`` (scoring, predicted error, gains, fixed bytes, the option table)."""
+    from . import gguf_export as ge
+    from .measurement import Measurement
+    if scoring not in SCORINGS:
+        raise ValueError(f"tasa: fit scoring must be one of {SCORINGS}, got {scoring!r}")
+    if scoring == "tasa" and measurement is None:
+        measurement = _measurement_beside(quantized if quantized is not None else plan)
+        if measurement is None:
+            raise ValueError("tasa: fitting to a size with TASA's gains needs the job's "
+                             "measurement.json beside the plan (or in the folder); give "
+                             "--measurement, or --fit-scoring proxy")
+    if isinstance(measurement, (str, Path)):
+        measurement = Measurement.load(measurement)
+    s = ge.setup(model, plan, quantized, alpha, data, progress, log)
+    fitted = fit(s["ref"], s["tok"], s["cfg"], s["alpha"], s["names"], s["ref_file"],
+                 int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
+                 imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
+                 output_tensor_type=s["head_type"], calibration=(s["ids"], s["info"]),
+                 progress=progress, log=log)
+    report = ge.export_types(s["ref_file"], out, fitted["asked"], s["names"],
+                             imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
+                             output_tensor_type=s["head_type"])
+    if report["bytes"] > size_bytes:
+        raise RuntimeError(f"tasa: the fitted file is {report['bytes']} bytes, over the "
+                           f"{int(size_bytes)} asked (the fixed part was measured at "
+                           f"{fitted['fixed_bytes']}): a bug, please report it")
+    report["fit"] = {k: fitted[k] for k in ("scoring", "predicted", "gains", "fixed_bytes",
+                                            "table")}
+    report["fit"]["size_bytes"] = int(size_bytes)
+    return ge.finish_report(report, s)
