@@ -534,6 +534,12 @@ def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
     assert cf.stat().st_size <= size
     assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
                      "--fit-scoring", "proxy", "--quiet"]) == 2
+    # a measurement of other weights is refused, not silently used
+    m = _tiny_measurement(model, hot)
+    m.config["weights"] = "0" * 32
+    with pytest.raises(ValueError, match="other weights"):
+        gf.export(tmp_path / "z.gguf", size, model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, measurement=m)
     (tmp_path / "measurement.json").unlink()
     with pytest.raises(ValueError, match="measurement.json"):
         gf.export(tmp_path / "y.gguf", size, model=str(path), plan=pf, progress=False,

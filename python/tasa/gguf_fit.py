@@ -47,7 +47,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from .util import read_json, write_json_atomic
+from .util import read_json, weights_digest, write_json_atomic
 
 # bits per weight (llama.cpp's block sizes): Q3_K 110 B / 256, IQ4_XS 136 / 256, Q4_K 144 / 256,
 # Q5_K 176 / 256, Q6_K 210 / 256, Q8_0 34 / 32; IQ4_NL and Q4_0 18 / 32, Q4_1 20 / 32, Q5_0
@@ -260,8 +260,9 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
     ``measurement``, :class:`tasa.measurement.Measurement`, with its plan's ``beta``), the
     knapsack. ``table_cache``: a folder keeping the option tables by what they depend on
     (default: ``$TASA_CACHE/fit``; None: not kept); ``calibration``: ``(ids, info)`` of
-    :func:`tasa.pipeline.stages.gptq_calibration` at ``alpha`` if the caller has them. Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error,
-    "gains": {unit: g}, "table": ...}``."""
+    :func:`tasa.pipeline.stages.gptq_calibration` at ``alpha`` if the caller has them.
+    Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error, "gains":
+    {unit: g}, "table": ...}``."""
     from . import defaults, sensitivity
     from .pipeline.stages import gptq_calibration
     from .quant import get_method
@@ -283,6 +284,13 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
     probe = None
     units = {}
     if scoring == "tasa":
+        if not measurement.complete:
+            raise ValueError("tasa: the measurement is incomplete (its sensitivity probes did "
+                             "not all finish): finish the job first (tasa quantize resumes it)")
+        digest = measurement.config.get("weights")
+        if digest is not None and digest != weights_digest(model):
+            raise ValueError("tasa: the measurement was made on other weights than the "
+                             "reference being exported (weights fingerprint differs)")
         units = {u: list(v["linears"]) for u, v in measurement.units.items()}
         absent = sorted(set(names) - {f for fs in units.values() for f in fs})
         if absent:
