@@ -534,6 +534,15 @@ def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
     assert cf.stat().st_size <= size
     assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
                      "--fit-scoring", "proxy", "--quiet"]) == 2
+    # types left out of the menu are not written; an unknown one is refused
+    ex = sorted({t["written"] for t in reps["tasa"]["tensors"]})[:1]
+    r = gf.export(tmp_path / "ex.gguf", size, model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, exclude=ex)
+    assert ex[0] not in {t["written"] for t in r["tensors"]} and r["bytes"] <= size
+    assert r["fit"]["excluded"] == ex and "left out" in ge.format_report(r)
+    with pytest.raises(ValueError, match="not in llama.cpp's menu"):
+        gf.export(tmp_path / "ex2.gguf", size, model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, exclude=["Q9_Z"])
     # a measurement of other weights is refused, not silently used
     m = _tiny_measurement(model, hot)
     m.config["weights"] = "0" * 32

@@ -247,9 +247,9 @@ def cmd_export(args) -> int:
             params = sum(t["params"] for t in gguf_export.gguf_tensors(ref).values())
             size = int(args.bits_per_param * params / 8)
         if size is None:
-            if args.measurement is not None or args.fit_scoring != "tasa":
-                raise ValueError("--measurement and --fit-scoring go with --size-mb or "
-                                 "--bits-per-param (fitting types to a size)")
+            if args.measurement is not None or args.fit_scoring != "tasa" or args.exclude_types:
+                raise ValueError("--measurement, --fit-scoring and --exclude-types go with "
+                                 "--size-mb or --bits-per-param (fitting types to a size)")
             report = gguf_export.export(args.gguf, model=args.model, plan=args.plan,
                                         quantized=args.quantized, alpha=args.alpha,
                                         data=args.data, progress=not args.quiet)
@@ -258,7 +258,8 @@ def cmd_export(args) -> int:
             report = gguf_fit.export(args.gguf, size, model=args.model, plan=args.plan,
                                      quantized=args.quantized, alpha=args.alpha, data=args.data,
                                      scoring=args.fit_scoring, measurement=args.measurement,
-                                     progress=not args.quiet)
+                                     exclude=[t for t in (args.exclude_types or "").split(",")
+                                              if t], progress=not args.quiet)
     except (ImportError, ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -837,6 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a size: 'tasa' weighs each unit by its probes (needs the job's "
                         "measurement.json), 'proxy' by the task-aware Hessian alone "
                         "(default: %(default)s)")
+    p.add_argument("--exclude-types", default=None, metavar="T1,T2",
+                   help="with a size: llama.cpp types left out of the menu (e.g. the source "
+                        "GGUF's own type, which its dequantized weights re-quantize to almost "
+                        "losslessly)")
     p.add_argument("--measurement", default=None, metavar="FILE",
                    help="the job's measurement.json (default: beside the plan / in the folder)")
     p.add_argument("--report", default=None, metavar="FILE",

@@ -699,7 +699,7 @@ def _format_fit(r: Mapping) -> str:
              f"types fitted to the size from llama.cpp's menu ({f['scoring']} scoring: "
              + ("the probes' per-unit gains x the Hessian-weighted error of each type"
                 if f["scoring"] == "tasa" else "the task-aware Hessian-weighted error alone")
-             + ")"]
+             + ")" + (f"; left out: {', '.join(f['excluded'])}" if f.get("excluded") else "")]
     for typ, b in sorted(by.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  {typ}: {len(b)} tensors, {sum(b) / 1e6:.2f} MB")
     lines.append(f"importance matrix: tasa's Hessian diagonals on the calibration mix alpha = "

@@ -253,15 +253,17 @@ def _table_key(ref_file, ids, names, imatrix, emb, head, probe) -> str:
 def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_bytes: int,
         measurement=None, beta: Optional[float] = None, scoring: str = "tasa", imatrix=None,
         token_embedding_type: Optional[str] = None, output_tensor_type: Optional[str] = None,
-        table_cache=DEFAULT_CACHE, calibration: Optional[tuple] = None, progress: bool = True,
-        log=print) -> dict:
+        table_cache=DEFAULT_CACHE, calibration: Optional[tuple] = None,
+        exclude: Sequence[str] = (), progress: bool = True, log=print) -> dict:
     """The type of every linear of ``names`` (``{fqn: llama.cpp name}``) for a file of at most
     ``size_bytes``: the option files, the error table, the gains (``scoring="tasa"``: from
     ``measurement``, :class:`tasa.measurement.Measurement`, with its plan's ``beta``), the
     knapsack. ``table_cache``: a folder keeping the option tables by what they depend on
     (default: ``$TASA_CACHE/fit``; None: not kept); ``calibration``: ``(ids, info)`` of
-    :func:`tasa.pipeline.stages.gptq_calibration` at ``alpha`` if the caller has them.
-    Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error, "gains":
+    :func:`tasa.pipeline.stages.gptq_calibration` at ``alpha`` if the caller has them;
+    ``exclude``: types left out of the menu (e.g. the reference file's own format: weights
+    dequantized from Q4_1 re-quantize to Q4_1 almost losslessly, which says nothing about
+    original weights). Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error, "gains":
     {unit: g}, "table": ...}``."""
     from . import defaults, sensitivity
     from .pipeline.stages import gptq_calibration
@@ -269,6 +271,11 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
     from .scoring import unit_errors
     if scoring not in SCORINGS:
         raise ValueError(f"tasa: fit scoring must be one of {SCORINGS}, got {scoring!r}")
+    exclude = set(exclude)
+    unknown = sorted(exclude - set(K_MENU) - set(LEGACY_MENU))
+    if unknown:
+        raise ValueError(f"tasa: {unknown} are not in llama.cpp's menu here "
+                         f"({sorted(set(K_MENU) | set(LEGACY_MENU))})")
     if table_cache is DEFAULT_CACHE:
         from .models import cache_dir
         table_cache = cache_dir() / "fit"
@@ -333,7 +340,11 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
             wd.rmdir()
         if cache is not None:
             write_json_atomic(cache, tab)
-    lin = tab["linears"]
+    lin = {f: {**r, "options": {t: o for t, o in r["options"].items() if t not in exclude}}
+           for f, r in tab["linears"].items()}
+    empty = sorted(f for f, r in lin.items() if not r["options"])
+    if empty:
+        raise ValueError(f"tasa: excluding {sorted(exclude)} leaves no type for {empty[:3]}")
     if scoring == "tasa":
         err, _scores, dropped = unit_errors(measurement, defaults.BETA if beta is None else beta,
                                             widths, "tasa")
@@ -356,7 +367,7 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
     return {"types": {names[f]: t for f, t in picks.items()},
             "asked": {names[f]: lin[f]["options"][t]["asked"] for f, t in picks.items()},
             "predicted": predicted, "gains": gains, "scoring": scoring,
-            "fixed_bytes": tab["fixed_bytes"], "calibration": info,
+            "fixed_bytes": tab["fixed_bytes"], "calibration": info, "excluded": sorted(exclude),
             "table": {f: {"tensor": names[f], **r} for f, r in lin.items()}}
 
 
@@ -368,7 +379,7 @@ def _measurement_beside(path) -> Optional[Path]:
 
 def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantized=None,
            alpha: Optional[float] = None, data=None, scoring: str = "tasa", measurement=None,
-           progress: bool = True, log=print) -> dict:
+           exclude: Sequence[str] = (), progress: bool = True, log=print) -> dict:
     """``tasa export --gguf --size-mb``: the GGUF ``out`` of at most ``size_bytes``, each tensor
     at the llama.cpp type :func:`fit` picks; the plan (``plan`` / ``quantized``, as
     :func:`tasa.gguf_export.export`) gives the linears, the embedding's width and alpha*, its
@@ -392,7 +403,7 @@ def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantiz
                  int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
                  imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
                  output_tensor_type=s["head_type"], calibration=(s["ids"], s["info"]),
-                 progress=progress, log=log)
+                 exclude=exclude, progress=progress, log=log)
     report = ge.export_types(s["ref_file"], out, fitted["asked"], s["names"],
                              imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
                              output_tensor_type=s["head_type"])
@@ -401,6 +412,6 @@ def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantiz
                            f"{int(size_bytes)} asked (the fixed part was measured at "
                            f"{fitted['fixed_bytes']}): a bug, please report it")
     report["fit"] = {k: fitted[k] for k in ("scoring", "predicted", "gains", "fixed_bytes",
-                                            "table")}
+                                            "table", "excluded")}
     report["fit"]["size_bytes"] = int(size_bytes)
     return ge.finish_report(report, s)
