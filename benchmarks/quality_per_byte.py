@@ -166,17 +166,16 @@ def build_fits(model_name, args, work: Path, tasa_rows: dict, llama_rows: dict) 
                 rep["fit"].pop("table", None)
                 f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
             out[("TASA" if sc == "tasa" else "proxy") + f" fit @{mix}"] = f
-        if args.fit_exclude:
-            ex = args.fit_exclude
-            f = work / f"fit-tasa-no{'-'.join(ex)}-{mix}.gguf"
+        if args.fit_lossless_control:
+            f = work / f"fit-tasa-nolossless-{mix}.gguf"
             if not f.is_file() or not f.with_suffix(".gguf.json").is_file():
-                log(f"fit (tasa, without {ex}) to llama.cpp {mix}'s {size} bytes -> {f}")
+                log(f"fit (tasa, no lossless types) to llama.cpp {mix}'s {size} bytes -> {f}")
                 rep = gguf_fit.export(f, size, model=model_name, quantized=folder,
-                                      data=args.data, scoring="tasa", exclude=ex,
+                                      data=args.data, scoring="tasa", drop_lossless=True,
                                       progress=False, log=log)
                 rep["fit"].pop("table", None)
                 f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
-            out[f"TASA fit w/o {'+'.join(ex)} @{mix}"] = f
+            out[f"TASA fit w/o lossless @{mix}"] = f
     return out
 
 
@@ -387,10 +386,11 @@ def write_report(model_name, rows, scores, meta, stem):
          "file size: the TASA measurement fitted to llama.cpp's type menu (tasa.gguf_fit: each "
          "type's Hessian-weighted error on the alpha* mix x the unit's gain calibrated on its "
          "probes, a knapsack over the real bytes); `proxy fit @<mix>` = the same with every "
-         "gain 1 (the task-aware Hessian alone, no probes); `TASA fit w/o <types> @<mix>` = "
-         "the TASA fit with the source GGUF's own types left out of the menu (the reference "
-         "weights were dequantized from them, so re-quantizing to them is almost lossless here "
-         "and would not be on original weights).", "",
+         "gain 1 (the task-aware Hessian alone, no probes); `TASA fit w/o lossless @<mix>` = "
+         "the TASA fit without, per tensor, the types whose measured error is exactly 0 (the "
+         "reference was dequantized from such a grid, e.g. Q4_1 and Q5_1 on SmolLM2: "
+         "re-quantizing to it is lossless here and would not be on original weights; a "
+         "control for how much of a fit's lead is that artifact).", "",
          f"Texts: general = WikiText-2 test, {scores['general']['reference']['pos']} positions; "
          f"GSM8K = test questions + gold solutions, {scores['gsm8k']['reference']['pos']} "
          f"positions (NLL = gold-solution NLL in nats/token); ARC = {len(scores['arc']['reference']['correct'])} "
@@ -480,13 +480,13 @@ def main(argv=None) -> int:
     ap.add_argument("--export-budgets", default="3.5,4.25")
     ap.add_argument("--rotated", default="3,4",
                     help="widths of uniform rows with tasa's rotation beside the GPTQ rows")
-    ap.add_argument("--fit", default="IQ4_XS,Q3_K_M,Q4_K_S",
+    ap.add_argument("--fit", default="IQ4_XS,Q3_K_M",
                     help="llama.cpp mixes whose file size a fitted export is made at")
     ap.add_argument("--fit-scorings", default="tasa,proxy")
-    ap.add_argument("--fit-exclude", default="auto",
-                    help="types left out of an extra TASA fit row per mix ('auto': the source "
-                         "GGUF's own types of its decoder linears, which its dequantized "
-                         "weights re-quantize to almost losslessly; '' for none)")
+    ap.add_argument("--no-fit-lossless-control", dest="fit_lossless_control",
+                    action="store_false",
+                    help="leave out the TASA fit row per mix that may not use a type the "
+                         "reference re-quantizes to losslessly (its own grid)")
     ap.add_argument("--general-tokens", type=int, default=20480)
     ap.add_argument("--task-tokens", type=int, default=20480)
     ap.add_argument("--mc", type=int, default=500)
@@ -498,14 +498,6 @@ def main(argv=None) -> int:
     args.rotated = [int(x) for x in args.rotated.split(",") if x]
     args.fit = [x for x in args.fit.split(",") if x]
     args.fit_scorings = [x for x in args.fit_scorings.split(",") if x]
-    if args.fit_exclude == "auto":
-        from tasa import gguf_export as ge
-        from tasa import gguf_fit
-        src = ge.gguf_tensors(ge.source_gguf(args.model))
-        own = {t["type"] for n, t in src.items() if n.startswith("blk.") and len(t["shape"]) == 2}
-        args.fit_exclude = sorted(own & (set(gguf_fit.K_MENU) | set(gguf_fit.LEGACY_MENU)))
-    else:
-        args.fit_exclude = [x for x in args.fit_exclude.split(",") if x]
     unknown = [m for m in args.fit if m not in LLAMA_MIXES]
     if unknown:
         ap.error(f"--fit: {unknown} are not among the llama.cpp rows {list(LLAMA_MIXES)}")

@@ -540,6 +540,13 @@ def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
                   log=lambda *a: None, exclude=ex)
     assert ex[0] not in {t["written"] for t in r["tensors"]} and r["bytes"] <= size
     assert r["fit"]["excluded"] == ex and "left out" in ge.format_report(r)
+    # the benchmark's control: no type the reference re-quantizes to losslessly (the tiny
+    # model is cut out of a Q4_1 file: Q4_1 and Q5_1 reproduce its 384-long rows exactly)
+    r = gf.export(tmp_path / "nl.gguf", size, model=str(path), plan=pf, progress=False,
+                  log=lambda *a: None, drop_lossless=True)
+    assert r["fit"]["dropped_lossless"] > 0
+    for t in r["tensors"]:
+        assert tab[t["module"]]["options"][t["written"]]["error"] > 0
     with pytest.raises(ValueError, match="not in llama.cpp's menu"):
         gf.export(tmp_path / "ex2.gguf", size, model=str(path), plan=pf, progress=False,
                   log=lambda *a: None, exclude=["Q9_Z"])

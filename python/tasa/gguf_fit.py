@@ -254,7 +254,8 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
         measurement=None, beta: Optional[float] = None, scoring: str = "tasa", imatrix=None,
         token_embedding_type: Optional[str] = None, output_tensor_type: Optional[str] = None,
         table_cache=DEFAULT_CACHE, calibration: Optional[tuple] = None,
-        exclude: Sequence[str] = (), progress: bool = True, log=print) -> dict:
+        exclude: Sequence[str] = (), drop_lossless: bool = False, progress: bool = True,
+        log=print) -> dict:
     """The type of every linear of ``names`` (``{fqn: llama.cpp name}``) for a file of at most
     ``size_bytes``: the option files, the error table, the gains (``scoring="tasa"``: from
     ``measurement``, :class:`tasa.measurement.Measurement`, with its plan's ``beta``), the
@@ -263,7 +264,9 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
     :func:`tasa.pipeline.stages.gptq_calibration` at ``alpha`` if the caller has them;
     ``exclude``: types left out of the menu (e.g. the reference file's own format: weights
     dequantized from Q4_1 re-quantize to Q4_1 almost losslessly, which says nothing about
-    original weights). Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error, "gains":
+    original weights); ``drop_lossless``: also drop, per tensor, every type whose error is
+    exactly 0 (the reference's own grid: a benchmark's control, where the reference is a
+    dequantized file). Returns ``{"types": {llama.cpp name: type}, "predicted": summed weighted error, "gains":
     {unit: g}, "table": ...}``."""
     from . import defaults, sensitivity
     from .pipeline.stages import gptq_calibration
@@ -340,7 +343,8 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
             wd.rmdir()
         if cache is not None:
             write_json_atomic(cache, tab)
-    lin = {f: {**r, "options": {t: o for t, o in r["options"].items() if t not in exclude}}
+    lin = {f: {**r, "options": {t: o for t, o in r["options"].items() if t not in exclude
+                                and not (drop_lossless and o["error"] == 0.0)}}
            for f, r in tab["linears"].items()}
     empty = sorted(f for f, r in lin.items() if not r["options"])
     if empty:
@@ -368,6 +372,9 @@ def fit(model, tok, cfg, alpha: float, names: Mapping[str, str], ref_file, size_
             "asked": {names[f]: lin[f]["options"][t]["asked"] for f, t in picks.items()},
             "predicted": predicted, "gains": gains, "scoring": scoring,
             "fixed_bytes": tab["fixed_bytes"], "calibration": info, "excluded": sorted(exclude),
+            "dropped_lossless": sum(1 for f, r in tab["linears"].items() for t, o in
+                                    r["options"].items() if t not in lin[f]["options"]
+                                    and t not in exclude),
             "table": {f: {"tensor": names[f], **r} for f, r in lin.items()}}
 
 
@@ -379,7 +386,8 @@ def _measurement_beside(path) -> Optional[Path]:
 
 def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantized=None,
            alpha: Optional[float] = None, data=None, scoring: str = "tasa", measurement=None,
-           exclude: Sequence[str] = (), progress: bool = True, log=print) -> dict:
+           exclude: Sequence[str] = (), drop_lossless: bool = False, progress: bool = True,
+           log=print) -> dict:
     """``tasa export --gguf --size-mb``: the GGUF ``out`` of at most ``size_bytes``, each tensor
     at the llama.cpp type :func:`fit` picks; the plan (``plan`` / ``quantized``, as
     :func:`tasa.gguf_export.export`) gives the linears, the embedding's width and alpha*, its
@@ -403,7 +411,7 @@ def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantiz
                  int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
                  imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
                  output_tensor_type=s["head_type"], calibration=(s["ids"], s["info"]),
-                 exclude=exclude, progress=progress, log=log)
+                 exclude=exclude, drop_lossless=drop_lossless, progress=progress, log=log)
     report = ge.export_types(s["ref_file"], out, fitted["asked"], s["names"],
                              imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
                              output_tensor_type=s["head_type"])
@@ -412,6 +420,6 @@ def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantiz
                            f"{int(size_bytes)} asked (the fixed part was measured at "
                            f"{fitted['fixed_bytes']}): a bug, please report it")
     report["fit"] = {k: fitted[k] for k in ("scoring", "predicted", "gains", "fixed_bytes",
-                                            "table", "excluded")}
+                                            "table", "excluded", "dropped_lossless")}
     report["fit"]["size_bytes"] = int(size_bytes)
     return ge.finish_report(report, s)
