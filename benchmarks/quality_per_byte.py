@@ -420,7 +420,7 @@ def write_report(model_name, rows, scores, meta, stem):
                 f"{fmt_ci(*d('gsm8k', 'nll_seq'))} | {fmt_ci(*d('arc', 'correct'), 3)} |")
     for a_, b_ in zip(q, q[1:]):
         L.append(pair(a_, b_))
-    fits = [(n.split("@")[1], n) for n in q if " fit @" in n]
+    fits = [(n.rsplit("@", 1)[1], n) for n in q if " fit " in n and "@" in n]
     if fits:
         L += ["", "Each fitted export against the llama.cpp mix of its size (fit minus mix; "
               "negative = the fit is closer to the reference):", "",
