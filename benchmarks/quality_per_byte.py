@@ -148,34 +148,33 @@ def build_exports(model_name, args, work: Path, tasa_rows: dict) -> dict:
     return out
 
 
-def build_fits(model_name, args, work: Path, tasa_rows: dict, llama_rows: dict) -> dict:
+def build_fits(model_name, args, work: Path, rows: dict) -> dict:
     """``tasa export --gguf --size-mb``: the TASA measurement fitted to llama.cpp's type menu at
     the exact size of each llama.cpp mix of ``--fit`` (``tasa.gguf_fit``), by each scoring of
-    ``--fit-scorings`` ("tasa": the probes' gains; "proxy": the task-aware Hessian alone)."""
+    ``--fit-scorings`` ("tasa": the probes' gains; "proxy": the task-aware Hessian alone), and
+    the lossless-type control."""
     from tasa import gguf_fit
     out = {}
-    folder = tasa_rows[f"TASA c{args.budgets[0]}"]
+    folder = rows[f"TASA c{args.budgets[0]}"]
+
+    def one(name, f, what, size, **kw):
+        if not f.is_file() or not f.with_suffix(".gguf.json").is_file():
+            log(f"fit ({what}) to {size} bytes -> {f}")
+            rep = gguf_fit.export(f, size, model=model_name, quantized=folder, data=args.data,
+                                  progress=False, log=log, **kw)
+            rep["fit"].pop("table", None)
+            f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
+        out[name] = f
+
     for mix in args.fit:
-        size = llama_rows[f"llama.cpp {mix}"].stat().st_size
+        size = rows[f"llama.cpp {mix}"].stat().st_size
         for sc in args.fit_scorings:
-            f = work / f"fit-{sc}-{mix}.gguf"
-            if not f.is_file() or not f.with_suffix(".gguf.json").is_file():
-                log(f"fit ({sc}) to llama.cpp {mix}'s {size} bytes -> {f}")
-                rep = gguf_fit.export(f, size, model=model_name, quantized=folder,
-                                      data=args.data, scoring=sc, progress=False, log=log)
-                rep["fit"].pop("table", None)
-                f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
-            out[("TASA" if sc == "tasa" else "proxy") + f" fit @{mix}"] = f
+            one(("TASA" if sc == "tasa" else "proxy") + f" fit @{mix}",
+                work / f"fit-{sc}-{mix}.gguf", f"{sc}, llama.cpp {mix}'s size", size, scoring=sc)
         if args.fit_lossless_control:
-            f = work / f"fit-tasa-nolossless-{mix}.gguf"
-            if not f.is_file() or not f.with_suffix(".gguf.json").is_file():
-                log(f"fit (tasa, no lossless types) to llama.cpp {mix}'s {size} bytes -> {f}")
-                rep = gguf_fit.export(f, size, model=model_name, quantized=folder,
-                                      data=args.data, scoring="tasa", drop_lossless=True,
-                                      progress=False, log=log)
-                rep["fit"].pop("table", None)
-                f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
-            out[f"TASA fit w/o lossless @{mix}"] = f
+            one(f"TASA fit w/o lossless @{mix}", work / f"fit-tasa-nolossless-{mix}.gguf",
+                f"tasa, no lossless types, llama.cpp {mix}'s size", size, scoring="tasa",
+                drop_lossless=True)
     return out
 
 
@@ -518,7 +517,7 @@ def main(argv=None) -> int:
     paths.update(build_gptq(args.model, args, work))
     paths.update(build_llama(args.model, args, work, ref, tok))
     paths.update(build_exports(args.model, args, work, {k: v for k, v in paths.items()}))
-    paths.update(build_fits(args.model, args, work, dict(paths), dict(paths)))
+    paths.update(build_fits(args.model, args, work, dict(paths)))
     rows = {n: size_of(p) for n, p in paths.items()}
     rows["reference"] = {"bytes": float("nan"), "bpp": 32.0, "linear_bits": 32.0}
     import tasa
@@ -529,7 +528,8 @@ def main(argv=None) -> int:
     # already scored); the older combined files are read too
     def cached(text, tag, compute):
         f = work / f"scores-{text}-{tag}.json"
-        got = json.loads(f.read_text()) if f.is_file() else None
+        stored = json.loads(f.read_text()) if f.is_file() else {}
+        got = stored if f.is_file() else None
         if got is None:
             for old in work.glob("scores-g*-t*-mc*-s*.json"):
                 g, t, mc, sd = old.stem.split("-")[1:]
@@ -545,9 +545,8 @@ def main(argv=None) -> int:
             log(f"{text}: scoring {', '.join(n for n in todo if n != 'reference')}")
             new = compute({n: scorers[n] for n in ["reference"] + todo})
             got.update({n: new[n] for n in todo})
-            old = json.loads(f.read_text()) if f.is_file() else {}
-            old.update(got)
-            f.write_text(json.dumps(old))
+            stored.update(got)                # rows scored before and not asked now are kept
+            f.write_text(json.dumps(stored))
         return got
 
     scores = {

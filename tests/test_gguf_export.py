@@ -532,6 +532,13 @@ def test_fit_export_hits_the_size_and_follows_the_gains(tiny, tmp_path):
     assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
                      "--size-mb", str(size / 1e6), "--fit-scoring", "proxy", "--quiet"]) == 0
     assert cf.stat().st_size <= size
+    bpp = reps["proxy"]["bits_per_param"]           # the same size in bits per parameter
+    assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
+                     "--bits-per-param", str(bpp), "--fit-scoring", "proxy", "--quiet"]) == 0
+    assert cf.stat().st_size <= reps["proxy"]["bytes"]
+    with pytest.raises(ValueError, match="one of the two"):
+        gf.export(tmp_path / "b.gguf", size, bits_per_param=bpp, model=str(path), plan=pf,
+                  progress=False, log=lambda *a: None, scoring="proxy")
     assert cli.main(["export", "--plan", str(pf), "--model", str(path), "--gguf", str(cf),
                      "--fit-scoring", "proxy", "--quiet"]) == 2
     # types left out of the menu are not written; an unknown one is refused

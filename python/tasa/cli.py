@@ -222,31 +222,11 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _export_model(args) -> str:
-    """The reference ``tasa export`` falls back to: the folder's base model, else the default."""
-    from . import defaults, gguf_export
-    if args.quantized is not None:
-        return gguf_export._folder_plan(args.quantized)[2].get("base_model") or defaults.MODEL
-    return defaults.MODEL
-
-
 def cmd_export(args) -> int:
     """Handler of ``tasa export --gguf``: a tasa plan (or a saved folder's) as a GGUF."""
     from . import gguf_export
     try:
-        size = None
-        if args.size_mb is not None:
-            if not args.size_mb > 0:
-                raise ValueError(f"--size-mb must be positive, got {args.size_mb}")
-            size = int(args.size_mb * 1e6)
-        elif args.bits_per_param is not None:
-            if not args.bits_per_param > 0:
-                raise ValueError(f"--bits-per-param must be positive, got {args.bits_per_param}")
-            ref = gguf_export.cached_reference(args.model or _export_model(args),
-                                               progress=not args.quiet)
-            params = sum(t["params"] for t in gguf_export.gguf_tensors(ref).values())
-            size = int(args.bits_per_param * params / 8)
-        if size is None:
+        if args.size_mb is None and args.bits_per_param is None:
             if args.measurement is not None or args.fit_scoring != "tasa" or args.exclude_types:
                 raise ValueError("--measurement, --fit-scoring and --exclude-types go with "
                                  "--size-mb or --bits-per-param (fitting types to a size)")
@@ -255,7 +235,12 @@ def cmd_export(args) -> int:
                                         data=args.data, progress=not args.quiet)
         else:
             from . import gguf_fit
-            report = gguf_fit.export(args.gguf, size, model=args.model, plan=args.plan,
+            size = None if args.size_mb is None else args.size_mb * 1e6
+            if size is not None and not size > 0:
+                raise ValueError(f"--size-mb must be positive, got {args.size_mb}")
+            report = gguf_fit.export(args.gguf, None if size is None else int(size),
+                                     bits_per_param=args.bits_per_param,
+                                     model=args.model, plan=args.plan,
                                      quantized=args.quantized, alpha=args.alpha, data=args.data,
                                      scoring=args.fit_scoring, measurement=args.measurement,
                                      exclude=[t for t in (args.exclude_types or "").split(",")

@@ -424,38 +424,20 @@ def export_plan(reference_file, out, specs: Mapping[str, LayerSpec], shapes: Map
     and bits per parameter. A written type that differs from the expected one is an error."""
     names = gguf_name_map(architecture, n_layers, list(specs))
     plan_types = tensor_types(specs, shapes)
-    overrides = {names[n]: t["type"] for n, t in plan_types.items()}
-
-    def embed_type(width):
-        return _embed_type(width, QK_K if embed_k_in is None else embed_k_in)
-
     im = None
     if imatrix is not None:
         im = {names[n]: v for n, v in imatrix.items() if n in names}
-    llama_quantize(reference_file, out, "Q8_0", overrides=overrides, imatrix=im,
-                   token_embedding_type=embed_type(embedding_width),
-                   output_tensor_type=embed_type(head_width))
-    written = gguf_tensors(out)
-    rows, wrong = [], []
-    for n, t in plan_types.items():
-        g = names[n]
-        got = written[g]["type"]
-        if got != t["type"]:
-            wrong.append(f"{g}: expected {t['type']}, written {got}")
-        rows.append({"module": n, "tensor": g, **t, "written": got,
-                     "fallback": t["type"] != t["asked"], "bytes": written[g]["bytes"]})
-    if wrong:
-        raise RuntimeError("tasa: llama.cpp wrote other types than the plan asked: "
-                           + "; ".join(wrong[:4]))
-    summary = file_summary(out)
-    lin_bytes = sum(r["bytes"] for r in rows)
-    lin_params = sum(written[r["tensor"]]["params"] for r in rows)
-    return {"file": str(out), **summary, "tensors": rows,
-            "linear_bits_per_weight": 8 * lin_bytes / lin_params,
-            "fallbacks": sum(r["fallback"] for r in rows),
-            "mixed": sum(r["mixed"] for r in rows),
-            "embedding_type": written.get("token_embd.weight", {}).get("type"),
-            "head_type": written.get("output.weight", {}).get("type")}
+    k_e = QK_K if embed_k_in is None else embed_k_in
+    asked = {names[n]: t["type"] for n, t in plan_types.items()}
+    report = export_types(reference_file, out, asked, names, imatrix=im,
+                          token_embedding_type=_embed_type(embedding_width, k_e),
+                          output_tensor_type=_embed_type(head_width, k_e))
+    for r in report["tensors"]:        # the plan's width, the type it asked before any fallback
+        t = plan_types[r["module"]]
+        r.update(t, fallback=t["type"] != t["asked"])
+    report["fallbacks"] = sum(r["fallback"] for r in report["tensors"])
+    report["mixed"] = sum(r["mixed"] for r in report["tensors"])
+    return report
 
 
 def _embed_type(width: Optional[int], k_in: int) -> Optional[str]:

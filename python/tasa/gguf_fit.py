@@ -106,11 +106,6 @@ def option_files(ref_file, k_in: Mapping[str, int], workdir, imatrix=None,
     return out
 
 
-def _error(dW: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(dW H dW^T)`` in float64 (the sum of small terms of a float32 product)."""
-    return float(((dW.double() @ H.double()) * dW.double()).sum())
-
-
 def error_table(model, ids, names: Mapping[str, str], files: Sequence[tuple], ref_file,
                 probe=None, progress: bool = True) -> dict:
     """One block-by-block pass of the full-precision ``model`` over the calibration ``ids``:
@@ -120,17 +115,18 @@ def error_table(model, ids, names: Mapping[str, str], files: Sequence[tuple], re
     quantizer whose weights the gains are calibrated on (None: no probe errors)."""
     import gguf
     from . import calib
-    readers = [(gguf.GGUFReader(str(p)), asked, Path(p)) for p, asked in files]
+    from .quant import output_error
     ref = gguf.GGUFReader(str(ref_file))
     ref_t = {t.name: t for t in ref.tensors}
     gnames = set(names.values())
     fixed = []
-    by_name = []
-    for r, _asked, path in readers:
+    options = []                 # per option file: ({tensor name: tensor}, alignment, asked)
+    for path, asked in files:
+        r = gguf.GGUFReader(str(path))
         al = _alignment(r)
         lin = sum(_padded(t.n_bytes, al) for t in r.tensors if t.name in gnames)
-        fixed.append(path.stat().st_size - lin)
-        by_name.append(({t.name: t for t in r.tensors}, al))
+        fixed.append(Path(path).stat().st_size - lin)
+        options.append(({t.name: t for t in r.tensors}, al, asked))
     table: Dict[str, dict] = {}
     wanted = set(names)
 
@@ -147,7 +143,7 @@ def error_table(model, ids, names: Mapping[str, str], files: Sequence[tuple], re
             g = names[full]
             W = arr(ref_t[g])
             row = {"options": {}, "probe": {}}
-            for (_r, asked, _p), (tens, al) in zip(readers, by_name):
+            for tens, al, asked in options:
                 if g not in asked:
                     continue
                 t = tens[g]
@@ -155,14 +151,13 @@ def error_table(model, ids, names: Mapping[str, str], files: Sequence[tuple], re
                 if typ in row["options"]:
                     continue
                 row["options"][typ] = {"bytes": _padded(t.n_bytes, al),
-                                       "error": _error(arr(t) - W, H0), "asked": asked[g]}
+                                       "error": output_error(W, arr(t), H0), "asked": asked[g]}
             if probe is not None:
                 meth, widths, spec_of, damp = probe
                 lin = block.get_submodule(lname)
                 for b in widths:
                     q = meth.quantize(lin.weight, spec_of(lin, b), H0, damp=damp, name=full)
-                    row["probe"][int(b)] = _error(
-                        q.dequantize().float() - lin.weight.detach().float(), H0)
+                    row["probe"][int(b)] = output_error(lin.weight, q.dequantize(), H0)
             table[full] = row
         return False                   # inputs stay the full-precision model's
 
@@ -390,11 +385,13 @@ def _measurement_beside(path) -> Optional[Path]:
     return m if m.is_file() else None
 
 
-def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantized=None,
+def export(out, size_bytes: Optional[int] = None, model: Optional[str] = None, plan=None,
+           quantized=None,
            alpha: Optional[float] = None, data=None, scoring: str = "tasa", measurement=None,
-           exclude: Sequence[str] = (), drop_lossless: bool = False, progress: bool = True,
-           log=print) -> dict:
-    """``tasa export --gguf --size-mb``: the GGUF ``out`` of at most ``size_bytes``, each tensor
+           exclude: Sequence[str] = (), drop_lossless: bool = False,
+           bits_per_param: Optional[float] = None, progress: bool = True, log=print) -> dict:
+    """``tasa export --gguf --size-mb``: the GGUF ``out`` of at most ``size_bytes`` (or of
+    ``bits_per_param`` over every parameter of the reference file: one of the two), each tensor
     at the llama.cpp type :func:`fit` picks; the plan (``plan`` / ``quantized``, as
     :func:`tasa.gguf_export.export`) gives the linears, the embedding's width and alpha*, its
     job's measurement the gains (``measurement``: a Measurement or a path; default: the
@@ -404,6 +401,11 @@ def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantiz
     from .measurement import Measurement
     if scoring not in SCORINGS:
         raise ValueError(f"tasa: fit scoring must be one of {SCORINGS}, got {scoring!r}")
+    if (size_bytes is None) == (bits_per_param is None):
+        raise ValueError("tasa: give the size in bytes or in bits per parameter (one of the two)")
+    for v, what in ((size_bytes, "--size-mb"), (bits_per_param, "--bits-per-param")):
+        if v is not None and not v > 0:
+            raise ValueError(f"tasa: {what} must be positive, got {v}")
     if scoring == "tasa" and measurement is None:
         measurement = _measurement_beside(quantized if quantized is not None else plan)
         if measurement is None:
@@ -413,6 +415,9 @@ def export(out, size_bytes: int, model: Optional[str] = None, plan=None, quantiz
     if isinstance(measurement, (str, Path)):
         measurement = Measurement.load(measurement)
     s = ge.setup(model, plan, quantized, alpha, data, progress, log)
+    if size_bytes is None:
+        params = sum(t["params"] for t in ge.gguf_tensors(s["ref_file"]).values())
+        size_bytes = int(bits_per_param * params / 8)
     fitted = fit(s["ref"], s["tok"], s["cfg"], s["alpha"], s["names"], s["ref_file"],
                  int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
                  imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
