@@ -262,6 +262,20 @@ def gemv_rows() -> int:
     return int(_C.gemv_rows())
 
 
+def set_gemv_i8(on: Optional[bool]) -> None:
+    """Whether the CPU ``gemm``'s AVX2 GEMV (M = 1) multiplies its 2-, 3- and 4-bit groups as int8
+    pieces of x times the codes as bytes (vpmaddubsw; the AVX-512 VNNI path's pieces, error
+    <= 254^-3 of each group's largest |x| for fp32 x) instead of converting every code to fp32.
+    None: the default (on). For tests and benchmarks."""
+    if on is not None and not isinstance(on, bool):
+        raise ValueError(f"tasa: gemv_i8 must be True, False or None, got {on!r}")
+    _C.set_gemv_i8(-1 if on is None else int(on))
+
+
+def gemv_i8() -> bool:
+    return bool(_C.gemv_i8())
+
+
 DENSE_ROWS_DEFAULT = int(_C.DENSE_ROWS_DEFAULT)
 GEMV_ROWS_MAX = int(_C.GEMV_ROWS_MAX)
 
@@ -284,5 +298,6 @@ def build_info() -> dict:
         "cpu_isa_detected": {v: k for k, v in _ISA_NAMES.items()}[int(_C.cpu_isa_detected())],
         "dense_rows": dense_rows(),
         "gemv_rows": gemv_rows(),
+        "gemv_i8": gemv_i8(),
         "torch": torch.__version__,
     }

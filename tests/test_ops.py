@@ -121,10 +121,12 @@ def test_gemm_matches_float64(isa, dense_rows, path, M, dtype, pattern, asym, ac
 
 
 SIMD_ISAS = [i for i in tasa_ext.ops.cpu_isas_available() if i != "scalar"]
+# the AVX2 GEMV with its int8 path off (its float decode of every width)
+SIMD_PATHS = SIMD_ISAS + (["avx2-float"] if "avx2" in SIMD_ISAS else [])
 
 
 @pytest.mark.skipif(not SIMD_ISAS, reason="no SIMD path on this CPU")
-@pytest.mark.parametrize("simd", SIMD_ISAS)
+@pytest.mark.parametrize("simd", SIMD_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pattern", list(BIT_PATTERNS))
 @pytest.mark.parametrize("N,K,G", [(1, 64, 32), (17, 96, 32), (100, 256, 64), (33, 768, 128)])
@@ -138,12 +140,12 @@ def test_gemv_simd_matches_scalar_twin(simd, dtype, pattern, N, K, G, asym, act_
     W64 = ref.dequant(*args, dtype=torch.float64)
     y64 = x.double() @ W64.T
     try:
-        tasa_ext.set_cpu_isa(simd)
+        _gemv_path(simd)
         y = tasa_ext.gemm(x, *args)
-        tasa_ext.set_cpu_isa("scalar")
+        _gemv_path("scalar")
         y_scalar = tasa_ext.gemm(x, *args)
     finally:
-        tasa_ext.set_cpu_isa("auto")
+        _gemv_reset()
     y_torch = x @ W64.to(dtype).T
     err, err_scalar, err_torch = rel_err(y, y64), rel_err(y_scalar, y64), rel_err(y_torch, y64)
     # With a single output (N = 1) and a short K the relative errors are single samples of
@@ -609,10 +611,32 @@ def test_set_cpu_isa_rejects_unknown():
 
 
 VNNI = "avx512vnni" in tasa_ext.ops.cpu_isas_available()
+AVX2 = "avx2" in tasa_ext.ops.cpu_isas_available()
+# The two int8-piece GEMVs (M = 1) and the path each falls back to: the AVX-512 VNNI one (every
+# width) and the AVX2 one (vpmaddubsw; its 2-, 3- and 4-bit groups, 8-bit on the float GEMV).
+INT8_GEMVS = [pytest.param("avx512vnni", marks=pytest.mark.skipif(
+                  not VNNI, reason="the CPU has no AVX512-VNNI: that int8-piece GEMV does not run")),
+              pytest.param("avx2", marks=pytest.mark.skipif(
+                  not AVX2, reason="the CPU has no AVX2: that int8-piece GEMV does not run"))]
+
+
+def _gemv_path(name):
+    """Selects a CPU GEMV path: "avx512vnni", "avx512", "avx2" (int8 pieces for 2/3/4-bit
+    groups), "avx2-float" (the same ISA with that path off)."""
+    tasa_ext.set_cpu_isa(name.split("-")[0])
+    tasa_ext.ops.set_gemv_i8(False if name.endswith("-float") else None)
+
+
+def _gemv_reset():
+    tasa_ext.set_cpu_isa("auto")
+    tasa_ext.ops.set_gemv_i8(None)
+
+
+FALLBACK = {"avx512vnni": "avx512", "avx2": "avx2-float"}
 
 
 def _x_piece_bound(x, W64, G, perm, nq):
-    """sum_k |W_nk| * max|x_g(k)| * 254^-nq: the VNNI GEMV's documented x error, per output."""
+    """sum_k |W_nk| * max|x_g(k)| * 254^-nq: the int8-piece GEMVs' documented x error, per output."""
     K = x.shape[1]
     logical = x[0, perm.long()] if perm is not None else x[0]
     gmax = logical.double().abs().reshape(K // G, G).amax(1).repeat_interleave(G)
@@ -621,15 +645,17 @@ def _x_piece_bound(x, W64, G, perm, nq):
     return W64.abs() @ e
 
 
-@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI: the int8-piece GEMV does not run")
+@pytest.mark.parametrize("path", INT8_GEMVS)
 @pytest.mark.parametrize("dtype,nq", [(torch.bfloat16, 2), (torch.float16, 3), (torch.float32, 3)])
 @pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
 @pytest.mark.parametrize("N,K,G,asym,act_order", [(45, 640, 128, False, False), (19, 288, 32, True, True),
                                                   (70, 192, 64, True, False)])
-def test_vnni_gemv_within_its_x_piece_bound(dtype, nq, pattern, N, K, G, asym, act_order):
-    """The int8-piece GEMV's error is the documented x_hat error (plus fp32 accumulation and the
+def test_int8_gemv_within_its_x_piece_bound(path, dtype, nq, pattern, N, K, G, asym, act_order):
+    """The int8-piece GEMVs' error is the documented x_hat error (plus fp32 accumulation and the
     output rounding), on odd sizes, every width, zeros and a permutation; and it is a different
-    computation from the exact-bf16-piece one (its error is not zero where that one's is)."""
+    computation from the exact path it replaces (its error is not zero where that one's is). On
+    AVX2 exactly the 2-, 3- and 4-bit groups take it: outputs of 8-bit matrices are bit-equal
+    with the int8 path on and off, the others are not (fp32 x)."""
     p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=K + N)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     g = torch.Generator().manual_seed(N)
@@ -637,10 +663,12 @@ def test_vnni_gemv_within_its_x_piece_bound(dtype, nq, pattern, N, K, G, asym, a
     W64 = ref.dequant(*args, dtype=torch.float64)
     y64 = (x.double() @ W64.T)[0]
     try:
-        tasa_ext.set_cpu_isa("avx512vnni")
+        _gemv_path(path)
         y = tasa_ext.gemm(x, *args)[0].double()
+        _gemv_path(FALLBACK[path])
+        y_exact = tasa_ext.gemm(x, *args)[0].double()
     finally:
-        tasa_ext.set_cpu_isa("auto")
+        _gemv_reset()
     out_round = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10, torch.float32: 0.0}[dtype]
     accum = 2.0 ** -22 * math.sqrt(K) * (x.double().abs() @ W64.abs().T)[0]
     bound = _x_piece_bound(x, W64, G, p["perm"], nq)
@@ -648,34 +676,36 @@ def test_vnni_gemv_within_its_x_piece_bound(dtype, nq, pattern, N, K, G, asym, a
     assert (excess <= 0).all(), float(excess.max())
     if dtype == torch.float32:   # the piece error itself must show in fp32 outputs
         assert bool(((y - y64).abs() > 0).any())
+        if path == "avx2":
+            assert torch.equal(y, y_exact) == (pattern == "u8"), pattern
 
 
-@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI: the int8-piece GEMV does not run")
+@pytest.mark.parametrize("path", INT8_GEMVS)
 @pytest.mark.parametrize("scale", [0.0, 1e-33, 1e30])
-def test_vnni_gemv_zero_tiny_and_huge_groups(scale):
+def test_int8_gemv_zero_tiny_and_huge_groups(path, scale):
     """A group of zeros, one whose largest |x| is below 2^-96 (the driver falls back to the
-    bf16-piece GEMV: the int8 steps would leave fp32's normal range) and a huge one."""
+    exact GEMV: the int8 steps would leave fp32's normal range) and a huge one."""
     p = random_packed(33, 384, 128, BIT_PATTERNS["mix"], True, False)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 128)
     x = torch.randn(1, 384)
     x[0, 128:256] *= scale
     W64 = ref.dequant(*args, dtype=torch.float64)
     y64 = x.double() @ W64.T
-    tasa_ext.set_cpu_isa("avx512vnni")
     try:
+        _gemv_path(path)
         y = tasa_ext.gemm(x, *args)
         assert torch.isfinite(y).all()
-        tasa_ext.set_cpu_isa("avx512")
-        y_bf16 = tasa_ext.gemm(x, *args)
+        _gemv_path(FALLBACK[path])
+        y_exact = tasa_ext.gemm(x, *args)
     finally:
-        tasa_ext.set_cpu_isa("auto")
-    assert rel_err(y, y64) <= 4 * max(rel_err(y_bf16, y64), 1e-7)
+        _gemv_reset()
+    assert rel_err(y, y64) <= 4 * max(rel_err(y_exact, y64), 1e-7)
 
 
-@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI: the int8-piece GEMV does not run")
-def test_vnni_gemv_group_sum_overflow_falls_back():
+@pytest.mark.parametrize("path", INT8_GEMVS)
+def test_int8_gemv_group_sum_overflow_falls_back(path):
     """Finite x whose group sum overflows fp32 (the quantizer, not a separate pass, detects it):
-    the VNNI driver falls back and answers exactly as the bf16-piece GEMV does."""
+    the driver falls back and answers exactly as the exact GEMV does."""
     p = random_packed(33, 256, 128, BIT_PATTERNS["mix"], True, False)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], 128)
     x = torch.randn(1, 256)
@@ -683,11 +713,25 @@ def test_vnni_gemv_group_sum_overflow_falls_back():
     assert torch.isfinite(x).all()
     outs = {}
     try:
-        for isa_name in ("avx512vnni", "avx512"):
-            tasa_ext.set_cpu_isa(isa_name)
-            outs[isa_name] = tasa_ext.gemm(x, *args)
+        for name in (path, FALLBACK[path]):
+            _gemv_path(name)
+            outs[name] = tasa_ext.gemm(x, *args)
     finally:
-        tasa_ext.set_cpu_isa("auto")
-    assert torch.equal(outs["avx512vnni"].isnan(), outs["avx512"].isnan())
-    ok = ~outs["avx512"].isnan()
-    assert torch.equal(outs["avx512vnni"][ok], outs["avx512"][ok])
+        _gemv_reset()
+    a, b = outs[path], outs[FALLBACK[path]]
+    assert torch.equal(a.isnan(), b.isnan())
+    ok = ~b.isnan()
+    assert torch.equal(a[ok], b[ok])
+
+
+def test_gemv_i8_setting_is_checked():
+    assert tasa_ext.ops.gemv_i8() is True        # the default
+    for bad in (1, 0, "on", 1.0):
+        with pytest.raises(ValueError, match="gemv_i8"):
+            tasa_ext.ops.set_gemv_i8(bad)
+    try:
+        tasa_ext.ops.set_gemv_i8(False)
+        assert tasa_ext.ops.gemv_i8() is False
+    finally:
+        tasa_ext.ops.set_gemv_i8(None)
+    assert tasa_ext.ops.gemv_i8() is True

@@ -106,6 +106,8 @@ thread_local Scratch t_scratch;
 
 // The row-shared GEMV's range (2 <= M <= g_gemv_rows); -1: kGemvRowsDefault (below).
 int g_gemv_rows = -1;
+// The AVX2 GEMV's int8 path for 2- and 4-bit groups (gemm_avx2.cpp); -1: default (on).
+int g_gemv_i8 = -1;
 
 }  // namespace
 
@@ -115,6 +117,13 @@ int g_gemv_rows = -1;
 static constexpr int kGemvRowsDefault = 8;
 
 int tasa_cpu_gemv_rows(void) { return g_gemv_rows < 0 ? kGemvRowsDefault : g_gemv_rows; }
+
+int tasa_cpu_gemv_i8(void) { return g_gemv_i8 < 0 ? 1 : g_gemv_i8; }
+
+int tasa_cpu_set_gemv_i8(int on) {
+  g_gemv_i8 = on < 0 ? -1 : on ? 1 : 0;
+  return TASA_OK;
+}
 
 int tasa_cpu_set_gemv_rows(int rows) {
   if (rows < 0) { g_gemv_rows = -1; return TASA_OK; }
@@ -151,6 +160,13 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // skips the double-precision group sums the others need.
   bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
   const int nq = xdt == TASA_BF16 ? 2 : 3;
+  // AVX2 GEMV: the same int8 pieces for its 2-, 3- and 4-bit groups (vpmaddubsw), if it has any
+  bool i8avx2 = gemv2 && tasa_cpu_gemv_i8();
+  if (i8avx2) {
+    i8avx2 = false;
+    for (int64_t j = 0; j < n_groups; ++j) i8avx2 |= gtable[j * 3] != 8;
+  }
+  const bool pieces = vnni || i8avx2;
   // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
   // [np][M][K].
   const int np = xdt == TASA_BF16 ? 1 : xdt == TASA_F16 ? 2 : 3;
@@ -163,10 +179,10 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
     xl = sc.take<float>(Mpad * K);
     xsum = sc.take<float>(M * n_groups);
     xs = sc.take<float>(gemv2 ? 4 * K : 0);
-    xq = sc.take<int8_t>(vnni ? nq * K : 0);
-    xqd = sc.take<float>(vnni ? nq * n_groups : 0);
-    xqsum = sc.take<float>(vnni ? n_groups : 0);
-    xqh = sc.take<int32_t>(vnni ? nq * n_groups : 0);
+    xq = sc.take<int8_t>(vnni ? nq * K : i8avx2 ? 3 * nq * K : 0);
+    xqd = sc.take<float>(pieces ? nq * n_groups : 0);
+    xqsum = sc.take<float>(pieces ? n_groups : 0);
+    xqh = sc.take<int32_t>(pieces ? nq * n_groups : 0);
     xp = sc.take<uint16_t>(avx512 ? np * Mpad * K : 0);
   } while (!sc.ready());
   for (int64_t i = M * K; i < Mpad * K; ++i) xl[i] = 0.f;      // AMX padding rows
@@ -189,7 +205,10 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   }
   if (vnni)
     vnni = tasa::quantize_x_i8_avx512(xl, K, group_size, nq, xq, xqd, xqh, xqsum) == 0;
-  if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums)
+  int8_t* const xqr[3] = {xq, xq + (i8avx2 ? nq * K : 0), xq + (i8avx2 ? 2 * nq * K : 0)};
+  if (i8avx2)   // non-finite or tiny x: every group on the float GEMV
+    i8avx2 = tasa::quantize_x_i8_avx2(xl, K, group_size, nq, xqr, xqd, xqh, xqsum) == 0;
+  if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums; the AVX2 one for its 3/8-bit groups)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < n_groups; ++g) {
         // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,
@@ -214,8 +233,9 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   GemmArgs a{xl, xsum,
              {xs, xs + (gemv2 ? K : 0), xs + (gemv2 ? 2 * K : 0), xs + (gemv2 ? 3 * K : 0)},
              {xpp, xpp + (np > 1 ? piece : 0), xpp + (np > 2 ? 2 * piece : 0)}, np,
-             xq, xqd, xqh, xqsum, vnni ? nq : 0,
-             M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt};
+             xq, xqd, xqh, xqsum, vnni || i8avx2 ? nq : 0,
+             M, N, K, group_size, R, n_groups, qweight, scales, zeros, gtable, y, xdt,
+             {xqr[0], xqr[1], xqr[2]}};
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
   if (isa >= TASA_ISA_AVX2)
     fn = M == 1 ? tasa::gemv_cols_avx2

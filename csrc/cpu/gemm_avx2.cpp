@@ -120,6 +120,7 @@ __attribute__((noinline)) void gemv_group(const uint32_t* wp, const float* xg, i
   for (int64_t t = 0; t < tiles; ++t) {
     const uint32_t* tp = wp + t * B * 16;
     const float* xt = xg + t * 32;
+    for (int r = 0; r < B; ++r) prefetch_ahead(tp + r * 16);
     static_for(std::make_integer_sequence<int, 32>{}, [&](auto I) {
       constexpr int i = decltype(I)::value;
       __m256& ra = (i & 3) == 0 ? a0 : (i & 3) == 1 ? a1 : (i & 3) == 2 ? a2 : a3;
@@ -131,6 +132,126 @@ __attribute__((noinline)) void gemv_group(const uint32_t* wp, const float* xg, i
   }
   g0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
   g1 = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+}
+
+// ---- M == 1, 2- to 4-bit groups: int8 pieces of x times the codes as bytes (vpmaddubsw) ------
+// Why: the float GEMV above spends shift + and + cvt + FMA on every code of every width, ~0.6
+// instructions per code (objdump), and streamed 4-bit weights at only 59-71% of this EPYC's
+// copy bandwidth (benchmarks/results/gemm_cpu_3bit_avx2.md): instruction-bound. Here x enters
+// as the VNNI path's NQ exact int8 pieces per group (quantize_x_i8_avx2: the same pieces, the
+// same error bound, <= 254^-NQ of the group's largest |x|) and the codes as unsigned bytes: one
+// vpmaddubsw multiplies 4 codes of each of 8 columns by 4 int8s of x and adds pairs into int16.
+// x's pieces are stored in the order each width's code vectors come out (code_bytes, xqr). A
+// tile's 32 products per column fit an int16 pair lane (16 products of |q h| <= 15 * 127 = 1905
+// per int16: 30480 < 32767), so the int16 sums widen once per tile (vpmaddwd with ones).
+// 8-bit groups keep the float GEMV: their products overflow the int16 pair sums
+// (255 * 127 * 2 > 32767).
+// Code vector u (0..7) of a tile's half as unsigned bytes: 4 codes of each of 8 columns, the
+// codes x bytes 4u .. 4u + 3 of the reordered piece pair with (see quantize_x_i8_avx2).
+//   B = 4: word u / 2, nibbles u % 2 (codes 8w + 2k + u % 2);  B = 2: word u / 4, field u % 4
+//   (codes 16w + 4k + u % 4);  B = 3: codes u, u + 8, u + 16, u + 24 (g: the gathered bytes).
+// 3 bits: a column's 32 codes are 12 bytes (3 words) with code i at bit 3i, so codes i, i + 8,
+// i + 16, i + 24 sit in bytes k, k + 3, k + 6, k + 9 (k = 3i / 8) at the same shift 3i % 8;
+// g[k] gathers those 4 bytes of every column into its lane (3 vpshufb + 2 vpor), and a code
+// set is one shift + and, or two of each + or for the two straddling sets (i = 2, 5):
+// 36 instructions for the tile's 8 vectors against 12 for 4 bits, no format change.
+template <int B, int U>
+inline __attribute__((always_inline)) __m256i code_bytes(const __m256i* v, const __m256i* g) {
+  if constexpr (B == 4 || B == 2) {
+    constexpr int w = U * B / 8, s = U % (8 / B);
+    const __m256i m = _mm256_set1_epi8(B == 4 ? 0x0F : 0x03);
+    return _mm256_and_si256(s ? _mm256_srli_epi32(v[w], s * B) : v[w], m);
+  } else {
+    constexpr int sh = 3 * U % 8, k = 3 * U / 8;
+    const __m256i m7 = _mm256_set1_epi8(7);
+    if constexpr (sh <= 5) {
+      return _mm256_and_si256(sh ? _mm256_srli_epi32(g[k], sh) : g[k], m7);
+    } else {   // straddles into byte k + 1 (g[k + 1], the same lane position)
+      const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(g[k], sh),
+                                          _mm256_set1_epi8((char)((1 << (8 - sh)) - 1)));
+      const __m256i hi = _mm256_and_si256(_mm256_slli_epi32(g[k + 1], 8 - sh),
+                                          _mm256_set1_epi8((char)(7 & ~((1 << (8 - sh)) - 1))));
+      return _mm256_or_si256(lo, hi);
+    }
+  }
+}
+
+// vpshufb control (per 128-bit lane, repeated): output byte 4L + j of lane L takes byte
+// src[j] of the same 32-bit lane, or zero (-1).
+inline __m256i lane_bytes(int s0, int s1, int s2, int s3) {
+  alignas(32) int8_t c[32];
+  const int src[4] = {s0, s1, s2, s3};
+  for (int l = 0; l < 8; ++l)
+    for (int j = 0; j < 4; ++j) c[4 * l + j] = (int8_t)(src[j] < 0 ? -1 : (l % 4) * 4 + src[j]);
+  return _mm256_load_si256((const __m256i*)c);
+}
+
+// One half-block (8 columns; hp = the tile's word 0 of that half) at a time, code vector by
+// code vector, all NQ pieces of each before the next: a code vector is unpacked once and only
+// NQ int16 sums are live. (Both halves in one loop: GCC scheduled all 48 vpmaddubsw of a tile
+// first and spilled 38 of them; the pieces one after another re-did the unpack NQ times.) The
+// empty asm statements stop GCC re-associating the int16 sums into a tree of all products at
+// once (the same spills).
+template <int B, int NQ, bool PF>
+__attribute__((noinline)) void gemv_half_i8(const uint32_t* hp, const int8_t* xg, int64_t K,
+                                            int64_t tiles, __m256i (&out)[NQ]) {
+  static_assert(B == 2 || B == 3 || B == 4, "int8 GEMV: 2-, 3- and 4-bit codes");
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sel[3][3];   // B = 3: the vpshufb controls of g[k] from word w
+  if constexpr (B == 3) {
+    sel[0][0] = lane_bytes(0, 3, -1, -1); sel[0][1] = lane_bytes(-1, -1, 2, -1); sel[0][2] = lane_bytes(-1, -1, -1, 1);
+    sel[1][0] = lane_bytes(1, -1, -1, -1); sel[1][1] = lane_bytes(-1, 0, 3, -1); sel[1][2] = lane_bytes(-1, -1, -1, 2);
+    sel[2][0] = lane_bytes(2, -1, -1, -1); sel[2][1] = lane_bytes(-1, 1, -1, -1); sel[2][2] = lane_bytes(-1, -1, 0, 3);
+  }
+  __m256i acc[NQ];
+  for (int q = 0; q < NQ; ++q) acc[q] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint32_t* tp = hp + t * B * 16;
+    const int8_t* xt = xg + t * 32;
+    if constexpr (PF)   // (the first half's call: both halves share the 64-byte rows)
+      for (int r = 0; r < B; ++r) prefetch_ahead(tp + r * 16);
+    __m256i v[B], g[3];
+    for (int w = 0; w < B; ++w) v[w] = _mm256_loadu_si256((const __m256i*)(tp + w * 16));
+    if constexpr (B == 3)
+      for (int k = 0; k < 3; ++k)
+        g[k] = _mm256_or_si256(_mm256_or_si256(_mm256_shuffle_epi8(v[0], sel[k][0]),
+                                               _mm256_shuffle_epi8(v[1], sel[k][1])),
+                               _mm256_shuffle_epi8(v[2], sel[k][2]));
+    __m256i s16[NQ];
+    for (int q = 0; q < NQ; ++q) s16[q] = _mm256_setzero_si256();
+    static_for(std::make_integer_sequence<int, 8>{}, [&](auto Uc) {
+      constexpr int u = decltype(Uc)::value;
+      const __m256i c = code_bytes<B, u>(v, g);
+      for (int q = 0; q < NQ; ++q) {
+        int32_t xv;
+        __builtin_memcpy(&xv, xt + q * K + 4 * u, 4);
+        s16[q] = _mm256_add_epi16(s16[q], _mm256_maddubs_epi16(c, _mm256_set1_epi32(xv)));
+        __asm__("" : "+x"(s16[q]));
+      }
+    });
+    for (int q = 0; q < NQ; ++q) acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(s16[q], ones));
+  }
+  for (int q = 0; q < NQ; ++q) out[q] = acc[q];
+}
+
+// The group's centred sums sum((q - 2^(B-1)) * x_hat) for the 16 columns of a block (g0, g1),
+// x_hat = sum_q d_q h_q: each piece's exact integer sum minus 2^(B-1) times the piece's own
+// group sum, scaled by its step in fp32.
+template <int B, int NQ>
+inline void group_i8(const GemmArgs& a, const uint32_t* wp, int64_t lg, int64_t tiles,
+                     __m256& g0, __m256& g1) {
+  __m256i acc0[NQ], acc1[NQ];
+  const int8_t* xg = a.xqr[B - 2] + lg * a.G;
+  gemv_half_i8<B, NQ, true>(wp, xg, a.K, tiles, acc0);
+  gemv_half_i8<B, NQ, false>(wp + 8, xg, a.K, tiles, acc1);
+  g0 = g1 = _mm256_setzero_ps();
+  for (int q = 0; q < NQ; ++q) {
+    const __m256i c = _mm256_set1_epi32(a.xqh[q * a.n_groups + lg] * (1 << (B - 1)));
+    const __m256 d = _mm256_set1_ps(a.xqd[q * a.n_groups + lg]);
+    g0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc0[q], c)), g0);
+    g1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc1[q], c)), g1);
+  }
 }
 
 // ---- 2 <= M <= tasa_cpu_gemv_rows(): the GEMV decode shared by up to 4 rows -------------------------
@@ -250,19 +371,32 @@ void micro_n(int mc, const float* buf, int64_t G, const float* x, int64_t K, flo
 int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   int bad = 0;
   const int64_t tiles = a.G / 32;
+  prefetch_stream_start(a, cb0, cb1);
   for (int64_t cb = cb0; cb < cb1; ++cb) {
     const uint32_t* blk = a.qweight + cb * a.R * 16;
+    prefetch_scales(a, cb, cb1);
     __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
     for (int64_t j = 0; j < a.n_groups; ++j) {
       const int b = a.gtable[j * 3];
       const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
       const uint32_t* wp = blk + off * 16;
       __m256 g0, g1;
-      switch (b) {
-        case 2: gemv_group<2>(wp, a.xs[0] + lg * a.G, tiles, g0, g1); break;
-        case 3: gemv_group<3>(wp, a.xs[1] + lg * a.G, tiles, g0, g1); break;
-        case 4: gemv_group<4>(wp, a.xs[2] + lg * a.G, tiles, g0, g1); break;
-        default: gemv_group<8>(wp, a.xs[3] + lg * a.G, tiles, g0, g1); break;
+      const bool i8 = a.nq > 0 && b != 8;
+      if (i8 && a.nq == 2) {
+        if (b == 2) group_i8<2, 2>(a, wp, lg, tiles, g0, g1);
+        else if (b == 3) group_i8<3, 2>(a, wp, lg, tiles, g0, g1);
+        else group_i8<4, 2>(a, wp, lg, tiles, g0, g1);
+      } else if (i8) {
+        if (b == 2) group_i8<2, 3>(a, wp, lg, tiles, g0, g1);
+        else if (b == 3) group_i8<3, 3>(a, wp, lg, tiles, g0, g1);
+        else group_i8<4, 3>(a, wp, lg, tiles, g0, g1);
+      } else {
+        switch (b) {
+          case 2: gemv_group<2>(wp, a.xs[0] + lg * a.G, tiles, g0, g1); break;
+          case 3: gemv_group<3>(wp, a.xs[1] + lg * a.G, tiles, g0, g1); break;
+          case 4: gemv_group<4>(wp, a.xs[2] + lg * a.G, tiles, g0, g1); break;
+          default: gemv_group<8>(wp, a.xs[3] + lg * a.G, tiles, g0, g1); break;
+        }
       }
       __m256 s0, s1;
       bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
@@ -272,7 +406,8 @@ int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
         __m256 z0, z1;
         bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, z0, z1);
         const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
-        const __m256 xs = _mm256_set1_ps(a.xsum[lg]);
+        // the int8 groups' sums are of x_hat: their correction uses x_hat's sum too
+        const __m256 xs = _mm256_set1_ps(i8 ? a.xqsum[lg] : a.xsum[lg]);
         tot0 = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_sub_ps(z0, c), s0), xs, tot0);
         tot1 = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_sub_ps(z1, c), s1), xs, tot1);
       }
@@ -375,6 +510,89 @@ int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
     for (int64_t m = 0; m < M; ++m) store_block(a, m, cb * 16, yacc.data() + m * 16);
   }
   return bad;
+}
+
+// x [K] in logical order -> nq int8 pieces per group of G, the AVX2 twin of
+// quantize_x_i8_avx512 (the same pieces: the same max, steps, products and round-to-nearest),
+// written straight into the three orders the int8 GEMV reads (code_bytes): xqr[0] for 2-bit
+// groups (within every 16 values: 0 4 8 12 1 5 9 13 2 6 10 14 3 7 11 15, the fields of a 2-bit
+// word by shift), xqr[1] for 3-bit groups (within every 32: s, s + 8, s + 16, s + 24 for s =
+// 0..7), xqr[2] for 4-bit groups (within every 8: 0 2 4 6 1 3 5 7, low then high nibbles), each
+// [nq][K]; steps d, piece sums h [nq][K/G], xsum [K/G] the sum of x_hat. Returns 0; 1 when a
+// group's largest |x| is nonzero but below 2^-96, 2 on a NaN/Inf in x or an fp32 overflow of a
+// group's sum (the caller then keeps the float GEMV).
+int quantize_x_i8_avx2(const float* x, int64_t K, int64_t G, int nq, int8_t* const* xqr,
+                       float* d, int32_t* h, float* xsum) {
+  const int64_t ng = K / G;
+  const __m128i ord2 = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m128i ord4 = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* xg = x + g * G;
+    __m256 mx = _mm256_setzero_ps();
+    int nonfinite = 0;
+    for (int64_t k = 0; k < G; k += 8) {
+      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(xg + k), absmask);
+      nonfinite |= _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(__builtin_inff()), _CMP_NLT_UQ));
+      mx = _mm256_max_ps(mx, v);
+    }
+    if (nonfinite) return 2;
+    alignas(32) float mv[8];
+    _mm256_store_ps(mv, mx);
+    float m = 0.f;
+    for (int i = 0; i < 8; ++i) m = mv[i] > m ? mv[i] : m;
+    if (m != 0.f && m < 0x1p-96f) return 1;
+    float dq[3], inv[3];
+    for (int q = 0; q < nq; ++q) {
+      dq[q] = q == 0 ? m / 127.f : dq[q - 1] / 254.f;
+      inv[q] = m == 0.f ? 0.f : 1.f / dq[q];
+    }
+    __m256i hs[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t k = 0; k < G; k += 16) {
+      __m256 r[2] = {_mm256_loadu_ps(xg + k), _mm256_loadu_ps(xg + k + 8)};
+      for (int q = 0; q < nq; ++q) {
+        __m256i hq[2];
+        for (int u = 0; u < 2; ++u) {
+          hq[u] = _mm256_cvtps_epi32(_mm256_mul_ps(r[u], _mm256_set1_ps(inv[q])));
+          hq[u] = _mm256_max_epi32(_mm256_min_epi32(hq[u], _mm256_set1_epi32(127)),
+                                   _mm256_set1_epi32(-127));
+          hs[q] = _mm256_add_epi32(hs[q], hq[u]);
+          r[u] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hq[u]), _mm256_set1_ps(dq[q]), r[u]);
+        }
+        // 16 int32 -> 16 int8 in order (the packs interleave 128-bit lanes: permute back)
+        const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(hq[0], hq[1]), 0xD8);
+        const __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w16),
+                                           _mm256_extracti128_si256(w16, 1));
+        _mm_storeu_si128((__m128i*)(xqr[0] + q * K + g * G + k), _mm_shuffle_epi8(b8, ord2));
+        _mm_storeu_si128((__m128i*)(xqr[2] + q * K + g * G + k), _mm_shuffle_epi8(b8, ord4));
+        _mm_storeu_si128((__m128i*)(xqr[1] + q * K + g * G + k), b8);   // natural order first
+      }
+    }
+    // 3-bit order, per 32 values: out[4s + j] = in[s + 8j] (code set s of code_bytes<3>): pair
+    // in[s], in[s + 8] and in[s + 16], in[s + 24] as 16-bit units, then interleave the units
+    for (int q = 0; q < nq; ++q)
+      for (int64_t k = 0; k < G; k += 32) {
+        int8_t* o = xqr[1] + q * K + g * G + k;
+        const __m128i pairs = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+        const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)o), pairs);
+        const __m128i b = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)(o + 16)), pairs);
+        _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(a, b));
+        _mm_storeu_si128((__m128i*)(o + 16), _mm_unpackhi_epi16(a, b));
+      }
+    double sum = 0.0;
+    for (int q = 0; q < nq; ++q) {
+      alignas(32) int32_t hv[8];
+      _mm256_store_si256((__m256i*)hv, hs[q]);
+      int32_t t = 0;
+      for (int i = 0; i < 8; ++i) t += hv[i];
+      h[q * ng + g] = t;
+      d[q * ng + g] = dq[q];
+      sum += (double)dq[q] * (double)t;
+    }
+    xsum[g] = (float)sum;
+    if (!(xsum[g] - xsum[g] == 0.f)) return 2;   // the sum overflowed fp32
+  }
+  return 0;
 }
 
 }  // namespace tasa

@@ -108,49 +108,7 @@ inline __attribute__((always_inline)) __m512 dp(__m512 acc, __m512i codes, const
   return _mm512_dpbf16_ps(acc, (__m512bh)codes, (__m512bh)_mm512_set1_epi32(xv));
 }
 
-// ---- Software prefetch ------------------------------------------------------------------------
-// Measured on the 2-core Zen 4 VM with the weights streamed from DRAM (bench_gemm.py's default):
-// without it the GEMV ran at ~11 GB/s (3-bit) to ~17 GB/s (4-bit) per core, i.e. time ~ compute +
-// memory with little overlap, and the 3/4-bit mix was slower than either width. Two streams miss:
-//  * the packed weights: each thread reads its column blocks as one contiguous stream, but the
-//    hardware prefetcher did not run far enough ahead of a compute-heavy loop. Two prefetches
-//    per 64-byte row in the same stream (they cross into the next group, segment and column
-//    block on their own: those are contiguous): into L2 kPrefetchL2Bytes ahead, into L1
-//    kPrefetchBytes ahead. With the L1 one alone (16 KiB ahead, the first version) 3-bit
-//    streamed at 75-77% of the copy bandwidth and only 1.1-1.2x faster than 4-bit; adding the
-//    L2 one took every width to 95-110% (4096x4096 3-bit 202 -> 148 us, 4-bit 229 -> 200 us;
-//    L1/L2 distances 2-4 / 16-32 KiB within noise of each other, 64-128 KiB a little slower;
-//    no software prefetch at all: 3-bit 270 us).
-//  * the scales: a column block reads one 32-byte piece of each of the n_groups scale rows, rows
-//    N * 2 bytes apart -- n_groups scattered lines per block that no stream prefetcher follows
-//    (the mix lost most here: ~2.6 ms -> ~2.0 ms single-thread on 14336x4096 from this alone).
-//    They are prefetched (into L2) kScaleAheadBlocks column blocks ahead.
-constexpr int64_t kPrefetchBytes = 4 << 10;
-constexpr int64_t kPrefetchL2Bytes = 32 << 10;
-constexpr int64_t kScaleAheadBlocks = 4;
-
-inline __attribute__((always_inline)) void prefetch_ahead(const uint32_t* p) {
-  _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T0);
-  _mm_prefetch((const char*)p + kPrefetchL2Bytes, _MM_HINT_T1);
-}
-
-// The scale (and zero) lines of column block cb + kScaleAheadBlocks, if it is still ours.
-inline void prefetch_scales(const GemmArgs& a, int64_t cb, int64_t cb1) {
-  const int64_t c = cb + kScaleAheadBlocks;
-  if (c >= cb1) return;
-  for (int64_t j = 0; j < a.n_groups; ++j) {
-    _mm_prefetch((const char*)(a.scales + j * a.N + c * 16), _MM_HINT_T1);
-    if (a.zeros) _mm_prefetch((const char*)(a.zeros + j * a.N + c * 16), _MM_HINT_T1);
-  }
-}
-
-// The first kPrefetchL2Bytes of a thread's stream: prefetch_ahead only reaches that far ahead
-// of what is being read, so without this every call started its stream on demand misses.
-inline void prefetch_stream_start(const GemmArgs& a, int64_t cb0, int64_t cb1) {
-  const char* p = (const char*)(a.qweight + cb0 * a.R * 16);
-  const int64_t n = (cb1 - cb0) * a.R * 64;
-  for (int64_t o = 0; o < kPrefetchL2Bytes && o < n; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-}
+// ---- Software prefetch: gemm_internal.h (shared with the AVX2 kernels) ---------------------
 
 constexpr int NACC = 8;   // independent accumulation chains: hide vdpbf16ps latency
 

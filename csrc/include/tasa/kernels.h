@@ -27,6 +27,9 @@ int tasa_cpu_set_isa(int isa);   // returns TASA_ERR_SHAPE if the CPU lacks it
 #define TASA_GEMV_ROWS_MAX 16
 int tasa_cpu_gemv_rows(void);
 int tasa_cpu_set_gemv_rows(int rows);   // TASA_ERR_SHAPE outside 1..TASA_GEMV_ROWS_MAX; < 0: default
+// The AVX2 GEMV's int8 path for 2/3/4-bit groups (x as exact int8 pieces): 1 on, 0 off, < 0 default
+int tasa_cpu_gemv_i8(void);
+int tasa_cpu_set_gemv_i8(int on);
 
 // ---- format helpers (CPU) -------------------------------------------------------------------
 // Builds the stored-order group table from per-logical-group bits; returns packed rows in *rows.
