@@ -19,6 +19,8 @@ more than 100% of the copy bandwidth).
                                                          # merged into the existing results file
     python benchmarks/bench_gemm.py --batch 1 --isa avx2 --out gemm_cpu_avx2   # an older path
     python benchmarks/bench_gemm.py --device cuda --batch 1 4 16 64
+    python benchmarks/bench_gemm.py --batch 1 --act float32 --gemv-i8 both --out gemm_cpu_avx2_i8
+                                    # AVX2: the int8-piece GEMV and the float one side by side
 """
 from __future__ import annotations
 
@@ -99,11 +101,15 @@ def main():
                          "(default here %(default)s: 3x the last-level cache, >= 96)")
     ap.add_argument("--resident", action="store_true",
                     help="reuse one weight copy (cache-resident for shapes smaller than the LLC)")
+    ap.add_argument("--gemv-i8", default="default", choices=["default", "on", "off", "both"],
+                    help="the AVX2 GEMV's int8-piece path (tasa_ext.ops.set_gemv_i8): both = "
+                         "each width timed on it and on the float path, interleaved")
     ap.add_argument("--update", action="store_true",
                     help="merge into the existing results file: replace only the rows of the shapes "
                          "and batches measured now (each row keeps its run's load and bandwidth)")
     args = ap.parse_args()
     stream_bytes = 0 if args.resident else args.stream_mb << 20
+    i8_modes = {"default": [None], "on": [True], "off": [False], "both": [True, False]}[args.gemv_i8]
     dev, G = args.device, args.group_size
     if dev == "cpu":
         tasa_ext.set_cpu_isa(args.isa)
@@ -150,7 +156,9 @@ def main():
                      for dt, (sets, _) in dense.items()}
             calls[("int4", None)] = rotating(lambda o: int4_call(xb, o), int4_sets)
             for p, (sets, _, _) in packed.items():
-                calls[("tasa", p)] = rotating(lambda o: tasa_ext.gemm(xa, *o), sets)
+                for i8 in i8_modes:
+                    calls[("tasa", p, i8)] = rotating(
+                        lambda o, i8=i8: (tasa_ext.ops.set_gemv_i8(i8), tasa_ext.gemm(xa, *o))[1], sets)
             samples = {k: [] for k in calls}
             for _ in range(args.rounds):
                 for k, fn in calls.items():
@@ -158,10 +166,11 @@ def main():
             med = {k: statistics.median(v) for k, v in samples.items()}
             t_dense = {dt: med[("dense", dt)] for dt in dense}
             t_int4 = med[("int4", None)]
-            for p, (sets, nbytes, avg) in packed.items():
-                t = med[("tasa", p)]
-                lo, hi = min(samples[("tasa", p)]), max(samples[("tasa", p)])
+            for (p, (sets, nbytes, avg)), i8 in itertools.product(packed.items(), i8_modes):
+                t = med[("tasa", p, i8)]
+                lo, hi = min(samples[("tasa", p, i8)]), max(samples[("tasa", p, i8)])
                 row = dict(shape=name, N=N, K=K, M=M, bits=p, avg_bits=round(avg, 4), act=str(act_dtype)[6:],
+                           gemv_i8={None: "default", True: "on", False: "off"}[i8],
                            us=round(t * 1e6, 1), us_min=round(lo * 1e6, 1), us_max=round(hi * 1e6, 1),
                            rounds=args.rounds, GBps=round(nbytes / t / 1e9, 2),
                            frac_copy_bw=round(nbytes / t / bw_shape, 3),
@@ -198,15 +207,34 @@ def main():
            "is possible; it is measured again before each shape (the VM's bandwidth drifts). Times: "
            "each configuration is timed in `rounds` interleaved rounds (median of 5 batches each); "
            "the median over rounds is shown, tasa's with its min-max. Ratios > 1: tasa faster.", "",
-           "| shape | M | bits | avg bits | tasa µs | (min-max) | GB/s | of copy BW | "
+           "| shape | M | bits | AVX2 int8 GEMV | avg bits | tasa µs | (min-max) | GB/s | of copy BW | "
            + " | ".join(f"{d} µs | ×{d}" for d in dn) + " | torch int4 µs | int4 GB/s | ×int4 | mode | load |",
-           "|" + "---|" * (13 + 2 * len(dn))]
+           "|" + "---|" * (14 + 2 * len(dn))]
     for r in rows:
-        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r['avg_bits']} | {r['us']} | "
+        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r.get('gemv_i8', 'default')} | {r['avg_bits']} | {r['us']} | "
                   f"{r.get('us_min', '')}-{r.get('us_max', '')} | {r['GBps']} | "
                   f"{r['frac_copy_bw']:.0%} | " + " | ".join(f"{r[d + '_us']} | {r['x_' + d]}" for d in dn)
                   + f" | {r['torch_int4_us']} | {r.get('torch_int4_GBps', '')} | {r['x_torch_int4']} | "
                   f"{r.get('mode', 'resident')} | {r.get('load_average', '').replace(' -> ', ' → ')} |")
+    pairs = {(r["shape"], r["M"], r["bits"], r.get("gemv_i8")): r for r in rows}
+    if any(k[3] == "on" for k in pairs) and any(k[3] == "off" for k in pairs):
+        md += ["", "Same run, AVX2 int8-piece GEMV (`on`) against the float one (`off`): speed-up "
+               "of `on` (off µs / on µs), and each path's 3-bit and 3.5-bit speed relative to its "
+               "own 4-bit (target >= 1.25x for 3 vs 4).", "",
+               "| shape | M | bits | on µs | off µs | on vs off | 3 vs 4 (on) | 3 vs 4 (off) | 3.5 vs 4 (on) | 3.5 vs 4 (off) |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        for (shape, M, bits, i8), r in pairs.items():
+            off = pairs.get((shape, M, bits, "off"))
+            if i8 != "on" or off is None:
+                continue
+            rel = {}
+            for mode in ("on", "off"):
+                four = pairs.get((shape, M, "4", mode))
+                for b, key in (("3", "3"), ("3.5 (3/4 mix)", "3.5")):
+                    x = pairs.get((shape, M, b, mode))
+                    rel[(key, mode)] = f"{four['us'] / x['us']:.2f}x" if four and x else ""
+            md.append(f"| {shape} | {M} | {bits} | {r['us']} | {off['us']} | {off['us'] / r['us']:.2f}x | "
+                      f"{rel[('3', 'on')]} | {rel[('3', 'off')]} | {rel[('3.5', 'on')]} | {rel[('3.5', 'off')]} |")
     path = write_results(stem, {"runs": runs}, rows, "\n".join(md) + "\n")
     print(f"wrote {path}")
 

@@ -68,7 +68,8 @@ sys.path.insert(0, str(HERE))
 CONFIGS = ("hf-fp32", "hf-bf16", "tasa-eager", "tasa-fast-head32", "tasa-fast", "tasa-saved",
            "tasa-saved-bf16", "llama.cpp")
 # also accepted (not in the default list): "-fused" after a tasa-saved configuration turns the
-# CPU gemm's dense prefill path off (tasa_ext.ops.set_dense_rows(0)), for side-by-side ratios
+# CPU gemm's dense prefill path off (tasa_ext.ops.set_dense_rows(0)), "-float" in one turns the
+# AVX2 GEMV's int8-piece path off (tasa_ext.ops.set_gemv_i8(False)), for side-by-side ratios
 MEASURED = HERE / "results" / "reproduction"
 # (this process may import no tasa: the build command for this CPU is printed by tasa's own)
 INSTALL_LLAMA = ('the build command for this CPU: python -c "from tasa.gguf_export import '
@@ -188,6 +189,8 @@ def run_one(model_name: str, config: str, reps: int, new: int, prompt_len: int,
 
             if config.endswith("-fused"):
                 tasa_ext.ops.set_dense_rows(0)
+            if "-float" in config:
+                tasa_ext.ops.set_gemv_i8(False)
             t0 = time.perf_counter()
             model = tasa.load(path)
             if "-bf16" in config:
