@@ -161,11 +161,12 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
   const int nq = xdt == TASA_BF16 ? 2 : 3;
   // AVX2 GEMV: the same int8 pieces for its 2-, 3- and 4-bit groups (vpmaddubsw), if it has any
-  bool i8avx2 = gemv2 && tasa_cpu_gemv_i8();
-  if (i8avx2) {
-    i8avx2 = false;
-    for (int64_t j = 0; j < n_groups; ++j) i8avx2 |= gtable[j * 3] != 8;
-  }
+  // (need: bit b - 2 for each width b < 8 present; only those orders of x are written)
+  int need = 0;
+  if (gemv2 && tasa_cpu_gemv_i8())
+    for (int64_t j = 0; j < n_groups; ++j)
+      if (gtable[j * 3] != 8) need |= 1 << (gtable[j * 3] - 2);
+  bool i8avx2 = need != 0;
   const bool pieces = vnni || i8avx2;
   // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
   // [np][M][K].
@@ -207,7 +208,7 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
     vnni = tasa::quantize_x_i8_avx512(xl, K, group_size, nq, xq, xqd, xqh, xqsum) == 0;
   int8_t* const xqr[3] = {xq, xq + (i8avx2 ? nq * K : 0), xq + (i8avx2 ? 2 * nq * K : 0)};
   if (i8avx2)   // non-finite or tiny x: every group on the float GEMV
-    i8avx2 = tasa::quantize_x_i8_avx2(xl, K, group_size, nq, xqr, xqd, xqh, xqsum) == 0;
+    i8avx2 = tasa::quantize_x_i8_avx2(xl, K, group_size, nq, xqr, need, xqd, xqh, xqsum) == 0;
   if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums; the AVX2 one for its 3/8-bit groups)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < n_groups; ++g) {

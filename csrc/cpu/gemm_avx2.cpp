@@ -518,11 +518,12 @@ int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
 // groups (within every 16 values: 0 4 8 12 1 5 9 13 2 6 10 14 3 7 11 15, the fields of a 2-bit
 // word by shift), xqr[1] for 3-bit groups (within every 32: s, s + 8, s + 16, s + 24 for s =
 // 0..7), xqr[2] for 4-bit groups (within every 8: 0 2 4 6 1 3 5 7, low then high nibbles), each
-// [nq][K]; steps d, piece sums h [nq][K/G], xsum [K/G] the sum of x_hat. Returns 0; 1 when a
+// [nq][K], only those whose bit (1 << (b - 2)) is set in need; steps d, piece sums h [nq][K/G],
+// xsum [K/G] the sum of x_hat. Returns 0; 1 when a
 // group's largest |x| is nonzero but below 2^-96, 2 on a NaN/Inf in x or an fp32 overflow of a
 // group's sum (the caller then keeps the float GEMV).
 int quantize_x_i8_avx2(const float* x, int64_t K, int64_t G, int nq, int8_t* const* xqr,
-                       float* d, int32_t* h, float* xsum) {
+                       int need, float* d, int32_t* h, float* xsum) {
   const int64_t ng = K / G;
   const __m128i ord2 = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const __m128i ord4 = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
@@ -563,14 +564,14 @@ int quantize_x_i8_avx2(const float* x, int64_t K, int64_t G, int nq, int8_t* con
         const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(hq[0], hq[1]), 0xD8);
         const __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w16),
                                            _mm256_extracti128_si256(w16, 1));
-        _mm_storeu_si128((__m128i*)(xqr[0] + q * K + g * G + k), _mm_shuffle_epi8(b8, ord2));
-        _mm_storeu_si128((__m128i*)(xqr[2] + q * K + g * G + k), _mm_shuffle_epi8(b8, ord4));
-        _mm_storeu_si128((__m128i*)(xqr[1] + q * K + g * G + k), b8);   // natural order first
+        if (need & 1) _mm_storeu_si128((__m128i*)(xqr[0] + q * K + g * G + k), _mm_shuffle_epi8(b8, ord2));
+        if (need & 2) _mm_storeu_si128((__m128i*)(xqr[1] + q * K + g * G + k), b8);   // reordered below
+        if (need & 4) _mm_storeu_si128((__m128i*)(xqr[2] + q * K + g * G + k), _mm_shuffle_epi8(b8, ord4));
       }
     }
     // 3-bit order, per 32 values: out[4s + j] = in[s + 8j] (code set s of code_bytes<3>): pair
     // in[s], in[s + 8] and in[s + 16], in[s + 24] as 16-bit units, then interleave the units
-    for (int q = 0; q < nq; ++q)
+    for (int q = 0; q < (need & 2 ? nq : 0); ++q)
       for (int64_t k = 0; k < G; k += 32) {
         int8_t* o = xqr[1] + q * K + g * G + k;
         const __m128i pairs = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);

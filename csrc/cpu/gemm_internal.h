@@ -104,7 +104,7 @@ int quantize_x_i8_avx512(const float* x, int64_t K, int64_t G, int nq, int8_t* x
 void split_bf16_avx512(const float* x, int64_t K, int np, uint16_t* out);
 // The same pieces on AVX2, written in the int8 GEMV's three orders (gemm_avx2.cpp).
 int quantize_x_i8_avx2(const float* x, int64_t K, int64_t G, int nq, int8_t* const* xqr,
-                       float* d, int32_t* h, float* xsum);
+                       int need, float* d, int32_t* h, float* xsum);
 
 // Writes 16 fp32 results of row m, columns [n0, n0+16) (clipped to N) into y of dtype ydt.
 void store_block(const GemmArgs& a, int64_t m, int64_t n0, const float* v16);
