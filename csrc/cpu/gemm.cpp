@@ -106,7 +106,7 @@ thread_local Scratch t_scratch;
 
 // The row-shared GEMV's range (2 <= M <= g_gemv_rows); -1: kGemvRowsDefault (below).
 int g_gemv_rows = -1;
-// The AVX2 GEMV's int8 path for 2- and 4-bit groups (gemm_avx2.cpp); -1: default (on).
+// The AVX2 GEMV's int8 path for 2/3/4-bit groups (gemm_avx2.cpp); -1: default (on).
 int g_gemv_i8 = -1;
 
 }  // namespace
@@ -209,7 +209,7 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   int8_t* const xqr[3] = {xq, xq + (i8avx2 ? nq * K : 0), xq + (i8avx2 ? 2 * nq * K : 0)};
   if (i8avx2)   // non-finite or tiny x: every group on the float GEMV
     i8avx2 = tasa::quantize_x_i8_avx2(xl, K, group_size, nq, xqr, need, xqd, xqh, xqsum) == 0;
-  if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums; the AVX2 one for its 3/8-bit groups)
+  if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums; the AVX2 one needs these for its 8-bit groups)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < n_groups; ++g) {
         // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,

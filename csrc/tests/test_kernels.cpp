@@ -130,10 +130,11 @@ static void run_case(int64_t N, int64_t K, int64_t G, const std::vector<int32_t>
       EXPECT(tasa_gemm_cpu(xp, xdt, M, qw.data(), scales.data(), asym ? zeros.data() : nullptr,
                            gtable.data(), perm_on ? perm.data() : nullptr, N, K, G, R, yp) == TASA_OK,
              "gemm");
-      // The VNNI GEMV reads x as nq int8 pieces per logical group: |x - x_hat| <= max|x_g| *
-      // 254^-nq (gemm_avx512.cpp), so each output may also move by sum_k |W_nk| * that bound.
+      // The VNNI GEMV and the AVX2 one (its 2/3/4-bit groups) read x as nq int8 pieces per
+      // logical group: |x - x_hat| <= max|x_g| * 254^-nq (gemm_avx512.cpp, gemm_avx2.cpp), so
+      // each output may also move by sum_k |W_nk| * that bound.
       std::vector<double> xerr(K, 0.0);
-      if (isa >= TASA_ISA_AVX512_VNNI && M == 1) {
+      if ((isa >= TASA_ISA_AVX512_VNNI || isa == TASA_ISA_AVX2) && M == 1) {
         const int nq = xdt == TASA_BF16 ? 2 : 3;
         for (int64_t g = 0; g < ng; ++g) {
           double mx = 0;

@@ -261,7 +261,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                 TASA_GEMV_ROWS_MAX, " (1: off) or -1 (the default), got ", rows);
   });
   m.def("gemv_i8", []() { return tasa_cpu_gemv_i8(); },
-        "whether the AVX2 GEMV runs its 2/4-bit groups on int8 pieces of x (vpmaddubsw)");
+        "whether the AVX2 GEMV runs its 2/3/4-bit groups on int8 pieces of x (vpmaddubsw)");
   m.def("set_gemv_i8", [](int on) { tasa_cpu_set_gemv_i8(on); });
   m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
   m.def("set_cpu_isa", [](int isa) {
