@@ -26,11 +26,6 @@
 namespace tasa {
 namespace {
 
-template <class F, int... I>
-inline __attribute__((always_inline)) void static_for(std::integer_sequence<int, I...>, F&& f) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-
 // XOR mask for word WI of a B-bit tile: flips the top bit of every field (global bit B*i+B-1 of
 // the 32*B-bit tile), which turns field q into the two's complement of q - 2^(B-1).
 template <int B>
