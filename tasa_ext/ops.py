@@ -14,6 +14,10 @@ Ops (namespace ``tasa``):
              (the clipping search of group parameters, tasa.quant.mse; CPU only)
   hadamard(x [..., K] f32|bf16|f16, G, inverse) -> [..., K] (x's dtype)
              (format version 2's incoherence rotation: x R, or x R^T with inverse)
+  decode_attention_(qkv f32 [(H+2KV)*hd]!, cos f32 [hd], sin f32 [hd], k_cache f32 [KV,L,hd]!,
+                    v_cache f32 [KV,L,hd]!, H, pos, scale) -> out f32 [H*hd]
+             (one decode step's rotary embedding, cache writes and grouped-query attention;
+             CPU only)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
 from __future__ import annotations
@@ -37,6 +41,8 @@ SCHEMAS = {
                   "Tensor(b!) codes, Tensor(c!) err) -> ()",
     "mse_params": "mse_params(Tensor W, int bits, bool sym, Tensor? weight, Tensor shrink) -> (Tensor, Tensor)",
     "hadamard": "hadamard(Tensor x, int group_size, bool inverse) -> Tensor",
+    "decode_attention_": "decode_attention_(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+                         "Tensor(c!) v_cache, int H, int pos, float scale) -> Tensor",
 }
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
@@ -135,6 +141,11 @@ def _mse_params_fake(W, bits, sym, weight, shrink):
     return W.new_empty(W.shape[:-1]), W.new_empty(W.shape[:-1])
 
 
+@torch.library.register_fake("tasa::decode_attention_")
+def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, H, pos, scale):
+    return qkv.new_empty(H * k_cache.shape[-1])
+
+
 @torch.library.register_fake("tasa::hadamard")
 def _hadamard_fake(x, group_size, inverse):
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -204,6 +215,17 @@ def hadamard(x, group_size: int, inverse: bool = False) -> torch.Tensor:
     ``x R^T`` (a rotated weight row back to input channels). Rotated in fp32, returned in x's
     dtype; :func:`tasa_ext.reference.hadamard` is the semantics."""
     return torch.ops.tasa.hadamard(x, group_size, inverse)
+
+
+def decode_attention_(qkv, cos, sin, k_cache, v_cache, H: int, pos: int, scale: float) -> torch.Tensor:
+    """One decode step's attention for a single token at position ``pos`` (CPU, fp32): q and k
+    of ``qkv`` ([(H + 2 KV) * hd]: q, k, v) rotated in place with ``cos``/``sin`` of that
+    position (transformers' rotate_half convention, the same roundings), k and v written to the
+    caches ([KV, max_len, hd]) at ``pos``, and softmax(scale q K^T) V over positions 0..pos per
+    head (grouped: head h reads KV head h // (H / KV)) returned as [H * hd].
+    :func:`tasa_ext.reference.decode_attention_` is the semantics."""
+    return torch.ops.tasa.decode_attention_(qkv, cos, sin, k_cache, v_cache, int(H), int(pos),
+                                            float(scale))
 
 
 def hadamard_block(group_size: int) -> int:

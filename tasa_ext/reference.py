@@ -260,3 +260,27 @@ def hadamard(x: torch.Tensor, group_size: int, inverse: bool = False) -> torch.T
     if inverse:
         v = v * s
     return v.to(x.dtype)
+
+
+def decode_attention_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, H: int, pos: int,
+                      scale: float) -> torch.Tensor:
+    """torch semantics of tasa_ext.ops.decode_attention_ (the rotation as transformers'
+    apply_rotary_pos_emb, the attention as a plain softmax over positions 0..pos)."""
+    KV, _, hd = k_cache.shape
+    h2 = hd // 2
+    q = qkv[:H * hd].view(H, hd)
+    k = qkv[H * hd:(H + KV) * hd].view(KV, hd)
+    v = qkv[(H + KV) * hd:].view(KV, hd)
+
+    def rot(x):
+        return torch.cat((-x[..., h2:], x[..., :h2]), dim=-1)
+
+    q.copy_((q * cos) + (rot(q) * sin))
+    k.copy_((k * cos) + (rot(k) * sin))
+    k_cache[:, pos] = k
+    v_cache[:, pos] = v
+    Kc = k_cache[:, :pos + 1].repeat_interleave(H // KV, 0).double()
+    Vc = v_cache[:, :pos + 1].repeat_interleave(H // KV, 0).double()
+    p = torch.softmax((Kc @ q.double()[:, :, None])[..., 0] * scale, dim=-1)     # [H, T]
+    return (p[:, None, :] @ Vc)[:, 0].reshape(-1).float()

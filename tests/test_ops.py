@@ -493,8 +493,53 @@ def test_mse_params_beats_min_max_and_refuses_bad_input():
         tasa_ext.mse_params(W.double(), 3, False, None, shrink)
 
 
+@pytest.mark.parametrize("H,KV,hd,L,pos", [(9, 3, 64, 50, 0), (9, 3, 64, 50, 37), (14, 2, 64, 300, 299),
+                                            (5, 5, 6, 7, 3), (4, 1, 130, 2000, 1500), (3, 1, 2, 1, 0)])
+def test_decode_attention_matches_reference(H, KV, hd, L, pos):
+    """The decode step's fused attention against its torch semantics on odd sizes (GQA and MHA,
+    an odd number of heads, hd = 2 and 130, the first and the last cache slot, a long context
+    that takes the threaded loop): q and k rotated in place and the cache rows written bit for
+    bit as transformers rounds them (nothing else in the caches touched), the attention output
+    within fp32 rounding of float64."""
+    g = torch.Generator().manual_seed(H * 1000 + pos)
+    qkv = torch.randn((H + 2 * KV) * hd, generator=g)
+    cos, sin = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
+    kc, vc = torch.randn(KV, L, hd, generator=g), torch.randn(KV, L, hd, generator=g)
+    a = [qkv.clone(), cos, sin, kc.clone(), vc.clone()]
+    b = [qkv.clone(), cos, sin, kc.clone(), vc.clone()]
+    out = tasa_ext.ops.decode_attention_(*a, H, pos, 0.3)
+    want = ref.decode_attention_(*b, H, pos, 0.3)
+    for got, exp in ((a[0], b[0]), (a[3], b[3]), (a[4], b[4])):
+        assert torch.equal(got, exp)
+    others = torch.ones(L, dtype=torch.bool)
+    others[pos] = False
+    assert torch.equal(a[3][:, others], kc[:, others]) and torch.equal(a[4][:, others], vc[:, others])
+    assert out.shape == (H * hd,)
+    # sequential fp32 sums over pos + 1 probabilities and hd products: u * (T + hd) per term of
+    # size max|V| (a wrong position, head or rotation is off by O(max|V|))
+    tol = 4 * 2.0 ** -24 * (pos + 1 + hd) * float(b[4].abs().max())
+    assert float((out - want).abs().max()) <= tol
+
+
+def test_decode_attention_refuses_bad_input():
+    qkv, cs = torch.randn((4 + 2 * 2) * 8), torch.randn(8)
+    kc = torch.zeros(2, 10, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        tasa_ext.ops.decode_attention_(qkv, cs, cs, kc, kc.clone(), 4, 10, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of KV"):
+        tasa_ext.ops.decode_attention_(qkv, cs, cs, kc, kc.clone(), 3, 0, 1.0)
+    with pytest.raises(RuntimeError, match="qkv must hold"):
+        tasa_ext.ops.decode_attention_(qkv[:-1], cs, cs, kc, kc.clone(), 4, 0, 1.0)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        tasa_ext.ops.decode_attention_(qkv, cs[:6], cs, kc, kc.clone(), 4, 0, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        tasa_ext.ops.decode_attention_(qkv.double(), cs, cs, kc, kc.clone(), 4, 0, 1.0)
+    with pytest.raises(RuntimeError, match="one shape"):
+        tasa_ext.ops.decode_attention_(qkv, cs, cs, kc, torch.zeros(2, 9, 8), 4, 0, 1.0)
+
+
 @pytest.mark.parametrize("op", ["pack", "unpack", "dequant", "embed", "gemm", "hessian_accumulate_",
-                                "gptq_cols_", "mse_params"])
+                                "gptq_cols_", "mse_params", "decode_attention_"])
 def test_opcheck(op):
     p, args = _sample_args()
     samples = {
@@ -511,6 +556,8 @@ def test_opcheck(op):
                         7, 0, 32, torch.zeros(7, 64, dtype=torch.uint8), torch.zeros(7, 64))],
         "mse_params": [(torch.randn(9, 64), 3, False, torch.rand(64), torch.tensor([1.0, 0.9, 0.8])),
                        (torch.randn(2, 5, 32), 4, True, None, torch.tensor([1.0, 0.95]))],
+        "decode_attention_": [(torch.randn((6 + 2 * 2) * 8), torch.randn(8), torch.randn(8),
+                               torch.randn(2, 12, 8), torch.randn(2, 12, 8), 6, 5, 0.35)],
     }[op]
     for s in samples:
         opcheck(getattr(torch.ops.tasa, op).default, s)

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from tasa_ext.ops import decode_attention_
+
 from .layers import TasaLinear
 
 __all__ = ["GenerationResult", "generate", "FastPathUnavailable", "Sampling", "TextStream",
@@ -191,6 +193,9 @@ class _LeanDecoder:
     profile); the rest was Python around them."""
 
     TYPES = ("llama", "qwen2", "mistral")
+    # Measured on the 2-core AVX2 EPYC (benchmarks/results/decode_attention_avx2.md): the op
+    # replaced ~15 aten calls per layer; False restores them (benchmarks compare both)
+    FUSED_ATTENTION = True
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -237,6 +242,11 @@ class _LeanDecoder:
         pos = torch.arange(max_len)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, 1, self.hd, dtype=dtype), pos)
         self.cos, self.sin = cos[:, None], sin[:, None]          # [1, 1, max_len, hd]
+        # one-token steps of fp32 models: rotation, cache writes and attention in one tasa op
+        # (tasa_ext.ops.decode_attention_) instead of ~15 aten calls per layer
+        self.fused_attention = (self.FUSED_ATTENTION and dtype == torch.float32
+                                and self.cos.dtype == torch.float32
+                                and self.cos.device.type == "cpu")
 
     @staticmethod
     def _norm_fn(n):
@@ -267,25 +277,31 @@ class _LeanDecoder:
         for li, (n1, q, k, v, o, n2, g, u, d) in enumerate(self.layers):
             fqkv, fgu = self.fused[li]
             x = n1(h)
-            if fqkv is not None:
-                # q and k rotated together: the same elementwise products, half the calls
-                y = fqkv(x).view(1, T, H + 2 * KV, hd)
-                qk = y[:, :, :H + KV]
-                qk = (qk * cos_t) + (rot(qk) * sin_t)
-                qs, ks = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-                vs = y[:, :, H + KV:].transpose(1, 2)
+            if fqkv is not None and T == 1 and self.fused_attention:
+                a = decode_attention_(fqkv(x).view(-1), self.cos[0, 0, start],
+                                      self.sin[0, 0, start], self.k[li][0], self.v[li][0], H,
+                                      start, self.scale).view(1, 1, H * hd)
             else:
-                qs = q(x).view(1, T, H, hd).transpose(1, 2)
-                ks = k(x).view(1, T, KV, hd).transpose(1, 2)
-                vs = v(x).view(1, T, KV, hd).transpose(1, 2)
-                qs = (qs * cos) + (rot(qs) * sin)
-                ks = (ks * cos) + (rot(ks) * sin)
-            self.k[li][:, :, start:end] = ks
-            self.v[li][:, :, start:end] = vs
-            a = F.scaled_dot_product_attention(qs, self.k[li][:, :, :end], self.v[li][:, :, :end],
-                                               is_causal=T > 1, scale=self.scale,
-                                               enable_gqa=KV != H)
-            h = h + o(a.transpose(1, 2).reshape(1, T, H * hd))
+                if fqkv is not None:
+                    # q and k rotated together: the same elementwise products, half the calls
+                    y = fqkv(x).view(1, T, H + 2 * KV, hd)
+                    qk = y[:, :, :H + KV]
+                    qk = (qk * cos_t) + (rot(qk) * sin_t)
+                    qs, ks = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+                    vs = y[:, :, H + KV:].transpose(1, 2)
+                else:
+                    qs = q(x).view(1, T, H, hd).transpose(1, 2)
+                    ks = k(x).view(1, T, KV, hd).transpose(1, 2)
+                    vs = v(x).view(1, T, KV, hd).transpose(1, 2)
+                    qs = (qs * cos) + (rot(qs) * sin)
+                    ks = (ks * cos) + (rot(ks) * sin)
+                self.k[li][:, :, start:end] = ks
+                self.v[li][:, :, start:end] = vs
+                a = F.scaled_dot_product_attention(qs, self.k[li][:, :, :end],
+                                                   self.v[li][:, :, :end], is_causal=T > 1,
+                                                   scale=self.scale, enable_gqa=KV != H)
+                a = a.transpose(1, 2).reshape(1, T, H * hd)
+            h = h + o(a)
             x = n2(h)
             if fgu is not None:
                 gs, us = fgu(x).split((g.out_features, u.out_features), -1)

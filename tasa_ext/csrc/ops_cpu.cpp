@@ -191,6 +191,32 @@ at::Tensor hadamard_cpu(const at::Tensor& x, int64_t group_size, bool inverse) {
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+at::Tensor decode_attention_cpu(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor& k_cache, at::Tensor& v_cache, int64_t H, int64_t pos,
+                                double scale) {
+  for (const at::Tensor* t : {(const at::Tensor*)&qkv, &cos, &sin, (const at::Tensor*)&k_cache,
+                               (const at::Tensor*)&v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "tasa: decode_attention takes contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+              "tasa: k_cache and v_cache must be [KV, max_len, hd] of one shape, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t KV = k_cache.size(0), max_len = k_cache.size(1), hd = k_cache.size(2);
+  TORCH_CHECK(H > 0 && H % KV == 0, "tasa: H must be a positive multiple of KV (", KV, "), got ", H);
+  TORCH_CHECK(qkv.numel() == (H + 2 * KV) * hd, "tasa: qkv must hold (H + 2 KV) * hd = ",
+              (H + 2 * KV) * hd, " values, got ", qkv.numel());
+  TORCH_CHECK(cos.numel() == hd && sin.numel() == hd, "tasa: cos and sin must hold hd = ", hd,
+              " values");
+  TORCH_CHECK(0 <= pos && pos < max_len, "tasa: pos ", pos, " outside the cache [0, ", max_len, ")");
+  auto out = at::empty({H * hd}, qkv.options());
+  raise_status(tasa_decode_attention_cpu(qkv.data_ptr<float>(), cos.data_ptr<float>(),
+                                         sin.data_ptr<float>(), k_cache.data_ptr<float>(),
+                                         v_cache.data_ptr<float>(), H, KV, hd, max_len, pos,
+                                         (float)scale, out.data_ptr<float>()));
+  return out;
+}
+
 }  // namespace tasa_ext
 
 TORCH_LIBRARY_IMPL(tasa, CPU, m) {
@@ -203,6 +229,7 @@ TORCH_LIBRARY_IMPL(tasa, CPU, m) {
   m.impl("gptq_cols_", &tasa_ext::gptq_cols_cpu);
   m.impl("mse_params", &tasa_ext::mse_params_cpu);
   m.impl("hadamard", &tasa_ext::hadamard_cpu);
+  m.impl("decode_attention_", &tasa_ext::decode_attention_cpu);
 }
 
 namespace py = pybind11;

@@ -105,6 +105,15 @@ int tasa_mse_params_cpu(const float* W, int64_t R, int64_t G, int64_t bits, int 
 // weight row back (dequantization). K must be a multiple of group_size.
 int tasa_hadamard_cpu(float* x, int64_t M, int64_t K, int64_t group_size, int inverse);
 
+// One decode step's attention for a single new token at position pos, fp32: qkv [(H + 2 KV) *
+// hd] holds q (H heads), k and v (KV heads each) of the token; q and k are rotated in place
+// (x * cos + rotate_half(x) * sin, cos/sin [hd] of position pos, rotate_half(x) = (-x2, x1)),
+// k and v written to k_cache / v_cache [KV, max_len, hd] at pos, and out [H * hd] =
+// softmax(scale * q_h K_g[0..pos]^T) V_g[0..pos] per head h, g = h / (H / KV).
+int tasa_decode_attention_cpu(float* qkv, const float* cos, const float* sin, float* k_cache,
+                              float* v_cache, int64_t H, int64_t KV, int64_t hd, int64_t max_len,
+                              int64_t pos, float scale, float* out);
+
 // ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
 #ifdef TASA_WITH_CUDA
 int tasa_pack_cuda(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,

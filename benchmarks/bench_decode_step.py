@@ -1,0 +1,94 @@
+"""One decode step of tasa's lean decoder with and without the fused decode attention
+(tasa_ext.ops.decode_attention_: rotation, KV-cache writes and attention in one op).
+
+    python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b
+
+Model: bench_generate's decode model (the TASA 3.5-bit plan of benchmarks/results/reproduction
+with RTN, tasa's default embedding/head). Each configuration decodes --steps tokens after a
+16-token prompt (positions 16..16+steps, fixed input token), --rounds interleaved rounds,
+median step time reported with min-max; the greedy token of every step is compared between the
+two. Results: benchmarks/results/decode_attention_<cpu isa>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_generate import _prompt_ids, _tasa_model  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
+
+
+def main(argv=None) -> int:
+    import tasa_ext
+    from tasa.generation import _LeanDecoder
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models.split(","):
+        model, tok, note = _tasa_model(name, None)
+        ids = _prompt_ids(tok, 16, model.config.vocab_size)
+        times = {True: [], False: []}
+        tokens = {}
+        with torch.inference_mode():
+            for r in range(args.rounds + 1):          # round 0: warm-up, not counted
+                for fused in (True, False):
+                    _LeanDecoder.FUSED_ATTENTION = fused
+                    dec = _LeanDecoder(model, 16 + args.steps + 1)
+                    nxt = dec(ids, 0).argmax(-1)[:, None]
+                    got = []
+                    t0 = time.perf_counter()
+                    for i in range(args.steps):
+                        got.append(int(dec(nxt, 16 + i).argmax()))
+                    dt = (time.perf_counter() - t0) / args.steps
+                    if r:
+                        times[fused].append(dt)
+                    tokens[fused] = got
+        _LeanDecoder.FUSED_ATTENTION = True
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"model": name, "fused_ms": med[True] * 1e3, "aten_ms": med[False] * 1e3,
+               "fused_range": [min(times[True]) * 1e3, max(times[True]) * 1e3],
+               "aten_range": [min(times[False]) * 1e3, max(times[False]) * 1e3],
+               "speedup": med[False] / med[True],
+               "same_tokens": tokens[True] == tokens[False], "note": note}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "note"}), flush=True)
+        del model
+    meta = machine()
+    meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "load_average": open("/proc/loadavg").read().split()[:3]})
+    isa = tasa_ext.ops.cpu_isa()
+    md = ["# Decode step: fused decode attention vs the aten path", "",
+          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
+          f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
+          f"command: `{meta['command']}`", "",
+          f"{args.steps} one-token steps after a 16-token prompt, {args.rounds} interleaved rounds "
+          "(median, min-max); the same greedy token at every step is checked.", "",
+          "| model | fused ms/step | aten ms/step | speed-up | same tokens |", "|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['fused_ms']:.2f} ({r['fused_range'][0]:.2f}-{r['fused_range'][1]:.2f}) | "
+                  f"{r['aten_ms']:.2f} ({r['aten_range'][0]:.2f}-{r['aten_range'][1]:.2f}) | "
+                  f"{r['speedup']:.2f}x | {r['same_tokens']} |")
+    md += ["", "Models: " + "; ".join(f"{r['model']}: {r['note']}" for r in rows)]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"decode_attention_{isa}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"decode_attention_{isa}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
