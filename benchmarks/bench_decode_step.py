@@ -1,5 +1,6 @@
-"""One decode step of tasa's lean decoder with and without the fused decode attention
-(tasa_ext.ops.decode_attention_: rotation, KV-cache writes and attention in one op).
+"""One decode step of tasa's lean decoder with and without its own CPU ops (_LeanDecoder.TASA_OPS:
+tasa_ext.ops.decode_attention_ -- rotation, KV-cache writes and attention in one op -- and
+tasa_ext.ops.rms_norm) against the aten calls they replace.
 
     python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for r in range(args.rounds + 1):          # round 0: warm-up, not counted
                 for fused in (True, False):
-                    _LeanDecoder.FUSED_ATTENTION = fused
+                    _LeanDecoder.TASA_OPS = fused
                     dec = _LeanDecoder(model, 16 + args.steps + 1)
                     nxt = dec(ids, 0).argmax(-1)[:, None]
                     got = []
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                     if r:
                         times[fused].append(dt)
                     tokens[fused] = got
-        _LeanDecoder.FUSED_ATTENTION = True
+        _LeanDecoder.TASA_OPS = True
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"model": name, "fused_ms": med[True] * 1e3, "aten_ms": med[False] * 1e3,
                "fused_range": [min(times[True]) * 1e3, max(times[True]) * 1e3],
@@ -71,13 +72,13 @@ def main(argv=None) -> int:
     meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "load_average": open("/proc/loadavg").read().split()[:3]})
     isa = tasa_ext.ops.cpu_isa()
-    md = ["# Decode step: fused decode attention vs the aten path", "",
+    md = ["# Decode step: tasa's decode ops (attention, RMSNorm) vs the aten path", "",
           f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
           f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
           f"command: `{meta['command']}`", "",
           f"{args.steps} one-token steps after a 16-token prompt, {args.rounds} interleaved rounds "
           "(median, min-max); the same greedy token at every step is checked.", "",
-          "| model | fused ms/step | aten ms/step | speed-up | same tokens |", "|---|---|---|---|---|"]
+          "| model | tasa ops ms/step | aten ms/step | speed-up | same tokens |", "|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['fused_ms']:.2f} ({r['fused_range'][0]:.2f}-{r['fused_range'][1]:.2f}) | "
                   f"{r['aten_ms']:.2f} ({r['aten_range'][0]:.2f}-{r['aten_range'][1]:.2f}) | "

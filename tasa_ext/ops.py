@@ -18,6 +18,7 @@ Ops (namespace ``tasa``):
                     v_cache f32 [KV,L,hd]!, H, pos, scale) -> out f32 [H*hd]
              (one decode step's rotary embedding, cache writes and grouped-query attention;
              CPU only)
+  rms_norm(x f32 [..., D], w f32 [D], eps) -> y f32 [..., D]      (LlamaRMSNorm in fp32; CPU only)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ SCHEMAS = {
     "hadamard": "hadamard(Tensor x, int group_size, bool inverse) -> Tensor",
     "decode_attention_": "decode_attention_(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
                          "Tensor(c!) v_cache, int H, int pos, float scale) -> Tensor",
+    "rms_norm": "rms_norm(Tensor x, Tensor w, float eps) -> Tensor",
 }
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
@@ -146,6 +148,11 @@ def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, H, pos, scale):
     return qkv.new_empty(H * k_cache.shape[-1])
 
 
+@torch.library.register_fake("tasa::rms_norm")
+def _rms_norm_fake(x, w, eps):
+    return torch.empty_like(x)
+
+
 @torch.library.register_fake("tasa::hadamard")
 def _hadamard_fake(x, group_size, inverse):
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -226,6 +233,13 @@ def decode_attention_(qkv, cos, sin, k_cache, v_cache, H: int, pos: int, scale: 
     :func:`tasa_ext.reference.decode_attention_` is the semantics."""
     return torch.ops.tasa.decode_attention_(qkv, cos, sin, k_cache, v_cache, int(H), int(pos),
                                             float(scale))
+
+
+def rms_norm(x, w, eps: float) -> torch.Tensor:
+    """RMSNorm of x's rows (CPU, fp32): ``w * (x * rsqrt(mean(x^2) + eps))`` rounded as
+    transformers' LlamaRMSNorm rounds it in fp32 (the mean of squares summed in double).
+    :func:`tasa_ext.reference.rms_norm` is the semantics."""
+    return torch.ops.tasa.rms_norm(x, w, float(eps))
 
 
 def hadamard_block(group_size: int) -> int:

@@ -284,3 +284,11 @@ def decode_attention_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Vc = v_cache[:, :pos + 1].repeat_interleave(H // KV, 0).double()
     p = torch.softmax((Kc @ q.double()[:, :, None])[..., 0] * scale, dim=-1)     # [H, T]
     return (p[:, None, :] @ Vc)[:, 0].reshape(-1).float()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch semantics of tasa_ext.ops.rms_norm: the mean of squares in float64, then
+    transformers' fp32 roundings (x * r, then w * that)."""
+    var = x.double().pow(2).mean(-1, keepdim=True).float()
+    r = 1.0 / torch.sqrt(var + eps)
+    return w * (x * r)

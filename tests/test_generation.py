@@ -302,11 +302,12 @@ def test_fusion_is_used_only_where_formats_match():
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
-def test_fused_decode_attention_matches_the_aten_path(factory, monkeypatch):
+def test_decode_step_tasa_ops_match_the_aten_path(factory, monkeypatch):
     """One-token steps of an fp32 model run rotation, cache writes and attention in
-    tasa_ext.ops.decode_attention_ (MHA llama, GQA + biases qwen2): the same KV caches and the
-    same logits to fp32 rounding as the aten path it replaces, over 40 steps after a prompt, and
-    the op is really called (once per layer per step)."""
+    tasa_ext.ops.decode_attention_ and the norms in tasa_ext.ops.rms_norm (MHA llama, GQA +
+    biases qwen2): the same KV caches and logits to fp32 rounding as the aten path they replace,
+    over 40 steps after a prompt, the same greedy tokens, and the attention op is really called
+    (once per layer per step)."""
     from tasa.generation import _LeanDecoder
 
     model = tasa.quantize(factory(), None, bits=4, method="rtn", group_size=32, progress=False)
@@ -318,7 +319,7 @@ def test_fused_decode_attention_matches_the_aten_path(factory, monkeypatch):
                         lambda *a: calls.append(a[6]) or op(*a))
     out = {}
     for fused in (True, False):
-        monkeypatch.setattr(_LeanDecoder, "FUSED_ATTENTION", fused)
+        monkeypatch.setattr(_LeanDecoder, "TASA_OPS", fused)
         with torch.inference_mode():
             dec = _LeanDecoder(model, 64)
             logits = [dec(ids, 0)]

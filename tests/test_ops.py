@@ -521,6 +521,26 @@ def test_decode_attention_matches_reference(H, KV, hd, L, pos):
     assert float((out - want).abs().max()) <= tol
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 577), (7, 1), (2, 33)])
+def test_rms_norm_matches_reference_and_transformers(shape):
+    """RMSNorm rows of odd widths against the torch semantics (equal except where the double sum
+    of squares rounds to the neighbouring float: 1 ulp of the variance) and against
+    transformers' LlamaRMSNorm formula in fp32 (to fp32 rounding)."""
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-1])
+    w = torch.randn(shape[-1], generator=g)
+    y = tasa_ext.ops.rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(y, ref.rms_norm(x, w, 1e-6), rtol=2.0 ** -21, atol=0)
+    rows_equal = (y == ref.rms_norm(x, w, 1e-6)).reshape(-1, shape[-1]).all(-1)
+    assert rows_equal.float().mean() >= 0.5
+    hf = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(y, hf, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="rms_norm needs"):
+        tasa_ext.ops.rms_norm(x, w[:-1], 1e-6)
+    with pytest.raises(RuntimeError, match="float32"):
+        tasa_ext.ops.rms_norm(x.double(), w, 1e-6)
+
+
 def test_decode_attention_refuses_bad_input():
     qkv, cs = torch.randn((4 + 2 * 2) * 8), torch.randn(8)
     kc = torch.zeros(2, 10, 8)
@@ -539,7 +559,7 @@ def test_decode_attention_refuses_bad_input():
 
 
 @pytest.mark.parametrize("op", ["pack", "unpack", "dequant", "embed", "gemm", "hessian_accumulate_",
-                                "gptq_cols_", "mse_params", "decode_attention_"])
+                                "gptq_cols_", "mse_params", "decode_attention_", "rms_norm"])
 def test_opcheck(op):
     p, args = _sample_args()
     samples = {
@@ -558,6 +578,7 @@ def test_opcheck(op):
                        (torch.randn(2, 5, 32), 4, True, None, torch.tensor([1.0, 0.95]))],
         "decode_attention_": [(torch.randn((6 + 2 * 2) * 8), torch.randn(8), torch.randn(8),
                                torch.randn(2, 12, 8), torch.randn(2, 12, 8), 6, 5, 0.35)],
+        "rms_norm": [(torch.randn(3, 4, 40), torch.randn(40), 1e-5), (torch.randn(1, 9), torch.randn(9), 1e-6)],
     }[op]
     for s in samples:
         opcheck(getattr(torch.ops.tasa, op).default, s)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from tasa_ext.ops import decode_attention_
+from tasa_ext.ops import decode_attention_, rms_norm
 
 from .layers import TasaLinear
 
@@ -193,9 +193,12 @@ class _LeanDecoder:
     profile); the rest was Python around them."""
 
     TYPES = ("llama", "qwen2", "mistral")
-    # Measured on the 2-core AVX2 EPYC (benchmarks/results/decode_attention_avx2.md): the op
-    # replaced ~15 aten calls per layer; False restores them (benchmarks compare both)
-    FUSED_ATTENTION = True
+    # tasa's own CPU ops for fp32 models: one-token attention (tasa_ext.ops.decode_attention_:
+    # rotation, cache writes, attention; ~15 aten calls per layer before) and RMSNorm
+    # (tasa_ext.ops.rms_norm; torch's took 16.6 us per 576-wide row as ~6 calls). Measured side
+    # by side on the 2-core AVX2 EPYC: benchmarks/results/decode_attention_avx2.md. False
+    # restores the aten calls (benchmarks compare both).
+    TASA_OPS = True
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -220,14 +223,15 @@ class _LeanDecoder:
         if len(scaling) != 1:
             raise FastPathUnavailable("layers with different attention scalings")
         self.scale = scaling.pop()
-        # fp32 RMSNorms as torch.rms_norm calls on their own weights (bit-identical to the
-        # modules' pow/mean/rsqrt in fp32, checked by the greedy-equality tests; 8 vs 12 us)
+        # fp32 RMSNorms as tasa_ext.ops.rms_norm (TASA_OPS) or torch.rms_norm calls on their
+        # own weights (the modules' pow/mean/rsqrt in fp32 to rounding, checked by the
+        # greedy-equality tests; torch's: 8 vs 12 us on the Intel VM, 16.6 us on the AVX2 EPYC)
         norms = [n for lay in self.layers for n in (lay[0], lay[5])] + [self.norm]
         if not all(hasattr(n, "weight") and hasattr(n, "variance_epsilon") for n in norms):
             raise FastPathUnavailable("unexpected RMSNorm modules")
-        self.layers = [(self._norm_fn(l[0]), *l[1:5], self._norm_fn(l[5]), *l[6:])
-                       for l in self.layers]
-        self.norm = self._norm_fn(self.norm)
+        self.layers = [(self._norm_fn(l[0], self.TASA_OPS), *l[1:5],
+                        self._norm_fn(l[5], self.TASA_OPS), *l[6:]) for l in self.layers]
+        self.norm = self._norm_fn(self.norm, self.TASA_OPS)
         # fused q/k/v and gate/up where the formats allow (29/30 and 30/30 blocks of SmolLM2's
         # TASA 3.5 plan); the fused copies add the blocks' q/k/v and gate/up bytes once more
         self.fused = [(self._fuse([q, k, v]), self._fuse([g, u]))
@@ -244,15 +248,19 @@ class _LeanDecoder:
         self.cos, self.sin = cos[:, None], sin[:, None]          # [1, 1, max_len, hd]
         # one-token steps of fp32 models: rotation, cache writes and attention in one tasa op
         # (tasa_ext.ops.decode_attention_) instead of ~15 aten calls per layer
-        self.fused_attention = (self.FUSED_ATTENTION and dtype == torch.float32
+        self.fused_attention = (self.TASA_OPS and dtype == torch.float32
                                 and self.cos.dtype == torch.float32
                                 and self.cos.device.type == "cpu")
 
     @staticmethod
-    def _norm_fn(n):
+    def _norm_fn(n, tasa_ops: bool):
         if n.weight.dtype != torch.float32:
             return n          # half types: the module upcasts to fp32 inside; keep its math
         w, eps, shape = n.weight, n.variance_epsilon, (n.weight.shape[0],)
+        if tasa_ops and w.device.type == "cpu":
+            # fp32 activations of an fp32 model (a bf16 model's norms keep the module)
+            return lambda x: rms_norm(x, w, eps) if x.dtype == torch.float32 else F.rms_norm(
+                x, shape, w, eps)
         return lambda x: F.rms_norm(x, shape, w, eps)
 
     @staticmethod

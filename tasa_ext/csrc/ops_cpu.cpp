@@ -217,6 +217,20 @@ at::Tensor decode_attention_cpu(at::Tensor& qkv, const at::Tensor& cos, const at
   return out;
 }
 
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                  w.scalar_type() == at::kFloat,
+              "tasa: rms_norm takes float32 CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && x.size(-1) == w.size(0) && w.size(0) > 0,
+              "tasa: rms_norm needs x [..., D] and w [D], got ", x.sizes(), " and ", w.sizes());
+  const auto xc = x.contiguous(), wc = w.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t D = w.size(0);
+  raise_status(tasa_rms_norm_cpu(xc.data_ptr<float>(), wc.data_ptr<float>(), xc.numel() / D, D,
+                                 (float)eps, y.data_ptr<float>()));
+  return y;
+}
+
 }  // namespace tasa_ext
 
 TORCH_LIBRARY_IMPL(tasa, CPU, m) {
@@ -230,6 +244,7 @@ TORCH_LIBRARY_IMPL(tasa, CPU, m) {
   m.impl("mse_params", &tasa_ext::mse_params_cpu);
   m.impl("hadamard", &tasa_ext::hadamard_cpu);
   m.impl("decode_attention_", &tasa_ext::decode_attention_cpu);
+  m.impl("rms_norm", &tasa_ext::rms_norm_cpu);
 }
 
 namespace py = pybind11;

@@ -114,6 +114,10 @@ int tasa_decode_attention_cpu(float* qkv, const float* cos, const float* sin, fl
                               float* v_cache, int64_t H, int64_t KV, int64_t hd, int64_t max_len,
                               int64_t pos, float scale, float* out);
 
+// RMSNorm of each row of x fp32 [M, D] into y: w * (x * (1 / sqrt(mean(x^2) + eps))), the mean
+// of squares summed in double.
+int tasa_rms_norm_cpu(const float* x, const float* w, int64_t M, int64_t D, float eps, float* y);
+
 // ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
 #ifdef TASA_WITH_CUDA
 int tasa_pack_cuda(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,
