@@ -439,10 +439,15 @@ def test_gptq_probe_weights_quantize_each_unit_alone_on_full_precision_inputs():
     model, tok = tiny3(), ByteTok()
     units = S.sublayer_units(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pw = pipeline.probe_weights(model, tok, cfg, 0.5, units, progress=False, log=lambda s: None)
+    errs = {}
+    pw = pipeline.probe_weights(model, tok, cfg, 0.5, units, progress=False, log=lambda s: None,
+                                error_widths=(4,), errors=errs)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     fqns = sorted(f for _, fs in units.values() for f in fs)
+    # weights at the probe width only; the quantizer's output error at it and at 4 bits too
     assert sorted(f for _, f in pw) == fqns and {b for b, _ in pw} == {3}
+    assert set(errs) == {(b, f) for b in (3, 4) for f in fqns}
+    assert all(0 < errs[(4, f)] < errs[(3, f)] for f in fqns)
     ids, _ = pipeline.gptq_calibration(tok, cfg, 0.5, log=lambda s: None)
     seq = copy.deepcopy(model)
     plan = {}
@@ -474,6 +479,9 @@ def test_gptq_probe_weights_quantize_each_unit_alone_on_full_precision_inputs():
     q = get_method("gptq").quantize(lin.weight, plan[f], H, damp=cfg.damp, name=f)
     agree = (q.dequantize().to(torch.bfloat16) == pw[(3, f)]).float().mean().item()
     assert agree > 0.98, agree          # (GPTQ's rounding flips where H differs in the last bits)
+    # the recorded error is tr(dW H dW^T) of that quantizer's weights under that Hessian
+    from tasa.quant import output_error
+    assert errs[(3, f)] == pytest.approx(output_error(lin.weight, q.dequantize(), H), rel=0.02)
 
 
 def test_gptq_probes_in_the_measurement(measured, tmp_path):
@@ -494,6 +502,17 @@ def test_gptq_probes_in_the_measurement(measured, tmp_path):
         assert any(abs(d[u]["ppl"] - r[u]["ppl"]) > 1e-5 for u in d)
     with pytest.raises(ValueError, match="other settings"):
         pipeline.measure(tiny3(), tok, tiny_cfg(), path, progress=False, log=lambda s: None)
+    # one probe width: the GPTQ error at 4 bits is recorded all the same (from the probe
+    # weights' pass), and the allocation carries the 3-bit probes with it
+    cfg3 = tiny_cfg(sens_method="gptq", sens_widths=(3,))
+    m3 = pipeline.measure(tiny3(), tok, cfg3, tmp_path / "m3.json", progress=False,
+                          log=lambda s: None)
+    ue = m3.sensitivity.unit_error
+    assert sorted(ue) == ["3", "4"] and m3.sensitivity.widths == [3]
+    assert all(0 < ue["4"][u] < ue["3"][u] for u in m3.units)
+    E, _, _ = pipeline.unit_errors(m3, beta=0.5)
+    for u in m3.units:
+        assert E[u][4] == pytest.approx(min(E[u][3] * ue["4"][u] / ue["3"][u], E[u][3]))
 
 
 @pytest.mark.parametrize("bits", [3.3, 3.5, 4.0, 4.4, 6.0])
@@ -566,6 +585,61 @@ def test_unit_errors_use_every_measured_width(measured):
     assert E2[u0][4] == pytest.approx(E2[u0][3])
 
 
+def test_unit_error_carries_a_probe_to_the_widths_not_probed(measured):
+    """One probe width: the width above it gets the probe times the unit's own error ratio of
+    the recorded quantizer errors (the noise model 4^-1 where a unit's error is 0 or none is
+    recorded), then the monotone clip; 8 bits follows from 4 by the noise model."""
+    _, m, _ = measured
+    m = copy.deepcopy(m)
+    sens = m.sensitivity
+    names = list(m.units)
+    sens.delta_by_width = {}
+    rng = np.random.default_rng(1)
+    sens.delta = {u: {k: float(rng.random()) for k in sens.objectives} for u in names}
+    plain, _, _ = pipeline.unit_errors(m, beta=0.5)          # 4 from 3 by 4^-1 ...
+    sens.unit_error = {}
+    noise, _, _ = pipeline.unit_errors(m, beta=0.5)
+    e3 = rng.uniform(1.0, 2.0, len(names))
+    e4 = e3 * rng.uniform(0.02, 1.5, len(names))           # some "worse at 4 bits": clipped
+    e3[1] = 0.0                                             # no error at 3 bits: the noise model
+    sens.unit_error = {"3": dict(zip(names, e3)), "4": dict(zip(names, e4))}
+    E, scores, _ = pipeline.unit_errors(m, beta=0.5)
+    for i, u in enumerate(names):
+        assert E[u][3] == pytest.approx(noise[u][3]) == pytest.approx(scores[i])
+        assert noise[u][4] == pytest.approx(noise[u][3] / 4)
+        want = noise[u][3] / 4 if i == 1 else min(E[u][3] * e4[i] / e3[i], E[u][3])
+        assert E[u][4] == pytest.approx(want)
+        assert E[u][8] == pytest.approx(E[u][4] / 4 ** 4)
+    assert any(e4[i] / e3[i] > 1 for i in range(len(names)) if i != 1)   # the clip was tested
+    # the measurement's own record (RTN probes: the mixture stage's errors) was in use before
+    assert any(plain[u][4] != pytest.approx(noise[u][4]) for u in names)
+    # a width missing for one unit: that width is not used (the noise model for everyone)
+    del sens.unit_error["4"][names[0]]
+    E2, _, _ = pipeline.unit_errors(m, beta=0.5)
+    assert all(E2[u][4] == pytest.approx(noise[u][4]) for u in names)
+
+
+def test_measurement_records_each_units_quantizer_error(measured):
+    """RTN probes: unit_error is the mixture stage's per-group RTN errors summed over the unit's
+    linears, at every probe width and every allocation width below 8; it shrinks with the width."""
+    cfg, m, _ = measured
+    sens, mix = m.sensitivity, m.mixture
+    assert pipeline.error_widths(cfg) == [3, 4]
+    assert sorted(sens.unit_error) == ["3", "4"]
+    ew = list(mix.group_error_widths)
+    for u, v in m.units.items():
+        for b in (3, 4):
+            want = sum(float(np.sum(np.asarray(mix.group_errors[f])[:, ew.index(b)]))
+                       for f in v["linears"])
+            assert sens.unit_error[str(b)][u] == pytest.approx(want, rel=1e-9)
+        assert 0 < sens.unit_error["4"][u] < sens.unit_error["3"][u]
+    assert Measurement.load(m_path(measured)).sensitivity.unit_error == sens.unit_error
+
+
+def m_path(measured):
+    return measured[2] / "measurement.json"
+
+
 def test_non_task_aware_baselines(measured):
     _, m, _ = measured
     mix, sens = m.mixture, m.sensitivity
@@ -608,6 +682,7 @@ def test_beta_moves_bits_towards_the_chosen_objective(measured):
     u0, u1, u2, *rest = list(m.units)
     # synthetic profiles: perplexity says u0 matters, the tasks say u1 matters
     m.sensitivity.delta_by_width = {}      # one probe width: the 4^-b model above it
+    m.sensitivity.unit_error = {}
     m.sensitivity.delta = {u0: {"ppl": 1.0, "math": 0.01, "arc": 0.01},
                            u1: {"ppl": 0.01, "math": 1.0, "arc": 1.0},
                            u2: {"ppl": 0.01, "math": 0.01, "arc": -0.5},
@@ -855,3 +930,29 @@ def test_probe_dtype_auto_follows_native_bf16(monkeypatch):
         assert tiny_cfg(sens_dtype="float32").probe_dtype() == "float32"
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         tiny_cfg(sens_dtype="float16").validate()
+
+
+def test_probe_widths_benchmark_drops_the_4bit_probes(measured, tmp_path):
+    """benchmarks/probe_widths.py: the one-width copy keeps the 3-bit probes and the unit errors,
+    drops every 4-bit record, and its 4-bit errors are the carried ones."""
+    import importlib.util
+    from pathlib import Path
+    p = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_widths.py"
+    spec = importlib.util.spec_from_file_location("probe_widths", p)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, m, d = measured
+    out = tmp_path / "one" / "measurement.json"
+    mod.main(["--measurement", str(d / "measurement.json"), "--out", str(out)])
+    one = Measurement.load(out)
+    s1 = one.sensitivity
+    assert s1.widths == [3] and one.config["sens_widths"] == [3] and set(s1.item_delta) == {"3"}
+    assert s1.delta == m.sensitivity.delta and s1.unit_error == m.sensitivity.unit_error
+    E1, _, _ = pipeline.unit_errors(one)
+    for u in one.units:
+        ue = s1.unit_error
+        assert E1[u][4] == pytest.approx(min(E1[u][3] * ue["4"][u] / ue["3"][u], E1[u][3]))
+    res = json.loads((out.parent / "probe_widths.json").read_text())
+    assert -1 <= res["tau_measured_vs_carried_4bit"] <= 1 and res["units"] == len(one.units)
+    A = pipeline.allocate(one, 3.8)
+    assert A["summary"]["avg_bits"] <= 3.8

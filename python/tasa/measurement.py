@@ -65,7 +65,7 @@ def _split(cls, d: Mapping):
 # fields added after the first version-1 files: left out while empty / unset, so those files
 # round-trip unchanged (and readers that predate the fields see nothing new)
 _LATER = ("linear_errors", "delta_by_width", "base_items", "item_tokens", "item_delta", "noise",
-          "compute_dtype")
+          "compute_dtype", "unit_error")
 
 
 def _to_dict(obj) -> dict:
@@ -124,6 +124,10 @@ class SensitivityResult:
     ``base_items[obj]`` the unquantized summed NLL, ``item_tokens[obj]`` the scored tokens and
     ``item_delta[str(b)][unit][obj]`` the summed NLL increase -- ``delta`` is
     ``sum(item_delta) / sum(item_tokens)``; the noise bounds resample the items.
+    ``unit_error[str(b)][unit]``: the output error ``sum_l tr(dW_l H_l dW_l^T)`` of the unit's
+    linears quantized alone by the probes' quantizer at width ``b`` (``H`` at alpha*), for every
+    width the allocation may give below 8 bits: the per-unit shape of the error across widths
+    that carries a probe to the widths that were not probed (:func:`tasa.scoring.unit_errors`).
     ``base``: the unquantized losses; ``illusion``: the rank agreement between objectives
     (:func:`tasa.stats.illusion_report`), ``noise``: its error bars
     (:func:`tasa.stats.noise_report`). Written after every probe; ``complete`` once every unit
@@ -143,6 +147,7 @@ class SensitivityResult:
     item_delta: dict = dataclasses.field(default_factory=dict)
     noise: Any = None
     compute_dtype: Optional[str] = None        # None: float32 (files before the option)
+    unit_error: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:

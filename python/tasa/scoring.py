@@ -13,7 +13,7 @@ import numpy as np
 
 from . import defaults
 
-__all__ = ["SCORINGS", "unit_errors"]
+__all__ = ["SCORINGS", "unit_errors", "error_shape"]
 
 SCORINGS = ("tasa", "higgs", "hawq")
 
@@ -27,10 +27,12 @@ def unit_errors(measurement, beta: float = defaults.BETA,
       ``max(delta_k[u](b), 0) / Z_k`` with ``Z_k`` the objective's summed clipped increase at
       the lowest measured width (one scale per objective, shared by its widths), aggregated as
       ``beta * ppl + (1 - beta) * mean over tasks`` (:func:`tasa.stats.aggregate`). Widths
-      that were not probed come from the nearest lower measured width by the noise model
-      ``e(b) = e(b') 4^-(b - b')`` (a measurement with one probe width is exactly the older
-      noise-model allocation); 8 bits is extrapolated from the 4-bit probe (~1/256 of it, near
-      zero). Then ``e`` is made non-increasing in the width (``e(b) = min(e(b), e(b'))`` for
+      that were not probed come from the nearest lower width ``b'``: by the unit's own
+      error ratio ``e(b) = e(b') E_u(b) / E_u(b')`` where the measurement recorded the probes'
+      quantizer's output error ``E_u`` at both widths (``sensitivity.unit_error``, see
+      :func:`error_shape`), else by the noise model ``e(b) = e(b') 4^-(b - b')`` (a
+      measurement with one probe width and no ``unit_error`` is exactly the older noise-model
+      allocation); 8 bits is extrapolated from the 4-bit value (~1/256 of it, near zero). Then ``e`` is made non-increasing in the width (``e(b) = min(e(b), e(b'))`` for
       ``b' < b``): a wider probe that measured worse is noise, and must not make the DP pay to
       lose quality.
     * ``"higgs"`` (not task-aware; HIGGS's dynamic bit-width allocation, arXiv 2411.17525): by
@@ -100,16 +102,38 @@ def unit_errors(measurement, beta: float = defaults.BETA,
             e_meas[b] = np.full(len(names), 1.0 / len(names)) * 4.0 ** -(b - b0)
         else:
             e_meas[b] = sum(wk * np.maximum(prof[b][k], 0.0) / Z[k] for k, wk in w.items())
+    shape = error_shape(sens, names)
     col: Dict[int, np.ndarray] = {}      # every allowed and measured width, ascending
     prev = None
     for b in sorted(set(widths) | set(measured)):
         if b in e_meas:
             e = e_meas[b]
-        else:      # from the nearest lower measured width, as clipped below (else the lowest)
-            lower = [m for m in measured if m < b]
-            e = (col[max(lower)] * 4.0 ** -(b - max(lower)) if lower
-                 else e_meas[min(measured)] * 4.0 ** (min(measured) - b))
+        else:      # from the nearest lower width, as clipped below (else the lowest measured)
+            lower = [m for m in col if m < b]
+            src = max(lower) if lower else min(measured)
+            base = col[src] if lower else e_meas[src]
+            noise_model = 4.0 ** -(b - src)
+            if b in shape and src in shape:
+                # the unit's own error ratio under the probes' quantizer (a unit whose error
+                # does not shrink 16x from 3 to 4 bits keeps more of its probe)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.where(shape[src] > 0, shape[b] / shape[src], noise_model)
+                e = base * ratio
+            else:
+                e = base * noise_model
         col[b] = e if prev is None else np.minimum(e, prev)
         prev = col[b]
     err = {u: {b: float(col[b][i]) for b in widths} for i, u in enumerate(names)}
     return err, e_meas[b0], dropped
+
+
+def error_shape(sens, names: Sequence[str]) -> Dict[int, np.ndarray]:
+    """``{b: [E_u(b) for u in names]}`` for every width at which ``sens.unit_error`` holds all
+    of ``names`` (finite, >= 0); ``{}`` for a measurement without it."""
+    out: Dict[int, np.ndarray] = {}
+    for b, per_unit in (getattr(sens, "unit_error", None) or {}).items():
+        if all(u in per_unit for u in names):
+            v = np.array([float(per_unit[u]) for u in names], dtype=np.float64)
+            if np.isfinite(v).all() and (v >= 0).all():
+                out[int(b)] = v
+    return out

@@ -54,7 +54,7 @@ import tasa_ext
 
 from .. import alloc, calib, corpora, defaults, mixture, sensitivity, stats
 from ..measurement import Measurement, MixtureResult, SensitivityResult
-from ..quant import LayerSpec, check_plan, default_targets, get_method, plan_to_dict, resolve_group_size
+from ..quant import LayerSpec, check_plan, output_error, default_targets, get_method, plan_to_dict, resolve_group_size
 from ..modelquant import quantize_model
 from ..util import weights_digest
 from ..scoring import SCORINGS, unit_errors
@@ -62,7 +62,8 @@ from .config import PipelineConfig
 
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
            "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "gptq_calibration",
-           "quantize_with_plan", "with_rotation", "probe_weights",
+           "quantize_with_plan", "with_rotation", "probe_weights", "error_widths",
+           "record_unit_errors", "mixture_linear_errors",
            "measure", "measure_fingerprint", "weights_digest", "check_same_model"]
 
 
@@ -424,7 +425,8 @@ def quantize_with_plan(model, tokenizer, cfg: PipelineConfig, plan: Mapping[str,
 
 def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Mapping[str, tuple],
                   split: Optional[dict] = None, progress: bool = True,
-                  log=print) -> Dict[tuple, torch.Tensor]:
+                  log=print, error_widths: Sequence[int] = (),
+                  errors: Optional[dict] = None) -> Dict[tuple, torch.Tensor]:
     """``{(bits, fqn): dequantized weight (bf16)}`` of every linear of ``units`` quantized alone by
     ``cfg.sens_method`` at every width of ``cfg.sens_widths`` (group size and mode as the plan's):
     what the probes set a unit to (issue 27 item 2: RTN probes measured a quantizer other than
@@ -434,9 +436,13 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
     ``alpha``: the same sequences), but every block's Hessians come from the inputs of the
     *full-precision* model -- a probe quantizes its unit alone, the rest unchanged -- so the
     model is not modified. Memory: 2 bytes x widths x the probed linears' weights (SmolLM2-135M,
-    2 widths: 0.4 GB). Time: one quantization of the model per width."""
+    2 widths: 0.4 GB). Time: one quantization of the model per width.
+
+    ``errors`` (a dict, filled when the method has a Hessian): ``{(bits, fqn): tr(dW H dW^T)}``
+    at every width of ``sens_widths`` and ``error_widths`` (those only quantized for it)."""
     meth = get_method(cfg.sens_method)
     widths = [int(b) for b in cfg.sens_widths]
+    all_widths = sorted(set(widths) | {int(b) for b in error_widths})
     wanted = {f for _, fqns in units.values() for f in fqns}
     mods = dict(model.named_modules())
     missing = sorted(f for f in wanted if not isinstance(mods.get(f), nn.Linear))
@@ -445,11 +451,15 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
     out: Dict[tuple, torch.Tensor] = {}
 
     def one(full, lin, H):
-        for b in widths:
+        for b in all_widths if (errors is not None and H is not None) else widths:
             spec = dataclasses.replace(sensitivity.probe_spec(lin, b, cfg.group_size, cfg.mode),
                                        hadamard=cfg.rotates())
             q = meth.quantize(lin.weight, spec, H, damp=cfg.damp, name=full)
-            out[(b, full)] = q.dequantize().to(torch.bfloat16).cpu()
+            dq = q.dequantize()
+            if b in widths:
+                out[(b, full)] = dq.to(torch.bfloat16).cpu()
+            if errors is not None and H is not None:
+                errors[(b, full)] = output_error(lin.weight, dq, H)
 
     t0 = time.perf_counter()
     if not meth.needs_hessian:
@@ -474,6 +484,32 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
     log(f"probe weights: {len(wanted)} linears x widths {widths} by {cfg.sens_method} in "
         f"{time.perf_counter() - t0:.0f} s")
     return out
+
+
+def error_widths(cfg: PipelineConfig) -> List[int]:
+    """The widths at which the sensitivity stage records each unit's quantizer error
+    (``SensitivityResult.unit_error``): every probe width and every allocation width below 8
+    (8 bits follows from 4 by the noise model: its error is ~1/256 of 4 bits', near zero)."""
+    return sorted({int(b) for b in cfg.sens_widths} | {int(b) for b in cfg.widths if b < 8})
+
+
+def record_unit_errors(sens: SensitivityResult, units: Mapping[str, tuple],
+                       errors: Mapping[tuple, float]) -> None:
+    """Sums ``errors[(bits, fqn)]`` over each unit's linears into ``sens.unit_error[str(bits)]``
+    for every unit whose linears all have one (others are left as they are)."""
+    for b in sorted({b for b, _ in errors}):
+        row = sens.unit_error.setdefault(str(b), {})
+        for u, (_, fqns) in units.items():
+            if all((b, f) in errors for f in fqns):
+                row[u] = float(sum(errors[(b, f)] for f in fqns))
+
+
+def mixture_linear_errors(mix: MixtureResult, widths: Sequence[int]) -> Dict[tuple, float]:
+    """``{(bits, fqn): sum over groups of the RTN error under diag(H_alpha*)}`` from the mixture
+    stage's per-group table, at the widths of ``widths`` it holds."""
+    ew = [int(b) for b in mix.group_error_widths]
+    return {(b, f): float(np.asarray(g, dtype=np.float64)[:, ew.index(b)].sum())
+            for f, g in mix.group_errors.items() for b in widths if b in ew and len(g)}
 
 
 def measure_fingerprint(model: nn.Module, cfg: PipelineConfig) -> dict:
@@ -581,10 +617,20 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
 
         pw = None
         todo_units = {u: units[u] for u in units if any(u not in done[b] for b in widths)}
-        if (cfg.sens_method != "rtn" or cfg.rotates()) and todo_units:
+        ew = error_widths(cfg)
+        no_error = {u: units[u] for u in units
+                    if any(u not in sens.unit_error.get(str(b), {}) for b in ew)}
+        if (cfg.sens_method != "rtn" or cfg.rotates()) and (todo_units or no_error):
             # (every rank computes them all: the same calibration, deterministic)
-            pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, todo_units, split,
-                               progress, log)
+            errs: Dict[tuple, float] = {}
+            pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, {**todo_units, **no_error},
+                               split, progress, log, error_widths=ew, errors=errs)
+            record_unit_errors(sens, units, errs)
+        if any(u not in sens.unit_error.get(str(b), {}) for b in ew for u in units):
+            # a data-free probe quantizer (plain RTN): the mixture stage's per-group RTN
+            # errors under diag(H_alpha*) are that quantizer's errors
+            record_unit_errors(sens, units, mixture_linear_errors(mix, ew))
+        save()
         res = sensitivity.measure_sensitivity(
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
             done=done, on_result=on_result, base=sens.base, progress=progress,
