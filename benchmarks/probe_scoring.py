@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     from tasa.pipeline import stages
     t0 = time.time()
     model, tok, info = load_model(args.model)
-    cfg = pipeline.PipelineConfig(model=args.model, data=args.data, hadamard=False)
+    # reliability at both probe widths (its committed tables report 3 and 4 bits)
+    cfg = pipeline.PipelineConfig(model=args.model, data=args.data, hadamard=False,
+                                  sens_widths=(3, 4))
     for k, f in (("ppl_windows", "sens_ppl_windows"), ("math_items", "sens_math_items"),
                  ("arc_items", "sens_arc_items")):
         if getattr(args, k) is not None:

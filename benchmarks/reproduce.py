@@ -798,7 +798,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-seeds", default="0", help="calibration seeds of the sweep rows (seed 0's "
                     "are the sweep table; others pair each step again, with --rows to pick budgets)")
     ap.add_argument("--granularity", default=defaults.GRANULARITY, help="sensitivity unit")
-    ap.add_argument("--sens-widths", default=",".join(map(str, defaults.SENS_WIDTHS)))
+    # the committed tables were measured with probes at 3 and 4 bits (the default until
+    # 2026-12-07): a re-run extends them consistently
+    ap.add_argument("--sens-widths", default="3,4")
     ap.add_argument("--sens-dtype", default=defaults.SENS_DTYPE)
     ap.add_argument("--rows", default="", help="only these rows (exact names separated by ';' -- "
                     "names contain commas; 'TASA*' selects every TASA row)")

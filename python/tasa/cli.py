@@ -637,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sensitivity/allocation unit: a decoder block, its attention or MLP, or "
                         f"one linear (default {_dflt('granularity')})")
     p.add_argument("--sens-widths", type=_widths, default=None,
-                   help=f"RTN probe widths, each measured per unit (default {_dflt('sens_widths')})")
+                   help=f"probe widths, each measured per unit (default {_dflt('sens_widths')}); an "
+                        f"allocation width not probed gets the nearest lower probe times the "
+                        f"unit's own quantizer-error ratio")
     p.add_argument("--sens-dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help=f"the probes' compute dtype (default {_dflt('sens_dtype')}: bf16 "
                         f"autocast where bf16 is native -- a GPU, a CPU with AVX-512 BF16 or "

@@ -33,9 +33,18 @@ UNTIED_EMBED_BITS: int = 4
 SKIP_MODULES: Tuple[str, ...] = ("lm_head",)
 # sensitivity objectives: held-out general text, GSM8K gold solutions, ARC correct answers
 OBJECTIVES: Tuple[str, ...] = ("ppl", "math", "arc")
-# widths of the RTN probes of the sensitivity stage: every unit is probed at each, and the
-# knapsack uses the measured loss increases (8 bits is extrapolated from the 4-bit probe)
-SENS_WIDTHS: Tuple[int, ...] = (3, 4)
+# widths of the probes of the sensitivity stage: every unit is probed at each; a width not
+# probed gets the nearest lower one's loss increase times the unit's own quantizer-error ratio
+# (tasa.scoring.unit_errors; 8 bits: the 4-bit value x 4^-4). 3 bits alone since 2026-12-07:
+# on SmolLM2 (README job, AVX2 EPYC) the measured 4-bit probes were 0.253x the 3-bit ones
+# (median over units) where the GPTQ-MSE error ratio said 0.254 (0.23-0.26), carried and
+# measured 4-bit errors ranked alike (Spearman 0.94, Kendall 0.80; split-half 0.84 / 0.87); the
+# 3.5-bit plan came out identical, the 4.25-bit plan swapped two MLPs: KL to the reference
+# +0.0022 +- 0.0020 on WikiText-2 (0.134 vs 0.132), -0.0028 +- 0.0017 on GSM8K text (0.072 vs
+# 0.074), gold NLL -0.021: a wash, for half the probes (60 instead of 120: ~8 of the job's 16
+# probe minutes there):
+# benchmarks/results/probe_widths_smollm2-135m.md
+SENS_WIDTHS: Tuple[int, ...] = (3,)
 SENS_BITS: int = SENS_WIDTHS[0]
 # the probes' forward passes: bf16 autocast (matmuls bf16, residual/norms/head fp32) where the
 # machine multiplies bf16 natively (a GPU; a CPU with AVX-512 BF16 or AMX), fp32 elsewhere

@@ -42,7 +42,7 @@ class PipelineConfig:
     n_test: int = 8
     mix_seqlen: int = 512
     # sensitivity
-    sens_widths: tuple = defaults.SENS_WIDTHS   # RTN probe widths, each measured per unit
+    sens_widths: tuple = defaults.SENS_WIDTHS   # probe widths, each measured per unit
     sens_dtype: str = defaults.SENS_DTYPE       # compute dtype of the probes' forward passes
     sens_scoring: str = defaults.SENS_SCORING   # "nll" | "kl" (tasa.sensitivity)
     sens_method: str = defaults.SENS_METHOD     # the probes' quantizer (tasa.quant.METHODS)
