@@ -481,8 +481,10 @@ def probe_weights(model, tokenizer, cfg: PipelineConfig, alpha: float, units: Ma
     if absent:
         raise ValueError(f"tasa: probe weights: {cfg.sens_method} quantizes decoder-block "
                          f"linears only; no weights for {absent[:3]}")
-    log(f"probe weights: {len(wanted)} linears x widths {widths} by {cfg.sens_method} in "
-        f"{time.perf_counter() - t0:.0f} s")
+    extra = sorted(set(all_widths) - set(widths)) if errors is not None and meth.needs_hessian else []
+    log(f"probe weights: {len(wanted)} linears x widths {widths} by {cfg.sens_method}"
+        + (f" (and their errors at {extra} bits)" if extra else "")
+        + f" in {time.perf_counter() - t0:.0f} s")
     return out
 
 
