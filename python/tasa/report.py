@@ -17,6 +17,7 @@ import numpy as np
 
 from .measurement import Measurement
 from .mixture import MixtureCurve
+from .scoring import error_shape
 from .util import atomic_write_bytes
 
 __all__ = ["write_report", "plot_alpha_curve", "plot_sensitivity", "plot_bitmap",
@@ -541,9 +542,12 @@ def write_report(out, measurement: Measurement, allocation: Mapping, summary: Ma
     L.append("![sensitivity](sensitivity.png)\n")
     L.append("## 3. Allocation\n")
     la_ = A["layer_allocation"]
+    shaped = sorted(error_shape(sens, list(m.units)))
+    carried = (f"times each unit's own quantizer-error ratio at {shaped} bits, by the 4^-b "
+               f"noise model elsewhere" if len(shaped) > 1 else "by the 4^-b noise model")
     L.append(f"Multiple-choice knapsack over widths {A['widths']} per {cfg['granularity']} "
              f"(exact DP: {la_['exact']}) on the measured loss increases at {widths} bits "
-             f"(other widths from the nearest lower probe by the 4^-b noise model; errors made "
+             f"(other widths from the nearest lower one {carried}; errors made "
              f"non-increasing in the width), budget {A['budget_bits']} {kind} bits = "
              f"{cfg['bits']} x {A['summary']['n_weights']} weights; plan cost "
              f"{A['summary']['cost_bits']} bits = {A['summary']['avg_bits']:.5f} average storage "
