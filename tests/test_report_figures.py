@@ -236,3 +236,19 @@ def test_write_report_without_perplexity_says_not_measured(tmp_path):
     A = pipeline.allocate(m, 4.5)
     text = report.write_report(tmp_path, m, A, run_summary(None, None)).read_text()
     assert "Warning" not in text and "was not measured in this run" in text
+
+
+def test_write_report_says_how_widths_not_probed_were_filled(tmp_path):
+    """One probe width: with the measurement's per-unit quantizer errors the report names the
+    error ratio, without them the noise model (it said 'noise model' for both)."""
+    m = sublayer_measurement(n_layers=2, widths=(3,))
+    text = report.write_report(tmp_path, m, pipeline.allocate(m, 4.5),
+                               run_summary(None, None)).read_text()
+    alloc = text.split("## 3. Allocation")[1]
+    assert "by the 4^-b noise model;" in alloc and "quantizer-error ratio" not in alloc
+    rng = np.random.default_rng(0)
+    m.sensitivity.unit_error = {str(b): {u: float(rng.uniform(1, 2) * 4.0 ** -b) for u in m.units}
+                                for b in (3, 4)}
+    text = report.write_report(tmp_path, m, pipeline.allocate(m, 4.5),
+                               run_summary(None, None)).read_text()
+    assert "quantizer-error ratio at [3, 4] bits" in text.split("## 3. Allocation")[1]
