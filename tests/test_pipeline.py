@@ -941,9 +941,14 @@ def test_probe_widths_benchmark_drops_the_4bit_probes(measured, tmp_path):
     spec = importlib.util.spec_from_file_location("probe_widths", p)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    _, m, d = measured
+    cfg = tiny_cfg(sens_widths=(3, 4))         # the two-width measurement it cuts
+    src = tmp_path / "two" / "measurement.json"
+    m = pipeline.measure(tiny3(), ByteTok(), cfg, src, progress=False, log=lambda s: None)
+    assert m.sensitivity.widths == [3, 4]
     out = tmp_path / "one" / "measurement.json"
-    mod.main(["--measurement", str(d / "measurement.json"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="probed at 3 and 4"):     # a one-width file refused
+        mod.main(["--measurement", str(measured[2] / "measurement.json"), "--out", str(out)])
+    mod.main(["--measurement", str(src), "--out", str(out)])
     one = Measurement.load(out)
     s1 = one.sensitivity
     assert s1.widths == [3] and one.config["sens_widths"] == [3] and set(s1.item_delta) == {"3"}
