@@ -29,9 +29,14 @@ sys.path.insert(0, str(HERE))
 
 
 def config_from(fp: dict):
+    """The PipelineConfig of a measurement's fingerprint. A fingerprint leaves out the settings
+    at their first values (defaults.FINGERPRINT_ABSENT: an RTN-probed file has no sens_method),
+    so those come back first; else such a file would get today's default probe quantizer."""
+    from tasa import defaults
     from tasa.pipeline import PipelineConfig
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in fp.items() if k in names}
+    kw = {k: tuple(v) if isinstance(v, list) else v
+          for k, v in {**defaults.FINGERPRINT_ABSENT, **fp}.items() if k in names}
     return PipelineConfig(**kw)
 
 

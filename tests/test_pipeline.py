@@ -961,3 +961,8 @@ def test_probe_widths_benchmark_drops_the_4bit_probes(measured, tmp_path):
     assert -1 <= res["tau_measured_vs_carried_4bit"] <= 1 and res["units"] == len(one.units)
     A = pipeline.allocate(one, 3.8)
     assert A["summary"]["avg_bits"] <= 3.8
+    # the settings a fingerprint leaves out at their first values come back (RTN probes here,
+    # not today's default probe quantizer)
+    assert "sens_method" not in m.config
+    back = mod.config_from(m.config)
+    assert back.sens_method == cfg.sens_method == "rtn" and back.sens_widths == (3, 4)

@@ -32,7 +32,8 @@ def unit_errors(measurement, beta: float = defaults.BETA,
       quantizer's output error ``E_u`` at both widths (``sensitivity.unit_error``, see
       :func:`error_shape`), else by the noise model ``e(b) = e(b') 4^-(b - b')`` (a
       measurement with one probe width and no ``unit_error`` is exactly the older noise-model
-      allocation); 8 bits is extrapolated from the 4-bit value (~1/256 of it, near zero). Then ``e`` is made non-increasing in the width (``e(b) = min(e(b), e(b'))`` for
+      allocation); 8 bits is extrapolated from the 4-bit value (~1/256 of it, near zero).
+      Then ``e`` is made non-increasing in the width (``e(b) = min(e(b), e(b'))`` for
       ``b' < b``): a wider probe that measured worse is noise, and must not make the DP pay to
       lose quality.
     * ``"higgs"`` (not task-aware; HIGGS's dynamic bit-width allocation, arXiv 2411.17525): by
@@ -115,7 +116,7 @@ def unit_errors(measurement, beta: float = defaults.BETA,
             noise_model = 4.0 ** -(b - src)
             if b in shape and src in shape:
                 # the unit's own error ratio under the probes' quantizer (a unit whose error
-                # does not shrink 16x from 3 to 4 bits keeps more of its probe)
+                # shrinks less than 4x from 3 to 4 bits keeps more of its probe)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratio = np.where(shape[src] > 0, shape[b] / shape[src], noise_model)
                 e = base * ratio
