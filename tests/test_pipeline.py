@@ -54,6 +54,35 @@ def test_qa_objective_scores_exactly_the_continuation():
         S.qa_objective("t", tok, [("x" * 50, " y")], max_len=20)
 
 
+def test_qa_objective_item_span_scores_the_question_too():
+    """span="item" scores every token after the first (the question's too), the same ids;
+    a span it does not know is refused, as is a bad --sens-span in the config."""
+    tok = ByteTok()
+    pairs = [("Q: ab\nA:", " yes"), ("Q: longer one\nA:", " no!")]
+    ans = S.qa_objective("t", tok, pairs)
+    item = S.qa_objective("t", tok, pairs, span="item")
+    assert torch.equal(ans.input_ids, item.input_ids)
+    for i, (p, c) in enumerate(pairs):
+        assert item.score[i].nonzero().flatten().tolist() == list(range(1, len(p) + len(c)))
+    assert item.n_scored == ans.n_scored + sum(len(p) - 1 for p, _ in pairs)
+    with pytest.raises(ValueError, match="span must be one of"):
+        S.qa_objective("t", tok, pairs, span="question")
+    cfg = tiny_cfg()
+    cfg.sens_span = "all"
+    with pytest.raises(ValueError, match="--sens-span"):
+        cfg.validate()
+
+
+def test_sens_span_enters_the_fingerprint_only_when_not_answer():
+    """Files written before --sens-span existed scored the answers: they still match at
+    "answer"; "item" is another measurement."""
+    model = tiny3()
+    assert "sens_span" not in pipeline.measure_fingerprint(model, tiny_cfg())
+    cfg = tiny_cfg()
+    cfg.sens_span = "item"
+    assert pipeline.measure_fingerprint(model, cfg)["sens_span"] == "item"
+
+
 def test_objective_losses_match_full_model_nll():
     model = tiny3()
     tok = ByteTok()

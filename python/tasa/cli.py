@@ -653,6 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(a Hessian method probes each unit alone with it, calibrated as the "
                         f"final quantization at alpha*; costs one quantization of the model per "
                         f"probe width) (default {_dflt('sens_method')})")
+    p.add_argument("--sens-span", choices=list(defaults.SENS_SPANS), default=None,
+                   help=f"tokens of a math/arc item a probe scores: answer = the gold "
+                        f"continuation given the question, item = the question's tokens too "
+                        f"(default {_dflt('sens_span')})")
     p.add_argument("--sens-ppl-windows", type=int, default=None,
                    help=f"windows of the perplexity objective (default {_dflt('sens_ppl_windows')})")
     p.add_argument("--sens-math-items", type=int, default=None,

@@ -114,8 +114,10 @@ def _pad_id(tokenizer) -> int:
 
 
 def qa_objective(name: str, tokenizer, pairs: Sequence[tuple], max_len: int = 384,
-                 description: str = "") -> Objective:
-    """Prompt/continuation pairs: the continuation's tokens are scored given the prompt.
+                 description: str = "", span: str = "answer") -> Objective:
+    """Prompt/continuation pairs: the continuation's tokens are scored given the prompt
+    (``span="answer"``), or every token of the item after the first (``span="item"``: the
+    prompt's tokens too, see :data:`tasa.defaults.SENS_SPANS`).
     Tokenized as ``prompt`` and ``prompt + continuation`` (so BPE merges across the boundary
     are those of the full text); sequences are right-padded (causal attention never looks
     right, so padding needs no mask) and truncated to ``max_len`` tokens (the prompt keeps at
@@ -126,6 +128,9 @@ def qa_objective(name: str, tokenizer, pairs: Sequence[tuple], max_len: int = 38
             ids = ids.reshape(-1).tolist()
         return list(ids)
 
+    if span not in defaults.SENS_SPANS:
+        raise ValueError(f"tasa: objective {name!r}: span must be one of "
+                         f"{list(defaults.SENS_SPANS)}, got {span!r}")
     seqs, marks = [], []
     for prompt, cont in pairs:
         p = enc(prompt)
@@ -145,30 +150,33 @@ def qa_objective(name: str, tokenizer, pairs: Sequence[tuple], max_len: int = 38
     score = torch.zeros(len(seqs), T, dtype=torch.bool)
     for i, (s, k) in enumerate(zip(seqs, marks)):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
-        score[i, k:len(s)] = True
+        score[i, (1 if span == "item" else k):len(s)] = True
     return Objective(name, ids, score, description)
 
 
 def gsm8k_objective(tokenizer, items: Sequence[Mapping], n: int, seed: int = 0,
-                    max_len: int = 384) -> Objective:
+                    max_len: int = 384, span: str = "answer") -> Objective:
     """``math``: NLL of the gold chain-of-thought solution given the question (``n`` items
-    drawn with ``seed``)."""
+    drawn with ``seed``; ``span="item"`` scores the question's tokens too)."""
     items = list(items)
     pick = random.Random(seed).sample(items, min(n, len(items)))
     pairs = [(qa_prompt(it["question"]), " " + it["answer"]) for it in pick]
-    return qa_objective("math", tokenizer, pairs, max_len,
-                        f"GSM8K gold-solution NLL given the question, {len(pairs)} items")
+    what = "question + gold solution" if span == "item" else "gold solution given the question"
+    return qa_objective("math", tokenizer, pairs, max_len, f"GSM8K {what}, {len(pairs)} items",
+                        span=span)
 
 
 def arc_objective(tokenizer, items: Sequence[Mapping], n: int, seed: int = 0,
-                  max_len: int = 256) -> Objective:
+                  max_len: int = 256, span: str = "answer") -> Objective:
     """``arc``: log-likelihood of the correct choice's text given the question (lm-eval's
-    ARC continuation), ``n`` items drawn with ``seed``."""
+    ARC continuation), ``n`` items drawn with ``seed``; ``span="item"`` scores the question's
+    tokens too."""
     items = list(items)
     pick = random.Random(seed).sample(items, min(n, len(items)))
     pairs = [(qa_prompt(it["question"]), " " + it["choices"][it["gold"]]) for it in pick]
-    return qa_objective("arc", tokenizer, pairs, max_len,
-                        f"ARC correct-answer NLL given the question, {len(pairs)} items")
+    what = "question + correct answer" if span == "item" else "correct answer given the question"
+    return qa_objective("arc", tokenizer, pairs, max_len, f"ARC {what}, {len(pairs)} items",
+                        span=span)
 
 
 # ---- units ----------------------------------------------------------------------------------

@@ -218,10 +218,12 @@ def build_objectives(tokenizer, split: dict, cfg: PipelineConfig) -> List[sensit
                 f"{cfg.sens_ppl_seqlen} tokens"))
         elif name == "math":
             objs.append(sensitivity.gsm8k_objective(tokenizer, split["gsm8k_heldout"],
-                                                    cfg.sens_math_items, seed=cfg.seed + SEED_OBJ_MATH))
+                                                    cfg.sens_math_items, seed=cfg.seed + SEED_OBJ_MATH,
+                                                    span=cfg.sens_span))
         elif name == "arc":
             objs.append(sensitivity.arc_objective(tokenizer, split["arc_heldout"],
-                                                  cfg.sens_arc_items, seed=cfg.seed + SEED_OBJ_ARC))
+                                                  cfg.sens_arc_items, seed=cfg.seed + SEED_OBJ_ARC,
+                                                  span=cfg.sens_span))
     return objs
 
 
