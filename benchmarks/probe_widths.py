@@ -84,14 +84,7 @@ def main(argv=None):
     ew = [3, 4]
     if any(u not in sens.unit_error.get(str(b), {}) for b in ew for u in names):
         model, tok = models.load_model(cfg.model)[:2]
-        split = stages.split_data(cfg)
-        errs: dict = {}
-        if cfg.sens_method != "rtn" or cfg.rotates():
-            stages.probe_weights(model, tok, cfg, m.mixture.alpha_star, units, split,
-                                 error_widths=ew, errors=errs)
-        else:
-            errs = stages.mixture_linear_errors(m.mixture, ew)
-        stages.record_unit_errors(sens, units, errs)
+        stages.fill_unit_errors(model, tok, cfg, m.mixture, units, sens, stages.split_data(cfg), ew)
         m.save(src)
         print(f"unit errors at {ew} bits recorded in {src}")
     one = copy.deepcopy(m)

@@ -63,7 +63,7 @@ from .config import PipelineConfig
 __all__ = ["split_data", "mixture_calibration", "measure_mixture", "build_objectives",
            "SCORINGS", "unit_errors", "allocate", "noise_bounds", "check_budget", "plan_document", "as_layer_specs", "gptq_calibration",
            "quantize_with_plan", "with_rotation", "probe_weights", "error_widths",
-           "record_unit_errors", "mixture_linear_errors",
+           "record_unit_errors", "mixture_linear_errors", "fill_unit_errors",
            "measure", "measure_fingerprint", "weights_digest", "check_same_model"]
 
 
@@ -516,6 +516,33 @@ def mixture_linear_errors(mix: MixtureResult, widths: Sequence[int]) -> Dict[tup
             for f, g in mix.group_errors.items() for b in widths if b in ew and len(g)}
 
 
+def fill_unit_errors(model, tokenizer, cfg: PipelineConfig, mix: MixtureResult,
+                     units: Mapping[str, tuple], sens: SensitivityResult, split: dict,
+                     widths: Sequence[int], probe: Optional[Mapping[str, tuple]] = None,
+                     progress: bool = True, log=print) -> Optional[Dict[str, Any]]:
+    """Records ``sens.unit_error`` at ``widths`` for every unit of ``units`` that lacks one, from
+    the probes' own quantizer: a Hessian method or the rotation -- :func:`probe_weights` at
+    alpha* (which also returns the probe weights of the units of ``probe``, the probes still to
+    run) -- else plain RTN, whose errors the mixture stage already holds. Returns those probe
+    weights (None for plain RTN probes)."""
+    widths = [int(b) for b in widths]
+    missing = {u: units[u] for u in units
+               if any(u not in sens.unit_error.get(str(b), {}) for b in widths)}
+    probe = dict(probe or {})
+    pw = None
+    if (cfg.sens_method != "rtn" or cfg.rotates()) and (probe or missing):
+        # (every rank computes them all: the same calibration, deterministic)
+        errs: Dict[tuple, float] = {}
+        pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, {**probe, **missing}, split,
+                           progress, log, error_widths=widths, errors=errs)
+        record_unit_errors(sens, units, errs)
+    if any(u not in sens.unit_error.get(str(b), {}) for b in widths for u in units):
+        # a data-free probe quantizer (plain RTN): the mixture stage's per-group RTN errors
+        # under diag(H_alpha*) are that quantizer's errors
+        record_unit_errors(sens, units, mixture_linear_errors(mix, widths))
+    return pw
+
+
 def measure_fingerprint(model: nn.Module, cfg: PipelineConfig) -> dict:
     """What a measurement depends on: the measurement settings and the model's weights."""
     return {**cfg.measure_fingerprint(), "weights": weights_digest(model)}
@@ -619,21 +646,9 @@ def measure(model, tokenizer, cfg: PipelineConfig, path: Path, fresh: bool = Fal
             sens.seconds = t_prev + time.perf_counter() - t0
             save()
 
-        pw = None
         todo_units = {u: units[u] for u in units if any(u not in done[b] for b in widths)}
-        ew = error_widths(cfg)
-        no_error = {u: units[u] for u in units
-                    if any(u not in sens.unit_error.get(str(b), {}) for b in ew)}
-        if (cfg.sens_method != "rtn" or cfg.rotates()) and (todo_units or no_error):
-            # (every rank computes them all: the same calibration, deterministic)
-            errs: Dict[tuple, float] = {}
-            pw = probe_weights(model, tokenizer, cfg, mix.alpha_star, {**todo_units, **no_error},
-                               split, progress, log, error_widths=ew, errors=errs)
-            record_unit_errors(sens, units, errs)
-        if any(u not in sens.unit_error.get(str(b), {}) for b in ew for u in units):
-            # a data-free probe quantizer (plain RTN): the mixture stage's per-group RTN
-            # errors under diag(H_alpha*) are that quantizer's errors
-            record_unit_errors(sens, units, mixture_linear_errors(mix, ew))
+        pw = fill_unit_errors(model, tokenizer, cfg, mix, units, sens, split, error_widths(cfg),
+                              probe=todo_units, progress=progress, log=log)
         save()
         res = sensitivity.measure_sensitivity(
             model, objs, units, widths=widths, group_size=cfg.group_size, mode=cfg.mode,
