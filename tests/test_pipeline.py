@@ -65,22 +65,39 @@ def test_qa_objective_item_span_scores_the_question_too():
     for i, (p, c) in enumerate(pairs):
         assert item.score[i].nonzero().flatten().tolist() == list(range(1, len(p) + len(c)))
     assert item.n_scored == ans.n_scored + sum(len(p) - 1 for p, _ in pairs)
-    with pytest.raises(ValueError, match="span must be one of"):
+    with pytest.raises(ValueError, match="span must be"):
         S.qa_objective("t", tok, pairs, span="question")
     cfg = tiny_cfg()
-    cfg.sens_span = "all"
-    with pytest.raises(ValueError, match="--sens-span"):
+    cfg.sens_item_span = ("arc", "ppl")
+    with pytest.raises(ValueError, match="--sens-item-span"):
         cfg.validate()
+    args = cli.build_parser().parse_args(["quantize", "--bits", "4", "--out", "o", "--sens-item-span", "arc"])
+    assert cli._pipeline_config(args).sens_item_span == ("arc",)
+    args = cli.build_parser().parse_args(["quantize", "--bits", "4", "--out", "o", "--sens-item-span", ""])
+    assert cli._pipeline_config(args).sens_item_span == ()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["quantize", "--bits", "4", "--out", "o", "--sens-item-span", "ppl"])
 
 
-def test_sens_span_enters_the_fingerprint_only_when_not_answer():
-    """Files written before --sens-span existed scored the answers: they still match at
-    "answer"; "item" is another measurement."""
+def test_item_span_enters_the_fingerprint_only_when_not_empty():
+    """Files written before --sens-item-span existed scored the answers only: they still match
+    at (); an item span is another measurement, and the objectives are built with it."""
     model = tiny3()
-    assert "sens_span" not in pipeline.measure_fingerprint(model, tiny_cfg())
     cfg = tiny_cfg()
-    cfg.sens_span = "item"
-    assert pipeline.measure_fingerprint(model, cfg)["sens_span"] == "item"
+    cfg.sens_item_span = ()
+    assert "sens_item_span" not in pipeline.measure_fingerprint(model, cfg)
+    cfg.sens_item_span = ("arc",)
+    assert pipeline.measure_fingerprint(model, cfg)["sens_item_span"] == ["arc"]
+    from tasa.pipeline import stages
+    split = pipeline.split_data(cfg)
+    tok = ByteTok()
+    with_q = {o.name: o for o in stages.build_objectives(tok, split, cfg)}
+    cfg.sens_item_span = ()
+    plain = {o.name: o for o in stages.build_objectives(tok, split, cfg)}
+    assert torch.equal(with_q["arc"].input_ids, plain["arc"].input_ids)
+    assert with_q["arc"].n_scored > plain["arc"].n_scored
+    assert torch.equal(with_q["math"].score, plain["math"].score)
+    assert torch.equal(with_q["ppl"].score, plain["ppl"].score)
 
 
 def test_objective_losses_match_full_model_nll():

@@ -80,6 +80,23 @@ inline int load_half16(const uint16_t* row, int64_t n0, int64_t N, __m256& lo, _
   return bad != 0;
 }
 
+// Group j's scales of column block cb and, asymmetric, its zeros less the code midpoint
+// 2^(b-1) (zero when symmetric): every path's correction is y -= s * (z - 2^(b-1)) * sum(x_g).
+// Reports a NaN/Inf in either, as load_half16.
+inline int load_scale_zero(const GemmArgs& a, int64_t j, int64_t cb, int b, __m256& s0,
+                           __m256& s1, __m256& zc0, __m256& zc1) {
+  int bad = load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
+  if (a.zeros) {
+    bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, zc0, zc1);
+    const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
+    zc0 = _mm256_sub_ps(zc0, c);
+    zc1 = _mm256_sub_ps(zc1, c);
+  } else {
+    zc0 = zc1 = _mm256_setzero_ps();
+  }
+  return bad;
+}
+
 // GEMV decode: the centred code *left-aligned*, (q - 2^(B-1)) * 2^(32-B), exact as a float:
 // shift the sign-flipped word so the field sits at the top of the lane, and mask off the lower
 // fields (the field at bit 0 needs no mask, the one already at the top no shift). The constant
@@ -393,18 +410,15 @@ int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
           default: gemv_group<8>(wp, a.xs[3] + lg * a.G, tiles, g0, g1); break;
         }
       }
-      __m256 s0, s1;
-      bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
+      __m256 s0, s1, zc0, zc1;
+      bad |= load_scale_zero(a, j, cb, b, s0, s1, zc0, zc1);
       tot0 = _mm256_fmadd_ps(s0, g0, tot0);
       tot1 = _mm256_fmadd_ps(s1, g1, tot1);
-      if (a.zeros) {   // asymmetric: y -= s * (z - 2^(b-1)) * sum(x_group)
-        __m256 z0, z1;
-        bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, z0, z1);
-        const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
+      if (a.zeros) {
         // the int8 groups' sums are of x_hat: their correction uses x_hat's sum too
         const __m256 xs = _mm256_set1_ps(i8 ? a.xqsum[lg] : a.xsum[lg]);
-        tot0 = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_sub_ps(z0, c), s0), xs, tot0);
-        tot1 = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_sub_ps(z1, c), s1), xs, tot1);
+        tot0 = _mm256_fnmadd_ps(_mm256_mul_ps(zc0, s0), xs, tot0);
+        tot1 = _mm256_fnmadd_ps(_mm256_mul_ps(zc1, s1), xs, tot1);
       }
     }
     alignas(32) float out[16];
@@ -428,8 +442,8 @@ int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
       const int b = a.gtable[j * 3];
       const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
       const uint32_t* wp = blk + off * 16;
-      __m256 s0, s1;
-      bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
+      __m256 s0, s1, zc0, zc1;
+      bad |= load_scale_zero(a, j, cb, b, s0, s1, zc0, zc1);
       const __m256 f = _mm256_set1_ps(1.0f / (float)(1u << (32 - b)));   // exact power of two
       const __m256 sc0 = _mm256_mul_ps(s0, f), sc1 = _mm256_mul_ps(s1, f);
       for (int64_t ch = 0; ch < nchunks; ++ch) {
@@ -444,12 +458,9 @@ int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
           default: rows_group_n<8>(mr, wp, xg, a.K, tiles, sc0, sc1, t); break;
         }
       }
-      if (a.zeros) {   // asymmetric: y -= s * (z - 2^(b-1)) * sum(x_group), per row
-        __m256 z0, z1;
-        bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, z0, z1);
-        const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
-        const __m256 zs0 = _mm256_mul_ps(_mm256_sub_ps(z0, c), s0);
-        const __m256 zs1 = _mm256_mul_ps(_mm256_sub_ps(z1, c), s1);
+      if (a.zeros) {   // the zero correction, per row
+        const __m256 zs0 = _mm256_mul_ps(zc0, s0);
+        const __m256 zs1 = _mm256_mul_ps(zc1, s1);
         for (int64_t m = 0; m < M; ++m) {
           const __m256 xs = _mm256_set1_ps(a.xsum[m * a.n_groups + lg]);
           tot[2 * m] = _mm256_fnmadd_ps(zs0, xs, tot[2 * m]);
@@ -479,15 +490,7 @@ int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
       const int b = a.gtable[j * 3];
       const int64_t off = a.gtable[j * 3 + 1], lg = a.gtable[j * 3 + 2];
       __m256 s0, s1, zc0, zc1;
-      bad |= load_half16(a.scales + j * a.N, cb * 16, a.N, s0, s1);
-      const __m256 c = _mm256_set1_ps((float)(1 << (b - 1)));
-      if (a.zeros) {
-        bad |= load_half16(a.zeros + j * a.N, cb * 16, a.N, zc0, zc1);
-        zc0 = _mm256_sub_ps(zc0, c);
-        zc1 = _mm256_sub_ps(zc1, c);
-      } else {
-        zc0 = zc1 = _mm256_setzero_ps();
-      }
+      bad |= load_scale_zero(a, j, cb, b, s0, s1, zc0, zc1);
       const uint32_t* wp = blk + off * 16;
       switch (b) {
         case 2: dequant_group<2>(wp, tiles, s0, s1, zc0, zc1, buf.data()); break;

@@ -421,6 +421,15 @@ def _widths(s: str) -> tuple:
 _PC = pipeline.PipelineConfig()        # the one home of the pipeline's defaults
 
 
+def _item_span(v: str) -> tuple:
+    names = tuple(x.strip() for x in v.split(",") if x.strip() and x.strip() != "none")
+    bad = [x for x in names if x not in defaults.SENS_ITEM_SPAN_OBJECTIVES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"objectives among {','.join(defaults.SENS_ITEM_SPAN_OBJECTIVES)}, got {','.join(bad)}")
+    return names
+
+
 def _dflt(name: str):
     """A PipelineConfig default as --help shows it (tuples comma-separated)."""
     v = getattr(_PC, name)
@@ -653,10 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(a Hessian method probes each unit alone with it, calibrated as the "
                         f"final quantization at alpha*; costs one quantization of the model per "
                         f"probe width) (default {_dflt('sens_method')})")
-    p.add_argument("--sens-span", choices=list(defaults.SENS_SPANS), default=None,
-                   help=f"tokens of a math/arc item a probe scores: answer = the gold "
-                        f"continuation given the question, item = the question's tokens too "
-                        f"(default {_dflt('sens_span')})")
+    p.add_argument("--sens-item-span", type=_item_span, default=None,
+                   help=f"comma-separated objectives among math,arc whose probes score every "
+                        f"token of an item, the question's too ('' or none: only the gold "
+                        f"answer given the question) (default {_dflt('sens_item_span') or 'none'})")
     p.add_argument("--sens-ppl-windows", type=int, default=None,
                    help=f"windows of the perplexity objective (default {_dflt('sens_ppl_windows')})")
     p.add_argument("--sens-math-items", type=int, default=None,

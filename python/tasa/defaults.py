@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Tuple
 
 __all__ = ["WIDTHS", "BETA", "GROUP_SIZE", "MODE", "SKIP_MODULES", "HEAD_BITS", "UNTIED_EMBED_BITS", "OBJECTIVES", "SENS_WIDTHS", "SENS_BITS",
-           "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "SENS_SPAN", "SENS_SPANS", "SENS_METHOD", "GRANULARITY",
+           "SENS_DTYPE", "SENS_SCORING", "SENS_SCORINGS", "SENS_ITEM_SPAN", "SENS_ITEM_SPAN_OBJECTIVES", "SENS_METHOD", "GRANULARITY",
            "FINGERPRINT_ABSENT", "DRIFT_TASK_TOKENS", "METHOD", "MODEL", "BITS", "MEASUREMENT_NAME",
            "PLAN_NAME", "RUN_NAME", "HADAMARD"]
 
@@ -60,18 +60,23 @@ SENS_SCORINGS: tuple = ("nll", "kl")
 # the job's model moved less: KL to the reference 0.62 -> 0.51 at 3.5 bits, GSM8K-text KL
 # 0.205 -> 0.166 at 4.25 (benchmarks/results/budget_sweep_smollm2.md)
 SENS_SCORING: str = "kl"
-# which tokens of a question/answer objective (math, arc) a probe scores: "answer" = the gold
-# continuation given the question (lm-eval's continuation), "item" = every token of the item
-# after its first (the question's too). Under KL scoring a question token's next-token
-# distribution moves with the unit as an answer token's does, and costs nothing more: the probe
-# runs the forward over the question anyway. ARC's answers are ~4 tokens per item (196 scored
-# tokens on 48 items).
-SENS_SPANS: tuple = ("answer", "item")
-SENS_SPAN: str = "answer"
+# the question/answer objectives (math, arc) whose probes score every token of the item after
+# its first (the question's too), not only the gold continuation given the question (lm-eval's
+# continuation, the only span before 2026-12-07). Under KL scoring a question token's
+# next-token distribution moves with the unit as an answer token's does, at no extra forward
+# pass. SmolLM2 (one job, the same probe weights; benchmarks/results/probe_span_smollm2-135m.md):
+# ARC's 48 items score 196 answer tokens, 1497 with their questions: split-half reliability
+# 0.75 -> 0.83; GSM8K's solutions are already ~127 tokens per item and its questions pulled the
+# math ranking toward the ppl one (tau 0.21 -> 0.39) and lowered its reliability 0.84 -> 0.75:
+# arc only (default since 2026-12-07). The 3.5, 4.0 and 4.25-bit plans came out identical to
+# the answer-span ones (the unit errors dominate there), 3.75 moved 5 units. Probe time (both
+# objectives spanned) 575 -> 698 s: the output head over more positions.
+SENS_ITEM_SPAN_OBJECTIVES: tuple = ("math", "arc")
+SENS_ITEM_SPAN: Tuple[str, ...] = ("arc",)
 # settings a measurement fingerprint leaves out at these values (files written before the
 # setting existed still match); error messages name them instead of None
 FINGERPRINT_ABSENT: dict = {"sens_scoring": "nll", "sens_method": "rtn", "hadamard": False,
-                             "sens_span": "answer"}
+                             "sens_item_span": []}
 # format version 2's in-group Hadamard rotation for the methods with a Hessian (gptq, gptq-mse;
 # RTN never by default): uniform GPTQ-MSE on SmolLM2, KL to the reference W3 0.653 -> 0.425,
 # W4 0.191 -> 0.120, GSM8K gold NLL -0.19 at both (paired, beyond noise); RTN W3 2.68 -> 3.81

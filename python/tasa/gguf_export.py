@@ -561,7 +561,8 @@ def setup(model: Optional[str] = None, plan=None, quantized=None, alpha: Optiona
     folder ``quantized``), the reference (``model``; default: the folder's base model, else
     tasa's default) as a transformers model and as the cached F32 GGUF, the calibration mix
     ``alpha`` (default: the plan's / folder's alpha*), its token ids, tasa's importance matrix
-    keyed by llama.cpp names, the llama.cpp types of the embedding and an untied head."""
+    keyed by tasa's names (``names`` maps them to llama.cpp's), the llama.cpp types of the
+    embedding and an untied head."""
     from . import defaults
     from .models import load_model
     from .modelquant import embedding_widths
@@ -609,7 +610,6 @@ def setup(model: Optional[str] = None, plan=None, quantized=None, alpha: Optiona
     return {"specs": specs, "shapes": shapes, "model": model, "alpha": a, "beta": beta,
             "ref_file": ref_file, "ref": ref, "tok": tok, "cfg": cfg, "ids": ids, "info": info,
             "arch": arch, "n_layers": n_layers, "names": names, "imatrix": im,
-            "gguf_imatrix": {names[n]: v for n, v in im.items()},
             "embedding_width": e_w or None, "head_width": None if tied else (h_w or None),
             "embed_k_in": e_k, "embedding_type": _embed_type(e_w or None, e_k),
             "head_type": None if tied else _embed_type(h_w or None, e_k)}

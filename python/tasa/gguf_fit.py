@@ -415,16 +415,17 @@ def export(out, size_bytes: Optional[int] = None, model: Optional[str] = None, p
     if isinstance(measurement, (str, Path)):
         measurement = Measurement.load(measurement)
     s = ge.setup(model, plan, quantized, alpha, data, progress, log)
+    gguf_im = {s["names"][n]: v for n, v in s["imatrix"].items()}     # llama.cpp's names
     if size_bytes is None:
         params = sum(t["params"] for t in ge.gguf_tensors(s["ref_file"]).values())
         size_bytes = int(bits_per_param * params / 8)
     fitted = fit(s["ref"], s["tok"], s["cfg"], s["alpha"], s["names"], s["ref_file"],
                  int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
-                 imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
+                 imatrix=gguf_im, token_embedding_type=s["embedding_type"],
                  output_tensor_type=s["head_type"], calibration=(s["ids"], s["info"]),
                  exclude=exclude, drop_lossless=drop_lossless, progress=progress, log=log)
     report = ge.export_types(s["ref_file"], out, fitted["asked"], s["names"],
-                             imatrix=s["gguf_imatrix"], token_embedding_type=s["embedding_type"],
+                             imatrix=gguf_im, token_embedding_type=s["embedding_type"],
                              output_tensor_type=s["head_type"])
     if report["bytes"] > size_bytes:
         raise RuntimeError(f"tasa: the fitted file is {report['bytes']} bytes, over the "

@@ -117,7 +117,7 @@ def qa_objective(name: str, tokenizer, pairs: Sequence[tuple], max_len: int = 38
                  description: str = "", span: str = "answer") -> Objective:
     """Prompt/continuation pairs: the continuation's tokens are scored given the prompt
     (``span="answer"``), or every token of the item after the first (``span="item"``: the
-    prompt's tokens too, see :data:`tasa.defaults.SENS_SPANS`).
+    prompt's tokens too, see :data:`tasa.defaults.SENS_ITEM_SPAN`).
     Tokenized as ``prompt`` and ``prompt + continuation`` (so BPE merges across the boundary
     are those of the full text); sequences are right-padded (causal attention never looks
     right, so padding needs no mask) and truncated to ``max_len`` tokens (the prompt keeps at
@@ -128,9 +128,9 @@ def qa_objective(name: str, tokenizer, pairs: Sequence[tuple], max_len: int = 38
             ids = ids.reshape(-1).tolist()
         return list(ids)
 
-    if span not in defaults.SENS_SPANS:
-        raise ValueError(f"tasa: objective {name!r}: span must be one of "
-                         f"{list(defaults.SENS_SPANS)}, got {span!r}")
+    if span not in ("answer", "item"):
+        raise ValueError(f"tasa: objective {name!r}: span must be 'answer' or 'item', "
+                         f"got {span!r}")
     seqs, marks = [], []
     for prompt, cont in pairs:
         p = enc(prompt)

@@ -46,7 +46,8 @@ class PipelineConfig:
     sens_dtype: str = defaults.SENS_DTYPE       # compute dtype of the probes' forward passes
     sens_scoring: str = defaults.SENS_SCORING   # "nll" | "kl" (tasa.sensitivity)
     sens_method: str = defaults.SENS_METHOD     # the probes' quantizer (tasa.quant.METHODS)
-    sens_span: str = defaults.SENS_SPAN         # tokens of math/arc items scored (defaults.SENS_SPANS)
+    # the math/arc objectives whose probes score the question's tokens too (defaults.SENS_ITEM_SPAN)
+    sens_item_span: tuple = defaults.SENS_ITEM_SPAN
     granularity: str = defaults.GRANULARITY     # "block" | "sublayer" | "linear"
     objectives: tuple = defaults.OBJECTIVES
     sens_ppl_windows: int = 8
@@ -81,7 +82,7 @@ class PipelineConfig:
     # fields whose change invalidates the measurement (everything the measured numbers depend on)
     MEASURE_KEYS = ("model", "data", "seed", "group_size", "mode", "holdout", "alpha",
                     "mix_normalize", "n_gen", "n_task", "n_test", "mix_seqlen", "sens_widths", "sens_dtype", "sens_scoring",
-                    "sens_method", "sens_span", "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
+                    "sens_method", "sens_item_span", "granularity", "objectives", "sens_ppl_windows", "sens_ppl_seqlen",
                     "sens_math_items", "sens_arc_items", "hadamard")
 
     def validate(self) -> None:
@@ -132,9 +133,11 @@ class PipelineConfig:
         if self.sens_scoring not in defaults.SENS_SCORINGS:
             raise ValueError(f"tasa: --sens-scoring must be one of {list(defaults.SENS_SCORINGS)}, "
                              f"got {self.sens_scoring!r}")
-        if self.sens_span not in defaults.SENS_SPANS:
-            raise ValueError(f"tasa: --sens-span must be one of {list(defaults.SENS_SPANS)}, "
-                             f"got {self.sens_span!r}")
+        self.sens_item_span = tuple(self.sens_item_span)
+        bad = [o for o in self.sens_item_span if o not in defaults.SENS_ITEM_SPAN_OBJECTIVES]
+        if bad:
+            raise ValueError(f"tasa: --sens-item-span takes objectives among "
+                             f"{list(defaults.SENS_ITEM_SPAN_OBJECTIVES)}, got {bad}")
         if self.sens_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"tasa: --sens-dtype must be auto, float32 or bfloat16, got "
                              f"{self.sens_dtype!r}")

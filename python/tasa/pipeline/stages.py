@@ -208,6 +208,10 @@ def measure_mixture(model, tokenizer, split: dict, cfg: PipelineConfig,
 
 # ---- stage 3: sensitivity ---------------------------------------------------------------------
 
+def _span(cfg: PipelineConfig, objective: str) -> str:
+    return "item" if objective in cfg.sens_item_span else "answer"
+
+
 def build_objectives(tokenizer, split: dict, cfg: PipelineConfig) -> List[sensitivity.Objective]:
     objs = []
     for name in cfg.objectives:
@@ -219,11 +223,11 @@ def build_objectives(tokenizer, split: dict, cfg: PipelineConfig) -> List[sensit
         elif name == "math":
             objs.append(sensitivity.gsm8k_objective(tokenizer, split["gsm8k_heldout"],
                                                     cfg.sens_math_items, seed=cfg.seed + SEED_OBJ_MATH,
-                                                    span=cfg.sens_span))
+                                                    span=_span(cfg, "math")))
         elif name == "arc":
             objs.append(sensitivity.arc_objective(tokenizer, split["arc_heldout"],
                                                   cfg.sens_arc_items, seed=cfg.seed + SEED_OBJ_ARC,
-                                                  span=cfg.sens_span))
+                                                  span=_span(cfg, "arc")))
     return objs
 
 
