@@ -5,7 +5,8 @@ Ops (namespace ``tasa``):
   unpack(qweight, gtable, N, G) -> codes u8 [N, K]                       (logical row order)
   dequant(qweight, scales f16 [K/G, N], zeros f16? , gtable, perm i32? [K], G) -> W f32 [N, K]
   embed(ids i64 [...], qweight, scales, zeros?, gtable, perm?, G) -> f32 [..., K]   (rows of W: a lookup)
-  gemm(x [..., K] f32|bf16|f16, qweight, scales, zeros?, gtable, perm?, G) -> y [..., N] (x's dtype)
+  gemm(x [..., K] f32|bf16|f16, qweight, scales, zeros?, gtable, perm?, G, hadamard=False)
+        -> y [..., N] (x's dtype; hadamard: x rotated first, as by the hadamard op)
         (CPU, from dense_rows() rows of x on: dequantize once + torch matmul, see set_dense_rows)
   hessian_accumulate_(H f32 [S,K,K]!, X [T,K], src i64? [T], count i64 [S]!) -> ()
   gptq_cols_(W f32 [N,B]!, U f32 [B,B], scale f32 [N], zero f32 [N], maxq, c0, c1, codes u8 [N,B]!,
@@ -36,7 +37,7 @@ SCHEMAS = {
     "embed": "embed(Tensor ids, Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, "
              "Tensor? perm, int group_size) -> Tensor",
     "gemm": "gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor gtable, Tensor? perm, "
-            "int group_size) -> Tensor",
+            "int group_size, bool hadamard=False) -> Tensor",
     "hessian_accumulate_": "hessian_accumulate_(Tensor(a!) H, Tensor X, Tensor? src, Tensor(b!) count) -> ()",
     "gptq_cols_": "gptq_cols_(Tensor(a!) W, Tensor U, Tensor scale, Tensor zero, int maxq, int c0, int c1, "
                   "Tensor(b!) codes, Tensor(c!) err) -> ()",
@@ -117,7 +118,7 @@ def _embed_fake(ids, qweight, scales, zeros, gtable, perm, group_size):
 
 
 @torch.library.register_fake("tasa::gemm")
-def _gemm_fake(x, qweight, scales, zeros, gtable, perm, group_size):
+def _gemm_fake(x, qweight, scales, zeros, gtable, perm, group_size, hadamard=False):
     _same_device("qweight", qweight, x=x, scales=scales, zeros=zeros, gtable=gtable, perm=perm)
     if x.shape[-1] != _k_of(gtable, group_size, qweight):
         raise RuntimeError(f"tasa: x must have last dimension K={gtable.shape[0] * group_size}, "
@@ -189,9 +190,11 @@ def embed(ids, qweight, scales, zeros: Optional[torch.Tensor], gtable, perm: Opt
 
 
 def gemm(x, qweight, scales, zeros: Optional[torch.Tensor], gtable, perm: Optional[torch.Tensor],
-         group_size: int) -> torch.Tensor:
-    """``y = x @ W.T`` with W the dequantized packed matrix; fp32 accumulation."""
-    return torch.ops.tasa.gemm(x, qweight, scales, zeros, gtable, perm, group_size)
+         group_size: int, hadamard: bool = False) -> torch.Tensor:
+    """``y = x @ W.T`` with W the dequantized packed matrix; fp32 accumulation. ``hadamard``: W
+    is stored rotated (format version 2), ``y = hadamard(x) @ W.T`` with :func:`hadamard`'s
+    rotation, rounding and dtype, in one op."""
+    return torch.ops.tasa.gemm(x, qweight, scales, zeros, gtable, perm, group_size, hadamard)
 
 
 def hessian_accumulate_(H, X, src: Optional[torch.Tensor], count) -> None:

@@ -118,7 +118,9 @@ def embed(ids, qweight, scales, zeros, gtable, perm, group_size) -> torch.Tensor
     return W[ids.long()]
 
 
-def gemm(x, qweight, scales, zeros, gtable, perm, group_size) -> torch.Tensor:
+def gemm(x, qweight, scales, zeros, gtable, perm, group_size, hadamard=False) -> torch.Tensor:
+    if hadamard:
+        x = globals()["hadamard"](x, group_size)       # (the function, not the flag)
     W = dequant(qweight, scales, zeros, gtable, perm, group_size, torch.float64)
     return (x.to(torch.float64) @ W.T).to(x.dtype)
 

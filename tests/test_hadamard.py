@@ -82,6 +82,33 @@ def test_opcheck():
         opcheck(torch.ops.tasa.hadamard.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 3, 19])
+@pytest.mark.parametrize("dense", [0, 1])
+def test_gemm_rotates_as_the_two_ops(dtype, M, dense):
+    """gemm(..., hadamard=True) is hadamard(x) then gemm, bit for bit, on both CPU paths (the
+    fused kernel, dequantize-once + matmul) with a permutation and mixed widths; the float64
+    reference's flag agrees; opcheck sees the flag."""
+    from tasa_ext.testing import random_packed
+    N, K, G = 37, 480, 96
+    p = random_packed(N, K, G, [3, 8, 4, 2, 4], True, True, seed=M)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    x = torch.randn(M, K).to(dtype)
+    old = tasa_ext.ops.dense_rows()
+    try:
+        tasa_ext.ops.set_dense_rows(dense)
+        fused = tasa_ext.gemm(x, *args, hadamard=True)
+        two = tasa_ext.gemm(tasa_ext.hadamard(x, G, False), *args)
+    finally:
+        tasa_ext.ops.set_dense_rows(old)
+    assert fused.dtype == dtype and torch.equal(fused, two)
+    y64 = R.gemm(x.double(), *args, hadamard=True)
+    assert not torch.allclose(y64, R.gemm(x.double(), *args))      # the flag does something
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(fused.double(), y64, atol=tol * y64.abs().max().item(), rtol=0)
+    opcheck(torch.ops.tasa.gemm.default, (x, *args, True))
+
+
 def _outlier_problem(N=48, K=384, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(N, K, generator=g)

@@ -270,10 +270,8 @@ class TasaLinear(_Packed):
         return cls.from_quantized(q, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hadamard:
-            x = tasa_ext.hadamard(x, self.group_size, False)
         y = tasa_ext.gemm(x, self.qweight, self.scales, self.zeros, self.gtable, self.perm,
-                          self.group_size)
+                          self.group_size, bool(self.hadamard))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -103,11 +103,18 @@ at::Tensor gemm_dense_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
-at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+at::Tensor hadamard_cpu(const at::Tensor& x, int64_t group_size, bool inverse);
+
+at::Tensor gemm_cpu(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
-                    const std::optional<at::Tensor>& perm, int64_t group_size) {
+                    const std::optional<at::Tensor>& perm, int64_t group_size, bool hadamard) {
   int64_t N;
   const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
+  check_activation(x_in, "x", K, qweight);
+  // A rotated matrix (format version 2) multiplies x R: the rotation of the hadamard op, called
+  // here rather than as its own op (a decode step of the README job's SmolLM2 made 124 such
+  // calls at 10.8 us each, ~10% of the step, most of it dispatch and Python)
+  const at::Tensor x = hadamard ? hadamard_cpu(x_in, group_size, false) : x_in;
   const int xdt = check_activation(x, "x", K, qweight);
   const int64_t M = x.numel() / K;
   if (g_dense_rows > 0 && M >= g_dense_rows) {

@@ -101,13 +101,18 @@ at::Tensor embed_cuda(const at::Tensor& ids, const at::Tensor& qweight, const at
   return out;
 }
 
-at::Tensor gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+at::Tensor hadamard_cuda(const at::Tensor& x, int64_t group_size, bool inverse);
+
+at::Tensor gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const at::Tensor& gtable,
-                     const std::optional<at::Tensor>& perm, int64_t group_size) {
+                     const std::optional<at::Tensor>& perm, int64_t group_size, bool hadamard) {
   check_cuda(qweight, "qweight");
   c10::cuda::CUDAGuard guard(qweight.device());
   int64_t N;
   const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
+  check_activation(x_in, "x", K, qweight);
+  // a rotated matrix multiplies x R (the hadamard op's rotation, on the same stream)
+  const at::Tensor x = hadamard ? hadamard_cuda(x_in, group_size, false) : x_in;
   const int xdt = check_activation(x, "x", K, qweight);
   // The GEMV streams qweight with 16-byte loads (a view at an odd offset would fault).
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
