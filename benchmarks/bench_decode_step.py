@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import _prompt_ids, _tasa_model  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, interleaved_decode, machine  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,22 +41,11 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         model, tok, note = _tasa_model(name, None)
         ids = _prompt_ids(tok, 16, model.config.vocab_size)
-        times = {True: [], False: []}
-        tokens = {}
         with torch.inference_mode():
-            for r in range(args.rounds + 1):          # round 0: warm-up, not counted
-                for fused in (True, False):
-                    _LeanDecoder.TASA_OPS = fused
-                    dec = _LeanDecoder(model, 16 + args.steps + 1)
-                    nxt = dec(ids, 0).argmax(-1)[:, None]
-                    got = []
-                    t0 = time.perf_counter()
-                    for i in range(args.steps):
-                        got.append(int(dec(nxt, 16 + i).argmax()))
-                    dt = (time.perf_counter() - t0) / args.steps
-                    if r:
-                        times[fused].append(dt)
-                    tokens[fused] = got
+            ms, tokens = interleaved_decode(
+                model, ids, args.steps, args.rounds,
+                {v: (lambda v=v: setattr(_LeanDecoder, "TASA_OPS", v)) for v in (True, False)})
+        times = {k: [t / 1e3 for t in v] for k, v in ms.items()}
         _LeanDecoder.TASA_OPS = True
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"model": name, "fused_ms": med[True] * 1e3, "aten_ms": med[False] * 1e3,

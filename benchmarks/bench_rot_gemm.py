@@ -28,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine, write_results  # noqa: E402
+from common import interleaved_decode, machine, write_results  # noqa: E402
 
 SHAPES = [  # (name, N, K, group size as tasa fits it to K)
     ("smollm2 qkv", 960, 576, 64), ("smollm2 o", 576, 576, 64), ("smollm2 gate+up", 3072, 576, 64),
@@ -74,28 +74,17 @@ def per_call(args) -> list:
 
 def per_step(args) -> dict:
     import tasa
-    from tasa.generation import _LeanDecoder
     from tasa.layers import TasaLinear
     model = tasa.load(args.folder).eval()
     lins = [m for m in model.modules() if isinstance(m, TasaLinear)]
     rotated = sum(bool(m.hadamard) for m in lins)
     now = TasaLinear.forward
     ids = torch.arange(100, 116)[None]
-    times = {"fused": [], "two-op": []}
-    toks = {}
     try:
-        for r in range(args.step_rounds + 1):          # round 0: warm-up
-            for k, fwd in (("fused", now), ("two-op", _two_op)):
-                TasaLinear.forward = fwd
-                dec = _LeanDecoder(model, 16 + args.steps + 1)
-                nxt = dec(ids, 0).argmax(-1)[:, None]
-                got = []
-                t0 = time.perf_counter()
-                for i in range(args.steps):
-                    got.append(int(dec(nxt, 16 + i).argmax()))
-                if r:
-                    times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
-                toks[k] = got
+        times, toks = interleaved_decode(
+            model, ids, args.steps, args.step_rounds,
+            {"fused": lambda: setattr(TasaLinear, "forward", now),
+             "two-op": lambda: setattr(TasaLinear, "forward", _two_op)})
     finally:
         TasaLinear.forward = now
     paired = [b / a for a, b in zip(times["fused"], times["two-op"])]

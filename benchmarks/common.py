@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -102,6 +103,30 @@ def write_results(stem: str, meta: dict, rows: list, markdown: str) -> Path:
     path = RESULTS / f"{stem}.md"
     path.write_text(markdown)
     return path
+
+
+def interleaved_decode(model, ids, steps: int, rounds: int, configs: dict) -> tuple:
+    """Tasa's lean decoder under each of ``configs`` (``{name: fn()}``, fn switching to that
+    configuration before a decoder is built), in ``rounds`` interleaved rounds (plus one
+    warm-up) of ``steps`` one-token steps after the prompt ``ids`` ([1, T]). Returns
+    ``({name: [ms per step, one per round]}, {name: greedy tokens of the last round})``."""
+    from tasa.generation import _LeanDecoder
+    T = ids.shape[1]
+    times = {k: [] for k in configs}
+    tokens = {}
+    for r in range(rounds + 1):                 # round 0: warm-up, not counted
+        for k, switch in configs.items():
+            switch()
+            dec = _LeanDecoder(model, T + steps + 1)
+            nxt = dec(ids, 0).argmax(-1)[:, None]
+            got = []
+            t0 = time.perf_counter()
+            for i in range(steps):
+                got.append(int(dec(nxt, T + i).argmax()))
+            if r:
+                times[k].append((time.perf_counter() - t0) / steps * 1e3)
+            tokens[k] = got
+    return times, tokens
 
 
 # ---- KL tables of the method comparisons (mse_methods, hadamard_probe, hadamard_quality) --------
