@@ -72,6 +72,54 @@ def per_call(args) -> list:
     return rows
 
 
+def fixed_cost(args) -> dict:
+    """A gemm call's cost on a 16 x 128 matrix (nothing to stream) at 1 and 2 threads, next to a
+    one-op baseline (tasa's rms_norm on a 576-wide row): what every small call pays."""
+    import tasa_ext
+    from tasa.layers import TasaLinear
+    from tasa.quant import LayerSpec
+    m = TasaLinear.from_linear(torch.nn.Linear(128, 16, bias=False),
+                               LayerSpec(bits=[4], group_size=128, mode="asym"))
+    x, xr, w = torch.randn(1, 128), torch.randn(1, 576), torch.ones(576)
+    out = {}
+    for th in (1, 2):
+        torch.set_num_threads(th)
+        for k, f in (("gemm_16x128", lambda: m(x)),
+                     ("rms_norm_576", lambda: tasa_ext.ops.rms_norm(xr, w, 1e-5))):
+            best = float("inf")
+            for _ in range(args.rounds):
+                for _ in range(20):
+                    f()
+                t0 = time.perf_counter()
+                for _ in range(args.calls * 4):
+                    f()
+                best = min(best, (time.perf_counter() - t0) / (args.calls * 4) * 1e6)
+            out[f"{k}_{th}t_us"] = best
+    torch.set_num_threads(args.threads)
+    return out
+
+
+def step_profile(model, steps: int = 8) -> list:
+    """The top ops of ``steps`` decode steps (torch.profiler, self CPU time per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tasa.generation import _LeanDecoder
+    ids = torch.arange(100, 116)[None]
+    dec = _LeanDecoder(model, 16 + steps + 5)
+    nxt = dec(ids, 0).argmax(-1)[:, None]
+    for i in range(4):
+        dec(nxt, 16 + i)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for i in range(steps):
+            dec(nxt, 20 + i)
+    ev = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ev)
+    rows = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "calls_per_step": e.count / steps} for e in ev[:8]]
+    rows.append({"op": "all ops", "ms_per_step": total / 1e3 / steps, "calls_per_step": None})
+    return rows
+
+
 def per_step(args) -> dict:
     import tasa
     from tasa.layers import TasaLinear
@@ -87,13 +135,14 @@ def per_step(args) -> dict:
              "two-op": lambda: setattr(TasaLinear, "forward", _two_op)})
     finally:
         TasaLinear.forward = now
+    prof = step_profile(model)
     paired = [b / a for a, b in zip(times["fused"], times["two-op"])]
     return {"folder": str(args.folder), "linears": len(lins), "rotated": rotated,
             "fused_ms": statistics.median(times["fused"]),
             "two_op_ms": statistics.median(times["two-op"]),
             "fused_ms_all": times["fused"], "two_op_ms_all": times["two-op"],
             "paired_ratio_median": statistics.median(paired), "paired_ratios": paired,
-            "same_tokens": toks["fused"] == toks["two-op"]}
+            "same_tokens": toks["fused"] == toks["two-op"], "profile": prof}
 
 
 def main(argv=None) -> int:
@@ -110,6 +159,7 @@ def main(argv=None) -> int:
     meta = machine()
     with torch.inference_mode():
         calls = per_call(args)
+        fixed = fixed_cost(args)
         step = per_step(args) if args.folder else None
     L = [f"# The rotation inside gemm vs the hadamard op + gemm ({meta['device']})", "",
          f"{meta['date']}, commit {meta['commit']}, {args.threads} threads; command: "
@@ -121,14 +171,25 @@ def main(argv=None) -> int:
     for r in calls:
         L.append(f"| {r['shape']} | {r['N']} x {r['K']} ({r['G']}) | {r['two_op_us']:.1f} | "
                  f"{r['fused_us']:.1f} | {r['saved_us']:.1f} | {r['ratio']:.3f} | {r['equal']} |")
+    L += ["", "Fixed cost of a call (best of the rounds): gemm of a 16 x 128 matrix "
+          f"{fixed['gemm_16x128_1t_us']:.1f} us on 1 thread, {fixed['gemm_16x128_2t_us']:.1f} us on 2 "
+          f"(the OpenMP region); tasa's rms_norm op on a 576-wide row "
+          f"{fixed['rms_norm_576_1t_us']:.1f} / {fixed['rms_norm_576_2t_us']:.1f} us."]
     if step:
         L += ["", f"Decode step of `{step['folder']}` ({step['rotated']} of {step['linears']} "
               f"linears rotated), tasa's lean decoder, {args.step_rounds} interleaved rounds of "
               f"{args.steps} steps: one op {step['fused_ms']:.2f} ms, two ops "
               f"{step['two_op_ms']:.2f} ms (medians); paired ratio two/one per round, median "
               f"{step['paired_ratio_median']:.3f}, range {min(step['paired_ratios']):.3f}-"
-              f"{max(step['paired_ratios']):.3f}; greedy tokens equal: {step['same_tokens']}."]
-    path = write_results(f"rot_gemm_{tasa_ext.ops.cpu_isa()}", meta, {"calls": calls, "step": step},
+              f"{max(step['paired_ratios']):.3f}; greedy tokens equal: {step['same_tokens']}.", "",
+              "Where one step's time goes (torch.profiler, 8 steps, self CPU time; the rest of a "
+              "step is Python between the ops):", "", "| op | ms per step | calls per step |",
+              "|---|---|---|"]
+        for r in step["profile"]:
+            n = "" if r["calls_per_step"] is None else f"{r['calls_per_step']:.0f}"
+            L.append(f"| {r['op']} | {r['ms_per_step']:.2f} | {n} |")
+    path = write_results(f"rot_gemm_{tasa_ext.ops.cpu_isa()}", meta,
+                         {"calls": calls, "fixed": fixed, "step": step},
                          "\n".join(L) + "\n")
     print(path.read_text())
     return 0
