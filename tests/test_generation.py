@@ -350,3 +350,41 @@ def test_dtype_moves_keep_the_packed_format():
     # the decode loop in bf16 equals transformers' generate in bf16
     want = eager_tokens(model, ids, 12)
     assert generate(model, byte_tokenizer(), ids, 12, min_new_tokens=12).tokens == want
+
+
+def test_rotated_decode_steps_equal_the_two_op_forward():
+    """A rotated model (format version 2) decodes with its rotation inside the gemm op: every
+    step's logits equal, bit for bit, those of the rotation op followed by gemm (TasaLinear's
+    forward before); run through the benchmarks' interleaved_decode, which times them side by
+    side and reports one token list per configuration."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import interleaved_decode
+    from tasa.layers import TasaLinear
+
+    model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32,
+                          hadamard=True, progress=False)
+    lins = [m for m in model.model.layers.modules() if isinstance(m, TasaLinear)]
+    assert lins and all(m.hadamard for m in lins)
+    now = TasaLinear.forward
+
+    def two_op(self, x):
+        if self.hadamard:                   # (the output head is not rotated)
+            x = tasa_ext.hadamard(x, self.group_size, False)
+        y = tasa_ext.gemm(x, self.qweight, self.scales, self.zeros, self.gtable, self.perm,
+                          self.group_size)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, lins[0].in_features)
+    assert torch.equal(now(lins[0], x), two_op(lins[0], x))
+    try:
+        with torch.inference_mode():
+            ms, toks = interleaved_decode(model, ids, 12, 1, {
+                "one": lambda: setattr(TasaLinear, "forward", now),
+                "two": lambda: setattr(TasaLinear, "forward", two_op)})
+    finally:
+        TasaLinear.forward = now
+    assert toks["one"] == toks["two"] and len(toks["one"]) == 12
+    assert len(ms["one"]) == len(ms["two"]) == 1
