@@ -353,13 +353,14 @@ def test_dtype_moves_keep_the_packed_format():
 
 
 def test_rotated_decode_steps_equal_the_two_op_forward():
-    """A rotated model (format version 2) decodes with its rotation inside the gemm op: every
-    step's logits equal, bit for bit, those of the rotation op followed by gemm (TasaLinear's
-    forward before); run through the benchmarks' interleaved_decode, which times them side by
-    side and reports one token list per configuration."""
+    """A rotated model (format version 2) decodes with its rotation inside the gemm op: a
+    layer's output equals, bit for bit, the rotation op followed by gemm (TasaLinear's forward
+    before, bench_rot_gemm's baseline), and 12 decode steps give the same greedy tokens both
+    ways, through the benchmarks' interleaved_decode (which times them side by side)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_rot_gemm import _two_op as two_op      # TasaLinear.forward before the flag
     from common import interleaved_decode
     from tasa.layers import TasaLinear
 
@@ -368,13 +369,6 @@ def test_rotated_decode_steps_equal_the_two_op_forward():
     lins = [m for m in model.model.layers.modules() if isinstance(m, TasaLinear)]
     assert lins and all(m.hadamard for m in lins)
     now = TasaLinear.forward
-
-    def two_op(self, x):
-        if self.hadamard:                   # (the output head is not rotated)
-            x = tasa_ext.hadamard(x, self.group_size, False)
-        y = tasa_ext.gemm(x, self.qweight, self.scales, self.zeros, self.gtable, self.perm,
-                          self.group_size)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
     x = torch.randn(3, lins[0].in_features)
