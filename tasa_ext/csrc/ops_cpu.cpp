@@ -110,12 +110,12 @@ at::Tensor gemm_cpu(const at::Tensor& x_in, const at::Tensor& qweight, const at:
                     const std::optional<at::Tensor>& perm, int64_t group_size, bool hadamard) {
   int64_t N;
   const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
-  check_activation(x_in, "x", K, qweight);
+  // (the rotation keeps x's dtype, shape and device: one check serves both)
+  const int xdt = check_activation(x_in, "x", K, qweight);
   // A rotated matrix (format version 2) multiplies x R: the rotation of the hadamard op, called
   // here rather than as its own op (a decode step of the README job's SmolLM2 made 124 such
   // calls at 10.8 us each, ~10% of the step, most of it dispatch and Python)
   const at::Tensor x = hadamard ? hadamard_cpu(x_in, group_size, false) : x_in;
-  const int xdt = check_activation(x, "x", K, qweight);
   const int64_t M = x.numel() / K;
   if (g_dense_rows > 0 && M >= g_dense_rows) {
     if (perm) raise_status(tasa_check_layout_cpu(gtable.data_ptr<int32_t>(), perm->data_ptr<int32_t>(), K,

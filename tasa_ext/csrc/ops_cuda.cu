@@ -110,10 +110,10 @@ at::Tensor gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at
   c10::cuda::CUDAGuard guard(qweight.device());
   int64_t N;
   const int64_t K = check_packed(qweight, scales, zeros, gtable, perm, group_size, &N);
-  check_activation(x_in, "x", K, qweight);
+  // (the rotation keeps x's dtype, shape and device: one check serves both)
+  const int xdt = check_activation(x_in, "x", K, qweight);
   // a rotated matrix multiplies x R (the hadamard op's rotation, on the same stream)
   const at::Tensor x = hadamard ? hadamard_cuda(x_in, group_size, false) : x_in;
-  const int xdt = check_activation(x, "x", K, qweight);
   // The GEMV streams qweight with 16-byte loads (a view at an odd offset would fault).
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
               "tasa: qweight must be 16-byte aligned (pass a freshly allocated or cloned tensor)");
