@@ -1,14 +1,18 @@
-"""One decode step of tasa's lean decoder with and without its own CPU ops (_LeanDecoder.TASA_OPS:
-tasa_ext.ops.decode_attention_ -- rotation, KV-cache writes and attention in one op -- and
-tasa_ext.ops.rms_norm) against the aten calls they replace.
+"""One decode step of tasa's lean decoder with one of its switches on and off:
 
-    python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b
+* ``--flag TASA_OPS`` (default): its own CPU ops (tasa_ext.ops.decode_attention_ -- rotation,
+  KV-cache writes and attention in one op -- and tasa_ext.ops.rms_norm) against the aten calls
+  they replace; results benchmarks/results/decode_attention_<cpu isa>.{md,json}.
+* ``--flag BIND``: the projections called through TasaLinear.bound closures against module
+  calls; results benchmarks/results/decode_bind_<cpu isa>.{md,json}.
+
+    python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b [--flag BIND]
 
 Model: bench_generate's decode model (the TASA 3.5-bit plan of benchmarks/results/reproduction
 with RTN, tasa's default embedding/head). Each configuration decodes --steps tokens after a
 16-token prompt (positions 16..16+steps, fixed input token), --rounds interleaved rounds,
 median step time reported with min-max; the greedy token of every step is compared between the
-two. Results: benchmarks/results/decode_attention_<cpu isa>.{md,json}.
+two.
 """
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ sys.path.insert(0, str(HERE))
 from bench_generate import _prompt_ids, _tasa_model  # noqa: E402
 from common import RESULTS, interleaved_decode, machine  # noqa: E402
 
+# --flag: (title, "on" column, "off" column, results stem)
+FLAGS = {"TASA_OPS": ("tasa's decode ops (attention, RMSNorm) vs the aten path", "tasa ops",
+                      "aten", "decode_attention"),
+         "BIND": ("projections through TasaLinear.bound closures vs module calls", "bound",
+                  "module calls", "decode_bind")}
+
 
 def main(argv=None) -> int:
     import tasa_ext
@@ -35,7 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--flag", choices=sorted(FLAGS), default="TASA_OPS")
     args = ap.parse_args(argv)
+    title, on_name, off_name, stem = FLAGS[args.flag]
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
@@ -44,13 +56,13 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             ms, tokens = interleaved_decode(
                 model, ids, args.steps, args.rounds,
-                {v: (lambda v=v: setattr(_LeanDecoder, "TASA_OPS", v)) for v in (True, False)})
+                {v: (lambda v=v: setattr(_LeanDecoder, args.flag, v)) for v in (True, False)})
         times = {k: [t / 1e3 for t in v] for k, v in ms.items()}
-        _LeanDecoder.TASA_OPS = True
+        setattr(_LeanDecoder, args.flag, True)
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"model": name, "fused_ms": med[True] * 1e3, "aten_ms": med[False] * 1e3,
-               "fused_range": [min(times[True]) * 1e3, max(times[True]) * 1e3],
-               "aten_range": [min(times[False]) * 1e3, max(times[False]) * 1e3],
+        row = {"model": name, "on_ms": med[True] * 1e3, "off_ms": med[False] * 1e3,
+               "on_range": [min(times[True]) * 1e3, max(times[True]) * 1e3],
+               "off_range": [min(times[False]) * 1e3, max(times[False]) * 1e3],
                "speedup": med[False] / med[True],
                "same_tokens": tokens[True] == tokens[False], "note": note}
         rows.append(row)
@@ -58,23 +70,24 @@ def main(argv=None) -> int:
         del model
     meta = machine()
     meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "load_average": open("/proc/loadavg").read().split()[:3]})
+        sys.argv[1:] if argv is None else argv), "flag": args.flag, "load_average": open("/proc/loadavg").read().split()[:3]})
     isa = tasa_ext.ops.cpu_isa()
-    md = ["# Decode step: tasa's decode ops (attention, RMSNorm) vs the aten path", "",
+    md = [f"# Decode step: {title}", "",
           f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
           f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
           f"command: `{meta['command']}`", "",
           f"{args.steps} one-token steps after a 16-token prompt, {args.rounds} interleaved rounds "
           "(median, min-max); the same greedy token at every step is checked.", "",
-          "| model | tasa ops ms/step | aten ms/step | speed-up | same tokens |", "|---|---|---|---|---|"]
+          f"| model | {on_name} ms/step | {off_name} ms/step | speed-up | same tokens |",
+          "|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['model']} | {r['fused_ms']:.2f} ({r['fused_range'][0]:.2f}-{r['fused_range'][1]:.2f}) | "
-                  f"{r['aten_ms']:.2f} ({r['aten_range'][0]:.2f}-{r['aten_range'][1]:.2f}) | "
+        md.append(f"| {r['model']} | {r['on_ms']:.2f} ({r['on_range'][0]:.2f}-{r['on_range'][1]:.2f}) | "
+                  f"{r['off_ms']:.2f} ({r['off_range'][0]:.2f}-{r['off_range'][1]:.2f}) | "
                   f"{r['speedup']:.2f}x | {r['same_tokens']} |")
     md += ["", "Models: " + "; ".join(f"{r['model']}: {r['note']}" for r in rows)]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"decode_attention_{isa}.md").write_text("\n".join(md) + "\n")
-    (RESULTS / f"decode_attention_{isa}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{stem}_{isa}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}_{isa}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n".join(md))
     return 0
 

@@ -10,8 +10,8 @@ before 2026-12-07), side by side.
   these VMs; interleaved, the best of --rounds rounds of --calls calls each. The outputs of the
   two are checked equal, bit for bit.
 * Per decode step (``--folder``, a rotated tasa folder such as the README job's ``tasa-out``):
-  tasa's lean decoder with TasaLinear.forward as now and as before, interleaved rounds of
-  --steps steps; the greedy tokens of the two compared; paired ratios per round (the decode
+  tasa's lean decoder with its projections (TasaLinear.bound) as now and as before,
+  interleaved rounds of --steps steps; the greedy tokens of the two compared; paired ratios per round (the decode
   step reads the whole model, so it moves with the host's bandwidth: read the paired median).
 
 Results: benchmarks/results/rot_gemm_<isa>.{md,json}.
@@ -126,15 +126,15 @@ def per_step(args) -> dict:
     model = tasa.load(args.folder).eval()
     lins = [m for m in model.modules() if isinstance(m, TasaLinear)]
     rotated = sum(bool(m.hadamard) for m in lins)
-    now = TasaLinear.forward
+    now = TasaLinear.bound           # the lean decoder calls each projection's bound closure
     ids = torch.arange(100, 116)[None]
     try:
         times, toks = interleaved_decode(
             model, ids, args.steps, args.step_rounds,
-            {"fused": lambda: setattr(TasaLinear, "forward", now),
-             "two-op": lambda: setattr(TasaLinear, "forward", _two_op)})
+            {"fused": lambda: setattr(TasaLinear, "bound", now),
+             "two-op": lambda: setattr(TasaLinear, "bound", lambda m: lambda x: _two_op(m, x))})
     finally:
-        TasaLinear.forward = now
+        TasaLinear.bound = now
     prof = step_profile(model)
     paired = [b / a for a, b in zip(times["fused"], times["two-op"])]
     return {"folder": str(args.folder), "linears": len(lins), "rotated": rotated,

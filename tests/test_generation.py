@@ -334,6 +334,56 @@ def test_decode_step_tasa_ops_match_the_aten_path(factory, monkeypatch):
     assert torch.equal(l1.argmax(-1), l0.argmax(-1))
 
 
+@pytest.mark.parametrize("hadamard", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_projection_equals_forward(hadamard, bias, dtype):
+    """TasaLinear.bound (what the decode loop calls) gives forward's output bit for bit, on
+    rows of odd count and random widths, with and without bias and rotation; a tied head's
+    closure equals its forward too; a closure keeps the tensors it was made with."""
+    from tasa.layers import TasaTiedHead
+    from tasa.quant import LayerSpec
+    g = torch.Generator().manual_seed(11 + 2 * hadamard + bias)
+    lin = torch.nn.Linear(96, 37, bias=bias)
+    bits = [(2, 3, 4, 8)[int(i)] for i in torch.randint(0, 4, (3,), generator=g)]
+    m = TasaLinear.from_linear(lin, LayerSpec(bits, 32, "asym", hadamard=hadamard))
+    if bias:
+        m.bias = torch.randn(37, generator=g)
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    f = m.bound()
+    assert f(x).dtype == dtype and torch.equal(f(x), m(x))
+    emb = TasaEmbedding.from_quantized(tasa.quant.get_method("rtn").quantize(
+        torch.randn(37, 96, generator=g), LayerSpec([8, 4, 3], 32, "asym"), None))
+    head = TasaTiedHead(emb)
+    assert torch.equal(head.bound()(x.float()), head(x.float()))
+    before = f(x)
+    m.qweight = torch.zeros_like(m.qweight)          # a later change is not seen by the closure
+    assert torch.equal(f(x), before) and not torch.equal(m(x), before)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
+def test_decode_step_bound_projections_match_module_calls(factory, monkeypatch):
+    """The lean decoder's projections through TasaLinear.bound give the module calls' logits bit
+    for bit over a prompt and 20 steps (qwen2: biases), fused and not."""
+    from tasa.generation import _LeanDecoder
+    for plan in (None, "mixed"):
+        model = factory()
+        model = tasa.quantize(model, None, bits=4, method="rtn", group_size=32, progress=False,
+                              plan=mixed_plan(model) if plan else None)
+        ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+        out = {}
+        for bind in (True, False):
+            monkeypatch.setattr(_LeanDecoder, "BIND", bind)
+            with torch.inference_mode():
+                dec = _LeanDecoder(model, 32)
+                logits = [dec(ids, 0)]
+                logits += [dec(torch.tensor([[7 + i]]), 6 + i) for i in range(20)]
+            out[bind] = torch.cat(logits)
+            assert all(isinstance(c, torch.nn.Module) != bind       # closures, or modules
+                       for c in dec.calls[0] if c is not None)
+        assert torch.equal(out[True], out[False])
+
+
 def test_dtype_moves_keep_the_packed_format():
     """model.to(bf16) casts activations' parameters, never the fp16 scales / int32 codes."""
     model = tasa.quantize(tiny_llama(), None, bits=4, method="rtn", group_size=32, progress=False)
@@ -369,16 +419,18 @@ def test_rotated_decode_steps_equal_the_two_op_forward():
     lins = [m for m in model.model.layers.modules() if isinstance(m, TasaLinear)]
     assert lins and all(m.hadamard for m in lins)
     now = TasaLinear.forward
+    bound = TasaLinear.bound          # what the lean decoder calls
 
     ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
     x = torch.randn(3, lins[0].in_features)
     assert torch.equal(now(lins[0], x), two_op(lins[0], x))
+    assert torch.equal(bound(lins[0])(x), two_op(lins[0], x))
     try:
         with torch.inference_mode():
             ms, toks = interleaved_decode(model, ids, 12, 1, {
-                "one": lambda: setattr(TasaLinear, "forward", now),
-                "two": lambda: setattr(TasaLinear, "forward", two_op)})
+                "one": lambda: setattr(TasaLinear, "bound", bound),
+                "two": lambda: setattr(TasaLinear, "bound", lambda m: lambda x: two_op(m, x))})
     finally:
-        TasaLinear.forward = now
+        TasaLinear.bound = bound
     assert toks["one"] == toks["two"] and len(toks["one"]) == 12
     assert len(ms["one"]) == len(ms["two"]) == 1
