@@ -4,7 +4,10 @@
   KV-cache writes and attention in one op -- and tasa_ext.ops.rms_norm) against the aten calls
   they replace; results benchmarks/results/decode_attention_<cpu isa>.{md,json}.
 * ``--flag BIND``: the projections called through TasaLinear.bound closures against module
-  calls; results benchmarks/results/decode_bind_<cpu isa>.{md,json}.
+  calls (the op-by-op path: LAYER_OP off for both); results
+  benchmarks/results/decode_bind_<cpu isa>.{md,json}.
+* ``--flag LAYER_OP``: every layer of a one-token step in one op (tasa_ext.ops.decode_layers_)
+  against the op-by-op path; results benchmarks/results/decode_layer_op_<cpu isa>.{md,json}.
 
     python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b [--flag BIND]
 
@@ -29,11 +32,13 @@ sys.path.insert(0, str(HERE))
 from bench_generate import _prompt_ids, _tasa_model  # noqa: E402
 from common import RESULTS, interleaved_decode, machine  # noqa: E402
 
-# --flag: (title, "on" column, "off" column, results stem)
+# --flag: (title, "on" column, "off" column, results stem, the other flags held meanwhile)
 FLAGS = {"TASA_OPS": ("tasa's decode ops (attention, RMSNorm) vs the aten path", "tasa ops",
-                      "aten", "decode_attention"),
+                      "aten", "decode_attention", {"LAYER_OP": False}),
          "BIND": ("projections through TasaLinear.bound closures vs module calls", "bound",
-                  "module calls", "decode_bind")}
+                  "module calls", "decode_bind", {"LAYER_OP": False}),
+         "LAYER_OP": ("every layer in one op (decode_layers_) vs the op-by-op path", "layer op",
+                      "op by op", "decode_layer_op", {})}
 
 
 def main(argv=None) -> int:
@@ -47,7 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flag", choices=sorted(FLAGS), default="TASA_OPS")
     args = ap.parse_args(argv)
-    title, on_name, off_name, stem = FLAGS[args.flag]
+    title, on_name, off_name, stem, held = FLAGS[args.flag]
+    for k, v in held.items():
+        setattr(_LeanDecoder, k, v)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
@@ -77,7 +84,8 @@ def main(argv=None) -> int:
           f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
           f"command: `{meta['command']}`", "",
           f"{args.steps} one-token steps after a 16-token prompt, {args.rounds} interleaved rounds "
-          "(median, min-max); the same greedy token at every step is checked.", "",
+          "(median, min-max); the same greedy token at every step is checked"
+          + (f"; held meanwhile: {held}" if held else "") + ".", "",
           f"| model | {on_name} ms/step | {off_name} ms/step | speed-up | same tokens |",
           "|---|---|---|---|---|"]
     for r in rows:

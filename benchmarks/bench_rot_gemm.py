@@ -126,8 +126,10 @@ def per_step(args) -> dict:
     model = tasa.load(args.folder).eval()
     lins = [m for m in model.modules() if isinstance(m, TasaLinear)]
     rotated = sum(bool(m.hadamard) for m in lins)
+    from tasa.generation import _LeanDecoder
     now = TasaLinear.bound           # the lean decoder calls each projection's bound closure
     ids = torch.arange(100, 116)[None]
+    _LeanDecoder.LAYER_OP = False    # (the one-op layer step always rotates inside its gemms)
     try:
         times, toks = interleaved_decode(
             model, ids, args.steps, args.step_rounds,
@@ -135,6 +137,7 @@ def per_step(args) -> dict:
              "two-op": lambda: setattr(TasaLinear, "bound", lambda m: lambda x: _two_op(m, x))})
     finally:
         TasaLinear.bound = now
+        _LeanDecoder.LAYER_OP = True
     prof = step_profile(model)
     paired = [b / a for a, b in zip(times["fused"], times["two-op"])]
     return {"folder": str(args.folder), "linears": len(lins), "rotated": rotated,

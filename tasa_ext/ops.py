@@ -20,6 +20,10 @@ Ops (namespace ``tasa``):
              (one decode step's rotary embedding, cache writes and grouped-query attention;
              CPU only)
   rms_norm(x f32 [..., D], w f32 [D], eps) -> y f32 [..., D]      (LlamaRMSNorm in fp32; CPU only)
+  decode_layers_(h f32 [D]!, tensors, ints, k_caches!, v_caches!, cos f32 [L,hd], sin, H, pos, eps,
+                 scale) -> ()   (one token through a stack of llama-family decoder layers: the
+             ops above composed, the residual stream h updated in place; CPU only; see
+             decode_layers_ below for the argument lists)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
 from __future__ import annotations
@@ -46,6 +50,9 @@ SCHEMAS = {
     "decode_attention_": "decode_attention_(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
                          "Tensor(c!) v_cache, int H, int pos, float scale) -> Tensor",
     "rms_norm": "rms_norm(Tensor x, Tensor w, float eps) -> Tensor",
+    "decode_layers_": "decode_layers_(Tensor(a!) h, Tensor?[] tensors, int[] ints, Tensor(b!)[] k_caches, "
+                      "Tensor(c!)[] v_caches, Tensor cos, Tensor sin, int H, int pos, float eps, "
+                      "float scale) -> ()",
 }
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
@@ -154,6 +161,11 @@ def _rms_norm_fake(x, w, eps):
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("tasa::decode_layers_")
+def _decode_layers_fake(h, tensors, ints, k_caches, v_caches, cos, sin, H, pos, eps, scale):
+    return None
+
+
 @torch.library.register_fake("tasa::hadamard")
 def _hadamard_fake(x, group_size, inverse):
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -243,6 +255,32 @@ def rms_norm(x, w, eps: float) -> torch.Tensor:
     transformers' LlamaRMSNorm rounds it in fp32 (the mean of squares summed in double).
     :func:`tasa_ext.reference.rms_norm` is the semantics."""
     return torch.ops.tasa.rms_norm(x, w, float(eps))
+
+
+# decode_layers_'s lists: per layer these tensors (None where absent) and ints, in this order.
+# The slots: q (or q/k/v fused: then k and v are all None), k, v, o, gate (or gate/up fused:
+# then up is all None), up, down.
+DECODE_LAYER_SLOTS = ("q", "k", "v", "o", "gate", "up", "down")
+DECODE_LAYER_TENSORS = ("norm1", "norm2") + tuple(
+    f"{p}.{t}" for p in DECODE_LAYER_SLOTS
+    for t in ("qweight", "scales", "zeros", "gtable", "perm", "bias"))
+DECODE_LAYER_INTS = tuple(f"{p}.{t}" for p in DECODE_LAYER_SLOTS
+                          for t in ("group_size", "hadamard"))
+
+
+def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos: int, eps: float,
+                   scale: float) -> None:
+    """One token through a stack of llama-family pre-norm decoder layers (CPU, fp32), ``h``
+    ([D], the residual stream after the embedding) updated in place: per layer RMSNorm, the
+    q/k/v projection (+ bias), :func:`decode_attention_` at ``pos`` (``cos``/``sin``:
+    [max_len, hd] tables), the o projection, the residual add, RMSNorm, the gate/up
+    projection, ``silu(gate) * up``, the down projection and the residual add (q/k/v and
+    gate/up each one fused matrix or apart: :data:`DECODE_LAYER_SLOTS`). ``tensors``: per
+    layer :data:`DECODE_LAYER_TENSORS` (the packed matrices as :func:`gemm` takes them, bias fp32,
+    None where absent); ``ints``: per layer :data:`DECODE_LAYER_INTS`; one k and v cache
+    [KV, max_len, hd] per layer. :func:`tasa_ext.reference.decode_layers_` is the semantics."""
+    torch.ops.tasa.decode_layers_(h, tensors, [int(i) for i in ints], k_caches, v_caches, cos, sin,
+                                  int(H), int(pos), float(eps), float(scale))
 
 
 def hadamard_block(group_size: int) -> int:

@@ -294,3 +294,38 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     var = x.double().pow(2).mean(-1, keepdim=True).float()
     r = 1.0 / torch.sqrt(var + eps)
     return w * (x * r)
+
+
+def decode_layers_(h: torch.Tensor, tensors, ints, k_caches, v_caches, cos: torch.Tensor,
+                   sin: torch.Tensor, H: int, pos: int, eps: float, scale: float,
+                   ops=None) -> None:
+    """torch semantics of tasa_ext.ops.decode_layers_: per layer the reference ops composed
+    (rms_norm, gemm + bias, decode_attention_, the residual adds, SiLU-gated MLP), h updated in
+    place. The arguments as the op's (44 tensors and 14 ints per layer); ``ops``: the namespace
+    whose rms_norm / gemm / decode_attention_ are composed (this module's by default; the
+    tests pass tasa_ext.ops: the op-by-op path the fused op replaces)."""
+    import sys
+    ops = ops or sys.modules[__name__]
+    rms_norm, gemm, decode_attention_ = ops.rms_norm, ops.gemm, ops.decode_attention_
+    hv = h.view(-1)
+    for li in range(len(k_caches)):
+        t = tensors[44 * li: 44 * li + 44]
+        gs = ints[14 * li: 14 * li + 14]
+
+        def proj(slots, x):          # the slots' outputs side by side (absent slots skipped)
+            ys = []
+            for j in slots:
+                qw, sc, zr, gt, pm, bs = t[2 + 6 * j: 8 + 6 * j]
+                if qw is None:
+                    continue
+                y = gemm(x[None], qw, sc, zr, gt, pm, gs[2 * j], bool(gs[2 * j + 1]))[0]
+                ys.append(y if bs is None else y + bs)
+            return torch.cat(ys)
+
+        x = rms_norm(hv, t[0], eps)
+        qkv = proj((0, 1, 2), x)
+        a = decode_attention_(qkv, cos[pos], sin[pos], k_caches[li], v_caches[li], H, pos, scale)
+        hv.copy_(hv + proj((3,), a))
+        x = rms_norm(hv, t[1], eps)
+        g, u = proj((4, 5), x).chunk(2)
+        hv.copy_(hv + proj((6,), torch.nn.functional.silu(g) * u))

@@ -313,6 +313,7 @@ def test_decode_step_tasa_ops_match_the_aten_path(factory, monkeypatch):
     model = tasa.quantize(factory(), None, bits=4, method="rtn", group_size=32, progress=False)
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
     steps = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(_LeanDecoder, "LAYER_OP", False)       # the op-by-op path
     calls = []
     op = tasa_ext.ops.decode_attention_
     monkeypatch.setattr("tasa.generation.decode_attention_",
@@ -366,6 +367,7 @@ def test_decode_step_bound_projections_match_module_calls(factory, monkeypatch):
     """The lean decoder's projections through TasaLinear.bound give the module calls' logits bit
     for bit over a prompt and 20 steps (qwen2: biases), fused and not."""
     from tasa.generation import _LeanDecoder
+    monkeypatch.setattr(_LeanDecoder, "LAYER_OP", False)       # the op-by-op path
     for plan in (None, "mixed"):
         model = factory()
         model = tasa.quantize(model, None, bits=4, method="rtn", group_size=32, progress=False,
@@ -382,6 +384,47 @@ def test_decode_step_bound_projections_match_module_calls(factory, monkeypatch):
             assert all(isinstance(c, torch.nn.Module) != bind       # closures, or modules
                        for c in dec.calls[0] if c is not None)
         assert torch.equal(out[True], out[False])
+
+
+@pytest.mark.parametrize("factory,rotated", [(tiny_llama, False), (tiny_qwen2, False),
+                                             (tiny_llama, True), (tiny_qwen2, True)])
+def test_decode_layer_op_matches_the_op_by_op_path(factory, rotated, monkeypatch):
+    """One-token steps of an fp32 model whose layers are all tasa's run every layer in one op
+    (tasa_ext.ops.decode_layers_): the same KV caches and logits as the op-by-op path to fp32
+    rounding over 30 steps after a prompt (llama MHA; qwen2 GQA + biases; rotated or not), the
+    same greedy tokens, and the op really runs (once per step), also where q/k/v and gate/up
+    cannot be fused (widths that differ: the matrices apart); a model with an unpacked
+    projection keeps the op-by-op path."""
+    from tasa.generation import _LeanDecoder
+    model = factory()
+    # rotated: every matrix 4-bit (fusable); not rotated: widths that differ (nothing fused)
+    model = tasa.quantize(model, None, bits=4 if rotated else None, method="rtn", group_size=32,
+                          progress=False, hadamard=rotated or None,
+                          plan=None if rotated else mixed_plan(model))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    steps = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(4))
+    assert all((f is None) != rotated for f in _LeanDecoder(model, 8).fused[0])
+    calls = []
+    op = torch.ops.tasa.decode_layers_
+    monkeypatch.setattr(torch.ops.tasa, "decode_layers_", lambda *a: calls.append(a[8]) or op(*a),
+                        raising=False)
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(_LeanDecoder, "LAYER_OP", on)
+        with torch.inference_mode():
+            dec = _LeanDecoder(model, 48)
+            assert (dec.layer_op is not None) == on
+            logits = [dec(ids, 0)] + [dec(steps[i].view(1, 1), 6 + i) for i in range(30)]
+        out[on] = (torch.cat(logits), torch.stack(dec.k), torch.stack(dec.v))
+    assert calls == [6 + i for i in range(30)]
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[True][0].argmax(-1), out[False][0].argmax(-1))
+    down = model.model.layers[0].mlp.down_proj                     # one nn.Linear instead
+    model.model.layers[0].mlp.down_proj = torch.nn.Linear(down.in_features, down.out_features,
+                                                          bias=False)
+    monkeypatch.setattr(_LeanDecoder, "LAYER_OP", True)
+    assert _LeanDecoder(model, 16).layer_op is None
 
 
 def test_dtype_moves_keep_the_packed_format():
@@ -402,7 +445,7 @@ def test_dtype_moves_keep_the_packed_format():
     assert generate(model, byte_tokenizer(), ids, 12, min_new_tokens=12).tokens == want
 
 
-def test_rotated_decode_steps_equal_the_two_op_forward():
+def test_rotated_decode_steps_equal_the_two_op_forward(monkeypatch):
     """A rotated model (format version 2) decodes with its rotation inside the gemm op: a
     layer's output equals, bit for bit, the rotation op followed by gemm (TasaLinear's forward
     before, bench_rot_gemm's baseline), and 12 decode steps give the same greedy tokens both
@@ -419,7 +462,9 @@ def test_rotated_decode_steps_equal_the_two_op_forward():
     lins = [m for m in model.model.layers.modules() if isinstance(m, TasaLinear)]
     assert lins and all(m.hadamard for m in lins)
     now = TasaLinear.forward
-    bound = TasaLinear.bound          # what the lean decoder calls
+    bound = TasaLinear.bound          # what the lean decoder calls (op by op)
+    from tasa.generation import _LeanDecoder
+    monkeypatch.setattr(_LeanDecoder, "LAYER_OP", False)
 
     ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
     x = torch.randn(3, lins[0].in_features)

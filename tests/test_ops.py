@@ -541,6 +541,105 @@ def test_rms_norm_matches_reference_and_transformers(shape):
         tasa_ext.ops.rms_norm(x.double(), w, 1e-6)
 
 
+def _decode_stack(seed, n_layers=2, D=64, H=3, KV=1, hd=32, I=96, L=9, bias=True):
+    """Random arguments of tasa_ext.ops.decode_layers_: every layer's matrices of other widths,
+    modes, permutations and rotations (group size 32), q/k/v and gate/up fused in even layers
+    and apart in odd ones, biases on q/k/v, gate/up and down, caches holding random earlier
+    positions."""
+    g = torch.Generator().manual_seed(seed)
+    pats = list(BIT_PATTERNS.values())
+    tensors, ints = [], []
+    for li in range(n_layers):
+        fused = li % 2 == 0
+        qkv = [((H + 2 * KV) * hd, D), None, None] if fused else [(H * hd, D), (KV * hd, D), (KV * hd, D)]
+        gu = [(2 * I, D), None] if fused else [(I, D), (I, D)]
+        tensors += [torch.rand(D, generator=g) + 0.5 for _ in range(2)]
+        for j, shape in enumerate(qkv + [(D, H * hd)] + gu + [(D, I)]):
+            if shape is None:
+                tensors += [None] * 6
+                ints += [32, 0]
+                continue
+            N, K = shape
+            k = seed + 7 * li + j
+            p = random_packed(N, K, 32, pats[k % len(pats)], asym=k % 2 == 0,
+                              act_order=k % 3 == 0, seed=k)
+            b = torch.randn(N, generator=g) * 0.1 if bias and j != 3 else None
+            tensors += [p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], b]
+            ints += [32, k % 2]
+    kc = [torch.randn(KV, L, hd, generator=g) for _ in range(n_layers)]
+    vc = [torch.randn(KV, L, hd, generator=g) for _ in range(n_layers)]
+    cos, sin = torch.randn(L, hd, generator=g), torch.randn(L, hd, generator=g)
+    return torch.randn(D, generator=g), tensors, ints, kc, vc, cos, sin, H
+
+
+@pytest.mark.parametrize("seed,n_layers,KV,pos,bias", [(0, 2, 1, 5, True), (1, 3, 3, 0, False),
+                                                       (2, 1, 1, 8, True)])
+def test_decode_layers_match_the_ops_they_compose(seed, n_layers, KV, pos, bias):
+    """One token through a stack of decoder layers in one op against the same ops called one by
+    one (tasa_ext.ops: rms_norm, gemm with rotation + bias, decode_attention_) and against the
+    float64 reference: the caches equal the op-by-op path's to fp32 rounding (only SiLU's exp
+    may differ in the last bit), h and the caches close to float64's, and nothing else in the
+    caches touched."""
+    h, t, i, kc, vc, cos, sin, H = _decode_stack(seed, n_layers, KV=KV, bias=bias)
+    runs = {}
+    for name, ops in (("op", None), ("ops", tasa_ext.ops), ("ref", ref)):
+        a = [h.clone(), t, i, [c.clone() for c in kc], [c.clone() for c in vc], cos, sin]
+        if ops is None:
+            tasa_ext.ops.decode_layers_(*a, H, pos, 1e-5, 0.2)
+        else:
+            ref.decode_layers_(*a, H, pos, 1e-5, 0.2, ops=ops)
+        runs[name] = (a[0], torch.stack(a[3]), torch.stack(a[4]))
+    for got, want in zip(runs["op"], runs["ops"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for got, want in zip(runs["op"], runs["ref"]):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    others = torch.ones(kc[0].shape[1], dtype=torch.bool)
+    others[pos] = False
+    assert torch.equal(runs["op"][1][:, :, others], torch.stack(kc)[:, :, others])
+    assert torch.equal(runs["op"][2][:, :, others], torch.stack(vc)[:, :, others])
+    assert not torch.equal(runs["op"][0], h)
+
+
+def test_decode_layers_refuse_bad_input():
+    h, t, i, kc, vc, cos, sin, H = _decode_stack(3)
+    op = tasa_ext.ops.decode_layers_
+    with pytest.raises(RuntimeError, match="44 tensors and 14 ints per layer"):
+        op(h, t[:-1], i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(h, t, i, kc, vc, cos, sin, H, 9, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        op(h, t, i, kc, vc, cos, sin, H + 1, 0, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="norm weight"):
+        op(h[:-32], t, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(h.double(), t, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        op(h, t, i, kc, vc, cos[:-1], sin, H, 0, 1e-5, 1.0)
+    bad = list(t)
+    bad[7] = torch.zeros(5)                       # q/k/v's bias of the wrong length
+    with pytest.raises(RuntimeError, match="bias has 5 values"):
+        op(h, bad, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    bad = list(t)
+    bad[3] = bad[3][:, :-16]                      # q/k/v's scales cut short
+    with pytest.raises(RuntimeError, match="scales|N="):
+        op(h, bad, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    bad = list(t)
+    bad[44 + 2 + 6 * 2: 44 + 8 + 6 * 2] = [None] * 6     # layer 1 (apart): k without v
+    with pytest.raises(RuntimeError, match="k without v"):
+        op(h, bad, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    bad = list(t)
+    bad[44 + 2 + 6 * 5] = t[44 + 2 + 6 * 4]              # layer 1's up: gate's codes, one row short
+    bad[44 + 2 + 6 * 5] = bad[44 + 2 + 6 * 5][:, :-1]
+    with pytest.raises(RuntimeError, match="packed rows|qweight"):
+        op(h, bad, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    bad = list(t)
+    bad[2 + 6 * 1 + 1] = t[3]                    # layer 0 (fused): scales but no qweight in k
+    with pytest.raises(RuntimeError, match="no qweight"):
+        op(h, bad, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="cache has shape"):
+        op(h, t, i, kc, [vc[0], vc[1][:, :-1]], cos, sin, H, 0, 1e-5, 1.0)
+
+
 def test_decode_attention_refuses_bad_input():
     qkv, cs = torch.randn((4 + 2 * 2) * 8), torch.randn(8)
     kc = torch.zeros(2, 10, 8)
@@ -559,7 +658,8 @@ def test_decode_attention_refuses_bad_input():
 
 
 @pytest.mark.parametrize("op", ["pack", "unpack", "dequant", "embed", "gemm", "hessian_accumulate_",
-                                "gptq_cols_", "mse_params", "decode_attention_", "rms_norm"])
+                                "gptq_cols_", "mse_params", "decode_attention_", "rms_norm",
+                                "decode_layers_"])
 def test_opcheck(op):
     p, args = _sample_args()
     samples = {
@@ -579,6 +679,7 @@ def test_opcheck(op):
         "decode_attention_": [(torch.randn((6 + 2 * 2) * 8), torch.randn(8), torch.randn(8),
                                torch.randn(2, 12, 8), torch.randn(2, 12, 8), 6, 5, 0.35)],
         "rms_norm": [(torch.randn(3, 4, 40), torch.randn(40), 1e-5), (torch.randn(1, 9), torch.randn(9), 1e-6)],
+        "decode_layers_": [_decode_stack(4)[:7] + (3, 2, 1e-5, 0.2)],
     }[op]
     for s in samples:
         opcheck(getattr(torch.ops.tasa, op).default, s)

@@ -202,6 +202,10 @@ class _LeanDecoder:
     # projections called through TasaLinear.bound closures (~13 us less Python per call than
     # a module call: 125 calls per SmolLM2 step); False calls the modules (benchmarks compare)
     BIND = True
+    # fp32 one-token steps of models whose layers are all tasa's: every layer in one op
+    # (tasa_ext.ops.decode_layers_) instead of ~12 ops and their Python per layer; False keeps
+    # the op-by-op path (benchmarks compare)
+    LAYER_OP = True
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -259,6 +263,42 @@ class _LeanDecoder:
         self.fused_attention = (self.TASA_OPS and dtype == torch.float32
                                 and self.cos.dtype == torch.float32
                                 and self.cos.device.type == "cpu")
+        self.layer_op = self._layer_op_args(inner) if self.fused_attention else None
+
+    def _layer_op_args(self, inner):
+        """The argument lists of tasa_ext.ops.decode_layers_ (every layer's one-token step in one
+        op), or None where a layer is not all tasa's: packed projections (q/k/v and gate/up
+        fused where their formats allow, apart elsewhere; gate and up of one width), fp32 norms
+        of one epsilon."""
+        if not self.LAYER_OP:
+            return None
+        tensors, ints, eps = [], [], set()
+        for lay, (fqkv, fgu), (_, q, k, v, o, _, g, u, d) in zip(inner.layers, self.fused,
+                                                                 self.layers):
+            slots = ([fqkv, None, None] if fqkv is not None else [q, k, v]) + [o] + (
+                [fgu, None] if fgu is not None else [g, u]) + [d]
+            if (not all(m is None or isinstance(m, TasaLinear) for m in slots)
+                    or g.out_features != u.out_features):
+                return None
+            norms = (lay.input_layernorm, lay.post_attention_layernorm)
+            if not all(n.weight.dtype == torch.float32 for n in norms):
+                return None
+            eps |= {float(n.variance_epsilon) for n in norms}
+            tensors += [n.weight.detach().contiguous() for n in norms]
+            for m in slots:
+                if m is None:
+                    tensors += [None] * 6
+                    ints += [0, 0]
+                    continue
+                tensors += [m.qweight, m.scales, m.zeros, m.gtable, m.perm,
+                            None if m.bias is None else m.bias.detach().float().contiguous()]
+                ints += [int(m.group_size), int(bool(m.hadamard))]
+        if len(eps) != 1:
+            return None
+        hd = self.hd
+        return (tensors, ints, [k[0] for k in self.k], [v[0] for v in self.v],
+                self.cos.reshape(-1, hd).contiguous(), self.sin.reshape(-1, hd).contiguous(),
+                eps.pop())
 
     @staticmethod
     def _norm_fn(n, tasa_ops: bool):
@@ -290,6 +330,12 @@ class _LeanDecoder:
         cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)              # [1, T, 1, hd]
         rot = self._rotate_half
         h = self.embed(ids)
+        if T == 1 and self.layer_op is not None:
+            tensors, ints, kc, vc, cos_t, sin_t, eps = self.layer_op
+            h = h.contiguous()
+            torch.ops.tasa.decode_layers_(h, tensors, ints, kc, vc, cos_t, sin_t, H, start, eps,
+                                          self.scale)
+            return self.head_call(self.norm(h))[:, -1]
         for li, (n1, _, _, _, _, n2, _, _, _) in enumerate(self.layers):
             q, k, v, o, g, u, d, fqkv, fgu = self.calls[li]
             x = n1(h)

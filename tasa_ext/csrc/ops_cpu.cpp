@@ -238,6 +238,132 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// tasa::decode_layers_: per layer, tensors[44 l ..] = norm1, norm2, then for each of the seven
+// matrix slots q (or fused q/k/v), k, v, o, gate (or fused gate/up), up, down: qweight, scales,
+// zeros?, gtable, perm?, bias? (k, v and up all None when fused); ints[14 l ..] = group_size,
+// hadamard of the same seven. Checked as the ops they stand for check their arguments, every
+// call (tens of us for SmolLM2's 30 layers against a ~10 ms step).
+void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>& tensors,
+                       at::IntArrayRef ints, at::TensorList k_caches, at::TensorList v_caches,
+                       const at::Tensor& cos, const at::Tensor& sin, int64_t H, int64_t pos,
+                       double eps, double scale) {
+  constexpr int64_t kT = 44, kI = 14;
+  const int64_t n_layers = (int64_t)k_caches.size();
+  TORCH_CHECK(n_layers > 0 && (int64_t)v_caches.size() == n_layers &&
+                  (int64_t)tensors.size() == kT * n_layers && (int64_t)ints.size() == kI * n_layers,
+              "tasa: decode_layers_ needs ", kT, " tensors and ", kI, " ints per layer and one k "
+              "and v cache per layer, got ", tensors.size(), ", ", ints.size(), ", ",
+              k_caches.size(), " and ", v_caches.size());
+  auto fp32 = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                "tasa: decode_layers_ takes contiguous float32 CPU tensors (", name, ")");
+  };
+  fp32(h, "h");
+  fp32(cos, "cos");
+  fp32(sin, "sin");
+  const int64_t D = h.numel();
+  TORCH_CHECK(D > 0, "tasa: h is empty");
+  const at::Tensor& k0 = k_caches[0];
+  TORCH_CHECK(k0.dim() == 3, "tasa: k_caches must be [KV, max_len, hd], got ", k0.sizes());
+  const int64_t KV = k0.size(0), max_len = k0.size(1), hd = k0.size(2);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == max_len && cos.size(1) == hd && sin.sizes() == cos.sizes(),
+              "tasa: cos and sin must be [max_len=", max_len, ", hd=", hd, "], got ", cos.sizes(),
+              " and ", sin.sizes());
+  TORCH_CHECK(0 <= pos && pos < max_len, "tasa: pos ", pos, " outside the cache [0, ", max_len, ")");
+  TORCH_CHECK(H > 0 && H % KV == 0, "tasa: H must be a positive multiple of KV (", KV, "), got ", H);
+  std::vector<tasa_decode_layer_cpu_t> layers(n_layers);
+  std::vector<at::Tensor> held(kT * n_layers);       // the list's elements, alive for the call
+  int64_t I = -1;
+  static const char* kSlot[7] = {"q (or q/k/v)", "k", "v", "o", "gate (or gate/up)", "up", "down"};
+  for (int64_t l = 0; l < n_layers; ++l) {
+    auto get = [&](int64_t i) -> const at::Tensor* {
+      const std::optional<at::Tensor> t = tensors.get(kT * l + i);
+      if (!t || !t->defined()) return nullptr;
+      held[kT * l + i] = *t;
+      return &held[kT * l + i];
+    };
+    tasa_decode_layer_cpu_t& L = layers[l];
+    const at::Tensor* n1 = get(0);
+    const at::Tensor* n2 = get(1);
+    TORCH_CHECK(n1 && n2, "tasa: layer ", l, " lacks its norm weights");
+    for (const at::Tensor* n : {n1, n2}) {
+      fp32(*n, "norm");
+      TORCH_CHECK(n->numel() == D, "tasa: layer ", l, "'s norm weight has ", n->numel(),
+                  " values, h has ", D);
+    }
+    L.norm1 = n1->data_ptr<float>();
+    L.norm2 = n2->data_ptr<float>();
+    tasa_packed_cpu_t* P[7] = {&L.qkv[0], &L.qkv[1], &L.qkv[2], &L.o, &L.gate_up[0], &L.gate_up[1],
+                               &L.down};
+    bool present[7];
+    for (int j = 0; j < 7; ++j) {
+      const at::Tensor* qw = get(2 + 6 * j);
+      const at::Tensor* sc = get(3 + 6 * j);
+      const at::Tensor* zr = get(4 + 6 * j);
+      const at::Tensor* gt = get(5 + 6 * j);
+      const at::Tensor* pm = get(6 + 6 * j);
+      const at::Tensor* bs = get(7 + 6 * j);
+      present[j] = qw != nullptr;
+      const bool optional = j == 1 || j == 2 || j == 5;
+      if (!qw && optional) {
+        TORCH_CHECK(!sc && !zr && !gt && !pm && !bs, "tasa: layer ", l, "'s ", kSlot[j],
+                    " has tensors but no qweight");
+        continue;
+      }
+      TORCH_CHECK(qw && sc && gt, "tasa: layer ", l, "'s ", kSlot[j], " lacks qweight, scales or gtable");
+      const std::optional<at::Tensor> zo = zr ? std::optional<at::Tensor>(*zr) : std::nullopt;
+      const std::optional<at::Tensor> po = pm ? std::optional<at::Tensor>(*pm) : std::nullopt;
+      const int64_t gs = ints[kI * l + 2 * j];
+      int64_t N;
+      const int64_t K = check_packed(*qw, *sc, zo, *gt, po, gs, &N);
+      TORCH_CHECK(qw->device().is_cpu(), "tasa: decode_layers_ takes CPU tensors");
+      tasa_packed_cpu_t& p = *P[j];
+      p.qweight = (const uint32_t*)qw->data_ptr<int32_t>();
+      p.scales = half_ptr(*sc);
+      p.zeros = zr ? half_ptr(*zr) : nullptr;
+      p.gtable = gt->data_ptr<int32_t>();
+      p.perm = pm ? pm->data_ptr<int32_t>() : nullptr;
+      p.N = N;
+      p.K = K;
+      p.group_size = gs;
+      p.R = qw->size(1);
+      p.hadamard = ints[kI * l + 2 * j + 1] != 0;
+      p.bias = nullptr;
+      if (bs) {
+        fp32(*bs, "bias");
+        TORCH_CHECK(bs->numel() == N, "tasa: layer ", l, "'s ", kSlot[j], " bias has ", bs->numel(),
+                    " values for N=", N);
+        p.bias = bs->data_ptr<float>();
+      }
+    }
+    TORCH_CHECK(present[1] == present[2], "tasa: layer ", l, " has k without v or v without k");
+    L.n_qkv = present[1] ? 3 : 1;
+    L.n_gate_up = present[5] ? 2 : 1;
+    int64_t qkv_n = 0, gu_n = 0;
+    bool ks_ok = true;
+    for (int i = 0; i < L.n_qkv; ++i) qkv_n += L.qkv[i].N, ks_ok = ks_ok && L.qkv[i].K == D;
+    for (int i = 0; i < L.n_gate_up; ++i) gu_n += L.gate_up[i].N, ks_ok = ks_ok && L.gate_up[i].K == D;
+    TORCH_CHECK(gu_n % 2 == 0 && (L.n_gate_up == 1 || L.gate_up[0].N == L.gate_up[1].N),
+                "tasa: layer ", l, "'s gate and up must have as many outputs each");
+    if (I < 0) I = gu_n / 2;
+    TORCH_CHECK(ks_ok && qkv_n == (H + 2 * KV) * hd && L.o.K == H * hd && L.o.N == D &&
+                    gu_n == 2 * I && L.down.K == I && L.down.N == D,
+                "tasa: layer ", l, "'s matrices do not fit D=", D, ", H=", H, ", KV=", KV,
+                ", hd=", hd, ", I=", I);
+    for (const at::Tensor* c : {&k_caches[l], &v_caches[l]}) {
+      fp32(*c, "cache");
+      TORCH_CHECK(c->sizes() == k0.sizes(), "tasa: layer ", l, "'s cache has shape ", c->sizes(),
+                  ", layer 0's ", k0.sizes());
+    }
+    L.k_cache = k_caches[l].data_ptr<float>();
+    L.v_cache = v_caches[l].data_ptr<float>();
+  }
+  auto scratch = at::empty({tasa_decode_layers_scratch(D, H, KV, hd, I)}, h.options());
+  raise_status(tasa_decode_layers_cpu(h.data_ptr<float>(), D, layers.data(), n_layers, H, KV, hd,
+                                      I, max_len, pos, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                      (float)eps, (float)scale, scratch.data_ptr<float>()));
+}
+
 }  // namespace tasa_ext
 
 TORCH_LIBRARY_IMPL(tasa, CPU, m) {
@@ -252,6 +378,7 @@ TORCH_LIBRARY_IMPL(tasa, CPU, m) {
   m.impl("hadamard", &tasa_ext::hadamard_cpu);
   m.impl("decode_attention_", &tasa_ext::decode_attention_cpu);
   m.impl("rms_norm", &tasa_ext::rms_norm_cpu);
+  m.impl("decode_layers_", &tasa_ext::decode_layers_cpu);
 }
 
 namespace py = pybind11;

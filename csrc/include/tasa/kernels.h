@@ -118,6 +118,44 @@ int tasa_decode_attention_cpu(float* qkv, const float* cos, const float* sin, fl
 // of squares summed in double.
 int tasa_rms_norm_cpu(const float* x, const float* w, int64_t M, int64_t D, float eps, float* y);
 
+// One packed matrix of a decode step (the tasa::gemm op's arguments): bias fp32 [N] or NULL,
+// zeros / perm NULL when absent, hadamard != 0 for a rotated matrix (format version 2: x is
+// rotated, as tasa_hadamard_cpu does, before the product).
+typedef struct tasa_packed_cpu {
+  const uint32_t* qweight;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  const int32_t* gtable;
+  const int32_t* perm;
+  const float* bias;
+  int64_t N, K, group_size, R;
+  int hadamard;
+} tasa_packed_cpu_t;
+
+// One pre-norm decoder layer of the llama family for one token: x = rmsnorm(h, norm1);
+// qkv = x W_qkv^T (+ b); attention (tasa_decode_attention_cpu, caches at pos); h += a W_o^T;
+// x = rmsnorm(h, norm2); [g, u] = x W_gu^T; h += (silu(g) * u) W_down^T.
+// q/k/v come as one fused matrix (n_qkv = 1, N = (H + 2 KV) hd) or three (n_qkv = 3), gate/up
+// as one (n_gate_up = 1, N = 2 I: gate, then up) or two; their outputs lie side by side.
+typedef struct tasa_decode_layer_cpu {
+  const float* norm1;   // [D]
+  const float* norm2;   // [D]
+  tasa_packed_cpu_t qkv[3], o, gate_up[2], down;   // o: N = D, down: N = D
+  int n_qkv, n_gate_up;
+  float* k_cache;       // [KV, max_len, hd]
+  float* v_cache;
+} tasa_decode_layer_cpu_t;
+
+// Floats of scratch tasa_decode_layers_cpu needs.
+int64_t tasa_decode_layers_scratch(int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I);
+// One token through n_layers layers: h fp32 [D] (the residual stream) updated in place; cos /
+// sin fp32 [max_len, hd] (row pos is used); the shapes of every matrix are checked against D,
+// H, KV, hd and I (TASA_ERR_SHAPE).
+int tasa_decode_layers_cpu(float* h, int64_t D, const tasa_decode_layer_cpu_t* layers,
+                           int64_t n_layers, int64_t H, int64_t KV, int64_t hd, int64_t I,
+                           int64_t max_len, int64_t pos, const float* cos, const float* sin,
+                           float eps, float scale, float* scratch);
+
 // ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
 #ifdef TASA_WITH_CUDA
 int tasa_pack_cuda(const uint8_t* codes, int64_t N, int64_t K, const int32_t* gtable,
