@@ -8,6 +8,8 @@
   benchmarks/results/decode_bind_<cpu isa>.{md,json}.
 * ``--flag LAYER_OP``: every layer of a one-token step in one op (tasa_ext.ops.decode_layers_)
   against the op-by-op path; results benchmarks/results/decode_layer_op_<cpu isa>.{md,json}.
+* ``--flag THREADS``: ``--threads`` threads against one (the default decoder); results
+  benchmarks/results/decode_threads_<cpu isa>.{md,json}.
 
     python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b [--flag BIND]
 
@@ -38,7 +40,10 @@ FLAGS = {"TASA_OPS": ("tasa's decode ops (attention, RMSNorm) vs the aten path",
          "BIND": ("projections through TasaLinear.bound closures vs module calls", "bound",
                   "module calls", "decode_bind", {"LAYER_OP": False}),
          "LAYER_OP": ("every layer in one op (decode_layers_) vs the op-by-op path", "layer op",
-                      "op by op", "decode_layer_op", {})}
+                      "op by op", "decode_layer_op", {}),
+         # not a switch of the decoder: --threads threads against one (how far a second core helps)
+         "THREADS": ("--threads threads vs one thread", "--threads threads", "1 thread",
+                     "decode_threads", {})}
 
 
 def main(argv=None) -> int:
@@ -63,9 +68,14 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             ms, tokens = interleaved_decode(
                 model, ids, args.steps, args.rounds,
-                {v: (lambda v=v: setattr(_LeanDecoder, args.flag, v)) for v in (True, False)})
+                {v: (lambda v=v: torch.set_num_threads(args.threads if v else 1))
+                 if args.flag == "THREADS" else (lambda v=v: setattr(_LeanDecoder, args.flag, v))
+                 for v in (True, False)})
         times = {k: [t / 1e3 for t in v] for k, v in ms.items()}
-        setattr(_LeanDecoder, args.flag, True)
+        if args.flag == "THREADS":
+            torch.set_num_threads(args.threads)
+        else:
+            setattr(_LeanDecoder, args.flag, True)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"model": name, "on_ms": med[True] * 1e3, "off_ms": med[False] * 1e3,
                "on_range": [min(times[True]) * 1e3, max(times[True]) * 1e3],
