@@ -10,6 +10,8 @@
   against the op-by-op path; results benchmarks/results/decode_layer_op_<cpu isa>.{md,json}.
 * ``--flag THREADS``: ``--threads`` threads against one (the default decoder); results
   benchmarks/results/decode_threads_<cpu isa>.{md,json}.
+* ``--flag X_PIECES``: fp32 x in 2 int8 pieces against 3 in the int8 GEMVs
+  (tasa_ext.ops.set_x_pieces); results benchmarks/results/decode_x_pieces_<cpu isa>.{md,json}.
 
     python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b [--flag BIND]
 
@@ -43,7 +45,24 @@ FLAGS = {"TASA_OPS": ("tasa's decode ops (attention, RMSNorm) vs the aten path",
                       "op by op", "decode_layer_op", {}),
          # not a switch of the decoder: --threads threads against one (how far a second core helps)
          "THREADS": ("--threads threads vs one thread", "--threads threads", "1 thread",
-                     "decode_threads", {})}
+                     "decode_threads", {}),
+         # nor only this: fp32 x in 2 int8 pieces vs 3 in the int8 GEMVs (the gemm op's
+         # tasa_ext.ops.set_x_pieces and the layer op's _LeanDecoder.X_PIECES)
+         "X_PIECES": ("fp32 x in 2 int8 pieces vs 3 (the int8 GEMVs)", "2 pieces", "3 pieces",
+                      "decode_x_pieces", {})}
+
+
+def _switch(args, on) -> None:
+    """--flag on (True), off (False) or back to its default (None)."""
+    import tasa_ext
+    from tasa.generation import _LeanDecoder
+    if args.flag == "THREADS":
+        torch.set_num_threads(1 if on is False else args.threads)
+    elif args.flag == "X_PIECES":        # the gemm op's setting and the layer op's argument
+        tasa_ext.ops.set_x_pieces(None if on is None else 2 if on else 3)
+        _LeanDecoder.X_PIECES = 2 if on is not False else 3
+    else:
+        setattr(_LeanDecoder, args.flag, on is not False)
 
 
 def main(argv=None) -> int:
@@ -68,14 +87,9 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             ms, tokens = interleaved_decode(
                 model, ids, args.steps, args.rounds,
-                {v: (lambda v=v: torch.set_num_threads(args.threads if v else 1))
-                 if args.flag == "THREADS" else (lambda v=v: setattr(_LeanDecoder, args.flag, v))
-                 for v in (True, False)})
+                {v: (lambda v=v: _switch(args, v)) for v in (True, False)})
         times = {k: [t / 1e3 for t in v] for k, v in ms.items()}
-        if args.flag == "THREADS":
-            torch.set_num_threads(args.threads)
-        else:
-            setattr(_LeanDecoder, args.flag, True)
+        _switch(args, None)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"model": name, "on_ms": med[True] * 1e3, "off_ms": med[False] * 1e3,
                "on_range": [min(times[True]) * 1e3, max(times[True]) * 1e3],

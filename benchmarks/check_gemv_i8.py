@@ -2,6 +2,12 @@
 cheaper low-width GEMV is kept only if the greedy tokens stay those of the exact path.)
 
     python benchmarks/check_gemv_i8.py --models smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m
+    python benchmarks/check_gemv_i8.py --compare pieces
+
+``--compare i8`` (default): the int8 path on against off (the float GEMV); results
+check_gemv_i8.{md,json}. ``--compare pieces``: the int8 path with fp32 x in 2 int8 pieces
+(``tasa_ext.ops.set_x_pieces(2)``, error <= 254^-2 of each group's largest |x|) against 3
+(254^-3); results check_x_pieces.{md,json}.
 
 For each model: the TASA 3.5-bit plan of benchmarks/results/reproduction/<model> applied with
 RTN (bench_generate's decode model: 3/4/8-bit groups, 8-bit embedding/head), then teacher-forced
@@ -11,7 +17,6 @@ WikiText-2 test and of GSM8K train solutions, once with the int8 path on and onc
 GEMV). Reported: greedy (argmax) agreement of the two paths' next-token choice at every position,
 the mean change of the gold-token NLL, the largest |logit| change. The AVX2 GEMV only: on an
 AVX-512 machine this checks nothing (the script says so and stops).
-Results: benchmarks/results/check_gemv_i8.{md,json}.
 """
 from __future__ import annotations
 
@@ -64,59 +69,101 @@ def teacher_forced(model, ids):
     return nll.double(), logits
 
 
+def _switch_i8(on):
+    import tasa_ext
+    tasa_ext.ops.set_gemv_i8(on)
+
+
+def _switch_pieces(on):
+    import tasa_ext
+    from tasa.generation import _LeanDecoder
+    tasa_ext.ops.set_x_pieces(None if on is None else 2 if on else 3)     # the gemm op's
+    _LeanDecoder.X_PIECES = 2 if on is not False else 3                   # the layer op's
+
+
+# --compare: (results stem, title, what "on" and "off" are, switch(True / False / None))
+COMPARE = {
+    "i8": ("check_gemv_i8", "AVX2 int8-piece GEMV vs the float GEMV",
+           "with the int8 path on and off (x enters it as 3 int8 pieces per group, fp32 "
+           "activations: error <= 254^-3 of each group's largest |x|)", _switch_i8),
+    "pieces": ("check_x_pieces", "fp32 x in 2 int8 pieces vs 3 in the AVX2 int8 GEMV",
+               "with fp32 x in 2 int8 pieces per group (on: error <= 254^-2 of each group's "
+               "largest |x|) and in 3 (off: 254^-3, the path before)", _switch_pieces),
+}
+
+
 def main(argv=None) -> int:
     import tasa_ext
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m")
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--compare", choices=sorted(COMPARE), default="i8")
     args = ap.parse_args(argv)
+    stem, title, what, switch = COMPARE[args.compare]
     if tasa_ext.ops.cpu_isa() != "avx2":
         print(f"this CPU runs the {tasa_ext.ops.cpu_isa()} GEMV, not the AVX2 one: nothing to check")
         return 0
     torch.set_num_threads(2)
-    rows = []
+    # rows of models not checked now are kept from the last results file (each row says when
+    # and at which commit it was measured), so one model can be (re)checked on its own
+    old = RESULTS / f"{stem}.json"
+    models = args.models.split(",")
+    rows = [r for r in json.loads(old.read_text())["rows"] if r["model"] not in models] \
+        if old.is_file() else []
     t0 = time.time()
-    for name in args.models.split(","):
+    m = machine()
+    for name in models:
         model, tok, note = _tasa_model(name, 8)
         for text, ids in texts(args.tokens, tok).items():
             res = {}
             for on in (False, True):
-                tasa_ext.ops.set_gemv_i8(on)
+                switch(on)
                 res[on] = teacher_forced(model, ids)
-            tasa_ext.ops.set_gemv_i8(None)
+            switch(None)
             (n0, l0), (n1, l1) = res[False], res[True]
             row = {"model": name, "text": text, "positions": int(l0.shape[0]),
                    "greedy_agree": float((l0.argmax(-1) == l1.argmax(-1)).double().mean()),
                    "greedy_flips": int((l0.argmax(-1) != l1.argmax(-1)).sum()),
                    "dnll_mean": float((n1 - n0).mean()), "dnll_max_abs": float((n1 - n0).abs().max()),
                    "max_abs_logit_change": float((l1 - l0).abs().max()),
-                   "logit_scale": float(l0.abs().max()), "model_note": note}
+                   "logit_scale": float(l0.abs().max()), "model_note": note,
+                   "date": m["date"], "commit": m["commit"]}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "model_note"}), flush=True)
         del model
+        _write(args, rows, t0, argv, stem, title, what)     # after each model: nothing lost
+    return 0
+
+
+def _write(args, rows, t0, argv, stem, title, what) -> None:
     meta = machine()
     meta.update({"command": "python benchmarks/check_gemv_i8.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "seconds": round(time.time() - t0, 1)})
-    md = ["# AVX2 int8-piece GEMV vs the float GEMV: what the models say", "",
+    md = [f"# {title}: what the models say", "",
           f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}",
           f"command: `{meta['command']}` ({meta['seconds']} s)", "",
-          "Teacher-forced decode steps (every linear a batch-1 GEMV) over the same tokens with the "
-          "int8 path on and off; TASA 3.5-bit plans with RTN, 8-bit embedding/head (bench_generate's "
-          "decode model). x enters the int8 path as 3 int8 pieces per group (fp32 activations): "
-          "error <= 254^-3 of each group's largest |x|.", "",
+          "Teacher-forced decode steps (every linear a batch-1 GEMV) over the same tokens " + what
+          + "; TASA 3.5-bit plans with RTN, 8-bit embedding/head (bench_generate's decode model).",
+          "",
           "| model | text | positions | greedy agreement | flips | mean dNLL (nats) | max abs dNLL | max abs logit change (of max abs logit) |",
           "|---|---|---|---|---|---|---|---|"]
+    now = args.models.split(",")
+    earlier = sorted({(r["model"], r.get("date"), r.get("commit")) for r in rows
+                      if r["model"] not in now})
+    if earlier:                  # before the table's two header lines
+        md[-2:-2] = ["Rows kept from earlier runs of the same check: " + "; ".join(
+            f"{m_} ({d or 'date not recorded'}, commit {c or '?'})" for m_, d, c in earlier)
+            + ".", ""]
     for r in rows:
         md.append(f"| {r['model']} | {r['text']} | {r['positions']} | {r['greedy_agree']:.4f} | "
                   f"{r['greedy_flips']} | {r['dnll_mean']:+.2e} | {r['dnll_max_abs']:.2e} | "
                   f"{r['max_abs_logit_change']:.2e} ({r['logit_scale']:.1f}) |")
     md += ["", "Models: " + "; ".join(sorted({f"{r['model']}: {r['model_note']}" for r in rows}))]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "check_gemv_i8.md").write_text("\n".join(md) + "\n")
-    (RESULTS / "check_gemv_i8.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":

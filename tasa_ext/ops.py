@@ -52,7 +52,7 @@ SCHEMAS = {
     "rms_norm": "rms_norm(Tensor x, Tensor w, float eps) -> Tensor",
     "decode_layers_": "decode_layers_(Tensor(a!) h, Tensor?[] tensors, int[] ints, Tensor(b!)[] k_caches, "
                       "Tensor(c!)[] v_caches, Tensor cos, Tensor sin, int H, int pos, float eps, "
-                      "float scale) -> ()",
+                      "float scale, int x_pieces=3) -> ()",
 }
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
@@ -162,7 +162,8 @@ def _rms_norm_fake(x, w, eps):
 
 
 @torch.library.register_fake("tasa::decode_layers_")
-def _decode_layers_fake(h, tensors, ints, k_caches, v_caches, cos, sin, H, pos, eps, scale):
+def _decode_layers_fake(h, tensors, ints, k_caches, v_caches, cos, sin, H, pos, eps, scale,
+                        x_pieces=3):
     return None
 
 
@@ -269,7 +270,7 @@ DECODE_LAYER_INTS = tuple(f"{p}.{t}" for p in DECODE_LAYER_SLOTS
 
 
 def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos: int, eps: float,
-                   scale: float) -> None:
+                   scale: float, x_pieces: int = 3) -> None:
     """One token through a stack of llama-family pre-norm decoder layers (CPU, fp32), ``h``
     ([D], the residual stream after the embedding) updated in place: per layer RMSNorm, the
     q/k/v projection (+ bias), :func:`decode_attention_` at ``pos`` (``cos``/``sin``:
@@ -278,9 +279,12 @@ def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos: 
     gate/up each one fused matrix or apart: :data:`DECODE_LAYER_SLOTS`). ``tensors``: per
     layer :data:`DECODE_LAYER_TENSORS` (the packed matrices as :func:`gemm` takes them, bias fp32,
     None where absent); ``ints``: per layer :data:`DECODE_LAYER_INTS`; one k and v cache
-    [KV, max_len, hd] per layer. :func:`tasa_ext.reference.decode_layers_` is the semantics."""
+    [KV, max_len, hd] per layer; ``x_pieces``: the int8 pieces of x in its GEMVs (3: as
+    :func:`gemm` by default; 2: error <= 254^-2 of each group's largest |x|, see
+    :func:`set_x_pieces`). :func:`tasa_ext.reference.decode_layers_` is the semantics (in
+    float64: x exact)."""
     torch.ops.tasa.decode_layers_(h, tensors, [int(i) for i in ints], k_caches, v_caches, cos, sin,
-                                  int(H), int(pos), float(eps), float(scale))
+                                  int(H), int(pos), float(eps), float(scale), int(x_pieces))
 
 
 def hadamard_block(group_size: int) -> int:
@@ -353,6 +357,20 @@ def gemv_i8() -> bool:
     return bool(_C.gemv_i8())
 
 
+def set_x_pieces(n: Optional[int]) -> None:
+    """How many int8 pieces fp32 x is split into by the CPU int8 GEMVs (M = 1: the AVX2
+    vpmaddubsw one, the AVX-512 VNNI one): 3 (error <= 254^-3 of each group's largest |x|) or 2
+    (254^-2: bf16 x's precision; one vpmaddubsw less per code vector). None: the default
+    (:func:`x_pieces` tells it). bf16 x always uses 2 pieces, fp16 x 3."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n not in (2, 3)):
+        raise ValueError(f"tasa: x_pieces must be 2, 3 or None, got {n!r}")
+    _C.set_x_pieces(-1 if n is None else int(n))
+
+
+def x_pieces() -> int:
+    return int(_C.x_pieces())
+
+
 DENSE_ROWS_DEFAULT = int(_C.DENSE_ROWS_DEFAULT)
 GEMV_ROWS_MAX = int(_C.GEMV_ROWS_MAX)
 
@@ -376,5 +394,6 @@ def build_info() -> dict:
         "dense_rows": dense_rows(),
         "gemv_rows": gemv_rows(),
         "gemv_i8": gemv_i8(),
+        "x_pieces": x_pieces(),
         "torch": torch.__version__,
     }

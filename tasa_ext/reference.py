@@ -298,12 +298,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def decode_layers_(h: torch.Tensor, tensors, ints, k_caches, v_caches, cos: torch.Tensor,
                    sin: torch.Tensor, H: int, pos: int, eps: float, scale: float,
-                   ops=None) -> None:
+                   x_pieces: int = 3, ops=None) -> None:
     """torch semantics of tasa_ext.ops.decode_layers_: per layer the reference ops composed
     (rms_norm, gemm + bias, decode_attention_, the residual adds, SiLU-gated MLP), h updated in
     place. The arguments as the op's (44 tensors and 14 ints per layer); ``ops``: the namespace
     whose rms_norm / gemm / decode_attention_ are composed (this module's by default; the
-    tests pass tasa_ext.ops: the op-by-op path the fused op replaces)."""
+    tests pass tasa_ext.ops: the op-by-op path the fused op replaces). ``x_pieces``: ignored
+    here (x exact in float64), given to the ops' gemm through its setting by the tests."""
     import sys
     ops = ops or sys.modules[__name__]
     rms_norm, gemm, decode_attention_ = ops.rms_norm, ops.gemm, ops.decode_attention_

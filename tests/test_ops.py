@@ -212,6 +212,21 @@ def test_gemv_rows_setting_is_checked():
     assert tasa_ext.ops.gemv_rows() == default
 
 
+def test_x_pieces_setting_is_checked():
+    default = tasa_ext.ops.x_pieces()
+    assert default in (2, 3)
+    for bad in (1, 4, 0, True, 2.0):
+        with pytest.raises(ValueError, match="x_pieces"):
+            tasa_ext.ops.set_x_pieces(bad)
+    try:
+        tasa_ext.ops.set_x_pieces(5 - default)
+        assert tasa_ext.ops.x_pieces() == 5 - default
+        assert tasa_ext.ops.build_info()["x_pieces"] == 5 - default
+    finally:
+        tasa_ext.ops.set_x_pieces(None)
+    assert tasa_ext.ops.x_pieces() == default
+
+
 @pytest.mark.parametrize("M", [1, 4, 70])
 def test_gemm_nonfinite_x_propagates(isa, M):
     """A NaN/Inf in x makes exactly the outputs that read it non-finite, on every path (the
@@ -582,17 +597,24 @@ def test_decode_layers_match_the_ops_they_compose(seed, n_layers, KV, pos, bias)
     caches touched."""
     h, t, i, kc, vc, cos, sin, H = _decode_stack(seed, n_layers, KV=KV, bias=bias)
     runs = {}
-    for name, ops in (("op", None), ("ops", tasa_ext.ops), ("ref", ref)):
+    for name, ops, xp in (("op", None, 3), ("ops", tasa_ext.ops, 3), ("ref", ref, 3),
+                          ("op2", None, 2), ("ops2", tasa_ext.ops, 2)):
         a = [h.clone(), t, i, [c.clone() for c in kc], [c.clone() for c in vc], cos, sin]
         if ops is None:
-            tasa_ext.ops.decode_layers_(*a, H, pos, 1e-5, 0.2)
+            tasa_ext.ops.decode_layers_(*a, H, pos, 1e-5, 0.2, x_pieces=xp)
         else:
-            ref.decode_layers_(*a, H, pos, 1e-5, 0.2, ops=ops)
+            try:
+                tasa_ext.ops.set_x_pieces(xp)        # the gemm op's pieces (ref: ignored)
+                ref.decode_layers_(*a, H, pos, 1e-5, 0.2, ops=ops)
+            finally:
+                tasa_ext.ops.set_x_pieces(None)
         runs[name] = (a[0], torch.stack(a[3]), torch.stack(a[4]))
-    for got, want in zip(runs["op"], runs["ops"]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    for got, want in zip(runs["op"], runs["ref"]):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    for op, ops in (("op", "ops"), ("op2", "ops2")):      # x_pieces reaches the GEMVs
+        for got, want in zip(runs[op], runs[ops]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for op in ("op", "op2"):
+        for got, want in zip(runs[op], runs["ref"]):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
     others = torch.ones(kc[0].shape[1], dtype=torch.bool)
     others[pos] = False
     assert torch.equal(runs["op"][1][:, :, others], torch.stack(kc)[:, :, others])
@@ -638,6 +660,8 @@ def test_decode_layers_refuse_bad_input():
         op(h, bad, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0)
     with pytest.raises(RuntimeError, match="cache has shape"):
         op(h, t, i, kc, [vc[0], vc[1][:, :-1]], cos, sin, H, 0, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="x_pieces must be 2 or 3"):
+        op(h, t, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0, x_pieces=1)
 
 
 def test_decode_attention_refuses_bad_input():
@@ -679,7 +703,8 @@ def test_opcheck(op):
         "decode_attention_": [(torch.randn((6 + 2 * 2) * 8), torch.randn(8), torch.randn(8),
                                torch.randn(2, 12, 8), torch.randn(2, 12, 8), 6, 5, 0.35)],
         "rms_norm": [(torch.randn(3, 4, 40), torch.randn(40), 1e-5), (torch.randn(1, 9), torch.randn(9), 1e-6)],
-        "decode_layers_": [_decode_stack(4)[:7] + (3, 2, 1e-5, 0.2)],
+        "decode_layers_": [_decode_stack(4)[:7] + (3, 2, 1e-5, 0.2),
+                           _decode_stack(5)[:7] + (3, 0, 1e-5, 0.2, 2)],
     }[op]
     for s in samples:
         opcheck(getattr(torch.ops.tasa, op).default, s)
@@ -815,7 +840,8 @@ def _x_piece_bound(x, W64, G, perm, nq):
 
 
 @pytest.mark.parametrize("path", INT8_GEMVS)
-@pytest.mark.parametrize("dtype,nq", [(torch.bfloat16, 2), (torch.float16, 3), (torch.float32, 3)])
+@pytest.mark.parametrize("dtype,nq", [(torch.bfloat16, 2), (torch.float16, 3), (torch.float32, 3),
+                                      (torch.float32, 2)])
 @pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "u8", "mix"])
 @pytest.mark.parametrize("N,K,G,asym,act_order", [(45, 640, 128, False, False), (19, 288, 32, True, True),
                                                   (70, 192, 64, True, False)])
@@ -824,7 +850,8 @@ def test_int8_gemv_within_its_x_piece_bound(path, dtype, nq, pattern, N, K, G, a
     output rounding), on odd sizes, every width, zeros and a permutation; and it is a different
     computation from the exact path it replaces (its error is not zero where that one's is). On
     AVX2 exactly the 2-, 3- and 4-bit groups take it: outputs of 8-bit matrices are bit-equal
-    with the int8 path on and off, the others are not (fp32 x)."""
+    with the int8 path on and off, the others are not (fp32 x). fp32 x in 2 pieces
+    (``set_x_pieces(2)``) within the 2-piece bound, and not the 3-piece outputs."""
     p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=K + N)
     args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
     g = torch.Generator().manual_seed(N)
@@ -833,11 +860,19 @@ def test_int8_gemv_within_its_x_piece_bound(path, dtype, nq, pattern, N, K, G, a
     y64 = (x.double() @ W64.T)[0]
     try:
         _gemv_path(path)
+        if dtype == torch.float32:
+            tasa_ext.ops.set_x_pieces(5 - nq)          # the other count, to tell them apart
+            y_other = tasa_ext.gemm(x, *args)[0].double()
+            tasa_ext.ops.set_x_pieces(nq)
+            assert tasa_ext.ops.x_pieces() == nq
         y = tasa_ext.gemm(x, *args)[0].double()
         _gemv_path(FALLBACK[path])
         y_exact = tasa_ext.gemm(x, *args)[0].double()
     finally:
         _gemv_reset()
+        tasa_ext.ops.set_x_pieces(None)
+    if dtype == torch.float32 and (pattern != "u8" or path == "avx512vnni"):
+        assert not torch.equal(y, y_other)       # the piece count is what the GEMV used
     out_round = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10, torch.float32: 0.0}[dtype]
     accum = 2.0 ** -22 * math.sqrt(K) * (x.double().abs() @ W64.abs().T)[0]
     bound = _x_piece_bound(x, W64, G, p["perm"], nq)

@@ -8,7 +8,9 @@
 // --flag LAYER_OP (benchmarks/results/decode_layer_op_<isa>.md).
 // Every step is the op it replaces (tasa_rms_norm_cpu, tasa_hadamard_cpu + tasa_gemm_cpu with
 // the bias added after, tasa_decode_attention_cpu, fp32 adds), so the values are those of the
-// op-by-op path except SiLU: torch's vectorised exp and std::exp may differ in the last bit.
+// op-by-op path except SiLU (torch's vectorised exp and std::exp may differ in the last bit)
+// and, with x_pieces = 2, the GEMVs' int8 pieces of x (tasa_gemm_cpu_xp: error <= 254^-2 of a
+// group's largest |x| instead of 254^-3; the decoder's choice, python/tasa/generation.py).
 #include <cmath>
 #include <cstring>
 
@@ -17,7 +19,7 @@
 namespace {
 
 // y [N] = x [K] W^T (+ bias); a rotated matrix multiplies a rotated copy of x (in xr [K]).
-int project(const tasa_packed_cpu_t& p, const float* x, float* xr, float* y) {
+int project(const tasa_packed_cpu_t& p, const float* x, float* xr, float* y, int xp) {
   const float* in = x;
   if (p.hadamard) {
     std::memcpy(xr, x, sizeof(float) * p.K);
@@ -25,8 +27,8 @@ int project(const tasa_packed_cpu_t& p, const float* x, float* xr, float* y) {
     if (st != TASA_OK) return st;
     in = xr;
   }
-  const int st = tasa_gemm_cpu(in, TASA_F32, 1, p.qweight, p.scales, p.zeros, p.gtable, p.perm,
-                               p.N, p.K, p.group_size, p.R, y);
+  const int st = tasa_gemm_cpu_xp(in, TASA_F32, 1, p.qweight, p.scales, p.zeros, p.gtable,
+                                  p.perm, p.N, p.K, p.group_size, p.R, y, xp);
   if (st != TASA_OK) return st;
   if (p.bias)
     for (int64_t n = 0; n < p.N; ++n) y[n] += p.bias[n];
@@ -45,9 +47,10 @@ int64_t slot_n(const tasa_packed_cpu_t* p, int n, int64_t K) {
 }
 
 // A slot's matrices, their outputs side by side in y.
-int project_slot(const tasa_packed_cpu_t* p, int n, const float* x, float* xr, float* y) {
+int project_slot(const tasa_packed_cpu_t* p, int n, const float* x, float* xr, float* y,
+                 int xp) {
   for (int i = 0; i < n; ++i) {
-    const int st = project(p[i], x, xr, y);
+    const int st = project(p[i], x, xr, y, xp);
     if (st != TASA_OK) return st;
     y += p[i].N;
   }
@@ -69,7 +72,8 @@ int64_t tasa_decode_layers_scratch(int64_t D, int64_t H, int64_t KV, int64_t hd,
 int tasa_decode_layers_cpu(float* h, int64_t D, const tasa_decode_layer_cpu_t* layers,
                            int64_t n_layers, int64_t H, int64_t KV, int64_t hd, int64_t I,
                            int64_t max_len, int64_t pos, const float* cos, const float* sin,
-                           float eps, float scale, float* scratch) {
+                           float eps, float scale, float* scratch, int x_pieces) {
+  if (x_pieces != 2 && x_pieces != 3) return TASA_ERR_SHAPE;
   if (D <= 0 || n_layers < 0 || H <= 0 || KV <= 0 || H % KV || hd <= 0 || I <= 0 ||
       max_len <= 0 || pos < 0 || pos >= max_len)
     return TASA_ERR_SHAPE;
@@ -94,19 +98,19 @@ int tasa_decode_layers_cpu(float* h, int64_t D, const tasa_decode_layer_cpu_t* l
   for (int64_t l = 0; l < n_layers; ++l) {
     const tasa_decode_layer_cpu_t& L = layers[l];
     if ((st = tasa_rms_norm_cpu(h, L.norm1, 1, D, eps, x)) != TASA_OK) return st;
-    if ((st = project_slot(L.qkv, L.n_qkv, x, xr, qkv)) != TASA_OK) return st;
+    if ((st = project_slot(L.qkv, L.n_qkv, x, xr, qkv, x_pieces)) != TASA_OK) return st;
     if ((st = tasa_decode_attention_cpu(qkv, c, s, L.k_cache, L.v_cache, H, KV, hd, max_len, pos,
                                         scale, att)) != TASA_OK)
       return st;
-    if ((st = project(L.o, att, xr, t)) != TASA_OK) return st;
+    if ((st = project(L.o, att, xr, t, x_pieces)) != TASA_OK) return st;
     for (int64_t d = 0; d < D; ++d) h[d] = h[d] + t[d];
     if ((st = tasa_rms_norm_cpu(h, L.norm2, 1, D, eps, x)) != TASA_OK) return st;
-    if ((st = project_slot(L.gate_up, L.n_gate_up, x, xr, gu)) != TASA_OK) return st;
+    if ((st = project_slot(L.gate_up, L.n_gate_up, x, xr, gu, x_pieces)) != TASA_OK) return st;
     for (int64_t i = 0; i < I; ++i) {
       const float g = gu[i];
       act[i] = (g / (1.0f + std::exp(-g))) * gu[I + i];   // torch's silu: x / (1 + exp(-x))
     }
-    if ((st = project(L.down, act, xr, t)) != TASA_OK) return st;
+    if ((st = project(L.down, act, xr, t, x_pieces)) != TASA_OK) return st;
     for (int64_t d = 0; d < D; ++d) h[d] = h[d] + t[d];
   }
   return TASA_OK;

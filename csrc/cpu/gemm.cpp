@@ -108,6 +108,8 @@ thread_local Scratch t_scratch;
 int g_gemv_rows = -1;
 // The AVX2 GEMV's int8 path for 2/3/4-bit groups (gemm_avx2.cpp); -1: default (on).
 int g_gemv_i8 = -1;
+// int8 pieces of fp32 x in the int8 GEMVs (2 or 3); -1: default (kXPiecesDefault).
+int g_x_pieces = -1;
 
 }  // namespace
 
@@ -119,6 +121,20 @@ static constexpr int kGemvRowsDefault = 8;
 int tasa_cpu_gemv_rows(void) { return g_gemv_rows < 0 ? kGemvRowsDefault : g_gemv_rows; }
 
 int tasa_cpu_gemv_i8(void) { return g_gemv_i8 < 0 ? 1 : g_gemv_i8; }
+
+// fp32 x as 3 int8 pieces (error <= 254^-3 of a group's largest |x|, ~fp32's own) or 2 (254^-2,
+// about bf16 x's precision, which the bf16 GEMV always uses): each piece is one vpmaddubsw per
+// code vector, the bulk of the AVX2 int8 GEMV's instructions.
+static constexpr int kXPiecesDefault = 3;
+
+int tasa_cpu_x_pieces(void) { return g_x_pieces < 0 ? kXPiecesDefault : g_x_pieces; }
+
+int tasa_cpu_set_x_pieces(int n) {
+  if (n < 0) { g_x_pieces = -1; return TASA_OK; }
+  if (n != 2 && n != 3) return TASA_ERR_SHAPE;
+  g_x_pieces = n;
+  return TASA_OK;
+}
 
 int tasa_cpu_set_gemv_i8(int on) {
   g_gemv_i8 = on < 0 ? -1 : on ? 1 : 0;
@@ -136,6 +152,15 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
                   const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
                   void* y) {
+  return tasa_gemm_cpu_xp(x, xdt, M, qweight, scales, zeros, gtable, perm, N, K, group_size, R, y,
+                          tasa_cpu_x_pieces());
+}
+
+int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
+                     const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                     const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                     void* y, int x_pieces) {
+  if (x_pieces != 2 && x_pieces != 3) return TASA_ERR_SHAPE;
   int st = tasa_check_layout_cpu(gtable, perm, K, group_size, R);
   if (st != TASA_OK) return st;
   if (xdt != TASA_F32 && xdt != TASA_BF16 && xdt != TASA_F16) return TASA_ERR_SHAPE;
@@ -159,7 +184,7 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // read them; the quantizer detects it (and an fp32 overflow of a group sum), so this path
   // skips the double-precision group sums the others need.
   bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
-  const int nq = xdt == TASA_BF16 ? 2 : 3;
+  const int nq = xdt == TASA_BF16 ? 2 : xdt == TASA_F32 ? x_pieces : 3;
   // AVX2 GEMV: the same int8 pieces for its 2-, 3- and 4-bit groups (vpmaddubsw), if it has any
   // (need: bit b - 2 for each width b < 8 present; only those orders of x are written)
   int need = 0;

@@ -206,6 +206,12 @@ class _LeanDecoder:
     # (tasa_ext.ops.decode_layers_) instead of ~12 ops and their Python per layer; False keeps
     # the op-by-op path (benchmarks compare)
     LAYER_OP = True
+    # the layer op's GEMVs take fp32 x as 2 int8 pieces (error <= 254^-2 of a group's largest
+    # |x|, ~100x finer than bf16 activations) instead of the gemm op's 3: one vpmaddubsw less per
+    # code vector on AVX2, 1.08-1.13x per decode step; teacher-forced over 1530 positions of
+    # SmolLM2, Qwen2.5-Coder and Gemma-3 the greedy token never changed
+    # (benchmarks/results/check_x_pieces.md, decode_x_pieces_avx2.md). 3: the gemm op's pieces
+    X_PIECES = 2
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -334,7 +340,7 @@ class _LeanDecoder:
             tensors, ints, kc, vc, cos_t, sin_t, eps = self.layer_op
             h = h.contiguous()
             torch.ops.tasa.decode_layers_(h, tensors, ints, kc, vc, cos_t, sin_t, H, start, eps,
-                                          self.scale)
+                                          self.scale, self.X_PIECES)
             return self.head_call(self.norm(h))[:, -1]
         for li, (n1, _, _, _, _, n2, _, _, _) in enumerate(self.layers):
             q, k, v, o, g, u, d, fqkv, fgu = self.calls[li]

@@ -246,8 +246,9 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
 void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>& tensors,
                        at::IntArrayRef ints, at::TensorList k_caches, at::TensorList v_caches,
                        const at::Tensor& cos, const at::Tensor& sin, int64_t H, int64_t pos,
-                       double eps, double scale) {
+                       double eps, double scale, int64_t x_pieces) {
   constexpr int64_t kT = 44, kI = 14;
+  TORCH_CHECK(x_pieces == 2 || x_pieces == 3, "tasa: x_pieces must be 2 or 3, got ", x_pieces);
   const int64_t n_layers = (int64_t)k_caches.size();
   TORCH_CHECK(n_layers > 0 && (int64_t)v_caches.size() == n_layers &&
                   (int64_t)tensors.size() == kT * n_layers && (int64_t)ints.size() == kI * n_layers,
@@ -361,7 +362,8 @@ void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>
   auto scratch = at::empty({tasa_decode_layers_scratch(D, H, KV, hd, I)}, h.options());
   raise_status(tasa_decode_layers_cpu(h.data_ptr<float>(), D, layers.data(), n_layers, H, KV, hd,
                                       I, max_len, pos, cos.data_ptr<float>(), sin.data_ptr<float>(),
-                                      (float)eps, (float)scale, scratch.data_ptr<float>()));
+                                      (float)eps, (float)scale, scratch.data_ptr<float>(),
+                                      (int)x_pieces));
 }
 
 }  // namespace tasa_ext
@@ -439,6 +441,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_i8", []() { return tasa_cpu_gemv_i8(); },
         "whether the AVX2 GEMV runs its 2/3/4-bit groups on int8 pieces of x (vpmaddubsw)");
   m.def("set_gemv_i8", [](int on) { tasa_cpu_set_gemv_i8(on); });
+  m.def("x_pieces", []() { return tasa_cpu_x_pieces(); },
+        "int8 pieces of fp32 x in the int8 GEMVs (2 or 3)");
+  m.def("set_x_pieces", [](int n) {
+    TORCH_CHECK(tasa_cpu_set_x_pieces(n) == TASA_OK, "tasa: x_pieces must be 2, 3 or -1 (the default), got ", n);
+  });
   m.def("cpu_isa_detected", []() { return tasa_cpu_isa_detected(); });
   m.def("set_cpu_isa", [](int isa) {
     TORCH_CHECK(tasa_cpu_set_isa(isa) == TASA_OK, "tasa: this CPU does not support ISA level ", isa);

@@ -30,6 +30,10 @@ int tasa_cpu_set_gemv_rows(int rows);   // TASA_ERR_SHAPE outside 1..TASA_GEMV_R
 // The AVX2 GEMV's int8 path for 2/3/4-bit groups (x as exact int8 pieces): 1 on, 0 off, < 0 default
 int tasa_cpu_gemv_i8(void);
 int tasa_cpu_set_gemv_i8(int on);
+// int8 pieces of fp32 x in the int8 GEMVs (AVX2 vpmaddubsw, AVX-512 VNNI): 3 (error <= 254^-3
+// of each group's largest |x|) or 2 (254^-2, bf16 x's); < 0 default. bf16 x always takes 2, fp16 3.
+int tasa_cpu_x_pieces(void);
+int tasa_cpu_set_x_pieces(int n);   // TASA_ERR_SHAPE unless 2, 3 or < 0
 
 // ---- format helpers (CPU) -------------------------------------------------------------------
 // Builds the stored-order group table from per-logical-group bits; returns packed rows in *rows.
@@ -71,6 +75,12 @@ int tasa_gemm_cpu(const void* x, int xdt, int64_t M, const uint32_t* qweight,
                   const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
                   const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
                   void* y);
+// The same with the int8 GEMVs' piece count for fp32 x given (2 or 3; tasa_gemm_cpu passes
+// tasa_cpu_x_pieces()).
+int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
+                     const uint16_t* scales, const uint16_t* zeros, const int32_t* gtable,
+                     const int32_t* perm, int64_t N, int64_t K, int64_t group_size, int64_t R,
+                     void* y, int x_pieces);
 // GPTQ running-mean Hessian for S sources: for each source s with m_s rows of X [T, K]
 // (src[t] == s; src == NULL puts every row in source 0):
 //   H_s <- H_s * count_s / (count_s + m_s) + 2 / (count_s + m_s) * sum_t x_t x_t^T,
@@ -150,11 +160,11 @@ typedef struct tasa_decode_layer_cpu {
 int64_t tasa_decode_layers_scratch(int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I);
 // One token through n_layers layers: h fp32 [D] (the residual stream) updated in place; cos /
 // sin fp32 [max_len, hd] (row pos is used); the shapes of every matrix are checked against D,
-// H, KV, hd and I (TASA_ERR_SHAPE).
+// H, KV, hd and I (TASA_ERR_SHAPE); x_pieces: the GEMVs' int8 pieces of x (tasa_gemm_cpu_xp).
 int tasa_decode_layers_cpu(float* h, int64_t D, const tasa_decode_layer_cpu_t* layers,
                            int64_t n_layers, int64_t H, int64_t KV, int64_t hd, int64_t I,
                            int64_t max_len, int64_t pos, const float* cos, const float* sin,
-                           float eps, float scale, float* scratch);
+                           float eps, float scale, float* scratch, int x_pieces);
 
 // ---- CUDA kernels (csrc/cuda; same semantics as the CPU ones, device pointers, a stream) ----
 #ifdef TASA_WITH_CUDA
