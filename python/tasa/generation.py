@@ -338,7 +338,7 @@ class _LeanDecoder:
         h = self.embed(ids)
         if T == 1 and self.layer_op is not None:
             tensors, ints, kc, vc, cos_t, sin_t, eps = self.layer_op
-            h = h.contiguous()
+            h = h.clone(memory_format=torch.contiguous_format)     # written in place
             torch.ops.tasa.decode_layers_(h, tensors, ints, kc, vc, cos_t, sin_t, H, start, eps,
                                           self.scale, self.X_PIECES)
             return self.head_call(self.norm(h))[:, -1]
