@@ -21,7 +21,7 @@ Ops (namespace ``tasa``):
              CPU only)
   rms_norm(x f32 [..., D], w f32 [D], eps) -> y f32 [..., D]      (LlamaRMSNorm in fp32; CPU only)
   decode_layers_(h f32 [D]!, tensors, ints, k_caches!, v_caches!, cos f32 [L,hd], sin, H, pos, eps,
-                 scale) -> ()   (one token through a stack of llama-family decoder layers: the
+                 scale, x_pieces=3) -> ()   (one token through a stack of llama-family decoder layers: the
              ops above composed, the residual stream h updated in place; CPU only; see
              decode_layers_ below for the argument lists)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
