@@ -21,6 +21,8 @@ more than 100% of the copy bandwidth).
     python benchmarks/bench_gemm.py --device cuda --batch 1 4 16 64
     python benchmarks/bench_gemm.py --batch 1 --act float32 --gemv-i8 both --out gemm_cpu_avx2_i8
                                     # AVX2: the int8-piece GEMV and the float one side by side
+    python benchmarks/bench_gemm.py --batch 1 --act float32 --x-pieces both --out gemm_cpu_avx2_xp
+                                    # fp32 x in 2 int8 pieces and in 3 side by side
 """
 from __future__ import annotations
 
@@ -104,12 +106,16 @@ def main():
     ap.add_argument("--gemv-i8", default="default", choices=["default", "on", "off", "both"],
                     help="the AVX2 GEMV's int8-piece path (tasa_ext.ops.set_gemv_i8): both = "
                          "each width timed on it and on the float path, interleaved")
+    ap.add_argument("--x-pieces", default="default", choices=["default", "2", "3", "both"],
+                    help="int8 pieces of fp32 x in the int8 GEMVs (tasa_ext.ops.set_x_pieces): "
+                         "both = each width timed with 2 and with 3, interleaved")
     ap.add_argument("--update", action="store_true",
                     help="merge into the existing results file: replace only the rows of the shapes "
                          "and batches measured now (each row keeps its run's load and bandwidth)")
     args = ap.parse_args()
     stream_bytes = 0 if args.resident else args.stream_mb << 20
     i8_modes = {"default": [None], "on": [True], "off": [False], "both": [True, False]}[args.gemv_i8]
+    xp_modes = {"default": [None], "2": [2], "3": [3], "both": [2, 3]}[args.x_pieces]
     dev, G = args.device, args.group_size
     if dev == "cpu":
         tasa_ext.set_cpu_isa(args.isa)
@@ -156,9 +162,11 @@ def main():
                      for dt, (sets, _) in dense.items()}
             calls[("int4", None)] = rotating(lambda o: int4_call(xb, o), int4_sets)
             for p, (sets, _, _) in packed.items():
-                for i8 in i8_modes:
-                    calls[("tasa", p, i8)] = rotating(
-                        lambda o, i8=i8: (tasa_ext.ops.set_gemv_i8(i8), tasa_ext.gemm(xa, *o))[1], sets)
+                for i8, xp in itertools.product(i8_modes, xp_modes):
+                    calls[("tasa", p, i8, xp)] = rotating(
+                        lambda o, i8=i8, xp=xp: (tasa_ext.ops.set_gemv_i8(i8),
+                                                 tasa_ext.ops.set_x_pieces(xp),
+                                                 tasa_ext.gemm(xa, *o))[2], sets)
             samples = {k: [] for k in calls}
             for _ in range(args.rounds):
                 for k, fn in calls.items():
@@ -166,11 +174,13 @@ def main():
             med = {k: statistics.median(v) for k, v in samples.items()}
             t_dense = {dt: med[("dense", dt)] for dt in dense}
             t_int4 = med[("int4", None)]
-            for (p, (sets, nbytes, avg)), i8 in itertools.product(packed.items(), i8_modes):
-                t = med[("tasa", p, i8)]
-                lo, hi = min(samples[("tasa", p, i8)]), max(samples[("tasa", p, i8)])
+            for (p, (sets, nbytes, avg)), i8, xp in itertools.product(packed.items(), i8_modes,
+                                                                       xp_modes):
+                t = med[("tasa", p, i8, xp)]
+                lo, hi = min(samples[("tasa", p, i8, xp)]), max(samples[("tasa", p, i8, xp)])
                 row = dict(shape=name, N=N, K=K, M=M, bits=p, avg_bits=round(avg, 4), act=str(act_dtype)[6:],
                            gemv_i8={None: "default", True: "on", False: "off"}[i8],
+                           x_pieces="default" if xp is None else str(xp),
                            us=round(t * 1e6, 1), us_min=round(lo * 1e6, 1), us_max=round(hi * 1e6, 1),
                            rounds=args.rounds, GBps=round(nbytes / t / 1e9, 2),
                            frac_copy_bw=round(nbytes / t / bw_shape, 3),
@@ -235,6 +245,27 @@ def main():
                     rel[(key, mode)] = f"{four['us'] / x['us']:.2f}x" if four and x else ""
             md.append(f"| {shape} | {M} | {bits} | {r['us']} | {off['us']} | {off['us'] / r['us']:.2f}x | "
                       f"{rel[('3', 'on')]} | {rel[('3', 'off')]} | {rel[('3.5', 'on')]} | {rel[('3.5', 'off')]} |")
+    xps = {(r["shape"], r["M"], r["bits"], r.get("x_pieces")): r for r in rows}
+    if any(k[3] == "2" for k in xps) and any(k[3] == "3" for k in xps):
+        md += ["", "Same run, fp32 x in 2 int8 pieces against 3 (the int8 GEMVs): speed-up of 2 "
+               "(3 µs / 2 µs), and each count's 3-bit and 3.5-bit speed relative to its own 4-bit "
+               "(target >= 1.25x for 3 vs 4).", "",
+               "| shape | M | bits | 2 pieces µs | 3 pieces µs | 2 vs 3 | 3 vs 4 (2) | 3 vs 4 (3) | 3.5 vs 4 (2) | 3.5 vs 4 (3) |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        for (shape, M, bits, xp), r in xps.items():
+            three = xps.get((shape, M, bits, "3"))
+            if xp != "2" or three is None:
+                continue
+            rel = {}
+            for mode in ("2", "3"):
+                four = xps.get((shape, M, "4", mode))
+                for b, key in (("3", "3"), ("3.5 (3/4 mix)", "3.5")):
+                    x = xps.get((shape, M, b, mode))
+                    rel[(key, mode)] = f"{four['us'] / x['us']:.2f}x" if four and x else ""
+            md.append(f"| {shape} | {M} | {bits} | {r['us']} | {three['us']} | {three['us'] / r['us']:.2f}x | "
+                      f"{rel[('3', '2')]} | {rel[('3', '3')]} | {rel[('3.5', '2')]} | {rel[('3.5', '3')]} |")
+    tasa_ext.ops.set_x_pieces(None)
+    tasa_ext.ops.set_gemv_i8(None)
     path = write_results(stem, {"runs": runs}, rows, "\n".join(md) + "\n")
     print(f"wrote {path}")
 
