@@ -330,18 +330,18 @@ class _LeanDecoder:
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits of the last of ``ids`` ([1, T], at positions start..start+T-1)."""
         T = ids.shape[1]
+        h = self.embed(ids)
+        if T == 1 and self.layer_op is not None:
+            tensors, ints, kc, vc, cos_tab, sin_tab, eps = self.layer_op
+            h = h.clone(memory_format=torch.contiguous_format)     # written in place
+            torch.ops.tasa.decode_layers_(h, tensors, ints, kc, vc, cos_tab, sin_tab, self.H,
+                                          start, eps, self.scale, self.X_PIECES)
+            return self.head_call(self.norm(h))[:, -1]
         end = start + T
         H, KV, hd = self.H, self.KV, self.hd
         cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]     # [1, 1, T, hd]
         cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)              # [1, T, 1, hd]
         rot = self._rotate_half
-        h = self.embed(ids)
-        if T == 1 and self.layer_op is not None:
-            tensors, ints, kc, vc, cos_t, sin_t, eps = self.layer_op
-            h = h.clone(memory_format=torch.contiguous_format)     # written in place
-            torch.ops.tasa.decode_layers_(h, tensors, ints, kc, vc, cos_t, sin_t, H, start, eps,
-                                          self.scale, self.X_PIECES)
-            return self.head_call(self.norm(h))[:, -1]
         for li, (n1, _, _, _, _, n2, _, _, _) in enumerate(self.layers):
             q, k, v, o, g, u, d, fqkv, fgu = self.calls[li]
             x = n1(h)
