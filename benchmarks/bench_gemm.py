@@ -85,6 +85,31 @@ def rotating(fn, sets):
     return lambda: fn(next(it))
 
 
+def side_by_side(rows, field, a, b, a_name, b_name, intro) -> list:
+    """Markdown lines comparing the rows timed with ``field`` = ``a`` against ``field`` = ``b``
+    (same shape, M and width): a's speed-up, and 3-bit / 3.5-bit speed against 4-bit under each;
+    none where the run did not time both."""
+    by = {(r["shape"], r["M"], r["bits"], r.get(field)): r for r in rows}
+    if not (any(k[3] == a for k in by) and any(k[3] == b for k in by)):
+        return []
+    md = ["", intro, "",
+          f"| shape | M | bits | {a_name} µs | {b_name} µs | {a} vs {b} | 3 vs 4 ({a}) | "
+          f"3 vs 4 ({b}) | 3.5 vs 4 ({a}) | 3.5 vs 4 ({b}) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (shape, M, bits, v), r in by.items():
+        other = by.get((shape, M, bits, b))
+        if v != a or other is None:
+            continue
+        rel = {}
+        for mode in (a, b):
+            four = by.get((shape, M, "4", mode))
+            for w, key in (("3", "3"), ("3.5 (3/4 mix)", "3.5")):
+                x = by.get((shape, M, w, mode))
+                rel[(key, mode)] = f"{four['us'] / x['us']:.2f}x" if four and x else ""
+        md.append(f"| {shape} | {M} | {bits} | {r['us']} | {other['us']} | {other['us'] / r['us']:.2f}x | "
+                  f"{rel[('3', a)]} | {rel[('3', b)]} | {rel[('3.5', a)]} | {rel[('3.5', b)]} |")
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -217,53 +242,24 @@ def main():
            "is possible; it is measured again before each shape (the VM's bandwidth drifts). Times: "
            "each configuration is timed in `rounds` interleaved rounds (median of 5 batches each); "
            "the median over rounds is shown, tasa's with its min-max. Ratios > 1: tasa faster.", "",
-           "| shape | M | bits | AVX2 int8 GEMV | avg bits | tasa µs | (min-max) | GB/s | of copy BW | "
+           "| shape | M | bits | AVX2 int8 GEMV | x pieces | avg bits | tasa µs | (min-max) | GB/s | of copy BW | "
            + " | ".join(f"{d} µs | ×{d}" for d in dn) + " | torch int4 µs | int4 GB/s | ×int4 | mode | load |",
-           "|" + "---|" * (14 + 2 * len(dn))]
+           "|" + "---|" * (15 + 2 * len(dn))]
     for r in rows:
-        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r.get('gemv_i8', 'default')} | {r['avg_bits']} | {r['us']} | "
+        md.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r.get('gemv_i8', 'default')} | "
+                  f"{r.get('x_pieces', 'default')} | {r['avg_bits']} | {r['us']} | "
                   f"{r.get('us_min', '')}-{r.get('us_max', '')} | {r['GBps']} | "
                   f"{r['frac_copy_bw']:.0%} | " + " | ".join(f"{r[d + '_us']} | {r['x_' + d]}" for d in dn)
                   + f" | {r['torch_int4_us']} | {r.get('torch_int4_GBps', '')} | {r['x_torch_int4']} | "
                   f"{r.get('mode', 'resident')} | {r.get('load_average', '').replace(' -> ', ' → ')} |")
-    pairs = {(r["shape"], r["M"], r["bits"], r.get("gemv_i8")): r for r in rows}
-    if any(k[3] == "on" for k in pairs) and any(k[3] == "off" for k in pairs):
-        md += ["", "Same run, AVX2 int8-piece GEMV (`on`) against the float one (`off`): speed-up "
-               "of `on` (off µs / on µs), and each path's 3-bit and 3.5-bit speed relative to its "
-               "own 4-bit (target >= 1.25x for 3 vs 4).", "",
-               "| shape | M | bits | on µs | off µs | on vs off | 3 vs 4 (on) | 3 vs 4 (off) | 3.5 vs 4 (on) | 3.5 vs 4 (off) |",
-               "|---|---|---|---|---|---|---|---|---|---|"]
-        for (shape, M, bits, i8), r in pairs.items():
-            off = pairs.get((shape, M, bits, "off"))
-            if i8 != "on" or off is None:
-                continue
-            rel = {}
-            for mode in ("on", "off"):
-                four = pairs.get((shape, M, "4", mode))
-                for b, key in (("3", "3"), ("3.5 (3/4 mix)", "3.5")):
-                    x = pairs.get((shape, M, b, mode))
-                    rel[(key, mode)] = f"{four['us'] / x['us']:.2f}x" if four and x else ""
-            md.append(f"| {shape} | {M} | {bits} | {r['us']} | {off['us']} | {off['us'] / r['us']:.2f}x | "
-                      f"{rel[('3', 'on')]} | {rel[('3', 'off')]} | {rel[('3.5', 'on')]} | {rel[('3.5', 'off')]} |")
-    xps = {(r["shape"], r["M"], r["bits"], r.get("x_pieces")): r for r in rows}
-    if any(k[3] == "2" for k in xps) and any(k[3] == "3" for k in xps):
-        md += ["", "Same run, fp32 x in 2 int8 pieces against 3 (the int8 GEMVs): speed-up of 2 "
-               "(3 µs / 2 µs), and each count's 3-bit and 3.5-bit speed relative to its own 4-bit "
-               "(target >= 1.25x for 3 vs 4).", "",
-               "| shape | M | bits | 2 pieces µs | 3 pieces µs | 2 vs 3 | 3 vs 4 (2) | 3 vs 4 (3) | 3.5 vs 4 (2) | 3.5 vs 4 (3) |",
-               "|---|---|---|---|---|---|---|---|---|---|"]
-        for (shape, M, bits, xp), r in xps.items():
-            three = xps.get((shape, M, bits, "3"))
-            if xp != "2" or three is None:
-                continue
-            rel = {}
-            for mode in ("2", "3"):
-                four = xps.get((shape, M, "4", mode))
-                for b, key in (("3", "3"), ("3.5 (3/4 mix)", "3.5")):
-                    x = xps.get((shape, M, b, mode))
-                    rel[(key, mode)] = f"{four['us'] / x['us']:.2f}x" if four and x else ""
-            md.append(f"| {shape} | {M} | {bits} | {r['us']} | {three['us']} | {three['us'] / r['us']:.2f}x | "
-                      f"{rel[('3', '2')]} | {rel[('3', '3')]} | {rel[('3.5', '2')]} | {rel[('3.5', '3')]} |")
+    md += side_by_side(rows, "gemv_i8", "on", "off", "on", "off",
+                       "Same run, AVX2 int8-piece GEMV (`on`) against the float one (`off`): speed-up "
+                       "of `on` (off µs / on µs), and each path's 3-bit and 3.5-bit speed relative to "
+                       "its own 4-bit (target >= 1.25x for 3 vs 4).")
+    md += side_by_side(rows, "x_pieces", "2", "3", "2 pieces", "3 pieces",
+                       "Same run, fp32 x in 2 int8 pieces against 3 (the int8 GEMVs): speed-up of 2 "
+                       "(3 µs / 2 µs), and each count's 3-bit and 3.5-bit speed relative to its own "
+                       "4-bit (target >= 1.25x for 3 vs 4).")
     tasa_ext.ops.set_x_pieces(None)
     tasa_ext.ops.set_gemv_i8(None)
     path = write_results(stem, {"runs": runs}, rows, "\n".join(md) + "\n")
