@@ -138,6 +138,10 @@ def main():
                     help="merge into the existing results file: replace only the rows of the shapes "
                          "and batches measured now (each row keeps its run's load and bandwidth)")
     args = ap.parse_args()
+    if args.gemv_i8 == "both" and args.x_pieces == "both":
+        # the side-by-side tables pair rows on one switch only: with both swept, a row's partner
+        # would be ambiguous (run the two comparisons separately)
+        ap.error("--gemv-i8 both and --x-pieces both cannot be combined: run one comparison at a time")
     stream_bytes = 0 if args.resident else args.stream_mb << 20
     i8_modes = {"default": [None], "on": [True], "off": [False], "both": [True, False]}[args.gemv_i8]
     xp_modes = {"default": [None], "2": [2], "3": [3], "both": [2, 3]}[args.x_pieces]

@@ -157,7 +157,14 @@ __attribute__((noinline)) void gemv_group(const uint32_t* wp, const float* xg, i
 // tile's 32 products per column fit an int16 pair lane (16 products of |q h| <= 15 * 127 = 1905
 // per int16: 30480 < 32767), so the int16 sums widen once per tile (vpmaddwd with ones).
 // 8-bit groups keep the float GEMV: their products overflow the int16 pair sums
-// (255 * 127 * 2 > 32767).
+// (255 * 127 * 2 > 32767). Tried (2026-12-07, this EPYC, ~30 GB/s copy bandwidth): an 8-bit
+// kernel on the codes as they are (word w = codes 4w..4w+3 of 8 columns: no unpacking) with x
+// in nq + 1 pieces of at most 64 (2 * 255 * 64 fits) and vpmaddwd after every vpmaddubsw, 3
+// instructions per piece per 32 codes against ~18 for the float path. It passed the x-piece
+// bound tests but measured 0.93-0.98x the float path with 2 pieces of x and 0.74-0.98x with 3
+// (49152x576, 151936x896, 4096x4096): the float 8-bit GEMV is not instruction-bound here (the
+// 151936x896 head streams at ~15 GB/s either way, ~2/3 of a torch sum's read rate measured
+// beside it), so it was dropped.
 // Code vector u (0..7) of a tile's half as unsigned bytes: 4 codes of each of 8 columns, the
 // codes x bytes 4u .. 4u + 3 of the reordered piece pair with (see quantize_x_i8_avx2).
 //   B = 4: word u / 2, nibbles u % 2 (codes 8w + 2k + u % 2);  B = 2: word u / 4, field u % 4

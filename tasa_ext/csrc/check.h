@@ -46,6 +46,13 @@ inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType d
   TORCH_CHECK(t.is_contiguous(), "tasa: ", name, " must be contiguous");
 }
 
+// The decode ops' buffers: contiguous float32 on the CPU (the kernels read raw float pointers).
+inline void check_cpu_f32(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "tasa: ", op, " takes contiguous float32 CPU tensors (", name, ": ", t.scalar_type(),
+              " on ", t.device(), t.is_contiguous() ? "" : ", not contiguous", ")");
+}
+
 inline void check_2d(const at::Tensor& t, const char* name, at::ScalarType dt) {
   TORCH_CHECK(t.dim() == 2, "tasa: ", name, " must be 2-D, got shape ", t.sizes());
   check_tensor(t, name, dt);

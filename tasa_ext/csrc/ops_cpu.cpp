@@ -201,11 +201,11 @@ at::Tensor hadamard_cpu(const at::Tensor& x, int64_t group_size, bool inverse) {
 at::Tensor decode_attention_cpu(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                 at::Tensor& k_cache, at::Tensor& v_cache, int64_t H, int64_t pos,
                                 double scale) {
-  for (const at::Tensor* t : {(const at::Tensor*)&qkv, &cos, &sin, (const at::Tensor*)&k_cache,
-                               (const at::Tensor*)&v_cache}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "tasa: decode_attention takes contiguous float32 CPU tensors");
-  }
+  check_cpu_f32(qkv, "decode_attention", "qkv");
+  check_cpu_f32(cos, "decode_attention", "cos");
+  check_cpu_f32(sin, "decode_attention", "sin");
+  check_cpu_f32(k_cache, "decode_attention", "k_cache");
+  check_cpu_f32(v_cache, "decode_attention", "v_cache");
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
               "tasa: k_cache and v_cache must be [KV, max_len, hd] of one shape, got ",
               k_cache.sizes(), " and ", v_cache.sizes());
@@ -255,10 +255,7 @@ void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>
               "tasa: decode_layers_ needs ", kT, " tensors and ", kI, " ints per layer and one k "
               "and v cache per layer, got ", tensors.size(), ", ", ints.size(), ", ",
               k_caches.size(), " and ", v_caches.size());
-  auto fp32 = [](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-                "tasa: decode_layers_ takes contiguous float32 CPU tensors (", name, ")");
-  };
+  auto fp32 = [](const at::Tensor& t, const char* name) { check_cpu_f32(t, "decode_layers_", name); };
   fp32(h, "h");
   fp32(cos, "cos");
   fp32(sin, "sin");
