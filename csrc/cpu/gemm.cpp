@@ -1,6 +1,7 @@
 // CPU fused dequant-GEMM driver: validates the layout, brings x into fp32 logical order once,
 // splits the column blocks over OpenMP threads and picks the ISA path. The portable scalar
 // kernel lives here too; it is the twin every SIMD path is tested against.
+#include <cstring>
 #include <omp.h>
 
 #include <cmath>
@@ -187,10 +188,10 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   const int nq = xdt == TASA_BF16 ? 2 : xdt == TASA_F32 ? x_pieces : 3;
   // AVX2 GEMV: the same int8 pieces for its 2-, 3- and 4-bit groups (vpmaddubsw), if it has any
   // (need: bit b - 2 for each width b < 8 present; only those orders of x are written)
-  int need = 0;
-  if (gemv2 && tasa_cpu_gemv_i8())
-    for (int64_t j = 0; j < n_groups; ++j)
-      if (gtable[j * 3] != 8) need |= 1 << (gtable[j * 3] - 2);
+  int need = 0, present = 0;   // present: bit b - 2 for widths 2-4, bit 3 for 8 (as widths[])
+  if (gemv2)
+    for (int64_t j = 0; j < n_groups; ++j) present |= gtable[j * 3] == 8 ? 8 : 1 << (gtable[j * 3] - 2);
+  if (gemv2 && tasa_cpu_gemv_i8()) need = present & 7;
   bool i8avx2 = need != 0;
   const bool pieces = vnni || i8avx2;
   // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
@@ -218,7 +219,7 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
     if (xdt == TASA_F32) {
       const float* src = (const float*)x + base;
       if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = src[perm[r]];
-      else for (int64_t r = 0; r < K; ++r) dst[r] = src[r];
+      else std::memcpy(dst, src, sizeof(float) * K);
     } else if (xdt == TASA_BF16) {
       const uint16_t* src = (const uint16_t*)x + base;
       if (perm) for (int64_t r = 0; r < K; ++r) dst[r] = tasa::bf16_to_float(src[perm[r]]);
@@ -234,7 +235,16 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   int8_t* const xqr[3] = {xq, xq + (i8avx2 ? nq * K : 0), xq + (i8avx2 ? 2 * nq * K : 0)};
   if (i8avx2)   // non-finite or tiny x: every group on the float GEMV
     i8avx2 = tasa::quantize_x_i8_avx2(xl, K, group_size, nq, xqr, need, xqd, xqh, xqsum) == 0;
-  if (!vnni)   // (the VNNI GEMV uses xqsum, the pieces' own sums; the AVX2 one needs these for its 8-bit groups)
+  // The AVX2 GEMV's groups on the float path: 8-bit ones, or every one where the int8 path is
+  // off or fell back. Only they read xs and (with zeros) xsum: a GEMV whose groups all take the
+  // int8 path skips both, and writes xs only for the widths that read it. (Why: writing xs for
+  // all four widths was the driver's hottest loop in a perf profile of small GEMVs on the AVX2
+  // EPYC, whose fixed costs dominate SmolLM2's decode. Timed side by side with a C harness
+  // calling tasa_gemm_cpu_xp, -O3, one thread, 4-bit, 2 x pieces, 2026-12-07: 16 x 576 3.1-3.4
+  // -> 1.7-2.7 us, 16 x 1536 4.1-4.7 -> 2.9-4.1 us, 576 x 1536 34-45 -> 33-48 us: ~1 us a call.)
+  const int float_widths = i8avx2 ? present & 8 : present;
+  const bool need_xsum = !vnni && !(gemv2 && (float_widths == 0 || !zeros));
+  if (need_xsum)   // (the VNNI GEMV uses xqsum, the pieces' own sums; so do the AVX2 int8 groups)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < n_groups; ++g) {
         // sum(x_group) in double: the asymmetric correction multiplies it by (z - 2^(b-1)) * s,
@@ -249,6 +259,7 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // (left-aligned in its lane), so x is scaled by 2^-(32-b) once per call (exact).
   if (gemv2)
     for (int wdx = 0; wdx < 4; ++wdx) {
+      if (!(float_widths & (1 << wdx))) continue;
       const float f = 1.0f / (float)(1u << (32 - widths[wdx]));   // a power of two: exact
       for (int64_t k = 0; k < K; ++k) xs[wdx * K + k] = xl[k] * f;
     }
