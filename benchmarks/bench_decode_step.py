@@ -12,6 +12,9 @@
   benchmarks/results/decode_threads_<cpu isa>.{md,json}.
 * ``--flag X_PIECES``: fp32 x in 2 int8 pieces against 3 in the int8 GEMVs
   (tasa_ext.ops.set_x_pieces); results benchmarks/results/decode_x_pieces_<cpu isa>.{md,json}.
+* ``--profile``: no comparison; where the default decoder's step time goes (torch.profiler,
+  self CPU time per op per step; with the layer op: every decoder layer vs the output head);
+  results benchmarks/results/decode_profile_<cpu isa>.{md,json}.
 
     python benchmarks/bench_decode_step.py --models smollm2-135m,qwen2.5-coder-0.5b [--flag BIND]
 
@@ -65,6 +68,42 @@ def _switch(args, on) -> None:
         setattr(_LeanDecoder, args.flag, on is not False)
 
 
+def profile(args, argv) -> int:
+    import tasa_ext
+    from bench_rot_gemm import step_profile
+    torch.set_num_threads(args.threads)
+    out = {}
+    for name in args.models.split(","):
+        model, tok, note = _tasa_model(name, None)
+        with torch.inference_mode():
+            out[name] = {"rows": step_profile(model, args.steps), "note": note}
+        for r in out[name]["rows"]:
+            print(name, json.dumps(r), flush=True)
+        del model
+    meta = machine()
+    meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "load_average": open("/proc/loadavg").read().split()[:3]})
+    isa = tasa_ext.ops.cpu_isa()
+    md = ["# Decode step profile: where the default decoder's time goes", "",
+          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
+          f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
+          f"command: `{meta['command']}`", "",
+          f"torch.profiler over {args.steps} one-token steps after a 16-token prompt (4 warm-up "
+          "steps); self CPU time per step of the top ops. With the layer op, `tasa::decode_layers_` "
+          "is every decoder layer and the `tasa::gemm` call the output head.", ""]
+    for name, d in out.items():
+        md += [f"## {name}", "", "| op | ms per step | calls per step |", "|---|---|---|"]
+        for r in d["rows"]:
+            calls = "" if r["calls_per_step"] is None else f"{r['calls_per_step']:g}"
+            md.append(f"| {r['op']} | {r['ms_per_step']:.3f} | {calls} |")
+        md += ["", f"Model: {d['note']}", ""]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"decode_profile_{isa}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"decode_profile_{isa}.json").write_text(json.dumps({"meta": meta, "models": out}, indent=1))
+    print("\n".join(md))
+    return 0
+
+
 def main(argv=None) -> int:
     import tasa_ext
     from tasa.generation import _LeanDecoder
@@ -75,7 +114,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flag", choices=sorted(FLAGS), default="TASA_OPS")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the default decoder's step instead of comparing a flag")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile(args, argv)
     title, on_name, off_name, stem, held = FLAGS[args.flag]
     for k, v in held.items():
         setattr(_LeanDecoder, k, v)
