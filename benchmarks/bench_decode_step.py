@@ -68,6 +68,20 @@ def _switch(args, on) -> None:
         setattr(_LeanDecoder, args.flag, on is not False)
 
 
+def _meta_and_header(args, argv, title: str, **extra) -> tuple:
+    """The run's metadata (machine, command line, load average after) and the report's first
+    lines, shared by the flag comparison and the profile."""
+    meta = machine()
+    meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), **extra,
+        "load_average": open("/proc/loadavg").read().split()[:3]})
+    md = [f"# {title}", "",
+          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
+          f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
+          f"command: `{meta['command']}`", ""]
+    return meta, md
+
+
 def profile(args, argv) -> int:
     import tasa_ext
     from bench_rot_gemm import step_profile
@@ -80,17 +94,11 @@ def profile(args, argv) -> int:
         for r in out[name]["rows"]:
             print(name, json.dumps(r), flush=True)
         del model
-    meta = machine()
-    meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "load_average": open("/proc/loadavg").read().split()[:3]})
+    meta, md = _meta_and_header(args, argv, "Decode step profile: where the default decoder's time goes")
     isa = tasa_ext.ops.cpu_isa()
-    md = ["# Decode step profile: where the default decoder's time goes", "",
-          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
-          f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
-          f"command: `{meta['command']}`", "",
-          f"torch.profiler over {args.steps} one-token steps after a 16-token prompt (4 warm-up "
-          "steps); self CPU time per step of the top ops. With the layer op, `tasa::decode_layers_` "
-          "is every decoder layer and the `tasa::gemm` call the output head.", ""]
+    md += [f"torch.profiler over {args.steps} one-token steps after a 16-token prompt (4 warm-up "
+           "steps); self CPU time per step of the top ops. With the layer op, `tasa::decode_layers_` "
+           "is every decoder layer and the `tasa::gemm` call the output head.", ""]
     for name, d in out.items():
         md += [f"## {name}", "", "| op | ms per step | calls per step |", "|---|---|---|"]
         for r in d["rows"]:
@@ -142,19 +150,13 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "note"}), flush=True)
         del model
-    meta = machine()
-    meta.update({"command": "python benchmarks/bench_decode_step.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "flag": args.flag, "load_average": open("/proc/loadavg").read().split()[:3]})
+    meta, md = _meta_and_header(args, argv, f"Decode step: {title}", flag=args.flag)
     isa = tasa_ext.ops.cpu_isa()
-    md = [f"# Decode step: {title}", "",
-          f"{meta['date']}, commit {meta['commit']}, {meta['device']}, torch {meta['torch']}, "
-          f"{args.threads} threads, load average after {' '.join(meta['load_average'])}",
-          f"command: `{meta['command']}`", "",
-          f"{args.steps} one-token steps after a 16-token prompt, {args.rounds} interleaved rounds "
-          "(median, min-max); the same greedy token at every step is checked"
-          + (f"; held meanwhile: {held}" if held else "") + ".", "",
-          f"| model | {on_name} ms/step | {off_name} ms/step | speed-up | same tokens |",
-          "|---|---|---|---|---|"]
+    md += [f"{args.steps} one-token steps after a 16-token prompt, {args.rounds} interleaved rounds "
+           "(median, min-max); the same greedy token at every step is checked"
+           + (f"; held meanwhile: {held}" if held else "") + ".", "",
+           f"| model | {on_name} ms/step | {off_name} ms/step | speed-up | same tokens |",
+           "|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['on_ms']:.2f} ({r['on_range'][0]:.2f}-{r['on_range'][1]:.2f}) | "
                   f"{r['off_ms']:.2f} ({r['off_range'][0]:.2f}-{r['off_range'][1]:.2f}) | "
