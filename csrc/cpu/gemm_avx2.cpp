@@ -280,6 +280,16 @@ inline void group_i8(const GemmArgs& a, const uint32_t* wp, int64_t lg, int64_t 
 // (8 independent FMA chains for MR = 2 and 4, 6 for MR = 3: the FMA latency hidden); x is NOT
 // pre-scaled here (that would need 4 x M x K floats): the 2^-(32-B) of code_top is folded into
 // the group's scale instead (a power of two: the same products, exactly).
+// Tried (2026-12-08, this EPYC, C harness calling tasa_gemm_cpu_xp on 14336x4096, 2 threads, 9
+// interleaved rounds): the M = 1 int8 GEMV's pieces shared by rows (gemv_half_i8 with a chunk's
+// rows x pieces as its pieces; every row bit-equal to that row's int8 GEMV). With fp32 x in 3
+// pieces (the default) it ran 1.3-1.6x SLOWER than this float path at M = 2-16 (3-bit); with 2
+// pieces and chunks of 2 rows 1.1-1.4x faster at M = 2, 1.1-1.2x at M = 4-16; chunks of 4 rows
+// of 2 pieces spilled (8 int16 sums + 8 int32 sums) and were slower than chunks of 2, and both
+// halves of a block in one pass (one x broadcast per two vpmaddubsw) did not help. Per 32
+// multiply-adds of a row a piece costs vpmaddubsw + vpaddw + a broadcast against the float
+// path's 4 FMAs and 2 broadcasts shared by the halves: with 2-3 pieces the instruction count is
+// about the same, so it stays float.
 template <int B, int MR>
 __attribute__((noinline)) void gemv_group_rows(const uint32_t* wp, const float* x, int64_t K,
                                                int64_t tiles, __m256 (&g)[MR][2]) {
