@@ -174,6 +174,14 @@ __attribute__((noinline)) void gemv_group(const uint32_t* wp, const float* xg, i
 // g[k] gathers those 4 bytes of every column into its lane (3 vpshufb + 2 vpor), and a code
 // set is one shift + and, or two of each + or for the two straddling sets (i = 2, 5):
 // 36 instructions for the tile's 8 vectors against 12 for 4 bits, no format change.
+// Tried (2026-12-08, this EPYC; llvm-mca -mcpu=znver3 on GCC's loops, then a C harness, 8
+// interleaved rounds, 2 threads, weights from DRAM): g[k] by two vpblendvb each (its 4 bytes
+// come from 4 different byte positions of the words; x stored in the resulting byte order, the
+// straddling sets' upper byte rotated into place by one vpshufb) plus both halves in one pass
+// (one x broadcast per two vpmaddubsw). Bit-identical outputs; llvm-mca 27.3 -> 21.6 cycles
+// per half-tile (3-bit, 2 pieces), 18.0 -> 16.7 (4-bit), 18.9 -> 15.3 (2-bit), but measured
+// 3-bit 0.89-1.17x (paired medians over four shapes; GCC spilled 37 vectors a tile), 4-bit
+// 0.99-1.14x, 2-bit 1.07-1.13x: not kept (3-bit is what the plans use most).
 template <int B, int U>
 inline __attribute__((always_inline)) __m256i code_bytes(const __m256i* v, const __m256i* g) {
   if constexpr (B == 4 || B == 2) {
