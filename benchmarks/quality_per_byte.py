@@ -474,6 +474,7 @@ def write_report(model_name, rows, scores, meta, stem):
         for mix, n in fits:
             if f"llama.cpp {mix}" in rows:
                 L.append(pair(f"llama.cpp {mix}", n))
+    L += target_section(rows, scores)
     L += ["", "llama.cpp tensor types (2-D tensors; rows that are no multiple of 256 cannot "
           "hold k-quants and take llama.cpp's fallback types):", ""]
     for n in order:
@@ -481,6 +482,70 @@ def write_report(model_name, rows, scores, meta, stem):
             L.append(f"- {n}: {rows[n]['types']}; token_embd {rows[n]['embedding']}, output "
                      f"{rows[n]['output']}")
     return "\n".join(L) + "\n"
+
+
+COMPETITORS = ("GPTQ ", "llama.cpp ")
+TARGET_METRICS = (("general", "kl_seq", "KL general"), ("gsm8k", "kl_seq", "KL GSM8K"),
+                  ("gsm8k", "nll_seq", "GSM8K NLL"))
+
+
+def verdict(mean, half):
+    """A paired difference (tasa minus competitor) in words: below / on / above the
+    competitor, by its 95% interval."""
+    if not math.isfinite(half):
+        return "below" if mean < 0 else "on" if mean == 0 else "above"
+    return "below" if mean + half < 0 else "above" if mean - half > 0 else "on (within noise)"
+
+
+def target_section(rows, scores) -> list:
+    """Issue 26's targets, row by row: for every GPTQ and llama.cpp row, the tasa row of at most
+    its whole-file size that is closest to the reference on each metric (tasa's best curve at
+    that size), the paired difference and its verdict; then each fitted export against the
+    llama.cpp mix of its size on GSM8K-text KL. Fits that may pick a type the reference was
+    dequantized from (re-quantizing to it is lossless here, not on original weights) are left
+    out of tasa's curve; their ``w/o lossless`` controls stay in."""
+    comp = sorted((n for n in rows if n.startswith(COMPETITORS)), key=lambda n: rows[n]["bpp"])
+    ours = [n for n in rows if n != "reference" and not n.startswith(COMPETITORS)
+            and not (" fit @" in n)]
+    if not comp or not ours:
+        return []
+    L = ["", "Targets (issue 26): at each GPTQ / llama.cpp row's whole-file size, the tasa row of at "
+         "most that size closest to the reference on each metric (`TASA fit` / `proxy fit` rows "
+         "left out: they may re-use the reference's own grid; their `w/o lossless` controls "
+         "count), tasa minus competitor with its paired 95% interval; `below` = tasa's curve lies "
+         "below the competitor's there beyond noise:", "",
+         "| competitor | bits/param | " + " | ".join(
+             f"{label}: best tasa row, Δ, verdict" for _, _, label in TARGET_METRICS) + " |",
+         "|---|---|" + "---|" * len(TARGET_METRICS)]
+    def diff(text, key, a, b):          # b minus a over the same sequences
+        return ci95([y - x for x, y in zip(scores[text][a][key], scores[text][b][key])])
+
+    tally = {}
+    for c in comp:
+        cells = []
+        for text, key, label in TARGET_METRICS:
+            cand = [n for n in ours if rows[n]["bpp"] <= rows[c]["bpp"] * (1 + 1e-6)]
+            if not cand:
+                cells.append("no tasa row this small")
+                tally.setdefault(label, []).append("none")
+                continue
+            best = min(cand, key=lambda n: float(np.mean(scores[text][n][key])))
+            m, h = diff(text, key, c, best)
+            v = verdict(m, h)
+            tally.setdefault(label, []).append(v.split()[0])
+            cells.append(f"{best} ({rows[best]['bpp']:.3f}): {fmt_ci(m, h)}, {v}")
+        L.append(f"| {c} | {rows[c]['bpp']:.3f} | " + " | ".join(cells) + " |")
+    L += ["", "Verdicts over the competitor rows: " + "; ".join(
+        f"{label}: " + ", ".join(f"{k} {v.count(k)}" for k in ("below", "on", "above", "none")
+                                 if v.count(k)) for label, v in tally.items()) + "."]
+    fits = [(n.rsplit("@", 1)[1], n) for n in rows if " fit" in n and "@" in n]
+    pairs = [(f"llama.cpp {mix}", n) for mix, n in fits if f"llama.cpp {mix}" in rows]
+    if pairs:
+        L += ["", "Fitted TASA exports against llama.cpp's own mix of the same size, GSM8K-text "
+              "KL (fit minus mix): " + "; ".join(
+                  f"{n}: {fmt_ci(*diff('gsm8k', 'kl_seq', mx, n))} "
+                  f"({verdict(*diff('gsm8k', 'kl_seq', mx, n))})" for mx, n in pairs) + "."]
+    return L
 
 
 def plot(model_name, rows, scores, path):

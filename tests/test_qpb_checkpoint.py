@@ -3,6 +3,7 @@ after the last saved item and ends with exactly the results of an uninterrupted 
 checkpoint written for other rows or another item count is ignored."""
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -92,3 +93,33 @@ def test_checkpoint_of_other_rows_or_items_is_ignored(qpb, tmp_path):
     assert qpb.Checkpoint(p, ["reference", "a"], 6).resume() == (0, None)
     qpb.Checkpoint(p, ["reference", "a"], 5).clear()
     assert not p.exists()
+
+
+def test_target_section_verdicts(qpb):
+    """The targets table picks, at each competitor's size, the tasa row of at most that size
+    closest to the reference (fits that may re-use the reference's grid left out), and words
+    the paired difference by its interval: below, on (within noise), above, or no tasa row."""
+    g = torch.Generator().manual_seed(0)
+
+    def seqs(level, noise=0.01):
+        return (level + noise * torch.randn(40, generator=g)).tolist()
+
+    rows = {"reference": {"bpp": 32.0}, "GPTQ W3 g128": {"bpp": 4.0}, "TASA c3.0": {"bpp": 4.1},
+            "tasa W3 +had": {"bpp": 4.0}, "GPTQ W4 g128": {"bpp": 5.0}, "TASA c3.5": {"bpp": 4.6},
+            "llama.cpp Q4_K_M": {"bpp": 5.5}, "TASA fit @Q4_K_M": {"bpp": 5.5},
+            "llama.cpp Q3_K_S": {"bpp": 3.5}}
+    level = {"reference": 0.0, "GPTQ W3 g128": 0.6, "tasa W3 +had": 0.4, "TASA c3.0": 0.3,
+             "GPTQ W4 g128": 0.2, "TASA c3.5": 0.2, "llama.cpp Q4_K_M": 0.15,
+             "TASA fit @Q4_K_M": 0.01, "llama.cpp Q3_K_S": 0.9}
+    scores = {t: {n: {"kl_seq": seqs(v), "nll_seq": seqs(1 + v)} for n, v in level.items()}
+              for t in ("general", "gsm8k")}
+    text = "\n".join(qpb.target_section(rows, scores))
+    line = {ln.split(" |")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
+    # W3 at 4.0 bits: the same-size rotated row, not TASA c3.0 (4.1 bits, larger)
+    assert "tasa W3 +had (4.000)" in line["GPTQ W3 g128"] and "below" in line["GPTQ W3 g128"]
+    # W4 at 5.0: TASA c3.5 equals it (same level, independent noise): within noise
+    assert "TASA c3.5 (4.600)" in line["GPTQ W4 g128"] and "on (within noise)" in line["GPTQ W4 g128"]
+    # Q4_K_M: the fit (0.01) is left out; TASA c3.5 (0.2) is above the mix (0.15)
+    assert "TASA fit" not in line["llama.cpp Q4_K_M"] and "above" in line["llama.cpp Q4_K_M"]
+    assert line["llama.cpp Q3_K_S"].count("no tasa row this small") == 3
+    assert re.search(r"TASA fit @Q4_K_M: -0\.1[34]\d* ± 0\.0\d+ \(below\)", text), text
