@@ -20,10 +20,10 @@ Ops (namespace ``tasa``):
              (one decode step's rotary embedding, cache writes and grouped-query attention;
              CPU only)
   rms_norm(x f32 [..., D], w f32 [D], eps) -> y f32 [..., D]      (LlamaRMSNorm in fp32; CPU only)
-  decode_layers_(h f32 [D]!, tensors, ints, k_caches!, v_caches!, cos f32 [L,hd], sin, H, pos, eps,
-                 scale, x_pieces=3) -> ()   (one token through a stack of llama-family decoder layers: the
-             ops above composed, the residual stream h updated in place; CPU only; see
-             decode_layers_ below for the argument lists)
+  decode_layers_(h f32 [B,D]!, tensors, ints, k_caches!, v_caches!, cos f32 [L,hd], sin, H, pos [B],
+                 eps, scale, x_pieces=3) -> ()   (one token of each of B streams through a stack of
+             llama-family decoder layers: the ops above composed, the residual streams h updated
+             in place; CPU only; see decode_layers_ below for the argument lists)
 See csrc/include/tasa/format.h for the layout and tasa_ext/reference.py for the semantics.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ SCHEMAS = {
                          "Tensor(c!) v_cache, int H, int pos, float scale) -> Tensor",
     "rms_norm": "rms_norm(Tensor x, Tensor w, float eps) -> Tensor",
     "decode_layers_": "decode_layers_(Tensor(a!) h, Tensor?[] tensors, int[] ints, Tensor(b!)[] k_caches, "
-                      "Tensor(c!)[] v_caches, Tensor cos, Tensor sin, int H, int pos, float eps, "
+                      "Tensor(c!)[] v_caches, Tensor cos, Tensor sin, int H, int[] pos, float eps, "
                       "float scale, int x_pieces=3) -> ()",
 }
 for _schema in SCHEMAS.values():
@@ -269,7 +269,7 @@ DECODE_LAYER_INTS = tuple(f"{p}.{t}" for p in DECODE_LAYER_SLOTS
                           for t in ("group_size", "hadamard"))
 
 
-def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos: int, eps: float,
+def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos, eps: float,
                    scale: float, x_pieces: int = 3) -> None:
     """One token through a stack of llama-family pre-norm decoder layers (CPU, fp32), ``h``
     ([D], the residual stream after the embedding) updated in place: per layer RMSNorm, the
@@ -282,9 +282,15 @@ def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos: 
     [KV, max_len, hd] per layer; ``x_pieces``: the int8 pieces of x in its GEMVs (3: as
     :func:`gemm` by default; 2: error <= 254^-2 of each group's largest |x|, see
     :func:`set_x_pieces`). :func:`tasa_ext.reference.decode_layers_` is the semantics (in
-    float64: x exact)."""
+    float64: x exact).
+
+    Several streams at once (batched decode): ``pos`` a list of B positions, ``h`` [B, D] and
+    each layer's caches [B, KV, max_len, hd], stream b at ``pos[b]``; every projection is then
+    one gemm over the B rows (the weights read once per step), whose fp32 rows differ from
+    B separate steps' by rounding (the GEMV's int8 pieces are M = 1 only)."""
+    pos = [int(pos)] if isinstance(pos, int) or getattr(pos, "ndim", 1) == 0 else [int(p) for p in pos]
     torch.ops.tasa.decode_layers_(h, tensors, [int(i) for i in ints], k_caches, v_caches, cos, sin,
-                                  int(H), int(pos), float(eps), float(scale), int(x_pieces))
+                                  int(H), pos, float(eps), float(scale), int(x_pieces))
 
 
 def hadamard_block(group_size: int) -> int:

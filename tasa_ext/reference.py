@@ -304,8 +304,19 @@ def decode_layers_(h: torch.Tensor, tensors, ints, k_caches, v_caches, cos: torc
     place. The arguments as the op's (44 tensors and 14 ints per layer); ``ops``: the namespace
     whose rms_norm / gemm / decode_attention_ are composed (this module's by default; the
     tests pass tasa_ext.ops: the op-by-op path the fused op replaces). ``x_pieces``: ignored
-    here (x exact in float64), given to the ops' gemm through its setting by the tests."""
+    here (x exact in float64), given to the ops' gemm through its setting by the tests. ``pos``
+    a list of B positions: ``h`` [B, D] and caches [B, KV, max_len, hd], each stream its own
+    single-stream step (streams never interact)."""
     import sys
+    if not isinstance(pos, int):          # B streams (a list of positions): each on its own
+        pos = [int(p) for p in pos]
+        if len(pos) > 1 or h.dim() == 2:
+            for b, p in enumerate(pos):
+                hb = h[b]
+                decode_layers_(hb, tensors, ints, [c[b] for c in k_caches],
+                               [c[b] for c in v_caches], cos, sin, H, p, eps, scale, x_pieces, ops)
+            return None
+        pos = pos[0]
     ops = ops or sys.modules[__name__]
     rms_norm, gemm, decode_attention_ = ops.rms_norm, ops.gemm, ops.decode_attention_
     hv = h.view(-1)

@@ -556,11 +556,11 @@ def test_rms_norm_matches_reference_and_transformers(shape):
         tasa_ext.ops.rms_norm(x.double(), w, 1e-6)
 
 
-def _decode_stack(seed, n_layers=2, D=64, H=3, KV=1, hd=32, I=96, L=9, bias=True):
+def _decode_stack(seed, n_layers=2, D=64, H=3, KV=1, hd=32, I=96, L=9, bias=True, B=None):
     """Random arguments of tasa_ext.ops.decode_layers_: every layer's matrices of other widths,
     modes, permutations and rotations (group size 32), q/k/v and gate/up fused in even layers
     and apart in odd ones, biases on q/k/v, gate/up and down, caches holding random earlier
-    positions."""
+    positions; ``B`` streams: h [B, D] and caches [B, KV, L, hd]."""
     g = torch.Generator().manual_seed(seed)
     pats = list(BIT_PATTERNS.values())
     tensors, ints = [], []
@@ -581,10 +581,11 @@ def _decode_stack(seed, n_layers=2, D=64, H=3, KV=1, hd=32, I=96, L=9, bias=True
             b = torch.randn(N, generator=g) * 0.1 if bias and j != 3 else None
             tensors += [p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], b]
             ints += [32, k % 2]
-    kc = [torch.randn(KV, L, hd, generator=g) for _ in range(n_layers)]
-    vc = [torch.randn(KV, L, hd, generator=g) for _ in range(n_layers)]
+    lead = () if B is None else (B,)
+    kc = [torch.randn(*lead, KV, L, hd, generator=g) for _ in range(n_layers)]
+    vc = [torch.randn(*lead, KV, L, hd, generator=g) for _ in range(n_layers)]
     cos, sin = torch.randn(L, hd, generator=g), torch.randn(L, hd, generator=g)
-    return torch.randn(D, generator=g), tensors, ints, kc, vc, cos, sin, H
+    return torch.randn(*lead, D, generator=g), tensors, ints, kc, vc, cos, sin, H
 
 
 @pytest.mark.parametrize("seed,n_layers,KV,pos,bias", [(0, 2, 1, 5, True), (1, 3, 3, 0, False),
@@ -620,6 +621,42 @@ def test_decode_layers_match_the_ops_they_compose(seed, n_layers, KV, pos, bias)
     assert torch.equal(runs["op"][1][:, :, others], torch.stack(kc)[:, :, others])
     assert torch.equal(runs["op"][2][:, :, others], torch.stack(vc)[:, :, others])
     assert not torch.equal(runs["op"][0], h)
+
+
+@pytest.mark.parametrize("B,pos", [(2, [5, 5]), (3, [0, 8, 3]), (5, [1, 2, 3, 4, 8])])
+def test_decode_layers_batch_of_streams(B, pos):
+    """B streams' tokens through the stack in one call (batched decode): each stream's h and
+    caches as its own single-stream call gives them, to the rounding of one gemm over B rows
+    against B GEMVs (the row-shared GEMM, fp32 x; the GEMVs' x in 3 int8 pieces), and close to
+    the float64 reference; streams at different positions, the same position, and each stream's
+    cache rows other than its own position untouched; one stream given as a list of one
+    position is the single-stream call exactly."""
+    h, t, i, kc, vc, cos, sin, H = _decode_stack(11 + B, n_layers=3, KV=3, B=B)
+    batch = [h.clone(), t, i, [c.clone() for c in kc], [c.clone() for c in vc], cos, sin]
+    tasa_ext.ops.decode_layers_(*batch, H, pos, 1e-5, 0.2)
+    ref_run = [h.clone(), t, i, [c.clone() for c in kc], [c.clone() for c in vc], cos, sin]
+    ref.decode_layers_(*ref_run, H, pos, 1e-5, 0.2)
+    for b in range(B):
+        one = [h[b].clone(), t, i, [c[b].clone() for c in kc], [c[b].clone() for c in vc], cos, sin]
+        tasa_ext.ops.decode_layers_(*one, H, pos[b], 1e-5, 0.2)
+        got = (batch[0][b], torch.stack([c[b] for c in batch[3]]), torch.stack([c[b] for c in batch[4]]))
+        want = (one[0], torch.stack(one[3]), torch.stack(one[4]))
+        exact = (ref_run[0][b], torch.stack([c[b] for c in ref_run[3]]),
+                 torch.stack([c[b] for c in ref_run[4]]))
+        for g_, w_, e_ in zip(got, want, exact):
+            torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4 * float(w_.abs().max()))
+            torch.testing.assert_close(g_, e_, rtol=1e-3, atol=1e-3 * float(e_.abs().max()))
+        others = torch.ones(kc[0].shape[2], dtype=torch.bool)
+        others[pos[b]] = False
+        assert torch.equal(got[1][:, :, others], torch.stack([c[b] for c in kc])[:, :, others])
+        assert not torch.equal(got[0], h[b])
+    # one stream as a list: the int call exactly
+    h1, t1, i1, kc1, vc1, cos1, sin1, H1 = _decode_stack(3)
+    a = [h1.clone(), t1, i1, [c.clone() for c in kc1], [c.clone() for c in vc1], cos1, sin1]
+    b_ = [h1.clone(), t1, i1, [c.clone() for c in kc1], [c.clone() for c in vc1], cos1, sin1]
+    tasa_ext.ops.decode_layers_(*a, H1, 4, 1e-5, 0.2)
+    tasa_ext.ops.decode_layers_(*b_, H1, [4], 1e-5, 0.2)
+    assert torch.equal(a[0], b_[0]) and all(torch.equal(x, y) for x, y in zip(a[3], b_[3]))
 
 
 def test_decode_layers_refuse_bad_input():
@@ -662,6 +699,16 @@ def test_decode_layers_refuse_bad_input():
         op(h, t, i, kc, [vc[0], vc[1][:, :-1]], cos, sin, H, 0, 1e-5, 1.0)
     with pytest.raises(RuntimeError, match="x_pieces must be 2 or 3"):
         op(h, t, i, kc, vc, cos, sin, H, 0, 1e-5, 1.0, x_pieces=1)
+    # several streams: h, caches and positions must agree on B
+    hb, tb, ib, kb, vb, cb, sb, Hb = _decode_stack(3, B=2)
+    with pytest.raises(RuntimeError, match=r"h must be \[B=3"):
+        op(hb, tb, ib, kb, vb, cb, sb, Hb, [0, 1, 2], 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match=r"k_caches must be \[B=2"):
+        op(hb, tb, ib, kc, vc, cb, sb, Hb, [0, 1], 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(hb, tb, ib, kb, vb, cb, sb, Hb, [0, 9], 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="one position per stream"):
+        op(hb, tb, ib, kb, vb, cb, sb, Hb, [], 1e-5, 1.0)
 
 
 def test_decode_attention_refuses_bad_input():
@@ -703,8 +750,9 @@ def test_opcheck(op):
         "decode_attention_": [(torch.randn((6 + 2 * 2) * 8), torch.randn(8), torch.randn(8),
                                torch.randn(2, 12, 8), torch.randn(2, 12, 8), 6, 5, 0.35)],
         "rms_norm": [(torch.randn(3, 4, 40), torch.randn(40), 1e-5), (torch.randn(1, 9), torch.randn(9), 1e-6)],
-        "decode_layers_": [_decode_stack(4)[:7] + (3, 2, 1e-5, 0.2),
-                           _decode_stack(5)[:7] + (3, 0, 1e-5, 0.2, 2)],
+        "decode_layers_": [_decode_stack(4)[:7] + (3, [2], 1e-5, 0.2),
+                           _decode_stack(5)[:7] + (3, [0], 1e-5, 0.2, 2),
+                           _decode_stack(6, B=3)[:7] + (3, [4, 0, 8], 1e-5, 0.2)],
     }[op]
     for s in samples:
         opcheck(getattr(torch.ops.tasa, op).default, s)

@@ -335,7 +335,7 @@ class _LeanDecoder:
             tensors, ints, kc, vc, cos_tab, sin_tab, eps = self.layer_op
             h = h.clone(memory_format=torch.contiguous_format)     # written in place
             torch.ops.tasa.decode_layers_(h, tensors, ints, kc, vc, cos_tab, sin_tab, self.H,
-                                          start, eps, self.scale, self.X_PIECES)
+                                          [start], eps, self.scale, self.X_PIECES)
             return self.head_call(self.norm(h))[:, -1]
         end = start + T
         H, KV, hd = self.H, self.KV, self.hd

@@ -242,10 +242,12 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
 // matrix slots q (or fused q/k/v), k, v, o, gate (or fused gate/up), up, down: qweight, scales,
 // zeros?, gtable, perm?, bias? (k, v and up all None when fused); ints[14 l ..] = group_size,
 // hadamard of the same seven. Checked as the ops they stand for check their arguments, every
-// call (tens of us for SmolLM2's 30 layers against a ~10 ms step).
+// call (tens of us for SmolLM2's 30 layers against a ~10 ms step). B = len(pos) streams: h
+// [B, D] (or [D] for one), each layer's caches [B, KV, max_len, hd] (or [KV, max_len, hd] for
+// one), stream b at pos[b].
 void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>& tensors,
                        at::IntArrayRef ints, at::TensorList k_caches, at::TensorList v_caches,
-                       const at::Tensor& cos, const at::Tensor& sin, int64_t H, int64_t pos,
+                       const at::Tensor& cos, const at::Tensor& sin, int64_t H, at::IntArrayRef pos,
                        double eps, double scale, int64_t x_pieces) {
   constexpr int64_t kT = 44, kI = 14;
   TORCH_CHECK(x_pieces == 2 || x_pieces == 3, "tasa: x_pieces must be 2 or 3, got ", x_pieces);
@@ -259,15 +261,23 @@ void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>
   fp32(h, "h");
   fp32(cos, "cos");
   fp32(sin, "sin");
-  const int64_t D = h.numel();
-  TORCH_CHECK(D > 0, "tasa: h is empty");
+  const int64_t B = (int64_t)pos.size();
+  TORCH_CHECK(B > 0, "tasa: decode_layers_ needs one position per stream, got none");
+  TORCH_CHECK(h.dim() >= 1 && h.numel() > 0, "tasa: h is empty");
+  const int64_t D = h.size(-1);
+  TORCH_CHECK(h.numel() == B * D && (B == 1 || (h.dim() == 2 && h.size(0) == B)),
+              "tasa: h must be [B=", B, ", D] for ", B, " positions, got ", h.sizes());
   const at::Tensor& k0 = k_caches[0];
-  TORCH_CHECK(k0.dim() == 3, "tasa: k_caches must be [KV, max_len, hd], got ", k0.sizes());
-  const int64_t KV = k0.size(0), max_len = k0.size(1), hd = k0.size(2);
+  TORCH_CHECK((k0.dim() == 3 && B == 1) || (k0.dim() == 4 && k0.size(0) == B),
+              "tasa: k_caches must be [B=", B, ", KV, max_len, hd] (or [KV, max_len, hd] for one "
+              "stream), got ", k0.sizes());
+  const int64_t KV = k0.size(-3), max_len = k0.size(-2), hd = k0.size(-1);
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == max_len && cos.size(1) == hd && sin.sizes() == cos.sizes(),
               "tasa: cos and sin must be [max_len=", max_len, ", hd=", hd, "], got ", cos.sizes(),
               " and ", sin.sizes());
-  TORCH_CHECK(0 <= pos && pos < max_len, "tasa: pos ", pos, " outside the cache [0, ", max_len, ")");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= pos[b] && pos[b] < max_len, "tasa: pos ", pos[b], " outside the cache [0, ",
+                max_len, ")");
   TORCH_CHECK(H > 0 && H % KV == 0, "tasa: H must be a positive multiple of KV (", KV, "), got ", H);
   std::vector<tasa_decode_layer_cpu_t> layers(n_layers);
   std::vector<at::Tensor> held(kT * n_layers);       // the list's elements, alive for the call
@@ -356,11 +366,12 @@ void decode_layers_cpu(at::Tensor& h, const c10::List<std::optional<at::Tensor>>
     L.k_cache = k_caches[l].data_ptr<float>();
     L.v_cache = v_caches[l].data_ptr<float>();
   }
-  auto scratch = at::empty({tasa_decode_layers_scratch(D, H, KV, hd, I)}, h.options());
-  raise_status(tasa_decode_layers_cpu(h.data_ptr<float>(), D, layers.data(), n_layers, H, KV, hd,
-                                      I, max_len, pos, cos.data_ptr<float>(), sin.data_ptr<float>(),
-                                      (float)eps, (float)scale, scratch.data_ptr<float>(),
-                                      (int)x_pieces));
+  auto scratch = at::empty({tasa_decode_layers_batch_scratch(B, D, H, KV, hd, I)}, h.options());
+  const std::vector<int64_t> p(pos.begin(), pos.end());
+  raise_status(tasa_decode_layers_batch_cpu(h.data_ptr<float>(), B, D, layers.data(), n_layers, H,
+                                            KV, hd, I, max_len, p.data(), cos.data_ptr<float>(),
+                                            sin.data_ptr<float>(), (float)eps, (float)scale,
+                                            scratch.data_ptr<float>(), (int)x_pieces));
 }
 
 }  // namespace tasa_ext
