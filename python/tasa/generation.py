@@ -39,7 +39,7 @@ from tasa_ext.ops import decode_attention_, rms_norm
 from .layers import TasaLinear
 
 __all__ = ["GenerationResult", "generate", "FastPathUnavailable", "Sampling", "TextStream",
-           "chat_ids", "has_chat_template"]
+           "chat_ids", "has_chat_template", "BatchDecoder"]
 
 
 class FastPathUnavailable(RuntimeError):
@@ -377,6 +377,76 @@ class _LeanDecoder:
                 gs, us = g(x), u(x)
             h = h + d(F.silu(gs) * us)
         return self.head_call(self.norm(h[:, -1:]))[:, -1]
+
+
+class BatchDecoder:
+    """Several streams decoded together (batched decode: concurrent requests, speculative
+    drafts). Each stream's prompt runs through the lean decoder on its own, into its slot of
+    KV caches shared by all streams; then every step is one ``decode_layers_`` call for all of
+    them, whose projections are each one gemm over the B rows (the weights read once per step:
+    the row-shared GEMV, ``tasa_ext.ops.set_gemv_rows``), and one gemm of the head.
+
+    fp32 models whose decoder linears are all tasa's (the lean decoder's layer op), CPU. A
+    stream's values differ from its own one-stream decode by rounding (a gemm over B rows
+    against the GEMV's int8 pieces of x), so a greedy token can differ where two logits nearly
+    tie. ``benchmarks/bench_decode_step.py --batch`` measures the step against one stream's."""
+
+    def __init__(self, model, max_len: int, streams: int):
+        if streams < 1:
+            raise ValueError(f"tasa: BatchDecoder needs at least one stream, got {streams}")
+        dec = _LeanDecoder(model, max_len)
+        if dec.layer_op is None:
+            raise FastPathUnavailable("batched decode needs the lean decoder's layer op (an fp32 "
+                                      "model whose decoder linears are all tasa's, on the CPU)")
+        self.dec, self.streams, self.max_len = dec, streams, max_len
+        shape = (streams, dec.KV, max_len, dec.hd)
+        self.k = [torch.zeros(shape) for _ in dec.layers]
+        self.v = [torch.zeros(shape) for _ in dec.layers]
+        self.pos = [0] * streams          # each stream's next position
+
+    def _layers(self, h, k, v, pos):
+        tensors, ints, _, _, cos, sin, eps = self.dec.layer_op
+        for p in pos:
+            if p >= self.max_len:
+                raise ValueError(f"tasa: a stream reached max_len={self.max_len} positions")
+        torch.ops.tasa.decode_layers_(h, tensors, ints, k, v, cos, sin, self.dec.H, list(pos),
+                                      eps, self.dec.scale, self.dec.X_PIECES)
+
+    def prefill(self, stream: int, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [vocab] of the last of ``ids`` ([1, T]), the prompt of ``stream`` (its slot's
+        cache rows 0..T-1; the stream's next position is then T)."""
+        if not 0 <= stream < self.streams:
+            raise ValueError(f"tasa: stream {stream} outside 0..{self.streams - 1}")
+        T = ids.shape[-1]
+        if not 0 < T < self.max_len:
+            raise ValueError(f"tasa: a prompt of {T} tokens for max_len={self.max_len}")
+        dec = self.dec
+        if T == 1:       # the lean decoder's one-token path would use its own caches
+            h = dec.embed(ids.view(1, 1)).reshape(1, -1).contiguous()
+            self._layers(h, [k[stream] for k in self.k], [v[stream] for v in self.v], [0])
+            logits = dec.head_call(dec.norm(h))
+        else:
+            saved = dec.k, dec.v
+            dec.k = [k[stream:stream + 1] for k in self.k]
+            dec.v = [v[stream:stream + 1] for v in self.v]
+            try:
+                logits = dec(ids.view(1, T), 0)
+            finally:
+                dec.k, dec.v = saved
+        self.pos[stream] = T
+        return logits.reshape(-1)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token of every stream (``tokens`` [streams], stream b's at its next position):
+        logits [streams, vocab]."""
+        tokens = tokens.reshape(-1)
+        if tokens.numel() != self.streams:
+            raise ValueError(f"tasa: {tokens.numel()} tokens for {self.streams} streams")
+        dec = self.dec
+        h = dec.embed(tokens.view(-1, 1)).reshape(self.streams, -1).contiguous()
+        self._layers(h, self.k, self.v, self.pos)
+        self.pos = [p + 1 for p in self.pos]
+        return dec.head_call(dec.norm(h))
 
 
 class ThreadGovernor:
