@@ -12,6 +12,10 @@
   benchmarks/results/decode_threads_<cpu isa>.{md,json}.
 * ``--flag X_PIECES``: fp32 x in 2 int8 pieces against 3 in the int8 GEMVs
   (tasa_ext.ops.set_x_pieces); results benchmarks/results/decode_x_pieces_<cpu isa>.{md,json}.
+* ``--batch 1,2,4,8``: several streams per step (tasa.generation.BatchDecoder: one
+  decode_layers_ call and one head gemm for all streams) against one stream: ms per step,
+  tokens per second over all streams, and whether each stream's greedy tokens are those of its
+  own one-stream decode; results benchmarks/results/decode_batch_<cpu isa>.{md,json}.
 * ``--profile``: no comparison; where the default decoder's step time goes (torch.profiler,
   self CPU time per op per step; with the layer op: every decoder layer vs the output head);
   results benchmarks/results/decode_profile_<cpu isa>.{md,json}.
@@ -30,6 +34,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -112,6 +117,80 @@ def profile(args, argv) -> int:
     return 0
 
 
+def batch(args, argv) -> int:
+    """--batch: the step of B streams against one, interleaved rounds per model."""
+    import tasa_ext
+    from tasa.generation import BatchDecoder
+    sizes = [int(b) for b in args.batch.split(",")]
+    if 1 not in sizes:
+        sizes = [1] + sizes
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models.split(","):
+        model, tok, note = _tasa_model(name, None)
+        # stream b's prompt: 16 + b tokens, so the streams sit at different positions
+        prompts = [_prompt_ids(tok, 16 + b, model.config.vocab_size) for b in range(max(sizes))]
+        times = {B: [] for B in sizes}
+        tokens = {}
+        with torch.inference_mode():
+            for r in range(args.rounds + 1):            # round 0: warm-up
+                for B in sizes:
+                    bd = BatchDecoder(model, 16 + max(sizes) + args.steps + 1, B)
+                    nxt = torch.stack([bd.prefill(b, prompts[b]) for b in range(B)]).argmax(-1)
+                    got = []
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        nxt = bd.step(nxt).argmax(-1)
+                        got.append(nxt.tolist())
+                    if r:
+                        times[B].append((time.perf_counter() - t0) / args.steps * 1e3)
+                    tokens[B] = [[g[b] for g in got] for b in range(B)]
+        # stream b's tokens in every batch against one-stream decodes of the same prompt
+        alone = {}
+        with torch.inference_mode():
+            for b in range(max(sizes)):
+                bd = BatchDecoder(model, 16 + max(sizes) + args.steps + 1, 1)
+                nxt = bd.prefill(0, prompts[b]).argmax(-1).view(1)
+                got = []
+                for _ in range(args.steps):
+                    nxt = bd.step(nxt).argmax(-1)
+                    got.append(int(nxt))
+                alone[b] = got
+        base = statistics.median(times[1])
+        for B in sizes:
+            med = statistics.median(times[B])
+            same = sum(tokens[B][b] == alone[b] for b in range(B))
+            row = {"model": name, "streams": B, "ms": med, "range": [min(times[B]), max(times[B])],
+                   "step_vs_one": med / base, "tokens_per_s": B / med * 1e3,
+                   "throughput_vs_one": B * base / med, "streams_same_tokens": same, "note": note}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "note"}), flush=True)
+        del model
+    meta, md = _meta_and_header(args, argv, "Batched decode: several streams per step",
+                                batch=args.batch)
+    isa = tasa_ext.ops.cpu_isa()
+    md += [f"tasa.generation.BatchDecoder: each stream's prompt (16 + b tokens for stream b) "
+           f"prefilled into its cache slot, then {args.steps} steps of all streams together (one "
+           f"decode_layers_ call and one head gemm per step), greedy; {args.rounds} interleaved "
+           "rounds (median, min-max). `step x one` = a step's time over one stream's; `tokens/s` "
+           "over all streams; `same tokens`: streams whose greedy tokens equal their own "
+           "one-stream decode's (a gemm over B rows rounds differently from the GEMV's int8 "
+           "pieces, which can move a near tie).", "",
+           "| model | streams | ms/step | step x one | tokens/s | throughput x one | same tokens |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['streams']} | {r['ms']:.2f} ({r['range'][0]:.2f}-"
+                  f"{r['range'][1]:.2f}) | {r['step_vs_one']:.2f}x | {r['tokens_per_s']:.1f} | "
+                  f"{r['throughput_vs_one']:.2f}x | {r['streams_same_tokens']}/{r['streams']} |")
+    notes = {r["model"]: r["note"] for r in rows}
+    md += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in notes.items())]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"decode_batch_{isa}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"decode_batch_{isa}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n".join(md))
+    return 0
+
+
 def main(argv=None) -> int:
     import tasa_ext
     from tasa.generation import _LeanDecoder
@@ -124,9 +203,14 @@ def main(argv=None) -> int:
     ap.add_argument("--flag", choices=sorted(FLAGS), default="TASA_OPS")
     ap.add_argument("--profile", action="store_true",
                     help="profile the default decoder's step instead of comparing a flag")
+    ap.add_argument("--batch", default=None,
+                    help="comma-separated stream counts: several streams per step against one "
+                         "(tasa.generation.BatchDecoder) instead of comparing a flag")
     args = ap.parse_args(argv)
     if args.profile:
         return profile(args, argv)
+    if args.batch:
+        return batch(args, argv)
     title, on_name, off_name, stem, held = FLAGS[args.flag]
     for k, v in held.items():
         setattr(_LeanDecoder, k, v)
