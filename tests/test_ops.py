@@ -976,6 +976,42 @@ def test_int8_gemv_group_sum_overflow_falls_back(path):
     assert torch.equal(a[ok], b[ok])
 
 
+@pytest.mark.skipif(not AVX2, reason="the CPU has no AVX2: the row-shared int8 GEMV does not run")
+@pytest.mark.parametrize("pattern", ["u2", "u3", "u4", "mix35", "mix"])
+@pytest.mark.parametrize("M", [2, 3, 5, 8])
+@pytest.mark.parametrize("N,K,G,asym,act_order", [(45, 640, 128, False, False), (19, 288, 32, True, True)])
+def test_row_shared_int8_gemv_rows_equal_their_gemv(pattern, M, N, K, G, asym, act_order):
+    """2 <= M <= gemv_rows with x in 2 int8 pieces (fp32 x with set_x_pieces(2), or bf16 x) on
+    AVX2: the 2- to 4-bit groups go through the int8 GEMV by pairs of rows, so each row equals
+    that row's own M = 1 GEMV bit for bit (a batched decode step gives each stream its
+    one-stream values), odd M (a lone last row), zeros and a permutation; 8-bit groups (mix)
+    stay on the float path, which is close but not bit-equal. With 3 pieces (fp32's default)
+    the rows take the float path: not bit-equal to the int8 GEMV."""
+    p = random_packed(N, K, G, BIT_PATTERNS[pattern], asym, act_order, seed=M + N)
+    args = (p["qweight"], p["scales"], p["zeros"], p["gtable"], p["perm"], G)
+    g = torch.Generator().manual_seed(M)
+    x32 = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, K)[torch.randperm(K, generator=g)]
+    W64 = ref.dequant(*args, dtype=torch.float64)
+    try:
+        tasa_ext.set_cpu_isa("avx2")
+        tasa_ext.ops.set_gemv_rows(8)
+        for x, xp in ((x32, 2), (x32.bfloat16(), 2), (x32, 3)):
+            tasa_ext.ops.set_x_pieces(xp)
+            y = tasa_ext.gemm(x, *args)
+            rows = torch.cat([tasa_ext.gemm(x[m:m + 1], *args) for m in range(M)])
+            y64 = x.double() @ W64.T
+            floor = 2.0 ** -20 * math.sqrt(K) * float((x.double().abs() @ W64.abs().T).norm() / y64.norm())
+            assert rel_err(y, y64) <= 2 * rel_err(rows, y64) + floor
+            if xp == 2 and pattern != "mix":
+                assert torch.equal(y, rows), (x.dtype, xp)
+            elif x.dtype == torch.float32:   # (bf16 outputs may round the difference away)
+                assert not torch.equal(y, rows), (x.dtype, xp)
+    finally:
+        tasa_ext.set_cpu_isa("auto")
+        tasa_ext.ops.set_gemv_rows(None)
+        tasa_ext.ops.set_x_pieces(None)
+
+
 def test_gemv_i8_setting_is_checked():
     assert tasa_ext.ops.gemv_i8() is True        # the default
     for bad in (1, 0, "on", 1.0):

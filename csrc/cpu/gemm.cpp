@@ -176,6 +176,8 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   const bool avx512 = isa >= TASA_ISA_AVX512 && (M == 1 || xdt == TASA_BF16 || amx);
   const int64_t Mpad = amx ? (M + 15) / 16 * 16 : M;   // the AMX tiles read 16 rows of x
   const bool gemv2 = M == 1 && isa == TASA_ISA_AVX2;
+  // The AVX2 row-shared GEMV (2 <= M <= gemv_rows; fp32/fp16 x on AVX-512 CPUs without AMX too)
+  const bool rows2 = M > 1 && isa >= TASA_ISA_AVX2 && !avx512 && !amx && M <= tasa_cpu_gemv_rows();
   const int widths[4] = {2, 3, 4, 8};
   // VNNI GEMV: x as int8 pieces (2 for bf16 x, 3 for fp16 and fp32: error <= 254^-nq of each
   // group's largest |x|, see gemm_avx512.cpp; fp16's 11 significant bits need the third piece
@@ -186,12 +188,15 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // skips the double-precision group sums the others need.
   bool vnni = M == 1 && isa >= TASA_ISA_AVX512_VNNI;
   const int nq = xdt == TASA_BF16 ? 2 : xdt == TASA_F32 ? x_pieces : 3;
+  // ... and the row-shared GEMV's int8 pairs of rows, with 2 pieces only (3 measured slower than
+  // its float path, gemm_avx2.cpp)
+  const bool rows_i8 = rows2 && nq == 2;
   // AVX2 GEMV: the same int8 pieces for its 2-, 3- and 4-bit groups (vpmaddubsw), if it has any
   // (need: bit b - 2 for each width b < 8 present; only those orders of x are written)
   int need = 0, present = 0;   // present: bit b - 2 for widths 2-4, bit 3 for 8 (as widths[])
-  if (gemv2)
+  if (gemv2 || rows_i8)
     for (int64_t j = 0; j < n_groups; ++j) present |= gtable[j * 3] == 8 ? 8 : 1 << (gtable[j * 3] - 2);
-  if (gemv2 && tasa_cpu_gemv_i8()) need = present & 7;
+  if ((gemv2 || rows_i8) && tasa_cpu_gemv_i8()) need = present & 7;
   bool i8avx2 = need != 0;
   const bool pieces = vnni || i8avx2;
   // AVX-512 otherwise: x as bf16 pieces that sum exactly to it (bf16 x: 1, fp16: 2, fp32: 3),
@@ -206,10 +211,10 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
     xl = sc.take<float>(Mpad * K);
     xsum = sc.take<float>(M * n_groups);
     xs = sc.take<float>(gemv2 ? 4 * K : 0);
-    xq = sc.take<int8_t>(vnni ? nq * K : i8avx2 ? 3 * nq * K : 0);
-    xqd = sc.take<float>(pieces ? nq * n_groups : 0);
-    xqsum = sc.take<float>(pieces ? n_groups : 0);
-    xqh = sc.take<int32_t>(pieces ? nq * n_groups : 0);
+    xq = sc.take<int8_t>(vnni ? nq * K : i8avx2 ? 3 * M * nq * K : 0);
+    xqd = sc.take<float>(pieces ? M * nq * n_groups : 0);
+    xqsum = sc.take<float>(pieces ? M * n_groups : 0);
+    xqh = sc.take<int32_t>(pieces ? M * nq * n_groups : 0);
     xp = sc.take<uint16_t>(avx512 ? np * Mpad * K : 0);
   } while (!sc.ready());
   for (int64_t i = M * K; i < Mpad * K; ++i) xl[i] = 0.f;      // AMX padding rows
@@ -232,9 +237,15 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   }
   if (vnni)
     vnni = tasa::quantize_x_i8_avx512(xl, K, group_size, nq, xq, xqd, xqh, xqsum) == 0;
-  int8_t* const xqr[3] = {xq, xq + (i8avx2 ? nq * K : 0), xq + (i8avx2 ? 2 * nq * K : 0)};
-  if (i8avx2)   // non-finite or tiny x: every group on the float GEMV
-    i8avx2 = tasa::quantize_x_i8_avx2(xl, K, group_size, nq, xqr, need, xqd, xqh, xqsum) == 0;
+  // [3][M][nq][K]: the three orders, row m's pieces at (m * nq + q) * K
+  int8_t* const xqr[3] = {xq, xq + (i8avx2 ? M * nq * K : 0), xq + (i8avx2 ? 2 * M * nq * K : 0)};
+  for (int64_t m = 0; m < (i8avx2 ? M : 0); ++m) {   // non-finite or tiny x: all on the float path
+    int8_t* const xr[3] = {xqr[0] + m * nq * K, xqr[1] + m * nq * K, xqr[2] + m * nq * K};
+    const int64_t o = m * nq * n_groups;
+    if (tasa::quantize_x_i8_avx2(xl + m * K, K, group_size, nq, xr, need, xqd + o, xqh + o,
+                                 xqsum + m * n_groups) != 0)
+      i8avx2 = false;
+  }
   // The AVX2 GEMV's groups on the float path: 8-bit ones, or every one where the int8 path is
   // off or fell back. Only they read xs and (with zeros) xsum: a GEMV whose groups all take the
   // int8 path skips both, and writes xs only for the widths that read it. (Why: writing xs for
@@ -243,7 +254,7 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
   // calling tasa_gemm_cpu_xp, -O3, one thread, 4-bit, 2 x pieces, 2026-12-07: 16 x 576 3.1-3.4
   // -> 1.7-2.7 us, 16 x 1536 4.1-4.7 -> 2.9-4.1 us, 576 x 1536 34-45 -> 33-48 us: ~1 us a call.)
   const int float_widths = i8avx2 ? present & 8 : present;
-  const bool need_xsum = !vnni && !(gemv2 && (float_widths == 0 || !zeros));
+  const bool need_xsum = !vnni && !((gemv2 || rows_i8) && (float_widths == 0 || !zeros));
   if (need_xsum)   // (the VNNI GEMV uses xqsum, the pieces' own sums; so do the AVX2 int8 groups)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < n_groups; ++g) {
@@ -275,8 +286,7 @@ int tasa_gemm_cpu_xp(const void* x, int xdt, int64_t M, const uint32_t* qweight,
              {xqr[0], xqr[1], xqr[2]}};
   int (*fn)(const GemmArgs&, int64_t, int64_t) = tasa::gemm_cols_scalar;
   if (isa >= TASA_ISA_AVX2)
-    fn = M == 1 ? tasa::gemv_cols_avx2
-         : M <= tasa_cpu_gemv_rows() ? tasa::gemv_rows_cols_avx2 : tasa::gemm_cols_avx2;
+    fn = M == 1 ? tasa::gemv_cols_avx2 : rows2 ? tasa::gemv_rows_cols_avx2 : tasa::gemm_cols_avx2;
   if (avx512) fn = M == 1 ? tasa::gemv_cols_avx512 : tasa::gemm_cols_avx512;
   if (vnni) fn = tasa::gemv_cols_avx512_i8;
   if (amx) fn = tasa::gemm_cols_amx;

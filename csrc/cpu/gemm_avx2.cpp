@@ -288,16 +288,7 @@ inline void group_i8(const GemmArgs& a, const uint32_t* wp, int64_t lg, int64_t 
 // (8 independent FMA chains for MR = 2 and 4, 6 for MR = 3: the FMA latency hidden); x is NOT
 // pre-scaled here (that would need 4 x M x K floats): the 2^-(32-B) of code_top is folded into
 // the group's scale instead (a power of two: the same products, exactly).
-// Tried (2026-12-08, this EPYC, C harness calling tasa_gemm_cpu_xp on 14336x4096, 2 threads, 9
-// interleaved rounds): the M = 1 int8 GEMV's pieces shared by rows (gemv_half_i8 with a chunk's
-// rows x pieces as its pieces; every row bit-equal to that row's int8 GEMV). With fp32 x in 3
-// pieces (the default) it ran 1.3-1.6x SLOWER than this float path at M = 2-16 (3-bit); with 2
-// pieces and chunks of 2 rows 1.1-1.4x faster at M = 2, 1.1-1.2x at M = 4-16; chunks of 4 rows
-// of 2 pieces spilled (8 int16 sums + 8 int32 sums) and were slower than chunks of 2, and both
-// halves of a block in one pass (one x broadcast per two vpmaddubsw) did not help. Per 32
-// multiply-adds of a row a piece costs vpmaddubsw + vpaddw + a broadcast against the float
-// path's 4 FMAs and 2 broadcasts shared by the halves: with 2-3 pieces the instruction count is
-// about the same, so it stays float.
+// (x in 2 int8 pieces: the int8 pairs of rows above take the 2- to 4-bit groups.)
 template <int B, int MR>
 __attribute__((noinline)) void gemv_group_rows(const uint32_t* wp, const float* x, int64_t K,
                                                int64_t tiles, __m256 (&g)[MR][2]) {
@@ -354,6 +345,47 @@ inline void rows_group_n(int mr, const uint32_t* wp, const float* x, int64_t K, 
     case 3: rows_group<B, 3>(wp, x, K, tiles, sc0, sc1, tot); break;
     default: rows_group<B, 4>(wp, x, K, tiles, sc0, sc1, tot); break;
   }
+}
+
+// ---- 2 <= M <= tasa_cpu_gemv_rows(), 2- to 4-bit groups, x in 2 int8 pieces -------------------
+// The M = 1 int8 GEMV (gemv_half_i8) with a pair of rows' 2 x 2 pieces as its 4 "pieces" (row
+// m's piece q at index 2 m + q, stride K: the driver lays x out so): a code vector is unpacked
+// once for both rows. Per row the arithmetic after the integer sums is group_i8's in the same
+// order, so every row is bit-equal to that row's own int8 GEMV (test_ops): a batched decode
+// step's 2- to 4-bit groups give each stream exactly its one-stream values.
+// Measured (2026-12-08, AVX2 EPYC, C harness, 14336x4096, 2 threads, 9 interleaved rounds)
+// against the float path below: 1.1-1.4x faster at M = 2, 1.1-1.2x at M = 4-16 with 2 pieces;
+// with 3 pieces (fp32 x's default in the gemm op) 1.3-1.6x SLOWER, and chunks of 4 rows (8
+// int16 sums + 8 int32 sums) spilled and were slower than pairs: so pairs, 2 pieces only.
+template <int B, int MR>
+inline void rows_group_i8(const GemmArgs& a, const uint32_t* wp, int64_t lg, int64_t tiles,
+                          int64_t m0, bool pf, __m256 s0, __m256 s1, __m256* tot) {
+  constexpr int NQ = 2, P = NQ * MR;
+  __m256i acc0[P], acc1[P];
+  const int8_t* xg = a.xqr[B - 2] + m0 * NQ * a.K + lg * a.G;
+  if (pf) gemv_half_i8<B, P, true>(wp, xg, a.K, tiles, acc0);
+  else gemv_half_i8<B, P, false>(wp, xg, a.K, tiles, acc0);
+  gemv_half_i8<B, P, false>(wp + 8, xg, a.K, tiles, acc1);
+  for (int m = 0; m < MR; ++m) {
+    __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
+    for (int q = 0; q < NQ; ++q) {
+      const int64_t i = ((m0 + m) * NQ + q) * a.n_groups + lg;
+      const __m256i c = _mm256_set1_epi32(a.xqh[i] * (1 << (B - 1)));
+      const __m256 d = _mm256_set1_ps(a.xqd[i]);
+      g0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc0[m * NQ + q], c)), g0);
+      g1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc1[m * NQ + q], c)), g1);
+    }
+    tot[2 * m] = _mm256_fmadd_ps(s0, g0, tot[2 * m]);
+    tot[2 * m + 1] = _mm256_fmadd_ps(s1, g1, tot[2 * m + 1]);
+  }
+}
+
+template <int B>
+inline void rows_group_i8_n(const GemmArgs& a, int mr, const uint32_t* wp, int64_t lg,
+                            int64_t tiles, int64_t m0, bool pf, __m256 s0, __m256 s1,
+                            __m256* tot) {
+  if (mr == 1) rows_group_i8<B, 1>(a, wp, lg, tiles, m0, pf, s0, s1, tot);
+  else rows_group_i8<B, 2>(a, wp, lg, tiles, m0, pf, s0, s1, tot);
 }
 
 // ---- M > 1: dequantize one group of one block into buf [G][16] fp32 ------------------------
@@ -459,9 +491,11 @@ int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
   const int64_t tiles = a.G / 32, M = a.M;
   const int64_t nchunks = (M + 3) / 4;   // even split into chunks of at most 4 rows
   __m256 tot[2 * TASA_GEMV_ROWS_MAX];
+  if (a.nq > 0) prefetch_stream_start(a, cb0, cb1);
   for (int64_t cb = cb0; cb < cb1; ++cb) {
     const uint32_t* blk = a.qweight + cb * a.R * 16;
     for (int64_t i = 0; i < 2 * M; ++i) tot[i] = _mm256_setzero_ps();
+    if (a.nq > 0) prefetch_scales(a, cb, cb1);
     // group-outer, rows-inner: the group's codes (<= 1 KB) stay in L1 for every chunk
     for (int64_t j = 0; j < a.n_groups; ++j) {
       const int b = a.gtable[j * 3];
@@ -469,9 +503,21 @@ int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
       const uint32_t* wp = blk + off * 16;
       __m256 s0, s1, zc0, zc1;
       bad |= load_scale_zero(a, j, cb, b, s0, s1, zc0, zc1);
+      const bool i8 = a.nq == 2 && b != 8;   // the driver sets nq only for 2 pieces (see above)
+      if (i8) {   // pairs of rows, evenly split
+        const int64_t nch = (M + 1) / 2;
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          const int64_t m0 = M * ch / nch, m1 = M * (ch + 1) / nch;
+          const int mr = (int)(m1 - m0);
+          __m256* t = tot + 2 * m0;
+          if (b == 2) rows_group_i8_n<2>(a, mr, wp, lg, tiles, m0, ch == 0, s0, s1, t);
+          else if (b == 3) rows_group_i8_n<3>(a, mr, wp, lg, tiles, m0, ch == 0, s0, s1, t);
+          else rows_group_i8_n<4>(a, mr, wp, lg, tiles, m0, ch == 0, s0, s1, t);
+        }
+      }
       const __m256 f = _mm256_set1_ps(1.0f / (float)(1u << (32 - b)));   // exact power of two
       const __m256 sc0 = _mm256_mul_ps(s0, f), sc1 = _mm256_mul_ps(s1, f);
-      for (int64_t ch = 0; ch < nchunks; ++ch) {
+      for (int64_t ch = 0; ch < (i8 ? 0 : nchunks); ++ch) {
         const int64_t m0 = M * ch / nchunks, m1 = M * (ch + 1) / nchunks;
         const float* xg = a.xl + m0 * a.K + lg * a.G;
         __m256* t = tot + 2 * m0;
@@ -486,8 +532,9 @@ int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1) {
       if (a.zeros) {   // the zero correction, per row
         const __m256 zs0 = _mm256_mul_ps(zc0, s0);
         const __m256 zs1 = _mm256_mul_ps(zc1, s1);
-        for (int64_t m = 0; m < M; ++m) {
-          const __m256 xs = _mm256_set1_ps(a.xsum[m * a.n_groups + lg]);
+        for (int64_t m = 0; m < M; ++m) {   // (the int8 groups' sums are of x_hat: its sums)
+          const __m256 xs = _mm256_set1_ps(i8 ? a.xqsum[m * a.n_groups + lg]
+                                              : a.xsum[m * a.n_groups + lg]);
           tot[2 * m] = _mm256_fnmadd_ps(zs0, xs, tot[2 * m]);
           tot[2 * m + 1] = _mm256_fnmadd_ps(zs1, xs, tot[2 * m + 1]);
         }

@@ -23,9 +23,9 @@ struct GemmArgs {
   int np;
   // AVX-512 VNNI GEMV: xl as nq int8 pieces per logical group (nq = 0: that path is off)
   const int8_t* xq;       // [nq][K]
-  const float* xqd;       // [nq][n_groups] step of each piece
-  const int32_t* xqh;     // [nq][n_groups] sum of each piece over the group
-  const float* xqsum;     // [n_groups] sum over the group of x_hat = sum_q xqd * xq
+  const float* xqd;       // [M][nq][n_groups] step of each piece (M > 1: AVX2 row-shared GEMV)
+  const int32_t* xqh;     // [M][nq][n_groups] sum of each piece over the group
+  const float* xqsum;     // [M][n_groups] sum over the group of x_hat = sum_q xqd * xq
   int nq;
   int64_t M, N, K, G, R, n_groups;
   const uint32_t* qweight;
@@ -34,8 +34,9 @@ struct GemmArgs {
   const int32_t* gtable;
   void* y;
   int ydt;
-  // AVX2 GEMV (nq > 0): the int8 pieces in the order its 2-, 3- and 4-bit groups read them
-  // (xqr[b - 2]), [nq][K] each (quantize_x_i8_avx2); xqd, xqh, xqsum as above
+  // AVX2 GEMV and row-shared GEMV (nq > 0; the latter only with nq = 2): the int8 pieces in
+  // the order their 2-, 3- and 4-bit groups read them (xqr[b - 2]), [M][nq][K] each
+  // (quantize_x_i8_avx2 per row); xqd, xqh, xqsum as above
   const int8_t* xqr[3];
 };
 
@@ -89,7 +90,7 @@ int gemm_cols_scalar(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 // 2 <= M <= tasa_cpu_gemv_rows() (<= TASA_GEMV_ROWS_MAX): the GEMV's decode shared by chunks
-// of up to 4 rows (gemm_avx2.cpp)
+// of up to 4 rows, or (a.nq == 2, 2- to 4-bit groups) the int8 GEMV by pairs (gemm_avx2.cpp)
 int gemv_rows_cols_avx2(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemv_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);
 int gemm_cols_avx512(const GemmArgs& a, int64_t cb0, int64_t cb1);   // bf16 x (np == 1) only
