@@ -31,9 +31,10 @@ def _need_llama_cpp(gguf_path=None):
         pytest.skip(why)
 
 
-def tiny_gguf(path, n_layers=2, n_embd=256, n_ff=384, n_head=4, n_kv=2):
+def tiny_gguf(path, n_layers=2, n_embd=256, n_ff=384, n_head=4, n_kv=2, untied=False):
     """A small LLaMA GGUF cut out of SmolLM2-135M's file: the first heads / channels of its
-    first blocks, every tensor F32, its tokenizer and metadata kept."""
+    first blocks, every tensor F32, its tokenizer and metadata kept; ``untied``: with an output
+    head of its own (``output.weight``, a scaled copy of the embedding)."""
     import gguf
     from tasa import models
     try:
@@ -70,6 +71,8 @@ def tiny_gguf(path, n_layers=2, n_embd=256, n_ff=384, n_head=4, n_kv=2):
             a = a[:rows, :cols]
         elif a.ndim == 2:                # token_embd [vocab, n_embd]
             a = a[:, :n_embd]
+            if untied:
+                w.add_tensor("output.weight", np.ascontiguousarray(a * 0.5))
         else:                            # norms
             a = a[:n_embd]
         w.add_tensor(t.name, np.ascontiguousarray(a))
@@ -472,6 +475,44 @@ def _tiny_measurement(model, hot: str):
                        format_version=2,
                        units={u: {"block": i, "linears": list(f)} for u, (i, f) in units.items()},
                        sensitivity=sens)
+
+
+@pytest.mark.slow
+def test_fit_export_keeps_an_untied_head_at_its_plan_type(tmp_path):
+    """A model with an output head of its own whose plan packs the head (Qwen2.5-Coder-0.5B's
+    dequantized reference is such a model): the head is no sensitivity unit, so the fit keeps
+    it at the plan's type (8 bits -> Q8_0) instead of refusing the measurement, and fits the
+    decoder linears to the size."""
+    import os
+    path = tiny_gguf(tmp_path / "untied.gguf", untied=True)
+    _need_llama_cpp(path)
+    from tasa import gguf_fit as gf
+    from tasa.models import load_model
+    old = os.environ.get("TASA_CACHE")
+    os.environ["TASA_CACHE"] = str(tmp_path / "cache")
+    try:
+        model = load_model(str(path))[0]
+        assert not model.config.tie_word_embeddings
+        plan = _plan(model)
+        plan["lm_head"] = LayerSpec([8] * (model.lm_head.in_features // 128), 128)
+        pf = tmp_path / "plan.json"
+        pf.write_text(json.dumps(plan_to_dict(plan, alpha=0.5)))
+        (tmp_path / "measurement.json").write_text(json.dumps(
+            _tiny_measurement(model, "model.layers.1.mlp").to_dict()))
+        lo = ge.export(tmp_path / "lo.gguf", model=str(path), plan=pf, progress=False,
+                       log=lambda *a: None)
+        assert {t["tensor"]: t["written"] for t in lo["tensors"]}["output.weight"] == "Q8_0"
+        size = int(lo["bytes"] * 1.05)
+        r = gf.export(tmp_path / "fit.gguf", size, model=str(path), plan=pf, progress=False,
+                      log=lambda *a: None, scoring="tasa")
+        assert r["bytes"] <= size
+        assert ge.gguf_tensors(tmp_path / "fit.gguf")["output.weight"]["type"] == "Q8_0"
+        assert "lm_head" not in r["fit"]["table"] and len(r["fit"]["table"]) == len(plan) - 1
+    finally:
+        if old is None:
+            os.environ.pop("TASA_CACHE", None)
+        else:
+            os.environ["TASA_CACHE"] = old
 
 
 @pytest.mark.slow

@@ -416,17 +416,26 @@ def export(out, size_bytes: Optional[int] = None, model: Optional[str] = None, p
         measurement = Measurement.load(measurement)
     s = ge.setup(model, plan, quantized, alpha, data, progress, log)
     gguf_im = {s["names"][n]: v for n, v in s["imatrix"].items()}     # llama.cpp's names
+    # An untied output head packed by the plan (a model whose head is its own matrix, e.g.
+    # Qwen2.5-Coder-0.5B dequantized from its GGUF) is one of the plan's linears but no
+    # sensitivity unit: it keeps the plan's type, fixed as the embedding's is, and is not fitted.
+    names, head_type = dict(s["names"]), s["head_type"]
+    ref = s["ref"]
+    head = next((n for n, m in ref.named_modules() if m is ref.get_output_embeddings()), None)
+    if head in names:
+        head_type = ge.tensor_types({head: s["specs"][head]}, {head: s["shapes"][head]})[head]["type"]
+        names.pop(head)
     if size_bytes is None:
         params = sum(t["params"] for t in ge.gguf_tensors(s["ref_file"]).values())
         size_bytes = int(bits_per_param * params / 8)
-    fitted = fit(s["ref"], s["tok"], s["cfg"], s["alpha"], s["names"], s["ref_file"],
+    fitted = fit(s["ref"], s["tok"], s["cfg"], s["alpha"], names, s["ref_file"],
                  int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
                  imatrix=gguf_im, token_embedding_type=s["embedding_type"],
-                 output_tensor_type=s["head_type"], calibration=(s["ids"], s["info"]),
+                 output_tensor_type=head_type, calibration=(s["ids"], s["info"]),
                  exclude=exclude, drop_lossless=drop_lossless, progress=progress, log=log)
-    report = ge.export_types(s["ref_file"], out, fitted["asked"], s["names"],
+    report = ge.export_types(s["ref_file"], out, fitted["asked"], names,
                              imatrix=gguf_im, token_embedding_type=s["embedding_type"],
-                             output_tensor_type=s["head_type"])
+                             output_tensor_type=head_type)
     if report["bytes"] > size_bytes:
         raise RuntimeError(f"tasa: the fitted file is {report['bytes']} bytes, over the "
                            f"{int(size_bytes)} asked (the fixed part was measured at "
