@@ -132,9 +132,12 @@ static void run_case(int64_t N, int64_t K, int64_t G, const std::vector<int32_t>
              "gemm");
       // The VNNI GEMV and the AVX2 one (its 2/3/4-bit groups) read x as nq int8 pieces per
       // logical group: |x - x_hat| <= max|x_g| * 254^-nq (gemm_avx512.cpp, gemm_avx2.cpp), so
-      // each output may also move by sum_k |W_nk| * that bound.
+      // each output may also move by sum_k |W_nk| * that bound; so does the AVX2 row-shared GEMV
+      // (2 <= M <= gemv_rows) where x comes in 2 pieces: bf16 x here (fp32 takes 3 by default).
       std::vector<double> xerr(K, 0.0);
-      if ((isa >= TASA_ISA_AVX512_VNNI || isa == TASA_ISA_AVX2) && M == 1) {
+      const bool rows_i8 = isa == TASA_ISA_AVX2 && xdt == TASA_BF16 && M > 1 &&
+                           M <= tasa_cpu_gemv_rows();
+      if (((isa >= TASA_ISA_AVX512_VNNI || isa == TASA_ISA_AVX2) && M == 1) || rows_i8) {
         const int nq = xdt == TASA_BF16 ? 2 : 3;
         for (int64_t g = 0; g < ng; ++g) {
           double mx = 0;
