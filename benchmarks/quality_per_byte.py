@@ -166,15 +166,24 @@ def build_fits(model_name, args, work: Path, rows: dict) -> dict:
             f.with_suffix(".gguf.json").write_text(json.dumps(rep, indent=1))
         out[name] = f
 
+    from tasa import gguf_export as ge
     for mix in args.fit:
         size = rows[f"llama.cpp {mix}"].stat().st_size
+        # the mix's own embedding and head types, fixed: the fit places the decoder linears.
+        # (Qwen2.5-Coder: the plan's 4-bit embedding maps to Q5_0 on its 896-long rows, 93.6 MB,
+        # where llama.cpp's mixes use IQ4_NL or Q4_0, 76.6 MB: with the plan's type no file
+        # fitted IQ4_XS's size, 426 MB against a 432 MB smallest.)
+        tens = ge.gguf_tensors(rows[f"llama.cpp {mix}"])
+        fixed = {"embedding_type": tens["token_embd.weight"]["type"],
+                 "head_type": tens.get("output.weight", {}).get("type")}
         for sc in args.fit_scorings:
             one(("TASA" if sc == "tasa" else "proxy") + f" fit @{mix}",
-                work / f"fit-{sc}-{mix}.gguf", f"{sc}, llama.cpp {mix}'s size", size, scoring=sc)
+                work / f"fit-{sc}-{mix}.gguf", f"{sc}, llama.cpp {mix}'s size", size, scoring=sc,
+                **fixed)
         if args.fit_lossless_control:
             one(f"TASA fit w/o lossless @{mix}", work / f"fit-tasa-nolossless-{mix}.gguf",
                 f"tasa, no lossless types, llama.cpp {mix}'s size", size, scoring="tasa",
-                drop_lossless=True)
+                drop_lossless=True, **fixed)
     return out
 
 

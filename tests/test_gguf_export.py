@@ -482,7 +482,7 @@ def test_fit_export_keeps_an_untied_head_at_its_plan_type(tmp_path):
     """A model with an output head of its own whose plan packs the head (Qwen2.5-Coder-0.5B's
     dequantized reference is such a model): the head is no sensitivity unit, so the fit keeps
     it at the plan's type (8 bits -> Q8_0) instead of refusing the measurement, and fits the
-    decoder linears to the size."""
+    decoder linears to the size; the embedding's and the head's types can be given instead."""
     import os
     path = tiny_gguf(tmp_path / "untied.gguf", untied=True)
     _need_llama_cpp(path)
@@ -508,6 +508,13 @@ def test_fit_export_keeps_an_untied_head_at_its_plan_type(tmp_path):
         assert r["bytes"] <= size
         assert ge.gguf_tensors(tmp_path / "fit.gguf")["output.weight"]["type"] == "Q8_0"
         assert "lm_head" not in r["fit"]["table"] and len(r["fit"]["table"]) == len(plan) - 1
+        # the embedding's and the head's types given (a llama.cpp mix's): written as given
+        r = gf.export(tmp_path / "fit2.gguf", size, model=str(path), plan=pf, progress=False,
+                      log=lambda *a: None, scoring="tasa", embedding_type="Q4_0",
+                      head_type="Q6_K")
+        tens = ge.gguf_tensors(tmp_path / "fit2.gguf")
+        assert (tens["token_embd.weight"]["type"], tens["output.weight"]["type"]) == ("Q4_0", "Q6_K")
+        assert r["bytes"] <= size
     finally:
         if old is None:
             os.environ.pop("TASA_CACHE", None)

@@ -389,14 +389,18 @@ def export(out, size_bytes: Optional[int] = None, model: Optional[str] = None, p
            quantized=None,
            alpha: Optional[float] = None, data=None, scoring: str = "tasa", measurement=None,
            exclude: Sequence[str] = (), drop_lossless: bool = False,
-           bits_per_param: Optional[float] = None, progress: bool = True, log=print) -> dict:
+           bits_per_param: Optional[float] = None, embedding_type: Optional[str] = None,
+           head_type: Optional[str] = None, progress: bool = True, log=print) -> dict:
     """``tasa export --gguf --size-mb``: the GGUF ``out`` of at most ``size_bytes`` (or of
     ``bits_per_param`` over every parameter of the reference file: one of the two), each tensor
     at the llama.cpp type :func:`fit` picks; the plan (``plan`` / ``quantized``, as
     :func:`tasa.gguf_export.export`) gives the linears, the embedding's width and alpha*, its
     job's measurement the gains (``measurement``: a Measurement or a path; default: the
-    measurement.json beside the plan / in the folder). The report has the plan export's keys and
-    ``fit`` (scoring, predicted error, gains, fixed bytes, the option table)."""
+    measurement.json beside the plan / in the folder). ``embedding_type`` / ``head_type``: the
+    llama.cpp types of the token embedding and of an untied output head, fixed (not fitted;
+    default: the plan's widths), e.g. those of the llama.cpp mix a fit is compared with. The
+    report has the plan export's keys and ``fit`` (scoring, predicted error, gains, fixed bytes,
+    the option table)."""
     from . import gguf_export as ge
     from .measurement import Measurement
     if scoring not in SCORINGS:
@@ -419,22 +423,27 @@ def export(out, size_bytes: Optional[int] = None, model: Optional[str] = None, p
     # An untied output head packed by the plan (a model whose head is its own matrix, e.g.
     # Qwen2.5-Coder-0.5B dequantized from its GGUF) is one of the plan's linears but no
     # sensitivity unit: it keeps the plan's type, fixed as the embedding's is, and is not fitted.
-    names, head_type = dict(s["names"]), s["head_type"]
+    names = dict(s["names"])
     ref = s["ref"]
     head = next((n for n, m in ref.named_modules() if m is ref.get_output_embeddings()), None)
     if head in names:
-        head_type = ge.tensor_types({head: s["specs"][head]}, {head: s["shapes"][head]})[head]["type"]
+        if head_type is None:
+            head_type = ge.tensor_types({head: s["specs"][head]},
+                                        {head: s["shapes"][head]})[head]["type"]
         names.pop(head)
+    elif head_type is None:
+        head_type = s["head_type"]
+    emb_type = embedding_type if embedding_type is not None else s["embedding_type"]
     if size_bytes is None:
         params = sum(t["params"] for t in ge.gguf_tensors(s["ref_file"]).values())
         size_bytes = int(bits_per_param * params / 8)
     fitted = fit(s["ref"], s["tok"], s["cfg"], s["alpha"], names, s["ref_file"],
                  int(size_bytes), measurement=measurement, beta=s["beta"], scoring=scoring,
-                 imatrix=gguf_im, token_embedding_type=s["embedding_type"],
+                 imatrix=gguf_im, token_embedding_type=emb_type,
                  output_tensor_type=head_type, calibration=(s["ids"], s["info"]),
                  exclude=exclude, drop_lossless=drop_lossless, progress=progress, log=log)
     report = ge.export_types(s["ref_file"], out, fitted["asked"], names,
-                             imatrix=gguf_im, token_embedding_type=s["embedding_type"],
+                             imatrix=gguf_im, token_embedding_type=emb_type,
                              output_tensor_type=head_type)
     if report["bytes"] > size_bytes:
         raise RuntimeError(f"tasa: the fitted file is {report['bytes']} bytes, over the "
