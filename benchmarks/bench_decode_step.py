@@ -117,6 +117,16 @@ def profile(args, argv) -> int:
     return 0
 
 
+def _greedy(bd, first, steps: int) -> list:
+    """``steps`` greedy steps of a BatchDecoder from the tokens ``first`` [streams]: each
+    stream's tokens."""
+    nxt, got = first, []
+    for _ in range(steps):
+        nxt = bd.step(nxt).argmax(-1)
+        got.append(nxt.tolist())
+    return [[g[b] for g in got] for b in range(bd.streams)]
+
+
 def batch(args, argv) -> int:
     """--batch: the step of B streams against one, interleaved rounds per model."""
     import tasa_ext
@@ -136,26 +146,17 @@ def batch(args, argv) -> int:
             for r in range(args.rounds + 1):            # round 0: warm-up
                 for B in sizes:
                     bd = BatchDecoder(model, 16 + max(sizes) + args.steps + 1, B)
-                    nxt = torch.stack([bd.prefill(b, prompts[b]) for b in range(B)]).argmax(-1)
-                    got = []
+                    first = torch.stack([bd.prefill(b, prompts[b]) for b in range(B)]).argmax(-1)
                     t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        nxt = bd.step(nxt).argmax(-1)
-                        got.append(nxt.tolist())
+                    tokens[B] = _greedy(bd, first, args.steps)
                     if r:
                         times[B].append((time.perf_counter() - t0) / args.steps * 1e3)
-                    tokens[B] = [[g[b] for g in got] for b in range(B)]
         # stream b's tokens in every batch against one-stream decodes of the same prompt
         alone = {}
         with torch.inference_mode():
             for b in range(max(sizes)):
                 bd = BatchDecoder(model, 16 + max(sizes) + args.steps + 1, 1)
-                nxt = bd.prefill(0, prompts[b]).argmax(-1).view(1)
-                got = []
-                for _ in range(args.steps):
-                    nxt = bd.step(nxt).argmax(-1)
-                    got.append(int(nxt))
-                alone[b] = got
+                alone[b] = _greedy(bd, bd.prefill(0, prompts[b]).argmax(-1).view(1), args.steps)[0]
         base = statistics.median(times[1])
         for B in sizes:
             med = statistics.median(times[B])

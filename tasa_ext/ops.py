@@ -287,7 +287,8 @@ def decode_layers_(h, tensors, ints, k_caches, v_caches, cos, sin, H: int, pos, 
     Several streams at once (batched decode): ``pos`` a list of B positions, ``h`` [B, D] and
     each layer's caches [B, KV, max_len, hd], stream b at ``pos[b]``; every projection is then
     one gemm over the B rows (the weights read once per step), whose fp32 rows differ from
-    B separate steps' by rounding (the GEMV's int8 pieces are M = 1 only)."""
+    B separate steps' by rounding, except on AVX2 with ``x_pieces=2``, where the 2- to 4-bit
+    groups take the int8 GEMV by pairs of rows (bit-equal to each row's own step)."""
     pos = [int(pos)] if isinstance(pos, int) or getattr(pos, "ndim", 1) == 0 else [int(p) for p in pos]
     torch.ops.tasa.decode_layers_(h, tensors, [int(i) for i in ints], k_caches, v_caches, cos, sin,
                                   int(H), pos, float(eps), float(scale), int(x_pieces))

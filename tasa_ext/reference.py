@@ -310,7 +310,7 @@ def decode_layers_(h: torch.Tensor, tensors, ints, k_caches, v_caches, cos: torc
     import sys
     if not isinstance(pos, int):          # B streams (a list of positions): each on its own
         pos = [int(p) for p in pos]
-        if len(pos) > 1 or h.dim() == 2:
+        if k_caches[0].dim() == 4:         # [B, KV, max_len, hd]: stream b's own slices
             for b, p in enumerate(pos):
                 hb = h[b]
                 decode_layers_(hb, tensors, ints, [c[b] for c in k_caches],

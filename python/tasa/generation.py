@@ -387,9 +387,10 @@ class BatchDecoder:
     the row-shared GEMV, ``tasa_ext.ops.set_gemv_rows``), and one gemm of the head.
 
     fp32 models whose decoder linears are all tasa's (the lean decoder's layer op), CPU. A
-    stream's values differ from its own one-stream decode by rounding (a gemm over B rows
-    against the GEMV's int8 pieces of x), so a greedy token can differ where two logits nearly
-    tie. ``benchmarks/bench_decode_step.py --batch`` measures the step against one stream's."""
+    stream's 2- to 4-bit groups give its own one-stream values bit for bit on AVX2 (x in the
+    decoder's 2 int8 pieces takes the int8 GEMV by pairs of rows); its 8-bit groups, and every
+    group elsewhere, differ by rounding (a gemm over B rows against the GEMV), so a greedy token
+    can differ where two logits nearly tie. ``benchmarks/bench_decode_step.py --batch`` measures the step against one stream's."""
 
     def __init__(self, model, max_len: int, streams: int):
         if streams < 1:

@@ -168,8 +168,9 @@ int tasa_decode_layers_cpu(float* h, int64_t D, const tasa_decode_layer_cpu_t* l
 // B streams' next tokens at once (batched decode: several requests, speculative drafts): h fp32
 // [B, D]; each layer's k_cache / v_cache hold the B streams' caches [B, KV, max_len, hd]; stream
 // b at position pos[b]. Each projection is one gemm over the B rows (the weights read once a
-// step; for B > 1 the row-shared GEMM, fp32 x, so a row's values differ from its B = 1 step by
-// rounding); attention per stream. B = 1 is tasa_decode_layers_cpu exactly.
+// step; for B > 1 the row-shared GEMM, whose rows differ from their B = 1 steps by rounding
+// except on AVX2 with x_pieces = 2, where the 2- to 4-bit groups are bit-equal); attention per
+// stream. B = 1 is tasa_decode_layers_cpu exactly.
 int64_t tasa_decode_layers_batch_scratch(int64_t B, int64_t D, int64_t H, int64_t KV,
                                          int64_t hd, int64_t I);
 int tasa_decode_layers_batch_cpu(float* h, int64_t B, int64_t D,
